@@ -1,0 +1,48 @@
+# blockmirror: `make demo` runs the main job on a built-in example, `make test` runs every check.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+APT_PKGS := qemu-utils qemu-system-common qemu-block-extra nbdkit libnbd-bin tmux
+PEER_TOOLS := qemu-img qemu-io qemu-nbd qemu-storage-daemon nbdkit nbdinfo nbdcopy tmux
+
+.PHONY: all demo test lint typecheck unit bench tools clean
+
+all: test
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+# Install the QEMU / NBD peers the interop tests compare against (Debian), when missing and root.
+tools:
+	@missing=""; for t in $(PEER_TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing peer tools:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PKGS) >/dev/null; \
+	  else echo "warning: missing peer tools:$$missing (interop tests will skip, or fail with CI=true)"; fi; \
+	fi
+
+demo: $(STAMP) tools
+	$(BIN)/blockmirror demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+
+typecheck: $(STAMP)
+	$(BIN)/mypy src
+
+unit: $(STAMP)
+	$(BIN)/pytest -q tests/unit tests/property
+
+test: $(STAMP) tools lint typecheck
+	$(BIN)/pytest -q
+
+bench: $(STAMP) tools
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

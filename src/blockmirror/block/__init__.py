@@ -1,0 +1,1 @@
+"""The block layer: node graph, generic request path, drivers and image creation."""

@@ -1,0 +1,144 @@
+"""The block driver interface: what every format, protocol and filter driver implements.
+
+A driver instance belongs to exactly one ``BlockNode``. Drivers see requests that the generic
+request path (``block/io.py``) has already bounds-checked, permission-checked and split to the
+driver's ``max_transfer``; they implement one narrow async primitive per operation and declare
+their capabilities. Formats reach their data through ``self.node.child("file")`` and their backing
+through ``self.node.backing``; they never open files themselves.
+
+Cf. QEMU's ``BlockDriver`` vtable (include/block/block_int-common.h).
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from blockmirror.errors import BlockIOError
+
+if TYPE_CHECKING:
+    from blockmirror.block.node import BlockNode
+
+
+class WriteFlags(enum.Flag):
+    NONE = 0
+    FUA = enum.auto()  # forced unit access: durable before completion
+    MAY_UNMAP = enum.auto()  # write_zeroes may deallocate (punch a hole)
+    NO_FALLBACK = enum.auto()  # write_zeroes must be fast or fail with ENOTSUP (NBD FAST_ZERO)
+
+
+class BlockStatus(enum.Flag):
+    """cf. BDRV_BLOCK_*: what a range of a node holds."""
+
+    NONE = 0
+    DATA = enum.auto()  # reads come from data stored by this node (or below it in ``file``)
+    ZERO = enum.auto()  # reads return zeroes
+    ALLOCATED = enum.auto()  # this layer decides the content (not passed to the backing)
+    OFFSET_VALID = enum.auto()  # ``map_offset`` is meaningful (qemu-img map's "offset")
+    EOF = enum.auto()  # the range reaches the end of the node
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    """One answer of block_status: ``length`` bytes from the asked offset share ``status``.
+
+    ``depth`` is filled by the chain-walking helpers (0 = this node, 1 = its backing, ...);
+    ``map_offset`` and ``map_node`` say where the data lives in the protocol layer, for map.
+    """
+
+    length: int
+    status: BlockStatus
+    depth: int = 0
+    map_offset: int | None = None
+    map_node: BlockNode | None = None
+
+
+@dataclass(slots=True)
+class DriverInfo:
+    """cf. BlockDriverInfo / ImageInfo: what ``info`` and the mirror need to know."""
+
+    cluster_size: int = 0  # 0: the format has no clusters
+    format_specific: dict[str, Any] = field(default_factory=dict)
+    dirty_flag: bool = False
+    backing_filename: str | None = None
+    backing_format: str | None = None
+
+
+class BlockDriver(ABC):
+    """One open instance of a driver, attached to ``self.node``.
+
+    Subclasses set the class attributes and implement the abstract methods. Optional operations
+    raise ``BlockIOError(ENOTSUP)`` by default; the generic path turns an unsupported
+    write_zeroes into a plain write of a zero buffer unless NO_FALLBACK was asked.
+    """
+
+    #: the driver name as QMP spells it ("file", "qcow2", "raw", "null-co", ...)
+    format_name: ClassVar[str]
+    #: True for formats (qcow2, raw), False for protocols (file, nbd, null-co)
+    is_format: ClassVar[bool] = False
+    #: True for filters (blkdebug, mirror_top): they pass everything to one child
+    is_filter: ClassVar[bool] = False
+    #: True when the driver implements truncate()
+    supports_truncate: ClassVar[bool] = False
+
+    #: the smallest aligned unit requests must use (file with O_DIRECT: 512 or 4096)
+    request_alignment: int = 1
+    #: the largest request the driver accepts in one call; the generic path splits above it
+    max_transfer: int = 32 * 1024 * 1024
+    #: FUA writes are native (else the generic path flushes after the write)
+    supports_fua: bool = False
+    #: write_zeroes with MAY_UNMAP really deallocates and reads back as zero
+    can_write_zeroes_with_unmap: bool = False
+
+    def __init__(self, node: BlockNode) -> None:
+        self.node = node
+
+    # --- life cycle -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Validate the node's options and children, read headers; raise ImageFormatError."""
+
+    async def close(self) -> None:
+        """Write back caches and release what open() took; children are closed by the node."""
+
+    # --- size and info ----------------------------------------------------------------------
+
+    @abstractmethod
+    def length(self) -> int:
+        """The virtual size in bytes."""
+
+    def info(self) -> DriverInfo:
+        return DriverInfo()
+
+    def has_zero_init(self) -> bool:
+        """True when a newly created image of this driver reads as zeroes everywhere."""
+        return False
+
+    async def truncate(self, length: int, preallocation: str = "off") -> None:
+        raise BlockIOError(errno.ENOTSUP, "Image format driver does not support resize")
+
+    # --- I/O ------------------------------------------------------------------------------
+
+    @abstractmethod
+    async def preadv(self, offset: int, length: int) -> bytes:
+        """Read exactly ``length`` bytes at ``offset`` (inside the node)."""
+
+    async def pwritev(self, offset: int, data: bytes | memoryview, flags: WriteFlags) -> None:
+        raise BlockIOError(errno.EPERM if self.node.read_only else errno.ENOTSUP)
+
+    async def pwrite_zeroes(self, offset: int, length: int, flags: WriteFlags) -> None:
+        raise BlockIOError(errno.ENOTSUP)
+
+    async def pdiscard(self, offset: int, length: int) -> None:
+        raise BlockIOError(errno.ENOTSUP)
+
+    async def flush(self) -> None:
+        return None
+
+    async def block_status(self, offset: int, length: int) -> Extent:
+        """Describe the range starting at ``offset``: may cover less than ``length``, never 0."""
+        return Extent(length, BlockStatus.DATA | BlockStatus.ALLOCATED)
+

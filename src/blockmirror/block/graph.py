@@ -1,0 +1,174 @@
+"""The node graph: naming, lookup, linking with permission checks, and replacing a node.
+
+``BlockGraph`` owns every node and root handle of one daemon (many graphs can live in one test
+process; nothing here is global). Opening nodes from QMP/CLI options lives in
+``block/options.py``; the request path in ``block/io.py``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+from blockmirror.block.node import BlockBackend, BlockNode, Child, Perm
+from blockmirror.errors import BlockMirrorError
+
+_NODE_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,30}$")
+# cf. id_wellformed(): job ids and device ids
+_ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
+
+
+def node_name_valid(name: str) -> bool:
+    return bool(_NODE_NAME_RE.match(name))
+
+
+def id_wellformed(name: str) -> bool:
+    return bool(_ID_RE.match(name))
+
+
+class BlockGraph:
+    def __init__(self) -> None:
+        self.nodes: dict[str, BlockNode] = {}
+        self.backends: list[BlockBackend] = []
+        #: nodes created by blockdev-add / --blockdev (the monitor holds a reference)
+        self.monitor_owned: set[str] = set()
+        self._auto_counter = 0
+
+    # --- names and lookup ---------------------------------------------------------------
+
+    def new_auto_name(self) -> str:
+        """cf. bdrv_assign_node_name: '#block' + a counter, never reused."""
+        name = f"#block{self._auto_counter:03d}"
+        self._auto_counter += 1
+        return name
+
+    def find_node(self, name: str) -> BlockNode | None:
+        return self.nodes.get(name)
+
+    def find_backend(self, name: str) -> BlockBackend | None:
+        if not name:
+            return None
+        for blk in self.backends:
+            if blk.name == name:
+                return blk
+        return None
+
+    def lookup(self, device: str | None, node_name: str | None = None) -> BlockNode:
+        """cf. bdrv_lookup_bs: a device (BlockBackend) name first, then a node name."""
+        if device is not None:
+            blk = self.find_backend(device)
+            if blk is not None:
+                if blk.node is None:
+                    raise BlockMirrorError(f"Device '{device}' has no medium")
+                return blk.node
+        if node_name is not None:
+            node = self.nodes.get(node_name)
+            if node is not None:
+                return node
+        raise BlockMirrorError(
+            f"Cannot find device={device or ''} nor node-name={node_name or ''}"
+            if device is None or node_name is None
+            else f"Cannot find device='{device}' nor node-name='{node_name}'"
+        )
+
+    def all_nodes(self) -> Iterator[BlockNode]:
+        return iter(list(self.nodes.values()))
+
+    # --- membership -----------------------------------------------------------------------
+
+    def add_node(self, node: BlockNode) -> None:
+        if node.name in self.nodes:
+            raise BlockMirrorError(f"Duplicate nodes with node-name='{node.name}'")
+        self.nodes[node.name] = node
+
+    def forget_node(self, node: BlockNode) -> None:
+        self.nodes.pop(node.name, None)
+        self.monitor_owned.discard(node.name)
+
+    def add_backend(self, blk: BlockBackend) -> None:
+        self.backends.append(blk)
+
+    def remove_backend(self, blk: BlockBackend) -> None:
+        if blk.child is not None:
+            self.detach(blk.child)
+        if blk in self.backends:
+            self.backends.remove(blk)
+
+    # --- links and permissions ------------------------------------------------------------
+
+    def check_perms(self, node: BlockNode, extra: Child | None = None) -> None:
+        """Refuse a set of parents in which one needs what another does not share."""
+        links = list(node.parents)
+        if extra is not None:
+            links.append(extra)
+        for a in links:
+            for b in links:
+                if a is b:
+                    continue
+                conflict = a.perm & ~b.shared
+                if conflict:
+                    raise BlockMirrorError(
+                        f"Permission conflict on node '{node.name}': permissions "
+                        f"'{conflict.describe()}' are both required by {a.parent_description()} "
+                        f"(uses node '{node.name}' as '{a.role}' child) and unshared by "
+                        f"{b.parent_description()} (uses node '{node.name}' as '{b.role}' child)."
+                    )
+        for link in links:
+            if link.perm & Perm.WRITE and node.read_only:
+                raise BlockMirrorError(f"Block node is read-only")
+
+    def attach(
+        self,
+        parent: BlockNode | BlockBackend,
+        node: BlockNode,
+        role: str,
+        perm: Perm,
+        shared: Perm,
+    ) -> Child:
+        link = Child(parent, node, role, perm, shared)
+        self.check_perms(node, link)
+        node.parents.append(link)
+        if isinstance(parent, BlockBackend):
+            parent.child = link
+        else:
+            parent.children[role] = link
+        return link
+
+    def detach(self, link: Child) -> None:
+        if link in link.node.parents:
+            link.node.parents.remove(link)
+        parent = link.parent
+        if isinstance(parent, BlockBackend):
+            if parent.child is link:
+                parent.child = None
+        elif parent.children.get(link.role) is link:
+            del parent.children[link.role]
+
+    def replace_node(
+        self, old: BlockNode, new: BlockNode, *, exclude: Child | None = None
+    ) -> None:
+        """Point every parent of ``old`` (but ``exclude``) at ``new``, all at once.
+
+        cf. bdrv_replace_node: used to insert a filter above a node and for the mirror's pivot.
+        Permissions are checked on ``new`` with all the moved links before anything moves.
+        """
+        moving = [c for c in old.parents if c is not exclude]
+        for c in moving:
+            if c.parent is new:
+                raise BlockMirrorError("Cannot replace a node by one of its own parents' links")
+        saved = list(new.parents)
+        new.parents.extend(moving)
+        try:
+            self.check_perms(new)
+        except BlockMirrorError:
+            new.parents[:] = saved
+            raise
+        for c in moving:
+            old.parents.remove(c)
+            c.node = new
+
+    def refcount(self, node: BlockNode) -> int:
+        return len(node.parents) + (1 if node.name in self.monitor_owned else 0)
+
+    def root_backends(self, node: BlockNode) -> list[BlockBackend]:
+        return [c.parent for c in node.parents if isinstance(c.parent, BlockBackend)]

@@ -1,0 +1,1 @@
+"""The `blockmirror` command line."""

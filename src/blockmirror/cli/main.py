@@ -1,0 +1,54 @@
+"""`blockmirror` entry point: dispatches to one module per subcommand.
+
+    blockmirror daemon ...   qemu-storage-daemon compatible daemon  (cli/daemon.py)
+    blockmirror mirror ...   one-shot live mirror with progress      (cli/mirror.py)
+    blockmirror demo         the built-in example                    (cli/demo.py)
+    blockmirror create ...   image creation, like qemu-img create    (cli/image.py)
+    blockmirror info ...     image information, like qemu-img info   (cli/image.py)
+    blockmirror map ...      allocation map, like qemu-img map       (cli/image.py)
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from blockmirror import __version__
+
+SUBCOMMANDS = {
+    "daemon": ("blockmirror.cli.daemon", "qemu-storage-daemon compatible storage daemon"),
+    "mirror": ("blockmirror.cli.mirror", "mirror a live disk to a new destination"),
+    "demo": ("blockmirror.cli.demo", "run the built-in live-mirror example"),
+    "create": ("blockmirror.cli.image", "create a disk image (like qemu-img create)"),
+    "info": ("blockmirror.cli.image", "show image information (like qemu-img info)"),
+    "map": ("blockmirror.cli.image", "show the allocation map (like qemu-img map)"),
+}
+
+
+def usage() -> str:
+    lines = [f"blockmirror {__version__}: live block-device mirroring, QEMU compatible", "",
+             "usage: blockmirror COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<8} {desc}" for name, (_, desc) in SUBCOMMANDS.items()]
+    lines += ["", "Run 'blockmirror COMMAND --help' for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0 if args else 1
+    if args[0] in ("-V", "--version"):
+        print(f"blockmirror {__version__}")
+        return 0
+    name = args[0]
+    if name not in SUBCOMMANDS:
+        print(f"blockmirror: unknown command '{name}'\n\n{usage()}", file=sys.stderr)
+        return 1
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    rc: int = module.run(name, args[1:])
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

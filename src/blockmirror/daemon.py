@@ -1,0 +1,53 @@
+"""The daemon: one block graph, one job manager, the NBD server, the event bus, the monitors.
+
+This is the wiring layer. Everything stateful hangs off a ``Daemon`` instance, so tests can run
+several daemons in one process. The command line (``cli/daemon.py``) builds one and runs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from blockmirror.block.graph import BlockGraph
+from blockmirror.events import EventBus
+from blockmirror.jobs.clock import Clock, MonotonicClock
+
+if TYPE_CHECKING:
+    from blockmirror.export.nbd_server import NbdServer
+    from blockmirror.jobs.manager import JobManager
+
+log = logging.getLogger(__name__)
+
+
+class Daemon:
+    def __init__(self, clock: Clock | None = None) -> None:
+        from blockmirror.jobs.manager import JobManager
+
+        self.graph = BlockGraph()
+        self.events = EventBus()
+        self.clock: Clock = clock or MonotonicClock()
+        self.jobs: JobManager = JobManager(self)
+        #: the NBD server, once nbd-server-start / --nbd-server ran
+        self.nbd: NbdServer | None = None
+        #: --object instances by id (iothread, tls-creds-*, ...): id -> (qom-type, props)
+        self.objects: dict[str, tuple[str, dict[str, Any]]] = {}
+        #: set by `quit` or a signal; the CLI waits on it
+        self.quit_requested = asyncio.Event()
+        #: lines the daemon prints on stdout (e.g. "Formatting ..."), for the CLI and tests
+        self.stdout_lines: list[str] = []
+
+    def print_stdout(self, line: str) -> None:
+        self.stdout_lines.append(line)
+        print(line, flush=True)
+
+    async def shutdown(self) -> None:
+        """Cancel jobs, stop exports, flush and close every node (on quit and signals)."""
+        await self.jobs.cancel_all_for_shutdown()
+        if self.nbd is not None:
+            await self.nbd.stop()
+            self.nbd = None
+        from blockmirror.block.options import close_all
+
+        await close_all(self.graph)

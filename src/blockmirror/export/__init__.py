@@ -1,0 +1,1 @@
+"""Exports: the NBD server that serves live nodes to NBD clients."""

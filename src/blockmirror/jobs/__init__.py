@@ -1,0 +1,1 @@
+"""Jobs: the job state machine, the job manager and the mirror block job."""
