@@ -115,7 +115,7 @@ class BlockGraph:
                     )
         for link in links:
             if link.perm & Perm.WRITE and node.read_only:
-                raise BlockMirrorError(f"Block node is read-only")
+                raise BlockMirrorError("Block node is read-only")
 
     def attach(
         self,

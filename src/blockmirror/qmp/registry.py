@@ -12,7 +12,7 @@ modules live in ``qmp/commands/`` and are imported by ``load_commands()``.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -31,13 +31,13 @@ class Args(Mapping[str, Any]):
     def __getitem__(self, key: str) -> Any:
         return self._v[key]
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[str]:
         return iter(self._v)
 
     def __len__(self) -> int:
         return len(self._v)
 
-    def str(self, key: str, default: str | None = None) -> str:
+    def get_str(self, key: str, default: str | None = None) -> str:
         v = self._v.get(key, default)
         assert isinstance(v, str), key
         return v
@@ -46,7 +46,7 @@ class Args(Mapping[str, Any]):
         v = self._v.get(key)
         return v if isinstance(v, str) else None
 
-    def int(self, key: str, default: int | None = None) -> int:
+    def get_int(self, key: str, default: int | None = None) -> int:
         v = self._v.get(key, default)
         assert isinstance(v, int), key
         return v
@@ -55,12 +55,12 @@ class Args(Mapping[str, Any]):
         v = self._v.get(key)
         return v if isinstance(v, int) and not isinstance(v, bool) else None
 
-    def bool(self, key: str, default: bool = False) -> bool:
+    def get_bool(self, key: str, default: bool = False) -> bool:
         v = self._v.get(key, default)
         assert isinstance(v, bool), key
         return v
 
-    def dict(self) -> dict[str, Any]:
+    def as_dict(self) -> dict[str, Any]:
         return dict(self._v)
 
 

@@ -14,9 +14,8 @@ all derived from these declarations; no command checks its own argument types.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Union
 
-TypeRef = Union[str, list[str]]
+TypeRef = str | list[str]
 
 BUILTINS = frozenset(
     {
@@ -62,7 +61,7 @@ class AlternateType:
     choices: tuple[Member, ...]
 
 
-SchemaType = Union[EnumType, StructType, UnionType, AlternateType]
+SchemaType = EnumType | StructType | UnionType | AlternateType
 
 TYPES: dict[str, SchemaType] = {}
 
