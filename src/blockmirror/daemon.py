@@ -17,6 +17,7 @@ from blockmirror.jobs.clock import Clock, MonotonicClock
 if TYPE_CHECKING:
     from blockmirror.export.nbd_server import NbdServer
     from blockmirror.jobs.manager import JobManager
+    from blockmirror.qmp.server import QMPServer
 
 log = logging.getLogger(__name__)
 
@@ -32,18 +33,35 @@ class Daemon:
         #: the NBD server, once nbd-server-start / --nbd-server ran
         self.nbd: NbdServer | None = None
         #: --object instances by id (iothread, tls-creds-*, ...): id -> (qom-type, props)
-        self.objects: dict[str, tuple[str, dict[str, Any]]] = {}
+        self.objects: dict[str, tuple[str, dict[str, Any]]] = self.graph.objects
         #: set by `quit` or a signal; the CLI waits on it
         self.quit_requested = asyncio.Event()
         #: lines the daemon prints on stdout (e.g. "Formatting ..."), for the CLI and tests
         self.stdout_lines: list[str] = []
+        #: the QMP monitors (one server object serves every --monitor listener)
+        self.qmp: QMPServer | None = None
+        self._shut_down = False
 
     def print_stdout(self, line: str) -> None:
         self.stdout_lines.append(line)
         print(line, flush=True)
 
+    def qmp_server(self, *, pretty: bool = False) -> QMPServer:
+        """The daemon's QMP server, created on first use (commands are loaded then)."""
+        from blockmirror.qmp.server import QMPServer
+
+        if self.qmp is None:
+            self.qmp = QMPServer(self, pretty=pretty)
+        return self.qmp
+
     async def shutdown(self) -> None:
-        """Cancel jobs, stop exports, flush and close every node (on quit and signals)."""
+        """Cancel jobs, stop exports, flush and close every node (on quit and signals).
+
+        Idempotent: ``quit`` runs it before its reply, and the CLI runs it again on exit.
+        """
+        if self._shut_down:
+            return
+        self._shut_down = True
         await self.jobs.cancel_all_for_shutdown()
         if self.nbd is not None:
             await self.nbd.stop()

@@ -24,6 +24,9 @@ class BlockMirrorError(Exception):
     """Root of every error we raise on purpose. ``str(e)`` is the QMP ``desc``."""
 
     qmp_class: ClassVar[str] = "GenericError"
+    #: an extra line QEMU prints after the message on the command line (error_append_hint),
+    #: e.g. "Is another process using the image [x]?"; never part of the QMP desc
+    hint: str | None = None
 
     def __init__(self, desc: str) -> None:
         super().__init__(desc)

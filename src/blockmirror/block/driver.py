@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from blockmirror.errors import BlockIOError
 
 if TYPE_CHECKING:
-    from blockmirror.block.node import BlockNode
+    from blockmirror.block.node import BlockNode, Perm
 
 
 class WriteFlags(enum.Flag):
@@ -83,6 +83,9 @@ class BlockDriver(ABC):
     is_filter: ClassVar[bool] = False
     #: True when the driver implements truncate()
     supports_truncate: ClassVar[bool] = False
+    #: True for formats that can have a ``backing`` child (qcow2): ranges they leave
+    #: unallocated read from the backing, or as zeroes without one (cf. supports_backing)
+    supports_backing: ClassVar[bool] = False
 
     #: the smallest aligned unit requests must use (file with O_DIRECT: 512 or 4096)
     request_alignment: int = 1
@@ -103,6 +106,20 @@ class BlockDriver(ABC):
 
     async def close(self) -> None:
         """Write back caches and release what open() took; children are closed by the node."""
+
+    def set_perm(self, perm: Perm, shared: Perm) -> None:
+        """The node's users now need ``perm`` and share ``shared`` (cumulative over parents).
+
+        Called by the graph on every link change; protocol drivers turn it into image locks
+        (file: QEMU's OFD lock bytes) and raise BlockMirrorError to refuse it.
+        """
+
+    def debug_event(self, event: str) -> bool:
+        """A blkdebug event (BlkdebugEvent name) raised by a parent; True if handled here.
+
+        cf. bdrv_debug_event: unhandled events travel down to the primary child.
+        """
+        return False
 
     # --- size and info ----------------------------------------------------------------------
 

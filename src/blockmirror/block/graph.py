@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from typing import Any
 
 from blockmirror.block.node import BlockBackend, BlockNode, Child, Perm
 from blockmirror.errors import BlockMirrorError
@@ -33,6 +34,9 @@ class BlockGraph:
         #: nodes created by blockdev-add / --blockdev (the monitor holds a reference)
         self.monitor_owned: set[str] = set()
         self._auto_counter = 0
+        #: the daemon's --object instances (id -> (qom-type, props)); Daemon.objects is this
+        #: dict, so drivers (nbd: tls-creds) reach them through ``node.graph``
+        self.objects: dict[str, tuple[str, dict[str, Any]]] = {}
 
     # --- names and lookup ---------------------------------------------------------------
 
@@ -80,6 +84,7 @@ class BlockGraph:
         if node.name in self.nodes:
             raise BlockMirrorError(f"Duplicate nodes with node-name='{node.name}'")
         self.nodes[node.name] = node
+        node.graph = self
 
     def forget_node(self, node: BlockNode) -> None:
         self.nodes.pop(node.name, None)
@@ -128,15 +133,41 @@ class BlockGraph:
         link = Child(parent, node, role, perm, shared)
         self.check_perms(node, link)
         node.parents.append(link)
+        try:
+            self.refresh_perms(node)
+        except BlockMirrorError:
+            node.parents.remove(link)
+            self.refresh_perms(node, best_effort=True)
+            raise
         if isinstance(parent, BlockBackend):
             parent.child = link
         else:
             parent.children[role] = link
         return link
 
+    def refresh_perms(self, node: BlockNode, *, best_effort: bool = False) -> None:
+        """Tell the node's driver what its parents now need in total (cf. bdrv_refresh_perms).
+
+        ``best_effort`` swallows a refusal (used when dropping permissions, which cannot fail
+        in QEMU either).
+        """
+        perm, shared = Perm.NONE, Perm.all()
+        for link in node.parents:
+            perm |= link.perm
+            shared &= link.shared
+        drv = getattr(node, "driver", None)
+        if drv is None:
+            return
+        try:
+            drv.set_perm(perm, shared)
+        except BlockMirrorError:
+            if not best_effort:
+                raise
+
     def detach(self, link: Child) -> None:
         if link in link.node.parents:
             link.node.parents.remove(link)
+            self.refresh_perms(link.node, best_effort=True)
         parent = link.parent
         if isinstance(parent, BlockBackend):
             if parent.child is link:
@@ -160,12 +191,15 @@ class BlockGraph:
         new.parents.extend(moving)
         try:
             self.check_perms(new)
+            self.refresh_perms(new)
         except BlockMirrorError:
             new.parents[:] = saved
+            self.refresh_perms(new, best_effort=True)
             raise
         for c in moving:
             old.parents.remove(c)
             c.node = new
+        self.refresh_perms(old, best_effort=True)
 
     def refcount(self, node: BlockNode) -> int:
         return len(node.parents) + (1 if node.name in self.monitor_owned else 0)

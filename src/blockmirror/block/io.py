@@ -1,9 +1,10 @@
 """The generic request path: everything done once for every driver (cf. QEMU's block/io.c).
 
-Bounds and permission checks, splitting to ``max_transfer``, zero detection, the zero-write
-fallback, FUA emulation, in-flight accounting for drains, write interceptors (active mirroring)
-and dirty tracking (every successful write, zero-write or discard marks each tracker of the node).
-Drivers below this line see only requests they can take as they are.
+Bounds and permission checks, splitting to ``max_transfer``, request alignment (unaligned reads
+are widened, unaligned writes become serialised read-modify-write cycles), zero detection, the
+zero-write fallback, FUA emulation, in-flight accounting for drains, write interceptors (active
+mirroring) and dirty tracking (every successful write, zero-write or discard marks each tracker
+of the node). Drivers below this line see only requests they can take as they are.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
-from blockmirror.block.driver import Extent, WriteFlags
+from blockmirror.block.driver import BlockStatus, Extent, WriteFlags
 from blockmirror.errors import BlockIOError
 
 if TYPE_CHECKING:
@@ -24,7 +25,6 @@ if TYPE_CHECKING:
 
 #: the largest zero buffer we allocate when a driver cannot write zeroes natively
 _ZERO_CHUNK = 1024 * 1024
-_drain_events: dict[int, asyncio.Event] = {}
 
 
 def check_request(node: BlockNode, offset: int, length: int) -> None:
@@ -48,16 +48,74 @@ async def _tracked(node: BlockNode) -> AsyncIterator[None]:
         yield
     finally:
         node.in_flight -= 1
-        if node.in_flight == 0:
-            ev = _drain_events.pop(id(node), None)
-            if ev is not None:
-                ev.set()
+        if node.in_flight == 0 and node.drain_event is not None:
+            ev, node.drain_event = node.drain_event, None
+            ev.set()
 
 
 async def drain(node: BlockNode) -> None:
     while node.in_flight:
-        ev = _drain_events.setdefault(id(node), asyncio.Event())
-        await ev.wait()
+        if node.drain_event is None:
+            node.drain_event = asyncio.Event()
+        await node.drain_event.wait()
+
+
+def _align_out(offset: int, length: int, align: int) -> tuple[int, int]:
+    start = offset - offset % align
+    end = -(-(offset + length) // align) * align
+    return start, end - start
+
+
+async def _driver_read(node: BlockNode, offset: int, length: int) -> bytes:
+    """Read through the driver in max_transfer pieces; widened to the driver's alignment."""
+    drv = node.driver
+    align = drv.request_alignment
+    if align > 1 and (offset % align or length % align):
+        start, alen = _align_out(offset, length, align)
+        data = await _driver_read(node, start, alen)
+        return data[offset - start : offset - start + length]
+    limit = max(align, drv.max_transfer - drv.max_transfer % align) if align > 1 else (
+        drv.max_transfer
+    )
+    parts = [await drv.preadv(o, n) for o, n in _chunks(offset, length, limit)]
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _rmw_lock(node: BlockNode) -> asyncio.Lock:
+    if node.rmw_lock is None:
+        node.rmw_lock = asyncio.Lock()
+    return node.rmw_lock
+
+
+async def _driver_write(
+    node: BlockNode, offset: int, data: bytes | memoryview, flags: WriteFlags
+) -> None:
+    """Write through the driver; unaligned edges become read-modify-write.
+
+    cf. bdrv_co_pwritev_part and its padding helpers.
+
+    On nodes with request_alignment > 1 every write holds the node's RMW lock, so an aligned
+    write can never slip between the read and the write-back of an overlapping RMW cycle.
+    """
+    drv = node.driver
+    align = drv.request_alignment
+    if align <= 1:
+        view = memoryview(data)
+        for o, n in _chunks(offset, len(view), drv.max_transfer):
+            await drv.pwritev(o, view[o - offset : o - offset + n], flags)
+        return
+    length = len(data)
+    async with _rmw_lock(node):
+        if offset % align or length % align:
+            start, alen = _align_out(offset, length, align)
+            buf = bytearray(await _driver_read(node, start, alen))
+            buf[offset - start : offset - start + length] = data
+            offset, view = start, memoryview(buf)
+        else:
+            view = memoryview(data)
+        limit = max(align, drv.max_transfer - drv.max_transfer % align)
+        for o, n in _chunks(offset, len(view), limit):
+            await drv.pwritev(o, view[o - offset : o - offset + n], flags)
 
 
 def _chunks(offset: int, length: int, limit: int) -> list[tuple[int, int]]:
@@ -75,9 +133,7 @@ async def read(node: BlockNode, offset: int, length: int) -> bytes:
     if length == 0:
         return b""
     async with _tracked(node):
-        drv = node.driver
-        parts = [await drv.preadv(o, n) for o, n in _chunks(offset, length, drv.max_transfer)]
-    return parts[0] if len(parts) == 1 else b"".join(parts)
+        return await _driver_read(node, offset, length)
 
 
 async def _intercepted(
@@ -110,9 +166,7 @@ async def write(node: BlockNode, offset: int, data: bytes | memoryview, fua: boo
     async def op() -> None:
         drv = node.driver
         flags = WriteFlags.FUA if fua and drv.supports_fua else WriteFlags.NONE
-        view = memoryview(data)
-        for o, n in _chunks(offset, length, drv.max_transfer):
-            await drv.pwritev(o, view[o - offset : o - offset + n], flags)
+        await _driver_write(node, offset, data, flags)
         if fua and not drv.supports_fua:
             await drv.flush()
 
@@ -143,19 +197,42 @@ async def write_zeroes(
             flags |= WriteFlags.NO_FALLBACK
         if fua and drv.supports_fua:
             flags |= WriteFlags.FUA
-        try:
-            for o, n in _chunks(offset, length, max(drv.max_transfer, _ZERO_CHUNK)):
-                await drv.pwrite_zeroes(o, n, flags)
-        except BlockIOError as e:
-            if e.errno != errno.ENOTSUP or no_fallback:
-                raise
-            zeroes = bytes(min(length, _ZERO_CHUNK, drv.max_transfer))
-            for o, n in _chunks(offset, length, len(zeroes)):
-                await drv.pwritev(o, memoryview(zeroes)[:n], WriteFlags.NONE)
+        start, end = offset, offset + length
+        align = drv.request_alignment
+        if align > 1:
+            # unaligned edges are written as data (RMW); the driver sees only aligned zeroing
+            head_end = min(end, -(-start // align) * align)
+            tail_start = max(head_end, end - end % align)
+            if head_end > start:
+                await _driver_write(node, start, bytes(head_end - start), WriteFlags.NONE)
+            if end > tail_start:
+                await _driver_write(node, tail_start, bytes(end - tail_start), WriteFlags.NONE)
+            start, end = head_end, tail_start
+        if end > start:
+            await _zero_aligned(node, start, end - start, flags, no_fallback)
         if fua and not drv.supports_fua:
             await drv.flush()
 
     await _intercepted(node, "zero", offset, length, op)
+
+
+async def _zero_aligned(
+    node: BlockNode, offset: int, length: int, flags: WriteFlags, no_fallback: bool
+) -> None:
+    drv = node.driver
+    try:
+        for o, n in _chunks(offset, length, max(drv.max_transfer, _ZERO_CHUNK)):
+            await drv.pwrite_zeroes(o, n, flags)
+    except BlockIOError as e:
+        if e.errno != errno.ENOTSUP or no_fallback:
+            raise
+        zeroes = bytes(min(length, _ZERO_CHUNK, drv.max_transfer))
+        await _fallback_zero_writes(node, offset, length, zeroes)
+
+
+async def _fallback_zero_writes(node: BlockNode, offset: int, length: int, zeroes: bytes) -> None:
+    for o, n in _chunks(offset, length, len(zeroes)):
+        await _driver_write(node, o, memoryview(zeroes)[:n], WriteFlags.NONE)
 
 
 async def discard(node: BlockNode, offset: int, length: int) -> None:
@@ -169,8 +246,14 @@ async def discard(node: BlockNode, offset: int, length: int) -> None:
         if not node.discard_unmap:
             return
         drv = node.driver
+        # discard is advisory: only whole aligned blocks reach the driver
+        align = drv.request_alignment
+        start = -(-offset // align) * align
+        end = (offset + length) - (offset + length) % align
+        if end <= start:
+            return
         try:
-            for o, n in _chunks(offset, length, max(drv.max_transfer, _ZERO_CHUNK)):
+            for o, n in _chunks(start, end - start, max(drv.max_transfer, _ZERO_CHUNK)):
                 await drv.pdiscard(o, n)
         except BlockIOError as e:
             if e.errno != errno.ENOTSUP:
@@ -179,9 +262,19 @@ async def discard(node: BlockNode, offset: int, length: int) -> None:
     await _intercepted(node, "discard", offset, length, op)
 
 
+def _primary_child(node: BlockNode) -> BlockNode | None:
+    return node.file or node.child("image") or node.filtered_child()
+
+
 async def flush(node: BlockNode) -> None:
+    """cf. bdrv_co_flush: blkdebug sees flush_to_os/flush_to_disk on the primary child."""
+    primary = _primary_child(node)
+    if primary is not None:
+        primary.debug_event("flush_to_os")
     if node.cache_no_flush:
         return
+    if primary is not None:
+        primary.debug_event("flush_to_disk")
     async with _tracked(node):
         await node.driver.flush()
 
@@ -192,9 +285,30 @@ async def block_status(node: BlockNode, offset: int, length: int) -> Extent:
     length = min(length, size - offset)
     if length <= 0:
         raise BlockIOError(errno.EIO, "block_status past the end of the node")
-    ext = await node.driver.block_status(offset, length)
+    drv = node.driver
+    ext = await drv.block_status(offset, length)
     if ext.length <= 0:
         raise BlockIOError(errno.EIO, f"driver {node.format_name} returned an empty extent")
-    if ext.length > length:
-        ext = Extent(length, ext.status, ext.depth, ext.map_offset, ext.map_node)
+    n = min(ext.length, length)
+    status = ext.status
+    # cf. bdrv_co_block_status: what the generic layer adds to every driver's answer
+    if status & (BlockStatus.DATA | BlockStatus.ZERO):
+        status |= BlockStatus.ALLOCATED
+    elif drv.supports_backing or drv.format_name == "qcow2":
+        cow = node.backing
+        if cow is None:
+            status |= BlockStatus.ZERO
+        else:
+            # unallocated past the end of a shorter backing file reads as zeroes
+            cow_len = cow.length()
+            if offset >= cow_len:
+                status |= BlockStatus.ZERO
+            elif offset + n > cow_len:
+                n = cow_len - offset
+    if offset + n == size:
+        status |= BlockStatus.EOF
+    else:
+        status &= ~BlockStatus.EOF
+    if n != ext.length or status != ext.status:
+        ext = Extent(n, status, ext.depth, ext.map_offset, ext.map_node)
     return ext

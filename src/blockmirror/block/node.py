@@ -12,6 +12,7 @@ generic request path in ``block/io.py``; this module holds only structure.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -110,9 +111,11 @@ class BlockNode:
 
     name: str
     driver: BlockDriver = field(init=False)
-    #: the options the node was opened with, as QMP would show them (flattened dict)
+    #: the node's own options as opened (QMP nested form; children given by node name)
     options: dict[str, Any] = field(default_factory=dict)
-    #: True for auto-named nodes (#blockNNN) that the user did not name
+    #: True for implicit filters (cf. bs->implicit: a mirror_top without filter-node-name),
+    #: which queries skip. Auto-named children opened from options (#blockNNN) are NOT
+    #: implicit: QEMU lists them in query-named-block-nodes.
     implicit: bool = False
     read_only: bool = False
     #: discard=unmap: discards and zero-writes with MAY_UNMAP may reach the driver
@@ -131,8 +134,14 @@ class BlockNode:
     #: requests being processed right now, and the drain barrier state (see block/io.py)
     in_flight: int = 0
     quiesce_counter: int = 0
+    #: set when in_flight drops to 0 while someone waits in drain() (see block/io.py)
+    drain_event: asyncio.Event | None = field(default=None, repr=False)
+    #: serialises read-modify-write cycles of unaligned writes (request_alignment > 1)
+    rmw_lock: asyncio.Lock | None = field(default=None, repr=False)
     #: set once an inconsistency was found (qcow2 corrupt bit): further writes fail
     corrupt: bool = False
+    #: the graph the node belongs to (set by BlockGraph.add_node)
+    graph: Any = field(default=None, repr=False)
 
     # --- structure ------------------------------------------------------------------------
 
@@ -182,6 +191,17 @@ class BlockNode:
 
     def info(self) -> DriverInfo:
         return self.driver.info()
+
+    def debug_event(self, event: str) -> None:
+        """Raise a blkdebug event (e.g. "read_aio") on this node or the first one below it
+        that handles events (cf. BLKDBG_EVENT / bdrv_debug_event); formats call it on their
+        ``file`` child just before data I/O."""
+        node: BlockNode | None = self
+        while node is not None:
+            drv = getattr(node, "driver", None)
+            if drv is None or drv.debug_event(event):
+                return
+            node = node.file or node.child("image") or node.filtered_child()
 
     def block(self, op: str, reason: str) -> None:
         self.blockers.setdefault(op, []).append(reason)

@@ -1,0 +1,328 @@
+"""The ``file`` and ``host_device`` protocol drivers: POSIX files and block devices.
+
+cf. block/file-posix.c.
+
+Every request becomes one or a few system calls in the thread pool (``block/threadio.py``).
+Allocation comes from SEEK_DATA/SEEK_HOLE, zeroing and discard from fallocate (or the block
+ioctls), and image locking uses the same OFD byte-range locks as QEMU, so a file one of us
+holds is refused to the other with QEMU's words.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+import struct
+from typing import Any
+
+from blockmirror.block import threadio
+from blockmirror.block.driver import BlockDriver, BlockStatus, Extent, WriteFlags
+from blockmirror.block.drivers import register
+from blockmirror.block.node import Perm
+from blockmirror.errors import BlockIOError, BlockMirrorError
+
+# cf. RAW_LOCK_PERM_BASE / RAW_LOCK_SHARED_BASE: byte 100+bit is held (read-locked) by every user
+# of a permission; byte 200+bit by every user that refuses to share it.
+_LOCK_PERM_BASE = 100
+_LOCK_SHARED_BASE = 200
+# the permission bits in QEMU's order (BLK_PERM_*), which fixes the lock byte offsets
+_PERM_BITS: tuple[tuple[Perm, str], ...] = (
+    (Perm.CONSISTENT_READ, "consistent read"),
+    (Perm.WRITE, "write"),
+    (Perm.WRITE_UNCHANGED, "write unchanged"),
+    (Perm.RESIZE, "resize"),
+)
+_SECTOR = 512
+
+
+def _round_up(n: int, align: int) -> int:
+    return (n + align - 1) // align * align
+
+
+def _flock(kind: int, start: int) -> bytes:
+    # struct flock on Linux/x86-64 and aarch64: short type, short whence, off_t start, off_t len,
+    # pid_t pid (0 for OFD locks), padded to 32 bytes
+    return struct.pack("hhqqi4x", kind, os.SEEK_SET, start, 1, 0)
+
+
+def _lock_byte(fd: int, start: int, take: bool) -> None:
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_RDLCK if take else fcntl.F_UNLCK, start))
+
+
+def _byte_locked_by_other(fd: int, start: int) -> bool:
+    """Would an exclusive lock on the byte conflict with someone (another open file)?"""
+    res = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _flock(fcntl.F_WRLCK, start))
+    kind = struct.unpack("hhqqi4x", res)[0]
+    return bool(kind != fcntl.F_UNLCK)
+
+
+def _os_error(e: OSError) -> BlockIOError:
+    return BlockIOError(e.errno or errno.EIO)
+
+
+class FileDriver(BlockDriver):
+    """A regular file (or anything ``open`` can read and write with pread/pwrite)."""
+
+    format_name = "file"
+    supports_truncate = True
+    max_transfer = 16 * 1024 * 1024
+
+    def __init__(self, node: Any) -> None:
+        super().__init__(node)
+        self.fd = -1
+        self.filename = ""
+        self.is_block_device = False
+        self.locking = True
+        self._size = 0
+        self._locked_perm = Perm.NONE
+        self._locked_unshared = Perm.NONE
+        self._can_zero_range = True
+        self._can_punch = True
+
+    # --- life cycle ------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        opts = self.node.options
+        filename = opts.get("filename")
+        if not isinstance(filename, str) or not filename:
+            raise BlockMirrorError("Parameter 'filename' is required")
+        self.filename = filename
+        aio = opts.get("aio", "threads")
+        if aio not in ("threads", "native", "io_uring"):
+            raise BlockMirrorError(f"Parameter 'aio' does not accept value '{aio}'")
+        if aio == "native" and not self.node.cache_direct:
+            raise BlockMirrorError(
+                "aio=native was specified, but it requires cache.direct=on, "
+                "which was not specified."
+            )
+        locking = opts.get("locking", "auto")
+        if locking not in ("auto", "on", "off"):
+            raise BlockMirrorError(f"Parameter 'locking' does not accept value '{locking}'")
+        self.locking = locking != "off"
+
+        flags = os.O_CLOEXEC | (os.O_RDONLY if self.node.read_only else os.O_RDWR)
+        if self.node.cache_direct:
+            flags |= os.O_DIRECT
+        try:
+            self.fd = os.open(filename, flags)
+        except OSError as e:
+            if (
+                not self.node.read_only
+                and self.node.options.get("auto-read-only")
+                and e.errno in (errno.EACCES, errno.EROFS, errno.EPERM)
+            ):
+                # auto-read-only: settle for read-only access, as QEMU does
+                self.node.read_only = True
+                try:
+                    self.fd = os.open(filename, flags & ~os.O_RDWR | os.O_RDONLY)
+                except OSError as e2:
+                    raise BlockMirrorError(
+                        f"Could not open '{filename}': {os.strerror(e2.errno or errno.EIO)}"
+                    ) from e2
+            else:
+                err = e.errno or errno.EIO
+                if self.node.cache_direct and err == errno.EINVAL:
+                    raise BlockMirrorError(
+                        f"Could not open '{filename}': filesystem does not support O_DIRECT"
+                    ) from e
+                raise BlockMirrorError(f"Could not open '{filename}': {os.strerror(err)}") from e
+        st = os.fstat(self.fd)
+        if stat.S_ISDIR(st.st_mode):
+            os.close(self.fd)
+            self.fd = -1
+            raise BlockMirrorError(f"'{filename}' is a directory")
+        self.is_block_device = stat.S_ISBLK(st.st_mode)
+        self._check_kind()
+        self._refresh_size(st)
+        if self.node.cache_direct:
+            self.request_alignment = self._probe_alignment()
+
+    def _check_kind(self) -> None:
+        if self.is_block_device:
+            raise BlockMirrorError(
+                f"'{self.filename}' is a block device; use driver 'host_device' instead"
+            )
+
+    def _refresh_size(self, st: os.stat_result | None = None) -> None:
+        if self.is_block_device:
+            self._size = threadio.blk_size(self.fd)
+            return
+        st = st or os.fstat(self.fd)
+        # cf. bdrv_getlength: whole sectors; the tail past EOF reads as zeroes
+        self._size = _round_up(st.st_size, _SECTOR)
+
+    def _probe_alignment(self) -> int:
+        """The smallest read size O_DIRECT accepts here (cf. raw_probe_alignment)."""
+        buf = threadio.aligned_buffer(4096)
+        try:
+            view = memoryview(buf)
+            for align in (512, 1024, 2048, 4096):
+                try:
+                    os.preadv(self.fd, [view[:align]], 0)
+                    view.release()
+                    return align
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        break
+            view.release()
+        finally:
+            buf.close()
+        return 4096
+
+    async def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)  # closing the descriptor drops its OFD locks too
+
+    # --- permissions as image locks -------------------------------------------------------
+
+    def set_perm(self, perm: Perm, shared: Perm) -> None:
+        """Take QEMU-compatible lock bytes for the node's cumulative permissions."""
+        if not self.locking or self.fd < 0:
+            return
+        unshared = Perm.all() & ~shared
+        for bit, (p, word) in enumerate(_PERM_BITS):
+            if p in perm and _byte_locked_by_other(self.fd, _LOCK_SHARED_BASE + bit):
+                self._raise_lock_error(f'Failed to get "{word}" lock')
+            if p in unshared and _byte_locked_by_other(self.fd, _LOCK_PERM_BASE + bit):
+                self._raise_lock_error(f'Failed to get shared "{word}" lock')
+        for bit, (p, _) in enumerate(_PERM_BITS):
+            try:
+                _lock_byte(self.fd, _LOCK_PERM_BASE + bit, p in perm)
+                _lock_byte(self.fd, _LOCK_SHARED_BASE + bit, p in unshared)
+            except OSError as e:
+                if e.errno in (errno.EINVAL, errno.ENOLCK, errno.EOPNOTSUPP):
+                    # no OFD locks on this filesystem: locking=auto silently gives up
+                    self.locking = False
+                    return
+                raise
+        self._locked_perm, self._locked_unshared = perm, unshared
+
+    def _raise_lock_error(self, msg: str) -> None:
+        err = BlockMirrorError(msg)
+        err.hint = f"Is another process using the image [{self.filename}]?"
+        raise err
+
+    # --- size -----------------------------------------------------------------------------
+
+    def length(self) -> int:
+        return self._size
+
+    def has_zero_init(self) -> bool:
+        return not self.is_block_device
+
+    async def truncate(self, length: int, preallocation: str = "off") -> None:
+        if self.is_block_device:
+            if length > self._size:
+                raise BlockIOError(errno.EINVAL, "Cannot grow device files")
+            return
+        try:
+            old = (await threadio.fstat(self.fd)).st_size
+            await threadio.ftruncate(self.fd, length)
+            if length > old and preallocation == "falloc":
+                await threadio.run(os.posix_fallocate, self.fd, old, length - old)
+            elif length > old and preallocation == "full":
+                step = 1024 * 1024
+                zeroes = bytes(step)
+                pos = old
+                while pos < length:
+                    n = min(step, length - pos)
+                    await threadio.pwrite(self.fd, pos, zeroes[:n], direct=self.node.cache_direct)
+                    pos += n
+        except OSError as e:
+            raise _os_error(e) from e
+        self._refresh_size()
+
+    # --- I/O ------------------------------------------------------------------------------
+
+    async def preadv(self, offset: int, length: int) -> bytes:
+        try:
+            return await threadio.pread(self.fd, offset, length, direct=self.node.cache_direct)
+        except OSError as e:
+            raise _os_error(e) from e
+
+    async def pwritev(self, offset: int, data: bytes | memoryview, flags: WriteFlags) -> None:
+        try:
+            await threadio.pwrite(self.fd, offset, data, direct=self.node.cache_direct)
+        except OSError as e:
+            raise _os_error(e) from e
+
+    async def pwrite_zeroes(self, offset: int, length: int, flags: WriteFlags) -> None:
+        if self.is_block_device:
+            try:
+                await threadio.blk_zeroout(self.fd, offset, length)
+                return
+            except OSError as e:
+                raise BlockIOError(errno.ENOTSUP) from e
+        try:
+            if WriteFlags.MAY_UNMAP in flags and self._can_punch:
+                await threadio.punch_hole(self.fd, offset, length)
+                return
+            if self._can_zero_range:
+                try:
+                    await threadio.zero_range(self.fd, offset, length)
+                    return
+                except OSError as e:
+                    if e.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
+                        raise
+                    self._can_zero_range = False
+            if self._can_punch:
+                # cf. handle_aiocb_write_zeroes: punch, then allocate the range again
+                await threadio.punch_hole(self.fd, offset, length)
+                await threadio.fallocate(self.fd, 0, offset, length)
+                return
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.ENOTSUP):
+                self._can_punch = False
+                raise BlockIOError(errno.ENOTSUP) from e
+            raise _os_error(e) from e
+        raise BlockIOError(errno.ENOTSUP)
+
+    async def pdiscard(self, offset: int, length: int) -> None:
+        try:
+            if self.is_block_device:
+                await threadio.blk_discard(self.fd, offset, length)
+            else:
+                await threadio.punch_hole(self.fd, offset, length)
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.ENOTSUP):
+                raise BlockIOError(errno.ENOTSUP) from e
+            raise _os_error(e) from e
+
+    async def flush(self) -> None:
+        try:
+            await threadio.fdatasync(self.fd)
+        except OSError as e:
+            raise _os_error(e) from e
+
+    async def block_status(self, offset: int, length: int) -> Extent:
+        valid = BlockStatus.OFFSET_VALID | BlockStatus.ALLOCATED
+        if self.is_block_device:
+            return Extent(length, BlockStatus.DATA | valid, map_offset=offset, map_node=self.node)
+        try:
+            is_data, end = await threadio.seek_extent(self.fd, offset)
+        except OSError:
+            # no information: pretend everything is data (cf. raw_co_block_status)
+            return Extent(length, BlockStatus.DATA | valid, map_offset=offset, map_node=self.node)
+        if end <= offset:
+            # past EOF (the sector-rounded tail): a trailing hole
+            end = offset + length
+        n = min(length, end - offset)
+        status = BlockStatus.DATA if is_data else BlockStatus.ZERO
+        return Extent(n, status | valid, map_offset=offset, map_node=self.node)
+
+
+@register
+class HostDeviceDriver(FileDriver):
+    """A block device: sizes and zeroing through ioctls; never zero-initialised."""
+
+    format_name = "host_device"
+
+    def _check_kind(self) -> None:
+        if not self.is_block_device:
+            raise BlockMirrorError(f"'{self.filename}' is not a block device")
+
+
+register(FileDriver)

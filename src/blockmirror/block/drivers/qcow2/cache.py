@@ -1,0 +1,68 @@
+"""A write-back LRU cache of decoded metadata tables (L2 tables, refcount blocks).
+
+Keys are host offsets (L2) or refcount-table indices (refcount blocks); values are the decoded
+entry lists, mutated in place by the driver. Dirty tables are never evicted: they leave the
+cache only through the driver's ordered flush, which calls ``clean_all`` once they are written.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from blockmirror.errors import InternalError
+
+
+class TableCache:
+    def __init__(self, budget: int) -> None:
+        #: how many clean tables to keep
+        self.budget = budget
+        self._tables: OrderedDict[int, list[int]] = OrderedDict()
+        self.dirty: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self._tables)
+
+    def get(self, key: int) -> list[int] | None:
+        table = self._tables.get(key)
+        if table is not None:
+            self._tables.move_to_end(key)
+        return table
+
+    def peek(self, key: int) -> list[int]:
+        try:
+            return self._tables[key]
+        except KeyError:
+            raise InternalError(f"qcow2 metadata table {key:#x} is not cached") from None
+
+    def put(self, key: int, table: list[int], dirty: bool = False) -> None:
+        self._tables[key] = table
+        self._tables.move_to_end(key)
+        if dirty:
+            self.dirty.add(key)
+        self._evict()
+
+    def mark_dirty(self, key: int, table: list[int] | None = None) -> None:
+        if key not in self._tables:
+            if table is None:
+                raise InternalError(f"qcow2 metadata table {key:#x} was evicted while in use")
+            self._tables[key] = table
+        self.dirty.add(key)
+
+    def drop(self, key: int) -> None:
+        self._tables.pop(key, None)
+        self.dirty.discard(key)
+
+    def clean_all(self) -> None:
+        self.dirty.clear()
+        self._evict()
+
+    def _evict(self) -> None:
+        excess = len(self._tables) - len(self.dirty) - self.budget
+        if excess <= 0:
+            return
+        for key in list(self._tables):
+            if excess <= 0:
+                break
+            if key not in self.dirty:
+                del self._tables[key]
+                excess -= 1

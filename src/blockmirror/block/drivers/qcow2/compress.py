@@ -1,0 +1,51 @@
+"""qcow2 compressed clusters: descriptor decoding and zlib (raw deflate) codec, sans-IO.
+
+A compressed L2 entry packs the host byte offset of the deflate stream and the number of
+512-byte sectors it spans; the stream is raw deflate (no zlib header), as written by
+``qemu-img convert -c``.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+SECTOR = 512
+
+
+def descriptor(entry: int, cluster_bits: int) -> tuple[int, int]:
+    """(host offset, bytes to read) of a compressed L2 entry."""
+    x = 62 - (cluster_bits - 8)
+    offset = entry & ((1 << x) - 1)
+    sectors = ((entry >> x) & ((1 << (cluster_bits - 8)) - 1)) + 1
+    return offset, sectors * SECTOR - (offset & (SECTOR - 1))
+
+
+def host_clusters(entry: int, cluster_bits: int) -> range:
+    """The host clusters a compressed stream touches (each holds a reference for it)."""
+    offset, nbytes = descriptor(entry, cluster_bits)
+    return range(offset >> cluster_bits, ((offset + nbytes - 1) >> cluster_bits) + 1)
+
+
+def decompress(data: bytes, cluster_size: int) -> bytes | None:
+    """Inflate one cluster; None when the stream is damaged or too short."""
+    try:
+        d = zlib.decompressobj(-15)
+        out = d.decompress(data, cluster_size)
+    except zlib.error:
+        return None
+    if len(out) != cluster_size:
+        return None
+    return out
+
+
+def compress(data: bytes) -> bytes:
+    c = zlib.compressobj(6, zlib.DEFLATED, -12, 9)
+    return c.compress(data) + c.flush()
+
+
+def make_entry(host_offset: int, nbytes: int, cluster_bits: int) -> int:
+    """The L2 entry for a stream of ``nbytes`` at ``host_offset`` (bit 62 set)."""
+    x = 62 - (cluster_bits - 8)
+    end_sector = (host_offset + nbytes - 1) >> 9
+    sectors = end_sector - (host_offset >> 9)  # additional sectors beyond the first
+    return (1 << 62) | (sectors << x) | host_offset

@@ -1,0 +1,712 @@
+"""Opening and closing nodes from BlockdevOptions (blockdev-add, --blockdev, -drive, drive-mirror).
+
+``open_blockdev`` takes QMP's nested options (or keyval's dotted keys), opens the children first
+(inline dicts become implicit ``#blockNNN`` nodes, strings are references), then the driver,
+then a qcow2's backing from its header; every link gets QEMU-like permissions so conflicting
+users are refused. ``open_image`` is the filename path (probing, legacy ``blkdebug:`` and
+``json:`` filenames); ``close_node``/``close_all``/``delete_blockdev`` undo it.
+Drivers never open other nodes themselves; this module is the only place that builds nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from blockmirror.block.drivers import DRIVERS, load_all
+from blockmirror.block.graph import BlockGraph, node_name_valid
+from blockmirror.block.node import BlockBackend, BlockNode, Perm
+from blockmirror.errors import BlockMirrorError
+
+log = logging.getLogger(__name__)
+
+#: option keys that name a child node, per role, in the order QEMU opens them
+CHILD_KEYS = ("file", "image", "data-file", "backing")
+_COMMON_KEYS = frozenset(
+    {
+        "driver", "node-name", "discard", "cache", "read-only", "auto-read-only",
+        "force-share", "detect-zeroes",
+    }
+)
+#: the options each of our drivers accepts (drivers not listed are not checked here)
+_DRIVER_KEYS: dict[str, frozenset[str]] = {
+    "file": frozenset(
+        {"filename", "aio", "locking", "pr-manager", "aio-max-batch", "drop-cache",
+         "x-check-cache-dropped"}
+    ),
+    "raw": frozenset({"file", "offset", "size"}),
+    "null-co": frozenset({"size", "latency-ns", "read-zeroes"}),
+    "blkdebug": frozenset(
+        {"image", "config", "inject-error", "set-state", "align", "max-transfer",
+         "opt-write-zero", "max-write-zero", "opt-discard", "max-discard",
+         "take-child-perms", "unshare-child-perms"}
+    ),
+}
+_DRIVER_KEYS["host_device"] = _DRIVER_KEYS["file"]
+_DRIVER_KEYS["null-aio"] = _DRIVER_KEYS["null-co"]
+
+# keyval (--blockdev a=b,...) gives strings; these keys hold integers or booleans in QAPI
+_INT_KEYS = frozenset(
+    {"size", "offset", "latency-ns", "align", "max-transfer", "opt-write-zero", "max-write-zero",
+     "opt-discard", "max-discard", "errno", "sector", "state", "new_state", "l2-cache-size",
+     "l2-cache-entry-size", "refcount-cache-size", "cache-size", "cache-clean-interval",
+     "aio-max-batch", "reconnect-delay", "open-timeout"}
+)
+_BOOL_KEYS = frozenset(
+    {"read-only", "auto-read-only", "force-share", "direct", "no-flush", "read-zeroes", "once",
+     "immediately", "lazy-refcounts", "pass-discard-request", "pass-discard-snapshot",
+     "pass-discard-other", "drop-cache", "x-check-cache-dropped"}
+)
+# options a parent passes down to children it opens inline (cf. bdrv_inherited_options)
+_INHERITED = ("cache", "read-only", "auto-read-only", "discard", "force-share")
+
+_STORAGE_SHARED = Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
+
+
+# --- option dictionaries -------------------------------------------------------------------
+
+
+def unflatten(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Turn keyval's dotted keys into nested dicts (and dicts keyed 0..n-1 into lists).
+
+    Raises:
+        BlockMirrorError: when a key is both a value and a parent of dotted keys.
+    """
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        if isinstance(value, Mapping):
+            value = unflatten(value)
+        parts = key.split(".")
+        cur = out
+        for i, part in enumerate(parts[:-1]):
+            nxt = cur.get(part)
+            if nxt is None:
+                nxt = cur[part] = {}
+            elif not isinstance(nxt, dict):
+                raise BlockMirrorError(
+                    f"Parameter '{'.'.join(parts[: i + 1])}' is both a value and a parent"
+                )
+            cur = nxt
+        last = parts[-1]
+        if last in cur and isinstance(cur[last], dict) and isinstance(value, dict):
+            cur[last].update(value)
+        else:
+            cur[last] = value
+    result: dict[str, Any] = _lists(out)
+    return result
+
+
+def _lists(value: Any) -> Any:
+    """Dicts keyed "0".."n-1" (keyval's list syntax) become lists."""
+    if isinstance(value, dict):
+        value = {k: _lists(v) for k, v in value.items()}
+        keys = list(value)
+        if keys and all(k.isdigit() for k in keys):
+            idx = sorted(int(k) for k in keys)
+            if idx == list(range(len(idx))):
+                return [value[str(i)] for i in idx]
+        return value
+    if isinstance(value, list):
+        return [_lists(v) for v in value]
+    return value
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Convert keyval strings to the QAPI type of well-known keys."""
+    if isinstance(value, str):
+        if key in _BOOL_KEYS:
+            if value in ("on", "true", "yes"):
+                return True
+            if value in ("off", "false", "no"):
+                return False
+            raise BlockMirrorError(f"Parameter '{key}' expects 'on' or 'off'")
+        if key in _INT_KEYS:
+            try:
+                return int(value, 0)
+            except ValueError:
+                raise BlockMirrorError(
+                    f"Invalid parameter type for '{key}', expected: integer"
+                ) from None
+    if isinstance(value, dict):
+        return {k: _coerce(k, v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_coerce(key, v) for v in value]
+    return value
+
+
+def _bool_opt(opts: Mapping[str, Any], key: str, default: bool) -> bool:
+    v = opts.get(key, default)
+    if not isinstance(v, bool):
+        raise BlockMirrorError(f"Invalid parameter type for '{key}', expected: boolean")
+    return v
+
+
+def parse_filename(filename: str) -> dict[str, Any] | None:
+    """Options for QEMU's legacy filename syntaxes (json:, blkdebug:, nbd URIs), else None."""
+    if filename.startswith("json:"):
+        try:
+            parsed = json.loads(filename[5:])
+        except ValueError as e:
+            raise BlockMirrorError(f"Could not parse the JSON options: {e}") from e
+        if not isinstance(parsed, dict):
+            raise BlockMirrorError("Invalid JSON object given")
+        return unflatten(parsed)
+    if filename.startswith("blkdebug:"):
+        # blkdebug:CONFIG:IMAGE (the config part may be empty)
+        rest = filename[len("blkdebug:"):]
+        conf, sep, image = rest.partition(":")
+        if not sep:
+            raise BlockMirrorError("Could not parse blkdebug filename")
+        dbg: dict[str, Any] = {"driver": "blkdebug", "image": _image_ref(image)}
+        if conf:
+            dbg["config"] = conf
+        return dbg
+    if filename.startswith(("nbd:", "nbd+unix://", "nbd://")):
+        return _nbd_options(filename)
+    return None
+
+
+def _image_ref(filename: str) -> dict[str, Any]:
+    inner = parse_filename(filename)
+    if inner is not None:
+        return inner
+    return {"driver": "__probe__", "filename": filename}
+
+
+def _nbd_options(uri: str) -> dict[str, Any]:
+    from urllib.parse import parse_qs, urlparse
+
+    if uri.startswith("nbd:") and not uri.startswith("nbd:/"):
+        # nbd:unix:PATH[:exportname=X] or nbd:HOST:PORT[:exportname=X]
+        parts = uri.split(":")
+        export = None
+        for p in parts:
+            if p.startswith("exportname="):
+                export = p[len("exportname="):]
+        if len(parts) >= 3 and parts[1] == "unix":
+            server: dict[str, Any] = {"type": "unix", "path": parts[2]}
+        elif len(parts) >= 3:
+            server = {"type": "inet", "host": parts[1], "port": parts[2]}
+        else:
+            raise BlockMirrorError(f"Could not open '{uri}': Invalid argument")
+        opts = {"driver": "nbd", "server": server}
+        if export is not None:
+            opts["export"] = export
+        return opts
+    u = urlparse(uri)
+    export = u.path[1:] if u.path.startswith("/") else u.path
+    if u.scheme == "nbd+unix":
+        sock = parse_qs(u.query).get("socket", [""])[0]
+        server = {"type": "unix", "path": sock}
+    else:
+        server = {"type": "inet", "host": u.hostname or "localhost", "port": str(u.port or 10809)}
+    opts = {"driver": "nbd", "server": server}
+    if export:
+        opts["export"] = export
+    return opts
+
+
+def probe_format(filename: str) -> str:
+    """cf. bdrv_probe_all, reduced to what we implement: qcow2 magic, else raw."""
+    try:
+        with open(filename, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return "raw"
+    return "qcow2" if head == b"QFI\xfb" else "raw"
+
+
+# --- opening ---------------------------------------------------------------------------------
+
+
+class _OpenCtx:
+    """What one open call created, so a failure can close exactly that."""
+
+    def __init__(self, graph: BlockGraph) -> None:
+        self.graph = graph
+        self.created: list[BlockNode] = []
+
+    async def rollback(self) -> None:
+        for node in reversed(self.created):
+            if node.name in self.graph.nodes and not node.parents:
+                try:
+                    await close_node(self.graph, node, flush=False)
+                except Exception:  # already failing; keep the first error
+                    log.exception("closing %s after a failed open", node.name)
+
+
+async def open_blockdev(
+    graph: BlockGraph, options: Mapping[str, Any], *, monitor_owned: bool = True
+) -> BlockNode:
+    """Open one node tree from BlockdevOptions; the root needs a node-name.
+
+    Raises:
+        BlockMirrorError: QEMU's texts for bad options, missing files, conflicts.
+    """
+    opts = unflatten(options)
+    if "node-name" not in opts:
+        raise BlockMirrorError("'node-name' must be specified for the root node")
+    ctx = _OpenCtx(graph)
+    try:
+        node = await _open_node(ctx, opts, parent=None, chain=())
+    except BaseException:
+        await ctx.rollback()
+        raise
+    if monitor_owned:
+        graph.monitor_owned.add(node.name)
+    return node
+
+
+async def open_image(
+    graph: BlockGraph,
+    filename: str,
+    fmt: str | None = None,
+    *,
+    read_only: bool,
+    backing: bool = True,
+    node_name: str | None = None,
+    options: Mapping[str, Any] | None = None,
+    monitor_owned: bool = False,
+) -> BlockNode:
+    """Open an image by filename (drive-mirror targets, -drive, the CLI); probe when no fmt.
+
+    Raises:
+        BlockMirrorError: as for open_blockdev.
+    """
+    opts: dict[str, Any] = dict(unflatten(options or {}))
+    legacy = parse_filename(filename)
+    if legacy is not None:
+        if fmt is not None and fmt != legacy.get("driver"):
+            legacy = {"driver": fmt, "file": legacy}
+        base: dict[str, Any] = legacy
+    else:
+        if fmt is None:
+            fmt = probe_format(filename)
+        if fmt in ("file", "host_device"):
+            base = {"driver": fmt, "filename": filename}
+        else:
+            base = {"driver": fmt, "file": {"driver": "file", "filename": filename}}
+    base.update(opts)
+    base["read-only"] = read_only
+    if not backing and base.get("driver") == "qcow2":
+        base["backing"] = None
+    if node_name is not None:
+        base["node-name"] = node_name
+    ctx = _OpenCtx(graph)
+    try:
+        node = await _open_node(ctx, base, parent=None, chain=())
+    except BaseException:
+        await ctx.rollback()
+        raise
+    if monitor_owned:
+        graph.monitor_owned.add(node.name)
+    return node
+
+
+def _check_keys(driver: str, opts: Mapping[str, Any]) -> None:
+    allowed = _DRIVER_KEYS.get(driver)
+    if allowed is None:
+        return
+    for key in opts:
+        if key not in allowed and key not in _COMMON_KEYS:
+            raise BlockMirrorError(f"Parameter '{key}' is unexpected")
+
+
+def _real(path: str) -> str:
+    return os.path.realpath(path)
+
+
+async def _open_node(
+    ctx: _OpenCtx,
+    opts: dict[str, Any],
+    *,
+    parent: Mapping[str, Any] | None,
+    chain: tuple[str, ...],
+) -> BlockNode:
+    graph = ctx.graph
+    load_all()
+    opts = _coerce("", dict(opts))
+    if parent is not None:
+        for key in _INHERITED:
+            if key not in opts and key in parent:
+                opts[key] = parent[key]
+    driver = opts.get("driver")
+    if driver == "__probe__":
+        # a legacy filename inside blkdebug: (cf. bdrv_open with no driver: probe)
+        fname = str(opts.get("filename", ""))
+        inner = probe_format(fname)
+        opts = {k: v for k, v in opts.items() if k not in ("driver", "filename")}
+        opts.update({"driver": inner, "file": {"driver": "file", "filename": fname}})
+        driver = inner
+    if driver is None:
+        raise BlockMirrorError("Parameter 'driver' is missing")
+    if not isinstance(driver, str) or driver not in DRIVERS:
+        raise BlockMirrorError(f"Parameter 'driver' does not accept value '{driver}'")
+    cls = DRIVERS[driver]
+    _check_keys(driver, opts)
+
+    name = opts.get("node-name")
+    if name is None:
+        name = graph.new_auto_name()
+    elif not isinstance(name, str) or not node_name_valid(name):
+        raise BlockMirrorError(f"Invalid node-name: '{name}'")
+    if name in graph.nodes:
+        raise BlockMirrorError(f"Duplicate nodes with node-name='{name}'")
+
+    discard = opts.get("discard", "ignore")
+    if discard in ("off", "ignore"):
+        discard_unmap = False
+    elif discard in ("on", "unmap"):
+        discard_unmap = True
+    else:
+        raise BlockMirrorError("Invalid discard option")
+    detect = opts.get("detect-zeroes", "off")
+    if detect not in ("off", "on", "unmap"):
+        raise BlockMirrorError(f"Parameter 'detect-zeroes' does not accept value '{detect}'")
+    if detect == "unmap" and not discard_unmap:
+        raise BlockMirrorError(
+            "setting detect-zeroes to unmap is not allowed without setting discard "
+            "operation to unmap"
+        )
+    cache = opts.get("cache", {})
+    if not isinstance(cache, dict):
+        raise BlockMirrorError("Invalid parameter type for 'cache', expected: object")
+    read_only = _bool_opt(opts, "read-only", False)
+    force_share = _bool_opt(opts, "force-share", False)
+    _bool_opt(opts, "auto-read-only", False)
+    if force_share and not read_only:
+        raise BlockMirrorError("force-share=on can only be used with read-only images")
+
+    own = {k: v for k, v in opts.items() if k not in CHILD_KEYS}
+    node = BlockNode(
+        name=name,
+        options=own,
+        read_only=read_only,
+        discard_unmap=discard_unmap,
+        detect_zeroes=detect,
+        cache_direct=_bool_opt(cache, "direct", False),
+        cache_no_flush=_bool_opt(cache, "no-flush", False),
+    )
+    node.driver = cls(node)
+
+    # files this node opens (not counting its backing): if one is already further up the
+    # backing chain being opened, the chain loops
+    for my_file in _files_of(graph, opts):
+        if _real(my_file) in chain:
+            raise BlockMirrorError(f"Backing file '{my_file}' creates an infinite loop.")
+    below = (*chain, *(_real(f) for f in _files_of(graph, opts)))
+
+    try:
+        await _open_children_and_driver(ctx, node, opts, own, chain, below, force_share)
+    except BaseException:
+        # unlink whatever this node took, so the rollback sees orphans (and references stay
+        # untouched); a node registered in the graph is closed by the rollback itself
+        if node.name not in graph.nodes or graph.nodes[node.name] is not node:
+            for link in list(node.children.values()):
+                graph.detach(link)
+        raise
+    return node
+
+
+async def _open_children_and_driver(
+    ctx: _OpenCtx,
+    node: BlockNode,
+    opts: dict[str, Any],
+    own: dict[str, Any],
+    chain: tuple[str, ...],
+    below: tuple[str, ...],
+    force_share: bool,
+) -> None:
+    graph = ctx.graph
+    cls = type(node.driver)
+    # children other than backing exist before the driver opens (it reads headers through them)
+    for role in CHILD_KEYS:
+        if role == "backing" or role not in opts:
+            continue
+        child = await _child(ctx, opts[role], opts, chain)
+        if child is not None:
+            perm, shared = _child_perms(node, role, force_share)
+            graph.attach(node, child, role, perm, shared)
+            # options show children by node name, as query-named-block-nodes does
+            own[role] = child.name
+
+    # registered after its file/image children and before its backing, as QEMU names them
+    # (queries list nodes newest first)
+    graph.add_node(node)
+    ctx.created.append(node)
+    await node.driver.open()
+    node.filename = _refresh_filename(node)
+
+    if _supports_backing(cls.format_name):
+        await _open_backing(ctx, node, opts, below)
+
+
+def _files_of(graph: BlockGraph, opts: Mapping[str, Any]) -> list[str]:
+    """Host files a node's options open (itself and its non-backing children), for loops."""
+    if opts.get("driver") in ("file", "host_device"):
+        f = opts.get("filename")
+        return [f] if isinstance(f, str) else []
+    out: list[str] = []
+    for role in CHILD_KEYS:
+        if role == "backing":
+            continue
+        ref = opts.get(role)
+        if isinstance(ref, dict):
+            out += _files_of(graph, ref)
+        elif isinstance(ref, str) and (node := graph.find_node(ref)) is not None:
+            base = node.skip_filters()
+            proto = base if base.file is None else base.file
+            if proto.format_name in ("file", "host_device"):
+                out.append(proto.filename)
+    return out
+
+
+def _supports_backing(driver: str) -> bool:
+    return driver == "qcow2"
+
+
+async def _child(
+    ctx: _OpenCtx, ref: Any, parent: Mapping[str, Any], chain: tuple[str, ...]
+) -> BlockNode | None:
+    if ref is None:
+        return None
+    if isinstance(ref, str):
+        found = ctx.graph.find_node(ref)
+        if found is None:
+            legacy = parse_filename(ref)
+            if legacy is None:
+                raise BlockMirrorError(f"Cannot find device='{ref}' nor node-name='{ref}'")
+            return await _open_node(ctx, legacy, parent=parent, chain=chain)
+        return found
+    if isinstance(ref, dict):
+        return await _open_node(ctx, ref, parent=parent, chain=chain)
+    raise BlockMirrorError("Invalid parameter type for 'file', expected: object")
+
+
+def _child_perms(node: BlockNode, role: str, force_share: bool) -> tuple[Perm, Perm]:
+    """cf. bdrv_default_perms: what a parent takes on each kind of child, and shares."""
+    writable = not node.read_only
+    if role == "backing":
+        perm, shared = Perm.CONSISTENT_READ, Perm.all()
+    elif node.driver.is_filter:
+        perm = Perm.CONSISTENT_READ | (Perm.WRITE if writable else Perm.NONE)
+        shared = Perm.all()
+        take = node.options.get("take-child-perms") or []
+        unshare = node.options.get("unshare-child-perms") or []
+        perm |= _perm_from_names(take)
+        shared &= ~_perm_from_names(unshare)
+    else:
+        # storage: metadata must stay consistent, nobody else may write or resize it
+        perm = Perm.CONSISTENT_READ
+        if writable:
+            perm |= Perm.WRITE | Perm.RESIZE
+        shared = _STORAGE_SHARED
+    if force_share:
+        shared = Perm.all()
+    return perm, shared
+
+
+_PERM_NAMES = {
+    "consistent-read": Perm.CONSISTENT_READ,
+    "write": Perm.WRITE,
+    "write-unchanged": Perm.WRITE_UNCHANGED,
+    "resize": Perm.RESIZE,
+}
+
+
+def _perm_from_names(names: Any) -> Perm:
+    out = Perm.NONE
+    for n in names if isinstance(names, list) else []:
+        if n not in _PERM_NAMES:
+            raise BlockMirrorError(f"Parameter 'null' does not accept value '{n}'")
+        out |= _PERM_NAMES[n]
+    return out
+
+
+async def _open_backing(
+    ctx: _OpenCtx, node: BlockNode, opts: Mapping[str, Any], chain: tuple[str, ...]
+) -> None:
+    if "backing" in opts:
+        ref = opts["backing"]
+        if ref is None:
+            node.options["backing"] = None
+            return
+        if isinstance(ref, dict):
+            ref = {**ref, "read-only": ref.get("read-only", True)}
+        try:
+            child = await _child(ctx, ref, {}, chain)
+        except BlockMirrorError as e:
+            raise BlockMirrorError(f"Could not open backing file: {e}") from e
+    else:
+        info = node.info()
+        if not info.backing_filename:
+            return
+        fname = info.backing_filename
+        legacy = parse_filename(fname)
+        if legacy is None:
+            path = fname
+            if not os.path.isabs(path) and node.filename and not node.filename.startswith(
+                "json:"
+            ):
+                path = os.path.join(os.path.dirname(node.filename), path)
+            if _real(path) in chain:
+                raise BlockMirrorError(
+                    f"Could not open backing file: Backing file '{fname}' creates an "
+                    "infinite loop."
+                )
+            fmt = info.backing_format or probe_format(path)
+            bopts: dict[str, Any] = {"driver": fmt, "file": {"driver": "file", "filename": path}}
+        elif info.backing_format and legacy.get("driver") != info.backing_format:
+            # e.g. backing_file=blkdebug:conf:img with backing_fmt=raw: raw over blkdebug
+            bopts = {"driver": info.backing_format, "file": legacy}
+        else:
+            bopts = legacy
+        bopts["read-only"] = True
+        for key in ("cache", "force-share"):
+            if key in node.options:
+                bopts[key] = node.options[key]
+        try:
+            child = await _open_node(ctx, bopts, parent=None, chain=chain)
+        except BlockMirrorError as e:
+            raise BlockMirrorError(f"Could not open backing file: {e}") from e
+    if child is None:
+        return
+    perm, shared = _child_perms(node, "backing", False)
+    ctx.graph.attach(node, child, "backing", perm, shared)
+    if isinstance(opts.get("backing"), str):
+        node.options["backing"] = child.name
+
+
+def _refresh_filename(node: BlockNode) -> str:
+    """cf. bdrv_refresh_filename: a plain name when the options say nothing more, else json:."""
+    drv = node.format_name
+    opts = node.options
+    extra = {
+        k: v for k, v in opts.items()
+        if k not in _COMMON_KEYS and k not in CHILD_KEYS
+    }
+    if drv in ("file", "host_device"):
+        return str(opts.get("filename", ""))
+    if drv in ("null-co", "null-aio"):
+        rest = {k: v for k, v in extra.items() if not (k == "size" and v == 1 << 30)}
+        if not rest:
+            return f"{drv}://"
+        return "json:" + json.dumps({**rest, "driver": drv})
+    child = node.file or node.child("image")
+    if child is None:
+        return "json:" + json.dumps({**extra, "driver": drv})
+    if drv == "blkdebug":
+        conf = extra.pop("config", "")
+        if not extra:
+            return f"blkdebug:{conf}:{child.filename}"
+    elif not extra or drv == "qcow2":
+        return child.filename
+    role = "image" if drv == "blkdebug" else "file"
+    return "json:" + json.dumps({**extra, "driver": drv, role: _as_json(child)})
+
+
+def _as_json(node: BlockNode) -> Any:
+    if node.filename.startswith("json:"):
+        return json.loads(node.filename[5:])
+    if node.format_name in ("file", "host_device"):
+        return {"driver": node.format_name, "filename": node.filename}
+    return node.filename
+
+
+# --- closing ---------------------------------------------------------------------------------
+
+
+async def close_node(graph: BlockGraph, node: BlockNode, *, flush: bool = True) -> None:
+    """Flush and close a node nobody uses any more, then children left without users.
+
+    Raises:
+        BlockMirrorError: if the node still has parents.
+    """
+    if node.parents:
+        raise BlockMirrorError(f"Node {node.name} is in use")
+    graph.forget_node(node)
+    if flush and not node.read_only:
+        try:
+            await node.drain()
+            await node.flush()
+        except BlockMirrorError as e:
+            log.warning("flushing %s on close failed: %s", node.name, e)
+    try:
+        await node.driver.close()
+    finally:
+        children = [link.node for link in node.children.values()]
+        for link in list(node.children.values()):
+            graph.detach(link)
+        for child in children:
+            if child.name in graph.nodes and graph.refcount(child) == 0:
+                await close_node(graph, child, flush=flush)
+
+
+async def unref_node(graph: BlockGraph, node: BlockNode) -> None:
+    """Close ``node`` if nothing (parent, backend, monitor) references it any more."""
+    if node.name in graph.nodes and graph.refcount(node) == 0:
+        await close_node(graph, node)
+
+
+async def close_all(graph: BlockGraph) -> None:
+    """Close every node, users first (Daemon.shutdown)."""
+    for blk in list(graph.backends):
+        graph.remove_backend(blk)
+    graph.monitor_owned.clear()
+    while graph.nodes:
+        roots = [n for n in graph.all_nodes() if not n.parents]
+        if not roots:
+            # only cycles are left (never built by us): cut them
+            for n in graph.all_nodes():
+                for link in list(n.parents):
+                    graph.detach(link)
+            continue
+        for n in roots:
+            if n.name in graph.nodes:
+                try:
+                    await close_node(graph, n)
+                except Exception:
+                    log.exception("closing node %s", n.name)
+                    graph.forget_node(n)
+
+
+async def delete_blockdev(graph: BlockGraph, name: str) -> None:
+    """blockdev-del: checks and texts of qmp_blockdev_del, in QEMU's order.
+
+    Raises:
+        BlockMirrorError: Failed to find node / in use / busy / not owned by the monitor.
+    """
+    node = graph.find_node(name)
+    if node is None:
+        raise BlockMirrorError(f"Failed to find node with node-name='{name}'")
+    if any(isinstance(c.parent, BlockBackend) for c in node.parents):
+        raise BlockMirrorError(f"Node {name} is in use")
+    for op in ("drive_del", "all"):
+        reasons = node.blockers.get(op)
+        if reasons:
+            raise BlockMirrorError(f"Node '{name}' is busy: {reasons[0]}")
+    if node.blockers:
+        reasons = next(iter(node.blockers.values()))
+        raise BlockMirrorError(f"Node '{name}' is busy: {reasons[0]}")
+    if name not in graph.monitor_owned:
+        raise BlockMirrorError(f"Node {name} is not owned by the monitor")
+    if graph.refcount(node) > 1:
+        raise BlockMirrorError(f"Block device {name} is in use")
+    graph.monitor_owned.discard(name)
+    await close_node(graph, node)
+
+
+__all__ = [
+    "close_all",
+    "close_node",
+    "delete_blockdev",
+    "open_blockdev",
+    "open_image",
+    "parse_filename",
+    "probe_format",
+    "unflatten",
+    "unref_node",
+]

@@ -1,0 +1,222 @@
+"""Read-only views of nodes: QEMU's ImageInfo/BlockDeviceInfo dicts and chain-wide block status.
+
+Used by the QMP query commands, ``blockmirror info``/``map`` and the mirror's sync=top/full
+initialisation. ``block_status_above`` and ``is_allocated_above`` walk a backing chain the way
+bdrv_co_common_block_status_above does (filters count as layers).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+from blockmirror.block import threadio
+from blockmirror.block.driver import BlockStatus, Extent
+from blockmirror.block.graph import BlockGraph
+from blockmirror.block.node import BlockNode
+
+#: drivers that implement bdrv_get_info in QEMU (ImageInfo then carries dirty-flag)
+_HAS_GET_INFO = frozenset({"file", "host_device", "raw", "qcow2"})
+
+
+def size_to_str(n: int) -> str:
+    """cf. size_to_str (util/cutils.c): three significant digits and a binary unit."""
+    suffixes = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
+    _, exp = math.frexp(n / (1000.0 / 1024.0)) if n else (0.0, 0)
+    i = max(0, (exp - 1) // 10)
+    i = min(i, len(suffixes) - 1)
+    return f"{n / (1 << (i * 10)):0.3g} {suffixes[i]}B"
+
+
+def path_combine(base: str, name: str) -> str:
+    """cf. path_combine: ``name`` relative to the directory of ``base`` unless absolute."""
+    if not name or os.path.isabs(name) or name.startswith(("json:", "nbd:", "blkdebug:")):
+        return name
+    if "://" in name:
+        return name
+    directory = os.path.dirname(base)
+    return os.path.join(directory, name) if directory else name
+
+
+async def allocated_size(node: BlockNode) -> int | None:
+    """Bytes the node occupies on the host (cf. bdrv_get_allocated_file_size)."""
+    drv = node.driver
+    fd = getattr(drv, "fd", None)
+    if node.format_name in ("file", "host_device") and isinstance(fd, int) and fd >= 0:
+        st = await threadio.fstat(fd)
+        return int(st.st_blocks) * 512
+    if node.format_name in ("null-co", "null-aio"):
+        return 0
+    child = node.file or node.child("image")
+    if child is None:
+        return None
+    return await allocated_size(child)
+
+
+def backing_depth(node: BlockNode) -> int:
+    """cf. bdrv_get_backing_file_depth: attached backing layers below the node."""
+    return len(node.backing_chain()) - 1
+
+
+def _format_specific(fmt: str, spec: dict[str, Any]) -> dict[str, Any] | None:
+    if not spec:
+        return None
+    if "type" in spec and "data" in spec:
+        return spec
+    return {"type": fmt, "data": spec}
+
+
+async def image_info(node: BlockNode, *, backing_image: bool = True) -> dict[str, Any]:
+    """QEMU's ImageInfo for a node (cf. bdrv_query_image_info), backing-image recursively."""
+    info = node.info()
+    out: dict[str, Any] = {
+        "filename": node.filename,
+        "format": node.format_name,
+        "virtual-size": node.length(),
+    }
+    actual = await allocated_size(node)
+    if actual is not None:
+        out["actual-size"] = actual
+    if info.cluster_size:
+        out["cluster-size"] = info.cluster_size
+    if node.format_name in _HAS_GET_INFO:
+        out["dirty-flag"] = info.dirty_flag
+    if info.backing_filename:
+        out["backing-filename"] = info.backing_filename
+        backing = node.backing
+        out["full-backing-filename"] = (
+            backing.filename if backing is not None
+            else path_combine(node.filename, info.backing_filename)
+        )
+        if info.backing_format:
+            out["backing-filename-format"] = info.backing_format
+    spec = _format_specific(node.format_name, info.format_specific)
+    if spec is not None:
+        out["format-specific"] = spec
+    if backing_image and node.backing is not None:
+        out["backing-image"] = await image_info(node.backing.skip_filters())
+    return out
+
+
+async def block_device_info(node: BlockNode, *, flat: bool = False) -> dict[str, Any]:
+    """QEMU's BlockDeviceInfo (cf. bdrv_block_device_info), as QSD 7.2 fills it."""
+    info = node.info()
+    out: dict[str, Any] = {
+        "file": node.filename,
+        "node-name": node.name,
+        "ro": node.read_only,
+        "drv": node.format_name,
+    }
+    backing = node.backing
+    if backing is not None:
+        out["backing_file"] = backing.filename
+    elif info.backing_filename:
+        out["backing_file"] = info.backing_filename
+    out.update(
+        {
+            "backing_file_depth": backing_depth(node),
+            "encrypted": False,
+            "detect_zeroes": node.detect_zeroes,
+            "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
+            "cache": {
+                "writeback": True,
+                "direct": node.cache_direct,
+                "no-flush": node.cache_no_flush,
+            },
+            "write_threshold": 0,
+            "image": await image_info(node, backing_image=not flat),
+        }
+    )
+    return out
+
+
+async def query_named_block_nodes(graph: BlockGraph, *, flat: bool = False) -> list[dict[str, Any]]:
+    """query-named-block-nodes: newest node first, implicit filters hidden."""
+    nodes = [n for n in graph.all_nodes() if not n.implicit]
+    return [await block_device_info(n, flat=flat) for n in reversed(nodes)]
+
+
+# --- status over a backing chain -----------------------------------------------------------
+
+
+def _next_layer(node: BlockNode) -> BlockNode | None:
+    """cf. bdrv_filter_or_cow_bs: a filter's child, else the backing."""
+    return node.filtered_child() or node.backing
+
+
+async def block_status_above(
+    top: BlockNode,
+    base: BlockNode | None,
+    offset: int,
+    length: int,
+    *,
+    include_base: bool = False,
+) -> Extent:
+    """Status of the range as seen through ``top``, down to (excluding) ``base``.
+
+    ``depth`` of the result counts the layers queried (1 = top); cf.
+    bdrv_co_common_block_status_above.
+    """
+    if not include_base and top is base:
+        return Extent(length, BlockStatus.NONE, 0)
+    ext = await top.block_status(offset, length)
+    depth = 1
+    if ext.status & BlockStatus.ALLOCATED or top is base:
+        return Extent(ext.length, ext.status, depth, ext.map_offset, ext.map_node)
+    eof = offset + ext.length if ext.status & BlockStatus.EOF else None
+    n = min(length, ext.length)
+    result = ext
+    p = _next_layer(top)
+    while p is not None and (include_base or p is not base):
+        depth += 1
+        plen = p.length()
+        if offset >= plen:
+            # the layer is short: zeroes beyond its end count as allocated here
+            result = Extent(n, BlockStatus.ZERO | BlockStatus.ALLOCATED, depth)
+            break
+        pe = await p.block_status(offset, min(n, plen - offset))
+        if pe.status & BlockStatus.ALLOCATED:
+            result = Extent(pe.length, pe.status & ~BlockStatus.EOF, depth, pe.map_offset,
+                            pe.map_node)
+            break
+        result = pe
+        n = pe.length
+        if p is base:
+            break
+        p = _next_layer(p)
+    else:
+        result = Extent(n, result.status & ~BlockStatus.EOF, depth, result.map_offset,
+                        result.map_node)
+    status = result.status
+    if eof is not None and offset + result.length == eof:
+        status |= BlockStatus.EOF
+    return Extent(result.length, status, depth, result.map_offset, result.map_node)
+
+
+async def is_allocated_above(
+    top: BlockNode,
+    base_overlay: BlockNode | None,
+    include_base: bool,
+    offset: int,
+    length: int,
+) -> tuple[bool, int]:
+    """(allocated, bytes) for the range: allocated in any layer from ``top`` to ``base_overlay``.
+
+    cf. bdrv_co_is_allocated_above; the mirror's sync=top seeds its bitmap with it.
+    """
+    ext = await block_status_above(top, base_overlay, offset, length, include_base=include_base)
+    return bool(ext.status & BlockStatus.ALLOCATED), ext.length
+
+
+__all__ = [
+    "allocated_size",
+    "backing_depth",
+    "block_device_info",
+    "block_status_above",
+    "image_info",
+    "is_allocated_above",
+    "path_combine",
+    "query_named_block_nodes",
+    "size_to_str",
+]

@@ -1,0 +1,255 @@
+"""Blocking file I/O run in a thread pool: the only place that owns worker threads.
+
+Protocol drivers (``drivers/file.py``) call these coroutines with whole requests (never byte by
+byte); each runs one or a few system calls in a worker thread so the event loop never blocks on
+the disk. Also here: O_DIRECT aligned buffers, fallocate through ctypes (Python has no binding
+for FALLOC_FL_PUNCH_HOLE/ZERO_RANGE), SEEK_DATA/SEEK_HOLE, and the block-device ioctls.
+Nothing here knows about nodes or QEMU semantics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import functools
+import mmap
+import os
+import struct
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+# linux/falloc.h
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+# linux/fs.h ioctls on block devices
+BLKGETSIZE64 = 0x80081272
+BLKDISCARD = 0x1277
+BLKZEROOUT = 0x127F
+
+_MAX_WORKERS = 16
+_executor: ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+def executor() -> ThreadPoolExecutor:
+    """The process-wide I/O pool (created on first use; threads are cheap to share)."""
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(_MAX_WORKERS, thread_name_prefix="blockmirror-io")
+        return _executor
+
+
+async def run(fn: Callable[..., T], *args: object) -> T:
+    """Run one blocking callable in the pool and await its result."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(executor(), functools.partial(fn, *args))
+
+
+# --- libc fallocate --------------------------------------------------------------------------
+
+_libc: ctypes.CDLL | None = None
+
+
+def _fallocate_fn() -> Any:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    fn = getattr(_libc, "fallocate", None)
+    if fn is None:
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def fallocate_sync(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with any mode; raises OSError(ENOTSUP/EOPNOTSUPP) when unsupported."""
+    fn = _fallocate_fn()
+    if fn is None:
+        if mode == 0:
+            os.posix_fallocate(fd, offset, length)
+            return
+        raise OSError(errno.ENOTSUP, os.strerror(errno.ENOTSUP))
+    if fn(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+# --- aligned buffers for O_DIRECT -------------------------------------------------------------
+
+
+def aligned_buffer(length: int) -> mmap.mmap:
+    """An anonymous mapping: page aligned, which satisfies every O_DIRECT alignment."""
+    return mmap.mmap(-1, max(length, 1))
+
+
+# --- the synchronous primitives (run in workers) ---------------------------------------------
+
+
+def _pread_all(fd: int, offset: int, length: int, direct: bool) -> bytes:
+    if direct:
+        buf = aligned_buffer(length)
+        try:
+            view = memoryview(buf)
+            done = 0
+            while done < length:
+                n = os.preadv(fd, [view[done:length]], offset + done)
+                if n == 0:
+                    break
+                done += n
+            data = bytes(view[:done])
+            view.release()
+        finally:
+            buf.close()
+    else:
+        parts: list[bytes] = []
+        done = 0
+        while done < length:
+            chunk = os.pread(fd, length - done, offset + done)
+            if not chunk:
+                break
+            parts.append(chunk)
+            done += len(chunk)
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+    if len(data) < length:
+        # reads past EOF of a growing/shrunk file read as zeroes, like QEMU's file-posix
+        data += bytes(length - len(data))
+    return data
+
+
+def _pwrite_all(fd: int, offset: int, data: bytes | memoryview, direct: bool) -> None:
+    view = memoryview(data)
+    if direct:
+        buf = aligned_buffer(len(view))
+        try:
+            bview = memoryview(buf)
+            bview[: len(view)] = view
+            src = bview[: len(view)]
+            done = 0
+            while done < len(src):
+                done += os.pwritev(fd, [src[done:]], offset + done)
+            src.release()
+            bview.release()
+        finally:
+            buf.close()
+        return
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+def _seek_extent(fd: int, offset: int) -> tuple[bool, int]:
+    """(is_data, end) of the data or hole run at ``offset``; end -1: hole to the end.
+
+    cf. find_allocation in file-posix.c.
+    """
+    try:
+        data = os.lseek(fd, offset, os.SEEK_DATA)
+    except OSError as e:
+        if e.errno == errno.ENXIO:
+            # no data after offset: a trailing hole, to the end of whatever was asked
+            return False, -1
+        raise
+    if data > offset:
+        return False, data
+    hole = os.lseek(fd, offset, os.SEEK_HOLE)
+    return True, hole
+
+
+def _ioctl_u64_pair(fd: int, request: int, offset: int, length: int) -> None:
+    fcntl.ioctl(fd, request, struct.pack("QQ", offset, length))
+
+
+def _blk_size(fd: int) -> int:
+    buf = fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8)
+    return int(struct.unpack("Q", buf)[0])
+
+
+# --- the async API --------------------------------------------------------------------------
+
+
+async def pread(fd: int, offset: int, length: int, *, direct: bool = False) -> bytes:
+    return await run(_pread_all, fd, offset, length, direct)
+
+
+async def pwrite(fd: int, offset: int, data: bytes | memoryview, *, direct: bool = False) -> None:
+    await run(_pwrite_all, fd, offset, data, direct)
+
+
+async def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    await run(fallocate_sync, fd, mode, offset, length)
+
+
+async def punch_hole(fd: int, offset: int, length: int) -> None:
+    await fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+
+
+async def zero_range(fd: int, offset: int, length: int) -> None:
+    await fallocate(fd, FALLOC_FL_ZERO_RANGE, offset, length)
+
+
+async def seek_extent(fd: int, offset: int) -> tuple[bool, int]:
+    return await run(_seek_extent, fd, offset)
+
+
+async def fsync(fd: int) -> None:
+    await run(os.fsync, fd)
+
+
+async def fdatasync(fd: int) -> None:
+    await run(os.fdatasync, fd)
+
+
+async def ftruncate(fd: int, length: int) -> None:
+    await run(os.ftruncate, fd, length)
+
+
+async def fstat(fd: int) -> os.stat_result:
+    return await run(os.fstat, fd)
+
+
+async def blk_discard(fd: int, offset: int, length: int) -> None:
+    await run(_ioctl_u64_pair, fd, BLKDISCARD, offset, length)
+
+
+async def blk_zeroout(fd: int, offset: int, length: int) -> None:
+    await run(_ioctl_u64_pair, fd, BLKZEROOUT, offset, length)
+
+
+def blk_size(fd: int) -> int:
+    """BLKGETSIZE64; one quick ioctl, fine to call from the loop at open time."""
+    return _blk_size(fd)
+
+
+__all__ = [
+    "FALLOC_FL_KEEP_SIZE",
+    "FALLOC_FL_PUNCH_HOLE",
+    "FALLOC_FL_ZERO_RANGE",
+    "aligned_buffer",
+    "blk_discard",
+    "blk_size",
+    "blk_zeroout",
+    "executor",
+    "fallocate",
+    "fallocate_sync",
+    "fdatasync",
+    "fstat",
+    "fsync",
+    "ftruncate",
+    "pread",
+    "punch_hole",
+    "pwrite",
+    "run",
+    "seek_extent",
+    "zero_range",
+]

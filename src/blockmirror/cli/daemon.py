@@ -1,0 +1,474 @@
+"""`blockmirror daemon`: a qemu-storage-daemon compatible command line.
+
+Options are QSD's (``--blockdev``, ``--chardev``, ``--monitor``, ``--nbd-server``, ``--export``,
+``--object``, ``--pidfile``, ``--daemonize``, ``-h``, ``-V``, ``-T``) and are processed in
+order, like QSD, after a first pass that rejects unknown options. A bad value is reported as
+``<prog>: --opt value: <QEMU's text>`` with exit status 1. The pid file is written once every
+listener exists; ``quit`` or SIGINT/SIGTERM/SIGHUP flush and close every image before exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from blockmirror import QEMU_COMPAT_PACKAGE, QEMU_COMPAT_VERSION
+from blockmirror.errors import BlockMirrorError
+
+if TYPE_CHECKING:
+    from blockmirror.daemon import Daemon
+
+#: long options that take an argument, as QSD's getopt table declares them
+_WITH_ARG = ("blockdev", "chardev", "export", "monitor", "nbd-server", "object", "pidfile",
+             "trace")
+_NO_ARG = ("help", "version", "daemonize")
+
+OBJECT_TYPES = [
+    "authz-list", "authz-list-file", "authz-simple", "iothread", "main-loop",
+    "pr-manager-helper", "secret", "secret_keyring", "thread-context", "throttle-group",
+    "tls-cipher-suites", "tls-creds-anon", "tls-creds-psk", "tls-creds-x509",
+]
+
+
+class UsageError(Exception):
+    """A getopt-level error (the message is printed after "<prog>: ")."""
+
+
+class OptionError(Exception):
+    """A bad option value: printed as "<prog>: --<opt> <value>: <desc>"."""
+
+
+def program_name() -> str:
+    base = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return base if base and not base.startswith("-") and not base.endswith(".py") \
+        else "blockmirror"
+
+
+def usage(prog: str) -> str:
+    return f"""Usage: {prog} [options]
+QEMU storage daemon (blockmirror)
+
+  -h, --help             display this help and exit
+  -T, --trace [[enable=]<pattern>][,events=<file>][,file=<file>]
+                         specify tracing options (accepted and ignored)
+  -V, --version          output version information and exit
+
+  --blockdev [driver=]<driver>[,node-name=<N>][,discard=ignore|unmap]
+             [,cache.direct=on|off][,cache.no-flush=on|off]
+             [,read-only=on|off][,auto-read-only=on|off]
+             [,force-share=on|off][,detect-zeroes=on|off|unmap]
+             [,driver specific parameters...]
+                         configure a block backend (JSON form '{{...}}' accepted)
+
+  --chardev socket,id=<id>,path=<path>|host=<host>,port=<port>|fd=<n>
+            [,server=on|off][,wait=on|off]
+                         configure a character device backend
+
+  --daemonize            daemonize the process, and have the parent exit
+                         once startup is complete
+
+  --export [type=]nbd,id=<id>,node-name=<node-name>[,name=<export-name>]
+           [,writable=on|off][,bitmap=<name>]
+                         export the specified block node over NBD
+                         (requires --nbd-server)
+
+  --monitor [chardev=]name[,mode=control][,pretty[=on|off]]
+                         configure a QMP monitor
+
+  --nbd-server addr.type=inet,addr.host=<host>,addr.port=<port>
+               [,tls-creds=<id>][,tls-authz=<id>][,max-connections=<n>]
+  --nbd-server addr.type=unix,addr.path=<path>
+               [,tls-creds=<id>][,tls-authz=<id>][,max-connections=<n>]
+                         start an NBD server for exporting block nodes
+
+  --object help          list object types that can be added
+  --object <type>[,<property>=<value>...]
+                         create a new object of type <type>; 'id' must be set
+
+  --pidfile <path>       write process ID to a file after startup
+"""
+
+
+def parse_argv(argv: list[str]) -> list[tuple[str, str | None]]:
+    """getopt_long-like pass: (option, value) pairs in order; "" names a bare argument.
+
+    Raises:
+        UsageError: with getopt's texts.
+    """
+    out: list[tuple[str, str | None]] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg.startswith("--") and len(arg) > 2:
+            name, eq, val = arg[2:].partition("=")
+            if name in _WITH_ARG:
+                if not eq:
+                    if i >= len(argv):
+                        raise UsageError(f"option '--{name}' requires an argument")
+                    val = argv[i]
+                    i += 1
+                out.append((name, val))
+            elif name in _NO_ARG:
+                if eq:
+                    raise UsageError(f"option '--{name}' doesn't allow an argument")
+                out.append((name, None))
+            else:
+                raise UsageError(f"unrecognized option '--{name}'" if not eq
+                                 else f"unrecognized option '{arg}'")
+        elif arg.startswith("-") and len(arg) > 1:
+            letters = arg[1:]
+            while letters:
+                c, letters = letters[0], letters[1:]
+                if c == "h":
+                    out.append(("help", None))
+                elif c == "V":
+                    out.append(("version", None))
+                elif c == "T":
+                    if not letters:
+                        if i >= len(argv):
+                            raise UsageError("option requires an argument -- 'T'")
+                        letters = argv[i]
+                        i += 1
+                    out.append(("trace", letters))
+                    letters = ""
+                else:
+                    raise UsageError(f"invalid option -- '{c}'")
+        else:
+            out.append(("", arg))
+    return out
+
+
+@dataclass
+class _Chardev:
+    id: str
+    sock: socket.socket
+    server: bool
+    path: str | None = None
+    used: bool = False
+
+
+@dataclass
+class _State:
+    prog: str
+    daemon: Daemon
+    chardevs: dict[str, _Chardev] = field(default_factory=dict)
+    pidfile: str | None = None
+
+
+def _qemuopts(text: str, implied: str) -> dict[str, str]:
+    """QemuOpts syntax for --chardev: "backend,key=value,flag" (",," escapes a comma)."""
+    from blockmirror.cli.keyval import _split
+
+    out: dict[str, str] = {}
+    for n, item in enumerate(_split(text)):
+        if not item:
+            continue
+        key, eq, val = item.partition("=")
+        if not eq:
+            if n == 0:
+                out[implied] = key
+                continue
+            # QemuOpts flags: "server" means server=on, "nowait" means wait=off
+            if key.startswith("no"):
+                out[key[2:]] = "off"
+            else:
+                out[key] = "on"
+            continue
+        out[key] = val
+    return out
+
+
+def _onoff(opts: dict[str, str], key: str, default: bool) -> bool:
+    val = opts.get(key)
+    if val is None:
+        return default
+    if val in ("on", "yes", "true", "y"):
+        return True
+    if val in ("off", "no", "false", "n"):
+        return False
+    raise OptionError(f"Parameter '{key}' expects 'on' or 'off'")
+
+
+def _open_chardev(st: _State, text: str) -> None:
+    opts = _qemuopts(text, "backend")
+    backend = opts.get("backend", "")
+    if "id" not in opts:
+        raise OptionError("chardev: no id specified")
+    if backend != "socket":
+        raise OptionError(f"'{backend}' is not a valid char driver name")
+    cid = opts["id"]
+    if cid in st.chardevs:
+        raise OptionError("duplicate yank instance")
+    server = _onoff(opts, "server", False)
+    _onoff(opts, "wait", True)
+    path = opts.get("path")
+    if path is not None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            if server:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                sock.bind(path)
+                sock.listen(16)
+            else:
+                sock.connect(path)
+        except OSError as e:
+            sock.close()
+            verb = "bind" if server else "connect"
+            raise OptionError(f"Failed to {verb} socket to {path}: {e.strerror}") from e
+    elif "host" in opts:
+        host, port = opts["host"], opts.get("port", "")
+        try:
+            infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as e:
+            raise OptionError(
+                f"address resolution failed for {host}:{port}: {e.strerror}") from e
+        fam, _, _, _, addr = infos[0]
+        sock = socket.socket(fam, socket.SOCK_STREAM)
+        try:
+            if server:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(addr)
+                sock.listen(16)
+            else:
+                sock.connect(addr)
+        except OSError as e:
+            sock.close()
+            raise OptionError(f"Failed to {'bind' if server else 'connect'} socket: "
+                              f"{e.strerror}") from e
+    elif "fd" in opts:
+        try:
+            fd = int(opts["fd"])
+        except ValueError:
+            raise OptionError(f"Unable to parse FD number {opts['fd']}") from None
+        sock = socket.socket(fileno=fd)
+    else:
+        raise OptionError("Unable to parse FD number ")
+    sock.setblocking(False)
+    st.chardevs[cid] = _Chardev(cid, sock, server, path if server else None)
+
+
+def _declare_cli_types() -> None:
+    from blockmirror.qmp.schema import TYPES, TypeRef, enum, struct, union
+
+    if "MonitorOptions" not in TYPES:
+        enum("MonitorMode", ["readline", "control"])
+        struct("MonitorOptions", {"*id": "str", "*mode": "MonitorMode", "*pretty": "bool",
+                                  "chardev": "str"})
+    if "NbdServerOptions" not in TYPES:
+        struct("NbdServerOptions", {"addr": "SocketAddress", "*tls-creds": "str",
+                                    "*tls-authz": "str", "*max-connections": "uint32"})
+    if "BlockExportOptions" not in TYPES:
+        enum("BlockExportType", ["nbd", "vhost-user-blk", "fuse", "vduse-blk"])
+        struct("BlockExportOptionsNbd", {"*name": "str", "*description": "str",
+                                         "*bitmaps": ["str"], "*allocation-depth": "bool"})
+        union("BlockExportOptions", {
+            "type": "BlockExportType", "id": "str", "*fixed-iothread": "bool",
+            "*iothread": "str", "node-name": "str", "*writable": "bool",
+            "*writethrough": "bool",
+        }, "type", {"nbd": "BlockExportOptionsNbd"})
+    if "ObjectOptions" not in TYPES:
+        enum("ObjectType", OBJECT_TYPES)
+        enum("QCryptoTLSCredsEndpoint", ["client", "server"])
+        enum("QCryptoSecretFormat", ["raw", "base64"])
+        struct("IothreadProperties", {
+            "*poll-max-ns": "int", "*poll-grow": "int", "*poll-shrink": "int",
+            "*aio-max-batch": "int", "*thread-pool-min": "int", "*thread-pool-max": "int"})
+        tls: dict[str, TypeRef] = {"*verify-peer": "bool", "*dir": "str", "*endpoint": "QCryptoTLSCredsEndpoint",
+               "*priority": "str"}
+        struct("TlsCredsX509Properties", {**tls, "*sanity-check": "bool", "*passwordid": "str"})
+        struct("TlsCredsPskProperties", {**tls, "*username": "str"})
+        struct("TlsCredsAnonProperties", tls)
+        struct("SecretProperties", {"*data": "str", "*file": "str",
+                                    "*format": "QCryptoSecretFormat", "*keyid": "str",
+                                    "*iv": "str"})
+        union("ObjectOptions", {"qom-type": "ObjectType", "id": "str"}, "qom-type", {
+            "iothread": "IothreadProperties", "tls-creds-x509": "TlsCredsX509Properties",
+            "tls-creds-psk": "TlsCredsPskProperties", "tls-creds-anon": "TlsCredsAnonProperties",
+            "secret": "SecretProperties",
+        })
+
+
+def _validated(type_name: str, text: str, implied: str | None) -> dict[str, Any]:
+    from blockmirror.cli.keyval import parse_option
+    from blockmirror.qmp.schema import SchemaError, validate
+
+    raw = parse_option(text, implied)
+    try:
+        out = validate(type_name, raw, None, "", keyval=not text.startswith("{"))
+    except SchemaError as e:
+        raise OptionError(e.desc) from None
+    assert isinstance(out, dict)
+    return out
+
+
+def _legacy_socket_address(addr: dict[str, Any]) -> dict[str, Any]:
+    """Flat SocketAddress (--nbd-server addr.*) to nbd-server-start's legacy form."""
+    data = {k: v for k, v in addr.items() if k != "type"}
+    return {"type": addr["type"], "data": data}
+
+
+def _nbd_function(name: str) -> Any:
+    """A function of the NBD server module (export/nbd_server.py), imported on first use."""
+    import importlib
+
+    try:
+        mod = importlib.import_module("blockmirror.export.nbd_server")
+    except ImportError as e:
+        raise OptionError(f"NBD server support is not available: {e}") from e
+    return getattr(mod, name)
+
+
+async def _apply(st: _State, opt: str, value: str) -> None:
+    d = st.daemon
+    if opt == "blockdev":
+        from blockmirror.block.options import open_blockdev
+
+        opts = _validated("BlockdevOptions", value, "driver")
+        await open_blockdev(d.graph, opts)
+    elif opt == "chardev":
+        _open_chardev(st, value)
+    elif opt == "monitor":
+        mon = _validated("MonitorOptions", value, "chardev")
+        chardev = st.chardevs.get(mon["chardev"])
+        if chardev is None:
+            raise OptionError(f'chardev "{mon["chardev"]}" not found')
+        if mon.get("mode", "control") != "control":
+            raise OptionError("Only QMP is supported")
+        server = d.qmp_server()
+        pretty = bool(mon.get("pretty", False))
+        chardev.used = True
+        if chardev.server:
+            await server.listen_socket(chardev.sock, pretty=pretty)
+        else:
+            d.jobs.spawn(server.serve_connected(chardev.sock, pretty=pretty), "qmp-chardev")
+    elif opt == "nbd-server":
+        opts = _validated("NbdServerOptions", value, None)
+        args = dict(opts)
+        args["addr"] = _legacy_socket_address(opts["addr"])
+        await _nbd_function("nbd_server_start")(d, args)
+    elif opt == "export":
+        opts = _validated("BlockExportOptions", value, "type")
+        await _nbd_function("block_export_add")(d, opts)
+    elif opt == "object":
+        if value == "help":
+            print("List of user creatable objects:")
+            for t in OBJECT_TYPES:
+                print(f"  {t}")
+            raise SystemExit(0)
+        opts = _validated("ObjectOptions", value, "qom-type")
+        oid = opts.pop("id")
+        if oid in d.objects:
+            raise OptionError(
+                f"attempt to add duplicate property '{oid}' to object (type 'container')")
+        d.objects[oid] = (opts.pop("qom-type"), opts)
+    elif opt == "pidfile":
+        st.pidfile = value
+    # --trace and --daemonize need nothing here
+
+
+async def _main(prog: str, opts: list[tuple[str, str | None]], ready_fd: int | None) -> int:
+    from blockmirror.daemon import Daemon
+
+    daemon = Daemon()
+    st = _State(prog, daemon)
+    daemon.qmp_server()  # loads every command module, and with them the schema
+    _declare_cli_types()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(sig, daemon.quit_requested.set)
+    rc = 0
+    try:
+        for opt, value in opts:
+            if opt in ("help", "version", "daemonize", "trace") or value is None:
+                continue
+            try:
+                await _apply(st, opt, value)
+            except (OptionError, BlockMirrorError) as e:
+                print(f"{prog}: --{opt} {value}: {e}", file=sys.stderr, flush=True)
+                hint = getattr(e, "hint", None)
+                if hint:
+                    print(hint, file=sys.stderr, flush=True)
+                return 1
+        if st.pidfile is not None:
+            try:
+                with open(st.pidfile, "w") as f:
+                    f.write(f"{os.getpid()}\n")
+            except OSError as e:
+                print(f"{prog}: cannot create PID file: {e.strerror}", file=sys.stderr)
+                return 1
+        if ready_fd is not None:
+            os.write(ready_fd, b"\0")
+            os.close(ready_fd)
+            ready_fd = None
+            devnull = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(devnull, fd)
+            os.close(devnull)
+        await daemon.quit_requested.wait()
+    finally:
+        if daemon.qmp is not None:
+            await daemon.qmp.close()
+        try:
+            await daemon.shutdown()
+        except Exception as e:  # still exit; the images were flushed as far as possible
+            print(f"{prog}: {e}", file=sys.stderr)
+            rc = 1
+        for cd in st.chardevs.values():
+            cd.sock.close()
+            if cd.path:
+                with contextlib.suppress(OSError):
+                    os.unlink(cd.path)
+        if st.pidfile is not None and rc == 0:
+            with contextlib.suppress(OSError):
+                os.unlink(st.pidfile)
+    return rc
+
+
+def _daemonize() -> int | None:
+    """Fork; the parent waits for the child's "ready" byte and exits. Returns the child's fd."""
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid > 0:
+        os.close(wfd)
+        ok = os.read(rfd, 1)
+        os._exit(0 if ok == b"\0" else 1)
+    os.close(rfd)
+    os.setsid()
+    return wfd
+
+
+def run(name: str, argv: list[str]) -> int:
+    prog = program_name()
+    try:
+        opts = parse_argv(argv)
+    except UsageError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 1
+    for opt, value in opts:
+        if opt == "":
+            print(f"{prog}: {value}: Unexpected argument", file=sys.stderr)
+            return 1
+        if opt == "help":
+            print(usage(prog), end="")
+            return 0
+        if opt == "version":
+            major, minor, micro = QEMU_COMPAT_VERSION
+            print(f"{prog} version {major}.{minor}.{micro} ({QEMU_COMPAT_PACKAGE})")
+            print("Copyright (c) 2003-2022 Fabrice Bellard and the QEMU Project developers")
+            return 0
+    ready_fd = _daemonize() if any(o == "daemonize" for o, _ in opts) else None
+    try:
+        return asyncio.run(_main(prog, opts, ready_fd))
+    except KeyboardInterrupt:
+        return 0
+
+
+__all__ = ["parse_argv", "run", "usage"]

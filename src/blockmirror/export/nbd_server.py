@@ -1,0 +1,616 @@
+"""The NBD server: asyncio shell around the sans-IO codec in ``blockmirror.nbd``.
+
+``NbdServer`` listens on one unix or inet address (nbd-server-start / --nbd-server) and serves
+the ``NbdExport``s added by block-export-add / nbd-server-add / --export. Each export holds a
+``BlockBackend`` attached to its node and resolves ``blk.node`` on every request, so a mirror
+pivot (``BlockGraph.replace_node``) silently moves live clients to the new node; every write
+goes through the node's generic request path and so marks the mirror's dirty bitmaps.
+
+Each client connection is a task owned by the server: a bounded handshake (timeout), then a
+reader loop that decodes requests and runs up to ``MAX_IN_FLIGHT`` of them concurrently. A bad
+client is logged and disconnected; it never affects other clients or the exported node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import ssl
+import stat
+from typing import TYPE_CHECKING, Any
+
+from blockmirror.block.driver import BlockStatus, Extent
+from blockmirror.block.graph import id_wellformed
+from blockmirror.block.node import BlockBackend, BlockNode, Perm
+from blockmirror.errors import BlockIOError, BlockMirrorError
+from blockmirror.nbd.constants import (
+    NBD_MAX_STRING_SIZE,
+    Cmd,
+    CmdFlag,
+    ReplyType,
+    StateFlag,
+    TransmissionFlag,
+    errno_to_wire,
+)
+from blockmirror.nbd.handshake import (
+    Aborted,
+    ExportInfo,
+    Negotiated,
+    ServerHandshake,
+    StartTLS,
+)
+from blockmirror.nbd.tls import server_context
+from blockmirror.nbd.transmission import (
+    BadRequest,
+    Request,
+    RequestDecoder,
+    encode_block_status,
+    encode_chunk_header,
+    encode_error_chunk,
+    encode_offset_hole,
+    encode_simple_reply,
+    validate_request,
+)
+from blockmirror.nbd.wire import NBDProtocolError
+
+if TYPE_CHECKING:
+    from blockmirror.daemon import Daemon
+
+log = logging.getLogger(__name__)
+
+#: requests of one client processed at the same time (cf. QEMU's MAX_NBD_REQUESTS)
+MAX_IN_FLIGHT = 16
+#: seconds a client may take to finish the handshake (cf. handshake-max-seconds)
+HANDSHAKE_TIMEOUT = 10.0
+#: extents in one BLOCK_STATUS reply (bounds the work a single request can ask for)
+MAX_EXTENTS = 2048
+_READ_CHUNK = 256 * 1024
+
+
+# --- exports -----------------------------------------------------------------------------------
+
+
+class NbdExport:
+    """One NBD export (a BlockExport of type nbd in QEMU's terms)."""
+
+    def __init__(self, export_id: str, name: str, description: str, writable: bool,
+                 blk: BlockBackend) -> None:
+        self.id = export_id
+        self.name = name
+        self.description = description
+        self.writable = writable
+        self.blk = blk
+        #: False once deletion was requested (query-block-exports' shutting-down)
+        self.user_owned = True
+        self.clients: set[_Client] = set()
+
+    @property
+    def node(self) -> BlockNode:
+        node = self.blk.node
+        if node is None:
+            raise BlockIOError(errno.ESHUTDOWN, "export has no node")
+        return node
+
+    def info(self) -> ExportInfo:
+        flags = (TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_FLUSH
+                 | TransmissionFlag.SEND_FUA | TransmissionFlag.SEND_DF
+                 | TransmissionFlag.SEND_CACHE | TransmissionFlag.CAN_MULTI_CONN)
+        if self.writable:
+            flags |= (TransmissionFlag.SEND_TRIM | TransmissionFlag.SEND_WRITE_ZEROES
+                      | TransmissionFlag.SEND_FAST_ZERO)
+        else:
+            flags |= TransmissionFlag.READ_ONLY
+        node = self.node
+        return ExportInfo(self.name, node.length(), flags, self.description,
+                          min_block=max(1, node.driver.request_alignment))
+
+
+class NbdServer:
+    """The daemon's NBD server (one per daemon, ``daemon.nbd``)."""
+
+    def __init__(self, daemon: Daemon, *, tls: ssl.SSLContext | None = None,
+                 tls_creds: str | None = None, tls_authz: str | None = None,
+                 max_connections: int = 0, handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
+        self.daemon = daemon
+        self.tls = tls
+        self.tls_creds = tls_creds
+        self.tls_authz = tls_authz
+        self.max_connections = max_connections
+        self.handshake_timeout = handshake_timeout
+        #: exports by export id and by NBD name
+        self.exports: dict[str, NbdExport] = {}
+        self._server: asyncio.AbstractServer | None = None
+        self._clients: set[_Client] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._unix_path: str | None = None
+        self.address: tuple[str, int] | str | None = None
+
+    # --- the listener ---------------------------------------------------------------------
+
+    async def listen(self, addr: dict[str, Any]) -> None:
+        kind = addr.get("type")
+        if kind == "unix":
+            path = str(addr["path"])
+            if _is_socket(path):
+                os.unlink(path)  # cf. QEMU: a stale socket file is replaced
+            try:
+                self._server = await asyncio.start_unix_server(self._accept, path)
+            except OSError as e:
+                raise BlockMirrorError(
+                    f"Failed to bind socket to {path}: {os.strerror(e.errno or errno.EIO)}"
+                ) from e
+            self._unix_path = path
+            self.address = path
+        elif kind == "inet":
+            host = str(addr.get("host", "")) or "0.0.0.0"
+            port = str(addr.get("port", "10809"))
+            try:
+                self._server = await asyncio.start_server(self._accept, host, int(port),
+                                                          reuse_address=True)
+            except (OSError, ValueError) as e:
+                raise BlockMirrorError(f"Failed to bind socket: {e}") from e
+            sock = self._server.sockets[0].getsockname()
+            self.address = (str(sock[0]), int(sock[1]))
+        else:
+            raise BlockMirrorError(f"Unsupported NBD server address type '{kind}'")
+
+    async def stop(self) -> None:
+        """nbd-server-stop: shut every export down (with its events), then stop listening."""
+        for exp in list(self.exports.values()):
+            self.request_shutdown(exp, hard=True)
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        if self._server is not None:
+            self._server.close()
+            for c in list(self._clients):
+                c.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 5)
+            self._server = None
+        if self._unix_path and _is_socket(self._unix_path):
+            with contextlib.suppress(OSError):
+                os.unlink(self._unix_path)
+
+    # --- exports ----------------------------------------------------------------------------
+
+    def find_export(self, name: str) -> ExportInfo | None:
+        for exp in self.exports.values():
+            if exp.name == name and exp.user_owned and exp.blk.node is not None:
+                return exp.info()
+        return None
+
+    def list_exports(self) -> list[ExportInfo]:
+        return [e.info() for e in self.exports.values() if e.user_owned and e.blk.node]
+
+    def export_by_name(self, name: str) -> NbdExport | None:
+        for exp in self.exports.values():
+            if exp.name == name and exp.user_owned:
+                return exp
+        return None
+
+    def add_export(self, export_id: str, node: BlockNode, *, name: str, description: str,
+                   writable: bool) -> NbdExport:
+        perm = Perm.CONSISTENT_READ | (Perm.WRITE if writable else Perm.NONE)
+        blk = BlockBackend("", "a block device", perm, Perm.all() & ~Perm.RESIZE)
+        self.daemon.graph.attach(blk, node, "root", perm, blk.shared)
+        self.daemon.graph.add_backend(blk)
+        exp = NbdExport(export_id, name, description, writable, blk)
+        self.exports[export_id] = exp
+        return exp
+
+    def request_shutdown(self, exp: NbdExport, *, hard: bool) -> None:
+        """Stop advertising ``exp``; delete it (and emit the event) once its clients are gone."""
+        if not exp.user_owned:
+            return
+        exp.user_owned = False
+        if hard:
+            for c in list(exp.clients):
+                c.close()
+        task = asyncio.get_running_loop().create_task(self._finish_delete(exp))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _finish_delete(self, exp: NbdExport) -> None:
+        # deletion completes after the command returned, like QEMU's bottom half
+        await asyncio.sleep(0)
+        while exp.clients:
+            await asyncio.gather(*(c.done.wait() for c in list(exp.clients)))
+        self.exports.pop(exp.id, None)
+        node = exp.blk.node
+        if node is not None:
+            with contextlib.suppress(BlockMirrorError):
+                await node.drain()
+        self.daemon.graph.remove_backend(exp.blk)
+        self.daemon.events.emit("BLOCK_EXPORT_DELETED", {"id": exp.id})
+
+    # --- clients ------------------------------------------------------------------------------
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.max_connections and len(self._clients) >= self.max_connections:
+            log.info("NBD client refused: max-connections=%d reached", self.max_connections)
+            writer.close()
+            return
+        client = _Client(self, reader, writer)
+        self._clients.add(client)
+        try:
+            await client.run()
+        finally:
+            self._clients.discard(client)
+
+
+class _Client:
+    """One client connection: handshake, then transmission."""
+
+    def __init__(self, server: NbdServer, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter) -> None:
+        self.server = server
+        self.reader = reader
+        self.writer = writer
+        self.export: NbdExport | None = None
+        self.done = asyncio.Event()
+        self._task = asyncio.current_task()
+        self._wlock = asyncio.Lock()
+        self.structured = False
+        self.contexts: dict[int, str] = {}
+        peer = writer.get_extra_info("peername")
+        self.log = log.getChild(f"client{id(self) & 0xFFFF:04x}")
+        self.log.debug("connection from %s", peer)
+
+    def close(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+    async def run(self) -> None:
+        try:
+            trailing = await asyncio.wait_for(self._handshake(), self.server.handshake_timeout)
+            if trailing is not None:
+                await self._transmission(trailing)
+        except asyncio.CancelledError:
+            self.log.debug("connection closed by the server")
+        except TimeoutError:
+            self.log.info("handshake timed out")
+        except NBDProtocolError as e:
+            self.log.info("protocol error: %s", e)
+        except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError) as e:
+            self.log.info("connection lost: %s", e)
+        except Exception:
+            self.log.exception("unexpected error serving an NBD client")
+        finally:
+            if self.export is not None:
+                self.export.clients.discard(self)
+            self.writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.writer.wait_closed(), 1)
+            self.done.set()
+
+    async def _handshake(self) -> bytes | None:
+        srv = self.server
+        hs = ServerHandshake(srv, tls_offered=srv.tls is not None, tls_required=srv.tls is not None)
+        while True:
+            event = hs.next_event()
+            out = hs.data_to_send()
+            if out:
+                self.writer.write(out)
+                await self.writer.drain()
+            if event is None:
+                data = await self.reader.read(65536)
+                if not data:
+                    return None
+                hs.receive_data(data)
+            elif isinstance(event, StartTLS):
+                assert srv.tls is not None
+                await self.writer.start_tls(srv.tls)
+                hs.tls_established()
+            elif isinstance(event, Negotiated):
+                exp = srv.export_by_name(event.export.name)
+                if exp is None:
+                    return None
+                self.export = exp
+                exp.clients.add(self)
+                self.structured = event.structured
+                self.contexts = event.contexts
+                return hs.trailing_data()
+            elif isinstance(event, Aborted):
+                self.log.debug("negotiation ended: %s", event.reason)
+                return None
+
+    async def _transmission(self, trailing: bytes) -> None:
+        dec = RequestDecoder()
+        dec.receive_data(trailing)
+        slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        async with asyncio.TaskGroup() as tg:
+            while True:
+                req = dec.next_request()
+                if req is None:
+                    data = await self.reader.read(_READ_CHUNK)
+                    if not data:
+                        return
+                    dec.receive_data(data)
+                    continue
+                if isinstance(req, BadRequest):
+                    await self._send_error(req.cookie, req.errno, req.message)
+                    return
+                if req.type == Cmd.DISC:
+                    return  # the TaskGroup lets the requests in flight finish first
+                await slots.acquire()
+                tg.create_task(self._serve(req, slots))
+
+    async def _serve(self, req: Request, slots: asyncio.Semaphore) -> None:
+        try:
+            try:
+                await self._dispatch(req)
+            except BlockIOError as e:
+                await self._send_error(req.cookie, e.errno, str(e))
+            except BlockMirrorError as e:
+                await self._send_error(req.cookie, errno.EIO, str(e))
+        except (ConnectionError, ssl.SSLError) as e:
+            # the transport is gone: end the whole connection, not just this request
+            self.log.info("connection lost while replying: %s", e)
+            self.close()
+        finally:
+            slots.release()
+
+    async def _dispatch(self, req: Request) -> None:
+        exp = self.export
+        assert exp is not None
+        node = exp.node  # resolved per request: follows a mirror pivot
+        info = exp.info()
+        bad = validate_request(req, info.size, info.flags, structured=self.structured,
+                               contexts=self.contexts)
+        if bad is not None:
+            await self._send_error(req.cookie, bad[0], bad[1])
+            return
+        cmd, off, n, flags = req.type, req.offset, req.length, CmdFlag(req.flags)
+        if cmd == Cmd.READ:
+            await self._read(node, req)
+            return
+        if cmd == Cmd.WRITE:
+            await node.write(off, req.data, fua=bool(flags & CmdFlag.FUA))
+        elif cmd == Cmd.WRITE_ZEROES:
+            await node.write_zeroes(off, n, may_unmap=not flags & CmdFlag.NO_HOLE,
+                                    fua=bool(flags & CmdFlag.FUA),
+                                    no_fallback=bool(flags & CmdFlag.FAST_ZERO))
+        elif cmd == Cmd.TRIM:
+            await node.discard(off, n)
+            if flags & CmdFlag.FUA:
+                await node.flush()
+        elif cmd == Cmd.FLUSH:
+            await node.flush()
+        elif cmd == Cmd.CACHE:
+            pass  # a hint; our drivers have no read-ahead to warm
+        elif cmd == Cmd.BLOCK_STATUS:
+            await self._block_status(node, req)
+            return
+        await self._send(encode_simple_reply(req.cookie, 0))
+
+    async def _read(self, node: BlockNode, req: Request) -> None:
+        if req.length == 0:
+            await self._send(encode_simple_reply(req.cookie, 0))
+            return
+        if not self.structured:
+            data = await node.read(req.offset, req.length)
+            await self._send(encode_simple_reply(req.cookie, 0), data)
+            return
+        # structured: zero ranges travel as holes unless the client forbids fragmenting (DF)
+        pieces: list[tuple[int, int, bytes | None]] = []
+        if req.flags & CmdFlag.DF:
+            pieces.append((req.offset, req.length, await node.read(req.offset, req.length)))
+        else:
+            off, end = req.offset, req.offset + req.length
+            while off < end:
+                ext = await status_above(node, off, end - off)
+                n = min(ext.length, end - off)
+                if ext.status & BlockStatus.ZERO:
+                    pieces.append((off, n, None))
+                elif pieces and pieces[-1][2] is not None:
+                    prev_off, prev_n, _ = pieces[-1]
+                    pieces[-1] = (prev_off, prev_n + n, b"")
+                else:
+                    pieces.append((off, n, b""))
+                off += n
+            pieces = [(o, n, await node.read(o, n) if d is not None else None)
+                      for o, n, d in pieces]
+        async with self._wlock:
+            for i, (o, n, payload) in enumerate(pieces):
+                done = i == len(pieces) - 1
+                if payload is None:
+                    self.writer.write(encode_offset_hole(req.cookie, o, n, done=done))
+                else:
+                    self.writer.write(encode_chunk_header(req.cookie, ReplyType.OFFSET_DATA,
+                                                          8 + n, done=done))
+                    self.writer.write(o.to_bytes(8, "big"))
+                    self.writer.write(payload)
+            await self.writer.drain()
+
+    async def _block_status(self, node: BlockNode, req: Request) -> None:
+        extents: list[tuple[int, int]] = []
+        off, end = req.offset, req.offset + req.length
+        while off < end and len(extents) < MAX_EXTENTS:
+            ext = await status_above(node, off, end - off)
+            n = min(ext.length, end - off)
+            flags = (0 if ext.status & BlockStatus.DATA else StateFlag.HOLE) | (
+                StateFlag.ZERO if ext.status & BlockStatus.ZERO else 0)
+            if extents and extents[-1][1] == flags:
+                extents[-1] = (extents[-1][0] + n, flags)
+            else:
+                if req.flags & CmdFlag.REQ_ONE and extents:
+                    break
+                extents.append((n, int(flags)))
+            off += n
+        ids = sorted(self.contexts)
+        await self._send(*(encode_block_status(req.cookie, cid, extents, done=i == len(ids) - 1)
+                           for i, cid in enumerate(ids)))
+
+    async def _send_error(self, cookie: int, err: int, message: str) -> None:
+        wire = errno_to_wire(err)
+        self.log.debug("request 0x%x failed: %s", cookie, message)
+        if self.structured:
+            await self._send(encode_error_chunk(cookie, wire, message))
+        else:
+            await self._send(encode_simple_reply(cookie, wire))
+
+    async def _send(self, *parts: bytes) -> None:
+        async with self._wlock:
+            for p in parts:
+                self.writer.write(p)
+            await self.writer.drain()
+
+
+async def status_above(node: BlockNode, offset: int, length: int) -> Extent:
+    """Block status through the backing chain (cf. bdrv_block_status_above).
+
+    Ranges a layer does not allocate are asked of its backing; past the end of a shorter
+    backing they read as zeroes.
+    """
+    current: BlockNode | None = node
+    depth = 0
+    while current is not None:
+        size = current.length()
+        if offset >= size:
+            return Extent(length, BlockStatus.ZERO, depth)
+        ext = await current.block_status(offset, min(length, size - offset))
+        if ext.status & BlockStatus.ALLOCATED or current.backing is None:
+            return Extent(ext.length, ext.status, depth, ext.map_offset, ext.map_node)
+        length = ext.length
+        current = current.backing
+        depth += 1
+    return Extent(length, BlockStatus.ZERO, depth)
+
+
+def _is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+# --- QMP entry points (also used by --nbd-server / --export) -------------------------------------
+
+
+def _flat_address(addr: dict[str, Any]) -> dict[str, Any]:
+    """Legacy {"type":..,"data":{..}} or flat {"type":..,..} SocketAddress -> flat."""
+    if "data" in addr and isinstance(addr["data"], dict):
+        return {"type": addr.get("type"), **addr["data"]}
+    return dict(addr)
+
+
+async def nbd_server_start(daemon: Daemon, args: dict[str, Any]) -> None:
+    """nbd-server-start (cf. nbd_server_start in blockdev-nbd.c)."""
+    if daemon.nbd is not None:
+        raise BlockMirrorError("NBD server already running")
+    addr = _flat_address(dict(args["addr"]))
+    tls_creds = args.get("tls-creds")
+    tls = server_context(daemon.objects, str(tls_creds)) if tls_creds else None
+    max_conn = int(args.get("max-connections", 0) or 0)
+    server = NbdServer(daemon, tls=tls, tls_creds=tls_creds, tls_authz=args.get("tls-authz"),
+                       max_connections=max_conn)
+    await server.listen(addr)
+    daemon.nbd = server
+
+
+async def nbd_server_stop(daemon: Daemon) -> None:
+    if daemon.nbd is None:
+        raise BlockMirrorError("NBD server not running")
+    server, daemon.nbd = daemon.nbd, None
+    await server.stop()
+
+
+def _truthy(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.lower() in ("on", "yes", "true", "1")
+    return bool(value)
+
+
+def _find_node(daemon: Daemon, node_name: str) -> BlockNode:
+    node = daemon.graph.find_node(node_name)
+    if node is None:
+        raise BlockMirrorError(f"Cannot find device='' nor node-name='{node_name}'")
+    return node
+
+
+async def block_export_add(daemon: Daemon, args: dict[str, Any]) -> None:
+    """block-export-add for type nbd (cf. blk_exp_add + nbd_export_create)."""
+    export_id = str(args["id"])
+    if not id_wellformed(export_id):
+        raise BlockMirrorError("Invalid block export id")
+    server = daemon.nbd
+    if server is not None and export_id in server.exports:
+        raise BlockMirrorError(f"Block export id '{export_id}' is already in use")
+    if args.get("type", "nbd") != "nbd":
+        raise BlockMirrorError("No driver found for the requested export type")
+    node_name = str(args["node-name"])
+    node = _find_node(daemon, node_name)
+    writable = _truthy(args.get("writable", False))
+    if writable and node.read_only:
+        raise BlockMirrorError("Cannot export read-only node as writable")
+    if server is None:
+        raise BlockMirrorError("NBD server not running")
+    name = str(args.get("name") or node_name)
+    description = str(args.get("description") or "")
+    if len(name.encode()) > NBD_MAX_STRING_SIZE:
+        raise BlockMirrorError(f"export name '{name}' too long")
+    if len(description.encode()) > NBD_MAX_STRING_SIZE:
+        raise BlockMirrorError(f"description '{description}' too long")
+    if server.export_by_name(name) is not None:
+        raise BlockMirrorError(f"NBD server already has export named '{name}'")
+    if args.get("bitmaps") or args.get("bitmap"):
+        bitmap = (args.get("bitmaps") or [args.get("bitmap")])[0]
+        raise BlockMirrorError(f"Bitmap '{bitmap}' is not found")
+    server.add_export(export_id, node, name=name, description=description, writable=writable)
+
+
+async def nbd_server_add(daemon: Daemon, args: dict[str, Any]) -> None:
+    """The deprecated nbd-server-add: a block export whose id is the export name."""
+    device = str(args["device"])
+    node = daemon.graph.lookup(device, device)
+    name = str(args.get("name") or device)
+    writable = _truthy(args.get("writable", False)) and not node.read_only
+    opts: dict[str, Any] = {"type": "nbd", "id": name, "node-name": node.name, "name": name,
+                            "writable": writable}
+    if "description" in args:
+        opts["description"] = args["description"]
+    if "bitmap" in args:
+        opts["bitmap"] = args["bitmap"]
+    await block_export_add(daemon, opts)
+
+
+async def block_export_del(daemon: Daemon, export_id: str, mode: str = "safe") -> None:
+    server = daemon.nbd
+    exp = server.exports.get(export_id) if server is not None else None
+    if server is None or exp is None:
+        raise BlockMirrorError(f"Export '{export_id}' is not found")
+    if not exp.user_owned:
+        raise BlockMirrorError(f"Export '{export_id}' is already shutting down")
+    if mode == "safe" and exp.clients:
+        err = BlockMirrorError(f"export '{export_id}' still in use")
+        err.hint = "Use mode='hard' to force client disconnect"
+        raise err
+    server.request_shutdown(exp, hard=mode == "hard")
+
+
+def query_block_exports(daemon: Daemon) -> list[dict[str, Any]]:
+    server = daemon.nbd
+    if server is None:
+        return []
+    out = []
+    for exp in server.exports.values():
+        node = exp.blk.node
+        out.append({"id": exp.id, "type": "nbd", "node-name": node.name if node else "",
+                    "shutting-down": not exp.user_owned})
+    return out
+
+
+__all__ = [
+    "NbdExport",
+    "NbdServer",
+    "block_export_add",
+    "block_export_del",
+    "nbd_server_add",
+    "nbd_server_start",
+    "nbd_server_stop",
+    "query_block_exports",
+    "status_above",
+]

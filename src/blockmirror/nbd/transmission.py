@@ -1,0 +1,339 @@
+"""Sans-IO NBD transmission phase: requests, simple replies and structured reply chunks.
+
+The server shell feeds bytes to ``RequestDecoder`` and writes what the ``encode_*`` reply helpers
+return; the client shell encodes requests with ``encode_request`` and feeds replies to
+``ReplyDecoder``. ``validate_request`` holds the checks QEMU's nbd_co_receive_request makes
+(flags, bounds, read-only, negotiated features), as a pure function of the request and the export.
+Nothing here touches a socket or a node.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from blockmirror.nbd.constants import (
+    ALLOWED_CMD_FLAGS,
+    NBD_MAX_BUFFER_SIZE,
+    NBD_REPLY_ERR_BIT,
+    NBD_REQUEST_MAGIC,
+    NBD_SIMPLE_REPLY_MAGIC,
+    NBD_STRUCTURED_REPLY_MAGIC,
+    Cmd,
+    CmdFlag,
+    ReplyFlag,
+    ReplyType,
+    TransmissionFlag,
+    cmd_name,
+)
+from blockmirror.nbd.wire import NBDProtocolError, ReceiveBuffer
+
+_REQ = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length
+_SIMPLE = struct.Struct(">IIQ")  # magic, error, cookie
+_CHUNK = struct.Struct(">IHHQI")  # magic, flags, type, cookie, length
+
+#: the largest structured chunk payload a client accepts (a full read plus its offset)
+MAX_CHUNK_PAYLOAD = NBD_MAX_BUFFER_SIZE + 64
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One client request. ``data`` is the payload of a WRITE, else empty."""
+
+    flags: int
+    type: int
+    cookie: int
+    offset: int
+    length: int
+    data: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class BadRequest:
+    """A request that cannot be parsed safely: answer ``errno`` then close the connection.
+
+    (A WRITE announcing more than NBD_MAX_BUFFER_SIZE: its payload is not read, so the stream
+    cannot be followed any further; cf. QEMU disconnecting after such a request.)
+    """
+
+    cookie: int
+    errno: int
+    message: str
+
+
+def encode_request(
+    type: Cmd, cookie: int, offset: int = 0, length: int = 0, flags: CmdFlag = CmdFlag(0),
+    data: bytes | memoryview = b"",
+) -> bytes:
+    return _REQ.pack(NBD_REQUEST_MAGIC, flags, type, cookie, offset, length) + bytes(data)
+
+
+class RequestDecoder:
+    """The server's request parser: bytes in, ``Request`` / ``BadRequest`` out."""
+
+    def __init__(self) -> None:
+        self._rx = ReceiveBuffer()
+
+    def receive_data(self, data: bytes) -> None:
+        self._rx.feed(data)
+
+    @property
+    def buffered(self) -> int:
+        return len(self._rx)
+
+    def next_request(self) -> Request | BadRequest | None:
+        """The next complete request, or None when more bytes are needed.
+
+        Raises:
+            NBDProtocolError: bad request magic; the connection must be closed.
+        """
+        hdr = self._rx.peek(_REQ.size)
+        if hdr is None:
+            return None
+        magic, flags, type_, cookie, offset, length = _REQ.unpack(hdr)
+        if magic != NBD_REQUEST_MAGIC:
+            raise NBDProtocolError(f"invalid magic (got 0x{magic:x})")
+        if type_ == Cmd.WRITE:
+            if length > NBD_MAX_BUFFER_SIZE:
+                self._rx.skip(_REQ.size)
+                return BadRequest(cookie, errno.EINVAL,
+                                  f"len ({length}) is larger than max len "
+                                  f"({NBD_MAX_BUFFER_SIZE})")
+            if len(self._rx) < _REQ.size + length:
+                return None
+            self._rx.skip(_REQ.size)
+            data = self._rx.take(length)
+            assert data is not None
+            return Request(flags, type_, cookie, offset, length, data)
+        self._rx.skip(_REQ.size)
+        return Request(flags, type_, cookie, offset, length)
+
+
+def validate_request(
+    req: Request, size: int, tflags: TransmissionFlag, *, structured: bool,
+    contexts: dict[int, str],
+) -> tuple[int, str] | None:
+    """The checks of nbd_co_receive_request; returns (host errno, message) or None if valid."""
+    try:
+        cmd = Cmd(req.type)
+    except ValueError:
+        return errno.EINVAL, f"unsupported command {req.type}"
+    if cmd == Cmd.RESIZE:
+        return errno.EINVAL, "unsupported command NBD_CMD_RESIZE"
+    if req.flags & ~int(ALLOWED_CMD_FLAGS[cmd]):
+        return errno.EINVAL, f"unsupported flags for command {cmd_name(cmd)} (got 0x{req.flags:x})"
+    if req.flags & CmdFlag.DF and not structured:
+        return errno.EINVAL, "DF flag used without structured reply"
+    if cmd in (Cmd.DISC, Cmd.FLUSH):
+        return None
+    if cmd == Cmd.READ and req.length > NBD_MAX_BUFFER_SIZE:
+        return errno.EINVAL, f"len ({req.length}) is larger than max len ({NBD_MAX_BUFFER_SIZE})"
+    writes = (Cmd.WRITE, Cmd.WRITE_ZEROES, Cmd.TRIM)
+    if cmd in writes and tflags & TransmissionFlag.READ_ONLY:
+        return errno.EPERM, f"{cmd_name(cmd)} on a read-only export"
+    if req.offset > size or req.length > size - req.offset:
+        # cf. QEMU: writes past EOF are ENOSPC, every other command EINVAL
+        err = errno.ENOSPC if cmd in (Cmd.WRITE, Cmd.WRITE_ZEROES) else errno.EINVAL
+        return err, (f"operation past EOF; From: {req.offset}, Len: {req.length}, "
+                     f"Size: {size}")
+    if cmd == Cmd.WRITE_ZEROES and req.flags & CmdFlag.FAST_ZERO \
+            and not tflags & TransmissionFlag.SEND_FAST_ZERO:
+        return errno.EINVAL, "FAST_ZERO flag not negotiated"
+    if cmd == Cmd.BLOCK_STATUS:
+        if not structured or not contexts:
+            return errno.EINVAL, "CMD_BLOCK_STATUS not negotiated"
+        if req.length == 0:
+            return errno.EINVAL, "block status of zero length"
+    return None
+
+
+# --- server side reply encoders -------------------------------------------------------------
+
+
+def encode_simple_reply(cookie: int, wire_errno: int, data: bytes | memoryview = b"") -> bytes:
+    return _SIMPLE.pack(NBD_SIMPLE_REPLY_MAGIC, wire_errno, cookie) + bytes(data)
+
+
+def encode_chunk(cookie: int, type_: ReplyType, payload: bytes, *, done: bool) -> bytes:
+    flags = ReplyFlag.DONE if done else ReplyFlag(0)
+    return _CHUNK.pack(NBD_STRUCTURED_REPLY_MAGIC, flags, type_, cookie, len(payload)) + payload
+
+
+def encode_chunk_header(cookie: int, type_: ReplyType, length: int, *, done: bool) -> bytes:
+    """Only the header: lets the shell write a large OFFSET_DATA payload without copying it."""
+    flags = ReplyFlag.DONE if done else ReplyFlag(0)
+    return _CHUNK.pack(NBD_STRUCTURED_REPLY_MAGIC, flags, type_, cookie, length)
+
+
+def encode_offset_hole(cookie: int, offset: int, length: int, *, done: bool) -> bytes:
+    return encode_chunk(cookie, ReplyType.OFFSET_HOLE, struct.pack(">QI", offset, length),
+                        done=done)
+
+
+def encode_block_status(
+    cookie: int, context_id: int, extents: list[tuple[int, int]], *, done: bool
+) -> bytes:
+    payload = struct.pack(">I", context_id) + b"".join(
+        struct.pack(">II", length, flags) for length, flags in extents)
+    return encode_chunk(cookie, ReplyType.BLOCK_STATUS, payload, done=done)
+
+
+def encode_error_chunk(cookie: int, wire_errno: int, message: str, *, done: bool = True) -> bytes:
+    msg = message.encode()[:4096]
+    payload = struct.pack(">IH", wire_errno, len(msg)) + msg
+    return encode_chunk(cookie, ReplyType.ERROR, payload, done=done)
+
+
+def encode_none_chunk(cookie: int) -> bytes:
+    return encode_chunk(cookie, ReplyType.NONE, b"", done=True)
+
+
+# --- client side reply decoding ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SimpleReply:
+    cookie: int
+    error: int  # wire errno
+    data: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class DataChunk:
+    cookie: int
+    done: bool
+    offset: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class HoleChunk:
+    cookie: int
+    done: bool
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class StatusChunk:
+    cookie: int
+    done: bool
+    context_id: int
+    extents: list[tuple[int, int]]
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorChunk:
+    cookie: int
+    done: bool
+    error: int  # wire errno
+    message: str
+    offset: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NoneChunk:
+    cookie: int
+    done: bool
+
+
+Reply = SimpleReply | DataChunk | HoleChunk | StatusChunk | ErrorChunk | NoneChunk
+
+
+class ReplyDecoder:
+    """The client's reply parser.
+
+    ``read_length(cookie)`` tells the decoder how many payload bytes follow a successful simple
+    reply: the length of that cookie's READ, 0 for any other command, None for an unknown cookie
+    (a protocol error: the server answered something never asked).
+    """
+
+    def __init__(self, read_length: Callable[[int], int | None]) -> None:
+        self._rx = ReceiveBuffer()
+        self._read_length = read_length
+
+    def receive_data(self, data: bytes) -> None:
+        self._rx.feed(data)
+
+    def next_reply(self) -> Reply | None:
+        """Raises NBDProtocolError when the server sent something malformed."""
+        head = self._rx.peek(4)
+        if head is None:
+            return None
+        (magic,) = struct.unpack(">I", head)
+        if magic == NBD_SIMPLE_REPLY_MAGIC:
+            hdr = self._rx.peek(_SIMPLE.size)
+            if hdr is None:
+                return None
+            _, err, cookie = _SIMPLE.unpack(hdr)
+            n = self._read_length(cookie)
+            if n is None:
+                raise NBDProtocolError(f"Unexpected cookie 0x{cookie:x} in a reply")
+            n = 0 if err else n
+            if len(self._rx) < _SIMPLE.size + n:
+                return None
+            self._rx.skip(_SIMPLE.size)
+            data = self._rx.take(n)
+            assert data is not None
+            return SimpleReply(cookie, err, data)
+        if magic != NBD_STRUCTURED_REPLY_MAGIC:
+            raise NBDProtocolError(f"invalid reply magic 0x{magic:x}")
+        hdr = self._rx.peek(_CHUNK.size)
+        if hdr is None:
+            return None
+        _, flags, type_, cookie, length = _CHUNK.unpack(hdr)
+        if length > MAX_CHUNK_PAYLOAD:
+            raise NBDProtocolError(f"structured reply chunk of {length} bytes is too large")
+        if self._read_length(cookie) is None:
+            raise NBDProtocolError(f"Unexpected cookie 0x{cookie:x} in a reply")
+        if len(self._rx) < _CHUNK.size + length:
+            return None
+        self._rx.skip(_CHUNK.size)
+        payload = self._rx.take(length)
+        assert payload is not None
+        return _parse_chunk(cookie, bool(flags & ReplyFlag.DONE), type_, payload)
+
+
+def _parse_chunk(cookie: int, done: bool, type_: int, p: bytes) -> Reply:
+    if type_ == ReplyType.NONE:
+        if p or not done:
+            raise NBDProtocolError("NBD_REPLY_TYPE_NONE must be empty and final")
+        return NoneChunk(cookie, done)
+    if type_ == ReplyType.OFFSET_DATA:
+        if len(p) < 9:
+            raise NBDProtocolError("Protocol error: invalid payload for NBD_REPLY_TYPE_OFFSET_DATA")
+        (offset,) = struct.unpack_from(">Q", p)
+        return DataChunk(cookie, done, offset, p[8:])
+    if type_ == ReplyType.OFFSET_HOLE:
+        if len(p) != 12:
+            raise NBDProtocolError("Protocol error: invalid payload for NBD_REPLY_TYPE_OFFSET_HOLE")
+        offset, length = struct.unpack(">QI", p)
+        if length == 0:
+            raise NBDProtocolError("Protocol error: zero-length NBD_REPLY_TYPE_OFFSET_HOLE")
+        return HoleChunk(cookie, done, offset, length)
+    if type_ == ReplyType.BLOCK_STATUS:
+        if len(p) < 12 or (len(p) - 4) % 8:
+            raise NBDProtocolError("Protocol error: invalid payload for "
+                                   "NBD_REPLY_TYPE_BLOCK_STATUS")
+        (cid,) = struct.unpack_from(">I", p)
+        extents = [struct.unpack_from(">II", p, i) for i in range(4, len(p), 8)]
+        return StatusChunk(cookie, done, cid, [(a, b) for a, b in extents])
+    if type_ & NBD_REPLY_ERR_BIT:
+        if len(p) < 6:
+            raise NBDProtocolError("Protocol error: invalid payload for error chunk")
+        err, mlen = struct.unpack_from(">IH", p)
+        if 6 + mlen > len(p):
+            raise NBDProtocolError("Protocol error: invalid message length in error chunk")
+        msg = p[6 : 6 + mlen].decode("utf-8", "replace")
+        offset = None
+        if type_ == ReplyType.ERROR_OFFSET:
+            if len(p) != 6 + mlen + 8:
+                raise NBDProtocolError("Protocol error: invalid payload for "
+                                       "NBD_REPLY_TYPE_ERROR_OFFSET")
+            (offset,) = struct.unpack_from(">Q", p, 6 + mlen)
+        if err == 0:
+            raise NBDProtocolError("Protocol error: error chunk with error 0")
+        return ErrorChunk(cookie, done, err, msg, offset)
+    raise NBDProtocolError(f"Unknown structured reply chunk type {type_}")

@@ -1,0 +1,194 @@
+"""QMP job commands: block-job-* and job-*, the job queries, and the job events' schema.
+
+Handlers only look the job up (with the family's error: DeviceNotActive ``Block job '%s' not
+found`` for block-job-*, GenericError ``Job not found`` for job-*) and call the job core
+(``jobs/job.py``), which applies the verb table. HMP's block_job_complete, block_job_cancel
+and ``info block-jobs`` live here too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from blockmirror.errors import BlockMirrorError
+from blockmirror.jobs.job import Job
+from blockmirror.qmp.hmp import hmp_command
+from blockmirror.qmp.registry import Args, CommandContext, command, event
+from blockmirror.qmp.schema import enum, struct
+
+enum("JobType", ["commit", "stream", "mirror", "backup", "create", "amend", "snapshot-load",
+                 "snapshot-save", "snapshot-delete"])
+enum("JobStatus", ["undefined", "created", "running", "paused", "ready", "standby", "waiting",
+                   "pending", "aborting", "concluded", "null"])
+enum("JobVerb", ["cancel", "pause", "resume", "set-speed", "complete", "dismiss", "finalize",
+                 "change"])
+enum("IoOperationType", ["read", "write"])
+enum("BlockErrorAction", ["ignore", "report", "stop"])
+enum("BlockDeviceIoStatus", ["ok", "failed", "nospace"])
+enum("MirrorCopyMode", ["background", "write-blocking"])
+struct("BlockJobInfo", {
+    "type": "JobType", "device": "str", "len": "int", "offset": "int", "busy": "bool",
+    "paused": "bool", "speed": "int", "io-status": "BlockDeviceIoStatus", "ready": "bool",
+    "status": "JobStatus", "auto-finalize": "bool", "auto-dismiss": "bool", "*error": "str",
+})
+struct("JobInfo", {
+    "id": "str", "type": "JobType", "status": "JobStatus", "current-progress": "int",
+    "total-progress": "int", "*error": "str",
+})
+
+event("JOB_STATUS_CHANGE", {"id": "str", "status": "JobStatus"})
+event("BLOCK_JOB_COMPLETED", {"type": "JobType", "device": "str", "len": "int", "offset": "int",
+                              "speed": "int", "*error": "str"})
+event("BLOCK_JOB_CANCELLED", {"type": "JobType", "device": "str", "len": "int", "offset": "int",
+                              "speed": "int"})
+event("BLOCK_JOB_ERROR", {"device": "str", "operation": "IoOperationType",
+                          "action": "BlockErrorAction"})
+event("BLOCK_JOB_READY", {"type": "JobType", "device": "str", "len": "int", "offset": "int",
+                          "speed": "int"})
+event("BLOCK_JOB_PENDING", {"type": "JobType", "id": "str"})
+
+
+def _block_job(ctx: CommandContext, device: str) -> Job:
+    return ctx.daemon.jobs.get_block_job(device)
+
+
+def _job(ctx: CommandContext, job_id: str) -> Job:
+    return ctx.daemon.jobs.get_job(job_id)
+
+
+# --- block-job-* ----------------------------------------------------------------------------------
+
+
+@command("block-job-set-speed", {"device": "str", "speed": "int"})
+async def block_job_set_speed(ctx: CommandContext, args: Args) -> None:
+    _block_job(ctx, args.get_str("device")).set_speed(args.get_int("speed"))
+
+
+@command("block-job-cancel", {"device": "str", "*force": "bool"})
+async def block_job_cancel(ctx: CommandContext, args: Args) -> None:
+    device = args.get_str("device")
+    force = args.get_bool("force", False)
+    job = _block_job(ctx, device)
+    if job.user_paused and not force:
+        raise BlockMirrorError(f"The block job for device '{device}' is currently paused")
+    await job.user_cancel(force)
+
+
+@command("block-job-pause", {"device": "str"})
+async def block_job_pause(ctx: CommandContext, args: Args) -> None:
+    _block_job(ctx, args.get_str("device")).user_pause()
+
+
+@command("block-job-resume", {"device": "str"})
+async def block_job_resume(ctx: CommandContext, args: Args) -> None:
+    _block_job(ctx, args.get_str("device")).user_resume()
+
+
+@command("block-job-complete", {"device": "str"})
+async def block_job_complete(ctx: CommandContext, args: Args) -> None:
+    await _block_job(ctx, args.get_str("device")).complete()
+
+
+@command("block-job-finalize", {"id": "str"})
+async def block_job_finalize(ctx: CommandContext, args: Args) -> None:
+    await _block_job(ctx, args.get_str("id")).finalize()
+
+
+@command("block-job-dismiss", {"id": "str"})
+async def block_job_dismiss(ctx: CommandContext, args: Args) -> None:
+    _block_job(ctx, args.get_str("id")).dismiss()
+
+
+@command("block-job-change", {"id": "str", "type": "JobType", "*copy-mode": "MirrorCopyMode"})
+async def block_job_change(ctx: CommandContext, args: Args) -> None:
+    """cf. qmp_block_job_change (8.2+): only the mirror's copy-mode can change."""
+    from blockmirror.jobs.mirror import MirrorJob
+    from blockmirror.jobs.status import JobVerb
+
+    job = _block_job(ctx, args.get_str("id"))
+    job.apply_verb(JobVerb.CHANGE)
+    if not isinstance(job, MirrorJob):
+        raise BlockMirrorError("Job type does not support change")
+    mode = args.opt_str("copy-mode")
+    if mode is not None:
+        job.set_copy_mode(mode)
+
+
+# --- job-* ----------------------------------------------------------------------------------------
+
+
+@command("job-cancel", {"id": "str"})
+async def job_cancel(ctx: CommandContext, args: Args) -> None:
+    # job-cancel always forces (cf. qmp_job_cancel)
+    await _job(ctx, args.get_str("id")).user_cancel(True)
+
+
+@command("job-pause", {"id": "str"})
+async def job_pause(ctx: CommandContext, args: Args) -> None:
+    _job(ctx, args.get_str("id")).user_pause()
+
+
+@command("job-resume", {"id": "str"})
+async def job_resume(ctx: CommandContext, args: Args) -> None:
+    _job(ctx, args.get_str("id")).user_resume()
+
+
+@command("job-complete", {"id": "str"})
+async def job_complete(ctx: CommandContext, args: Args) -> None:
+    await _job(ctx, args.get_str("id")).complete()
+
+
+@command("job-finalize", {"id": "str"})
+async def job_finalize(ctx: CommandContext, args: Args) -> None:
+    await _job(ctx, args.get_str("id")).finalize()
+
+
+@command("job-dismiss", {"id": "str"})
+async def job_dismiss(ctx: CommandContext, args: Args) -> None:
+    _job(ctx, args.get_str("id")).dismiss()
+
+
+# --- queries ------------------------------------------------------------------------------------
+
+
+@command("query-block-jobs", returns=["BlockJobInfo"])
+async def query_block_jobs(ctx: CommandContext, args: Args) -> list[dict[str, Any]]:
+    return ctx.daemon.jobs.query_block_jobs()
+
+
+@command("query-jobs", returns=["JobInfo"])
+async def query_jobs(ctx: CommandContext, args: Args) -> list[dict[str, Any]]:
+    return ctx.daemon.jobs.query_jobs()
+
+
+# --- HMP ------------------------------------------------------------------------------------------
+
+
+@hmp_command("block_job_complete", "device", "stop an active background block operation")
+async def hmp_block_job_complete(ctx: CommandContext, argv: list[str]) -> str:
+    if not argv:
+        raise BlockMirrorError("Parameter 'device' is missing")
+    await _block_job(ctx, argv[0]).complete()
+    return ""
+
+
+@hmp_command("block_job_cancel", "[-f] device", "stop an active background block operation")
+async def hmp_block_job_cancel(ctx: CommandContext, argv: list[str]) -> str:
+    force = "-f" in argv
+    rest = [a for a in argv if a != "-f"]
+    if not rest:
+        raise BlockMirrorError("Parameter 'device' is missing")
+    await block_job_cancel(ctx, Args({"device": rest[0], "force": force}))
+    return ""
+
+
+@hmp_command("info block-jobs", "", "show progress of ongoing block device operations")
+async def hmp_info_block_jobs(ctx: CommandContext, argv: list[str]) -> str:
+    jobs = ctx.daemon.jobs.query_block_jobs()
+    if not jobs:
+        return "No active jobs\n"
+    return "".join(
+        f"Type {j['type']}, device {j['device']}: Completed {j['offset']} of {j['len']} bytes, "
+        f"speed limit {j['speed']} bytes/s\n"
+        for j in jobs
+    )

@@ -1,0 +1,235 @@
+"""QMP drive-mirror and blockdev-mirror (cf. blockdev.c qmp_drive_mirror, qmp_blockdev_mirror,
+blockdev_mirror_common), plus HMP drive_mirror.
+
+Every check runs in QEMU's order with QEMU's text; the job itself is built by
+``jobs.mirror.start_mirror``. drive-mirror creates the target image (printing the
+``Formatting ...`` line on the daemon's stdout) and opens it without its backing.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from blockmirror.block.graph import id_wellformed
+from blockmirror.block.node import BlockBackend, BlockNode
+from blockmirror.errors import BlockMirrorError
+from blockmirror.jobs.mirror import BackingMode, MirrorParams, start_mirror
+from blockmirror.qmp.hmp import hmp_command
+from blockmirror.qmp.registry import Args, CommandContext, command
+from blockmirror.qmp.schema import enum
+
+if TYPE_CHECKING:
+    from blockmirror.block.graph import BlockGraph
+
+enum("MirrorSyncMode", ["top", "full", "none", "incremental", "bitmap"])
+enum("NewImageMode", ["existing", "absolute-paths"])
+enum("BlockdevOnError", ["report", "ignore", "enospc", "stop", "auto"])
+enum("MirrorCopyMode", ["background", "write-blocking"])
+
+_COMMON = {
+    "*speed": "int", "*granularity": "uint32", "*buf-size": "int",
+    "*on-source-error": "BlockdevOnError", "*on-target-error": "BlockdevOnError",
+}
+
+
+def get_root_node(graph: BlockGraph, device: str) -> BlockNode:
+    """cf. qmp_get_root_bs: a device or node name of a node only BlockBackends use."""
+    node = graph.lookup(device, device)
+    if any(not isinstance(c.parent, BlockBackend) for c in node.parents):
+        raise BlockMirrorError("Need a root block node")
+    return node
+
+
+def _check_blocked(node: BlockNode) -> None:
+    """cf. bdrv_op_is_blocked for MIRROR_SOURCE / MIRROR_TARGET."""
+    for op in ("mirror-source", "mirror-target", "all"):
+        reasons = node.blockers.get(op)
+        if reasons:
+            raise BlockMirrorError(f"Node '{node.name}' is busy: {reasons[0]}")
+
+
+def _can_replace(bs: BlockNode, to_replace: BlockNode) -> bool:
+    """cf. bdrv_recurse_can_replace: ``to_replace`` is ``bs`` or a filter path below it."""
+    node: BlockNode | None = bs
+    while node is not None:
+        if node is to_replace:
+            return True
+        node = node.filtered_child()
+    return False
+
+
+def _default_job_id(source: BlockNode) -> str:
+    """cf. bdrv_get_device_name of the filter: the name of a BlockBackend using the source."""
+    for c in source.parents:
+        if isinstance(c.parent, BlockBackend) and c.parent.name:
+            return c.parent.name
+    return ""
+
+
+def _mirror_common(
+    ctx: CommandContext,
+    args: Args,
+    bs: BlockNode,
+    target: BlockNode,
+    sync: str,
+    params: MirrorParams,
+) -> None:
+    """cf. blockdev_mirror_common + mirror_start, in QEMU's order."""
+    graph = ctx.daemon.graph
+    gran = args.opt_int("granularity") or 0
+    if gran != 0 and (gran < 512 or gran > 64 * 1024 * 1024):
+        raise BlockMirrorError(
+            "Parameter 'granularity' expects a value in range [512B, 64MB]"
+        )
+    if gran & (gran - 1):
+        raise BlockMirrorError("Parameter 'granularity' expects a power of 2")
+    _check_blocked(bs)
+    _check_blocked(target)
+    replaces = args.opt_str("replaces")
+    if replaces is None:
+        inner = bs
+        while inner.implicit and inner.filtered_child() is not None:
+            child = inner.filtered_child()
+            assert child is not None
+            inner = child
+        if inner is not bs:
+            replaces = inner.name
+    if replaces is not None:
+        to_replace = graph.find_node(replaces)
+        if to_replace is None:
+            raise BlockMirrorError(f"Failed to find node with node-name='{replaces}'")
+        for op in ("replace", "all"):
+            reasons = to_replace.blockers.get(op)
+            if reasons:
+                raise BlockMirrorError(f"Node '{replaces}' is busy: {reasons[0]}")
+        if not _can_replace(bs, to_replace):
+            raise BlockMirrorError(
+                f"Cannot replace '{replaces}' by a node mirrored from '{bs.name}', because it "
+                "cannot be guaranteed that doing so would not lead to an abrupt change of "
+                "visible data"
+            )
+        if bs.length() != to_replace.length():
+            raise BlockMirrorError("cannot replace image with a mirror image of different size")
+    if sync in ("incremental", "bitmap"):
+        raise BlockMirrorError(f"Sync mode '{sync}' not supported")
+    base = bs.skip_filters().backing if sync == "top" else None
+    params.sync = sync
+    params.granularity = gran
+    params.buf_size = args.opt_int("buf-size") or 0
+    params.speed = args.opt_int("speed") or 0
+    params.on_source_error = args.opt_str("on-source-error") or "report"
+    params.on_target_error = args.opt_str("on-target-error") or "report"
+    params.copy_mode = args.opt_str("copy-mode") or "background"
+    params.replaces = replaces
+    params.auto_finalize = args.get_bool("auto-finalize", True)
+    params.auto_dismiss = args.get_bool("auto-dismiss", True)
+    fname = params.filter_node_name
+    if fname is not None:
+        if not id_wellformed(fname) or len(fname) > 31:
+            raise BlockMirrorError(f"Invalid node-name: '{fname}'")
+        if graph.find_node(fname) is not None:
+            raise BlockMirrorError(f"Duplicate nodes with node-name='{fname}'")
+    job_id = args.opt_str("job-id")
+    if job_id is None:
+        job_id = _default_job_id(bs)
+    start_mirror(ctx.daemon.jobs, job_id, bs, target, params, base=base)
+
+
+@command("blockdev-mirror", {
+    "*job-id": "str", "device": "str", "target": "str", "*replaces": "str",
+    "sync": "MirrorSyncMode", **_COMMON, "*filter-node-name": "str",
+    "*copy-mode": "MirrorCopyMode", "*auto-finalize": "bool", "*auto-dismiss": "bool",
+    "*target-is-zero": "bool",
+})
+async def blockdev_mirror(ctx: CommandContext, args: Args) -> None:
+    graph = ctx.daemon.graph
+    bs = get_root_node(graph, args.get_str("device"))
+    name = args.get_str("target")
+    target = graph.lookup(name, name)
+    sync = args.get_str("sync")
+    params = MirrorParams(
+        backing_mode=BackingMode.LEAVE,
+        filter_node_name=args.opt_str("filter-node-name"),
+        target_is_zero=args.get_bool("target-is-zero", False),
+    )
+    _mirror_common(ctx, args, bs, target, sync, params)
+
+
+@command("drive-mirror", {
+    "*job-id": "str", "device": "str", "target": "str", "*format": "str", "*node-name": "str",
+    "*replaces": "str", "sync": "MirrorSyncMode", "*mode": "NewImageMode", **_COMMON,
+    "*unmap": "bool", "*copy-mode": "MirrorCopyMode", "*auto-finalize": "bool",
+    "*auto-dismiss": "bool",
+})
+async def drive_mirror(ctx: CommandContext, args: Args) -> None:
+    """cf. qmp_drive_mirror."""
+    from blockmirror.block.create import img_create
+    from blockmirror.block.options import close_node, open_image
+
+    daemon = ctx.daemon
+    graph = daemon.graph
+    bs = get_root_node(graph, args.get_str("device"))
+    _check_blocked(bs)
+    mode = args.opt_str("mode") or "absolute-paths"
+    fmt = args.opt_str("format")
+    if fmt is None and mode != "existing":
+        fmt = bs.format_name
+    sync = args.get_str("sync")
+    target_backing = bs.skip_filters().backing
+    if target_backing is None and sync == "top":
+        sync = "full"
+    if sync == "none":
+        target_backing = bs
+    size = bs.length()
+    if args.opt_str("replaces") is not None and args.opt_str("node-name") is None:
+        raise BlockMirrorError(
+            "a node-name must be provided when replacing a named node of the graph"
+        )
+    backing_mode = BackingMode.SOURCE if mode == "absolute-paths" else BackingMode.OPEN
+    filename = args.get_str("target")
+    if (sync == "full" or target_backing is None) and mode != "existing":
+        assert fmt is not None
+        await img_create(filename, fmt, size, printer=daemon.print_stdout)
+    elif mode == "absolute-paths":
+        assert fmt is not None and target_backing is not None
+        explicit = target_backing
+        while explicit.implicit and explicit.filtered_child() is not None:
+            child = explicit.filtered_child()
+            assert child is not None
+            explicit = child
+        await img_create(filename, fmt, size, backing_file=explicit.filename,
+                         backing_fmt=explicit.format_name, printer=daemon.print_stdout)
+    target = await open_image(graph, filename, fmt, read_only=False, backing=False,
+                              node_name=args.opt_str("node-name"))
+    target_is_zero = mode != "existing" and target.driver.has_zero_init()
+    params = MirrorParams(
+        unmap=args.get_bool("unmap", True),
+        backing_mode=backing_mode,
+        target_is_zero=target_is_zero,
+        owns_target=True,
+    )
+    try:
+        _mirror_common(ctx, args, bs, target, sync, params)
+    except BlockMirrorError:
+        if not target.parents:
+            await close_node(graph, target)
+        raise
+
+
+@hmp_command("drive_mirror", "[-n] [-f] device target [format]",
+             "initiates live storage migration for a device")
+async def hmp_drive_mirror(ctx: CommandContext, argv: list[str]) -> str:
+    """cf. hmp_drive_mirror: -n reuses an existing image, -f copies the whole chain."""
+    reuse = "-n" in argv
+    full = "-f" in argv
+    rest = [a for a in argv if a not in ("-n", "-f")]
+    if len(rest) < 2:
+        raise BlockMirrorError("Parameter 'target' is missing")
+    values: dict[str, object] = {
+        "device": rest[0], "target": rest[1], "sync": "full" if full else "top",
+        "mode": "existing" if reuse else "absolute-paths", "unmap": True,
+    }
+    if len(rest) > 2:
+        values["format"] = rest[2]
+    await drive_mirror(ctx, Args(values))
+    return ""

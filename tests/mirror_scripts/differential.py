@@ -1,0 +1,152 @@
+"""Differential QMP scripts: run the same mirror scenario against qemu-storage-daemon and ours.
+
+A script is a list of steps executed over a ``qemu.qmp.QMPClient``:
+
+    ("cmd", name, args)       execute; the reply (return or error class + desc) is recorded
+    ("wait", event[, n])      wait until ``event`` has been seen ``n`` times (default: once more)
+    ("sleep", seconds)
+
+``run_script`` returns a ``Transcript``: the replies and the events, each normalised so that two
+daemons compare equal when they behave alike (timestamps dropped, byte counts reduced to the
+relation between offset and len, ``busy`` dropped: it only says whether a coroutine happened to
+be running).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+Step = tuple[Any, ...]
+
+
+def _norm_progress(d: dict[str, Any], off: str, ln: str) -> dict[str, Any]:
+    out = dict(d)
+    if off in out and ln in out:
+        o, n = out.pop(off), out.pop(ln)
+        out["progress"] = "done" if o == n else ("partial" if o < n else "over")
+    out.pop("busy", None)
+    return out
+
+
+def norm_event(ev: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    return ev["event"], _norm_progress(ev.get("data", {}), "offset", "len")
+
+
+def norm_reply(name: str, reply: Any) -> Any:
+    if name == "query-block-jobs" and isinstance(reply, list):
+        return [_norm_progress(j, "offset", "len") for j in reply]
+    if name == "query-jobs" and isinstance(reply, list):
+        return [_norm_progress(j, "current-progress", "total-progress") for j in reply]
+    return reply
+
+
+@dataclass
+class Transcript:
+    replies: list[tuple[str, Any]] = field(default_factory=list)
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+
+async def run_script(qmp: Any, steps: list[Step], timeout: float = 20.0) -> Transcript:
+    from qemu.qmp import ExecuteError
+
+    tr = Transcript()
+    seen: dict[str, int] = {}
+    waited: dict[str, int] = {}
+    cond = asyncio.Condition()
+
+    async def listen() -> None:
+        async for ev in qmp.events:
+            async with cond:
+                tr.events.append(norm_event(dict(ev)))
+                seen[ev["event"]] = seen.get(ev["event"], 0) + 1
+                cond.notify_all()
+
+    listener = asyncio.ensure_future(listen())
+    try:
+        for step in steps:
+            kind = step[0]
+            if kind == "cmd":
+                name, args = step[1], step[2] if len(step) > 2 else None
+                try:
+                    rsp = await asyncio.wait_for(qmp.execute(name, args), timeout)
+                    tr.replies.append((name, norm_reply(name, rsp)))
+                except ExecuteError as e:
+                    tr.replies.append((name, {"error": [e.error_class, str(e)]}))
+            elif kind == "wait":
+                name = step[1]
+                want = step[2] if len(step) > 2 else waited.get(name, 0) + 1
+                waited[name] = want
+                async with cond:
+                    await asyncio.wait_for(
+                        cond.wait_for(lambda n=name, w=want: seen.get(n, 0) >= w), timeout
+                    )
+            elif kind == "sleep":
+                await asyncio.sleep(step[1])
+            else:
+                raise ValueError(f"unknown step {step!r}")
+        # let trailing events arrive
+        await asyncio.sleep(0.2)
+    finally:
+        listener.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listener
+    return tr
+
+
+@contextlib.asynccontextmanager
+async def qsd_client(workdir: str) -> AsyncIterator[Any]:
+    """A negotiated QMPClient to a fresh qemu-storage-daemon (killed on exit)."""
+    from qemu.qmp import QMPClient
+
+    sock = os.path.join(workdir, "qsd-qmp.sock")
+    pidfile = os.path.join(workdir, "qsd.pid")
+    proc = subprocess.Popen(
+        ["qemu-storage-daemon", "--chardev", f"socket,id=m0,path={sock},server=on,wait=off",
+         "--monitor", "chardev=m0", "--pidfile", pidfile],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    qmp = QMPClient("qsd")
+    try:
+        # the pidfile is written once the monitor listens (cf. qemu-storage-daemon.rst)
+        for _ in range(500):
+            if os.path.exists(pidfile) or proc.poll() is not None:
+                break
+            await asyncio.sleep(0.01)
+        await qmp.connect(sock)
+        yield qmp
+    finally:
+        with contextlib.suppress(Exception):
+            await qmp.disconnect()
+        proc.kill()
+        proc.communicate()
+
+
+@contextlib.asynccontextmanager
+async def our_client(workdir: str) -> AsyncIterator[Any]:
+    """A negotiated QMPClient to an in-process blockmirror daemon (shut down on exit)."""
+    from blockmirror.qmp.testing import qmp_daemon
+
+    async with qmp_daemon(workdir) as td:
+        yield await td.client()
+
+
+def make_images(workdir: str, size: int = 4 << 20, data: int = 2 << 20) -> dict[str, str]:
+    """src.raw with ``data`` bytes of 0xab at 0, empty tgt.raw; both ``size`` bytes."""
+    src = os.path.join(workdir, "src.raw")
+    tgt = os.path.join(workdir, "tgt.raw")
+    for path in (src, tgt):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "raw", path, str(size)], check=True)
+    if data:
+        subprocess.run(["qemu-io", "-f", "raw", "-c", f"write -P 0xab 0 {data}", src],
+                       check=True, capture_output=True)
+    return {"src": src, "tgt": tgt}
+
+
+__all__ = ["Step", "Transcript", "make_images", "norm_event", "norm_reply", "our_client",
+           "qsd_client", "run_script"]

@@ -1,0 +1,152 @@
+"""The differential mirror scenarios (acceptance 2), as data for ``differential.run_script``.
+
+Each function takes the image paths from ``make_images`` and returns the steps. Pre-READY
+states are made observable with a tiny ``speed`` and one-granule ``buf-size`` (the first
+chunk goes out at once, the next only after a very long sleep); errors come from blkdebug.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mirror_scripts.differential import Step
+
+SLOW = {"speed": 1, "buf-size": 65536, "granularity": 65536}
+
+
+def _setup(p: dict[str, str], *, src_error: dict[str, Any] | None = None,
+           tgt_error: dict[str, Any] | None = None) -> list[Step]:
+    def node(name: str, path: str, error: dict[str, Any] | None) -> Step:
+        if error is None:
+            return ("cmd", "blockdev-add", {"driver": "file", "node-name": name,
+                                            "filename": path})
+        return ("cmd", "blockdev-add", {
+            "driver": "raw", "node-name": name,
+            "file": {"driver": "blkdebug", "node-name": f"{name}-dbg",
+                     "inject-error": [error],
+                     "image": {"driver": "file", "node-name": f"{name}-file",
+                               "filename": path}},
+        })
+
+    return [node("src", p["src"], src_error), node("tgt", p["tgt"], tgt_error)]
+
+
+def _mirror(**extra: Any) -> Step:
+    args: dict[str, Any] = {"job-id": "j", "device": "src", "target": "tgt", "sync": "full"}
+    args.update(extra)
+    return ("cmd", "blockdev-mirror", args)
+
+
+Q: Step = ("cmd", "query-block-jobs")
+QJ: Step = ("cmd", "query-jobs")
+END: list[Step] = [("sleep", 0.2), Q, QJ]
+
+
+def complete_after_ready(p: dict[str, str]) -> list[Step]:
+    return [*_setup(p), _mirror(), ("wait", "BLOCK_JOB_READY"), Q,
+            ("cmd", "block-job-complete", {"device": "j"}), ("wait", "BLOCK_JOB_COMPLETED"),
+            *END]
+
+
+def cancel_before_ready(p: dict[str, str]) -> list[Step]:
+    return [*_setup(p), _mirror(**SLOW), ("sleep", 0.1), Q, QJ,
+            ("cmd", "block-job-complete", {"device": "j"}),
+            ("cmd", "block-job-cancel", {"device": "j"}), ("wait", "BLOCK_JOB_CANCELLED"),
+            *END]
+
+
+def soft_cancel_after_ready(p: dict[str, str]) -> list[Step]:
+    return [*_setup(p), _mirror(), ("wait", "BLOCK_JOB_READY"),
+            ("cmd", "block-job-cancel", {"device": "j"}), ("wait", "BLOCK_JOB_COMPLETED"),
+            *END]
+
+
+def forced_cancel_after_ready(p: dict[str, str]) -> list[Step]:
+    return [*_setup(p), _mirror(**{"auto-dismiss": False}), ("wait", "BLOCK_JOB_READY"),
+            ("cmd", "block-job-cancel", {"device": "j", "force": True}),
+            ("wait", "BLOCK_JOB_CANCELLED"), *END, ("cmd", "job-dismiss", {"id": "j"}),
+            ("cmd", "job-dismiss", {"id": "j"}), *END]
+
+
+def job_cancel_after_ready(p: dict[str, str]) -> list[Step]:
+    return [*_setup(p), _mirror(), ("wait", "BLOCK_JOB_READY"),
+            ("cmd", "job-cancel", {"id": "j"}), ("wait", "BLOCK_JOB_CANCELLED"), *END]
+
+
+def pause_resume(p: dict[str, str]) -> list[Step]:
+    return [*_setup(p), _mirror(**SLOW), ("sleep", 0.1),
+            ("cmd", "block-job-pause", {"device": "j"}), ("wait", "JOB_STATUS_CHANGE", 3), Q,
+            ("cmd", "block-job-pause", {"device": "j"}),
+            ("cmd", "block-job-cancel", {"device": "j"}),
+            ("cmd", "block-job-resume", {"device": "j"}), ("wait", "JOB_STATUS_CHANGE", 4),
+            ("cmd", "block-job-resume", {"device": "j"}),
+            ("cmd", "block-job-set-speed", {"device": "j", "speed": 0}),
+            ("wait", "BLOCK_JOB_READY"),
+            ("cmd", "job-pause", {"id": "j"}), ("wait", "JOB_STATUS_CHANGE", 6), Q,
+            ("cmd", "job-complete", {"id": "j"}), ("sleep", 0.2), Q,
+            ("cmd", "job-resume", {"id": "j"}), ("wait", "BLOCK_JOB_COMPLETED"), *END]
+
+
+def manual_finalize_dismiss(p: dict[str, str]) -> list[Step]:
+    return [*_setup(p), _mirror(**{"auto-finalize": False, "auto-dismiss": False}),
+            ("wait", "BLOCK_JOB_READY"), ("cmd", "job-complete", {"id": "j"}),
+            ("wait", "BLOCK_JOB_PENDING"), Q, QJ, ("cmd", "job-dismiss", {"id": "j"}),
+            ("cmd", "job-finalize", {"id": "j"}), ("wait", "BLOCK_JOB_COMPLETED"),
+            ("sleep", 0.1), Q, QJ, ("cmd", "job-finalize", {"id": "j"}),
+            ("cmd", "job-dismiss", {"id": "j"}), *END]
+
+
+def cancel_while_pending(p: dict[str, str]) -> list[Step]:
+    return [*_setup(p), _mirror(**{"auto-finalize": False, "auto-dismiss": False}),
+            ("wait", "BLOCK_JOB_READY"), ("cmd", "job-complete", {"id": "j"}),
+            ("wait", "BLOCK_JOB_PENDING"), ("cmd", "job-cancel", {"id": "j"}),
+            ("wait", "BLOCK_JOB_CANCELLED"), *END, ("cmd", "job-dismiss", {"id": "j"}), *END]
+
+
+def _err(event: str, err: int = 5) -> dict[str, Any]:
+    return {"event": event, "errno": err, "once": True}
+
+
+def target_error(policy: str, err: int = 5) -> Any:
+    def script(p: dict[str, str]) -> list[Step]:
+        steps = [*_setup(p, tgt_error=_err("write_aio", err)),
+                 _mirror(**{"on-target-error": policy}), ("wait", "BLOCK_JOB_ERROR")]
+        return steps + _after_error(policy, err)
+
+    script.__name__ = f"target_error_{policy}_{err}"
+    return script
+
+
+def source_error(policy: str, err: int = 5) -> Any:
+    def script(p: dict[str, str]) -> list[Step]:
+        steps = [*_setup(p, src_error=_err("read_aio", err)),
+                 _mirror(**{"on-source-error": policy}), ("wait", "BLOCK_JOB_ERROR")]
+        return steps + _after_error(policy, err)
+
+    script.__name__ = f"source_error_{policy}_{err}"
+    return script
+
+
+def _after_error(policy: str, err: int) -> list[Step]:
+    stops = policy == "stop" or (policy in ("enospc", "auto") and err == 28)
+    if stops:
+        return [("sleep", 0.2), Q, ("cmd", "block-job-cancel", {"device": "j"}),
+                ("cmd", "block-job-resume", {"device": "j"}), ("wait", "BLOCK_JOB_READY"), Q,
+                ("cmd", "block-job-complete", {"device": "j"}),
+                ("wait", "BLOCK_JOB_COMPLETED"), *END]
+    if policy == "ignore":
+        return [("wait", "BLOCK_JOB_READY"), ("cmd", "block-job-complete", {"device": "j"}),
+                ("wait", "BLOCK_JOB_COMPLETED"), *END]
+    return [("wait", "BLOCK_JOB_COMPLETED"), *END]
+
+
+SCRIPTS = [
+    complete_after_ready, cancel_before_ready, soft_cancel_after_ready,
+    forced_cancel_after_ready, job_cancel_after_ready, pause_resume, manual_finalize_dismiss,
+    cancel_while_pending,
+    target_error("report"), target_error("ignore"), target_error("stop"),
+    target_error("enospc", 28), target_error("enospc", 5), target_error("auto", 28),
+    source_error("report"), source_error("ignore"), source_error("stop"),
+]
+
+__all__ = ["SCRIPTS"]

@@ -1,0 +1,101 @@
+"""Helpers shared by the NBD tests: an in-memory block driver and an export fixture.
+
+``RamDriver`` is a sparse in-memory protocol driver (64 KiB allocation granules), so the NBD
+tests do not depend on the file/qcow2 drivers; ``ram_node`` builds a node of it in a graph, and
+``serve`` starts a daemon's NBD server with one export on a unix socket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from blockmirror.block.driver import BlockDriver, BlockStatus, Extent, WriteFlags
+from blockmirror.block.graph import BlockGraph
+from blockmirror.block.node import BlockNode
+from blockmirror.daemon import Daemon
+from blockmirror.errors import BlockIOError
+from blockmirror.export.nbd_server import block_export_add, nbd_server_start, nbd_server_stop
+
+GRANULE = 65536
+
+
+class RamDriver(BlockDriver):
+    format_name = "x-ram"
+    can_write_zeroes_with_unmap = True
+
+    def __init__(self, node: BlockNode, size: int = 0) -> None:
+        super().__init__(node)
+        self.data = bytearray(size)
+        self.allocated: set[int] = set()
+        self.flushes = 0
+        self.fail_reads_at: int | None = None
+
+    def length(self) -> int:
+        return len(self.data)
+
+    async def preadv(self, offset: int, length: int) -> bytes:
+        if self.fail_reads_at is not None and offset <= self.fail_reads_at < offset + length:
+            raise BlockIOError(errno.EIO)
+        return bytes(self.data[offset : offset + length])
+
+    async def pwritev(self, offset: int, data: bytes | memoryview, flags: WriteFlags) -> None:
+        self.data[offset : offset + len(data)] = data
+        for g in range(offset // GRANULE, (offset + len(data) - 1) // GRANULE + 1):
+            self.allocated.add(g)
+
+    async def pwrite_zeroes(self, offset: int, length: int, flags: WriteFlags) -> None:
+        self.data[offset : offset + length] = bytes(length)
+        for g in range(offset // GRANULE, (offset + length - 1) // GRANULE + 1):
+            whole = g * GRANULE >= offset and (g + 1) * GRANULE <= offset + length
+            if whole and flags & WriteFlags.MAY_UNMAP:
+                self.allocated.discard(g)
+            else:
+                self.allocated.add(g)
+
+    async def pdiscard(self, offset: int, length: int) -> None:
+        await self.pwrite_zeroes(offset, length, WriteFlags.MAY_UNMAP)
+
+    async def flush(self) -> None:
+        self.flushes += 1
+
+    async def block_status(self, offset: int, length: int) -> Extent:
+        g = offset // GRANULE
+        alloc = g in self.allocated
+        end = (g + 1) * GRANULE
+        while end < offset + length and ((end // GRANULE) in self.allocated) == alloc:
+            end += GRANULE
+        n = min(end, offset + length) - offset
+        if alloc:
+            return Extent(n, BlockStatus.DATA | BlockStatus.ALLOCATED)
+        return Extent(n, BlockStatus.ZERO)
+
+
+def ram_node(graph: BlockGraph, name: str, size: int, *, read_only: bool = False,
+             discard_unmap: bool = True) -> BlockNode:
+    node = BlockNode(name=name, read_only=read_only, discard_unmap=discard_unmap)
+    node.driver = RamDriver(node, size)
+    graph.add_node(node)
+    return node
+
+
+@contextlib.asynccontextmanager
+async def serve(tmp: Path, daemon: Daemon | None = None, *, node_name: str = "n0",
+                size: int = 4 << 20, name: str = "disk", writable: bool = True,
+                extra: dict[str, Any] | None = None) -> AsyncIterator[tuple[Daemon, str]]:
+    """A daemon whose NBD server exports a RAM node; yields (daemon, socket path)."""
+    d = daemon or Daemon()
+    if d.graph.find_node(node_name) is None:
+        ram_node(d.graph, node_name, size)
+    sock = str(tmp / "nbd.sock")
+    await nbd_server_start(d, {"addr": {"type": "unix", "data": {"path": sock}}})
+    await block_export_add(d, {"type": "nbd", "id": "e0", "node-name": node_name,
+                               "name": name, "writable": writable, **(extra or {})})
+    try:
+        yield d, sock
+    finally:
+        if d.nbd is not None:
+            await nbd_server_stop(d)
