@@ -2,13 +2,17 @@
 
 ``RamDriver`` is a sparse in-memory protocol driver (64 KiB allocation granules), so the NBD
 tests do not depend on the file/qcow2 drivers; ``ram_node`` builds a node of it in a graph, and
-``serve`` starts a daemon's NBD server with one export on a unix socket.
+``serve`` starts a daemon's NBD server with one export on a unix socket; ``run`` and ``peer``
+run peer tools (a peer server is always killed when its block ends).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
+import os
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -99,3 +103,50 @@ async def serve(tmp: Path, daemon: Daemon | None = None, *, node_name: str = "n0
     finally:
         if d.nbd is not None:
             await nbd_server_stop(d)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def run(*args: str, check: bool = True, limit_s: float = 60) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), limit_s)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    text = out.decode()
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args[0]} failed ({proc.returncode}): {text}")
+    return text
+
+
+@contextlib.asynccontextmanager
+async def peer(*args: str, ready: str | int | None) -> AsyncIterator[asyncio.subprocess.Process]:
+    """A server process, ready once the socket path exists / the port accepts (None: at once);
+    always killed on exit."""
+    proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.DEVNULL,
+                                                stderr=asyncio.subprocess.PIPE)
+    try:
+        for _ in range(200 if ready is not None else 0):
+            if isinstance(ready, str) and await asyncio.to_thread(os.path.exists, ready):
+                break
+            if isinstance(ready, int):
+                with contextlib.suppress(OSError):
+                    _, w = await asyncio.open_connection("127.0.0.1", ready)
+                    w.close()
+                    break
+            if proc.returncode is not None:
+                err = await proc.stderr.read() if proc.stderr else b""
+                raise AssertionError(f"{args[0]} exited: {err.decode()}")
+            await asyncio.sleep(0.05)
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()

@@ -1,7 +1,9 @@
 """The daemon: one block graph, one job manager, the NBD server, the event bus, the monitors.
 
 This is the wiring layer. Everything stateful hangs off a ``Daemon`` instance, so tests can run
-several daemons in one process. The command line (``cli/daemon.py``) builds one and runs it.
+several daemons in one process. The command line (``cli/daemon.py``) builds one and runs it;
+``qmp/testing.py`` serves one in-process for tests. Shutdown (``quit``, signals) goes through
+``shutdown()``, which is idempotent.
 """
 
 from __future__ import annotations

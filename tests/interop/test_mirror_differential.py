@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from conftest import require_tool
 from mirror_scripts.differential import make_images, our_client, qsd_client, run_script
 from mirror_scripts.scripts import SCRIPTS
@@ -30,7 +31,8 @@ def test_same_events_and_replies(script: Any, tmp_path: Path) -> None:
             work.mkdir()
             paths = make_images(str(work))
             async with factory(str(work)) as qmp:
-                results.append(await run_script(qmp, script(paths), timeout=10))
+                results.append(await run_script(qmp, script(paths), limit_s=10,
+                                                  workdir=str(work)))
         theirs, ours = results
         assert ours.replies == theirs.replies
         assert ours.events == theirs.events

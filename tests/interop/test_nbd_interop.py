@@ -8,18 +8,12 @@ Every peer process is killed when its test ends (``peer`` context manager).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
-import socket
 import subprocess
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import require_tool
-from nbd_helpers import RamDriver, ram_node, serve
 
 from blockmirror.block.driver import BlockStatus
 from blockmirror.block.drivers.nbd import NbdDriver
@@ -27,6 +21,8 @@ from blockmirror.block.node import BlockNode
 from blockmirror.daemon import Daemon
 from blockmirror.errors import BlockMirrorError
 from blockmirror.export import nbd_server as ns
+from conftest import require_tool
+from nbd_helpers import RamDriver, free_port, peer, ram_node, run, serve
 
 pytestmark = pytest.mark.interop
 
@@ -72,56 +68,11 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_certs(tmp_path_factory.mktemp("certs"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def run(*args: str, check: bool = True, timeout: float = 60) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    text = out.decode()
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{args[0]} failed ({proc.returncode}): {text}")
-    return text
-
-
-@contextlib.asynccontextmanager
-async def peer(*args: str, ready: str | int) -> AsyncIterator[asyncio.subprocess.Process]:
-    """A server process, ready once the socket path exists / the port accepts; always killed."""
-    proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.DEVNULL,
-                                                stderr=asyncio.subprocess.PIPE)
-    try:
-        for _ in range(200):
-            if isinstance(ready, str) and os.path.exists(ready):
-                break
-            if isinstance(ready, int):
-                with contextlib.suppress(OSError):
-                    _, w = await asyncio.open_connection("127.0.0.1", ready)
-                    w.close()
-                    break
-            if proc.returncode is not None:
-                err = await proc.stderr.read() if proc.stderr else b""
-                raise AssertionError(f"{args[0]} exited: {err.decode()}")
-            await asyncio.sleep(0.05)
-        yield proc
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
-
-
 async def nbd_node(server: dict[str, Any], export: str, daemon: Daemon | None = None,
                    **extra: Any) -> BlockNode:
     d = daemon or Daemon()
-    node = BlockNode(name=f"c{len(d.graph.nodes)}", options={"server": server, "export": export, **extra},
+    node = BlockNode(name=f"c{len(d.graph.nodes)}",
+                     options={"server": server, "export": export, **extra},
                      discard_unmap=True)
     node.driver = NbdDriver(node)
     d.graph.add_node(node)
@@ -254,12 +205,12 @@ def test_our_driver_against_qemu_nbd(tmp_path: Path) -> None:
             assert node.length() == 8 * MiB
             await exercise(node)
             await node.driver.close()
-            with pytest.raises(BlockMirrorError, match="^Requested export not available$"):
+            with pytest.raises(BlockMirrorError, match=r"^Requested export not available$"):
                 await nbd_node({"type": "unix", "path": sock}, "nope")
         raw = img.read_bytes()
         assert raw[3 * MiB + 17 : 3 * MiB + 27] == b"unaligned!"
         assert raw[MiB : MiB + 65536] == pattern(65536, 5)
-        with pytest.raises(BlockMirrorError, match=f"^Failed to connect to '{sock}': "):
+        with pytest.raises(BlockMirrorError, match=rf"^Failed to connect to '{sock}': "):
             await nbd_node({"type": "unix", "path": sock}, "exp")
 
     asyncio.run(main())
@@ -320,7 +271,7 @@ def test_tls_psk_is_refused_with_a_clear_error() -> None:
         with pytest.raises(BlockMirrorError, match="tls-creds-psk is not supported"):
             await ns.nbd_server_start(d, {"addr": {"type": "unix", "data": {"path": "/tmp/x"}},
                                           "tls-creds": "psk0"})
-        with pytest.raises(BlockMirrorError, match="^No TLS credentials with id 'nope'$"):
+        with pytest.raises(BlockMirrorError, match=r"^No TLS credentials with id 'nope'$"):
             await ns.nbd_server_start(d, {"addr": {"type": "unix", "data": {"path": "/tmp/x"}},
                                           "tls-creds": "nope"})
 

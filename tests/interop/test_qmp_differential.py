@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, require_tool
 
 from blockmirror.qmp.testing import DaemonProcess, daemon_argv
+from conftest import ROOT, require_tool
 
 pytestmark = pytest.mark.interop
 
@@ -45,9 +45,13 @@ def _replay(proc: DaemonProcess, case: dict[str, Any]) -> list[bytes]:
         out = [normalise(conn.greeting)]
         if case["negotiate"]:
             conn.send(b'{"execute":"qmp_capabilities"}')
-            out.append(conn.read_line())
+            out.append(conn.read_message())
         for chunk in case["send"]:
-            conn.send(chunk.encode("latin-1"))
+            if isinstance(chunk, list):  # [text, count]: a long input without a long file
+                text, count = chunk
+                conn.send(text.encode("latin-1") * count)
+            else:
+                conn.send(chunk.encode("latin-1"))
         conn.send(SYNC)
         out += [normalise(line) for line in conn.read_until(b'"__sync__"')]
     return out
@@ -58,14 +62,24 @@ def test_corpus_size() -> None:
     assert len({c["name"] for c in CORPUS}) == len(CORPUS)
 
 
-def test_differential_against_qsd(tmp_path: Path) -> None:
+def _argv(kind: str, sock: Path, pretty: bool) -> list[str]:
+    argv = daemon_argv(kind, str(sock))
+    if pretty:  # the monitor option is the last argument
+        argv[-1] += ",pretty=on"
+    return argv
+
+
+@pytest.mark.parametrize("pretty", [False, True], ids=["compact", "pretty"])
+def test_differential_against_qsd(tmp_path: Path, pretty: bool) -> None:
     require_tool("qemu-storage-daemon")
-    with DaemonProcess(daemon_argv("qsd", str(tmp_path / "qsd.sock")),
+    # pretty output: the id forms exercise the pretty printer enough
+    cases = CORPUS if not pretty else [c for c in CORPUS if c["name"].startswith("id-")]
+    with DaemonProcess(_argv("qsd", tmp_path / "qsd.sock", pretty),
                        str(tmp_path / "qsd.sock")) as qsd, \
-            DaemonProcess(daemon_argv("ours", str(tmp_path / "bm.sock")),
+            DaemonProcess(_argv("ours", tmp_path / "bm.sock", pretty),
                           str(tmp_path / "bm.sock")) as ours:
         mismatches = []
-        for case in CORPUS:
+        for case in cases:
             want = replay(qsd, case)
             got = replay(ours, case)
             if want != got:
@@ -73,4 +87,4 @@ def test_differential_against_qsd(tmp_path: Path) -> None:
         report = "\n".join(
             f"{name}:\n  qsd:  {b''.join(w)!r}\n  ours: {b''.join(g)!r}"
             for name, w, g in mismatches)
-        assert not mismatches, f"{len(mismatches)}/{len(CORPUS)} cases differ:\n{report}"
+        assert not mismatches, f"{len(mismatches)}/{len(cases)} cases differ:\n{report}"

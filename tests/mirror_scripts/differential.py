@@ -52,7 +52,10 @@ class Transcript:
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
 
-async def run_script(qmp: Any, steps: list[Step], timeout: float = 20.0) -> Transcript:
+async def run_script(
+    qmp: Any, steps: list[Step], limit_s: float = 20.0, workdir: str | None = None
+) -> Transcript:
+    """Run ``steps``; occurrences of ``workdir`` in error texts become ``$W``."""
     from qemu.qmp import ExecuteError
 
     tr = Transcript()
@@ -74,17 +77,18 @@ async def run_script(qmp: Any, steps: list[Step], timeout: float = 20.0) -> Tran
             if kind == "cmd":
                 name, args = step[1], step[2] if len(step) > 2 else None
                 try:
-                    rsp = await asyncio.wait_for(qmp.execute(name, args), timeout)
+                    rsp = await asyncio.wait_for(qmp.execute(name, args), limit_s)
                     tr.replies.append((name, norm_reply(name, rsp)))
                 except ExecuteError as e:
-                    tr.replies.append((name, {"error": [e.error_class, str(e)]}))
+                    desc = str(e).replace(workdir, "$W") if workdir else str(e)
+                    tr.replies.append((name, {"error": [e.error_class, desc]}))
             elif kind == "wait":
                 name = step[1]
                 want = step[2] if len(step) > 2 else waited.get(name, 0) + 1
                 waited[name] = want
                 async with cond:
                     await asyncio.wait_for(
-                        cond.wait_for(lambda n=name, w=want: seen.get(n, 0) >= w), timeout
+                        cond.wait_for(lambda n=name, w=want: seen.get(n, 0) >= w), limit_s
                     )
             elif kind == "sleep":
                 await asyncio.sleep(step[1])
@@ -105,26 +109,29 @@ async def qsd_client(workdir: str) -> AsyncIterator[Any]:
     from qemu.qmp import QMPClient
 
     sock = os.path.join(workdir, "qsd-qmp.sock")
-    pidfile = os.path.join(workdir, "qsd.pid")
-    proc = subprocess.Popen(
-        ["qemu-storage-daemon", "--chardev", f"socket,id=m0,path={sock},server=on,wait=off",
-         "--monitor", "chardev=m0", "--pidfile", pidfile],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = await asyncio.create_subprocess_exec(
+        "qemu-storage-daemon", "--chardev", f"socket,id=m0,path={sock},server=on,wait=off",
+        "--monitor", "chardev=m0",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )
     qmp = QMPClient("qsd")
     try:
-        # the pidfile is written once the monitor listens (cf. qemu-storage-daemon.rst)
-        for _ in range(500):
-            if os.path.exists(pidfile) or proc.poll() is not None:
+        # retry until the monitor listens (the socket may exist before listen())
+        for attempt in range(500):
+            try:
+                await qmp.connect(sock)
                 break
-            await asyncio.sleep(0.01)
-        await qmp.connect(sock)
+            except Exception:
+                if attempt == 499 or proc.returncode is not None:
+                    raise
+                await asyncio.sleep(0.01)
         yield qmp
     finally:
         with contextlib.suppress(Exception):
             await qmp.disconnect()
-        proc.kill()
-        proc.communicate()
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
 
 
 @contextlib.asynccontextmanager

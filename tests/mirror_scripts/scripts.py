@@ -150,3 +150,75 @@ SCRIPTS = [
 ]
 
 __all__ = ["SCRIPTS"]
+
+
+def invalid_arguments(p: dict[str, str]) -> list[Step]:
+    """Acceptance 3: every invalid argument combination answers with QEMU's class and text."""
+    import os
+
+    work = os.path.dirname(p["src"])
+    dm = os.path.join(work, "dm.raw")
+
+    def bm(**kw: Any) -> Step:
+        args: dict[str, Any] = {"job-id": "j", "device": "src", "target": "tgt", "sync": "full"}
+        args.update(kw)
+        return ("cmd", "blockdev-mirror", {k: v for k, v in args.items() if v is not None})
+
+    def dmirror(**kw: Any) -> Step:
+        args: dict[str, Any] = {"job-id": "d", "device": "src", "target": dm, "sync": "full"}
+        args.update(kw)
+        return ("cmd", "drive-mirror", {k: v for k, v in args.items() if v is not None})
+
+    return [
+        *_setup(p),
+        ("cmd", "blockdev-add", {"driver": "null-co", "node-name": "small", "size": 1 << 20}),
+        ("cmd", "blockdev-add", {"driver": "null-co", "node-name": "other",
+                                 "size": 4 << 20}),
+        bm(sync=None), bm(sync="bogus"), bm(granularity=100), bm(granularity=1000),
+        bm(granularity=1 << 27), bm(granularity=-1), bm(granularity=3 << 20),
+        bm(**{"buf-size": -1}), bm(speed=-1), bm(speed="fast"), bm(device="nope"),
+        bm(target="nope"), bm(target="src"), bm(sync="incremental"), bm(sync="bitmap"),
+        bm(**{"job-id": "1abc"}), bm(**{"job-id": None}), bm(**{"job-id": "a b"}),
+        bm(replaces="nope"), bm(replaces="tgt"), bm(**{"filter-node-name": "tgt"}),
+        bm(**{"on-source-error": "bogus"}), bm(**{"copy-mode": "bogus"}), bm(bogus=1),
+        bm(unmap=True), bm(format="raw"), bm(mode="existing"),
+        bm(**{"job-id": "j2", "target": "small"}), ("wait", "BLOCK_JOB_COMPLETED"),
+        bm(**SLOW), bm(**SLOW), bm(**{"device": "other", **SLOW}),
+        bm(**{"device": "other", "job-id": "j3", **SLOW}),
+        ("cmd", "block-job-set-speed", {"device": "j", "speed": -1}),
+        ("cmd", "block-job-set-speed", {"device": "nope", "speed": 1}),
+        ("cmd", "block-job-cancel", {"device": "nope"}),
+        ("cmd", "block-job-complete", {"device": "j"}),
+        ("cmd", "block-job-resume", {"device": "j"}),
+        ("cmd", "block-job-finalize", {"id": "j"}),
+        ("cmd", "block-job-dismiss", {"id": "j"}),
+        ("cmd", "job-complete", {"id": "nope"}), ("cmd", "job-finalize", {"id": "nope"}),
+        ("cmd", "job-dismiss", {"id": "j"}), ("cmd", "job-pause", {"id": "nope"}),
+        ("cmd", "blockdev-del", {"node-name": "src"}),
+        ("cmd", "blockdev-del", {"node-name": "tgt"}),
+        ("cmd", "job-cancel", {"id": "j"}), ("wait", "BLOCK_JOB_CANCELLED"),
+        ("sleep", 0.1),
+        dmirror(device="nope"), dmirror(replaces="tgt"), dmirror(format="bogus"),
+        dmirror(mode="existing", target=os.path.join(work, "missing.raw")),
+        dmirror(mode="bogus"), dmirror(granularity=1000), dmirror(**{"buf-size": -1}),
+        dmirror(**{"job-id": "2x"}), dmirror(sync="incremental"),
+        dmirror(**{"filter-node-name": "f"}), dmirror(**{"target-is-zero": True}),
+        dmirror(mode="existing", target=p["tgt"], format="raw", speed=-1),
+        ("sleep", 0.1), Q, QJ,
+    ]
+
+
+SCRIPTS.append(invalid_arguments)
+
+
+def quit_while_running(p: dict[str, str]) -> list[Step]:
+    """quit force-cancels running jobs, with all their events before the reply."""
+    return [*_setup(p), _mirror(**SLOW), ("sleep", 0.1), ("cmd", "quit"), ("sleep", 0.3)]
+
+
+def quit_while_ready(p: dict[str, str]) -> list[Step]:
+    return [*_setup(p), _mirror(**{"auto-dismiss": False}), ("wait", "BLOCK_JOB_READY"),
+            ("cmd", "quit"), ("sleep", 0.3)]
+
+
+SCRIPTS.extend([quit_while_running, quit_while_ready])

@@ -166,3 +166,17 @@ def test_child_perms_options(tmp_path: Path) -> None:
             await close_all(graph)
 
     asyncio.run(main())
+
+
+def test_flush_without_new_writes_skips_flush_to_disk(tmp_path: Path) -> None:
+    """cf. flushed_gen: QEMU only raises flush_to_disk when something was written."""
+
+    async def body(node: BlockNode) -> None:
+        await node.flush()  # nothing written yet: no event, no error
+        await node.write(0, b"z" * 512)
+        with pytest.raises(BlockIOError):
+            await node.flush()
+        await node.flush()  # once: gone
+
+    with_raw_over_blkdebug(tmp_path, {"inject-error": [
+        {"event": "flush_to_disk", "once": True}]}, body)

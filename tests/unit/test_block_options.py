@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from blockmirror.block.create import create_file, img_create
 from blockmirror.block.graph import BlockGraph
 from blockmirror.block.node import BlockBackend, Perm
 from blockmirror.block.options import (
+    attach_backend,
     close_all,
     delete_blockdev,
     open_blockdev,
@@ -20,7 +22,7 @@ from blockmirror.block.options import (
     parse_filename,
     unflatten,
 )
-from blockmirror.errors import BlockMirrorError
+from blockmirror.errors import BlockIOError, BlockMirrorError
 
 MiB = 1024 * 1024
 
@@ -168,28 +170,55 @@ def test_not_owned_by_monitor(tmp_path: Path) -> None:
 def test_write_lock_conflict_in_process(tmp_path: Path) -> None:
     img = raw_img(tmp_path)
 
+    def raw(name: str, **extra: Any) -> dict[str, Any]:
+        file: dict[str, Any] = {"driver": "file", "filename": img}
+        file.update(extra.pop("file_extra", {}))
+        return {"driver": "raw", "node-name": name, "file": file, **extra}
+
     async def body(graph: BlockGraph) -> None:
-        await open_blockdev(graph, {"driver": "raw", "node-name": "a",
-                                    "file": {"driver": "file", "filename": img}})
+        a = await open_blockdev(graph, raw("a"))
+        # raw passes its users' permissions through: no user, no lock (as in QEMU)
+        b = await open_blockdev(graph, raw("b"))
+        attach_backend(graph, a, write=True, no_share=True)  # a guest disk
         with pytest.raises(BlockMirrorError) as exc:
-            await open_blockdev(graph, {"driver": "raw", "node-name": "b",
-                                        "file": {"driver": "file", "filename": img}})
+            attach_backend(graph, b, write=True)
         assert str(exc.value) == 'Failed to get "write" lock'
         assert exc.value.hint == f"Is another process using the image [{img}]?"
-        with pytest.raises(BlockMirrorError, match='^Failed to get shared "write" lock$'):
-            await open_blockdev(graph, {"driver": "raw", "node-name": "c", "read-only": True,
-                                        "file": {"driver": "file", "filename": img}})
+        attach_backend(graph, b)  # a reader that shares everything is fine (qemu-img map)
+        # a second writer that shares everything, and a reader that refuses writers
+        c = await open_blockdev(graph, raw("c"))
+        for blk in list(graph.backends):
+            if blk.node is a:
+                graph.remove_backend(blk)
+        attach_backend(graph, a, write=True)
+        with pytest.raises(BlockMirrorError, match=r'^Failed to get shared "write" lock$'):
+            attach_backend(graph, c, no_share=True)
+        assert not c.parents  # the refused user left nothing behind
         # force-share and locking=off get through
-        await open_blockdev(graph, {"driver": "raw", "node-name": "d", "read-only": True,
-                                    "force-share": True,
+        d = await open_blockdev(graph, raw("d", **{"read-only": True, "force-share": True}))
+        attach_backend(graph, d)
+        e = await open_blockdev(graph, raw("e", file_extra={"locking": "off"}))
+        attach_backend(graph, e, write=True, no_share=True)
+        # and the lock goes away with its user
+        for blk in list(graph.backends):
+            if blk.node is a:
+                graph.remove_backend(blk)
+        attach_backend(graph, c, no_share=True)
+
+    run(body)
+
+
+def test_lock_taken_by_a_format_at_open(tmp_path: Path) -> None:
+    img = str(tmp_path / "q.qcow2")
+
+    async def body(graph: BlockGraph) -> None:
+        await img_create(img, "qcow2", MiB, quiet=True)
+        await open_blockdev(graph, {"driver": "qcow2", "node-name": "a",
                                     "file": {"driver": "file", "filename": img}})
-        await open_blockdev(graph, {"driver": "raw", "node-name": "e",
-                                    "file": {"driver": "file", "filename": img,
-                                             "locking": "off"}})
-        # and the lock goes away with the node
-        await delete_blockdev(graph, "a")
-        await open_blockdev(graph, {"driver": "raw", "node-name": "b", "read-only": True,
-                                    "file": {"driver": "file", "filename": img}})
+        with pytest.raises(BlockMirrorError, match=r'^Failed to get "write" lock$'):
+            await open_blockdev(graph, {"driver": "qcow2", "node-name": "b",
+                                        "file": {"driver": "file", "filename": img}})
+        assert set(graph.nodes) == {"a", graph.nodes["a"].file.name}  # type: ignore[union-attr]
 
     run(body)
 
@@ -200,9 +229,16 @@ def test_read_only_child_under_writable_parent(tmp_path: Path) -> None:
     async def body(graph: BlockGraph) -> None:
         await open_blockdev(graph, {"driver": "file", "node-name": "f", "filename": img,
                                     "read-only": True})
+        # QEMU opens it (raw needs nothing while unused) but refuses a writer
+        r = await open_blockdev(graph, {"driver": "raw", "node-name": "r", "file": "f"})
         with pytest.raises(BlockMirrorError, match=r"^Block node is read-only$"):
-            await open_blockdev(graph, {"driver": "raw", "node-name": "r", "file": "f"})
-        assert sorted(graph.nodes) == ["f"] and not graph.nodes["f"].parents
+            attach_backend(graph, r, write=True)
+        assert not r.parents and graph.nodes["f"].parents[0].perm == Perm.NONE
+        # a writable qcow2 takes WRITE on its file at open
+        with pytest.raises(BlockMirrorError, match=r"^Block node is read-only$"):
+            await open_blockdev(graph, {"driver": "qcow2", "node-name": "q", "file": "f"})
+        attach_backend(graph, r)
+        assert graph.nodes["f"].parents[0].perm == Perm.CONSISTENT_READ
 
     run(body)
 
@@ -267,7 +303,7 @@ def test_legacy_filenames(tmp_path: Path) -> None:
     conf.write_text("[inject-error]\nevent = \"read_aio\"\n")
     assert parse_filename(f"blkdebug:{conf}:{img}") == {
         "driver": "blkdebug", "config": str(conf),
-        "image": {"driver": "__probe__", "filename": img}}
+        "image": {"driver": "file", "filename": img}}
     assert parse_filename("nbd+unix:///exp?socket=/tmp/s") == {
         "driver": "nbd", "server": {"type": "unix", "path": "/tmp/s"}, "export": "exp"}
     assert parse_filename("nbd://h:1234/e") == {
@@ -314,3 +350,31 @@ def test_close_all_flushes_and_empties(tmp_path: Path) -> None:
 
     run(body)
     assert Path(img).read_bytes()[:4096] == b"\x5a" * 4096
+
+
+def test_probed_raw_guards_sector_zero(tmp_path: Path) -> None:
+    img = raw_img(tmp_path)
+    other = raw_img(tmp_path, "b.img")
+    warnings: list[str] = []
+
+    async def body(graph: BlockGraph) -> None:
+        node = await open_image(graph, img, read_only=False, warn=warnings.append)
+        assert node.format_name == "raw"
+        await node.write(0, b"plain data")
+        with pytest.raises(BlockIOError) as exc:
+            await node.write(0, b"QFI\xfb" + bytes(508))
+        assert exc.value.errno == errno.EPERM
+        await node.write(0, b"QF")  # harmless on its own...
+        with pytest.raises(BlockIOError):
+            await node.write(2, b"I\xfb")  # ...but this completes a qcow2 magic
+        await node.write(512, b"QFI\xfb")  # beyond sector 0: allowed
+        explicit = await open_image(graph, other, "raw", read_only=False)
+        await explicit.write(0, b"QFI\xfb")  # format given: no restriction
+
+    run(body)
+    assert warnings == [
+        f"WARNING: Image format was not specified for '{img}' and probing guessed raw.\n"
+        "         Automatically detecting the format is dangerous for raw images, write "
+        "operations on block 0 will be restricted.\n"
+        "         Specify the 'raw' format explicitly to remove the restrictions."
+    ]

@@ -16,15 +16,14 @@ from blockmirror.nbd.constants import (
     CmdFlag,
     Opt,
     Rep,
+    ReplyType,
     TransmissionFlag,
     errno_to_wire,
     wire_to_errno,
 )
 from blockmirror.nbd.handshake import (
-    CLIENT_TRANSITIONS,
     SERVER_TRANSITIONS,
     Aborted,
-    ClientHandshake,
     ExportInfo,
     ExportList,
     HandshakeEvent,
@@ -32,6 +31,7 @@ from blockmirror.nbd.handshake import (
     ServerHandshake,
     StartTLS,
 )
+from blockmirror.nbd.handshake_client import CLIENT_TRANSITIONS, ClientHandshake
 from blockmirror.nbd.transmission import (
     BadRequest,
     DataChunk,
@@ -150,7 +150,8 @@ def test_starttls_then_go() -> None:
 def test_tls_required_refuses_plain_go() -> None:
     client = ClientHandshake("disk")
     server = ServerHandshake(Catalog(DISK), tls_required=True)
-    with pytest.raises(NBDProtocolError, match=r"TLS negotiation required before option 8 \(structured reply\)"):
+    with pytest.raises(NBDProtocolError,
+                       match=r"TLS negotiation required before option 8 \(structured reply\)"):
         converse(client, server)
 
 
@@ -284,7 +285,8 @@ def test_reply_decoder_simple_and_structured() -> None:
     stream = (
         encode_simple_reply(1, 0, b"abcd")
         + encode_simple_reply(2, errno_to_wire(errno.EPERM))
-        + encode_chunk_header(3, 1, 8 + 8, done=False) + (100).to_bytes(8, "big") + b"12345678"
+        + encode_chunk_header(3, ReplyType.OFFSET_DATA, 8 + 8, done=False)
+        + (100).to_bytes(8, "big") + b"12345678"
         + encode_offset_hole(3, 108, 8, done=True)
         + encode_block_status(4, 0, [(4096, 3), (512, 0)], done=False)
         + encode_error_chunk(4, errno_to_wire(errno.EIO), "boom")
@@ -304,7 +306,8 @@ def test_reply_decoder_simple_and_structured() -> None:
 
 
 def test_reply_decoder_rejects_unknown_cookie_and_magic() -> None:
-    dec = ReplyDecoder({}.get)
+    empty: dict[int, int] = {}
+    dec = ReplyDecoder(empty.get)
     dec.receive_data(encode_simple_reply(9, 0))
     with pytest.raises(NBDProtocolError, match="Unexpected cookie"):
         dec.next_reply()

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from nbd_helpers import RamDriver, ram_node, serve
 
 from blockmirror.block.driver import BlockStatus
 from blockmirror.block.drivers.nbd import NbdDriver, parse_nbd_uri
@@ -24,10 +23,11 @@ from blockmirror.errors import BlockIOError, BlockMirrorError
 from blockmirror.export import nbd_server as ns
 from blockmirror.nbd.constants import NBD_OPTS_MAGIC, Cmd, Opt
 from blockmirror.nbd.transmission import encode_request
+from nbd_helpers import RamDriver, ram_node, serve
 
 
 async def client_node(daemon: Daemon, sock: str, export: str = "disk",
-                      name: str = "c0", **extra: Any) -> BlockNode:
+                      name: str = "c0", **extra: Any) -> BlockNode:  # extra: more options
     node = BlockNode(name=name, options={"server": {"type": "unix", "path": sock},
                                          "export": export, **extra}, discard_unmap=True)
     node.driver = NbdDriver(node)
@@ -170,34 +170,34 @@ def test_export_life_cycle_and_qemu_texts(tmp_path: Path) -> None:
         ram_node(d.graph, "n0", 1 << 20)
         ro = ram_node(d.graph, "ro", 1 << 20, read_only=True)
         add = {"type": "nbd", "id": "e0", "node-name": "n0"}
-        with pytest.raises(BlockMirrorError, match="^NBD server not running$"):
+        with pytest.raises(BlockMirrorError, match=r"^NBD server not running$"):
             await ns.block_export_add(d, add)
         sock = str(tmp_path / "s")
         await ns.nbd_server_start(d, {"addr": {"type": "unix", "data": {"path": sock}}})
-        with pytest.raises(BlockMirrorError, match="^NBD server already running$"):
+        with pytest.raises(BlockMirrorError, match=r"^NBD server already running$"):
             await ns.nbd_server_start(d, {"addr": {"type": "unix", "data": {"path": sock}}})
         await ns.block_export_add(d, add)
-        with pytest.raises(BlockMirrorError, match="^Block export id 'e0' is already in use$"):
+        with pytest.raises(BlockMirrorError, match=r"^Block export id 'e0' is already in use$"):
             await ns.block_export_add(d, add)
-        with pytest.raises(BlockMirrorError, match="^NBD server already has export named 'n0'$"):
+        with pytest.raises(BlockMirrorError, match=r"^NBD server already has export named 'n0'$"):
             await ns.block_export_add(d, {**add, "id": "e1"})
-        with pytest.raises(BlockMirrorError, match="^Cannot find device='' nor node-name='zz'$"):
+        with pytest.raises(BlockMirrorError, match=r"^Cannot find device='' nor node-name='zz'$"):
             await ns.block_export_add(d, {**add, "id": "e1", "node-name": "zz"})
-        with pytest.raises(BlockMirrorError, match="^Cannot export read-only node as writable$"):
+        with pytest.raises(BlockMirrorError, match=r"^Cannot export read-only node as writable$"):
             await ns.block_export_add(d, {**add, "id": "e1", "node-name": ro.name,
                                           "writable": True})
-        with pytest.raises(BlockMirrorError, match="^Invalid block export id$"):
+        with pytest.raises(BlockMirrorError, match=r"^Invalid block export id$"):
             await ns.block_export_add(d, {**add, "id": "1x"})
         await ns.nbd_server_add(d, {"device": "ro", "writable": True})  # silently read-only
-        assert [e["id"] for e in ns.query_block_exports(d)] == ["e0", "ro"]
+        assert [e["id"] for e in ns.query_block_exports(d)] == ["ro", "e0"]  # newest first
         assert d.nbd is not None and not d.nbd.exports["ro"].writable
 
         c = await client_node(Daemon(), sock, export="n0")
-        with pytest.raises(BlockMirrorError, match="^export 'e0' still in use$") as ei:
+        with pytest.raises(BlockMirrorError, match=r"^export 'e0' still in use$") as ei:
             await ns.block_export_del(d, "e0")
         assert ei.value.hint == "Use mode='hard' to force client disconnect"
         await ns.block_export_del(d, "e0", "hard")
-        with pytest.raises(BlockMirrorError, match="^Export 'e0' is already shutting down$"):
+        with pytest.raises(BlockMirrorError, match=r"^Export 'e0' is already shutting down$"):
             await ns.block_export_del(d, "e0")
         for _ in range(100):
             if not any(e["event"] == "BLOCK_EXPORT_DELETED" for e in d.events.history):
@@ -208,12 +208,12 @@ def test_export_life_cycle_and_qemu_texts(tmp_path: Path) -> None:
         with pytest.raises(BlockIOError):
             await c.read(0, 512)
         await c.driver.close()
-        with pytest.raises(BlockMirrorError, match="^Export 'e0' is not found$"):
+        with pytest.raises(BlockMirrorError, match=r"^Export 'e0' is not found$"):
             await ns.block_export_del(d, "e0")
         await ns.nbd_server_stop(d)
         assert [e["data"]["id"] for e in d.events.history
-                if e["event"] == "BLOCK_EXPORT_DELETED"] == ["e0", "ro"]
-        with pytest.raises(BlockMirrorError, match="^NBD server not running$"):
+                if e["event"] == "BLOCK_EXPORT_DELETED"] == ["e0", "ro"]  # e0 went first
+        with pytest.raises(BlockMirrorError, match=r"^NBD server not running$"):
             await ns.nbd_server_stop(d)
 
     asyncio.run(main())
@@ -248,7 +248,8 @@ def test_reconnect_delay_rides_over_a_server_restart(tmp_path: Path) -> None:
         export = {"type": "nbd", "id": "e0", "node-name": "n0", "writable": True}
         await ns.nbd_server_start(d, args)
         await ns.block_export_add(d, export)
-        c = await client_node(Daemon(), sock, export="n0", **{"reconnect-delay": 5})
+        opts: dict[str, Any] = {"reconnect-delay": 5}
+        c = await client_node(Daemon(), sock, export="n0", **opts)
         await c.write(0, b"one")
         await ns.nbd_server_stop(d)
         await ns.nbd_server_start(d, args)
@@ -272,5 +273,5 @@ def test_parse_nbd_uri() -> None:
     assert parse_nbd_uri("nbd:unix:/tmp/x:exportname=a") == {
         "driver": "nbd", "server": {"type": "unix", "path": "/tmp/x"}, "export": "a"}
     for bad in ("http://x/y", "nbd+unix:///e", "nbd://h/e?socket=/x", "nbd:"):
-        with pytest.raises(BlockMirrorError, match="^No valid URL specified$"):
+        with pytest.raises(BlockMirrorError, match=r"^No valid URL specified$"):
             parse_nbd_uri(bad)

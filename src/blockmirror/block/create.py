@@ -184,13 +184,13 @@ async def img_create(
                 "Error: Trying to create an image with the same filename as the backing file"
             )
         if opts.get("backing_fmt") is None:
-            from blockmirror.block.options import probe_format
+            from blockmirror.block.options import probe_format_async
 
             path = bfile if os.path.isabs(bfile) else os.path.join(
                 os.path.dirname(filename), bfile
             )
             err = BlockMirrorError("Backing file specified without backing format")
-            err.hint = f"Detected format of {probe_format(path)}."
+            err.hint = f"Detected format of {await probe_format_async(path)}."
             raise err
         if not unsafe or opts.get("size") is None:
             try:

@@ -95,6 +95,10 @@ class BlockDriver(ABC):
     supports_fua: bool = False
     #: write_zeroes with MAY_UNMAP really deallocates and reads back as zero
     can_write_zeroes_with_unmap: bool = False
+    #: DATA extents with a map offset are refined by asking the protocol node below whether
+    #: those bytes read as zeroes (cf. BDRV_BLOCK_RECURSE: qcow2 sets it when it detects
+    #: metadata preallocation, so preallocated clusters over holes map as zero=true)
+    recurse_block_status: bool = False
 
     def __init__(self, node: BlockNode) -> None:
         self.node = node

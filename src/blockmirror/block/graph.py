@@ -129,8 +129,20 @@ class BlockGraph:
         role: str,
         perm: Perm,
         shared: Perm,
+        *,
+        passthrough: bool = False,
+        take: Perm = Perm.NONE,
+        unshare: Perm = Perm.NONE,
     ) -> Child:
-        link = Child(parent, node, role, perm, shared)
+        """Link ``parent`` to ``node``; ``passthrough`` links derive their permissions from the
+        parent's users (``perm``/``shared`` are then ignored), see ``Child``.
+
+        Raises:
+            BlockMirrorError: a permission conflict, or WRITE on a read-only node.
+        """
+        link = Child(parent, node, role, perm, shared, passthrough, take, unshare)
+        if passthrough and isinstance(parent, BlockNode):
+            link.perm, link.shared = self._passthrough_perms(parent, link)
         self.check_perms(node, link)
         node.parents.append(link)
         try:
@@ -151,18 +163,38 @@ class BlockGraph:
         ``best_effort`` swallows a refusal (used when dropping permissions, which cannot fail
         in QEMU either).
         """
+        perm, shared = self.cumulative_perms(node)
+        drv = getattr(node, "driver", None)
+        if drv is not None:
+            try:
+                drv.set_perm(perm, shared)
+            except BlockMirrorError:
+                if not best_effort:
+                    raise
+        # what this node's users need flows on through its filter-like links
+        for link in list(node.children.values()):
+            if not link.passthrough:
+                continue
+            new = self._passthrough_perms(node, link)
+            if new == (link.perm, link.shared):
+                continue
+            link.perm, link.shared = new
+            if not best_effort:
+                self.check_perms(link.node)
+            self.refresh_perms(link.node, best_effort=best_effort)
+
+    @staticmethod
+    def cumulative_perms(node: BlockNode) -> tuple[Perm, Perm]:
+        """What all parents of ``node`` need, and what all of them share."""
         perm, shared = Perm.NONE, Perm.all()
         for link in node.parents:
             perm |= link.perm
             shared &= link.shared
-        drv = getattr(node, "driver", None)
-        if drv is None:
-            return
-        try:
-            drv.set_perm(perm, shared)
-        except BlockMirrorError:
-            if not best_effort:
-                raise
+        return perm, shared
+
+    def _passthrough_perms(self, parent: BlockNode, link: Child) -> tuple[Perm, Perm]:
+        perm, shared = self.cumulative_perms(parent)
+        return perm | link.take, shared & ~link.unshare
 
     def detach(self, link: Child) -> None:
         if link in link.node.parents:

@@ -147,8 +147,12 @@ async def _intercepted(
             return
         await node.interceptors[i].around_write(node, kind, offset, length, lambda: run(i + 1))
 
-    async with _tracked(node):
-        await run(0)
+    try:
+        async with _tracked(node):
+            await run(0)
+    finally:
+        # failed writes count too: the range may be half-written (cf. write_req_finish)
+        node.write_gen += 1
     for tracker in list(node.dirty_trackers):
         tracker.mark(offset, length)
 
@@ -262,21 +266,43 @@ async def discard(node: BlockNode, offset: int, length: int) -> None:
     await _intercepted(node, "discard", offset, length, op)
 
 
+async def _refine_from_file(
+    file: BlockNode, map_offset: int, n: int, status: BlockStatus
+) -> tuple[int, BlockStatus]:
+    """cf. the BDRV_BLOCK_RECURSE step of bdrv_co_block_status: extra information only."""
+    flen = file.length()
+    if map_offset >= flen:
+        # the image is zero-padded after the end of its file
+        return n, status | BlockStatus.ZERO
+    try:
+        fext = await block_status(file, map_offset, min(n, flen - map_offset))
+    except BlockIOError:
+        return n, status
+    if fext.status & BlockStatus.EOF and fext.status & BlockStatus.ZERO:
+        return n, status | BlockStatus.ZERO
+    return min(n, fext.length), status | (fext.status & BlockStatus.ZERO)
+
+
 def _primary_child(node: BlockNode) -> BlockNode | None:
     return node.file or node.child("image") or node.filtered_child()
 
 
 async def flush(node: BlockNode) -> None:
-    """cf. bdrv_co_flush: blkdebug sees flush_to_os/flush_to_disk on the primary child."""
+    """cf. bdrv_co_flush: nothing to do when nothing was written since the last flush;
+    blkdebug sees flush_to_os/flush_to_disk on the primary child."""
     primary = _primary_child(node)
     if primary is not None:
         primary.debug_event("flush_to_os")
     if node.cache_no_flush:
         return
+    current = node.write_gen
+    if node.flushed_gen == current:
+        return
     if primary is not None:
         primary.debug_event("flush_to_disk")
     async with _tracked(node):
         await node.driver.flush()
+    node.flushed_gen = max(node.flushed_gen, current)
 
 
 async def block_status(node: BlockNode, offset: int, length: int) -> Extent:
@@ -305,6 +331,16 @@ async def block_status(node: BlockNode, offset: int, length: int) -> Extent:
                 status |= BlockStatus.ZERO
             elif offset + n > cow_len:
                 n = cow_len - offset
+    if (
+        drv.recurse_block_status
+        and status & BlockStatus.DATA
+        and not status & BlockStatus.ZERO
+        and status & BlockStatus.OFFSET_VALID
+        and ext.map_node is not None
+        and ext.map_node is not node
+        and ext.map_offset is not None
+    ):
+        n, status = await _refine_from_file(ext.map_node, ext.map_offset, n, status)
     if offset + n == size:
         status |= BlockStatus.EOF
     else:

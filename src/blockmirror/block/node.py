@@ -98,6 +98,12 @@ class Child:
     role: str
     perm: Perm
     shared: Perm
+    #: a filter-like link (raw's file, blkdebug's image): ``perm``/``shared`` follow what the
+    #: parent's own users need (cf. bdrv_filter_default_perms), plus ``take``, minus ``unshare``;
+    #: the graph recomputes them whenever the parent's users change
+    passthrough: bool = False
+    take: Perm = Perm.NONE
+    unshare: Perm = Perm.NONE
 
     def parent_description(self) -> str:
         if isinstance(self.parent, BlockBackend):
@@ -134,6 +140,10 @@ class BlockNode:
     #: requests being processed right now, and the drain barrier state (see block/io.py)
     in_flight: int = 0
     quiesce_counter: int = 0
+    #: completed writes (data, zeroes, discards) and the count the last good flush covered:
+    #: a flush with nothing new to write back does nothing (cf. write_gen/flushed_gen)
+    write_gen: int = 0
+    flushed_gen: int = 0
     #: set when in_flight drops to 0 while someone waits in drain() (see block/io.py)
     drain_event: asyncio.Event | None = field(default=None, repr=False)
     #: serialises read-modify-write cycles of unaligned writes (request_alignment > 1)
@@ -188,6 +198,14 @@ class BlockNode:
 
     def length(self) -> int:
         return self.driver.length()
+
+    def can_write_zeroes_with_unmap(self) -> bool:
+        """cf. bdrv_can_write_zeroes_with_unmap: discard=unmap and a driver that really unmaps
+        (what decides whether a mirror may pre-zero its target cheaply)."""
+        return self.discard_unmap and self.driver.can_write_zeroes_with_unmap
+
+    def has_zero_init(self) -> bool:
+        return self.driver.has_zero_init()
 
     def info(self) -> DriverInfo:
         return self.driver.info()

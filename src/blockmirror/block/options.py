@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
+from blockmirror.block import threadio
 from blockmirror.block.drivers import DRIVERS, load_all
 from blockmirror.block.graph import BlockGraph, node_name_valid
 from blockmirror.block.node import BlockBackend, BlockNode, Perm
@@ -170,10 +171,11 @@ def parse_filename(filename: str) -> dict[str, Any] | None:
 
 
 def _image_ref(filename: str) -> dict[str, Any]:
+    # blkdebug's image is opened as a protocol (no format probing), like QEMU does
     inner = parse_filename(filename)
     if inner is not None:
         return inner
-    return {"driver": "__probe__", "filename": filename}
+    return {"driver": "file", "filename": filename}
 
 
 def _nbd_options(uri: str) -> dict[str, Any]:
@@ -217,6 +219,11 @@ def probe_format(filename: str) -> str:
     except OSError:
         return "raw"
     return "qcow2" if head == b"QFI\xfb" else "raw"
+
+
+async def probe_format_async(filename: str) -> str:
+    """probe_format, reading the header in the I/O pool."""
+    return await threadio.run(probe_format, filename)
 
 
 # --- opening ---------------------------------------------------------------------------------
@@ -270,21 +277,33 @@ async def open_image(
     node_name: str | None = None,
     options: Mapping[str, Any] | None = None,
     monitor_owned: bool = False,
+    warn: Callable[[str], None] | None = None,
 ) -> BlockNode:
     """Open an image by filename (drive-mirror targets, -drive, the CLI); probe when no fmt.
+
+    A probed raw image restricts writes to sector 0 (QEMU's guard against a guest turning
+    its disk into another format); ``warn`` receives QEMU's warning text about it.
 
     Raises:
         BlockMirrorError: as for open_blockdev.
     """
     opts: dict[str, Any] = dict(unflatten(options or {}))
     legacy = parse_filename(filename)
+    probed = False
+    base: dict[str, Any]
     if legacy is not None:
+        image = legacy.get("image")
+        if fmt is None and legacy.get("driver") == "blkdebug" and isinstance(image, dict):
+            # probing reads through the filter: the image file decides
+            fmt = await probe_format_async(str(image.get("filename", "")))
+            probed = True
         if fmt is not None and fmt != legacy.get("driver"):
             legacy = {"driver": fmt, "file": legacy}
-        base: dict[str, Any] = legacy
+        base = legacy
     else:
         if fmt is None:
-            fmt = probe_format(filename)
+            fmt = await probe_format_async(filename)
+            probed = True
         if fmt in ("file", "host_device"):
             base = {"driver": fmt, "filename": filename}
         else:
@@ -301,6 +320,13 @@ async def open_image(
     except BaseException:
         await ctx.rollback()
         raise
+    if probed and node.format_name == "raw":
+        from blockmirror.block.drivers.raw import PROBED_RAW_WARNING, RawDriver
+
+        assert isinstance(node.driver, RawDriver)
+        node.driver.probed = True
+        if warn is not None and not node.read_only:
+            warn(PROBED_RAW_WARNING.format(filename))
     if monitor_owned:
         graph.monitor_owned.add(node.name)
     return node
@@ -334,13 +360,6 @@ async def _open_node(
             if key not in opts and key in parent:
                 opts[key] = parent[key]
     driver = opts.get("driver")
-    if driver == "__probe__":
-        # a legacy filename inside blkdebug: (cf. bdrv_open with no driver: probe)
-        fname = str(opts.get("filename", ""))
-        inner = probe_format(fname)
-        opts = {k: v for k, v in opts.items() if k not in ("driver", "filename")}
-        opts.update({"driver": inner, "file": {"driver": "file", "filename": fname}})
-        driver = inner
     if driver is None:
         raise BlockMirrorError("Parameter 'driver' is missing")
     if not isinstance(driver, str) or driver not in DRIVERS:
@@ -428,8 +447,17 @@ async def _open_children_and_driver(
             continue
         child = await _child(ctx, opts[role], opts, chain)
         if child is not None:
-            perm, shared = _child_perms(node, role, force_share)
-            graph.attach(node, child, role, perm, shared)
+            if _passes_through(node, role):
+                # cf. bdrv_filter_default_perms: the child serves exactly our users
+                graph.attach(
+                    node, child, role, Perm.NONE, Perm.all(), passthrough=True,
+                    take=_perm_from_names(node.options.get("take-child-perms")),
+                    unshare=Perm.NONE if force_share else _perm_from_names(
+                        node.options.get("unshare-child-perms")),
+                )
+            else:
+                perm, shared = _child_perms(node, role, force_share)
+                graph.attach(node, child, role, perm, shared)
             # options show children by node name, as query-named-block-nodes does
             own[role] = child.name
 
@@ -486,18 +514,16 @@ async def _child(
     raise BlockMirrorError("Invalid parameter type for 'file', expected: object")
 
 
+def _passes_through(node: BlockNode, role: str) -> bool:
+    """Filters (blkdebug) and raw hand their users' permissions on to the child."""
+    return role != "backing" and (node.driver.is_filter or node.format_name == "raw")
+
+
 def _child_perms(node: BlockNode, role: str, force_share: bool) -> tuple[Perm, Perm]:
-    """cf. bdrv_default_perms: what a parent takes on each kind of child, and shares."""
+    """cf. bdrv_default_perms: what a format takes on its storage or backing, and shares."""
     writable = not node.read_only
     if role == "backing":
         perm, shared = Perm.CONSISTENT_READ, Perm.all()
-    elif node.driver.is_filter:
-        perm = Perm.CONSISTENT_READ | (Perm.WRITE if writable else Perm.NONE)
-        shared = Perm.all()
-        take = node.options.get("take-child-perms") or []
-        unshare = node.options.get("unshare-child-perms") or []
-        perm |= _perm_from_names(take)
-        shared &= ~_perm_from_names(unshare)
     else:
         # storage: metadata must stay consistent, nobody else may write or resize it
         perm = Perm.CONSISTENT_READ
@@ -557,7 +583,7 @@ async def _open_backing(
                     f"Could not open backing file: Backing file '{fname}' creates an "
                     "infinite loop."
                 )
-            fmt = info.backing_format or probe_format(path)
+            fmt = info.backing_format or await probe_format_async(path)
             bopts: dict[str, Any] = {"driver": fmt, "file": {"driver": "file", "filename": path}}
         elif info.backing_format and legacy.get("driver") != info.backing_format:
             # e.g. backing_file=blkdebug:conf:img with backing_fmt=raw: raw over blkdebug
@@ -614,6 +640,31 @@ def _as_json(node: BlockNode) -> Any:
     if node.format_name in ("file", "host_device"):
         return {"driver": node.format_name, "filename": node.filename}
     return node.filename
+
+
+def attach_backend(
+    graph: BlockGraph,
+    node: BlockNode,
+    *,
+    name: str = "",
+    owner: str = "",
+    write: bool = False,
+    no_share: bool = False,
+) -> BlockBackend:
+    """A root user of ``node`` with blk_new_open's permissions (what qemu-img/qemu-io take):
+    consistent read (+ write and resize when writing), sharing everything unless
+    ``no_share`` (BDRV_O_NO_SHARE: others may then only read).
+
+    Raises:
+        BlockMirrorError: the node (or a file below it) is locked or used incompatibly.
+    """
+    perm = Perm.CONSISTENT_READ | (Perm.WRITE | Perm.RESIZE if write else Perm.NONE)
+    shared = Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED if no_share else Perm.all()
+    blk = BlockBackend(name, owner or (f"block device '{name}'" if name else "a user"), perm,
+                       shared)
+    graph.attach(blk, node, "root", perm, shared)
+    graph.add_backend(blk)
+    return blk
 
 
 # --- closing ---------------------------------------------------------------------------------
@@ -700,6 +751,7 @@ async def delete_blockdev(graph: BlockGraph, name: str) -> None:
 
 
 __all__ = [
+    "attach_backend",
     "close_all",
     "close_node",
     "delete_blockdev",

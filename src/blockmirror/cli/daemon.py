@@ -152,6 +152,8 @@ class _Chardev:
     server: bool
     path: str | None = None
     used: bool = False
+    #: with server=on,wait=on: the first client, accepted before start-up goes on
+    first_client: socket.socket | None = None
 
 
 @dataclass
@@ -196,7 +198,7 @@ def _onoff(opts: dict[str, str], key: str, default: bool) -> bool:
     raise OptionError(f"Parameter '{key}' expects 'on' or 'off'")
 
 
-def _open_chardev(st: _State, text: str) -> None:
+async def _open_chardev(st: _State, text: str) -> None:
     opts = _qemuopts(text, "backend")
     backend = opts.get("backend", "")
     if "id" not in opts:
@@ -207,7 +209,7 @@ def _open_chardev(st: _State, text: str) -> None:
     if cid in st.chardevs:
         raise OptionError("duplicate yank instance")
     server = _onoff(opts, "server", False)
-    _onoff(opts, "wait", True)
+    wait = _onoff(opts, "wait", True)
     path = opts.get("path")
     if path is not None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -252,16 +254,31 @@ def _open_chardev(st: _State, text: str) -> None:
     else:
         raise OptionError("Unable to parse FD number ")
     sock.setblocking(False)
-    st.chardevs[cid] = _Chardev(cid, sock, server, path if server else None)
+    chardev = _Chardev(cid, sock, server, path if server else None)
+    st.chardevs[cid] = chardev
+    if server and wait and "fd" not in opts:
+        # cf. tcp_chr_wait_connected: start-up blocks until the first client connects
+        where = f"unix:{path}" if path is not None else f"tcp:{opts['host']}:{opts.get('port')}"
+        print(f"{st.prog}: --chardev {text}: info: QEMU waiting for connection on: "
+              f"disconnected:{where},server=on", file=sys.stderr, flush=True)
+        conn, _ = await asyncio.get_running_loop().sock_accept(sock)
+        chardev.first_client = conn
 
 
-def _declare_cli_types() -> None:
+def _declare_cli_types(with_commands: bool) -> None:
+    """Schema types of the command-line options that no QMP command declares.
+
+    Declared only after the command modules when those may declare them too (an NBD module
+    declaring BlockExportOptions wins; declaring a type twice differently is an error).
+    """
     from blockmirror.qmp.schema import TYPES, TypeRef, enum, struct, union
 
     if "MonitorOptions" not in TYPES:
         enum("MonitorMode", ["readline", "control"])
         struct("MonitorOptions", {"*id": "str", "*mode": "MonitorMode", "*pretty": "bool",
                                   "chardev": "str"})
+    if not with_commands:
+        return
     if "NbdServerOptions" not in TYPES:
         struct("NbdServerOptions", {"addr": "SocketAddress", "*tls-creds": "str",
                                     "*tls-authz": "str", "*max-connections": "uint32"})
@@ -281,8 +298,8 @@ def _declare_cli_types() -> None:
         struct("IothreadProperties", {
             "*poll-max-ns": "int", "*poll-grow": "int", "*poll-shrink": "int",
             "*aio-max-batch": "int", "*thread-pool-min": "int", "*thread-pool-max": "int"})
-        tls: dict[str, TypeRef] = {"*verify-peer": "bool", "*dir": "str", "*endpoint": "QCryptoTLSCredsEndpoint",
-               "*priority": "str"}
+        tls: dict[str, TypeRef] = {"*verify-peer": "bool", "*dir": "str",
+                                   "*endpoint": "QCryptoTLSCredsEndpoint", "*priority": "str"}
         struct("TlsCredsX509Properties", {**tls, "*sanity-check": "bool", "*passwordid": "str"})
         struct("TlsCredsPskProperties", {**tls, "*username": "str"})
         struct("TlsCredsAnonProperties", tls)
@@ -298,8 +315,12 @@ def _declare_cli_types() -> None:
 
 def _validated(type_name: str, text: str, implied: str | None) -> dict[str, Any]:
     from blockmirror.cli.keyval import parse_option
+    from blockmirror.qmp.registry import load_commands
     from blockmirror.qmp.schema import SchemaError, validate
 
+    if type_name != "MonitorOptions":  # the only type not needing the block layer's schema
+        load_commands()  # the command modules declare the schema types used below
+    _declare_cli_types(with_commands=type_name != "MonitorOptions")
     raw = parse_option(text, implied)
     try:
         out = validate(type_name, raw, None, "", keyval=not text.startswith("{"))
@@ -334,7 +355,7 @@ async def _apply(st: _State, opt: str, value: str) -> None:
         opts = _validated("BlockdevOptions", value, "driver")
         await open_blockdev(d.graph, opts)
     elif opt == "chardev":
-        _open_chardev(st, value)
+        await _open_chardev(st, value)
     elif opt == "monitor":
         mon = _validated("MonitorOptions", value, "chardev")
         chardev = st.chardevs.get(mon["chardev"])
@@ -347,8 +368,11 @@ async def _apply(st: _State, opt: str, value: str) -> None:
         chardev.used = True
         if chardev.server:
             await server.listen_socket(chardev.sock, pretty=pretty)
+            if chardev.first_client is not None:
+                server.attach_connected(chardev.first_client, pretty=pretty)
+                chardev.first_client = None
         else:
-            d.jobs.spawn(server.serve_connected(chardev.sock, pretty=pretty), "qmp-chardev")
+            server.attach_connected(chardev.sock, pretty=pretty)
     elif opt == "nbd-server":
         opts = _validated("NbdServerOptions", value, None)
         args = dict(opts)
@@ -379,8 +403,6 @@ async def _main(prog: str, opts: list[tuple[str, str | None]], ready_fd: int | N
 
     daemon = Daemon()
     st = _State(prog, daemon)
-    daemon.qmp_server()  # loads every command module, and with them the schema
-    _declare_cli_types()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, daemon.quit_requested.set)
@@ -399,8 +421,7 @@ async def _main(prog: str, opts: list[tuple[str, str | None]], ready_fd: int | N
                 return 1
         if st.pidfile is not None:
             try:
-                with open(st.pidfile, "w") as f:
-                    f.write(f"{os.getpid()}\n")
+                _write_pidfile(st.pidfile)
             except OSError as e:
                 print(f"{prog}: cannot create PID file: {e.strerror}", file=sys.stderr)
                 return 1
@@ -430,6 +451,12 @@ async def _main(prog: str, opts: list[tuple[str, str | None]], ready_fd: int | N
             with contextlib.suppress(OSError):
                 os.unlink(st.pidfile)
     return rc
+
+
+def _write_pidfile(path: str) -> None:
+    # a few bytes, once, before anyone can connect: no need for the thread pool
+    with open(path, "w") as f:
+        f.write(f"{os.getpid()}\n")
 
 
 def _daemonize() -> int | None:

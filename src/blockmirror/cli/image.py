@@ -19,7 +19,7 @@ from blockmirror.block.create import img_create, parse_size
 from blockmirror.block.driver import BlockStatus
 from blockmirror.block.graph import BlockGraph
 from blockmirror.block.node import BlockNode
-from blockmirror.block.options import close_all, open_image
+from blockmirror.block.options import attach_backend, close_all, open_image
 from blockmirror.block.query import image_info, size_to_str
 from blockmirror.errors import BlockMirrorError
 
@@ -180,8 +180,12 @@ async def _open_for_query(graph: BlockGraph, filename: str, fmt: str | None, *, 
                           force_share: bool) -> BlockNode:
     opts: dict[str, Any] = {"force-share": True} if force_share else {}
     try:
-        return await open_image(graph, filename, fmt, read_only=True, backing=backing,
+        node = await open_image(graph, filename, fmt, read_only=True, backing=backing,
                                 options=opts)
+        # like qemu-img: a read-only user sharing everything; formats (qcow2) still refuse
+        # to share their metadata file with a writer, unless -U
+        attach_backend(graph, node, owner="qemu-img")
+        return node
     except BlockMirrorError as e:
         err = BlockMirrorError(f"Could not open '{filename}': {e}")
         err.hint = e.hint

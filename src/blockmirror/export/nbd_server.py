@@ -159,8 +159,9 @@ class NbdServer:
 
     async def stop(self) -> None:
         """nbd-server-stop: shut every export down (with its events), then stop listening."""
-        for exp in list(self.exports.values()):
-            self.request_shutdown(exp, hard=True)
+        # newest first, the order in which QEMU closes them
+        for exp in reversed(list(self.exports.values())):
+            await self.request_shutdown(exp, hard=True)
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         if self._server is not None:
@@ -201,21 +202,26 @@ class NbdServer:
         self.exports[export_id] = exp
         return exp
 
-    def request_shutdown(self, exp: NbdExport, *, hard: bool) -> None:
-        """Stop advertising ``exp``; delete it (and emit the event) once its clients are gone."""
+    async def request_shutdown(self, exp: NbdExport, *, hard: bool) -> None:
+        """Stop advertising ``exp``; delete it (and emit the event) once its clients are gone.
+
+        Without clients the export goes at once, so BLOCK_EXPORT_DELETED precedes the command's
+        reply as in QEMU; otherwise it goes when the last client has disconnected.
+        """
         if not exp.user_owned:
             return
         exp.user_owned = False
         if hard:
             for c in list(exp.clients):
                 c.close()
+        if not exp.clients:
+            await self._finish_delete(exp)
+            return
         task = asyncio.get_running_loop().create_task(self._finish_delete(exp))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _finish_delete(self, exp: NbdExport) -> None:
-        # deletion completes after the command returned, like QEMU's bottom half
-        await asyncio.sleep(0)
         while exp.clients:
             await asyncio.gather(*(c.done.wait() for c in list(exp.clients)))
         self.exports.pop(exp.id, None)
@@ -251,6 +257,8 @@ class _Client:
         self.writer = writer
         self.export: NbdExport | None = None
         self.done = asyncio.Event()
+        #: set when serving the client hit an exception nobody expected (a bug of ours)
+        self.crashed = False
         self._task = asyncio.current_task()
         self._wlock = asyncio.Lock()
         self.structured = False
@@ -277,6 +285,7 @@ class _Client:
         except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError) as e:
             self.log.info("connection lost: %s", e)
         except Exception:
+            self.crashed = True
             self.log.exception("unexpected error serving an NBD client")
         finally:
             if self.export is not None:
@@ -321,22 +330,33 @@ class _Client:
         dec = RequestDecoder()
         dec.receive_data(trailing)
         slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        failure: BaseException | None = None
+        # the group lets the requests in flight finish (or fail) before the connection ends
         async with asyncio.TaskGroup() as tg:
-            while True:
-                req = dec.next_request()
-                if req is None:
-                    data = await self.reader.read(_READ_CHUNK)
-                    if not data:
-                        return
-                    dec.receive_data(data)
-                    continue
-                if isinstance(req, BadRequest):
-                    await self._send_error(req.cookie, req.errno, req.message)
+            try:
+                await self._request_loop(dec, tg, slots)
+            except (NBDProtocolError, ConnectionError, ssl.SSLError) as e:
+                failure = e  # raised outside the group, so not wrapped in an ExceptionGroup
+        if failure is not None:
+            raise failure
+
+    async def _request_loop(self, dec: RequestDecoder, tg: asyncio.TaskGroup,
+                            slots: asyncio.Semaphore) -> None:
+        while True:
+            req = dec.next_request()
+            if req is None:
+                data = await self.reader.read(_READ_CHUNK)
+                if not data:
                     return
-                if req.type == Cmd.DISC:
-                    return  # the TaskGroup lets the requests in flight finish first
-                await slots.acquire()
-                tg.create_task(self._serve(req, slots))
+                dec.receive_data(data)
+                continue
+            if isinstance(req, BadRequest):
+                await self._send_error(req.cookie, req.errno, req.message)
+                return
+            if req.type == Cmd.DISC:
+                return
+            await slots.acquire()
+            tg.create_task(self._serve(req, slots))
 
     async def _serve(self, req: Request, slots: asyncio.Semaphore) -> None:
         try:
@@ -588,7 +608,7 @@ async def block_export_del(daemon: Daemon, export_id: str, mode: str = "safe") -
         err = BlockMirrorError(f"export '{export_id}' still in use")
         err.hint = "Use mode='hard' to force client disconnect"
         raise err
-    server.request_shutdown(exp, hard=mode == "hard")
+    await server.request_shutdown(exp, hard=mode == "hard")
 
 
 def query_block_exports(daemon: Daemon) -> list[dict[str, Any]]:
@@ -596,7 +616,8 @@ def query_block_exports(daemon: Daemon) -> list[dict[str, Any]]:
     if server is None:
         return []
     out = []
-    for exp in server.exports.values():
+    # newest first, like QEMU's list of block exports (QLIST_INSERT_HEAD)
+    for exp in reversed(server.exports.values()):
         node = exp.blk.node
         out.append({"id": exp.id, "type": "nbd", "node-name": node.name if node else "",
                     "shutting-down": not exp.user_owned})

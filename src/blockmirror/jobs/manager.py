@@ -120,6 +120,10 @@ class JobManager:
         for job in jobs:
             if job.pause_count > 0:
                 job.resume()
+        # jobs kept for a manual dismiss: cancelling a concluded job dismisses it
+        for job in list(self.jobs.values()):
+            if job.status.value == "concluded":
+                await job.cancel(True)
 
 
 __all__ = ["JobManager"]

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from blockmirror.block.dirty_bitmap import DirtyBitmap
 from blockmirror.block.driver import BlockStatus
-from blockmirror.block.drivers.mirror_top import make_filter_node
+from blockmirror.block.drivers.mirror_top import MirrorTopDriver, make_filter_node
 from blockmirror.block.node import BlockBackend, BlockNode, Child, Perm
 from blockmirror.errors import BlockIOError, BlockMirrorError
 from blockmirror.jobs.job import Job
@@ -196,6 +196,8 @@ class MirrorJob(Job):
         self._holding_pause = False
         #: bytes before an op's offset that cow alignment added (consumed by _launch)
         self._extra_head = 0
+        #: the target names a backing file it has not opened (drive-mirror): see cow_bitmap
+        self._target_needs_cow = False
 
     # --- wiring (cf. mirror_start_job) ---------------------------------------------------------
 
@@ -240,10 +242,14 @@ class MirrorJob(Job):
         if filt is None or link is None:
             return
         below = link.node
+        if isinstance(filt.driver, MirrorTopDriver):
+            filt.driver.redirect = below
         self.graph.replace_node(filt, below, exclude=link)
         self.graph.detach(link)
         self.graph.forget_node(filt)
         self.filter = None
+        if isinstance(filt.driver, MirrorTopDriver):
+            filt.driver.quiesce(False)  # held requests go on, to ``redirect``
 
     # --- hooks from the source ------------------------------------------------------------------
 
@@ -284,6 +290,10 @@ class MirrorJob(Job):
             await proceed()
             if kind == "discard" or not self.should_copy_to_target():
                 return  # left to the tracker: a discard's content is not defined
+            if self._target_needs_cow and not self._subcluster_aligned(offset, length):
+                # a partial cluster would be completed from a backing the target cannot
+                # read yet: leave it to the background copy, which copies whole clusters
+                return
             synced = await self._sync_target_write(kind, offset, length)
             if synced:
                 self._hook.synced[(offset, length)] += 1
@@ -465,8 +475,8 @@ class MirrorJob(Job):
         except BlockMirrorError:
             return
         self.target_cluster_size = info.cluster_size or 0
-        if (info.backing_filename and self.target.backing is None
-                and self.granularity < self.target_cluster_size):
+        self._target_needs_cow = bool(info.backing_filename) and self.target.backing is None
+        if self._target_needs_cow and self.granularity < self.target_cluster_size:
             self.buf_size = max(self.buf_size, self.target_cluster_size)
             self.cow_bitmap = DirtyBitmap(self.bdev_length, self.granularity)
 
@@ -505,6 +515,7 @@ class MirrorJob(Job):
         if not self.quiesced:
             self.quiesced = True
             self.unquiesced.clear()
+            self._quiesce_filter(True)
         if not self._holding_pause:
             # drained jobs count as paused in query-block-jobs, as in QEMU
             self._holding_pause = True
@@ -517,6 +528,11 @@ class MirrorJob(Job):
         if self.quiesced:
             self.quiesced = False
             self.unquiesced.set()
+            self._quiesce_filter(False)
+
+    def _quiesce_filter(self, on: bool) -> None:
+        if self.filter is not None and isinstance(self.filter.driver, MirrorTopDriver):
+            self.filter.driver.quiesce(on)
 
     async def _loop(self) -> bool:
         """The main loop; True when it exited drained and in sync (cf. mirror_run's loop)."""
@@ -765,8 +781,9 @@ class MirrorJob(Job):
                 exclude = await self._fix_backing()
             if self.should_complete and not abort:
                 to_replace = self._to_replace or src
-                if exclude is not None and exclude.node is not to_replace:
-                    exclude = None
+                # links from the target itself stay (cf. should_update_child): no loops
+                own = [c for c in to_replace.parents if c.parent is tgt]
+                exclude = own[0] if own else None
                 try:
                     graph.replace_node(to_replace, tgt, exclude=exclude)
                     pivoted = True

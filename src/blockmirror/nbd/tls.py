@@ -36,7 +36,7 @@ def find_creds(
     if qom_type not in TLS_TYPES:
         raise BlockMirrorError(f"Object with id '{creds_id}' is not TLS credentials")
     if str(props.get("endpoint", "client")) != endpoint:
-        raise BlockMirrorError(f"Expecting TLS credentials with a {endpoint} endpoint")
+        raise BlockMirrorError(f"Expected TLS credentials for a {endpoint} endpoint")
     return qom_type, props
 
 

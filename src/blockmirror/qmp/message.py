@@ -147,7 +147,9 @@ class JSONStreamer:
             self._cut_token()
 
     def _cut_token(self) -> None:
-        self._token(Tok.PARTIAL)
+        # The token is over the limit and will only be reported: drop it without copying.
+        self._tok = bytearray()
+        self._token(Tok.PARTIAL, MAX_TOKEN_SIZE + 1)
         self._state = _S.START
 
     def _emit_tok(self, t: Tok) -> None:
@@ -256,9 +258,10 @@ class JSONStreamer:
 
     # -- streamer ------------------------------------------------------------------------
 
-    def _token(self, t: Tok) -> None:
+    def _token(self, t: Tok, size: int | None = None) -> None:
         text = bytes(self._tok)
         self._tok.clear()
+        length = len(text) if size is None else size
         err: str | None = None
         if t is Tok.LCURLY:
             self._brace += 1
@@ -273,7 +276,7 @@ class JSONStreamer:
             shown = text.split(b"\0", 1)[0].decode("utf-8", "replace")
             err = "JSON parse error, stray '" + shown + "'"
         if err is None:
-            if self._token_size + len(text) + 1 > MAX_TOKEN_SIZE:
+            if self._token_size + length + 1 > MAX_TOKEN_SIZE:
                 err = "JSON token size limit exceeded"
             elif len(self._tokens) + 1 > MAX_TOKEN_COUNT:
                 err = "JSON token count limit exceeded"
@@ -557,8 +560,14 @@ def to_json(value: Any, pretty: bool = False, _indent: int = 0) -> str:
 
 
 def encode(value: Any, pretty: bool = False) -> bytes:
-    """One complete server message: ASCII JSON followed by CRLF."""
-    return (to_json(value, pretty) + "\r\n").encode("ascii")
+    """One complete server message: ASCII JSON followed by CRLF.
+
+    The monitor turns every newline into CRLF, the pretty printer's included.
+    """
+    text = to_json(value, pretty)
+    if pretty:
+        text = text.replace("\n", "\r\n")
+    return (text + "\r\n").encode("ascii")
 
 
 __all__ = [

@@ -14,10 +14,11 @@ import contextlib
 import logging
 import os
 import socket
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from blockmirror.errors import BlockMirrorError
-from blockmirror.qmp.registry import Args, CommandContext, load_commands
+from blockmirror.qmp.registry import Args, CommandContext, CommandDef, load_commands
 from blockmirror.qmp.session import Execute, QMPSession, Reply
 
 if TYPE_CHECKING:
@@ -44,6 +45,27 @@ async def run_command(daemon: Daemon, session: QMPSession, req: Execute) -> byte
     return session.reply_return(req, ret)
 
 
+class LazyCommands(Mapping[str, CommandDef]):
+    """The command registry, loaded (``load_commands()``) on first use."""
+
+    def __init__(self) -> None:
+        self._loaded: dict[str, CommandDef] | None = None
+
+    def _get(self) -> dict[str, CommandDef]:
+        if self._loaded is None:
+            self._loaded = load_commands()
+        return self._loaded
+
+    def __getitem__(self, key: str) -> CommandDef:
+        return self._get()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+
 class QMPServer:
     """Serves QMP for one daemon on any number of listeners (monitors)."""
 
@@ -51,10 +73,13 @@ class QMPServer:
         self.daemon = daemon
         self.pretty = pretty
         self.oob = oob
-        self.commands = load_commands()
+        # Command modules (and the block layer behind them) are imported on the first
+        # request, not at start-up: the greeting must not wait for them.
+        self.commands = LazyCommands()
         self._servers: list[asyncio.Server] = []
         self._clients: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
+        self._attached: set[asyncio.Task[None]] = set()
         self._unix_paths: list[str] = []
 
     def _handler(self, pretty: bool | None) -> Any:
@@ -89,6 +114,13 @@ class QMPServer:
         self._servers.append(srv)
         return srv
 
+    def attach_connected(self, sock: socket.socket, *, pretty: bool | None = None) -> None:
+        """Serve an already connected socket in a task this server owns (and ends on close)."""
+        task = asyncio.get_running_loop().create_task(
+            self.serve_connected(sock, pretty=pretty), name="qmp-connected")
+        self._attached.add(task)
+        task.add_done_callback(self._attached.discard)
+
     async def serve_connected(self, sock: socket.socket, *, pretty: bool | None = None) -> None:
         """Serve one already connected socket (``-chardev socket,fd=N`` without server=on)."""
         reader, writer = await asyncio.open_connection(sock=sock, limit=READ_CHUNK) \
@@ -107,8 +139,9 @@ class QMPServer:
         # Aborting the transports ends each client loop with EOF; cancel what is still busy.
         for writer in list(self._writers):
             writer.transport.abort()
-        if self._clients:
-            _, busy = await asyncio.wait(set(self._clients), timeout=1.0)
+        pending = self._clients | self._attached
+        if pending:
+            _, busy = await asyncio.wait(pending, timeout=1.0)
             for task in busy:
                 task.cancel()
             for task in busy:
@@ -171,9 +204,8 @@ class QMPServer:
             unsubscribe()
             self._clients.discard(task)
             self._writers.discard(writer)
-            writer.transport.abort() if not writer.is_closing() else None
-            with contextlib.suppress(Exception):
-                writer.close()
+            if not writer.is_closing():
+                writer.transport.abort()
 
 
 __all__ = ["QMPServer", "run_command"]

@@ -25,12 +25,15 @@ from typing import Any
 from blockmirror import QEMU_COMPAT_PACKAGE, QEMU_COMPAT_VERSION
 from blockmirror.qmp.message import JSONParseError, JSONStreamer, encode, qdict_order
 from blockmirror.qmp.registry import CommandDef
-from blockmirror.qmp.schema import SchemaError, validate_command_args, validate_members
+from blockmirror.qmp.schema import SchemaError, enum, validate_command_args, validate_members
 
 NEGOTIATION_HINT = "Expecting capabilities negotiation with 'qmp_capabilities'"
 ALREADY_NEGOTIATED = "Capabilities negotiation is already complete, command ignored"
 
 _NO_ID = object()
+
+# qmp_capabilities is handled here, before any command module is loaded
+enum("QMPCapability", ["oob"])
 
 
 class Mode(Enum):

@@ -26,7 +26,11 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
+import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -166,8 +170,6 @@ def daemon_argv(kind: str, sock_path: str, *extra: str) -> list[str]:
 
     ``kind`` is "qsd" (the real qemu-storage-daemon) or "ours" (``python -m`` blockmirror).
     """
-    import sys
-
     chardev = f"socket,id=qmp0,path={sock_path},server=on,wait=off"
     base = [QSD] if kind == "qsd" else [sys.executable, "-m", "blockmirror.cli.main", "daemon"]
     return [*base, "--chardev", chardev, "--monitor", "chardev=qmp0", *extra]
@@ -177,27 +179,47 @@ class DaemonProcess:
     """A daemon subprocess bound to a ``with`` block: killed (and reaped) on exit, always."""
 
     def __init__(self, argv: list[str], sock_path: str, limit_s: float = 20.0) -> None:
-        import subprocess
-        import time
 
         self.sock_path = sock_path
         with contextlib.suppress(FileNotFoundError):
             os.unlink(sock_path)
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE)
+        # Output goes to files, not pipes: a pipe nobody drains could block the daemon.
+        # (closed in kill(), which every path reaches)
+        self.stdout = tempfile.TemporaryFile()  # noqa: SIM115
+        self.stderr = tempfile.TemporaryFile()  # noqa: SIM115
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.stdout,
+                                     stderr=self.stderr)
         deadline = time.monotonic() + limit_s
         while not os.path.exists(sock_path):
             if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                err = self.output(stderr=True)
+                self.kill()
                 raise RuntimeError(f"daemon exited early ({self.proc.returncode}): {err}")
             if time.monotonic() > deadline:
                 self.kill()
                 raise TimeoutError(f"{argv[0]} did not create {sock_path}")
             time.sleep(0.005)
+        # the path exists from bind() on; wait for listen() too, so callers can connect at once
+        while True:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.connect(sock_path)
+                    break
+                except ConnectionRefusedError:
+                    if time.monotonic() > deadline:
+                        self.kill()
+                        raise
+            time.sleep(0.005)
 
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    def output(self, stderr: bool = False) -> str:
+        """What the daemon printed so far on stdout (or stderr)."""
+        f = self.stderr if stderr else self.stdout
+        f.seek(0)
+        return f.read().decode(errors="replace")
 
     def connect(self, limit_s: float = 10.0) -> SyncQMP:
         return SyncQMP(self.sock_path, limit_s)
@@ -207,9 +229,8 @@ class DaemonProcess:
             self.proc.kill()
         with contextlib.suppress(Exception):
             self.proc.wait(10)
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                stream.close()
+        self.stdout.close()
+        self.stderr.close()
 
     def __enter__(self) -> DaemonProcess:
         return self
@@ -222,13 +243,22 @@ class SyncQMP:
     """A blocking byte-level QMP connection (for subprocess daemons)."""
 
     def __init__(self, path: str, limit_s: float = 10.0) -> None:
-        import socket
 
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(limit_s)
-        self.sock.connect(path)
+        # the path appears at bind(), a moment before listen(): retry a refused connect
+        deadline = time.monotonic() + limit_s
+        while True:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(limit_s)
+            try:
+                self.sock.connect(path)
+                break
+            except ConnectionRefusedError:
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.005)
         self._buf = b""
-        self.greeting = self.read_line()
+        self.greeting = self.read_message()
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -242,14 +272,25 @@ class SyncQMP:
         line, _, self._buf = self._buf.partition(b"\n")
         return line + b"\n"
 
+    def read_message(self) -> bytes:
+        """One server message: a line, or a pretty-printed block from "{" to "}"."""
+        msg = self.read_line()
+        if msg == b"{\r\n":
+            while True:
+                line = self.read_line()
+                msg += line
+                if line == b"}\r\n":
+                    break
+        return msg
+
     def read_until(self, marker: bytes) -> list[bytes]:
-        """Every line up to and including the first one containing ``marker``."""
-        lines = []
+        """Every message up to and including the first one containing ``marker``."""
+        msgs = []
         while True:
-            line = self.read_line()
-            lines.append(line)
-            if marker in line:
-                return lines
+            msg = self.read_message()
+            msgs.append(msg)
+            if marker in msg:
+                return msgs
 
     def close(self) -> None:
         self.sock.close()

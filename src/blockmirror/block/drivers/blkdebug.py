@@ -199,6 +199,7 @@ class BlkdebugDriver(BlockDriver):
         for d in opts.get("set-state") or []:
             self.set_state_rules.append(parse_set_state(dict(d)))
         child = self._image.driver
+        self.can_write_zeroes_with_unmap = child.can_write_zeroes_with_unmap
         align = opts.get("align")
         if align is not None:
             a = _int(align, "align")

@@ -58,6 +58,35 @@ def _byte_locked_by_other(fd: int, start: int) -> bool:
     return bool(kind != fcntl.F_UNLCK)
 
 
+def _open_file(
+    filename: str, flags: int, auto_read_only: bool, direct: bool
+) -> tuple[int, os.stat_result, bool]:
+    """open(2) + fstat in a worker: (fd, stat, opened read-only by auto-read-only)."""
+    read_only = False
+    try:
+        fd = os.open(filename, flags)
+    except OSError as e:
+        err = e.errno or errno.EIO
+        if auto_read_only and err in (errno.EACCES, errno.EROFS, errno.EPERM):
+            read_only = True
+            try:
+                fd = os.open(filename, (flags & ~os.O_RDWR) | os.O_RDONLY)
+            except OSError as e2:
+                err2 = e2.errno or errno.EIO
+                raise BlockMirrorError(f"Could not open '{filename}': {os.strerror(err2)}") from e2
+        elif direct and err == errno.EINVAL:
+            raise BlockMirrorError(
+                f"Could not open '{filename}': filesystem does not support O_DIRECT"
+            ) from e
+        else:
+            raise BlockMirrorError(f"Could not open '{filename}': {os.strerror(err)}") from e
+    st = os.fstat(fd)
+    if stat.S_ISDIR(st.st_mode):
+        os.close(fd)
+        raise BlockMirrorError(f"Could not open '{filename}': {os.strerror(errno.EISDIR)}")
+    return fd, st, read_only
+
+
 def _os_error(e: OSError) -> BlockIOError:
     return BlockIOError(e.errno or errno.EIO)
 
@@ -105,44 +134,29 @@ class FileDriver(BlockDriver):
         flags = os.O_CLOEXEC | (os.O_RDONLY if self.node.read_only else os.O_RDWR)
         if self.node.cache_direct:
             flags |= os.O_DIRECT
+        auto_ro = not self.node.read_only and bool(self.node.options.get("auto-read-only"))
+        fd, st, read_only = await threadio.run(_open_file, filename, flags, auto_ro,
+                                               self.node.cache_direct)
+        self.fd = fd
+        # auto-read-only: QEMU settles for read-only access when writing is not allowed
+        self.node.read_only = self.node.read_only or read_only
+        self.is_block_device = stat.S_ISBLK(st.st_mode) or stat.S_ISCHR(st.st_mode)
         try:
-            self.fd = os.open(filename, flags)
-        except OSError as e:
-            if (
-                not self.node.read_only
-                and self.node.options.get("auto-read-only")
-                and e.errno in (errno.EACCES, errno.EROFS, errno.EPERM)
-            ):
-                # auto-read-only: settle for read-only access, as QEMU does
-                self.node.read_only = True
-                try:
-                    self.fd = os.open(filename, flags & ~os.O_RDWR | os.O_RDONLY)
-                except OSError as e2:
-                    raise BlockMirrorError(
-                        f"Could not open '{filename}': {os.strerror(e2.errno or errno.EIO)}"
-                    ) from e2
-            else:
-                err = e.errno or errno.EIO
-                if self.node.cache_direct and err == errno.EINVAL:
-                    raise BlockMirrorError(
-                        f"Could not open '{filename}': filesystem does not support O_DIRECT"
-                    ) from e
-                raise BlockMirrorError(f"Could not open '{filename}': {os.strerror(err)}") from e
-        st = os.fstat(self.fd)
-        if stat.S_ISDIR(st.st_mode):
+            self._check_kind()
+        except BlockMirrorError:
             os.close(self.fd)
             self.fd = -1
-            raise BlockMirrorError(f"'{filename}' is a directory")
-        self.is_block_device = stat.S_ISBLK(st.st_mode)
-        self._check_kind()
+            raise
+        # regular files punch holes that read back as zeroes (cf. supported_zero_flags)
+        self.can_write_zeroes_with_unmap = not self.is_block_device
         self._refresh_size(st)
         if self.node.cache_direct:
-            self.request_alignment = self._probe_alignment()
+            self.request_alignment = await threadio.run(self._probe_alignment)
 
     def _check_kind(self) -> None:
         if self.is_block_device:
             raise BlockMirrorError(
-                f"'{self.filename}' is a block device; use driver 'host_device' instead"
+                f"'file' driver requires '{self.filename}' to be a regular file"
             )
 
     def _refresh_size(self, st: os.stat_result | None = None) -> None:
@@ -322,7 +336,10 @@ class HostDeviceDriver(FileDriver):
 
     def _check_kind(self) -> None:
         if not self.is_block_device:
-            raise BlockMirrorError(f"'{self.filename}' is not a block device")
+            raise BlockMirrorError(
+                f"'host_device' driver requires '{self.filename}' to be either a character "
+                "or block device"
+            )
 
 
 register(FileDriver)

@@ -9,6 +9,7 @@ are seen too. Implicit (unnamed) filters are hidden from queries by ``BlockNode.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 
 from blockmirror.block.driver import BlockDriver, DriverInfo, Extent, WriteFlags
@@ -22,14 +23,35 @@ class MirrorTopDriver(BlockDriver):
     format_name = "mirror_top"
     is_filter = True
 
+    def __init__(self, node: BlockNode) -> None:
+        super().__init__(node)
+        #: set by the job while it drains the source before the pivot (cf. drained_begin)
+        self.quiesced = False
+        self._resume = asyncio.Event()
+        self._resume.set()
+        #: where the filter's parents went when it was removed: requests that were held at
+        #: the gate across the pivot continue there, as QEMU's would after the drain
+        self.redirect: BlockNode | None = None
+
+    def quiesce(self, on: bool) -> None:
+        self.quiesced = on
+        if on:
+            self._resume.clear()
+        else:
+            self._resume.set()
+
+    async def _gate(self) -> None:
+        while self.quiesced:
+            await self._resume.wait()
+
     def _child(self) -> BlockNode:
-        child = self.node.backing
+        child = self.node.backing or self.redirect
         if child is None:
             raise BlockIOError(errno.ENOMEDIUM, "No medium found")
         return child
 
     def length(self) -> int:
-        child = self.node.backing
+        child = self.node.backing or self.redirect
         return child.length() if child is not None else 0
 
     def info(self) -> DriverInfo:
@@ -42,15 +64,18 @@ class MirrorTopDriver(BlockDriver):
         return await self._child().read(offset, length)
 
     async def pwritev(self, offset: int, data: bytes | memoryview, flags: WriteFlags) -> None:
+        await self._gate()
         await self._child().write(offset, data, fua=WriteFlags.FUA in flags)
 
     async def pwrite_zeroes(self, offset: int, length: int, flags: WriteFlags) -> None:
+        await self._gate()
         await self._child().write_zeroes(
             offset, length, may_unmap=WriteFlags.MAY_UNMAP in flags, fua=WriteFlags.FUA in flags,
             no_fallback=WriteFlags.NO_FALLBACK in flags,
         )
 
     async def pdiscard(self, offset: int, length: int) -> None:
+        await self._gate()
         await self._child().discard(offset, length)
 
     async def flush(self) -> None:

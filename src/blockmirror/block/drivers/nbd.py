@@ -32,13 +32,8 @@ from blockmirror.nbd.constants import (
     TransmissionFlag,
     wire_to_errno,
 )
-from blockmirror.nbd.handshake import (
-    ClientHandshake,
-    ExportInfo,
-    ExportList,
-    Negotiated,
-    StartTLS,
-)
+from blockmirror.nbd.handshake import ExportInfo, ExportList, Negotiated, StartTLS
+from blockmirror.nbd.handshake_client import ClientHandshake
 from blockmirror.nbd.tls import client_context
 from blockmirror.nbd.transmission import (
     DataChunk,

@@ -16,6 +16,21 @@ from blockmirror.block.node import BlockNode
 from blockmirror.errors import BlockIOError, BlockMirrorError
 
 _SECTOR = 512
+# image-format magics a probe would recognise (cf. the bdrv_probe functions); a probed raw
+# image refuses to get one of these written into its first sector
+_MAGICS = (b"QFI\xfb", b"QED\x00", b"KDMV", b"conectix", b"LUKS\xba\xbe", b"vhdxfile")
+
+#: printed once when a raw image was opened by probing (cf. bdrv_open_inherit)
+PROBED_RAW_WARNING = (
+    "WARNING: Image format was not specified for '{}' and probing guessed raw.\n"
+    "         Automatically detecting the format is dangerous for raw images, write "
+    "operations on block 0 will be restricted.\n"
+    "         Specify the 'raw' format explicitly to remove the restrictions."
+)
+
+
+def looks_like_image(sector0: bytes) -> bool:
+    return any(sector0.startswith(m) for m in _MAGICS) or sector0[0x40:0x44] == b"\x7f\x10\xda\xbe"
 
 
 @register
@@ -30,6 +45,8 @@ class RawDriver(BlockDriver):
         super().__init__(node)
         self.offset = 0
         self.size: int | None = None
+        #: opened by format probing: sector 0 must not become another format's header
+        self.probed = False
 
     @property
     def _file(self) -> BlockNode:
@@ -86,8 +103,20 @@ class RawDriver(BlockDriver):
         return await self._file.read(self.offset + offset, length)
 
     async def pwritev(self, offset: int, data: bytes | memoryview, flags: WriteFlags) -> None:
+        if self.probed and offset < _SECTOR:
+            await self._check_sector0(offset, data)
         self._file.debug_event("write_aio")
         await self._file.write(self.offset + offset, data, fua=WriteFlags.FUA in flags)
+
+    async def _check_sector0(self, offset: int, data: bytes | memoryview) -> None:
+        """cf. raw_co_pwritev on probed images: EPERM for a write that makes sector 0 look
+        like an image header (a guest could otherwise turn its disk into a qcow2 image)."""
+        n = min(_SECTOR, self.length())
+        sector = bytearray(await self._file.read(self.offset, n)) if n else bytearray()
+        part = bytes(data[: max(0, n - offset)])
+        sector[offset : offset + len(part)] = part
+        if looks_like_image(bytes(sector)):
+            raise BlockIOError(errno.EPERM)
 
     async def pwrite_zeroes(self, offset: int, length: int, flags: WriteFlags) -> None:
         await self._file.write_zeroes(

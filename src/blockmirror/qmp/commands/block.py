@@ -201,10 +201,14 @@ def _create_job_class() -> type[Any]:
             self.options = options
 
         async def run(self) -> None:
+            # cf. blockdev_create_run: one unit of progress, done when the driver returns
+            self.progress.set_remaining(1)
             try:
                 await _create_image(self.ctx, self.options)
             except OSError as e:
                 raise BlockMirrorError(e.strerror or "Input/output error") from e
+            finally:
+                self.progress.update(1)  # QEMU counts the step done even when it failed
 
     return CreateJob
 

@@ -189,7 +189,14 @@ async def drive_mirror(ctx: CommandContext, args: Args) -> None:
     filename = args.get_str("target")
     if (sync == "full" or target_backing is None) and mode != "existing":
         assert fmt is not None
-        await img_create(filename, fmt, size, printer=daemon.print_stdout)
+        if fmt in ("file", "host_device"):
+            # a protocol-level source: QEMU creates a plain file through the file driver; it
+            # prints the same line as raw, with the protocol's name
+            line_fmt = fmt
+            await img_create(filename, "raw", size, printer=lambda line: daemon.print_stdout(
+                line.replace(", fmt=raw ", f", fmt={line_fmt} ", 1)))
+        else:
+            await img_create(filename, fmt, size, printer=daemon.print_stdout)
     elif mode == "absolute-paths":
         assert fmt is not None and target_backing is not None
         explicit = target_backing
@@ -197,8 +204,10 @@ async def drive_mirror(ctx: CommandContext, args: Args) -> None:
             child = explicit.filtered_child()
             assert child is not None
             explicit = child
+        # NO_BACKING: the backing is not opened to check it (it is in use: the source)
         await img_create(filename, fmt, size, backing_file=explicit.filename,
-                         backing_fmt=explicit.format_name, printer=daemon.print_stdout)
+                         backing_fmt=explicit.format_name, unsafe=True,
+                         printer=daemon.print_stdout)
     target = await open_image(graph, filename, fmt, read_only=False, backing=False,
                               node_name=args.opt_str("node-name"))
     target_is_zero = mode != "existing" and target.driver.has_zero_init()

@@ -399,16 +399,67 @@ class Qcow2Driver(BlockDriver):
         self.rb_cache.mark_dirty(r)
         return v
 
+    async def _rc_inc_range(self, start: int, n: int) -> None:
+        """Take a reference on ``n`` free clusters (their refcount blocks exist)."""
+        c, end = start, start + n
+        while c < end:
+            r = c >> self.rb_bits
+            base = r << self.rb_bits
+            hi = min(end, base + self.epb)
+            blk = await self._load_rb(r)
+            blk[c - base : hi - base] = [v + 1 for v in blk[c - base : hi - base]]
+            self.rb_cache.mark_dirty(r, blk)
+            c = hi
+
     async def _find_free(self, n: int) -> int:
-        c = start = self.free_hint
+        """The first run of ``n`` free clusters at or after the free hint.
+
+        Scans decoded refcount blocks with list primitives rather than cluster by cluster;
+        everything at or past ``alloc_end`` and every range without a refcount block is free.
+        """
+        c = self.free_hint
+        start = c
         run = 0
+        first_free = -1
+        epb = self.epb
         while run < n:
-            if c >= self.alloc_end or await self._refcount(c) == 0:
-                run += 1
-            else:
-                run = 0
-                start = c + 1
-            c += 1
+            if c >= self.alloc_end:
+                if run == 0:
+                    start = c
+                break
+            r = c >> self.rb_bits
+            base = r << self.rb_bits
+            if r >= len(self.reftable) or not self.reftable[r] & REFT_OFFSET_MASK:
+                if run == 0:
+                    start = c
+                run += base + epb - c
+                c = base + epb
+                continue
+            blk = await self._load_rb(r)
+            i = c - base
+            while i < epb and run < n:
+                if run == 0:
+                    try:
+                        i = blk.index(0, i)
+                    except ValueError:
+                        i = epb
+                        break
+                    start = base + i
+                need = min(n - run, epb - i)
+                seg = blk[i : i + need]
+                if not any(seg):
+                    run += need
+                    i += need
+                else:
+                    k = next(k for k, v in enumerate(seg) if v)
+                    run = 0
+                    i += k + 1
+            c = base + i
+            if first_free < 0 and run:
+                first_free = start
+        if first_free < 0:
+            first_free = start
+        self.free_hint = start + n if start == first_free else first_free
         return start
 
     async def _alloc(self, n: int) -> int:
@@ -423,10 +474,7 @@ class Qcow2Driver(BlockDriver):
                     missing = r
                     break
             if missing is None:
-                for c in range(start, start + n):
-                    await self._rc_add(c, 1)
-                if start == self.free_hint:
-                    self.free_hint = start + n
+                await self._rc_inc_range(start, n)
                 self.alloc_end = max(self.alloc_end, start + n)
                 return start
             if missing >= len(self.reftable):

@@ -1,0 +1,181 @@
+"""Mirror benchmark: qemu-storage-daemon and blockmirror side by side, in the same run.
+
+For each source (1 GiB raw and qcow2; 4 GiB too with BENCH_MIRROR_4G=1, off by default because
+each 4 GiB pair takes minutes on a small machine), half allocated by a seeded generator, both
+daemons are started with the same command line, the same ``blockdev-mirror sync=full`` is sent
+over QMP, and we measure the time to BLOCK_JOB_READY, the daemon's CPU seconds and its peak RSS
+(from wait4's rusage), idle and under a paced guest writer (qemu-io over the NBD export).
+Prints one row per run and the ours/QSD ratio. ``BENCH_MIRROR_SIZES=64M,256M`` overrides sizes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+MiB = 1 << 20
+GiB = 1 << 30
+CHUNK = 4 * MiB
+
+
+@dataclass
+class Result:
+    ready_s: float
+    cpu_s: float
+    rss_mib: float
+
+
+def _parse_size(text: str) -> int:
+    mult = {"K": 1 << 10, "M": MiB, "G": GiB}
+    return int(text[:-1]) * mult[text[-1].upper()] if text[-1].isalpha() else int(text)
+
+
+def make_source(work: str, size: int, fmt: str, seed: int = 42) -> str:
+    """A raw file with half of its 4 MiB chunks filled (seeded), converted to ``fmt``."""
+    raw = os.path.join(work, f"src-{size}.raw")
+    if not os.path.exists(raw):
+        rng = random.Random(seed)
+        chunks = list(range(size // CHUNK))
+        rng.shuffle(chunks)
+        with open(raw, "wb") as f:
+            f.truncate(size)
+            block = rng.randbytes(CHUNK)
+            for i in sorted(chunks[: len(chunks) // 2]):
+                f.seek(i * CHUNK)
+                f.write(block[i % 7 :] + block[: i % 7])
+    if fmt == "raw":
+        return raw
+    out = os.path.join(work, f"src-{size}.{fmt}")
+    if not os.path.exists(out):
+        subprocess.run(["qemu-img", "convert", "-O", fmt, raw, out], check=True)
+    return out
+
+
+def _daemon_argv(which: str, work: str, src: str, tgt: str, fmt: str) -> list[str]:
+    prog = (["qemu-storage-daemon"] if which == "qsd"
+            else [sys.executable, "-m", "blockmirror.cli.main", "daemon"])
+    return prog + [
+        "--blockdev", f"driver=file,node-name=src-file,filename={src}",
+        "--blockdev", f"driver={fmt},node-name=src,file=src-file",
+        "--blockdev", f"driver=file,node-name=tgt-file,filename={tgt}",
+        "--blockdev", f"driver={fmt},node-name=tgt,file=tgt-file",
+        "--chardev", f"socket,id=m0,path={work}/{which}.sock,server=on,wait=off",
+        "--monitor", "chardev=m0",
+        "--nbd-server", f"addr.type=unix,addr.path={work}/{which}-nbd.sock",
+        "--export", "type=nbd,id=e0,node-name=src,name=src,writable=on",
+        "--pidfile", f"{work}/{which}.pid",
+    ]
+
+
+def _writer(work: str, which: str, size: int) -> subprocess.Popen[bytes]:
+    """qemu-io over NBD: 64 KiB writes at seeded offsets, ~6 MB/s (a 10 ms sleep each)."""
+    rng = random.Random(7)
+    cmds: list[str] = []
+    for _ in range(3000):
+        off = rng.randrange(0, size // 65536) * 65536
+        cmds += ["-c", f"write -P 0x{rng.randrange(1, 255):02x} {off} 64k", "-c", "sleep 10"]
+    url = f"nbd+unix:///src?socket={work}/{which}-nbd.sock"
+    return subprocess.Popen(["qemu-io", "-f", "raw", *cmds, url], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+async def run_one(which: str, work: str, src: str, fmt: str, size: int, busy: bool) -> Result:
+    from qemu.qmp import QMPClient
+
+    tgt = os.path.join(work, f"tgt-{which}.{fmt}")
+    subprocess.run(["qemu-img", "create", "-q", "-f", fmt, tgt, str(size)], check=True)
+    for f in (f"{which}.pid",):
+        path = os.path.join(work, f)
+        if os.path.exists(path):
+            os.unlink(path)
+    proc = subprocess.Popen(_daemon_argv(which, work, src, tgt, fmt), stdout=subprocess.DEVNULL)
+    writer: subprocess.Popen[bytes] | None = None
+    qmp = QMPClient(which)
+    try:
+        pidfile = os.path.join(work, f"{which}.pid")
+        for _ in range(3000):
+            if os.path.exists(pidfile):
+                break
+            await asyncio.sleep(0.01)
+        await qmp.connect(os.path.join(work, f"{which}.sock"))
+        if busy:
+            writer = _writer(work, which, size)
+            await asyncio.sleep(0.3)
+        t0 = time.monotonic()
+        ready = asyncio.ensure_future(_wait_event(qmp, "BLOCK_JOB_READY"))
+        await qmp.execute("blockdev-mirror", {"job-id": "m", "device": "src", "target": "tgt",
+                                              "sync": "full"})
+        await asyncio.wait_for(ready, 3600)
+        ready_s = time.monotonic() - t0
+        await qmp.execute("block-job-cancel", {"device": "m"})
+        await _wait_event(qmp, "BLOCK_JOB_COMPLETED")
+        if writer is not None:
+            writer.kill()
+            writer.wait()
+            writer = None
+        with contextlib.suppress(Exception):
+            await qmp.execute("quit")
+        with contextlib.suppress(Exception):
+            await qmp.disconnect()
+    finally:
+        if writer is not None:
+            writer.kill()
+            writer.wait()
+    # reap it ourselves: wait4 gives the daemon's own CPU time and peak RSS
+    try:
+        _, _, ru = await asyncio.wait_for(asyncio.to_thread(os.wait4, proc.pid, 0), 60)
+    except TimeoutError:
+        proc.kill()
+        _, _, ru = os.wait4(proc.pid, 0)
+    proc.returncode = 0  # reaped above; keep Popen from waiting again
+    os.unlink(tgt)
+    return Result(ready_s, ru.ru_utime + ru.ru_stime, ru.ru_maxrss / 1024)
+
+
+async def _wait_event(qmp: Any, name: str) -> None:
+    async for ev in qmp.events:
+        if ev["event"] == name:
+            return
+
+
+def main() -> int:
+    for tool in ("qemu-storage-daemon", "qemu-img", "qemu-io"):
+        if shutil.which(tool) is None:
+            print(f"skipping: {tool} is not installed")
+            return 0
+    sizes = [GiB]
+    if os.environ.get("BENCH_MIRROR_4G") == "1":
+        sizes.append(4 * GiB)
+    if os.environ.get("BENCH_MIRROR_SIZES"):
+        sizes = [_parse_size(s) for s in os.environ["BENCH_MIRROR_SIZES"].split(",")]
+    work = tempfile.mkdtemp(prefix="bench-mirror-", dir=os.environ.get("BENCH_DIR"))
+    print(f"{'size':>6} {'fmt':>5} {'load':>5} | {'QSD ready':>9} {'cpu':>6} {'rss':>6} | "
+          f"{'ours ready':>10} {'cpu':>6} {'rss':>6} | {'ratio':>6}")
+    try:
+        for size in sizes:
+            for fmt in ("raw", "qcow2"):
+                src = make_source(work, size, fmt)
+                for busy in (False, True):
+                    # one daemon at a time; wait4 needs each daemon reaped by us
+                    r_q = asyncio.run(run_one("qsd", work, src, fmt, size, busy))
+                    r_o = asyncio.run(run_one("ours", work, src, fmt, size, busy))
+                    print(f"{size // MiB:>5}M {fmt:>5} {'busy' if busy else 'idle':>5} | "
+                          f"{r_q.ready_s:>8.2f}s {r_q.cpu_s:>5.1f}s {r_q.rss_mib:>5.0f}M | "
+                          f"{r_o.ready_s:>9.2f}s {r_o.cpu_s:>5.1f}s {r_o.rss_mib:>5.0f}M | "
+                          f"{r_o.ready_s / max(r_q.ready_s, 1e-6):>5.1f}x", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
