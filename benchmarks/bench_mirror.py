@@ -4,7 +4,8 @@ For each source (1 GiB raw and qcow2; 4 GiB too with BENCH_MIRROR_4G=1, off by d
 each 4 GiB pair takes minutes on a small machine), half allocated by a seeded generator, both
 daemons are started with the same command line, the same ``blockdev-mirror sync=full`` is sent
 over QMP, and we measure the time to BLOCK_JOB_READY, the daemon's CPU seconds and its peak RSS
-(from wait4's rusage), idle and under a paced guest writer (qemu-io over the NBD export).
+(from wait4's rusage), idle and under a paced guest writer (qemu-io over the NBD export);
+idle copies are checked with ``qemu-img compare`` after a soft cancel.
 Prints one row per run and the ours/QSD ratio. ``BENCH_MIRROR_SIZES=64M,256M`` overrides sizes.
 """
 
@@ -63,7 +64,8 @@ def make_source(work: str, size: int, fmt: str, seed: int = 42) -> str:
 def _daemon_argv(which: str, work: str, src: str, tgt: str, fmt: str) -> list[str]:
     prog = (["qemu-storage-daemon"] if which == "qsd"
             else [sys.executable, "-m", "blockmirror.cli.main", "daemon"])
-    return prog + [
+    return [
+        *prog,
         "--blockdev", f"driver=file,node-name=src-file,filename={src}",
         "--blockdev", f"driver={fmt},node-name=src,file=src-file",
         "--blockdev", f"driver=file,node-name=tgt-file,filename={tgt}",
@@ -88,57 +90,78 @@ def _writer(work: str, which: str, size: int) -> subprocess.Popen[bytes]:
                             stderr=subprocess.DEVNULL)
 
 
-async def run_one(which: str, work: str, src: str, fmt: str, size: int, busy: bool) -> Result:
-    from qemu.qmp import QMPClient
+def _prewarm(path: str) -> None:
+    """Read the source once so both daemons start from the same (warm) page cache."""
+    with open(path, "rb") as f:
+        while f.read(16 * MiB):
+            pass
 
+
+def run_one(which: str, work: str, src: str, fmt: str, size: int, busy: bool) -> Result:
+    """Start one daemon, mirror, measure; blocking parts here, QMP in ``_drive``."""
     tgt = os.path.join(work, f"tgt-{which}.{fmt}")
     subprocess.run(["qemu-img", "create", "-q", "-f", fmt, tgt, str(size)], check=True)
-    for f in (f"{which}.pid",):
-        path = os.path.join(work, f)
-        if os.path.exists(path):
-            os.unlink(path)
+    _prewarm(src)
+    pidfile = os.path.join(work, f"{which}.pid")
+    if os.path.exists(pidfile):
+        os.unlink(pidfile)
     proc = subprocess.Popen(_daemon_argv(which, work, src, tgt, fmt), stdout=subprocess.DEVNULL)
     writer: subprocess.Popen[bytes] | None = None
-    qmp = QMPClient(which)
     try:
-        pidfile = os.path.join(work, f"{which}.pid")
         for _ in range(3000):
             if os.path.exists(pidfile):
                 break
-            await asyncio.sleep(0.01)
-        await qmp.connect(os.path.join(work, f"{which}.sock"))
+            time.sleep(0.01)
         if busy:
             writer = _writer(work, which, size)
-            await asyncio.sleep(0.3)
+            time.sleep(0.3)
+        ready_s = asyncio.run(_drive(os.path.join(work, f"{which}.sock")))
+    finally:
+        if writer is not None:
+            writer.kill()
+            writer.wait()
+        # reap it ourselves: wait4 gives the daemon's own CPU time and peak RSS
+        deadline = time.monotonic() + 60
+        while True:
+            pid, _, ru = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                proc.kill()
+            time.sleep(0.01)
+        proc.returncode = 0  # reaped above; keep Popen from waiting again
+    if not busy:
+        # a soft cancel after READY leaves a point-in-time copy: it must equal the source
+        out = subprocess.run(["qemu-img", "compare", "-f", fmt, "-F", fmt, src, tgt],
+                             capture_output=True, text=True)
+        if "Images are identical" not in out.stdout:
+            raise SystemExit(f"{which}: target differs from source: {out.stdout}{out.stderr}")
+    os.unlink(tgt)
+    return Result(ready_s, ru.ru_utime + ru.ru_stime, ru.ru_maxrss / 1024)
+
+
+async def _drive(sock: str) -> float:
+    """blockdev-mirror, time to READY, soft cancel, quit; returns the seconds to READY."""
+    from qemu.qmp import QMPClient
+
+    qmp = QMPClient("bench")
+    await qmp.connect(sock)
+    try:
         t0 = time.monotonic()
         ready = asyncio.ensure_future(_wait_event(qmp, "BLOCK_JOB_READY"))
         await qmp.execute("blockdev-mirror", {"job-id": "m", "device": "src", "target": "tgt",
                                               "sync": "full"})
         await asyncio.wait_for(ready, 3600)
         ready_s = time.monotonic() - t0
+        done = asyncio.ensure_future(_wait_event(qmp, "BLOCK_JOB_COMPLETED"))
         await qmp.execute("block-job-cancel", {"device": "m"})
-        await _wait_event(qmp, "BLOCK_JOB_COMPLETED")
-        if writer is not None:
-            writer.kill()
-            writer.wait()
-            writer = None
+        await done
         with contextlib.suppress(Exception):
             await qmp.execute("quit")
+    finally:
         with contextlib.suppress(Exception):
             await qmp.disconnect()
-    finally:
-        if writer is not None:
-            writer.kill()
-            writer.wait()
-    # reap it ourselves: wait4 gives the daemon's own CPU time and peak RSS
-    try:
-        _, _, ru = await asyncio.wait_for(asyncio.to_thread(os.wait4, proc.pid, 0), 60)
-    except TimeoutError:
-        proc.kill()
-        _, _, ru = os.wait4(proc.pid, 0)
-    proc.returncode = 0  # reaped above; keep Popen from waiting again
-    os.unlink(tgt)
-    return Result(ready_s, ru.ru_utime + ru.ru_stime, ru.ru_maxrss / 1024)
+    return ready_s
 
 
 async def _wait_event(qmp: Any, name: str) -> None:
@@ -166,8 +189,8 @@ def main() -> int:
                 src = make_source(work, size, fmt)
                 for busy in (False, True):
                     # one daemon at a time; wait4 needs each daemon reaped by us
-                    r_q = asyncio.run(run_one("qsd", work, src, fmt, size, busy))
-                    r_o = asyncio.run(run_one("ours", work, src, fmt, size, busy))
+                    r_q = run_one("qsd", work, src, fmt, size, busy)
+                    r_o = run_one("ours", work, src, fmt, size, busy)
                     print(f"{size // MiB:>5}M {fmt:>5} {'busy' if busy else 'idle':>5} | "
                           f"{r_q.ready_s:>8.2f}s {r_q.cpu_s:>5.1f}s {r_q.rss_mib:>5.0f}M | "
                           f"{r_o.ready_s:>9.2f}s {r_o.cpu_s:>5.1f}s {r_o.rss_mib:>5.0f}M | "

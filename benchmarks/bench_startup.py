@@ -61,6 +61,13 @@ def time_to_greeting(kind: str, tmpdir: str) -> float:
     return elapsed
 
 
+def python_floor() -> float:
+    """The interpreter alone starting and importing asyncio: our lower bound."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import asyncio"], check=True)
+    return time.perf_counter() - start
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=15)
@@ -68,18 +75,21 @@ def main() -> int:
     if shutil.which("qemu-storage-daemon") is None:
         print("qemu-storage-daemon is not installed", file=sys.stderr)
         return 1
-    times: dict[str, list[float]] = {"ours": [], "qsd": []}
+    times: dict[str, list[float]] = {"ours": [], "qsd": [], "floor": []}
     with tempfile.TemporaryDirectory(prefix="bm-bench-") as tmpdir:
         for i in range(opts.repeat):
             order = ("ours", "qsd") if i % 2 == 0 else ("qsd", "ours")
             for kind in order:
                 times[kind].append(time_to_greeting(kind, tmpdir))
+            times["floor"].append(python_floor())
     med = {k: statistics.median(v) for k, v in times.items()}
-    for kind in ("ours", "qsd"):
+    for kind in ("ours", "qsd", "floor"):
         v = times[kind]
         print(f"{kind:5s} median {med[kind] * 1000:7.1f} ms  min {min(v) * 1000:7.1f} ms  "
               f"max {max(v) * 1000:7.1f} ms  (n={len(v)})")
-    print(f"ratio ours/qsd: {med['ours'] / med['qsd']:.2f}")
+    print(f"ratio ours/qsd: {med['ours'] / med['qsd']:.2f}  "
+          f"(floor = python -c 'import asyncio'; ours - floor = "
+          f"{(med['ours'] - med['floor']) * 1000:.1f} ms)")
     return 0
 
 

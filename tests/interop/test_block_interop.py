@@ -8,7 +8,6 @@ whose key order QEMU does not fix).
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import subprocess
 import sys
@@ -118,9 +117,10 @@ def test_map_human_equals_qemu_img(images: dict[str, str], name: str,
 def test_info_equals_qemu_img(images: dict[str, str], name: str,
                               capsys: pytest.CaptureFixture[str]) -> None:
     img = images[name]
-    want = json.loads(sh("qemu-img", "info", "--output=json", img).stdout)
+    want = sh("qemu-img", "info", "--output=json", img).stdout
     rc, got, _ = ours(capsys, "info", "--output=json", img)
-    assert rc == 0 and json.loads(got) == want
+    # byte for byte: same members, same values, and QEMU's member order
+    assert rc == 0 and got == want
     want_h = sh("qemu-img", "info", img).stdout
     rc, got_h, _ = ours(capsys, "info", img)
     assert rc == 0 and got_h == want_h
@@ -128,9 +128,12 @@ def test_info_equals_qemu_img(images: dict[str, str], name: str,
 
 def test_info_backing_chain(images: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
     img = images["top.qcow2"]
-    want = json.loads(sh("qemu-img", "info", "--output=json", "--backing-chain", img).stdout)
+    want = sh("qemu-img", "info", "--output=json", "--backing-chain", img).stdout
     rc, got, _ = ours(capsys, "info", "--output=json", "--backing-chain", img)
-    assert rc == 0 and json.loads(got) == want
+    assert rc == 0 and got == want
+    want_h = sh("qemu-img", "info", "--backing-chain", img).stdout
+    rc, got_h, _ = ours(capsys, "info", "--backing-chain", img)
+    assert rc == 0 and got_h == want_h
 
 
 CREATE_CASES = [
@@ -138,6 +141,11 @@ CREATE_CASES = [
     ["-f", "raw", "x.img", "1000"],
     ["-f", "raw", "-o", "preallocation=falloc", "x.img", "2M"],
     ["-f", "raw", "-o", "preallocation=full", "x.img", "256k"],
+    ["-f", "file", "x.img", "1M"],
+    ["-f", "null-co", "x.img", "1M"],
+    ["-f", "raw", "-b", "b.qcow2", "x.img", "1M"],
+    ["-f", "raw", "-F", "raw", "x.img", "1M"],
+    ["-f", "raw", "-o", "backing_file=b.qcow2", "x.img", "1M"],
     ["-f", "qcow2", "x.qcow2", "1G"],
     ["-f", "qcow2", "-o", "cluster_size=4k,lazy_refcounts=on,compat=1.1", "x.qcow2", "64M"],
     ["-f", "qcow2", "-o", "preallocation=metadata", "x.qcow2", "1M"],
@@ -397,3 +405,78 @@ def test_blkdebug_script_matches_qemu_io(tmp_path: Path) -> None:
     assert len(want) == len(BLKDEBUG_OPS)
     assert "ok" in want and "Input/output error" in want and "No space left on device" in want
     assert got == want
+
+
+@pytest.fixture
+def loop_device(tmp_path: Path) -> Iterator[str]:
+    """A loop block device over a scratch file, always detached afterwards."""
+    require_tool("losetup")
+    backing = tmp_path / "loop.img"
+    with open(backing, "wb") as f:
+        f.truncate(8 * MiB)
+    res = subprocess.run(["losetup", "-f", "--show", str(backing)], capture_output=True,
+                         text=True, timeout=30)
+    if res.returncode != 0:
+        pytest.skip(f"cannot create a loop device here: {res.stderr.strip()}")
+    dev = res.stdout.strip()
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "-d", dev], capture_output=True, timeout=30)
+
+
+def test_host_device_on_a_loop_device(loop_device: str,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from conformance import run_battery
+
+    require_tool("qemu-img", "qemu-io")
+
+    async def main() -> None:
+        graph = BlockGraph()
+        try:
+            node = await open_blockdev(graph, {"driver": "host_device", "node-name": "h",
+                                               "filename": loop_device, "discard": "unmap"})
+            assert node.length() == 8 * MiB and not node.has_zero_init()
+            await run_battery(node, seed=21, rounds=30)
+            await node.write(MiB, b"\x3c" * 4096)
+            await node.flush()
+            with pytest.raises(BlockMirrorError) as exc:
+                await open_blockdev(graph, {"driver": "file", "node-name": "f",
+                                            "filename": loop_device})
+            assert str(exc.value) == f"'file' driver requires '{loop_device}' to be a regular file"
+        finally:
+            await close_all(graph)
+
+    asyncio.run(main())
+    out = sh("qemu-io", "-f", "raw", "-c", f"read -P 0x3c {MiB} 4096", loop_device).stdout
+    assert "read 4096/4096 bytes" in out
+    want = sh("qemu-img", "map", "--output=json", "-f", "raw", loop_device).stdout
+    rc, got, _ = ours(capsys, "map", "--output=json", "-f", "raw", loop_device)
+    assert rc == 0 and got == want
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "blkdebug::{top}",
+        "blkdebug:{conf}:{sparse}",
+        'json:{{"driver": "raw", "offset": 65536, "size": 131072, '
+        '"file": {{"driver": "file", "filename": "{sparse}"}}}}',
+        'json:{{"driver": "null-co", "size": 1048576, "read-zeroes": true}}',
+        'json:{{"driver": "blkdebug", "align": 4096, '
+        '"image": {{"driver": "file", "filename": "{sparse}"}}}}',
+    ],
+)
+def test_special_filenames_like_qemu_img(images: dict[str, str], tmp_path: Path, spec: str,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """Legacy blkdebug: and json: filenames: same node tree, same map, same info (incl. the
+    json: filename QEMU prints with its QDict member order)."""
+    conf = tmp_path / "empty.conf"
+    conf.write_text("")
+    name = spec.format(top=images["top.qcow2"], sparse=images["sparse.img"], conf=conf)
+    want_map = sh("qemu-img", "map", "--output=json", name).stdout
+    rc, got_map, _ = ours(capsys, "map", "--output=json", name)
+    assert rc == 0 and got_map == want_map
+    want = sh("qemu-img", "info", "--output=json", name).stdout
+    rc, got, _ = ours(capsys, "info", "--output=json", name)
+    assert rc == 0 and got == want

@@ -14,7 +14,13 @@ from typing import Any
 import pytest
 
 from conftest import require_tool
-from mirror_scripts.differential import make_images, our_client, qsd_client, run_script
+from mirror_scripts.differential import (
+    Transcript,
+    make_images,
+    our_client,
+    qsd_client,
+    run_script,
+)
 from mirror_scripts.scripts import SCRIPTS
 
 pytestmark = pytest.mark.interop
@@ -24,19 +30,19 @@ pytestmark = pytest.mark.interop
 def test_same_events_and_replies(script: Any, tmp_path: Path) -> None:
     require_tool("qemu-storage-daemon", "qemu-img", "qemu-io")
 
+    async def one(name: str, factory: Any) -> Transcript:
+        work = tmp_path / name
+        work.mkdir()
+        paths = make_images(str(work))
+        async with factory(str(work)) as qmp:
+            return await run_script(qmp, script(paths), limit_s=10, workdir=str(work))
+
     async def main() -> None:
-        results = []
-        for name, factory in (("qsd", qsd_client), ("ours", our_client)):
-            work = tmp_path / name
-            work.mkdir()
-            paths = make_images(str(work))
-            async with factory(str(work)) as qmp:
-                results.append(await run_script(qmp, script(paths), limit_s=10,
-                                                  workdir=str(work)))
-        theirs, ours = results
+        # both daemons run the script at the same time: they share nothing
+        theirs, ours = await asyncio.gather(one("qsd", qsd_client), one("ours", our_client))
         assert ours.replies == theirs.replies
         assert ours.events == theirs.events
-        # the scenario really ran a job: every script sees at least created and running
+        # the scenario really ran a job: every script sees it created
         assert ("JOB_STATUS_CHANGE", {"status": "created", "id": "j"}) in ours.events or \
             ("JOB_STATUS_CHANGE", {"id": "j", "status": "created"}) in ours.events
 

@@ -160,6 +160,15 @@ def test_tls_export_with_qemu_and_libnbd_clients(tmp_path: Path, certs: Path) ->
             assert bytes(node.driver.data[65536:131072]) == b"\x5c" * 65536
             out = await run("nbdinfo", f"nbds://127.0.0.1:{port}/disk?tls-certificates={certs}")
             assert "with TLS" in out
+            # our own driver as the TLS client of our own server
+            cd = Daemon()
+            cd.objects["tls1"] = ("tls-creds-x509", {"dir": str(certs), "endpoint": "client"})
+            c = await nbd_node({"type": "inet", "host": "127.0.0.1", "port": str(port)}, "disk",
+                               cd, **{"tls-creds": "tls1"})
+            assert await c.read(65536, 4) == b"\x5c" * 4
+            await c.write(0, b"ours")
+            assert bytes(node.driver.data[:4]) == b"ours"
+            await c.driver.close()
             # a client without TLS is refused
             out = await run("qemu-io", "-f", "raw", "-c", "read 0 512",
                             f"nbd://127.0.0.1:{port}/disk", check=False)
@@ -271,6 +280,11 @@ def test_tls_psk_is_refused_with_a_clear_error() -> None:
         with pytest.raises(BlockMirrorError, match="tls-creds-psk is not supported"):
             await ns.nbd_server_start(d, {"addr": {"type": "unix", "data": {"path": "/tmp/x"}},
                                           "tls-creds": "psk0"})
+        d.objects["c0"] = ("tls-creds-x509", {"dir": "/nonexistent", "endpoint": "client"})
+        with pytest.raises(BlockMirrorError,
+                           match=r"^Expected TLS credentials for a server endpoint$"):
+            await ns.nbd_server_start(d, {"addr": {"type": "unix", "data": {"path": "/tmp/x"}},
+                                          "tls-creds": "c0"})
         with pytest.raises(BlockMirrorError, match=r"^No TLS credentials with id 'nope'$"):
             await ns.nbd_server_start(d, {"addr": {"type": "unix", "data": {"path": "/tmp/x"}},
                                           "tls-creds": "nope"})

@@ -109,7 +109,7 @@ async def migrate(tmp_path: Path, target_uri: str, target_img: Path,
             await w.write_some(10)
             await qmp.execute("drive-mirror", {
                 "job-id": "m0", "device": "src", "target": target_uri, "format": "raw",
-                "mode": "existing", "sync": "full", "speed": 2 * MiB})
+                "mode": "existing", "sync": "full", "speed": 2 * MiB, "buf-size": MiB})
             ready = asyncio.create_task(td.next_event(qmp, "BLOCK_JOB_READY", 60))
             copying = 0
             for _ in range(8):  # writes while the throttled mirror copies

@@ -49,6 +49,29 @@ BAD_ARGS = [
     ["--pidfile"],
     ["--blockdev"],
     ["foo"],
+    ["--blockdev", "foo", "bar"],
+    ["bar", "--blockdev", "foo"],
+    ["--blockdev", "foo", "--bogus"],
+    ["--chardev", "socket,id=m,host=127.0.0.1,port=abc,server=on,wait=off"],
+    ["--monitor", "chardev=m,mode=readline", "--chardev",
+     "socket,id=m,path=/tmp/unused.sock,server=on,wait=off"],
+    ["--nbd-server", "addr.type=inet,addr.host=127.0.0.1"],
+    ["--nbd-server", "addr.type=unix,addr.path=/tmp/bm-cli-n1.sock,max-connections=x"],
+    ["--nbd-server", "addr.type=unix,addr.path=/tmp/bm-cli-n1.sock,bogus=1"],
+    ["--nbd-server", "addr.type=unix,addr.path=/tmp/bm-cli-n2.sock",
+     "--nbd-server", "addr.type=unix,addr.path=/tmp/bm-cli-n3.sock"],
+    ["--export", "type=nbd,id=e"],
+    ["--export", "nbd,id=e,node-name=x,writable=maybe"],
+    ["--export", "bogus,id=e,node-name=x"],
+    ["--blockdev", "driver=null-co,node-name=n", "--export", "type=nbd,id=e,node-name=n"],
+    ["--object", "iothread,id=io0,poll-max-ns=x"],
+    ["--object", "tls-creds-x509,id=t,endpoint=bad"],
+    ["--object", "iothread,id=io0,bogus=1"],
+    ["--object", "id=x"],
+    ["--monitor", "chardev=m,bogus=1"],
+    ["--chardev", "socket,id=m,path=/tmp/unused.sock,server=maybe"],
+    ["--blockdev", "null-co,size=1,help"],
+    ["--blockdev", "driver=null-co,a.0=1,a.b=2"],
 ]
 
 
@@ -193,3 +216,32 @@ def test_server_wait_blocks_startup(tmp_path: Path, kind: str) -> None:
         proc.wait()
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+def test_blockdev_keyval_fuzz_matches_qsd() -> None:
+    """Random --blockdev keyval strings (no node-name: nothing opens) give QSD's texts."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    require_tool("qemu-storage-daemon")
+    keys = ["driver", "file", "file.driver", "file.filename", "cache.direct", "size",
+            "read-only", "discard", "detect-zeroes", "aio", "image", "inject-error.0.event",
+            "inject-error.0.errno", "inject-error.1.event", "server.type", "server.path",
+            "latency-ns", "read-zeroes", "max-transfer", "bogus", "cache"]
+    values = ["", "on", "off", "yes", "x", "0", "-1", "0x10", "1k", "1.5", "null-co", "qcow2",
+              "file", "blkdebug", "nbd", "unix", "read_aio", "unmap", "threads", "010"]
+    item = st.one_of(st.tuples(st.sampled_from(keys), st.sampled_from(values)).map(
+        lambda kv: f"{kv[0]}={kv[1]}"), st.sampled_from(["", "x", "a..b", "=v", "k=v,,w"]))
+    examples = int(os.environ.get("BM_DIFF_FUZZ", 20))
+
+    @settings(max_examples=examples, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(st.lists(item, min_size=1, max_size=5))
+    def check(items: list[str]) -> None:
+        arg = ",".join(items)
+        want_rc, want = run(["qemu-storage-daemon", "--blockdev", arg])
+        got_rc, got = run([*OURS, "--blockdev", arg])
+        assert (got_rc, got.replace("blockmirror: ", "P: ")) == \
+            (want_rc, want.replace("qemu-storage-daemon: ", "P: "))
+
+    check()

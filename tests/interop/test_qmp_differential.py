@@ -10,6 +10,7 @@ an object cannot swallow the next case.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -88,3 +89,83 @@ def test_differential_against_qsd(tmp_path: Path, pretty: bool) -> None:
             f"{name}:\n  qsd:  {b''.join(w)!r}\n  ours: {b''.join(g)!r}"
             for name, w, g in mismatches)
         assert not mismatches, f"{len(mismatches)}/{len(cases)} cases differ:\n{report}"
+
+
+# -- differential fuzzing: random byte soups must get the same replies from both daemons ------
+
+FRAGMENTS = [
+    b"{", b"}", b"[", b"]", b":", b",", b'"', b"'", b"\\", b"\\u", b"\\ud83d", b"\\u00e9",
+    b"0", b"-", b"1.5e3", b"007", b"1e400", b"true", b"null", b"nul", b"\xff", b"\x00", b"\x01",
+    b"\xc3", b"\xc3\xa9", b"\n", b" ", b'"execute"', b'"exec-oob"', b'"arguments"', b'"id"',
+    b'"qmp_capabilities"', b'"query-version"', b'"blockdev-del"', b'"node-name"', b'"driver"',
+    b'"null-co"', b'"query-named-block-nodes"', b'"flat"', b'{"execute":"qmp_capabilities"}',
+    b'{"execute":"query-version","id":1}', b'"enable":["oob"]', b'"enable":["x"]',
+]
+
+
+def test_differential_fuzz(tmp_path: Path) -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    require_tool("qemu-storage-daemon")
+    in_ci = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+    with DaemonProcess(daemon_argv("qsd", str(tmp_path / "fq.sock")),
+                       str(tmp_path / "fq.sock")) as qsd, \
+            DaemonProcess(daemon_argv("ours", str(tmp_path / "fb.sock")),
+                          str(tmp_path / "fb.sock")) as ours:
+
+        examples = int(os.environ.get("BM_DIFF_FUZZ", 400 if in_ci else 120))
+
+        @settings(max_examples=examples, deadline=None, database=None,
+                  suppress_health_check=[HealthCheck.too_slow])
+        @given(st.booleans(), st.lists(st.sampled_from(FRAGMENTS), max_size=25))
+        def check(negotiate: bool, parts: list[bytes]) -> None:
+            case = {"negotiate": negotiate, "send": [b"".join(parts).decode("latin-1")]}
+            assert replay(ours, case) == replay(qsd, case)
+
+        check()
+
+
+def _json_values() -> Any:
+    from hypothesis import strategies as st
+
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(-(1 << 65), 1 << 65),
+                        st.sampled_from([1.5, -0.0, 1e300]),
+                        st.sampled_from(["", "x", "on", "read_aio", "unix", "file", "null-co",
+                                         "/nonexistent", "1", "threads", "unmap", "oob"]))
+    return st.recursive(scalars, lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.dictionaries(st.sampled_from(KEYS), inner, max_size=4)), max_leaves=8)
+
+
+KEYS = ["driver", "file", "filename", "backing", "cache", "direct", "no-flush", "size",
+        "read-only", "discard", "detect-zeroes", "aio", "locking", "image", "inject-error",
+        "event", "errno", "iotype", "server", "type", "path", "host", "port", "export",
+        "offset", "latency-ns", "read-zeroes", "max-transfer", "take-child-perms", "bogus",
+        "set-state", "new_state", "state", "x"]
+
+
+def test_differential_fuzz_arguments(tmp_path: Path) -> None:
+    """Random BlockdevOptions-like objects (without node-name, so nothing is ever opened)."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    require_tool("qemu-storage-daemon")
+    in_ci = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+    with DaemonProcess(daemon_argv("qsd", str(tmp_path / "aq.sock")),
+                       str(tmp_path / "aq.sock")) as qsd, \
+            DaemonProcess(daemon_argv("ours", str(tmp_path / "ab.sock")),
+                          str(tmp_path / "ab.sock")) as ours:
+        examples = int(os.environ.get("BM_DIFF_FUZZ", 400 if in_ci else 120))
+
+        @settings(max_examples=examples, deadline=None, database=None,
+                  suppress_health_check=[HealthCheck.too_slow])
+        @given(st.sampled_from(["null-co", "qcow2", "raw", "file", "blkdebug", "nbd", "zzz"]),
+               st.dictionaries(st.sampled_from(KEYS), _json_values(), max_size=5))
+        def check(driver: str, extra: dict[str, Any]) -> None:
+            args = {"driver": driver, **extra}
+            msg = json.dumps({"execute": "blockdev-add", "arguments": args, "id": 1})
+            case = {"negotiate": True, "send": [msg]}
+            assert replay(ours, case) == replay(qsd, case)
+
+        check()

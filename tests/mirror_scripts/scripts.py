@@ -222,3 +222,86 @@ def quit_while_ready(p: dict[str, str]) -> list[Step]:
 
 
 SCRIPTS.extend([quit_while_running, quit_while_ready])
+
+
+def write_blocking_complete(p: dict[str, str]) -> list[Step]:
+    return [*_setup(p), _mirror(**{"copy-mode": "write-blocking", "granularity": 4096}),
+            ("wait", "BLOCK_JOB_READY"), Q, ("cmd", "job-complete", {"id": "j"}),
+            ("wait", "BLOCK_JOB_COMPLETED"), *END]
+
+
+def named_filter_is_busy(p: dict[str, str]) -> list[Step]:
+    return [*_setup(p), _mirror(**{"filter-node-name": "mf", **SLOW}), ("sleep", 0.1),
+            ("cmd", "blockdev-del", {"node-name": "mf"}),
+            ("cmd", "blockdev-del", {"node-name": "src"}),
+            ("cmd", "blockdev-mirror", {"job-id": "k", "device": "mf", "target": "tgt",
+                                        "sync": "full"}),
+            ("cmd", "block-job-cancel", {"device": "j", "force": True}),
+            ("wait", "BLOCK_JOB_CANCELLED"), ("sleep", 0.1),
+            ("cmd", "blockdev-del", {"node-name": "src"}), *END]
+
+
+def target_flush_error(policy: str) -> Any:
+    def script(p: dict[str, str]) -> list[Step]:
+        steps = [*_setup(p, tgt_error={"event": "flush_to_disk", "errno": 5, "once": True}),
+                 _mirror(**{"on-target-error": policy}), ("wait", "BLOCK_JOB_ERROR")]
+        return steps + _after_error(policy, 5)
+
+    script.__name__ = f"target_flush_error_{policy}"
+    return script
+
+
+def sync_modes_on_a_chain(sync: str) -> Any:
+    def script(p: dict[str, str]) -> list[Step]:
+        import os
+        import subprocess
+
+        work = os.path.dirname(p["src"])
+        top = os.path.join(work, "top.qcow2")
+        tq = os.path.join(work, "tq.qcow2")
+        if not os.path.exists(top):
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", p["src"], "-F",
+                            "raw", top], check=True)
+            subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x77 1M 64k", top],
+                           check=True, capture_output=True)
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", tq, "4M"], check=True)
+        return [
+            ("cmd", "blockdev-add", {"driver": "qcow2", "node-name": "top",
+                                     "file": {"driver": "file", "filename": top}}),
+            ("cmd", "blockdev-add", {"driver": "qcow2", "node-name": "tq",
+                                     "file": {"driver": "file", "filename": tq}}),
+            ("cmd", "blockdev-mirror", {"job-id": "j", "device": "top", "target": "tq",
+                                        "sync": sync}),
+            ("wait", "BLOCK_JOB_READY"), Q, ("cmd", "job-complete", {"id": "j"}),
+            ("wait", "BLOCK_JOB_COMPLETED"), *END,
+        ]
+
+    script.__name__ = f"sync_{sync}_on_a_chain"
+    return script
+
+
+SCRIPTS.extend([write_blocking_complete, named_filter_is_busy, target_flush_error("report"),
+                target_flush_error("ignore"), target_flush_error("stop"),
+                sync_modes_on_a_chain("full"), sync_modes_on_a_chain("top"),
+                sync_modes_on_a_chain("none")])
+
+
+def replaces_below_a_filter(p: dict[str, str]) -> list[Step]:
+    """replaces= a node under a filter: after completion the filter uses the target."""
+    return [
+        *_setup(p),
+        ("cmd", "blockdev-add", {"driver": "blkdebug", "node-name": "dbg", "image": "src"}),
+        ("cmd", "blockdev-mirror", {"job-id": "j", "device": "dbg", "target": "tgt",
+                                    "sync": "full", "replaces": "src"}),
+        ("cmd", "blockdev-mirror", {"job-id": "j", "device": "dbg", "target": "tgt",
+                                    "sync": "full", "replaces": "dbg"}),
+        ("wait", "BLOCK_JOB_READY"), ("cmd", "job-complete", {"id": "j"}),
+        ("wait", "BLOCK_JOB_COMPLETED"), ("sleep", 0.1),
+        ("cmd", "blockdev-del", {"node-name": "tgt"}),
+        ("cmd", "blockdev-del", {"node-name": "src"}),
+        ("cmd", "blockdev-del", {"node-name": "dbg"}),
+        ("cmd", "blockdev-del", {"node-name": "tgt"}), *END,
+    ]
+
+
+SCRIPTS.append(replaces_below_a_filter)

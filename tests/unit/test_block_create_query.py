@@ -201,3 +201,22 @@ def test_block_status_above_depths(tmp_path: Path) -> None:
             await close_all(graph)
 
     asyncio.run(main())
+
+
+def test_img_create_over_a_backing_in_use(tmp_path: Path) -> None:
+    """drive-mirror sync=none creates its target backed by the (open, writable) source."""
+    src, tgt = str(tmp_path / "s.qcow2"), str(tmp_path / "t.qcow2")
+
+    async def main() -> None:
+        await img_create(src, "qcow2", MiB, quiet=True)
+        graph = BlockGraph()
+        try:
+            await open_blockdev(graph, {"driver": "qcow2", "node-name": "src",
+                                        "file": {"driver": "file", "filename": src}})
+            line = await img_create(tgt, "qcow2", None, backing_file=src, backing_fmt="qcow2",
+                                    quiet=True)
+            assert "size=1048576" in line
+        finally:
+            await close_all(graph)
+
+    asyncio.run(main())

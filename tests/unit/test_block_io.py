@@ -105,3 +105,17 @@ def test_block_status_adds_allocated_and_eof() -> None:
             await node.block_status(8192, 1)
 
     asyncio.run(main())
+
+
+def test_alignment_larger_than_a_short_node() -> None:
+    """A 1.5 KiB node on a 4 KiB-aligned driver: the tail block is partial."""
+    node, drv = mem_node(size=1536, align=512)
+    drv.request_alignment = 4096  # as blkdebug align=4096 over a short file
+
+    async def main() -> None:
+        await node.write(100, b"\x77" * 1400)
+        assert len(drv.buf) == 1536
+        assert await node.read(0, 1536) == bytes(100) + b"\x77" * 1400 + bytes(36)
+        assert await node.read(1500, 36) == bytes(36)
+
+    asyncio.run(main())

@@ -378,3 +378,23 @@ def test_probed_raw_guards_sector_zero(tmp_path: Path) -> None:
         "operations on block 0 will be restricted.\n"
         "         Specify the 'raw' format explicitly to remove the restrictions."
     ]
+
+
+def test_drive_style_child_options_merge(tmp_path: Path) -> None:
+    """-drive file=top.qcow2,node-name=top,backing.node-name=base,file.node-name=f"""
+    base, top = str(tmp_path / "b.qcow2"), str(tmp_path / "t.qcow2")
+
+    async def body(graph: BlockGraph) -> None:
+        await img_create(base, "qcow2", MiB, quiet=True)
+        await img_create(top, "qcow2", None, backing_file=base, backing_fmt="qcow2",
+                         quiet=True)
+        node = await open_image(graph, top, "qcow2", read_only=False, node_name="top",
+                                options={"backing.node-name": "base", "file.node-name": "f",
+                                         "file.locking": "off"})
+        assert node.name == "top" and node.file is not None and node.file.name == "f"
+        assert node.file.options["locking"] == "off"
+        assert node.file.filename == top  # the merged file dict kept its filename
+        assert node.backing is not None and node.backing.name == "base"
+        assert node.backing.read_only and node.backing.file is not None
+
+    run(body)

@@ -16,8 +16,15 @@ def test_keyval() -> None:
     assert parse_keyval("k=1,k=2") == {"k": "2"}
     with pytest.raises(KeyvalError, match="Expected '=' after parameter 'bar'"):
         parse_keyval("foo,bar", "driver")
-    with pytest.raises(KeyvalError, match="used inconsistently"):
+    with pytest.raises(KeyvalError, match=r"^Parameters 'a\.\*' used inconsistently$"):
         parse_keyval("a=1,a.b=2")
+    with pytest.raises(KeyvalError, match=r"^Parameter 'l\.0' missing$"):
+        parse_keyval("l.1=x")
+    with pytest.raises(KeyvalError, match=r"^Help is not available for this option$"):
+        parse_keyval("null-co,help", "driver")
+    with pytest.raises(KeyvalError, match=r"^Invalid parameter ''$"):
+        parse_keyval("x,,", "driver")
+    assert parse_keyval("x,", "driver") == {"driver": "x"}
     assert parse_option('{"driver":"null-co","node-name":"n"}') == {
         "driver": "null-co", "node-name": "n"}
     with pytest.raises(KeyvalError, match="JSON parse error, premature EOI"):

@@ -53,7 +53,7 @@ _QCOW2_OPTS: tuple[tuple[str, str, str | None], ...] = (
     ("nocow", "bool", None),
     ("extent_size_hint", "size", None),
 )
-FORMAT_OPTS = {"raw": _RAW_OPTS, "qcow2": _QCOW2_OPTS}
+FORMAT_OPTS = {"raw": _RAW_OPTS, "file": _RAW_OPTS, "qcow2": _QCOW2_OPTS}
 
 _SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
              "p": 1 << 50, "e": 1 << 60}
@@ -123,7 +123,10 @@ async def _backing_size(filename: str, backing_file: str, backing_fmt: str | Non
         path = os.path.join(os.path.dirname(filename), path)
     graph = BlockGraph()
     try:
-        node = await open_image(graph, path, backing_fmt, read_only=True, backing=False)
+        # force-share: the backing may well be in use (drive-mirror sync=none backs the new
+        # image with the very source it mirrors), as in bdrv_img_create
+        node = await open_image(graph, path, backing_fmt, read_only=True, backing=False,
+                                options={"force-share": True})
         return node.length()
     finally:
         await close_all(graph)
@@ -151,6 +154,10 @@ async def img_create(
             backing file, backing image errors with hint "Could not open backing image.").
     """
     if fmt not in FORMAT_OPTS:
+        from blockmirror.block.drivers import load_all
+
+        if fmt in load_all():
+            raise BlockMirrorError(f"Format driver '{fmt}' does not support image creation")
         raise BlockMirrorError(f"Unknown file format '{fmt}'")
     allowed = {key for key, _, _ in FORMAT_OPTS[fmt]}
     opts: dict[str, Any] = {}
@@ -161,12 +168,13 @@ async def img_create(
     if size is not None:
         opts["size"] = size
     if backing_file is not None:
-        if fmt == "raw":
-            raise BlockMirrorError("Invalid parameter 'backing_file'")
+        if fmt != "qcow2":
+            raise BlockMirrorError(f"Backing file not supported for file format '{fmt}'")
         opts["backing_file"] = backing_file
     if backing_fmt is not None:
-        if fmt == "raw":
-            raise BlockMirrorError("Invalid parameter 'backing_fmt'")
+        if fmt != "qcow2":
+            raise BlockMirrorError(
+                f"Backing file format not supported for file format '{fmt}'")
         opts["backing_fmt"] = backing_fmt
     for key, kind, _ in FORMAT_OPTS[fmt]:
         if kind == "size" and key in opts and opts[key] is not None:
@@ -178,6 +186,8 @@ async def img_create(
                 ) from None
 
     bfile = opts.get("backing_file")
+    if bfile is None and opts.get("backing_fmt") is not None:
+        raise BlockMirrorError("Backing format cannot be used without backing file")
     if bfile is not None:
         if bfile == filename:
             raise BlockMirrorError(
@@ -192,7 +202,8 @@ async def img_create(
             err = BlockMirrorError("Backing file specified without backing format")
             err.hint = f"Detected format of {await probe_format_async(path)}."
             raise err
-        if not unsafe or opts.get("size") is None:
+        if not unsafe:
+            # -u: the backing is not even looked at (so there is no size to borrow either)
             try:
                 bsize = await _backing_size(filename, str(bfile), opts.get("backing_fmt"))
             except BlockMirrorError as e:
@@ -210,13 +221,21 @@ async def img_create(
     elif not quiet:
         print(line, flush=True)
 
-    if fmt == "raw":
-        await create_file(
-            filename,
-            int(opts["size"]),
-            preallocation=str(opts.get("preallocation") or "off"),
-            nocow=_parse_bool("nocow", opts.get("nocow", False)),
-        )
+    if fmt in ("raw", "file"):
+        prealloc = str(opts.get("preallocation") or "off")
+        if prealloc not in ("off", "falloc", "full", "metadata"):
+            raise BlockMirrorError(f"invalid parameter value: {prealloc}")
+        try:
+            await create_file(
+                filename,
+                int(opts["size"]),
+                preallocation=prealloc,
+                nocow=_parse_bool("nocow", opts.get("nocow", False)),
+            )
+        except _TooLarge:
+            raise BlockMirrorError(
+                f"The image size is too large for file format '{fmt}'"
+            ) from None
     else:
         await _create_qcow2(filename, int(opts["size"]), opts)
     return line
@@ -244,6 +263,10 @@ async def _create_qcow2(filename: str, size: int, opts: Mapping[str, Any]) -> No
     await create_qcow2(filename, size, **normalized)
 
 
+class _TooLarge(Exception):
+    """The filesystem refused the size (EFBIG)."""
+
+
 def _create_sync(filename: str, size: int, preallocation: str, nocow: bool) -> None:
     try:
         fd = os.open(filename, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -269,6 +292,8 @@ def _create_sync(filename: str, size: int, preallocation: str, nocow: bool) -> N
                 # cf. allocate_first_block: makes alignment probing work on the new image
                 os.pwrite(fd, bytes(min(size, _FIRST_BLOCK)), 0)
     except OSError as e:
+        if e.errno == errno.EFBIG:
+            raise _TooLarge from e
         raise BlockMirrorError(
             f"Could not resize file: {os.strerror(e.errno or errno.EIO)}"
         ) from e

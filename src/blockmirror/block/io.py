@@ -72,8 +72,19 @@ async def _driver_read(node: BlockNode, offset: int, length: int) -> bytes:
     align = drv.request_alignment
     if align > 1 and (offset % align or length % align):
         start, alen = _align_out(offset, length, align)
-        data = await _driver_read(node, start, alen)
+        # the last block of a node whose size is not a multiple of the alignment is read
+        # only up to the end, and padded (cf. bdrv_aligned_preadv's max_bytes)
+        avail = min(alen, node.length() - start)
+        data = await _driver_read_aligned(node, start, avail)
+        if avail < alen:
+            data += bytes(alen - avail)
         return data[offset - start : offset - start + length]
+    return await _driver_read_aligned(node, offset, length)
+
+
+async def _driver_read_aligned(node: BlockNode, offset: int, length: int) -> bytes:
+    drv = node.driver
+    align = drv.request_alignment
     limit = max(align, drv.max_transfer - drv.max_transfer % align) if align > 1 else (
         drv.max_transfer
     )
@@ -110,6 +121,8 @@ async def _driver_write(
             start, alen = _align_out(offset, length, align)
             buf = bytearray(await _driver_read(node, start, alen))
             buf[offset - start : offset - start + length] = data
+            # never write past the end of the node (its last block may be partial)
+            del buf[node.length() - start :]
             offset, view = start, memoryview(buf)
         else:
             view = memoryview(data)

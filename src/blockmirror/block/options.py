@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -20,6 +21,7 @@ from blockmirror.block import threadio
 from blockmirror.block.drivers import DRIVERS, load_all
 from blockmirror.block.graph import BlockGraph, node_name_valid
 from blockmirror.block.node import BlockBackend, BlockNode, Perm
+from blockmirror.block.query import node_dirname, qemu_json
 from blockmirror.errors import BlockMirrorError
 
 log = logging.getLogger(__name__)
@@ -175,7 +177,7 @@ def _image_ref(filename: str) -> dict[str, Any]:
     inner = parse_filename(filename)
     if inner is not None:
         return inner
-    return {"driver": "file", "filename": filename}
+    return {"driver": protocol_for(filename), "filename": filename}
 
 
 def _nbd_options(uri: str) -> dict[str, Any]:
@@ -209,6 +211,15 @@ def _nbd_options(uri: str) -> dict[str, Any]:
     if export:
         opts["export"] = export
     return opts
+
+
+def protocol_for(filename: str) -> str:
+    """cf. protocol probing (hdev_probe_device): devices get host_device, the rest file."""
+    try:
+        mode = os.stat(filename).st_mode
+    except OSError:
+        return "file"
+    return "host_device" if stat.S_ISBLK(mode) or stat.S_ISCHR(mode) else "file"
 
 
 def probe_format(filename: str) -> str:
@@ -293,7 +304,7 @@ async def open_image(
     base: dict[str, Any]
     if legacy is not None:
         image = legacy.get("image")
-        if fmt is None and legacy.get("driver") == "blkdebug" and isinstance(image, dict):
+        if fmt is None and filename.startswith("blkdebug:") and isinstance(image, dict):
             # probing reads through the filter: the image file decides
             fmt = await probe_format_async(str(image.get("filename", "")))
             probed = True
@@ -307,8 +318,9 @@ async def open_image(
         if fmt in ("file", "host_device"):
             base = {"driver": fmt, "filename": filename}
         else:
-            base = {"driver": fmt, "file": {"driver": "file", "filename": filename}}
-    base.update(opts)
+            base = {"driver": fmt, "file": {"driver": protocol_for(filename),
+                                            "filename": filename}}
+    _deep_merge(base, opts)
     base["read-only"] = read_only
     if not backing and base.get("driver") == "qcow2":
         base["backing"] = None
@@ -330,6 +342,15 @@ async def open_image(
     if monitor_owned:
         graph.monitor_owned.add(node.name)
     return node
+
+
+def _deep_merge(into: dict[str, Any], extra: Mapping[str, Any]) -> None:
+    """Nested options win over the ones derived from a filename (file.node-name=x, ...)."""
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+            _deep_merge(into[key], value)
+        else:
+            into[key] = value
 
 
 def _check_keys(driver: str, opts: Mapping[str, Any]) -> None:
@@ -466,7 +487,9 @@ async def _open_children_and_driver(
     graph.add_node(node)
     ctx.created.append(node)
     await node.driver.open()
-    node.filename = _refresh_filename(node)
+    if not node.filename:
+        # drivers with a filename syntax of their own (nbd URIs) set it in open()
+        node.filename = _refresh_filename(node)
 
     if _supports_backing(cls.format_name):
         await _open_backing(ctx, node, opts, below)
@@ -555,8 +578,12 @@ def _perm_from_names(names: Any) -> Perm:
 async def _open_backing(
     ctx: _OpenCtx, node: BlockNode, opts: Mapping[str, Any], chain: tuple[str, ...]
 ) -> None:
-    if "backing" in opts:
-        ref = opts["backing"]
+    overlay: dict[str, Any] = {}
+    ref = opts.get("backing")
+    if isinstance(ref, dict) and "driver" not in ref:
+        # e.g. -drive ...,backing.node-name=base: options for the backing the header names
+        overlay = dict(ref)
+    if "backing" in opts and not overlay:
         if ref is None:
             node.options["backing"] = None
             return
@@ -574,17 +601,17 @@ async def _open_backing(
         legacy = parse_filename(fname)
         if legacy is None:
             path = fname
-            if not os.path.isabs(path) and node.filename and not node.filename.startswith(
-                "json:"
-            ):
-                path = os.path.join(os.path.dirname(node.filename), path)
+            base_dir = node_dirname(node)
+            if not os.path.isabs(path) and base_dir is not None:
+                path = os.path.join(base_dir, path)
             if _real(path) in chain:
                 raise BlockMirrorError(
                     f"Could not open backing file: Backing file '{fname}' creates an "
                     "infinite loop."
                 )
             fmt = info.backing_format or await probe_format_async(path)
-            bopts: dict[str, Any] = {"driver": fmt, "file": {"driver": "file", "filename": path}}
+            bopts: dict[str, Any] = {
+                "driver": fmt, "file": {"driver": protocol_for(path), "filename": path}}
         elif info.backing_format and legacy.get("driver") != info.backing_format:
             # e.g. backing_file=blkdebug:conf:img with backing_fmt=raw: raw over blkdebug
             bopts = {"driver": info.backing_format, "file": legacy}
@@ -594,6 +621,7 @@ async def _open_backing(
         for key in ("cache", "force-share"):
             if key in node.options:
                 bopts[key] = node.options[key]
+        _deep_merge(bopts, overlay)
         try:
             child = await _open_node(ctx, bopts, parent=None, chain=chain)
         except BlockMirrorError as e:
@@ -620,10 +648,10 @@ def _refresh_filename(node: BlockNode) -> str:
         rest = {k: v for k, v in extra.items() if not (k == "size" and v == 1 << 30)}
         if not rest:
             return f"{drv}://"
-        return "json:" + json.dumps({**rest, "driver": drv})
+        return "json:" + qemu_json({**rest, "driver": drv})
     child = node.file or node.child("image")
     if child is None:
-        return "json:" + json.dumps({**extra, "driver": drv})
+        return "json:" + qemu_json({**extra, "driver": drv})
     if drv == "blkdebug":
         conf = extra.pop("config", "")
         if not extra:
@@ -631,7 +659,7 @@ def _refresh_filename(node: BlockNode) -> str:
     elif not extra or drv == "qcow2":
         return child.filename
     role = "image" if drv == "blkdebug" else "file"
-    return "json:" + json.dumps({**extra, "driver": drv, role: _as_json(child)})
+    return "json:" + qemu_json({**extra, "driver": drv, role: _as_json(child)})
 
 
 def _as_json(node: BlockNode) -> Any:

@@ -7,6 +7,7 @@ bdrv_co_common_block_status_above does (filters count as layers).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from typing import Any
@@ -18,6 +19,45 @@ from blockmirror.block.node import BlockNode
 
 #: drivers that implement bdrv_get_info in QEMU (ImageInfo then carries dirty-flag)
 _HAS_GET_INFO = frozenset({"file", "host_device", "raw", "qcow2"})
+#: protocol drivers without an allocated-size query (ImageInfo then has no actual-size)
+_NO_ALLOCATED_SIZE = frozenset({"blkdebug", "nbd"})
+_QDICT_BUCKETS = 512
+
+
+def _tdb_hash(key: str) -> int:
+    """The string hash QEMU's QDict buckets keys with (a TDB-style multiplicative hash)."""
+    data = key.encode()
+    value = (0x238F13AF * len(data)) & 0xFFFFFFFF
+    for i, c in enumerate(data):
+        value = (value + (c << (i * 5 % 24))) & 0xFFFFFFFF
+    return (1103515243 * value + 12345) & 0xFFFFFFFF
+
+
+def qemu_key_order(obj: Any) -> Any:
+    """Reorder dict members (recursively) the way QEMU's QDict iterates them: by hash bucket,
+    and newest first within a bucket. QEMU prints JSON in this order, e.g. in ``json:``
+    filenames, so matching it makes our strings identical to QEMU's."""
+    if isinstance(obj, dict):
+        items = list(obj.items())
+        order = sorted(range(len(items)),
+                       key=lambda i: (_tdb_hash(items[i][0]) % _QDICT_BUCKETS, -i))
+        return {items[i][0]: qemu_key_order(items[i][1]) for i in order}
+    if isinstance(obj, list):
+        return [qemu_key_order(v) for v in obj]
+    return obj
+
+
+def qemu_json(obj: Any) -> str:
+    """JSON text as QEMU's qobject_to_json prints it (compact, QDict member order)."""
+    return json.dumps(qemu_key_order(obj))
+
+
+def _has_get_info(node: BlockNode) -> bool:
+    """cf. bdrv_get_info: filters without their own answer ask the node they filter."""
+    if node.format_name in _HAS_GET_INFO:
+        return True
+    inner = node.filtered_child()
+    return inner is not None and _has_get_info(inner)
 
 
 def size_to_str(n: int) -> str:
@@ -29,14 +69,17 @@ def size_to_str(n: int) -> str:
     return f"{n / (1 << (i * 10)):0.3g} {suffixes[i]}B"
 
 
-def path_combine(base: str, name: str) -> str:
-    """cf. path_combine: ``name`` relative to the directory of ``base`` unless absolute."""
-    if not name or os.path.isabs(name) or name.startswith(("json:", "nbd:", "blkdebug:")):
-        return name
-    if "://" in name:
-        return name
-    directory = os.path.dirname(base)
-    return os.path.join(directory, name) if directory else name
+def node_dirname(node: BlockNode) -> str | None:
+    """cf. bdrv_dirname: the directory of the file below the node (through formats and
+    filters), against which relative backing file names resolve; None when there is none."""
+    cur: BlockNode | None = node
+    while cur is not None:
+        if cur.format_name in ("file", "host_device"):
+            return os.path.dirname(cur.filename)
+        cur = cur.file or cur.child("image") or cur.filtered_child()
+    if node.filename and ":" not in node.filename.split("/")[0]:
+        return os.path.dirname(node.filename)
+    return None
 
 
 async def allocated_size(node: BlockNode) -> int | None:
@@ -48,6 +91,8 @@ async def allocated_size(node: BlockNode) -> int | None:
         return int(st.st_blocks) * 512
     if node.format_name in ("null-co", "null-aio"):
         return 0
+    if node.format_name in _NO_ALLOCATED_SIZE:
+        return None
     child = node.file or node.child("image")
     if child is None:
         return None
@@ -80,15 +125,20 @@ async def image_info(node: BlockNode, *, backing_image: bool = True) -> dict[str
         out["actual-size"] = actual
     if info.cluster_size:
         out["cluster-size"] = info.cluster_size
-    if node.format_name in _HAS_GET_INFO:
+    if _has_get_info(node):
         out["dirty-flag"] = info.dirty_flag
     if info.backing_filename:
         out["backing-filename"] = info.backing_filename
         backing = node.backing
-        out["full-backing-filename"] = (
-            backing.filename if backing is not None
-            else path_combine(node.filename, info.backing_filename)
-        )
+        if backing is not None:
+            out["full-backing-filename"] = backing.filename
+        else:
+            name = info.backing_filename
+            directory = node_dirname(node)
+            if os.path.isabs(name) or ":" in name.split("/")[0] or not directory:
+                out["full-backing-filename"] = name
+            else:
+                out["full-backing-filename"] = os.path.join(directory, name)
         if info.backing_format:
             out["backing-filename-format"] = info.backing_format
     spec = _format_specific(node.format_name, info.format_specific)
@@ -216,7 +266,9 @@ __all__ = [
     "block_status_above",
     "image_info",
     "is_allocated_above",
-    "path_combine",
+    "node_dirname",
+    "qemu_json",
+    "qemu_key_order",
     "query_named_block_nodes",
     "size_to_str",
 ]

@@ -336,6 +336,13 @@ def _legacy_socket_address(addr: dict[str, Any]) -> dict[str, Any]:
     return {"type": addr["type"], "data": data}
 
 
+def _trace_pattern(value: str) -> str:
+    """The event pattern of a --trace argument ([enable=]PATTERN[,events=..][,file=..])."""
+    first = value.split(",", 1)[0]
+    return first[len("enable="):] if first.startswith("enable=") else \
+        ("" if "=" in first else first)
+
+
 def _nbd_function(name: str) -> Any:
     """A function of the NBD server module (export/nbd_server.py), imported on first use."""
     import importlib
@@ -409,7 +416,17 @@ async def _main(prog: str, opts: list[tuple[str, str | None]], ready_fd: int | N
     rc = 0
     try:
         for opt, value in opts:
-            if opt in ("help", "version", "daemonize", "trace") or value is None:
+            if opt == "":
+                # non-options are reported in order, after earlier options took effect
+                print(f"{prog}: {value}: Unexpected argument", file=sys.stderr, flush=True)
+                return 1
+            if opt == "trace" and value is not None:
+                pattern = _trace_pattern(value)
+                if pattern and "*" not in pattern and "?" not in pattern:
+                    print(f"{prog}: --trace {value}: warning: trace event '{pattern}' does "
+                          "not exist", file=sys.stderr, flush=True)
+                continue
+            if opt in ("help", "version", "daemonize") or value is None:
                 continue
             try:
                 await _apply(st, opt, value)
@@ -480,12 +497,11 @@ def run(name: str, argv: list[str]) -> int:
         print(f"{prog}: {e}", file=sys.stderr)
         return 1
     for opt, value in opts:
-        if opt == "":
-            print(f"{prog}: {value}: Unexpected argument", file=sys.stderr)
-            return 1
         if opt == "help":
             print(usage(prog), end="")
             return 0
+        if opt == "trace" and value is not None and _trace_pattern(value) == "help":
+            return 0  # QSD lists its trace events; blockmirror has none
         if opt == "version":
             major, minor, micro = QEMU_COMPAT_VERSION
             print(f"{prog} version {major}.{minor}.{micro} ({QEMU_COMPAT_PACKAGE})")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -20,7 +21,7 @@ from blockmirror.block.driver import BlockStatus
 from blockmirror.block.graph import BlockGraph
 from blockmirror.block.node import BlockNode
 from blockmirror.block.options import attach_backend, close_all, open_image
-from blockmirror.block.query import image_info, size_to_str
+from blockmirror.block.query import image_info, qemu_key_order, size_to_str
 from blockmirror.errors import BlockMirrorError
 
 PROG = "blockmirror"
@@ -98,7 +99,9 @@ async def _create(argv: list[str]) -> int:
             )
             return 1
     options = _parse_o(args.options)
-    if "size" in options and size is None:
+    if "size" in options and size is not None:
+        return _err(f"{args.filename}: The image size must be specified only once")
+    if "size" in options:
         size_opt = options.pop("size")
         try:
             size = parse_size(size_opt)
@@ -216,7 +219,8 @@ async def _info(argv: list[str]) -> int:
     finally:
         await close_all(graph)
     if args.output == "json":
-        print(json.dumps(infos if args.backing_chain else infos[0], indent=4))
+        # QEMU prints members in its QDict order: matching it makes the text identical
+        print(json.dumps(qemu_key_order(infos if args.backing_chain else infos[0]), indent=4))
     else:
         print("\n\n".join(_human_info(i) for i in infos))
     return 0
@@ -371,6 +375,10 @@ def run(name: str, argv: list[str]) -> int:
         return _err(str(e))
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader went away (`... | head`): stop quietly, as qemu-img dies of SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except Exception as e:  # a bug of ours: still no traceback on the user's terminal
         return _err(f"internal error: {type(e).__name__}: {e}")
 

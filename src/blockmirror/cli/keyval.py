@@ -20,7 +20,7 @@ class KeyvalError(BlockMirrorError):
 
 
 def _split(text: str) -> list[str]:
-    """Split on single commas; ",," stands for a literal comma."""
+    """Split on single commas; ",," stands for a literal comma (QemuOpts, --chardev)."""
     parts: list[str] = []
     cur: list[str] = []
     i = 0
@@ -40,59 +40,127 @@ def _split(text: str) -> list[str]:
     return parts
 
 
-def _key_ok(seg: str) -> bool:
-    return bool(seg) and all(c.isalnum() or c in "-_" for c in seg)
+def _name_len(s: str, i: int) -> int:
+    """Length of the QAPI name at ``s[i:]`` (a letter, then alphanumerics, '-', '_'), or 0."""
+    if i >= len(s) or not (s[i].isascii() and s[i].isalpha()):
+        return 0
+    j = i + 1
+    while j < len(s) and s[j].isascii() and (s[j].isalnum() or s[j] in "-_"):
+        j += 1
+    return j - i
+
+
+def _index_len(s: str, i: int) -> int:
+    j = i
+    while j < len(s) and "0" <= s[j] <= "9":
+        j += 1
+    return j - i
+
+
+def _put(cur: dict[str, Any], name: str, value: str | None, shown: str) -> dict[str, Any]:
+    """cf. keyval_parse_put: ``value`` None means "a nested dict"."""
+    old = cur.get(name)
+    if old is not None:
+        if isinstance(old, dict) != (value is None):
+            raise KeyvalError(f"Parameters '{shown}.*' used inconsistently")
+        if value is None:
+            assert isinstance(old, dict)
+            return old
+    new: Any = {} if value is None else value
+    cur[name] = new
+    return new if isinstance(new, dict) else cur
+
+
+def _parse_one(root: dict[str, Any], text: str, pos: int, implied: str | None) -> int:
+    """One KEY=VALUE at ``text[pos:]`` (cf. keyval_parse_one); returns the next position."""
+    n = len(text)
+    stop = pos
+    while stop < n and text[stop] not in "=,":
+        stop += 1
+    key_src, key_start, key_end = text, pos, stop
+    val_end = -1
+    if stop > pos and (stop == n or text[stop] != "="):
+        if text[pos:stop] in ("help", "?"):
+            raise KeyvalError("Help is not available for this option")
+        if implied is not None:
+            key_src, key_start, key_end, val_end = implied, 0, len(implied), stop
+    key = key_src[key_start:key_end]
+    cur = root
+    i = key_start
+    fragment = ""
+    while True:
+        ln = _index_len(key_src, i) if i != key_start else 0
+        if ln == 0:
+            ln = _name_len(key_src, i)
+        if ln == 0 or (i + ln < key_end and key_src[i + ln] != "."):
+            raise KeyvalError(f"Invalid parameter '{key}'")
+        if i != key_start:
+            cur = _put(cur, fragment, None, key_src[key_start:i - 1])
+        fragment = key_src[i:i + ln]
+        i += ln
+        if i >= key_end or key_src[i] != ".":
+            break
+        i += 1
+    if val_end >= 0:
+        value = text[pos:val_end]
+        nxt = val_end + 1 if val_end < n and text[val_end] == "," else val_end
+    else:
+        if i >= n or text[i] != "=":
+            raise KeyvalError(f"Expected '=' after parameter '{text[pos:i]}'")
+        j = i + 1
+        chars: list[str] = []
+        while j < n:
+            if text[j] == ",":
+                j += 1
+                if j >= n or text[j] != ",":
+                    break
+            chars.append(text[j])
+            j += 1
+        value, nxt = "".join(chars), j
+    _put(cur, fragment, value, key)
+    return nxt
 
 
 def parse_keyval(text: str, implied: str | None = None) -> dict[str, Any]:
-    """Parse ``key=value,...`` into a nested dict of strings (and lists).
+    """Parse ``key=value,...`` into a nested dict of strings (and lists), cf. keyval_parse.
 
     Raises:
         KeyvalError: with QEMU's texts ("Invalid parameter '...'", "Expected '=' after
-            parameter '...'", "Parameter '...' used inconsistently").
+            parameter '...'", "Parameters '...' used inconsistently", "Parameter 'x.0'
+            missing").
     """
     root: dict[str, Any] = {}
-    if text == "":
-        return root
-    for n, item in enumerate(_split(text)):
-        if "=" not in item:
-            if n == 0 and implied is not None and item:
-                key, value = implied, item
-            elif item == "" and n > 0:
-                raise KeyvalError("Invalid parameter ''")
-            else:
-                if not all(_key_ok(s) for s in item.split(".")):
-                    raise KeyvalError(f"Invalid parameter '{item}'")
-                raise KeyvalError(f"Expected '=' after parameter '{item}'")
-        else:
-            key, value = item.split("=", 1)
-        segs = key.split(".")
-        if not all(_key_ok(s) for s in segs):
-            raise KeyvalError(f"Invalid parameter '{key}'")
-        cur = root
-        for depth, seg in enumerate(segs[:-1]):
-            nxt = cur.setdefault(seg, {})
-            if not isinstance(nxt, dict):
-                raise KeyvalError(f"Parameter '{'.'.join(segs[:depth + 1])}' used inconsistently")
-            cur = nxt
-        if isinstance(cur.get(segs[-1]), dict):
-            raise KeyvalError(f"Parameter '{key}' used inconsistently")
-        cur[segs[-1]] = value
+    pos = 0
+    while pos < len(text):
+        pos = _parse_one(root, text, pos, implied)
+        implied = None
     listified = _listify(root, "")
     assert isinstance(listified, dict)
     return listified
 
 
-def _listify(node: Any, path: str) -> Any:
-    if not isinstance(node, dict):
-        return node
-    out = {k: _listify(v, f"{path}{k}.") for k, v in node.items()}
-    if out and all(k.isdigit() for k in out):
-        idx = sorted(int(k) for k in out)
-        if idx != list(range(len(idx))):
-            missing = next(i for i, v in enumerate(idx) if i != v)
-            raise KeyvalError(f"Parameter '{path}{missing}' missing")
-        return [out[str(i)] for i in idx]
+def _listify(cur: dict[str, Any], path: str) -> Any:
+    """cf. keyval_listify: dicts whose keys are all indexes become lists (QDict order)."""
+    from blockmirror.qmp.message import qdict_order
+
+    has_index = has_member = False
+    for key in qdict_order(list(cur)):
+        if key[:1].isdigit() and key.isdigit():
+            has_index = True
+        else:
+            has_member = True
+        if isinstance(cur[key], dict):
+            cur[key] = _listify(cur[key], f"{path}{key}.")
+    if has_index and has_member:
+        raise KeyvalError(f"Parameters '{path}*' used inconsistently")
+    if not has_index:
+        return cur
+    elems: dict[int, Any] = {int(k): v for k, v in cur.items()}
+    out = []
+    for i in range(min(len(cur) + 1, max(elems) + 1)):
+        if i not in elems:
+            raise KeyvalError(f"Parameter '{path}{i}' missing")
+        out.append(elems[i])
     return out
 
 

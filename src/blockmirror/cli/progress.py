@@ -15,7 +15,9 @@ guest dirties more than the mirror copies, and is labelled as such.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 import time
 from collections import deque
@@ -212,6 +214,11 @@ def format_duration(seconds: float | None) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def _remaining_text(snap: Snapshot) -> str:
+    # before the first pass is seeded the job has not counted its dirty bytes yet
+    return "--" if snap.phase == Phase.INIT else format_bytes(snap.remaining)
+
+
 def _eta_text(snap: Snapshot) -> str:
     if snap.phase == Phase.READY:
         return "in sync"
@@ -225,7 +232,7 @@ def render_line(snap: Snapshot) -> str:
         f"copied {format_bytes(snap.copied)}",
         f"zero {format_bytes(snap.zeroed)}",
         f"re-dirtied {format_bytes(snap.redirtied)}",
-        f"remaining {format_bytes(snap.remaining)}",
+        f"remaining {_remaining_text(snap)}",
         f"rate {format_rate(snap.rate)}",
         f"ETA {_eta_text(snap)}",
     ]
@@ -254,7 +261,7 @@ def render_rich(snap: Snapshot, title: str = "blockmirror") -> RenderableType:
     table.add_row("copied", format_bytes(snap.copied), "skipped as zero",
                   format_bytes(snap.zeroed))
     table.add_row("re-dirtied", format_bytes(snap.redirtied), "dirty remaining",
-                  format_bytes(snap.remaining))
+                  _remaining_text(snap))
     table.add_row("rate", format_rate(snap.rate), "ETA", _eta_text(snap))
     table.add_row("speed limit", limit, "job status", snap.status)
     bar = Table.grid(padding=(0, 1))
@@ -337,6 +344,7 @@ class ProgressDisplay:
         self._live: Live | None = None
         self._last_plain = -1e9
         self._last_phase: Phase | None = None
+        self._closed = False
 
     def start(self) -> None:
         if self.mode == DisplayMode.LIVE and self._live is None:
@@ -355,8 +363,7 @@ class ProgressDisplay:
             now = time.monotonic()
             if snap.phase != self._last_phase or now - self._last_plain >= self.plain_interval:
                 self._last_plain = now
-                self.stream.write(render_line(snap) + "\n")
-                self.stream.flush()
+                self._write(render_line(snap) + "\n")
         self._last_phase = snap.phase
 
     def message(self, text: str) -> None:
@@ -366,7 +373,7 @@ class ProgressDisplay:
         if self.mode == DisplayMode.JSON:
             self._json({"type": "message", "text": text})
         else:
-            self.console.print(text, markup=False, highlight=False)
+            self._print(text)
 
     def finish(self, snap: Snapshot, outcome: str) -> None:
         """Stop the live panel (leaving its last frame) and print the summary."""
@@ -379,8 +386,16 @@ class ProgressDisplay:
             self._json(line)
         elif self.mode != DisplayMode.QUIET:
             if self.mode == DisplayMode.PLAIN:
-                self.stream.write(render_line(snap) + "\n")
-            self.console.print(render_summary(snap, outcome), markup=False, highlight=False)
+                self._write(render_line(snap) + "\n")
+            self._print(render_summary(snap, outcome))
+
+    def _print(self, text: str) -> None:
+        if self._closed:
+            return
+        try:
+            self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+        except BrokenPipeError:
+            self._silence()
 
     def stop(self) -> None:
         if self._live is not None:
@@ -388,8 +403,25 @@ class ProgressDisplay:
             self._live = None
 
     def _json(self, obj: dict[str, Any]) -> None:
-        self.stream.write(json.dumps(obj) + "\n")
-        self.stream.flush()
+        self._write(json.dumps(obj) + "\n")
+
+    def _write(self, text: str) -> None:
+        """Write and flush; a closed pipe (``| head``) silences the display, not the job."""
+        if self._closed:
+            return
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except BrokenPipeError:
+            self._silence()
+
+    def _silence(self) -> None:
+        self._closed = True
+        with contextlib.suppress(OSError, ValueError):
+            # the interpreter flushes stdout at exit; point it at /dev/null first
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stream.fileno())
+            os.close(devnull)
 
 
 __all__ = [

@@ -131,6 +131,12 @@ class _Interceptor:
         job = self.job
         while job.quiesced:
             await job.unquiesced.wait()
+        if job.pivoted_to is not None:
+            # held across the pivot by a parent that addressed the source node itself: the
+            # source's parents now use the target, so the write must reach it too
+            await proceed()
+            await job.forward_after_pivot(job.pivoted_to, kind, offset, length)
+            return
         job.active_writers += 1
         try:
             if job.should_copy_to_target():
@@ -198,6 +204,8 @@ class MirrorJob(Job):
         self._extra_head = 0
         #: the target names a backing file it has not opened (drive-mirror): see cow_bitmap
         self._target_needs_cow = False
+        #: set at the pivot: where writes held at the source's drain barrier must also go
+        self.pivoted_to: BlockNode | None = None
 
     # --- wiring (cf. mirror_start_job) ---------------------------------------------------------
 
@@ -342,6 +350,17 @@ class MirrorJob(Job):
         # the rest of the write (trimmed dirty padding) is dirty already; nothing to mark
         return True
 
+    async def forward_after_pivot(
+        self, target: BlockNode, kind: str, offset: int, length: int
+    ) -> None:
+        """Copy a source write that was held across the pivot to the new node."""
+        if kind == "discard":
+            return  # advisory: the target keeps defined content
+        if kind == "zero":
+            await target.write_zeroes(offset, length, may_unmap=self.params.unmap)
+        else:
+            await target.write(offset, await self.source.read(offset, length))
+
     # --- job hooks ------------------------------------------------------------------------------
 
     def on_cancel(self, force: bool) -> bool:
@@ -439,8 +458,7 @@ class MirrorJob(Job):
 
     async def run(self) -> None:
         """cf. mirror_run."""
-        src, tgt = self.source, self.target
-        if tgt.length() != self.bdev_length:
+        if self.target.length() != self.bdev_length:
             raise BlockMirrorError("Source and target image have different sizes")
         if self.bdev_length == 0:
             self.published = True
@@ -452,6 +470,7 @@ class MirrorJob(Job):
             self._hold_drain()
             return
         self._setup_cow()
+        drained = False
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             try:
@@ -465,8 +484,8 @@ class MirrorJob(Job):
                 await self._wait_all_io()
                 self._tg = None
         if not drained:
+            # failed or force-cancelled: still hold writes off until the filter is gone
             self._hold_drain()
-        del src
 
     def _setup_cow(self) -> None:
         """cf. mirror_run's cow_bitmap setup (3.8): a backing file we cannot read."""
@@ -502,6 +521,7 @@ class MirrorJob(Job):
         top_only = self.params.sync == "top"
         offset = 0
         while offset < length:
+            await self.pause_point()
             if self.is_cancelled:
                 return
             n = min(length - offset, _align_down(_ZERO_INIT_STEP, self.granularity))
@@ -787,6 +807,8 @@ class MirrorJob(Job):
                 try:
                     graph.replace_node(to_replace, tgt, exclude=exclude)
                     pivoted = True
+                    if to_replace is src:
+                        self.pivoted_to = tgt
                 except BlockMirrorError as e:
                     log.warning("Can no longer replace '%s' by '%s': %s",
                                 to_replace.name, tgt.name, e)
@@ -822,11 +844,17 @@ class MirrorJob(Job):
             except BlockMirrorError as e:
                 raise BlockIOError(errno.EPERM) from e
         if mode == BackingMode.OPEN and tgt.backing is None:
+            # cf. bdrv_open_backing_file: the backing named in the target's header
             from blockmirror.block import options
 
-            opener = getattr(options, "open_backing_of", None)
-            if opener is not None:
-                await opener(self.graph, tgt)
+            ctx = options._OpenCtx(self.graph)
+            try:
+                await options._open_backing(ctx, tgt, {}, ())
+            except BlockMirrorError as e:
+                await ctx.rollback()
+                raise BlockIOError(errno.EPERM) from e
+            link = tgt.children.get("backing")
+            return link if link is not None and link.node is self.source else None
         return None
 
     async def _drop_unused(self, pivoted: bool) -> None:

@@ -1,10 +1,11 @@
 """Sans-IO fixed-newstyle NBD handshake: the server role, and what both roles share.
 
 The client role is in ``handshake_client.py``. Both roles follow the h11 pattern:
-``receive_data(bytes)`` buffers what the transport read, ``next_event()`` advances the state machine and returns an event or ``None`` (needs more data),
-``data_to_send()`` drains the bytes to write. Neither role owns a socket, a task or a clock: the
-asyncio shells (export/nbd_server.py, block/drivers/nbd.py) do the I/O, the TLS upgrade when a
-``StartTLS`` event asks for it, and the timeouts.
+``receive_data(bytes)`` buffers what the transport read, ``next_event()`` advances the state
+machine and returns an event or ``None`` (needs more data), ``data_to_send()`` drains the bytes
+to write. Neither role owns a socket, a task or a clock: the asyncio shells
+(export/nbd_server.py, block/drivers/nbd.py) do the I/O, the TLS upgrade when a ``StartTLS``
+event asks for it, and the timeouts.
 
 Theory of operation: the states carry libnbd's names (NEWSTYLE.OPT_GO.SEND, ...). Each role has
 a ``TRANSITIONS`` table and a single ``_set_state`` that refuses any move not in the table (a bug

@@ -135,10 +135,6 @@ def _bad_type(full: str, expected: str) -> SchemaError:
     return SchemaError(f"Invalid parameter type for '{full}', expected: {expected}")
 
 
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _qtype(v: object) -> str:
     if v is None:
         return "null"
@@ -234,13 +230,15 @@ def _validate_builtin(t: str, value: object, bare: str, full: str) -> object:
     if t == "QType":
         return validate_enum_value(value, bare, full,
                                    ("none", "qnull", "qnum", "qstring", "qdict", "qlist", "qbool"))
-    # integers: the value must first be representable as int64 (uint64 for unsigned kinds)
-    if not _is_int(value):
+    # integers: the value must first be representable as int64 (uint64 for unsigned kinds);
+    # the unsigned visitor words every failure as a value error (qobject_input_type_uint64)
+    if not isinstance(value, int) or isinstance(value, bool):
+        if t in _UNSIGNED:
+            raise SchemaError(f"Parameter '{full}' expects uint64")
         raise _bad_type(full, "integer")
-    assert isinstance(value, int)
     if t in _UNSIGNED:
         if not -(1 << 63) <= value < (1 << 64):
-            raise _bad_type(full, "integer")
+            raise SchemaError(f"Parameter '{full}' expects uint64")
         value &= (1 << 64) - 1  # QEMU accepts negative numbers and wraps them
     elif not -(1 << 63) <= value < (1 << 63):
         raise _bad_type(full, "integer")

@@ -167,7 +167,7 @@ async def query_jobs(ctx: CommandContext, args: Args) -> list[dict[str, Any]]:
 @hmp_command("block_job_complete", "device", "stop an active background block operation")
 async def hmp_block_job_complete(ctx: CommandContext, argv: list[str]) -> str:
     if not argv:
-        raise BlockMirrorError("Parameter 'device' is missing")
+        return "block_job_complete: block device name expected\n"
     await _block_job(ctx, argv[0]).complete()
     return ""
 
@@ -177,7 +177,7 @@ async def hmp_block_job_cancel(ctx: CommandContext, argv: list[str]) -> str:
     force = "-f" in argv
     rest = [a for a in argv if a != "-f"]
     if not rest:
-        raise BlockMirrorError("Parameter 'device' is missing")
+        return "block_job_cancel: block device name expected\n"
     await block_job_cancel(ctx, Args({"device": rest[0], "force": force}))
     return ""
 

@@ -37,6 +37,11 @@ def get_root_node(graph: BlockGraph, device: str) -> BlockNode:
     node = graph.lookup(device, device)
     if any(not isinstance(c.parent, BlockBackend) for c in node.parents):
         raise BlockMirrorError("Need a root block node")
+    # every node a block job uses has a job link (cf. block_job_add_bdrv), which is not a
+    # root link; such nodes carry the job's op blocker
+    if any(r.startswith("block device is in use by block job:")
+           for r in node.blockers.get("all", [])):
+        raise BlockMirrorError("Need a root block node")
     return node
 
 
@@ -232,8 +237,11 @@ async def hmp_drive_mirror(ctx: CommandContext, argv: list[str]) -> str:
     reuse = "-n" in argv
     full = "-f" in argv
     rest = [a for a in argv if a not in ("-n", "-f")]
+    # the monitor's own argument parser answers these (cf. monitor_parse_arguments)
+    if not rest:
+        return "drive_mirror: block device name expected\n"
     if len(rest) < 2:
-        raise BlockMirrorError("Parameter 'target' is missing")
+        return "drive_mirror: string expected\n"
     values: dict[str, object] = {
         "device": rest[0], "target": rest[1], "sync": "full" if full else "top",
         "mode": "existing" if reuse else "absolute-paths", "unmap": True,

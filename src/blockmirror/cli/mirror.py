@@ -1,0 +1,502 @@
+"""`blockmirror mirror SOURCE TARGET`: a one-shot live mirror with an honest progress display.
+
+CLI layer. It runs one in-process ``Daemon`` in one asyncio loop: it opens SOURCE behind a
+BlockBackend called ``drive0`` (the "guest device"), optionally exports it over NBD so writers
+keep going during the copy, optionally serves QMP on a unix socket, and starts the job through
+QMP ``drive-mirror`` itself (argument validation and handler, exactly as a monitor would). It
+then watches the job, completes it at READY (or on SIGUSR1 / QMP ``block-job-complete`` with
+``--wait``), force-cancels on SIGINT/SIGTERM, and maps the outcome to an exit code. It never
+re-implements graph, job or NBD logic; everything goes through the daemon's own APIs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from blockmirror.block.create import parse_size
+from blockmirror.block.node import BlockBackend, BlockNode, Perm
+from blockmirror.cli.progress import (
+    DisplayMode,
+    Phase,
+    ProgressDisplay,
+    RateMeter,
+    Snapshot,
+    choose_mode,
+    final_phase,
+    phase_of,
+    snapshot_of,
+)
+from blockmirror.daemon import Daemon
+from blockmirror.errors import BlockMirrorError
+from blockmirror.jobs.job import Job
+from blockmirror.qmp.registry import Args, CommandContext, load_commands
+from blockmirror.qmp.schema import SchemaError, validate_command_args
+
+#: exit statuses (documented in --help and docs/cli.md)
+EXIT_OK = 0
+EXIT_USAGE = 1
+EXIT_JOB_FAILED = 2
+EXIT_CANCELLED = 130
+
+#: the BlockBackend standing for the guest's disk; also the default job id (cf. drive-mirror)
+DEVICE = "drive0"
+SOURCE_NODE = "source"
+
+_NBD_PREFIXES = ("nbd:", "nbd+unix:", "nbd+tcp:", "nbd://")
+
+EPILOG = """\
+SOURCE and TARGET are image paths or NBD URIs (nbd://HOST[:PORT]/NAME,
+nbd+unix:///NAME?socket=PATH). An NBD TARGET must already exist (--mode existing
+is the default for it); a file TARGET is created like drive-mirror does
+(--mode absolute-paths), in the source's format unless --format is given.
+
+Completion: the mirror completes (pivots to the target) as soon as it is READY,
+unless --wait is given; then it stays in sync until SIGUSR1 or QMP
+block-job-complete on the --qmp socket (job id: drive0).
+
+Signals: SIGINT (Ctrl-C) or SIGTERM force-cancel the job; the source is left
+untouched and nothing is pivoted. SIGUSR1 requests completion.
+
+Exit status:
+  0    the mirror completed; the target is in sync (and pivoted)
+  1    usage error, or the source/target/export could not be opened or started
+  2    the mirror job failed (I/O error with the report policy, ...)
+  130  cancelled (SIGINT/SIGTERM or a QMP cancel)
+"""
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors exit 1 (our convention) instead of 2 (a job failure)."""
+
+    def error(self, message: str) -> Any:
+        raise _UsageError(message)
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid size '{text}'") from None
+
+
+def build_parser(prog: str = "blockmirror mirror") -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, description="Mirror a live disk to a new destination (drive-mirror).",
+                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", metavar="SOURCE", help="source image path or NBD URI")
+    p.add_argument("target", metavar="TARGET", help="target image path or NBD URI")
+    j = p.add_argument_group("drive-mirror arguments")
+    j.add_argument("--sync", choices=("full", "top", "none"), default="full",
+                   help="what to copy: the whole chain (default), the top layer, or only new "
+                        "writes")
+    j.add_argument("--format", help="target format (default: the source's, or probed when "
+                                    "--mode existing)")
+    j.add_argument("--source-format", help="source format (default: probed)")
+    j.add_argument("--mode", choices=("existing", "absolute-paths"),
+                   help="create the target (absolute-paths, the default for files) or use an "
+                        "existing one (the default for NBD URIs)")
+    j.add_argument("--speed", type=_size, default=0,
+                   help="rate limit in bytes per second, with k/M/G suffixes (default: none)")
+    j.add_argument("--granularity", type=_size, help="dirty bitmap granularity "
+                                                     "(power of 2, 512 B..64 MiB)")
+    j.add_argument("--buf-size", type=_size, help="bytes in flight (default 16M)")
+    j.add_argument("--copy-mode", choices=("background", "write-blocking"),
+                   help="write-blocking: guest writes wait until copied (active mirror)")
+    policies = ("report", "ignore", "enospc", "stop", "auto")
+    j.add_argument("--on-source-error", choices=policies, help="default: report")
+    j.add_argument("--on-target-error", choices=policies, help="default: report")
+    j.add_argument("--no-unmap", action="store_true",
+                   help="where the source reads as zero, write explicit zeroes rather than "
+                        "unmap target clusters (drive-mirror unmap=false)")
+    j.add_argument("--job-id", help=f"job id (default: {DEVICE})")
+    o = p.add_argument_group("operation")
+    o.add_argument("--wait", action="store_true",
+                   help="stay in sync after READY until SIGUSR1 or QMP block-job-complete")
+    o.add_argument("--export", metavar="ADDR",
+                   help="serve the disk over NBD while mirroring: unix:PATH or HOST:PORT "
+                        "(writable; follows the target after the pivot)")
+    o.add_argument("--export-name", default="disk", help="NBD export name (default: disk)")
+    o.add_argument("--qmp", metavar="PATH", help="serve a QMP monitor on this unix socket")
+    d = p.add_argument_group("display")
+    d.add_argument("--json", action="store_true",
+                   help="one JSON object per line on stdout (see docs/cli.md for fields)")
+    d.add_argument("--quiet", "-q", action="store_true", help="print errors only")
+    d.add_argument("--interval", type=float, default=0.25,
+                   help="seconds between progress updates (default 0.25)")
+    return p
+
+
+def parse_export(text: str) -> dict[str, Any]:
+    """``unix:PATH`` or ``HOST:PORT`` (``[::1]:PORT`` for IPv6) to a flat SocketAddress.
+
+    Raises:
+        ValueError: the text is neither form.
+    """
+    if text.startswith("unix:"):
+        path = text[len("unix:"):]
+        if not path:
+            raise ValueError("empty socket path")
+        return {"type": "unix", "path": path}
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"expected unix:PATH or HOST:PORT, got '{text}'")
+    host = host.strip("[]") or "0.0.0.0"
+    return {"type": "inet", "host": host, "port": port}
+
+
+def export_uri(addr: dict[str, Any], name: str) -> str:
+    """The NBD URI clients use for an export at ``addr``."""
+    if addr["type"] == "unix":
+        return f"nbd+unix:///{name}?socket={addr['path']}"
+    host = addr["host"]
+    if host in ("0.0.0.0", "::"):
+        host = "localhost"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"nbd://{host}:{addr['port']}/{name}"
+
+
+def is_nbd_uri(name: str) -> bool:
+    return name.startswith(_NBD_PREFIXES)
+
+
+async def execute(daemon: Daemon, name: str, arguments: dict[str, Any]) -> Any:
+    """Run a QMP command in-process on the same path a monitor uses: schema validation
+    (QEMU's texts) then the registered handler.
+
+    Raises:
+        BlockMirrorError: the command failed (``str(e)`` is the QMP desc).
+    """
+    cmd = load_commands()[name]
+    try:
+        args = validate_command_args(cmd.args, dict(arguments))
+    except SchemaError as e:
+        raise BlockMirrorError(e.desc) from e
+    return await cmd.handler(CommandContext(daemon), Args(args))
+
+
+class CliDaemon(Daemon):
+    """A Daemon whose stdout lines (``Formatting ...``) go through the progress display."""
+
+    def __init__(self, sink: Callable[[str], None]) -> None:
+        super().__init__()
+        self._sink = sink
+
+    def print_stdout(self, line: str) -> None:
+        self.stdout_lines.append(line)
+        self._sink(line)
+
+
+@dataclass
+class Outcome:
+    """How a watched job ended."""
+
+    phase: Phase
+    snapshot: Snapshot
+    pivoted: bool
+    text: str
+    exit_code: int
+
+
+class JobWatcher:
+    """Follows one job: samples progress, obeys signals, completes at READY, reports the end.
+
+    Requests arrive as flags set by signal handlers (or the demo); the loop acts on them at
+    its next tick so that job verbs always run in the loop's task, never in a handler.
+    """
+
+    def __init__(self, daemon: Daemon, job: Job, display: ProgressDisplay, *,
+                 device: BlockBackend | None, wait: bool, interval: float,
+                 started: float, disk_size: int) -> None:
+        self.daemon = daemon
+        self.job = job
+        self.display = display
+        self.device = device
+        self.wait = wait
+        self.interval = interval
+        self.started = started
+        self.disk_size = disk_size
+        self.meter = RateMeter()
+        self.target: BlockNode | None = getattr(job, "target", None)
+        self.cancel_requested = False
+        self.complete_requested = False
+        self._complete_sent = False
+        self._cancel_sent = False
+        self._wake = asyncio.Event()
+        self._final_event: str | None = None
+        self._final_error: str | None = None
+        self._announced_ready = False
+        #: print how to complete when READY with --wait (the demo completes by itself)
+        self.ready_hint = True
+        #: called once when the job first becomes READY (the demo uses it)
+        self.on_ready: Callable[[], None] | None = None
+        self._unsubscribe = daemon.events.subscribe(self._on_event)
+
+    # -- requests (signal handlers) ------------------------------------------------------------
+
+    def request_cancel(self) -> None:
+        self.cancel_requested = True
+        self._wake.set()
+
+    def request_complete(self) -> None:
+        self.complete_requested = True
+        self._wake.set()
+
+    def _on_event(self, ev: dict[str, Any]) -> None:
+        data = ev.get("data", {})
+        if data.get("device") != self.job.id and data.get("id") != self.job.id:
+            return
+        name = ev["event"]
+        if name in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"):
+            self._final_event = name
+            self._final_error = data.get("error")
+        elif name == "BLOCK_JOB_ERROR":
+            self.display.message(f"I/O error on {data.get('operation')}: "
+                                 f"action {data.get('action')}")
+        self._wake.set()
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        job = self.job
+        phase = phase_of(job.status.value, published=getattr(job, "published", True),
+                         complete_requested=self._complete_sent,
+                         cancel_requested=self._cancel_sent)
+        return snapshot_of(job, elapsed=time.monotonic() - self.started,
+                           disk_size=self.disk_size, meter=self.meter, phase=phase)
+
+    async def run(self) -> Outcome:
+        job = self.job
+        finished = asyncio.ensure_future(job.wait_finished())
+        try:
+            while not finished.done():
+                await self._act()
+                self.display.update(self.snapshot())
+                self._wake.clear()
+                waker = asyncio.ensure_future(self._wake.wait())
+                await asyncio.wait({finished, waker}, timeout=self.interval,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                waker.cancel()
+        finally:
+            finished.cancel()
+            self._unsubscribe()
+        return self._outcome()
+
+    async def _act(self) -> None:
+        job = self.job
+        if self.cancel_requested and not self._cancel_sent:
+            self._cancel_sent = True
+            try:
+                await job.user_cancel(True)
+                self.display.message("cancelling: the source stays as it is, no pivot")
+            except BlockMirrorError as e:
+                self.display.message(f"cannot cancel now: {e}")
+        if job.is_ready and not self._announced_ready:
+            self._announced_ready = True
+            if self.wait and self.ready_hint:
+                self.display.message(
+                    f"READY: source and target in sync; complete with `kill -USR1 {os.getpid()}`"
+                    f" or QMP block-job-complete (device {job.id})")
+            if self.on_ready is not None:
+                self.on_ready()
+        if (job.is_ready and not self._complete_sent and not self._cancel_sent
+                and (self.complete_requested or not self.wait)):
+            self._complete_sent = True
+            try:
+                await job.complete()
+            except BlockMirrorError as e:
+                self.display.message(f"cannot complete now: {e}")
+                self._complete_sent = False
+                self.complete_requested = False
+
+    def _outcome(self) -> Outcome:
+        phase = final_phase(self._final_event, self._final_error or self.job.error)
+        snap = self.snapshot()
+        snap = Snapshot(**{**_fields(snap), "phase": phase, "eta": None,
+                           "error": self._final_error or self.job.error})
+        pivoted = (self.device is not None and self.target is not None
+                   and self.device.node is self.target)
+        if phase == Phase.DONE:
+            text = ("the target is in sync and is now the active image (pivoted)" if pivoted
+                    else "the target is in sync; not pivoted (cancelled after READY)")
+            code = EXIT_OK
+        elif phase == Phase.CANCELLED:
+            text = "the source is untouched and the target was not pivoted"
+            # "Operation canceled" is the job's QMP error; the phase already says it
+            snap = Snapshot(**{**_fields(snap), "error": None})
+            code = EXIT_CANCELLED
+        else:
+            text = f"the mirror failed: {snap.error or 'unknown error'}"
+            code = EXIT_JOB_FAILED
+        return Outcome(phase, snap, pivoted, text, code)
+
+
+def _fields(snap: Snapshot) -> dict[str, Any]:
+    return {name: getattr(snap, name) for name in Snapshot.__slots__}
+
+
+def mirror_arguments(opts: argparse.Namespace) -> dict[str, Any]:
+    """The drive-mirror arguments for the parsed command line."""
+    mode = opts.mode or ("existing" if is_nbd_uri(opts.target) else "absolute-paths")
+    args: dict[str, Any] = {"device": DEVICE, "target": opts.target, "sync": opts.sync,
+                            "mode": mode}
+    if opts.job_id:
+        args["job-id"] = opts.job_id
+    if opts.format:
+        args["format"] = opts.format
+    if opts.speed:
+        args["speed"] = opts.speed
+    if opts.granularity is not None:
+        args["granularity"] = opts.granularity
+    if opts.buf_size is not None:
+        args["buf-size"] = opts.buf_size
+    if opts.copy_mode:
+        args["copy-mode"] = opts.copy_mode
+    if opts.on_source_error:
+        args["on-source-error"] = opts.on_source_error
+    if opts.on_target_error:
+        args["on-target-error"] = opts.on_target_error
+    if opts.no_unmap:
+        args["unmap"] = False
+    return args
+
+
+async def open_source(daemon: Daemon, filename: str, fmt: str | None,
+                      warn: Callable[[str], None]) -> BlockBackend:
+    """Open the source read-write behind the ``drive0`` BlockBackend (the guest's device)."""
+    from blockmirror.block.options import close_node, open_image
+
+    graph = daemon.graph
+    node = await open_image(graph, filename, fmt, read_only=False, node_name=SOURCE_NODE,
+                            warn=warn)
+    # a guest device: reads and writes, never resizes, shares everything (so an NBD export
+    # and the mirror can use the node too)
+    perm = Perm.CONSISTENT_READ | Perm.WRITE
+    blk = BlockBackend(DEVICE, f"block device '{DEVICE}'", perm, Perm.all())
+    try:
+        graph.attach(blk, node, "root", perm, blk.shared)
+    except BlockMirrorError:
+        await close_node(graph, node)
+        raise
+    graph.add_backend(blk)
+    return blk
+
+
+async def start_export(daemon: Daemon, addr: dict[str, Any], name: str) -> str:
+    """nbd-server-start + a writable block-export-add of the source; returns the URI."""
+    # nbd-server-start takes the legacy SocketAddress: {"type": ..., "data": {...}}
+    legacy = {"type": addr["type"], "data": {k: v for k, v in addr.items() if k != "type"}}
+    await execute(daemon, "nbd-server-start", {"addr": legacy})
+    await execute(daemon, "block-export-add", {"type": "nbd", "id": "export0",
+                                               "node-name": SOURCE_NODE, "name": name,
+                                               "writable": True})
+    return export_uri(addr, name)
+
+
+async def _main(opts: argparse.Namespace, display: ProgressDisplay, prog: str) -> int:
+    started = time.monotonic()
+    daemon = CliDaemon(display.message)
+    loop = asyncio.get_running_loop()
+    interrupted = asyncio.Event()
+    watcher: JobWatcher | None = None
+
+    def on_interrupt() -> None:
+        interrupted.set()
+        if watcher is not None:
+            watcher.request_cancel()
+
+    def on_usr1() -> None:
+        if watcher is not None:
+            watcher.request_complete()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_interrupt)
+    loop.add_signal_handler(signal.SIGUSR1, on_usr1)
+    qmp_path: str | None = None
+    try:
+        try:
+            device = await open_source(daemon, opts.source, opts.source_format, display.message)
+            if opts.export:
+                uri = await start_export(daemon, parse_export(opts.export), opts.export_name)
+                display.message(f"exporting the disk at {uri}")
+            if opts.qmp:
+                await daemon.qmp_server().listen_unix(opts.qmp)
+                qmp_path = opts.qmp
+                display.message(f"QMP monitor on {opts.qmp}")
+            if interrupted.is_set():
+                return EXIT_CANCELLED
+            node = device.node
+            assert node is not None
+            disk_size = node.length()
+            args = mirror_arguments(opts)
+            await execute(daemon, "drive-mirror", args)
+        except (BlockMirrorError, ValueError) as e:
+            print(f"{prog}: {e}", file=sys.stderr, flush=True)
+            hint = getattr(e, "hint", None)
+            if hint:
+                print(hint, file=sys.stderr, flush=True)
+            return EXIT_USAGE
+        job = daemon.jobs.find(args.get("job-id", DEVICE))
+        assert job is not None
+        watcher = JobWatcher(daemon, job, display, device=device, wait=opts.wait,
+                             interval=opts.interval, started=started, disk_size=disk_size)
+        if interrupted.is_set():
+            watcher.request_cancel()
+        outcome = await watcher.run()
+        display.finish(outcome.snapshot, outcome.text)
+        return outcome.exit_code
+    finally:
+        display.stop()
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+            loop.remove_signal_handler(sig)
+        if daemon.qmp is not None:
+            await daemon.qmp.close()
+        await daemon.shutdown()
+        if qmp_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(qmp_path)
+
+
+def run(name: str, argv: list[str]) -> int:
+    prog = f"blockmirror {name}"
+    parser = build_parser(prog)
+    try:
+        opts = parser.parse_args(argv)
+    except _UsageError as e:
+        print(f"{parser.format_usage().rstrip()}\n{prog}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    if opts.export:
+        try:
+            parse_export(opts.export)
+        except ValueError as e:
+            print(f"{prog}: --export: {e}", file=sys.stderr)
+            return EXIT_USAGE
+    if opts.interval <= 0:
+        print(f"{prog}: --interval must be positive", file=sys.stderr)
+        return EXIT_USAGE
+    mode = choose_mode(json_lines=opts.json, quiet=opts.quiet)
+    display = ProgressDisplay(mode, title=f"mirror {opts.source} -> {opts.target}")
+    try:
+        return asyncio.run(_main(opts, display, prog))
+    except KeyboardInterrupt:  # before the loop installed its handlers
+        display.stop()
+        return EXIT_CANCELLED
+
+
+__all__ = ["EXIT_CANCELLED", "EXIT_JOB_FAILED", "EXIT_OK", "EXIT_USAGE", "CliDaemon",
+           "DisplayMode", "JobWatcher", "Outcome", "build_parser", "execute", "export_uri",
+           "mirror_arguments", "open_source", "parse_export", "run", "start_export"]
