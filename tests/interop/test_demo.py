@@ -8,10 +8,14 @@ those lines show the copy moving (copying, then ready, then done) and that every
 
 from __future__ import annotations
 
+import asyncio
+import io
+import random
 import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -51,3 +55,55 @@ def test_demo_proves_the_target_identical() -> None:
                      out, re.M), out
     assert "FAIL" not in out
     assert out.rstrip().endswith("PROVEN: the target is identical to the disk the guest saw.")
+
+
+def _prove_case(tmp_path: Path, *, flip_model: bool, leak: bool) -> tuple[int, str]:
+    """Run the demo's proof step on hand-made images; returns (status, printed text)."""
+    from blockmirror.block.create import img_create
+    from blockmirror.block.graph import BlockGraph
+    from blockmirror.block.options import close_all, open_image
+    from blockmirror.cli.demo import Guest, prove
+    from blockmirror.cli.progress import DisplayMode, ProgressDisplay
+
+    target, overlay = tmp_path / "mirror.qcow2", tmp_path / "overlay.qcow2"
+    size = 1 << 20
+    post_pivot = (4096, b"\x5a" * 4096)
+
+    async def main() -> tuple[int, str]:
+        graph = BlockGraph()
+        try:
+            for path in (target, overlay):
+                await img_create(str(path), "qcow2", size, quiet=True)
+            t = await open_image(graph, str(target), "qcow2", read_only=False)
+            await t.write(*post_pivot)
+            if leak:
+                o = await open_image(graph, str(overlay), "qcow2", read_only=False)
+                await o.write(*post_pivot)
+        finally:
+            await close_all(graph)
+        model = bytearray(size)
+        model[4096:8192] = post_pivot[1]
+        if flip_model:
+            model[size - 1] ^= 1
+        guest = Guest(node=None, model=model, rng=random.Random(0))  # type: ignore[arg-type]
+        guest.after_pivot.append(post_pivot)
+        out = io.StringIO()
+        display = ProgressDisplay(DisplayMode.PLAIN, stream=out)
+        rc = await prove(str(tmp_path), str(overlay), str(target), guest, bytes(model),
+                         display)
+        return rc, out.getvalue()
+
+    return asyncio.run(main())
+
+
+def test_demo_proof_can_fail(tmp_path: Path) -> None:
+    require_tool("qemu-img")
+    rc, text = _prove_case(tmp_path, flip_model=False, leak=False)
+    assert rc == 0 and "PROVEN" in text and "FAIL" not in text, text
+    rc, text = _prove_case(tmp_path, flip_model=True, leak=False)
+    assert rc == 2, text
+    assert "[FAIL] mirror.qcow2 on disk equals the guest's model: differs at 1044480" in text
+    assert "[FAIL] qemu-img compare" in text and "FAILED" in text
+    rc, text = _prove_case(tmp_path, flip_model=False, leak=True)
+    assert rc == 2, text
+    assert "[FAIL] none of the 1 writes after the pivot reached the old source" in text

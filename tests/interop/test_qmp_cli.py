@@ -245,3 +245,29 @@ def test_blockdev_keyval_fuzz_matches_qsd() -> None:
             (want_rc, want.replace("qemu-storage-daemon: ", "P: "))
 
     check()
+
+
+def test_inherited_fd_chardev(tmp_path: Path) -> None:
+    """-chardev socket,fd=N: QMP over an inherited, already connected socket (as iotests do)."""
+    import socket
+
+    ours, theirs = socket.socketpair()
+    with ours:
+        proc = subprocess.Popen([*OURS, "--chardev", f"socket,id=m,fd={theirs.fileno()}",
+                                 "--monitor", "chardev=m"], pass_fds=[theirs.fileno()],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        theirs.close()
+        try:
+            ours.settimeout(20)
+            f = ours.makefile("rb")
+            assert f.readline().startswith(b'{"QMP":')
+            ours.sendall(b'{"execute":"qmp_capabilities"}{"execute":"query-block"}')
+            assert f.readline() == b'{"return": {}}\r\n'
+            assert f.readline() == b'{"return": []}\r\n'
+            ours.sendall(b'{"execute":"quit"}')
+            assert f.readline() == b'{"return": {}}\r\n'
+            assert proc.wait(20) == 0
+        finally:
+            proc.kill()
+            proc.wait()

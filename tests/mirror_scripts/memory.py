@@ -8,7 +8,7 @@ and sync=top/full seeding are exercised without files. Errors can be injected pe
 
 from __future__ import annotations
 
-import errno
+import asyncio
 from typing import Any
 
 from blockmirror.block.driver import BlockDriver, BlockStatus, DriverInfo, Extent, WriteFlags
@@ -35,6 +35,8 @@ class MemoryDriver(BlockDriver):
         self.fail: dict[str, int] = {}
         self.fail_once = True
         self.calls: dict[str, int] = {}
+        #: seconds every flush takes (to hold a job in its final drain)
+        self.flush_delay = 0.0
 
     def length(self) -> int:
         return self.size
@@ -120,6 +122,8 @@ class MemoryDriver(BlockDriver):
 
     async def flush(self) -> None:
         self._maybe_fail("flush")
+        if self.flush_delay:
+            await asyncio.sleep(self.flush_delay)
 
     async def block_status(self, offset: int, length: int) -> Extent:
         idx = offset // self.cluster
@@ -165,4 +169,3 @@ def drv(node: BlockNode) -> MemoryDriver:
 
 
 __all__ = ["DATA", "UNALLOC", "ZERO", "MemoryDriver", "drv", "make_node"]
-_ = errno

@@ -146,7 +146,7 @@ async def _run(sc: dict[str, Any]) -> None:
     assert await tgt.read(0, size) == await shadow.read(0, size)
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(sc=scenario_st)
 def test_target_equals_source_at_completion(sc: dict[str, Any]) -> None:
     asyncio.run(_run(sc))

@@ -327,3 +327,37 @@ def _node_with_cluster(cluster: int) -> BlockNode:
 @pytest.mark.parametrize(("cluster", "gran"), [(512, 4096), (8192, 8192), (1 << 21, 65536)])
 def test_default_granularity(cluster: int, gran: int) -> None:
     assert default_granularity(_node_with_cluster(cluster)) == gran
+
+
+def test_writes_held_by_the_final_drain_follow_the_pivot() -> None:
+    """Writes arriving during completion wait at the drain barrier, then reach the target,
+    both through the filter and from a parent that addressed the source node directly."""
+
+    async def main() -> None:
+        env = Env()
+        late = BlockBackend("", "export 'late'", Perm.CONSISTENT_READ | Perm.WRITE, Perm.all())
+        job = env.start()
+        env.g.attach(late, env.src, "root", late.perm, late.shared)
+        env.g.add_backend(late)
+        await env.wait_status(job, "ready")
+        drv(env.tgt).flush_delay = 0.05  # keep the job drained for a while
+        assert env.dev.node is not None
+        await env.dev.node.write(8192, b"\xa0" * 512)  # so the final flush has work to do
+        await env.wait_for(lambda: job.bitmap.dirty_count() == 0 and job.progress.current
+                           == job.progress.total)
+        completing = asyncio.ensure_future(job.complete())
+        await env.wait_for(lambda: job.quiesced)
+        via_filter, direct = env.dev.node, late.node
+        assert via_filter is not None and direct is not None
+        w1 = asyncio.ensure_future(via_filter.write(0, b"\xa1" * 4096))
+        w2 = asyncio.ensure_future(direct.write(65536, b"\xa2" * 4096))
+        await asyncio.sleep(0.01)
+        assert not w1.done() and not w2.done()  # held at the barrier
+        await completing
+        await job.wait_finished()
+        await asyncio.gather(w1, w2)
+        assert env.dev.node is env.tgt and late.node is env.tgt
+        assert await env.tgt.read(0, 4096) == b"\xa1" * 4096
+        assert await env.tgt.read(65536, 4096) == b"\xa2" * 4096
+
+    run(main)

@@ -147,6 +147,21 @@ def test_starttls_then_go() -> None:
     assert server.tls_active
 
 
+def test_clear_text_injected_after_starttls_is_refused() -> None:
+    server = ServerHandshake(Catalog(DISK), tls_required=True)
+    server.receive_data(struct.pack(">I", 3) + struct.pack(">QII", NBD_OPTS_MAGIC,
+                                                           Opt.STARTTLS, 0)
+                        + struct.pack(">QII", NBD_OPTS_MAGIC, Opt.STRUCTURED_REPLY, 0))
+    with pytest.raises(NBDProtocolError, match="after NBD_OPT_STARTTLS"):
+        server.next_event()
+    client = ClientHandshake("disk", tls=True)
+    client.receive_data(struct.pack(">QQH", NBD_INIT_MAGIC, NBD_OPTS_MAGIC, 3)
+                        + struct.pack(">QIII", NBD_REP_MAGIC, Opt.STARTTLS, Rep.ACK, 0)
+                        + b"injected")
+    with pytest.raises(NBDProtocolError, match="after the NBD_OPT_STARTTLS reply"):
+        client.next_event()
+
+
 def test_tls_required_refuses_plain_go() -> None:
     client = ClientHandshake("disk")
     server = ServerHandshake(Catalog(DISK), tls_required=True)
@@ -263,7 +278,7 @@ def test_oversized_write_is_a_bad_request_and_bad_magic_an_error() -> None:
     [
         (Request(0, Cmd.READ, 1, 0, 512), RW, None),
         (Request(0, Cmd.READ, 1, 1024, 1), RW, errno.EINVAL),
-        (Request(0, Cmd.WRITE, 1, 1000, 100, bytes(100)), RW, errno.ENOSPC),
+        (Request(0, Cmd.WRITE, 1, 1000, 100, bytes(100)), RW, errno.EINVAL),
         (Request(0, Cmd.WRITE, 1, 0, 1, b"x"), RW | TransmissionFlag.READ_ONLY, errno.EPERM),
         (Request(CmdFlag.NO_HOLE, Cmd.READ, 1, 0, 1), RW, errno.EINVAL),
         (Request(0, 42, 1, 0, 1), RW, errno.EINVAL),

@@ -212,6 +212,8 @@ def test_render_rich_shows_every_field() -> None:
                   "38.0 MiB of 64.0 MiB clean"):
         assert label in text, label
     assert "unlimited" in _rendered(snap(speed=0))
+    init = _rendered(snap(phase=Phase.INIT, remaining=0))
+    assert "counting dirty bytes of 64.0 MiB" in init and "clean" not in init
     assert "error: boom" in _rendered(snap(error="boom"))
 
 

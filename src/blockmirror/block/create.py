@@ -181,13 +181,14 @@ async def img_create(
             try:
                 opts[key] = parse_size(opts[key])
             except ValueError:
-                raise BlockMirrorError(
+                err = BlockMirrorError(
                     f"Parameter '{key}' expects a non-negative number below 2^64"
-                ) from None
+                )
+                err.hint = ("Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, "
+                            "tera-, peta-\nand exabytes, respectively.")
+                raise err from None
 
     bfile = opts.get("backing_file")
-    if bfile is None and opts.get("backing_fmt") is not None:
-        raise BlockMirrorError("Backing format cannot be used without backing file")
     if bfile is not None:
         if bfile == filename:
             raise BlockMirrorError(
@@ -221,6 +222,9 @@ async def img_create(
     elif not quiet:
         print(line, flush=True)
 
+    if bfile is None and opts.get("backing_fmt") is not None:
+        # qcow2's own check, so it comes after the Formatting line
+        raise BlockMirrorError("Backing format cannot be used without backing file")
     if fmt in ("raw", "file"):
         prealloc = str(opts.get("preallocation") or "off")
         if prealloc not in ("off", "falloc", "full", "metadata"):

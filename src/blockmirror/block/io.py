@@ -154,11 +154,15 @@ async def _intercepted(
 ) -> None:
     """Run ``op`` through the node's interceptors (outermost first), then mark trackers."""
 
+    # the chain this request sees: an interceptor removed meanwhile (a job ending) must still
+    # be able to proceed into the rest of it
+    chain = list(node.interceptors)
+
     async def run(i: int) -> None:
-        if i == len(node.interceptors):
+        if i == len(chain):
             await op()
             return
-        await node.interceptors[i].around_write(node, kind, offset, length, lambda: run(i + 1))
+        await chain[i].around_write(node, kind, offset, length, lambda: run(i + 1))
 
     try:
         async with _tracked(node):

@@ -101,12 +101,6 @@ async def _create(argv: list[str]) -> int:
     options = _parse_o(args.options)
     if "size" in options and size is not None:
         return _err(f"{args.filename}: The image size must be specified only once")
-    if "size" in options:
-        size_opt = options.pop("size")
-        try:
-            size = parse_size(size_opt)
-        except ValueError:
-            return _err(f"{args.filename}: Parameter 'size' expects a size")
     try:
         await img_create(
             args.filename,

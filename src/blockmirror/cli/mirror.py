@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from blockmirror.block.create import parse_size
@@ -271,9 +271,11 @@ class JobWatcher:
 
     def snapshot(self) -> Snapshot:
         job = self.job
+        # completes and cancels may also come from a QMP client (--qmp)
         phase = phase_of(job.status.value, published=getattr(job, "published", True),
-                         complete_requested=self._complete_sent,
-                         cancel_requested=self._cancel_sent)
+                         complete_requested=self._complete_sent
+                         or bool(getattr(job, "should_complete", False)),
+                         cancel_requested=self._cancel_sent or job.is_cancelled)
         return snapshot_of(job, elapsed=time.monotonic() - self.started,
                            disk_size=self.disk_size, meter=self.meter, phase=phase)
 
@@ -317,15 +319,16 @@ class JobWatcher:
             try:
                 await job.complete()
             except BlockMirrorError as e:
+                # no automatic retry: wait for the next explicit request (SIGUSR1, QMP)
                 self.display.message(f"cannot complete now: {e}")
                 self._complete_sent = False
                 self.complete_requested = False
+                self.wait = True
 
     def _outcome(self) -> Outcome:
         phase = final_phase(self._final_event, self._final_error or self.job.error)
         snap = self.snapshot()
-        snap = Snapshot(**{**_fields(snap), "phase": phase, "eta": None,
-                           "error": self._final_error or self.job.error})
+        snap = replace(snap, phase=phase, eta=None, error=self._final_error or self.job.error)
         pivoted = (self.device is not None and self.target is not None
                    and self.device.node is self.target)
         if phase == Phase.DONE:
@@ -335,16 +338,12 @@ class JobWatcher:
         elif phase == Phase.CANCELLED:
             text = "the source is untouched and the target was not pivoted"
             # "Operation canceled" is the job's QMP error; the phase already says it
-            snap = Snapshot(**{**_fields(snap), "error": None})
+            snap = replace(snap, error=None)
             code = EXIT_CANCELLED
         else:
             text = f"the mirror failed: {snap.error or 'unknown error'}"
             code = EXIT_JOB_FAILED
         return Outcome(phase, snap, pivoted, text, code)
-
-
-def _fields(snap: Snapshot) -> dict[str, Any]:
-    return {name: getattr(snap, name) for name in Snapshot.__slots__}
 
 
 def mirror_arguments(opts: argparse.Namespace) -> dict[str, Any]:

@@ -268,10 +268,15 @@ def render_rich(snap: Snapshot, title: str = "blockmirror") -> RenderableType:
     bar.add_column(style="bold", justify="right")
     bar.add_column(width=40)
     bar.add_column()
-    frac = snap.in_sync_fraction
-    bar.add_row("in sync", ProgressBar(total=1000, completed=int(frac * 1000), width=40),
-                f"{format_bytes(snap.disk_size - snap.remaining)} of "
-                f"{format_bytes(snap.disk_size)} clean")
+    if snap.phase == Phase.INIT:
+        # nothing is counted yet: a pulsing bar, not a "100% clean" that would be a lie
+        bar.add_row("in sync", ProgressBar(total=None, width=40),
+                    f"counting dirty bytes of {format_bytes(snap.disk_size)}")
+    else:
+        frac = snap.in_sync_fraction
+        bar.add_row("in sync", ProgressBar(total=1000, completed=int(frac * 1000), width=40),
+                    f"{format_bytes(snap.disk_size - snap.remaining)} of "
+                    f"{format_bytes(snap.disk_size)} clean")
     parts: list[RenderableType] = [Text(title, style="bold"), table, bar]
     if snap.error:
         parts.append(Text(f"error: {snap.error}", style="red"))

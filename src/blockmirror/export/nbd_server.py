@@ -50,6 +50,7 @@ from blockmirror.nbd.transmission import (
     encode_block_status,
     encode_chunk_header,
     encode_error_chunk,
+    encode_none_chunk,
     encode_offset_hole,
     encode_simple_reply,
     validate_request,
@@ -150,8 +151,12 @@ class NbdServer:
             try:
                 self._server = await asyncio.start_server(self._accept, host, int(port),
                                                           reuse_address=True)
-            except (OSError, ValueError) as e:
-                raise BlockMirrorError(f"Failed to bind socket: {e}") from e
+            except OSError as e:
+                # cf. inet_listen_saddr, which tries the port range before giving up
+                raise BlockMirrorError("Failed to find an available port: "
+                                       f"{os.strerror(e.errno or errno.EADDRINUSE)}") from e
+            except ValueError as e:
+                raise BlockMirrorError(f"Parameter 'port' expects a port number: {e}") from e
             sock = self._server.sockets[0].getsockname()
             self.address = (str(sock[0]), int(sock[1]))
         else:
@@ -408,7 +413,9 @@ class _Client:
 
     async def _read(self, node: BlockNode, req: Request) -> None:
         if req.length == 0:
-            await self._send(encode_simple_reply(req.cookie, 0))
+            # nothing to send, but a structured client still gets a structured answer
+            await self._send(encode_none_chunk(req.cookie) if self.structured
+                             else encode_simple_reply(req.cookie, 0))
             return
         if not self.structured:
             data = await node.read(req.offset, req.length)

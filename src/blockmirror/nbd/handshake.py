@@ -311,6 +311,10 @@ class ServerHandshake:
         if not self.tls_offered:
             self._reply(Opt.STARTTLS, Rep.ERR_POLICY, b"TLS not configured")
             return None
+        if len(self._rx):
+            # bytes sent in clear text after STARTTLS would be taken as protected: refuse them
+            self._set_state(S_DEAD)
+            raise NBDProtocolError("Unexpected data after NBD_OPT_STARTTLS")
         self._reply(Opt.STARTTLS, Rep.ACK)
         self._set_state(S_STARTTLS_WAIT)
         return StartTLS()

@@ -222,6 +222,9 @@ class ClientHandshake:
                 self._fail("Server don't support STARTTLS option")
             if rep != Rep.ACK:
                 self._refused(opt, rep, msg)
+            if len(self._rx):
+                # clear-text bytes after the ACK would be read as if protected: an injection
+                self._fail("Unexpected data after the NBD_OPT_STARTTLS reply")
             self._set_state(C_STARTTLS_WAIT)
             return StartTLS()
         if self.state == C_LIST_RECV:

@@ -26,7 +26,6 @@ from blockmirror.nbd.constants import (
     ReplyFlag,
     ReplyType,
     TransmissionFlag,
-    cmd_name,
 )
 from blockmirror.nbd.wire import NBDProtocolError, ReceiveBuffer
 
@@ -111,6 +110,14 @@ class RequestDecoder:
         return Request(flags, type_, cookie, offset, length)
 
 
+#: command names as QEMU's nbd_cmd_lookup spells them in error messages
+_CMD_WORDS: dict[int, str] = {
+    Cmd.READ: "read", Cmd.WRITE: "write", Cmd.DISC: "disconnect", Cmd.FLUSH: "flush",
+    Cmd.TRIM: "trim", Cmd.CACHE: "cache", Cmd.WRITE_ZEROES: "write zeroes",
+    Cmd.BLOCK_STATUS: "block status", Cmd.RESIZE: "resize",
+}
+
+
 def validate_request(
     req: Request, size: int, tflags: TransmissionFlag, *, structured: bool,
     contexts: dict[int, str],
@@ -119,11 +126,12 @@ def validate_request(
     try:
         cmd = Cmd(req.type)
     except ValueError:
-        return errno.EINVAL, f"unsupported command {req.type}"
+        return errno.EINVAL, f"invalid request type ({req.type}) received"
     if cmd == Cmd.RESIZE:
-        return errno.EINVAL, "unsupported command NBD_CMD_RESIZE"
+        return errno.EINVAL, f"invalid request type ({req.type}) received"
     if req.flags & ~int(ALLOWED_CMD_FLAGS[cmd]):
-        return errno.EINVAL, f"unsupported flags for command {cmd_name(cmd)} (got 0x{req.flags:x})"
+        return errno.EINVAL, (f"unsupported flags for command {_CMD_WORDS[cmd]} "
+                              f"(got 0x{req.flags:x})")
     if req.flags & CmdFlag.DF and not structured:
         return errno.EINVAL, "DF flag used without structured reply"
     if cmd in (Cmd.DISC, Cmd.FLUSH):
@@ -132,12 +140,11 @@ def validate_request(
         return errno.EINVAL, f"len ({req.length}) is larger than max len ({NBD_MAX_BUFFER_SIZE})"
     writes = (Cmd.WRITE, Cmd.WRITE_ZEROES, Cmd.TRIM)
     if cmd in writes and tflags & TransmissionFlag.READ_ONLY:
-        return errno.EPERM, f"{cmd_name(cmd)} on a read-only export"
+        return errno.EPERM, f"{_CMD_WORDS[cmd]} on a read-only export"
     if req.offset > size or req.length > size - req.offset:
-        # cf. QEMU: writes past EOF are ENOSPC, every other command EINVAL
-        err = errno.ENOSPC if cmd in (Cmd.WRITE, Cmd.WRITE_ZEROES) else errno.EINVAL
-        return err, (f"operation past EOF; From: {req.offset}, Len: {req.length}, "
-                     f"Size: {size}")
+        # EINVAL for every command, writes included, as QEMU 7.2 answers
+        return errno.EINVAL, (f"operation past EOF; From: {req.offset}, Len: {req.length}, "
+                              f"Size: {size}")
     if cmd == Cmd.WRITE_ZEROES and req.flags & CmdFlag.FAST_ZERO \
             and not tflags & TransmissionFlag.SEND_FAST_ZERO:
         return errno.EINVAL, "FAST_ZERO flag not negotiated"
@@ -145,7 +152,7 @@ def validate_request(
         if not structured or not contexts:
             return errno.EINVAL, "CMD_BLOCK_STATUS not negotiated"
         if req.length == 0:
-            return errno.EINVAL, "block status of zero length"
+            return errno.EINVAL, "need non-zero length"
     return None
 
 

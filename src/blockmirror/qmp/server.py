@@ -188,12 +188,16 @@ class QMPServer:
                         out = req.data
                     else:
                         out = await run_command(self.daemon, session, req)
+                    try:
+                        if not writer.is_closing():
+                            writer.write(out)
+                            await writer.drain()
+                    finally:
+                        # quit already shut the daemon down; exit even if the client is gone
+                        if isinstance(req, Execute) and req.name == "quit":
+                            self.daemon.quit_requested.set()
                     if writer.is_closing():
                         break
-                    writer.write(out)
-                    await writer.drain()
-                    if isinstance(req, Execute) and req.name == "quit":
-                        self.daemon.quit_requested.set()
         except (ConnectionError, BrokenPipeError):
             pass
         except asyncio.CancelledError:

@@ -411,7 +411,7 @@ class Qcow2Driver(BlockDriver):
             self.rb_cache.mark_dirty(r, blk)
             c = hi
 
-    async def _find_free(self, n: int) -> int:
+    async def _find_free(self, n: int) -> tuple[int, int]:
         """The first run of ``n`` free clusters at or after the free hint.
 
         Scans decoded refcount blocks with list primitives rather than cluster by cluster;
@@ -459,13 +459,12 @@ class Qcow2Driver(BlockDriver):
                 first_free = start
         if first_free < 0:
             first_free = start
-        self.free_hint = start + n if start == first_free else first_free
-        return start
+        return start, first_free
 
     async def _alloc(self, n: int) -> int:
         """Allocate ``n`` contiguous clusters (refcount 1 each); return the first index."""
         while True:
-            start = await self._find_free(n)
+            start, first_free = await self._find_free(n)
             first_r = start >> self.rb_bits
             last_r = (start + n - 1) >> self.rb_bits
             missing = None
@@ -475,6 +474,8 @@ class Qcow2Driver(BlockDriver):
                     break
             if missing is None:
                 await self._rc_inc_range(start, n)
+                # the hint stays on the first hole when this run did not start there
+                self.free_hint = start + n if start == first_free else first_free
                 self.alloc_end = max(self.alloc_end, start + n)
                 return start
             if missing >= len(self.reftable):
