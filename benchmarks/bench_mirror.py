@@ -91,10 +91,11 @@ def _writer(work: str, which: str, size: int) -> subprocess.Popen[bytes]:
 
 
 def _prewarm(path: str) -> None:
-    """Read the source once so both daemons start from the same (warm) page cache."""
+    """Read the source once and write back dirty pages, so both daemons start alike."""
     with open(path, "rb") as f:
         while f.read(16 * MiB):
             pass
+    os.sync()
 
 
 def run_one(which: str, work: str, src: str, fmt: str, size: int, busy: bool) -> Result:

@@ -386,3 +386,52 @@ def test_mirror_from_an_nbd_source(tmp_path: Path, qemu_nbd: Any) -> None:
     assert proc.returncode == 0, proc.stderr
     qemu_nbd.stop()
     assert identical(src, "raw", dst, "raw")
+
+
+def _blkdebug_target(image: Path, errno_: int, once: bool) -> str:
+    rule = {"event": "write_aio", "errno": errno_, "once": once}
+    return "json:" + json.dumps({"driver": "raw", "file": {
+        "driver": "blkdebug", "inject-error": [rule],
+        "image": {"driver": "file", "filename": str(image)}}})
+
+
+def test_target_io_error_fails_the_job(tmp_path: Path) -> None:
+    require_tool("qemu-img", "qemu-io")
+    src, dst = tmp_path / "src.qcow2", tmp_path / "dst.raw"
+    make_source(src, "4M", "write -P 0x64 0 4M")
+    sh("qemu-img", "create", "-f", "raw", str(dst), "4M")
+    proc = mirror(str(src), _blkdebug_target(dst, 5, False), "--mode", "existing", "--json")
+    assert proc.returncode == 2, proc.stderr
+    lines = json_lines(proc.stdout)
+    assert {"type": "message", "text": "I/O error on write: action report"} in lines
+    assert lines[-1]["phase"] == "failed" and lines[-1]["error"] == "Input/output error"
+    assert "failed" in lines[-1]["outcome"]
+
+
+def test_stop_policy_pauses_until_resumed_over_qmp(tmp_path: Path,
+                                                   running: list[Mirror]) -> None:
+    require_tool("qemu-img", "qemu-io")
+    from blockmirror.qmp.testing import SyncQMP
+
+    src, dst = tmp_path / "src.qcow2", tmp_path / "dst.raw"
+    make_source(src, "4M", "write -P 0x65 0 4M")
+    sh("qemu-img", "create", "-f", "raw", str(dst), "4M")
+    qmp_sock = tmp_path / "qmp.sock"
+    m = Mirror(str(src), _blkdebug_target(dst, 28, True), "--mode", "existing",
+               "--on-target-error", "enospc", "--qmp", str(qmp_sock), "--interval", "0.05")
+    running.append(m)
+    m.wait_phase("paused")
+    with SyncQMP(str(qmp_sock)) as q:
+        q.send(b'{"execute": "qmp_capabilities"}')
+        q.read_until(b'"return"')
+        q.send(b'{"execute": "query-block-jobs"}')
+        job = json.loads(q.read_until(b'"return"')[-1])["return"][0]
+        assert (job["status"], job["io-status"]) == ("paused", "nospace")
+        q.send(b'{"execute": "block-job-resume", "arguments": {"device": "drive0"}}')
+        assert q.read_until(b'"return"')[-1].strip() == b'{"return": {}}'
+    assert m.finish() == 0, m.stderr
+    texts = [x["text"] for x in m.lines if x["type"] == "message"]
+    assert "I/O error on write: action stop" in texts
+    assert any("block-job-resume device=drive0" in t for t in texts)
+    assert m.lines[-1]["phase"] == "done"
+    assert identical(src, "qcow2", dst, "raw")

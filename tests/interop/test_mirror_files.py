@@ -93,6 +93,13 @@ def test_drive_mirror_existing_target_opens_its_backing(tmp_path: Path) -> None:
             qmp = await td.client()
             await qmp.execute("blockdev-add", {"driver": "qcow2", "node-name": "src",
                                                "file": {"driver": "file", "filename": src}})
+            # an export is a parent of the source: the pivot hands it the target, which
+            # therefore stays open (an unadopted drive-mirror target is closed, as in QEMU)
+            sock = str(tmp_path / "nbd.sock")
+            await qmp.execute("nbd-server-start",
+                              {"addr": {"type": "unix", "data": {"path": sock}}})
+            await qmp.execute("block-export-add", {"type": "nbd", "id": "e0",
+                                                   "node-name": "src"})
             await qmp.execute("drive-mirror", {"job-id": "m", "device": "src", "target": tgt,
                                                "sync": "top", "mode": "existing",
                                                "format": "qcow2", "node-name": "new"})
@@ -105,6 +112,9 @@ def test_drive_mirror_existing_target_opens_its_backing(tmp_path: Path) -> None:
             assert new.backing.filename == base
             got = await new.read(0, 8 * MiB)
             assert got[1 * MiB : 2 * MiB] == b"\x11" * MiB  # only in the base: via backing
+            exports = await qmp.execute("query-block-exports")
+            assert exports[0]["node-name"] == "new"
+            await qmp.execute("block-export-del", {"id": "e0", "mode": "hard"})
 
     asyncio.run(main())
     assert "Images are identical" in _sh("qemu-img", "compare", src, tgt)

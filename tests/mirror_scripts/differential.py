@@ -109,11 +109,12 @@ async def qsd_client(workdir: str) -> AsyncIterator[Any]:
     from qemu.qmp import QMPClient
 
     sock = os.path.join(workdir, "qsd-qmp.sock")
-    proc = await asyncio.create_subprocess_exec(
-        "qemu-storage-daemon", "--chardev", f"socket,id=m0,path={sock},server=on,wait=off",
-        "--monitor", "chardev=m0",
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )
+    # stdout (the "Formatting ..." lines) is kept in workdir/qsd.out for the tests
+    with open(os.path.join(workdir, "qsd.out"), "wb") as out:  # noqa: ASYNC230 - instant
+        proc = await asyncio.create_subprocess_exec(
+            "qemu-storage-daemon", "--chardev", f"socket,id=m0,path={sock},server=on,wait=off",
+            "--monitor", "chardev=m0", stdout=out, stderr=asyncio.subprocess.DEVNULL,
+        )
     qmp = QMPClient("qsd")
     try:
         # retry until the monitor listens (the socket may exist before listen())

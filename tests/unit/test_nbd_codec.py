@@ -241,6 +241,34 @@ def test_server_answers_unknown_and_oversized_options_and_carries_on() -> None:
                        (Opt.STRUCTURED_REPLY, Rep.ACK)]
 
 
+def _info_replies(out: bytes) -> dict[int, bytes]:
+    infos: dict[int, bytes] = {}
+    pos = 0
+    while pos < len(out):
+        _, _, rep, n = struct.unpack_from(">QIII", out, pos)
+        if rep == Rep.INFO:
+            (kind,) = struct.unpack_from(">H", out, pos + 20)
+            infos[kind] = out[pos + 22 : pos + 20 + n]
+        pos += 20 + n
+    return infos
+
+
+@pytest.mark.parametrize(("opt", "asks", "minimum"),
+                         [(Opt.GO, True, 4096), (Opt.GO, False, 1), (Opt.INFO, False, 4096)])
+def test_block_size_minimum_only_for_clients_that_asked(opt: int, asks: bool,
+                                                        minimum: int) -> None:
+    aligned = ExportInfo("a", 1 << 20, RW, min_block=4096)
+    server = ServerHandshake(Catalog(aligned))
+    server.data_to_send()
+    infos = struct.pack(">HH", 1, 3) if asks else struct.pack(">H", 0)
+    server.receive_data(struct.pack(">I", 3) + struct.pack(">QII", NBD_OPTS_MAGIC, opt,
+                                                           4 + 1 + len(infos))
+                        + struct.pack(">I", 1) + b"a" + infos)
+    server.next_event()
+    sizes = struct.unpack(">III", _info_replies(server.data_to_send())[3])
+    assert sizes == (minimum, 4096, 32 << 20)
+
+
 def test_transition_tables_are_closed() -> None:
     for table in (SERVER_TRANSITIONS, CLIENT_TRANSITIONS):
         for targets in table.values():
@@ -279,7 +307,7 @@ def test_oversized_write_is_a_bad_request_and_bad_magic_an_error() -> None:
         (Request(0, Cmd.READ, 1, 0, 512), RW, None),
         (Request(0, Cmd.READ, 1, 1024, 1), RW, errno.EINVAL),
         (Request(0, Cmd.WRITE, 1, 1000, 100, bytes(100)), RW, errno.EINVAL),
-        (Request(0, Cmd.WRITE, 1, 0, 1, b"x"), RW | TransmissionFlag.READ_ONLY, errno.EPERM),
+        (Request(0, Cmd.WRITE, 1, 0, 1, b"x"), RW | TransmissionFlag.READ_ONLY, errno.EROFS),
         (Request(CmdFlag.NO_HOLE, Cmd.READ, 1, 0, 1), RW, errno.EINVAL),
         (Request(0, 42, 1, 0, 1), RW, errno.EINVAL),
         (Request(0x100, Cmd.WRITE, 1, 0, 1, b"x"), RW, errno.EINVAL),
@@ -334,7 +362,8 @@ def test_reply_decoder_rejects_unknown_cookie_and_magic() -> None:
 
 def test_errno_mapping_squashes_unknown_to_einval() -> None:
     assert errno_to_wire(errno.EIO) == 5
-    assert errno_to_wire(errno.EROFS) == 1
+    assert errno_to_wire(errno.EROFS) == 22  # as QEMU 7.2
+    assert errno_to_wire(errno.EPERM) == 1
     assert errno_to_wire(errno.EDQUOT) == 28
     assert errno_to_wire(errno.EBADF) == 22
     assert wire_to_errno(95) == errno.ENOTSUP

@@ -278,6 +278,22 @@ def test_reconnect_delay_rides_over_a_server_restart(tmp_path: Path) -> None:
         await c.write(3, b"two")  # waits for the reconnect, then succeeds
         assert await c.read(0, 6) == b"onetwo"
         await c.driver.close()
+        # reconnect-delay=0 (the default): fail at once, but reconnect in the background
+        c0 = await client_node(Daemon(), sock, export="n0", name="c9")
+        await ns.nbd_server_stop(d)
+        with pytest.raises(BlockIOError):
+            await c0.read(0, 3)
+        await ns.nbd_server_start(d, args)
+        await ns.block_export_add(d, export)
+        for _ in range(100):
+            try:
+                assert await c0.read(0, 6) == b"onetwo"
+                break
+            except BlockIOError:
+                await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the driver never reconnected")
+        await c0.driver.close()
         await ns.nbd_server_stop(d)
 
     asyncio.run(main())

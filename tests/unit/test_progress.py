@@ -78,7 +78,8 @@ def snap(**kw: Any) -> Snapshot:
     ("waiting", True, False, False, Phase.COMPLETING),
     ("pending", True, False, False, Phase.COMPLETING),
     ("running", True, False, True, Phase.CANCELLING),
-    ("aborting", True, False, False, Phase.CANCELLING),
+    ("aborting", True, False, True, Phase.CANCELLING),
+    ("aborting", True, False, False, Phase.ABORTING),
 ])
 def test_phase_of(status: str, published: bool, complete: bool, cancel: bool,
                   expected: Phase) -> None:
@@ -225,6 +226,7 @@ def test_json_lines_have_the_documented_fields() -> None:
     assert obj["rate"] == 4 * MiB and obj["eta"] == 6.5
     json.dumps(obj)
     assert to_json(snap(eta=None))["eta"] is None
+    assert to_json(snap(phase=Phase.INIT, remaining=0))["remaining"] is None
 
 
 def test_summary() -> None:

@@ -195,7 +195,7 @@ async def img_create(
                 "Error: Trying to create an image with the same filename as the backing file"
             )
         if opts.get("backing_fmt") is None:
-            from blockmirror.block.options import probe_format_async
+            from blockmirror.block.optsyntax import probe_format_async
 
             path = bfile if os.path.isabs(bfile) else os.path.join(
                 os.path.dirname(filename), bfile

@@ -1,39 +1,42 @@
 """Opening and closing nodes from BlockdevOptions (blockdev-add, --blockdev, -drive, drive-mirror).
 
 ``open_blockdev`` takes QMP's nested options (or keyval's dotted keys), opens the children first
-(inline dicts become implicit ``#blockNNN`` nodes, strings are references), then the driver,
+(inline dicts become auto-named ``#blockNNN`` nodes, strings are references), then the driver,
 then a qcow2's backing from its header; every link gets QEMU-like permissions so conflicting
 users are refused. ``open_image`` is the filename path (probing, legacy ``blkdebug:`` and
-``json:`` filenames); ``close_node``/``close_all``/``delete_blockdev`` undo it.
-Drivers never open other nodes themselves; this module is the only place that builds nodes.
+``json:`` filenames); ``close_node``/``close_all``/``delete_blockdev`` undo it. Option and
+filename syntax lives in ``block/optsyntax.py``. Drivers never open other nodes themselves;
+this module is the only place that builds nodes.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import stat
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from blockmirror.block import threadio
 from blockmirror.block.drivers import DRIVERS, load_all
 from blockmirror.block.graph import BlockGraph, node_name_valid
 from blockmirror.block.node import BlockBackend, BlockNode, Perm
-from blockmirror.block.query import node_dirname, qemu_json
+from blockmirror.block.optsyntax import (
+    CHILD_KEYS,
+    COMMON_KEYS,
+    bool_opt,
+    coerce,
+    deep_merge,
+    parse_filename,
+    probe_format,
+    probe_format_async,
+    protocol_for,
+    refresh_filename,
+    unflatten,
+)
+from blockmirror.block.query import node_dirname
 from blockmirror.errors import BlockMirrorError
 
 log = logging.getLogger(__name__)
 
-#: option keys that name a child node, per role, in the order QEMU opens them
-CHILD_KEYS = ("file", "image", "data-file", "backing")
-_COMMON_KEYS = frozenset(
-    {
-        "driver", "node-name", "discard", "cache", "read-only", "auto-read-only",
-        "force-share", "detect-zeroes",
-    }
-)
 #: the options each of our drivers accepts (drivers not listed are not checked here)
 _DRIVER_KEYS: dict[str, frozenset[str]] = {
     "file": frozenset(
@@ -51,190 +54,10 @@ _DRIVER_KEYS: dict[str, frozenset[str]] = {
 _DRIVER_KEYS["host_device"] = _DRIVER_KEYS["file"]
 _DRIVER_KEYS["null-aio"] = _DRIVER_KEYS["null-co"]
 
-# keyval (--blockdev a=b,...) gives strings; these keys hold integers or booleans in QAPI
-_INT_KEYS = frozenset(
-    {"size", "offset", "latency-ns", "align", "max-transfer", "opt-write-zero", "max-write-zero",
-     "opt-discard", "max-discard", "errno", "sector", "state", "new_state", "l2-cache-size",
-     "l2-cache-entry-size", "refcount-cache-size", "cache-size", "cache-clean-interval",
-     "aio-max-batch", "reconnect-delay", "open-timeout"}
-)
-_BOOL_KEYS = frozenset(
-    {"read-only", "auto-read-only", "force-share", "direct", "no-flush", "read-zeroes", "once",
-     "immediately", "lazy-refcounts", "pass-discard-request", "pass-discard-snapshot",
-     "pass-discard-other", "drop-cache", "x-check-cache-dropped"}
-)
 # options a parent passes down to children it opens inline (cf. bdrv_inherited_options)
 _INHERITED = ("cache", "read-only", "auto-read-only", "discard", "force-share")
 
 _STORAGE_SHARED = Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
-
-
-# --- option dictionaries -------------------------------------------------------------------
-
-
-def unflatten(options: Mapping[str, Any]) -> dict[str, Any]:
-    """Turn keyval's dotted keys into nested dicts (and dicts keyed 0..n-1 into lists).
-
-    Raises:
-        BlockMirrorError: when a key is both a value and a parent of dotted keys.
-    """
-    out: dict[str, Any] = {}
-    for key, value in options.items():
-        if isinstance(value, Mapping):
-            value = unflatten(value)
-        parts = key.split(".")
-        cur = out
-        for i, part in enumerate(parts[:-1]):
-            nxt = cur.get(part)
-            if nxt is None:
-                nxt = cur[part] = {}
-            elif not isinstance(nxt, dict):
-                raise BlockMirrorError(
-                    f"Parameter '{'.'.join(parts[: i + 1])}' is both a value and a parent"
-                )
-            cur = nxt
-        last = parts[-1]
-        if last in cur and isinstance(cur[last], dict) and isinstance(value, dict):
-            cur[last].update(value)
-        else:
-            cur[last] = value
-    result: dict[str, Any] = _lists(out)
-    return result
-
-
-def _lists(value: Any) -> Any:
-    """Dicts keyed "0".."n-1" (keyval's list syntax) become lists."""
-    if isinstance(value, dict):
-        value = {k: _lists(v) for k, v in value.items()}
-        keys = list(value)
-        if keys and all(k.isdigit() for k in keys):
-            idx = sorted(int(k) for k in keys)
-            if idx == list(range(len(idx))):
-                return [value[str(i)] for i in idx]
-        return value
-    if isinstance(value, list):
-        return [_lists(v) for v in value]
-    return value
-
-
-def _coerce(key: str, value: Any) -> Any:
-    """Convert keyval strings to the QAPI type of well-known keys."""
-    if isinstance(value, str):
-        if key in _BOOL_KEYS:
-            if value in ("on", "true", "yes"):
-                return True
-            if value in ("off", "false", "no"):
-                return False
-            raise BlockMirrorError(f"Parameter '{key}' expects 'on' or 'off'")
-        if key in _INT_KEYS:
-            try:
-                return int(value, 0)
-            except ValueError:
-                raise BlockMirrorError(
-                    f"Invalid parameter type for '{key}', expected: integer"
-                ) from None
-    if isinstance(value, dict):
-        return {k: _coerce(k, v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_coerce(key, v) for v in value]
-    return value
-
-
-def _bool_opt(opts: Mapping[str, Any], key: str, default: bool) -> bool:
-    v = opts.get(key, default)
-    if not isinstance(v, bool):
-        raise BlockMirrorError(f"Invalid parameter type for '{key}', expected: boolean")
-    return v
-
-
-def parse_filename(filename: str) -> dict[str, Any] | None:
-    """Options for QEMU's legacy filename syntaxes (json:, blkdebug:, nbd URIs), else None."""
-    if filename.startswith("json:"):
-        try:
-            parsed = json.loads(filename[5:])
-        except ValueError as e:
-            raise BlockMirrorError(f"Could not parse the JSON options: {e}") from e
-        if not isinstance(parsed, dict):
-            raise BlockMirrorError("Invalid JSON object given")
-        return unflatten(parsed)
-    if filename.startswith("blkdebug:"):
-        # blkdebug:CONFIG:IMAGE (the config part may be empty)
-        rest = filename[len("blkdebug:"):]
-        conf, sep, image = rest.partition(":")
-        if not sep:
-            raise BlockMirrorError("Could not parse blkdebug filename")
-        dbg: dict[str, Any] = {"driver": "blkdebug", "image": _image_ref(image)}
-        if conf:
-            dbg["config"] = conf
-        return dbg
-    if filename.startswith(("nbd:", "nbd+unix://", "nbd://")):
-        return _nbd_options(filename)
-    return None
-
-
-def _image_ref(filename: str) -> dict[str, Any]:
-    # blkdebug's image is opened as a protocol (no format probing), like QEMU does
-    inner = parse_filename(filename)
-    if inner is not None:
-        return inner
-    return {"driver": protocol_for(filename), "filename": filename}
-
-
-def _nbd_options(uri: str) -> dict[str, Any]:
-    from urllib.parse import parse_qs, urlparse
-
-    if uri.startswith("nbd:") and not uri.startswith("nbd:/"):
-        # nbd:unix:PATH[:exportname=X] or nbd:HOST:PORT[:exportname=X]
-        parts = uri.split(":")
-        export = None
-        for p in parts:
-            if p.startswith("exportname="):
-                export = p[len("exportname="):]
-        if len(parts) >= 3 and parts[1] == "unix":
-            server: dict[str, Any] = {"type": "unix", "path": parts[2]}
-        elif len(parts) >= 3:
-            server = {"type": "inet", "host": parts[1], "port": parts[2]}
-        else:
-            raise BlockMirrorError(f"Could not open '{uri}': Invalid argument")
-        opts = {"driver": "nbd", "server": server}
-        if export is not None:
-            opts["export"] = export
-        return opts
-    u = urlparse(uri)
-    export = u.path[1:] if u.path.startswith("/") else u.path
-    if u.scheme == "nbd+unix":
-        sock = parse_qs(u.query).get("socket", [""])[0]
-        server = {"type": "unix", "path": sock}
-    else:
-        server = {"type": "inet", "host": u.hostname or "localhost", "port": str(u.port or 10809)}
-    opts = {"driver": "nbd", "server": server}
-    if export:
-        opts["export"] = export
-    return opts
-
-
-def protocol_for(filename: str) -> str:
-    """cf. protocol probing (hdev_probe_device): devices get host_device, the rest file."""
-    try:
-        mode = os.stat(filename).st_mode
-    except OSError:
-        return "file"
-    return "host_device" if stat.S_ISBLK(mode) or stat.S_ISCHR(mode) else "file"
-
-
-def probe_format(filename: str) -> str:
-    """cf. bdrv_probe_all, reduced to what we implement: qcow2 magic, else raw."""
-    try:
-        with open(filename, "rb") as f:
-            head = f.read(4)
-    except OSError:
-        return "raw"
-    return "qcow2" if head == b"QFI\xfb" else "raw"
-
-
-async def probe_format_async(filename: str) -> str:
-    """probe_format, reading the header in the I/O pool."""
-    return await threadio.run(probe_format, filename)
 
 
 # --- opening ---------------------------------------------------------------------------------
@@ -320,7 +143,7 @@ async def open_image(
         else:
             base = {"driver": fmt, "file": {"driver": protocol_for(filename),
                                             "filename": filename}}
-    _deep_merge(base, opts)
+    deep_merge(base, opts)
     base["read-only"] = read_only
     if not backing and base.get("driver") == "qcow2":
         base["backing"] = None
@@ -344,21 +167,12 @@ async def open_image(
     return node
 
 
-def _deep_merge(into: dict[str, Any], extra: Mapping[str, Any]) -> None:
-    """Nested options win over the ones derived from a filename (file.node-name=x, ...)."""
-    for key, value in extra.items():
-        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
-            _deep_merge(into[key], value)
-        else:
-            into[key] = value
-
-
 def _check_keys(driver: str, opts: Mapping[str, Any]) -> None:
     allowed = _DRIVER_KEYS.get(driver)
     if allowed is None:
         return
     for key in opts:
-        if key not in allowed and key not in _COMMON_KEYS:
+        if key not in allowed and key not in COMMON_KEYS:
             raise BlockMirrorError(f"Parameter '{key}' is unexpected")
 
 
@@ -375,7 +189,7 @@ async def _open_node(
 ) -> BlockNode:
     graph = ctx.graph
     load_all()
-    opts = _coerce("", dict(opts))
+    opts = coerce("", dict(opts))
     if parent is not None:
         for key in _INHERITED:
             if key not in opts and key in parent:
@@ -414,9 +228,9 @@ async def _open_node(
     cache = opts.get("cache", {})
     if not isinstance(cache, dict):
         raise BlockMirrorError("Invalid parameter type for 'cache', expected: object")
-    read_only = _bool_opt(opts, "read-only", False)
-    force_share = _bool_opt(opts, "force-share", False)
-    _bool_opt(opts, "auto-read-only", False)
+    read_only = bool_opt(opts, "read-only", False)
+    force_share = bool_opt(opts, "force-share", False)
+    bool_opt(opts, "auto-read-only", False)
     if force_share and not read_only:
         raise BlockMirrorError("force-share=on can only be used with read-only images")
 
@@ -427,8 +241,8 @@ async def _open_node(
         read_only=read_only,
         discard_unmap=discard_unmap,
         detect_zeroes=detect,
-        cache_direct=_bool_opt(cache, "direct", False),
-        cache_no_flush=_bool_opt(cache, "no-flush", False),
+        cache_direct=bool_opt(cache, "direct", False),
+        cache_no_flush=bool_opt(cache, "no-flush", False),
     )
     node.driver = cls(node)
 
@@ -489,7 +303,7 @@ async def _open_children_and_driver(
     await node.driver.open()
     if not node.filename:
         # drivers with a filename syntax of their own (nbd URIs) set it in open()
-        node.filename = _refresh_filename(node)
+        node.filename = refresh_filename(node)
 
     if _supports_backing(cls.format_name):
         await _open_backing(ctx, node, opts, below)
@@ -621,7 +435,7 @@ async def _open_backing(
         for key in ("cache", "force-share"):
             if key in node.options:
                 bopts[key] = node.options[key]
-        _deep_merge(bopts, overlay)
+        deep_merge(bopts, overlay)
         try:
             child = await _open_node(ctx, bopts, parent=None, chain=chain)
         except BlockMirrorError as e:
@@ -632,42 +446,6 @@ async def _open_backing(
     ctx.graph.attach(node, child, "backing", perm, shared)
     if isinstance(opts.get("backing"), str):
         node.options["backing"] = child.name
-
-
-def _refresh_filename(node: BlockNode) -> str:
-    """cf. bdrv_refresh_filename: a plain name when the options say nothing more, else json:."""
-    drv = node.format_name
-    opts = node.options
-    extra = {
-        k: v for k, v in opts.items()
-        if k not in _COMMON_KEYS and k not in CHILD_KEYS
-    }
-    if drv in ("file", "host_device"):
-        return str(opts.get("filename", ""))
-    if drv in ("null-co", "null-aio"):
-        rest = {k: v for k, v in extra.items() if not (k == "size" and v == 1 << 30)}
-        if not rest:
-            return f"{drv}://"
-        return "json:" + qemu_json({**rest, "driver": drv})
-    child = node.file or node.child("image")
-    if child is None:
-        return "json:" + qemu_json({**extra, "driver": drv})
-    if drv == "blkdebug":
-        conf = extra.pop("config", "")
-        if not extra:
-            return f"blkdebug:{conf}:{child.filename}"
-    elif not extra or drv == "qcow2":
-        return child.filename
-    role = "image" if drv == "blkdebug" else "file"
-    return "json:" + qemu_json({**extra, "driver": drv, role: _as_json(child)})
-
-
-def _as_json(node: BlockNode) -> Any:
-    if node.filename.startswith("json:"):
-        return json.loads(node.filename[5:])
-    if node.format_name in ("file", "host_device"):
-        return {"driver": node.format_name, "filename": node.filename}
-    return node.filename
 
 
 def attach_backend(
@@ -787,6 +565,8 @@ __all__ = [
     "open_image",
     "parse_filename",
     "probe_format",
+    "probe_format_async",
+    "protocol_for",
     "unflatten",
     "unref_node",
 ]

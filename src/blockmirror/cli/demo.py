@@ -63,7 +63,6 @@ class Guest:
     #: (offset, data) of writes issued after the pivot
     after_pivot: list[tuple[int, bytes]] = field(default_factory=list)
     seq: int = 0
-    stopped: bool = False
 
     async def run(self, stop: asyncio.Event) -> None:
         size = len(self.model)
@@ -85,7 +84,6 @@ class Guest:
                     self.after_pivot.append((offset, data))
             self.writes[phase] = self.writes.get(phase, 0) + 1
             await asyncio.sleep(self.rng.uniform(0.02, 0.05))
-        self.stopped = True
 
 
 def _seed_writes(rng: random.Random, count: int, tag: int) -> list[tuple[int, bytes]]:

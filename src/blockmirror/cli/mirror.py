@@ -263,8 +263,12 @@ class JobWatcher:
             self._final_event = name
             self._final_error = data.get("error")
         elif name == "BLOCK_JOB_ERROR":
-            self.display.message(f"I/O error on {data.get('operation')}: "
-                                 f"action {data.get('action')}")
+            action = data.get("action")
+            self.display.message(f"I/O error on {data.get('operation')}: action {action}")
+            if action == "stop":
+                self.display.message(
+                    f"the job is paused: resume it with QMP block-job-resume device={self.job.id}"
+                    " (--qmp), or cancel with Ctrl-C")
         self._wake.set()
 
     # -- the loop --------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ class Phase(StrEnum):
     PAUSED = "paused"  #: paused by a user or an error policy of "stop"
     COMPLETING = "completing"  #: complete was requested: draining, flushing, pivoting
     CANCELLING = "cancelling"  #: a (forced) cancel is in progress
+    ABORTING = "aborting"  #: the job hit an error and is cleaning up (no pivot)
     DONE = "done"  #: completed; the target is in sync (pivoted unless soft-cancelled)
     CANCELLED = "cancelled"  #: stopped without pivot; the source is untouched
     FAILED = "failed"  #: the job ended with an error
@@ -72,8 +73,10 @@ def phase_of(status: str, *, published: bool, complete_requested: bool,
     """
     if status in ("created", "undefined"):
         return Phase.INIT
-    if status == "aborting" or (cancel_requested and status not in ("concluded", "null")):
+    if cancel_requested and status not in ("concluded", "null"):
         return Phase.CANCELLING
+    if status == "aborting":
+        return Phase.ABORTING
     if status in ("waiting", "pending", "concluded", "null") or complete_requested:
         return Phase.COMPLETING
     if status in ("paused", "standby"):
@@ -243,7 +246,8 @@ def render_line(snap: Snapshot) -> str:
 
 _PHASE_STYLE = {
     Phase.INIT: "cyan", Phase.COPYING: "yellow", Phase.READY: "green", Phase.PAUSED: "magenta",
-    Phase.COMPLETING: "blue", Phase.CANCELLING: "red", Phase.DONE: "bold green",
+    Phase.COMPLETING: "blue", Phase.CANCELLING: "red", Phase.ABORTING: "red",
+    Phase.DONE: "bold green",
     Phase.CANCELLED: "bold red", Phase.FAILED: "bold red",
 }
 
@@ -295,6 +299,8 @@ def to_json(snap: Snapshot, kind: str = "progress") -> dict[str, Any]:
     raw["elapsed"] = round(snap.elapsed, 3)
     raw["rate"] = int(snap.rate)
     raw["eta"] = None if snap.eta is None else round(snap.eta, 1)
+    if snap.phase == Phase.INIT:
+        raw["remaining"] = None  # not counted yet (see _remaining_text)
     out: dict[str, Any] = {"type": kind}
     out.update({k: raw[k] for k in JSON_FIELDS[1:]})
     return out
@@ -309,7 +315,8 @@ def render_summary(snap: Snapshot, outcome: str) -> str:
         f"disk size:   {format_bytes(snap.disk_size)}",
         f"copied:      {format_bytes(snap.copied)} of data",
         f"zero:        {format_bytes(snap.zeroed)} written as zeroes or skipped",
-        f"re-dirtied:  {format_bytes(snap.redirtied)} by guest writes during the mirror",
+        f"re-dirtied:  {format_bytes(snap.redirtied)} dirtied again after being clean "
+        "(new writes, retried errors)",
         f"processed:   {format_bytes(snap.done)} (average {format_rate(avg)})",
     ]
     if snap.error:

@@ -42,7 +42,7 @@ from blockmirror.nbd.handshake import (
     ServerHandshake,
     StartTLS,
 )
-from blockmirror.nbd.tls import server_context
+from blockmirror.nbd.tls import cleartext_pending, server_context
 from blockmirror.nbd.transmission import (
     BadRequest,
     Request,
@@ -121,7 +121,7 @@ class NbdServer:
         self.tls_authz = tls_authz
         self.max_connections = max_connections
         self.handshake_timeout = handshake_timeout
-        #: exports by export id and by NBD name
+        #: exports by export id (names are looked up by scanning: there are few)
         self.exports: dict[str, NbdExport] = {}
         self._server: asyncio.AbstractServer | None = None
         self._clients: set[_Client] = set()
@@ -316,6 +316,8 @@ class _Client:
                 hs.receive_data(data)
             elif isinstance(event, StartTLS):
                 assert srv.tls is not None
+                if cleartext_pending(self.reader):
+                    raise NBDProtocolError("Unexpected data after NBD_OPT_STARTTLS")
                 await self.writer.start_tls(srv.tls)
                 hs.tls_established()
             elif isinstance(event, Negotiated):

@@ -298,6 +298,9 @@ class Job:
         """Driver hook run when leaving a pause point."""
 
     def _cancel_async(self, force: bool) -> None:
+        if self.deferred and not self._awaiting_finalize:
+            # completion is already running (QEMU does it without yielding): too late
+            return
         force = self.on_cancel(force)
         if self.user_paused:
             self.on_user_resume()
@@ -339,6 +342,8 @@ class Job:
 
     async def finalize(self) -> None:
         self.apply_verb(JobVerb.FINALIZE)
+        if not self._awaiting_finalize:
+            return  # auto-finalize is already under way
         self._awaiting_finalize = False
         await self._do_finalize()
 

@@ -810,8 +810,10 @@ class MirrorJob(Job):
                     if to_replace is src:
                         self.pivoted_to = tgt
                 except BlockMirrorError as e:
-                    log.warning("Can no longer replace '%s' by '%s': %s",
-                                to_replace.name, tgt.name, e)
+                    # QEMU reports this on stderr and fails the job with EPERM
+                    log.warning("Can no longer replace '%s' by '%s', because it can no longer "
+                                "be guaranteed that doing so would not lead to an abrupt "
+                                "change of visible data (%s)", to_replace.name, tgt.name, e)
                     failure = BlockIOError(errno.EPERM)
         except BlockMirrorError as e:
             failure = e
@@ -863,7 +865,9 @@ class MirrorJob(Job):
         from blockmirror.block import options
 
         candidates = [self.source] if pivoted else []
-        if self.params.owns_target and not pivoted:
+        if self.params.owns_target:
+            # drive-mirror's reference goes with the job (cf. bdrv_unref(target_bs)): a
+            # target no parent adopted is closed, pivot or not
             candidates.append(self.target)
         for node in candidates:
             if node.name in self.graph.nodes and self.graph.refcount(node) == 0:

@@ -181,7 +181,6 @@ class NbdErr(enum.IntEnum):
 
 _HOST_TO_WIRE: dict[int, NbdErr] = {
     errno.EPERM: NbdErr.EPERM,
-    errno.EROFS: NbdErr.EPERM,
     errno.EIO: NbdErr.EIO,
     errno.ENOMEM: NbdErr.ENOMEM,
     errno.EINVAL: NbdErr.EINVAL,
@@ -206,7 +205,10 @@ _WIRE_TO_HOST: dict[int, int] = {
 
 
 def errno_to_wire(err: int) -> int:
-    """cf. system_errno_to_nbd_errno: everything unknown is squashed to EINVAL."""
+    """cf. system_errno_to_nbd_errno: everything unknown is squashed to EINVAL.
+
+    (EROFS too: QEMU 7.2 answers a write to a read-only export with EINVAL.)
+    """
     if err == 0:
         return 0
     return int(_HOST_TO_WIRE.get(err, NbdErr.EINVAL))

@@ -340,16 +340,16 @@ class ServerHandshake:
         if Info.DESCRIPTION in requests and exp.description:
             raw = exp.description.encode()
             self._reply(opt, Rep.INFO, struct.pack(">H", Info.DESCRIPTION) + raw)
-        # QEMU always advertises block sizes, asked or not
-        self._reply(opt, Rep.INFO, struct.pack(">HIII", Info.BLOCK_SIZE, exp.min_block,
-                                               exp.pref_block, exp.max_block))
+        # QEMU always advertises block sizes, asked or not; a client that did not ask cannot be
+        # expected to honour a minimum, so GO then promises 1 (the server pads unaligned
+        # requests itself; cf. nbd_negotiate_handle_info)
+        asked = opt == Opt.INFO or Info.BLOCK_SIZE in requests
+        min_block = exp.min_block if asked else 1
+        self._reply(opt, Rep.INFO, struct.pack(">HIII", Info.BLOCK_SIZE, min_block,
+                                               max(min_block, exp.pref_block), exp.max_block))
         self._reply(opt, Rep.INFO, struct.pack(">HQH", Info.EXPORT, exp.size, exp.flags))
         if opt == Opt.INFO:
             self._reply(opt, Rep.ACK)
-            return None
-        if exp.min_block > 1 and Info.BLOCK_SIZE not in requests:
-            self._reply(opt, Rep.ERR_BLOCK_SIZE_REQD,
-                        b"request NBD_INFO_BLOCK_SIZE to use this export")
             return None
         self._reply(opt, Rep.ACK)
         self._set_state(S_READY)

@@ -8,6 +8,7 @@ server-key.pem, client-cert.pem, client-key.pem). No sockets here.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import ssl
 from typing import Any
@@ -95,3 +96,12 @@ def client_context(
     if cert and key:
         ctx.load_cert_chain(cert, key)
     return ctx
+
+
+def cleartext_pending(reader: asyncio.StreamReader) -> bool:
+    """True when bytes that arrived before the TLS upgrade are still buffered in ``reader``.
+
+    asyncio's start_tls keeps the StreamReader's buffer, so such bytes would later be read as
+    if they had come through TLS (a STARTTLS injection); callers refuse the connection instead.
+    """
+    return bool(getattr(reader, "_buffer", b""))

@@ -140,7 +140,7 @@ def validate_request(
         return errno.EINVAL, f"len ({req.length}) is larger than max len ({NBD_MAX_BUFFER_SIZE})"
     writes = (Cmd.WRITE, Cmd.WRITE_ZEROES, Cmd.TRIM)
     if cmd in writes and tflags & TransmissionFlag.READ_ONLY:
-        return errno.EPERM, f"{_CMD_WORDS[cmd]} on a read-only export"
+        return errno.EROFS, "Export is read-only"
     if req.offset > size or req.length > size - req.offset:
         # EINVAL for every command, writes included, as QEMU 7.2 answers
         return errno.EINVAL, (f"operation past EOF; From: {req.offset}, Len: {req.length}, "

@@ -34,7 +34,7 @@ from blockmirror.nbd.constants import (
 )
 from blockmirror.nbd.handshake import ExportInfo, ExportList, Negotiated, StartTLS
 from blockmirror.nbd.handshake_client import ClientHandshake
-from blockmirror.nbd.tls import client_context
+from blockmirror.nbd.tls import cleartext_pending, client_context
 from blockmirror.nbd.transmission import (
     DataChunk,
     ErrorChunk,
@@ -313,6 +313,8 @@ async def nbd_connect(
                 hs.receive_data(data)
             elif isinstance(event, StartTLS):
                 assert tls is not None
+                if cleartext_pending(reader):
+                    raise NBDProtocolError("Unexpected data after the NBD_OPT_STARTTLS reply")
                 await writer.start_tls(tls, server_hostname=hostname if tls.check_hostname
                                        else None)
                 hs.tls_established()
@@ -342,6 +344,8 @@ class NbdDriver(BlockDriver):
         self._open_timeout: float | None = None
         self._reconnect_task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
+        #: loop time at which the connection was found lost (None while connected)
+        self._lost_at: float | None = None
         self._closing = False
 
     # --- life cycle -----------------------------------------------------------------------
@@ -377,6 +381,7 @@ class NbdDriver(BlockDriver):
         self.max_transfer = max(self.request_alignment, min(info.max_block, NBD_MAX_BUFFER_SIZE))
         self.supports_fua = bool(info.flags & TransmissionFlag.SEND_FUA)
         self.can_write_zeroes_with_unmap = bool(info.flags & TransmissionFlag.SEND_WRITE_ZEROES)
+        self._lost_at = None
         self._connected.set()
 
     async def close(self) -> None:
@@ -392,23 +397,35 @@ class NbdDriver(BlockDriver):
     # --- connection management ----------------------------------------------------------
 
     async def _live(self) -> _Connection:
+        """The current connection, or wait for a reconnect (cf. block/nbd.c reconnect).
+
+        After an unexpected disconnect the driver always reconnects in the background; requests
+        wait for it during the first ``reconnect-delay`` seconds after the loss and fail with
+        EIO after that (at once with the default delay of 0), until a reconnect succeeds.
+        """
         conn = self._conn
         if conn is not None and conn.alive:
             return conn
-        if self._reconnect_delay <= 0 or self._closing:
-            raise BlockIOError(errno.EIO, "Requested export not available"
-                               if self._closing else None)
-        self._connected.clear()
+        if self._closing:
+            raise BlockIOError(errno.EIO)
+        loop = asyncio.get_running_loop()
+        if self._lost_at is None:
+            self._lost_at = loop.time()
+            self._connected.clear()
         if self._reconnect_task is None or self._reconnect_task.done():
-            self._reconnect_task = asyncio.get_running_loop().create_task(self._reconnect())
+            self._reconnect_task = loop.create_task(self._reconnect())
+        remaining = self._reconnect_delay - (loop.time() - self._lost_at)
+        if remaining <= 0:
+            raise BlockIOError(errno.EIO)
         try:
-            await asyncio.wait_for(self._connected.wait(), self._reconnect_delay)
+            await asyncio.wait_for(self._connected.wait(), remaining)
         except TimeoutError:
             raise BlockIOError(errno.EIO) from None
         assert self._conn is not None
         return self._conn
 
     async def _reconnect(self) -> None:
+        pause = 0.05
         while not self._closing:
             try:
                 await self._connect()
@@ -416,10 +433,12 @@ class NbdDriver(BlockDriver):
                 return
             except BlockMirrorError as e:
                 log.debug("nbd: reconnect failed: %s", e)
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 2.0)
 
     async def _request(self, cmd: Cmd, offset: int = 0, length: int = 0,
                        flags: CmdFlag = CmdFlag(0), data: bytes | memoryview = b"") -> Any:
+        # a request cut by the disconnect is sent again once, after the reconnect
         for _attempt in range(2 if self._reconnect_delay > 0 else 1):
             conn = await self._live()
             try:
