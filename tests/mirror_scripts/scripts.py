@@ -305,3 +305,15 @@ def replaces_below_a_filter(p: dict[str, str]) -> list[Step]:
 
 
 SCRIPTS.append(replaces_below_a_filter)
+
+
+def read_only_target(p: dict[str, str]) -> list[Step]:
+    """A read-only target is refused when the job takes it (after creation: created/null)."""
+    return [*_setup(p),
+            ("cmd", "blockdev-add", {"driver": "file", "node-name": "ro", "read-only": True,
+                                     "filename": p["tgt"]}),
+            ("cmd", "blockdev-mirror", {"job-id": "j", "device": "src", "target": "ro",
+                                        "sync": "full"}), *END]
+
+
+SCRIPTS.append(read_only_target)

@@ -225,14 +225,26 @@ def deep_merge(into: dict[str, Any], extra: Mapping[str, Any]) -> None:
 
 # --- filenames QEMU reports -----------------------------------------------------------------
 
+#: options that change what a node reads (cf. strong_runtime_opts); only these make a node's
+#: filename a json: one. Drivers not listed here keep all their options.
+_STRONG_OPTS: dict[str, frozenset[str]] = {
+    "raw": frozenset({"offset", "size"}),
+    "null-co": frozenset({"size", "read-zeroes"}),
+    "null-aio": frozenset({"size", "read-zeroes"}),
+    "blkdebug": frozenset({"config", "inject-error", "set-state", "align", "max-transfer",
+                           "opt-write-zero", "max-write-zero", "opt-discard", "max-discard"}),
+    "qcow2": frozenset(),
+}
+
 
 def refresh_filename(node: BlockNode) -> str:
     """cf. bdrv_refresh_filename: a plain name when the options say nothing more, else json:."""
     drv = node.format_name
     opts = node.options
+    strong = _STRONG_OPTS.get(drv)
     extra = {
         k: v for k, v in opts.items()
-        if k not in COMMON_KEYS and k not in CHILD_KEYS
+        if k not in COMMON_KEYS and k not in CHILD_KEYS and (strong is None or k in strong)
     }
     if drv in ("file", "host_device"):
         return str(opts.get("filename", ""))
@@ -248,7 +260,7 @@ def refresh_filename(node: BlockNode) -> str:
         conf = extra.pop("config", "")
         if not extra:
             return f"blkdebug:{conf}:{child.filename}"
-    elif not extra or drv == "qcow2":
+    elif not extra:
         return child.filename
     role = "image" if drv == "blkdebug" else "file"
     return "json:" + qemu_json({**extra, "driver": drv, role: _as_json(child)})

@@ -40,7 +40,9 @@ class ReceiveBuffer:
         """Consume exactly ``n`` bytes, or nothing (None) when fewer are buffered."""
         if len(self) < n:
             return None
-        out = bytes(self._buf[self._pos : self._pos + n])
+        # one copy (slicing the bytearray first would make two); the view is released at once
+        with memoryview(self._buf) as view:
+            out = bytes(view[self._pos : self._pos + n])
         self._advance(n)
         return out
 

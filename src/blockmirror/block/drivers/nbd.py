@@ -134,6 +134,8 @@ class _Pending:
     offset: int
     length: int
     future: asyncio.Future[Any]
+    #: the read payload: one piece as received, or assembled from chunks (holes stay zero)
+    data: bytes | None = None
     buf: bytearray | None = None
     extents: list[tuple[int, int]] = field(default_factory=list)
     error: BlockIOError | None = None
@@ -202,7 +204,7 @@ class _Connection:
             if reply.error:
                 p.error = BlockIOError(wire_to_errno(reply.error))
             elif p.cmd == Cmd.READ:
-                p.buf = bytearray(reply.data)
+                p.data = reply.data
         else:
             done = reply.done
             if isinstance(reply, DataChunk | HoleChunk):
@@ -210,9 +212,19 @@ class _Connection:
                 rel = reply.offset - p.offset
                 if p.cmd != Cmd.READ or rel < 0 or rel + n > p.length:
                     raise NBDProtocolError("server sent chunk exceeding requested region")
-                if isinstance(reply, DataChunk):
-                    assert p.buf is not None
-                    p.buf[rel : rel + n] = reply.data
+                if isinstance(reply, DataChunk) and rel == 0 and n == p.length and not done \
+                        and p.buf is None and p.data is None:
+                    p.buf = bytearray(p.length)  # more chunks follow: assemble
+                if isinstance(reply, DataChunk) and rel == 0 and n == p.length and p.buf is None:
+                    p.data = reply.data  # the common case: one chunk, no copy
+                else:
+                    if p.buf is None:
+                        p.buf = bytearray(p.length)
+                        if p.data is not None:
+                            p.buf[:] = p.data
+                            p.data = None
+                    if isinstance(reply, DataChunk):
+                        p.buf[rel : rel + n] = reply.data
             elif isinstance(reply, StatusChunk):
                 if p.cmd != Cmd.BLOCK_STATUS:
                     raise NBDProtocolError("unexpected block status chunk")
@@ -229,7 +241,11 @@ class _Connection:
                 if p.error is not None:
                     p.future.set_exception(p.error)
                 elif p.cmd == Cmd.READ:
-                    p.future.set_result(bytes(p.buf or b""))
+                    if p.data is not None:
+                        p.future.set_result(p.data)
+                    else:
+                        p.future.set_result(bytes(p.buf) if p.buf is not None
+                                            else bytes(p.length))
                 elif p.cmd == Cmd.BLOCK_STATUS:
                     p.future.set_result(list(p.extents))
                 else:
@@ -244,14 +260,15 @@ class _Connection:
             cookie = self.cookie
             fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             p = _Pending(cmd, offset, length, fut)
-            if cmd == Cmd.READ:
-                p.buf = bytearray(length)  # holes stay zero
             self.pending[cookie] = p
             try:
                 async with self.wlock:
                     self.writer.write(encode_request(cmd, cookie, offset, length, flags))
                     if data:
-                        self.writer.write(bytes(data))
+                        # no copy of the caller's buffer: the transport either sends it or
+                        # copies the rest, and the server cannot answer before it has every
+                        # byte, so the buffer is no longer referenced when we return
+                        self.writer.write(data)
                     await self.writer.drain()
             except (ConnectionError, ssl.SSLError, OSError) as e:
                 self.pending.pop(cookie, None)

@@ -106,6 +106,8 @@ class Qcow2Driver(BlockDriver):
         self.alloc_end = 0
         self.free_hint = 0
         self.file_len = 0
+        #: how much of the file holds image data (the rest is growth headroom)
+        self.used_end = 0
         self.corrupt = False
         self.snapshot_l1s: list[tuple[int, int]] = []
         self.snapshot_table_len = 0
@@ -142,13 +144,20 @@ class Qcow2Driver(BlockDriver):
         return data
 
     async def _ensure_file_size(self, end: int) -> None:
+        """Grow the file to hold ``end``; protocol nodes refuse requests past their length.
+
+        Sequential allocation would otherwise resize the file on every request, so the file
+        grows ahead in steps; ``close`` trims it back to what is used.
+        """
+        self.used_end = max(self.used_end, end)
         if end <= self.file_len:
             return
         f = self.file
         align = max(1, f.driver.request_alignment)
-        end = _ceil_div(end, align) * align
-        if f.length() < end:
-            await f.driver.truncate(end)
+        step = min(max(self.file_len // 8, 1 << 20), 64 << 20)
+        target = _ceil_div(max(end, self.file_len + step), align) * align
+        if f.length() < target:
+            await f.driver.truncate(target)
         self.file_len = max(f.length(), end)
 
     async def _fwrite(self, offset: int, data: bytes | memoryview) -> None:
@@ -173,6 +182,7 @@ class Qcow2Driver(BlockDriver):
         self._filename = self.node.options.get("file.filename") or f.filename or f.name
         fn = self._filename
         self.file_len = f.length()
+        self.used_end = self.file_len
         first = await self._fread(0, min(self.file_len, 65536))
         if len(first) >= 24 and first[:4] == b"QFI\xfb":
             cbits = struct.unpack_from(">I", first, 20)[0]
@@ -481,14 +491,17 @@ class Qcow2Driver(BlockDriver):
             if missing >= len(self.reftable):
                 await self._grow_reftable(missing)
                 continue
-            # a missing refblock's range holds only free clusters: put the new block inside
-            # the range it describes (a self-describing refcount block)
-            p = max(start, missing * self.epb)
+            # the new block takes the first cluster of the run: either inside its own range
+            # (a self-describing refcount block) or in a range whose block exists already
+            p = start
             blk = [0] * self.epb
-            blk[p & (self.epb - 1)] = 1
             self.rb_cache.put(missing, blk, dirty=True)
             self.reftable[missing] = p << self.cb
             self.reftable_dirty = True
+            if p >> self.rb_bits == missing:
+                blk[p & (self.epb - 1)] = 1
+            else:
+                await self._rc_add(p, 1)
             self.meta.add(p)
             self.alloc_end = max(self.alloc_end, p + 1)
 
@@ -990,6 +1003,10 @@ class Qcow2Driver(BlockDriver):
     async def close(self) -> None:
         if not self.node.read_only and not self.corrupt:
             await self.flush()
+            end = max(self.used_end, self.alloc_end * self.cs)
+            if self.file_len > end and self.file.length() > end:
+                await self.file.driver.truncate(end)
+                self.file_len = end
 
     # --- block status -----------------------------------------------------------------------
 
