@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import require_tool
 from test_qcow2_support import assert_clean, close, open_qcow2, qemu_raw
 
 from blockmirror.block.drivers.qcow2.create import create_qcow2
+from conftest import require_tool
 
 pytestmark = pytest.mark.interop
 

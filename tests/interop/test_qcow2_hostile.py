@@ -10,10 +10,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import require_tool
 from test_qcow2_support import close, open_qcow2, qemu_img, sha
 
 from blockmirror.errors import BlockIOError, BlockMirrorError, ImageFormatError
+from conftest import require_tool
 
 pytestmark = pytest.mark.interop
 

@@ -12,7 +12,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import require_tool
 from test_qcow2_support import (
     apply,
     assert_clean,
@@ -25,6 +24,7 @@ from test_qcow2_support import (
 from blockmirror.block.driver import BlockStatus
 from blockmirror.block.drivers.qcow2.create import create_qcow2
 from blockmirror.errors import BlockMirrorError
+from conftest import require_tool
 
 pytestmark = pytest.mark.interop
 
@@ -117,7 +117,7 @@ def test_our_images_with_backing(tmp_path: Path, version: str, cs: int) -> None:
     assert qemu_raw(top, tmp_path) == bytes(model)
     # qemu-io reads a written pattern back
     r = subprocess.run(
-        ["qemu-io", "-f", "qcow2", "-c", f"read -v 0 512", str(top)],
+        ["qemu-io", "-f", "qcow2", "-c", "read -v 0 512", str(top)],
         capture_output=True, text=True,
     )
     assert r.returncode == 0, r.stderr

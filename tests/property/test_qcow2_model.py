@@ -16,10 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "interop"))
-from conftest import require_tool  # noqa: E402
-from test_qcow2_support import apply, assert_clean, close, open_qcow2, qemu_raw  # noqa: E402
+from test_qcow2_support import apply, assert_clean, close, open_qcow2, qemu_raw
 
-from blockmirror.block.drivers.qcow2.create import create_qcow2  # noqa: E402
+from blockmirror.block.drivers.qcow2.create import create_qcow2
+from conftest import require_tool
 
 SIZE = 256 * 1024 + 512  # not cluster aligned on purpose
 EXAMPLES = int(os.environ.get("QCOW2_PROPERTY_EXAMPLES", "25"))

@@ -202,10 +202,8 @@ def build_image(
         entries = [((data_c + first + j) * cs) | _COPIED for j in range(n)]
         entries += [0] * (l2_entries - n)
         writes.append(((l2_c + i) * cs, struct.pack(f">{l2_entries}Q", *entries)))
-    if preallocate:
-        end = (data_c + n_data) * cs
-    else:
-        end = max(off + len(data) for off, data in writes)
+    written_end = max(off + len(data) for off, data in writes)
+    end = (data_c + n_data) * cs if preallocate else written_end
     return writes, end
 
 

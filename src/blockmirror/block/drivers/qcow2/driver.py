@@ -34,7 +34,6 @@ from blockmirror.block.driver import (
 from blockmirror.block.drivers.qcow2 import compress as cz
 from blockmirror.block.drivers.qcow2.cache import TableCache
 from blockmirror.block.drivers.qcow2.header import (
-    AUTOCLEAR_BITMAPS,
     COMPAT_LAZY_REFCOUNTS,
     INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY,
@@ -552,7 +551,8 @@ class Qcow2Driver(BlockDriver):
     async def _write_dirty_refblocks(self) -> None:
         for r in sorted(self.rb_cache.dirty):
             blk = self.rb_cache.peek(r)
-            await self._fwrite(self.reftable[r] & REFT_OFFSET_MASK, encode_block(blk, self.h.refcount_order))
+            raw = encode_block(blk, self.h.refcount_order)
+            await self._fwrite(self.reftable[r] & REFT_OFFSET_MASK, raw)
         self.rb_cache.clean_all()
 
     def _free_later(self, clusters: Iterable[int]) -> None:
@@ -1024,7 +1024,7 @@ class Qcow2Driver(BlockDriver):
             )
         if kind == COMPRESSED:
             total = n
-            for k, _p, n2, v2 in segs[1:]:
+            for k, _p, n2, _v in segs[1:]:
                 if k != COMPRESSED:
                     break
                 total += n2

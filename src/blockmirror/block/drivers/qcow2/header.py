@@ -168,7 +168,9 @@ def parse_header(buf: bytes, filename: str, file_length: int) -> Header:
         raise _fail(filename, "Images with extended L2 entries (subclusters) are not supported")
     if h.incompatible & INCOMPAT_COMPRESSION:
         if h.compression_type == 0:
-            raise _fail(filename, "qcow2: Compression type incompatible feature bit must not be set")
+            raise _fail(
+                filename, "qcow2: Compression type incompatible feature bit must not be set"
+            )
     elif h.compression_type != 0:
         raise _fail(filename, "qcow2: Compression type incompatible feature bit must be set")
     if h.compression_type == 1:
