@@ -6,7 +6,11 @@ daemons are started with the same command line, the same ``blockdev-mirror sync=
 over QMP, and we measure the time to BLOCK_JOB_READY, the daemon's CPU seconds and its peak RSS
 (from wait4's rusage), idle and under a paced guest writer (qemu-io over the NBD export);
 idle copies are checked with ``qemu-img compare`` after a soft cancel.
-Prints one row per run and the ours/QSD ratio. ``BENCH_MIRROR_SIZES=64M,256M`` overrides sizes.
+Prints one row per run and the ours/QSD ratio. ``BENCH_MIRROR_SIZES=64M,256M`` overrides sizes,
+``BENCH_MIRROR_FMTS=raw`` and ``BENCH_MIRROR_LOADS=idle`` narrow the matrix,
+``BENCH_MIRROR_REPEAT=N`` runs each case N times (QSD and ours interleaved, so drifting page
+cache and writeback hit both alike) and prints the medians, and ``BENCH_MIRROR_DIRECT=1`` opens
+every file node with cache.direct=on for a steadier disk-bound figure.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import contextlib
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -64,11 +69,12 @@ def make_source(work: str, size: int, fmt: str, seed: int = 42) -> str:
 def _daemon_argv(which: str, work: str, src: str, tgt: str, fmt: str) -> list[str]:
     prog = (["qemu-storage-daemon"] if which == "qsd"
             else [sys.executable, "-m", "blockmirror.cli.main", "daemon"])
+    cache = ",cache.direct=on" if os.environ.get("BENCH_MIRROR_DIRECT") == "1" else ""
     return [
         *prog,
-        "--blockdev", f"driver=file,node-name=src-file,filename={src}",
+        "--blockdev", f"driver=file,node-name=src-file,filename={src}{cache}",
         "--blockdev", f"driver={fmt},node-name=src,file=src-file",
-        "--blockdev", f"driver=file,node-name=tgt-file,filename={tgt}",
+        "--blockdev", f"driver=file,node-name=tgt-file,filename={tgt}{cache}",
         "--blockdev", f"driver={fmt},node-name=tgt,file=tgt-file",
         "--chardev", f"socket,id=m0,path={work}/{which}.sock,server=on,wait=off",
         "--monitor", "chardev=m0",
@@ -171,6 +177,18 @@ async def _wait_event(qmp: Any, name: str) -> None:
             return
 
 
+def _median(rs: list[Result]) -> Result:
+    return Result(statistics.median(r.ready_s for r in rs), statistics.median(r.cpu_s for r in rs),
+                  statistics.median(r.rss_mib for r in rs))
+
+
+def _row(size: int, fmt: str, busy: bool, r_q: Result, r_o: Result, tag: str) -> None:
+    print(f"{size // MiB:>5}M {fmt:>5} {'busy' if busy else 'idle':>5} | "
+          f"{r_q.ready_s:>8.2f}s {r_q.cpu_s:>5.1f}s {r_q.rss_mib:>5.0f}M | "
+          f"{r_o.ready_s:>9.2f}s {r_o.cpu_s:>5.1f}s {r_o.rss_mib:>5.0f}M | "
+          f"{r_o.ready_s / max(r_q.ready_s, 1e-6):>5.1f}x{tag}", flush=True)
+
+
 def main() -> int:
     for tool in ("qemu-storage-daemon", "qemu-img", "qemu-io"):
         if shutil.which(tool) is None:
@@ -181,21 +199,26 @@ def main() -> int:
         sizes.append(4 * GiB)
     if os.environ.get("BENCH_MIRROR_SIZES"):
         sizes = [_parse_size(s) for s in os.environ["BENCH_MIRROR_SIZES"].split(",")]
+    fmts = os.environ.get("BENCH_MIRROR_FMTS", "raw,qcow2").split(",")
+    loads = [x == "busy" for x in os.environ.get("BENCH_MIRROR_LOADS", "idle,busy").split(",")]
+    repeat = max(1, int(os.environ.get("BENCH_MIRROR_REPEAT", "1")))
     work = tempfile.mkdtemp(prefix="bench-mirror-", dir=os.environ.get("BENCH_DIR"))
     print(f"{'size':>6} {'fmt':>5} {'load':>5} | {'QSD ready':>9} {'cpu':>6} {'rss':>6} | "
           f"{'ours ready':>10} {'cpu':>6} {'rss':>6} | {'ratio':>6}")
     try:
         for size in sizes:
-            for fmt in ("raw", "qcow2"):
+            for fmt in fmts:
                 src = make_source(work, size, fmt)
-                for busy in (False, True):
-                    # one daemon at a time; wait4 needs each daemon reaped by us
-                    r_q = run_one("qsd", work, src, fmt, size, busy)
-                    r_o = run_one("ours", work, src, fmt, size, busy)
-                    print(f"{size // MiB:>5}M {fmt:>5} {'busy' if busy else 'idle':>5} | "
-                          f"{r_q.ready_s:>8.2f}s {r_q.cpu_s:>5.1f}s {r_q.rss_mib:>5.0f}M | "
-                          f"{r_o.ready_s:>9.2f}s {r_o.cpu_s:>5.1f}s {r_o.rss_mib:>5.0f}M | "
-                          f"{r_o.ready_s / max(r_q.ready_s, 1e-6):>5.1f}x", flush=True)
+                for busy in loads:
+                    qs: list[Result] = []
+                    os_: list[Result] = []
+                    for _ in range(repeat):
+                        # one daemon at a time; wait4 needs each daemon reaped by us
+                        qs.append(run_one("qsd", work, src, fmt, size, busy))
+                        os_.append(run_one("ours", work, src, fmt, size, busy))
+                        _row(size, fmt, busy, qs[-1], os_[-1], "")
+                    if repeat > 1:
+                        _row(size, fmt, busy, _median(qs), _median(os_), " median")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -43,8 +43,10 @@ def _workload(seed: int, size: int, n: int) -> list[tuple[str, int, int]]:
     return ops
 
 
-async def _run_workload(path: Path, model: bytearray, seed: int, cs: int, n: int = 30) -> None:
-    graph, node = await open_qcow2(path)
+async def _run_workload(
+    path: Path, model: bytearray, seed: int, cs: int, n: int = 30, direct: bool = False
+) -> None:
+    graph, node = await (open_qcow2(path, cache={"direct": True}) if direct else open_qcow2(path))
     try:
         for i, (op, off, ln) in enumerate(_workload(seed, len(model), n)):
             await apply(node, model, op, off, ln, seed + i, cs)
@@ -66,6 +68,19 @@ def test_our_images_every_cluster_size(tmp_path: Path, cs: int) -> None:
     assert qemu_raw(path, tmp_path) == bytes(model)
 
 
+@pytest.mark.parametrize("cs", [512, 65536])
+def test_our_images_o_direct(tmp_path: Path, cs: int) -> None:
+    """cache.direct=on: every metadata and partial-cluster write obeys O_DIRECT alignment."""
+    require_tool("qemu-img")
+    size = 3 * 1024 * 1024 + 512
+    path = tmp_path / "img.qcow2"
+    asyncio.run(create_qcow2(str(path), size, cluster_size=cs))
+    model = bytearray(size)
+    asyncio.run(_run_workload(path, model, cs + 1, cs, direct=True))
+    assert_clean(path)
+    assert qemu_raw(path, tmp_path) == bytes(model)
+
+
 @pytest.mark.parametrize("bits", REFCOUNT_BITS)
 def test_our_images_every_refcount_width(tmp_path: Path, bits: int) -> None:
     require_tool("qemu-img")
@@ -81,8 +96,10 @@ def test_our_images_every_refcount_width(tmp_path: Path, bits: int) -> None:
     assert qemu_raw(path, tmp_path) == bytes(model)
 
 
-@pytest.mark.parametrize("version", ["v2", "v3"])
-@pytest.mark.parametrize("cs", [512, 65536])
+@pytest.mark.parametrize(("version", "cs"), [
+    ("v2", 512), ("v2", 65536),
+    ("v3", 512), ("v3", 4096), ("v3", 65536), ("v3", 2 * 1024 * 1024),
+])
 def test_our_images_with_backing(tmp_path: Path, version: str, cs: int) -> None:
     require_tool("qemu-img", "qemu-io")
     size = 3 * 1024 * 1024
@@ -313,11 +330,15 @@ def test_create_errors_match_qemu_img(tmp_path: Path, kwargs: dict[str, object],
     assert not (tmp_path / "b.qcow2").exists()
 
 
-def test_info_matches_qemu(tmp_path: Path) -> None:
+@pytest.mark.parametrize("bitmaps", [False, True])
+def test_info_matches_qemu(tmp_path: Path, bitmaps: bool) -> None:
     require_tool("qemu-img")
     img = tmp_path / "i.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on,refcount_bits=8",
              str(img), "1M")
+    if bitmaps:
+        qemu_img("bitmap", "--add", str(img), "b0")
+        qemu_img("bitmap", "--add", "-g", "128k", "--disable", str(img), "b1")
     qinfo = json.loads(qemu_img("info", "--output=json", str(img)))
 
     async def run() -> None:
@@ -380,3 +401,77 @@ def test_truncate_grow(tmp_path: Path) -> None:
     assert len(data) == 64 << 20
     assert data[:4096] == b"\x11" * 4096 and data[-4096:] == b"\x22" * 4096
     assert struct.unpack(">Q", img.read_bytes()[24:32])[0] == 64 << 20
+
+
+def test_refcount_table_grows_and_moves(tmp_path: Path) -> None:
+    require_tool("qemu-img")
+    img = tmp_path / "g.qcow2"
+    size = 6 << 20
+    asyncio.run(create_qcow2(str(img), size, cluster_size=512, refcount_bits=64))
+    header0 = img.read_bytes()[48:60]
+    model = bytearray(size)
+
+    async def run() -> None:
+        graph, node = await open_qcow2(img)
+        try:
+            for off in range(0, size, 1 << 20):
+                data = bytes([off >> 20]) * (1 << 20)
+                await node.write(off, data)
+                model[off : off + len(data)] = data
+        finally:
+            await close(graph)
+
+    asyncio.run(run())
+    rt_off, rt_clusters = struct.unpack(">QI", img.read_bytes()[48:60])
+    assert (rt_off, rt_clusters) != struct.unpack(">QI", header0)
+    assert rt_clusters > 1
+    assert_clean(img)
+    assert qemu_raw(img, tmp_path) == bytes(model)
+
+
+@pytest.mark.parametrize(("cs", "backing"), [(512, False), (65536, False), (4096, True)])
+def test_conformance_battery(tmp_path: Path, cs: int, backing: bool) -> None:
+    """The driver battery every block driver passes (tests/conformance.py)."""
+    require_tool("qemu-img")
+    from conformance import run_battery
+
+    size = 5 << 20
+    img = tmp_path / "b.qcow2"
+    kwargs: dict[str, object] = {}
+    if backing:
+        qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / "base.qcow2"), str(size))
+        kwargs = {"backing_file": "base.qcow2", "backing_fmt": "qcow2"}
+    asyncio.run(create_qcow2(str(img), size, cluster_size=cs, **kwargs))  # type: ignore[arg-type]
+
+    async def run() -> None:
+        graph, node = await open_qcow2(img)
+        try:
+            await run_battery(node, seed=cs, rounds=40)
+        finally:
+            await close(graph)
+
+    asyncio.run(run())
+    assert_clean(img)
+
+
+def test_discard_returns_space_to_host(tmp_path: Path) -> None:
+    require_tool("qemu-img")
+    img = tmp_path / "d.qcow2"
+    asyncio.run(create_qcow2(str(img), 8 << 20))
+
+    async def run() -> tuple[int, int]:
+        graph, node = await open_qcow2(img)
+        try:
+            await node.write(0, b"\x42" * (8 << 20))
+            await node.flush()
+            full = img.stat().st_blocks
+            await node.discard(0, 8 << 20)
+            await node.flush()
+            return full, img.stat().st_blocks
+        finally:
+            await close(graph)
+
+    full, after = asyncio.run(run())
+    assert after * 4 < full, (full, after)
+    assert_clean(img)
+    assert qemu_raw(img, tmp_path) == bytes(8 << 20)

@@ -71,12 +71,13 @@ def _patched(off: int, fmt: str, value: int) -> bytes:
         (56, ">I", 0, "does not contain a reference count table"),
     ],
 )
-def test_header_refusals_name_file(off: int, fmt: str, value: int, text: str) -> None:
+def test_header_refusals(off: int, fmt: str, value: int, text: str) -> None:
     img = _patched(off, fmt, value)
     with pytest.raises(ImageFormatError) as ei:
         parse_header(img[:65536], "/some/file.qcow2", len(img))
+    # QEMU's bare text: the front end (CLI, QMP) adds the file name where QEMU does
     assert text in str(ei.value)
-    assert str(ei.value).startswith("Could not open '/some/file.qcow2': ")
+    assert "Could not open" not in str(ei.value)
 
 
 def test_unknown_feature_named_from_table() -> None:

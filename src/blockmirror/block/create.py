@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -53,7 +54,9 @@ _QCOW2_OPTS: tuple[tuple[str, str, str | None], ...] = (
     ("nocow", "bool", None),
     ("extent_size_hint", "size", None),
 )
-FORMAT_OPTS = {"raw": _RAW_OPTS, "file": _RAW_OPTS, "qcow2": _QCOW2_OPTS}
+_HDEV_OPTS: tuple[tuple[str, str, str | None], ...] = (("size", "size", None),)
+FORMAT_OPTS = {"raw": _RAW_OPTS, "file": _RAW_OPTS, "host_device": _HDEV_OPTS,
+               "qcow2": _QCOW2_OPTS}
 
 _SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
              "p": 1 << 50, "e": 1 << 60}
@@ -225,7 +228,9 @@ async def img_create(
     if bfile is None and opts.get("backing_fmt") is not None:
         # qcow2's own check, so it comes after the Formatting line
         raise BlockMirrorError("Backing format cannot be used without backing file")
-    if fmt in ("raw", "file"):
+    if fmt == "host_device":
+        await _check_device(filename, int(opts["size"]))
+    elif fmt in ("raw", "file"):
         prealloc = str(opts.get("preallocation") or "off")
         if prealloc not in ("off", "falloc", "full", "metadata"):
             raise BlockMirrorError(f"invalid parameter value: {prealloc}")
@@ -243,6 +248,36 @@ async def img_create(
     else:
         await _create_qcow2(filename, int(opts["size"]), opts)
     return line
+
+
+def _check_device_sync(filename: str, size: int) -> None:
+    fail = "Protocol driver 'host_device' does not support image creation, and opening the " \
+        "image failed: "
+    try:
+        fd = os.open(filename, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        raise BlockMirrorError(
+            f"{fail}Could not open '{filename}': {os.strerror(e.errno or errno.EIO)}") from e
+    try:
+        st = os.fstat(fd)
+        if not (stat.S_ISBLK(st.st_mode) or stat.S_ISCHR(st.st_mode)):
+            raise BlockMirrorError(f"{fail}'host_device' driver requires '{filename}' to be "
+                                   "either a character or block device")
+        try:
+            have = threadio.blk_size(fd) if stat.S_ISBLK(st.st_mode) else 0
+        except OSError:
+            have = 0
+        if have < size:
+            raise BlockMirrorError("Cannot grow device files")
+        # cf. create_file_fallback_zero_first_sector: no stale header may be probed later
+        os.pwrite(fd, bytes(min(_FIRST_BLOCK, have)), 0)
+    finally:
+        os.close(fd)
+
+
+async def _check_device(filename: str, size: int) -> None:
+    """cf. bdrv_create_file_fallback: host_device cannot create, only reuse a large device."""
+    await threadio.run(_check_device_sync, filename, size)
 
 
 async def _create_qcow2(filename: str, size: int, opts: Mapping[str, Any]) -> None:

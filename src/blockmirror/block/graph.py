@@ -69,10 +69,9 @@ class BlockGraph:
             node = self.nodes.get(node_name)
             if node is not None:
                 return node
+        # QEMU quotes both values, an absent one as ''
         raise BlockMirrorError(
-            f"Cannot find device={device or ''} nor node-name={node_name or ''}"
-            if device is None or node_name is None
-            else f"Cannot find device='{device}' nor node-name='{node_name}'"
+            f"Cannot find device='{device or ''}' nor node-name='{node_name or ''}'"
         )
 
     def all_nodes(self) -> Iterator[BlockNode]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
@@ -21,7 +22,7 @@ from blockmirror.errors import BlockIOError
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
-    from blockmirror.block.node import BlockNode
+    from blockmirror.block.node import BlockNode, WriteInterceptor
 
 #: the largest zero buffer we allocate when a driver cannot write zeroes natively
 _ZERO_CHUNK = 1024 * 1024
@@ -149,6 +150,19 @@ async def read(node: BlockNode, offset: int, length: int) -> bytes:
         return await _driver_read(node, offset, length)
 
 
+async def _run_chain(
+    chain: list[WriteInterceptor], i: int, node: BlockNode, kind: str, offset: int,
+    length: int, op: Callable[[], Awaitable[None]],
+) -> None:
+    # a module-level step (not a closure that calls itself): a self-referencing closure is a
+    # reference cycle that would keep the request's data buffer alive until the cyclic GC runs
+    if i == len(chain):
+        await op()
+        return
+    await chain[i].around_write(node, kind, offset, length, functools.partial(
+        _run_chain, chain, i + 1, node, kind, offset, length, op))
+
+
 async def _intercepted(
     node: BlockNode, kind: str, offset: int, length: int, op: Callable[[], Awaitable[None]]
 ) -> None:
@@ -157,16 +171,9 @@ async def _intercepted(
     # the chain this request sees: an interceptor removed meanwhile (a job ending) must still
     # be able to proceed into the rest of it
     chain = list(node.interceptors)
-
-    async def run(i: int) -> None:
-        if i == len(chain):
-            await op()
-            return
-        await chain[i].around_write(node, kind, offset, length, lambda: run(i + 1))
-
     try:
         async with _tracked(node):
-            await run(0)
+            await _run_chain(chain, 0, node, kind, offset, length, op)
     finally:
         # failed writes count too: the range may be half-written (cf. write_req_finish)
         node.write_gen += 1

@@ -448,6 +448,26 @@ async def _open_backing(
         node.options["backing"] = child.name
 
 
+async def open_backing_file(graph: BlockGraph, node: BlockNode) -> BlockNode | None:
+    """Open and attach the backing file named in ``node``'s header (cf. bdrv_open_backing_file).
+
+    Used on an image opened without its backing (drive-mirror's target, mode=existing). The
+    backing is opened read-only with the node's cache and force-share options; a node that
+    names no backing file keeps none. Returns the new backing node, or None.
+
+    Raises:
+        BlockMirrorError: "Could not open backing file: ..." (nothing opened stays behind).
+    """
+    ctx = _OpenCtx(graph)
+    try:
+        await _open_backing(ctx, node, {}, ())
+    except BaseException:
+        await ctx.rollback()
+        raise
+    link = node.children.get("backing")
+    return link.node if link is not None else None
+
+
 def attach_backend(
     graph: BlockGraph,
     node: BlockNode,
@@ -561,6 +581,7 @@ __all__ = [
     "close_all",
     "close_node",
     "delete_blockdev",
+    "open_backing_file",
     "open_blockdev",
     "open_image",
     "parse_filename",

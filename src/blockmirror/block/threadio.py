@@ -35,7 +35,10 @@ BLKGETSIZE64 = 0x80081272
 BLKDISCARD = 0x1277
 BLKZEROOUT = 0x127F
 
-_MAX_WORKERS = 16
+# a mirror keeps up to 16 ops in flight (MAX_IN_FLIGHT), each one blocking call at a time; a few
+# more workers let block-status seeks, NBD export requests and guest writes run beside them
+# instead of queueing behind a full batch of copies
+_MAX_WORKERS = 24
 _executor: ThreadPoolExecutor | None = None
 _executor_lock = threading.Lock()
 

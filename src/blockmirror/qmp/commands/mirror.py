@@ -194,14 +194,7 @@ async def drive_mirror(ctx: CommandContext, args: Args) -> None:
     filename = args.get_str("target")
     if (sync == "full" or target_backing is None) and mode != "existing":
         assert fmt is not None
-        if fmt in ("file", "host_device"):
-            # a protocol-level source: QEMU creates a plain file through the file driver; it
-            # prints the same line as raw, with the protocol's name
-            line_fmt = fmt
-            await img_create(filename, "raw", size, printer=lambda line: daemon.print_stdout(
-                line.replace(", fmt=raw ", f", fmt={line_fmt} ", 1)))
-        else:
-            await img_create(filename, fmt, size, printer=daemon.print_stdout)
+        await img_create(filename, fmt, size, printer=daemon.print_stdout)
     elif mode == "absolute-paths":
         assert fmt is not None and target_backing is not None
         explicit = target_backing

@@ -34,7 +34,9 @@ from blockmirror.block.driver import (
 from blockmirror.block.drivers.qcow2 import compress as cz
 from blockmirror.block.drivers.qcow2.cache import TableCache
 from blockmirror.block.drivers.qcow2.header import (
+    AUTOCLEAR_BITMAPS,
     COMPAT_LAZY_REFCOUNTS,
+    EXT_BITMAPS,
     INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY,
     Header,
@@ -76,6 +78,7 @@ class Qcow2Driver(BlockDriver):
     format_name = "qcow2"
     is_format = True
     supports_truncate = True
+    supports_backing = True
     can_write_zeroes_with_unmap = True
     max_transfer = 16 * 1024 * 1024
 
@@ -111,6 +114,9 @@ class Qcow2Driver(BlockDriver):
         self.snapshot_l1s: list[tuple[int, int]] = []
         self.snapshot_table_len = 0
         self._last_compressed: tuple[int, bytes] | None = None
+        self._prealloc_checked = False
+        #: persistent bitmaps as qemu-img info lists them (kept, never updated)
+        self.bitmaps: list[dict[str, Any]] = []
         self._filename = ""
 
     # --- helpers on the file child ----------------------------------------------------------
@@ -199,7 +205,7 @@ class Qcow2Driver(BlockDriver):
         self.size = h.size
         if h.incompatible & INCOMPAT_CORRUPT and not self.node.read_only:
             raise ImageFormatError(
-                f"Could not open '{fn}': qcow2: Image is corrupt; cannot be opened read/write"
+                "qcow2: Image is corrupt; cannot be opened read/write"
             )
         budget_l2 = max(16, (32 * 1024 * 1024) // self.cs)
         budget_rb = max(16, (8 * 1024 * 1024) // self.cs)
@@ -214,6 +220,7 @@ class Qcow2Driver(BlockDriver):
         self.alloc_end = _ceil_div(self.file_len, self.cs)
         await self._read_snapshots()
         self._check_metadata_layout()
+        await self._read_bitmap_directory()
 
         if not self.node.read_only:
             changed = False
@@ -232,6 +239,35 @@ class Qcow2Driver(BlockDriver):
                 await self._write_header()
                 await self.file.flush()
 
+    async def _read_bitmap_directory(self) -> None:
+        """Names, flags and granularities of persistent bitmaps, for info() only.
+
+        The bitmaps themselves are preserved untouched; they count as consistent only while
+        the bitmaps autoclear bit is set (a read-write open here clears it).
+        """
+        h = self.h
+        if not h.has_bitmaps_ext or not h.autoclear & AUTOCLEAR_BITMAPS:
+            return
+        ext = next((d for t, d in h.other_extensions if t == EXT_BITMAPS), b"")
+        if len(ext) < 24:
+            return
+        nb, _res, dir_size, dir_off = struct.unpack_from(">IIQQ", ext)
+        if dir_size > 64 * 1024 * 1024 or dir_off + dir_size > self.file_len:
+            return
+        raw = await self._fread(dir_off, dir_size)
+        pos = 0
+        for _ in range(nb):
+            if pos + 24 > len(raw):
+                break
+            _tbl, _tsize, flags, _typ, gbits, name_len, extra = struct.unpack_from(
+                ">QIIBBHI", raw, pos
+            )
+            start = pos + 24 + extra
+            name = raw[start : start + name_len].decode("utf-8", "replace")
+            names = [w for bit, w in ((0, "in-use"), (1, "auto")) if flags & (1 << bit)]
+            self.bitmaps.append({"flags": names, "name": name, "granularity": 1 << gbits})
+            pos = (start + name_len + 7) & ~7
+
     async def _read_snapshots(self) -> None:
         h = self.h
         if not h.nb_snapshots:
@@ -240,7 +276,7 @@ class Qcow2Driver(BlockDriver):
         for _ in range(h.nb_snapshots):
             if pos + _SNAP_HDR.size > self.file_len:
                 raise ImageFormatError(
-                    f"Could not open '{self._filename}': Snapshot table offset invalid"
+                    "Snapshot table offset invalid"
                 )
             hdr = await self._fread(pos, _SNAP_HDR.size)
             l1_off, l1_size, id_len, name_len, _s, _ns, _vmc, _vms, extra = _SNAP_HDR.unpack(hdr)
@@ -248,11 +284,11 @@ class Qcow2Driver(BlockDriver):
             pos = (pos + 7) & ~7
             if l1_size > (32 * 1024 * 1024) // 8:
                 raise ImageFormatError(
-                    f"Could not open '{self._filename}': Snapshot L1 table too large"
+                    "Snapshot L1 table too large"
                 )
             if l1_off % self.cs or l1_off + l1_size * 8 > self.file_len:
                 raise ImageFormatError(
-                    f"Could not open '{self._filename}': Snapshot L1 table offset invalid"
+                    "Snapshot L1 table offset invalid"
                 )
             self.snapshot_l1s.append((l1_off, l1_size))
         self.snapshot_table_len = pos - h.snapshots_offset
@@ -262,7 +298,6 @@ class Qcow2Driver(BlockDriver):
 
     def _check_metadata_layout(self) -> None:
         """Refuse images whose metadata overlaps or points outside the file (before any write)."""
-        fn = self._filename
         h = self.h
         owners: dict[int, str] = {}
 
@@ -271,7 +306,7 @@ class Qcow2Driver(BlockDriver):
                 prev = owners.get(c)
                 if prev is not None:
                     raise ImageFormatError(
-                        f"Could not open '{fn}': Overlapping metadata: {what} at {offset:#x} "
+                        f"Overlapping metadata: {what} at {offset:#x} "
                         f"overlaps {prev}"
                     )
                 owners[c] = what
@@ -291,7 +326,7 @@ class Qcow2Driver(BlockDriver):
                 continue
             if off % self.cs or off + self.cs > self.file_len:
                 raise ImageFormatError(
-                    f"Could not open '{fn}': Refcount block offset {off:#x} invalid "
+                    f"Refcount block offset {off:#x} invalid "
                     f"(reftable index {i:#x})"
                 )
             claim(off, self.cs, "refcount block")
@@ -301,12 +336,12 @@ class Qcow2Driver(BlockDriver):
                 continue
             if off % self.cs:
                 raise ImageFormatError(
-                    f"Could not open '{fn}': L2 table offset {off:#x} unaligned "
+                    f"L2 table offset {off:#x} unaligned "
                     f"(L1 index: {i:#x})"
                 )
             if off + self.cs > self.file_len:
                 raise ImageFormatError(
-                    f"Could not open '{fn}': L2 table offset {off:#x} past the end of the "
+                    f"L2 table offset {off:#x} past the end of the "
                     f"image file (L1 index: {i:#x})"
                 )
             claim(off, self.cs, "active L2 table")
@@ -352,6 +387,8 @@ class Qcow2Driver(BlockDriver):
         data["compression-type"] = "zlib"
         if h.version == 3:
             data["lazy-refcounts"] = bool(h.compatible & COMPAT_LAZY_REFCOUNTS)
+            if self.bitmaps and h.autoclear & AUTOCLEAR_BITMAPS:
+                data["bitmaps"] = self.bitmaps
         data["refcount-bits"] = 1 << h.refcount_order
         if h.version == 3:
             data["corrupt"] = bool(h.incompatible & INCOMPAT_CORRUPT) or self.corrupt
@@ -642,7 +679,11 @@ class Qcow2Driver(BlockDriver):
     # --- reading ----------------------------------------------------------------------------
 
     async def _map(self, offset: int, length: int) -> list[tuple[int, int, int, int]]:
-        """Split a guest range into (kind, guest offset, length, host offset or entry)."""
+        """Split a guest range into (kind, guest offset, length, host offset or entry).
+
+        Neighbouring clusters of the same kind merge (data ones only when contiguous on the
+        host), so a sequential read becomes one file read per host extent.
+        """
         segs: list[tuple[int, int, int, int]] = []
         pos, end = offset, offset + length
         cs, cb = self.cs, self.cb
@@ -661,15 +702,15 @@ class Qcow2Driver(BlockDriver):
             kind = self._kind(entry)
             in_off = pos & (cs - 1)
             n = min(cs - in_off, end - pos)
-            if kind == NORMAL:
+            if kind in (NORMAL, ZERO_ALLOC):
                 host = entry & L2E_OFFSET_MASK
                 await self._check_data(host, l2off, idx, False)
                 val = host + in_off
-                if segs and segs[-1][0] == NORMAL and segs[-1][3] + segs[-1][2] == val:
+                if segs and segs[-1][0] == kind and segs[-1][3] + segs[-1][2] == val:
                     k, o, ln, hv = segs[-1]
                     segs[-1] = (k, o, ln + n, hv)
                 else:
-                    segs.append((NORMAL, pos, n, val))
+                    segs.append((kind, pos, n, val))
             elif kind == COMPRESSED:
                 segs.append((COMPRESSED, pos, n, entry))
             else:
@@ -715,7 +756,7 @@ class Qcow2Driver(BlockDriver):
         for kind, pos, n, val in segs:
             if kind == NORMAL:
                 parts.append(await self._fread(val, n))
-            elif kind == ZERO_PLAIN:
+            elif kind in (ZERO_PLAIN, ZERO_ALLOC):
                 parts.append(bytes(n))
             elif kind == UNALLOCATED:
                 parts.append(await self._read_backing(pos, n))
@@ -750,6 +791,13 @@ class Qcow2Driver(BlockDriver):
     # --- writing ----------------------------------------------------------------------------
 
     async def _write(self, offset: int, data: memoryview) -> None:
+        """Write guest data: in place where we own the cluster (COPIED), else copy-on-write.
+
+        All clusters needing a new host cluster are allocated as one contiguous run, and
+        pieces that end up contiguous on the host go out as one large write. Partial clusters
+        are completed from their old content (backing file, compressed data, a snapshot's
+        shared cluster, or zeroes) before the new cluster is written.
+        """
         cs, cb = self.cs, self.cb
         end = offset + len(data)
         first, last = offset >> cb, (end - 1) >> cb
@@ -993,12 +1041,36 @@ class Qcow2Driver(BlockDriver):
         # 4. frees, now that nothing durable points at those clusters
         if self.pending_free:
             frees, self.pending_free = self.pending_free, []
+            released: list[int] = []
             for c in frees:
                 if await self._rc_add(c, -1) == 0:
                     self.meta.discard(c)
                     self.free_hint = min(self.free_hint, c)
+                    released.append(c)
             await self._write_dirty_refblocks()
             await f.flush()
+            await self._discard_host(released)
+
+    async def _discard_host(self, clusters: list[int]) -> None:
+        """Pass freed clusters down to the file (cf. pass-discard-request), merged in runs.
+
+        Advisory: the file node ignores it unless opened with discard=unmap, and a failure
+        only means the space is not returned to the host yet.
+        """
+        i = 0
+        clusters.sort()
+        while i < len(clusters):
+            j = i + 1
+            while j < len(clusters) and clusters[j] == clusters[j - 1] + 1:
+                j += 1
+            off = clusters[i] << self.cb
+            n = min((j - i) << self.cb, self.file.length() - off)
+            if n > 0:
+                try:
+                    await self.file.discard(off, n)
+                except BlockIOError:
+                    pass
+            i = j
 
     async def close(self) -> None:
         if not self.node.read_only and not self.corrupt:
@@ -1010,9 +1082,34 @@ class Qcow2Driver(BlockDriver):
 
     # --- block status -----------------------------------------------------------------------
 
+    async def _detect_metadata_preallocation(self) -> bool:
+        """cf. qcow2_detect_metadata_preallocation: far more clusters in use than the host
+        file really allocates means clusters were preallocated over holes."""
+        from blockmirror.block.query import allocated_size
+
+        real = await allocated_size(self.file)
+        if real is None:
+            return False
+        real_clusters = real // self.cs
+        threshold = max(real_clusters * 10 // 9, real_clusters + 2)
+        end = _ceil_div(self.file.length(), self.cs)
+        used = 0
+        for r in range(min(len(self.reftable), _ceil_div(end, self.epb))):
+            if not self.reftable[r] & REFT_OFFSET_MASK:
+                continue
+            blk = await self._load_rb(r)
+            n = min(self.epb, end - (r << self.rb_bits))
+            used += n - blk[:n].count(0)
+            if used > threshold:
+                return True
+        return False
+
     async def block_status(self, offset: int, length: int) -> Extent:
         self._check_usable()
         async with self.lock:
+            if self._prealloc_checked is False:
+                self._prealloc_checked = True
+                self.recurse_block_status = await self._detect_metadata_preallocation()
             segs = await self._map(offset, min(length, self.l2_entries * self.cs))
         kind, _pos, n, val = segs[0]
         if kind == NORMAL:
@@ -1029,6 +1126,14 @@ class Qcow2Driver(BlockDriver):
                     break
                 total += n2
             return Extent(total, BlockStatus.DATA | BlockStatus.ALLOCATED)
+        if kind == ZERO_ALLOC:
+            # a preallocated zero cluster keeps its host offset (qemu-img map shows it)
+            return Extent(
+                n,
+                BlockStatus.ZERO | BlockStatus.ALLOCATED | BlockStatus.OFFSET_VALID,
+                map_offset=val,
+                map_node=self.file,
+            )
         if kind == ZERO_PLAIN:
             return Extent(n, BlockStatus.ZERO | BlockStatus.ALLOCATED)
         return Extent(n, BlockStatus.NONE)
@@ -1135,7 +1240,7 @@ class Qcow2Driver(BlockDriver):
         for c, v in refs.items():
             if v > self.rc_max:
                 raise ImageFormatError(
-                    f"Could not open '{self._filename}': reference count overflow on repair"
+                    "reference count overflow on repair"
                 )
             blocks[c >> self.rb_bits][c & (epb - 1)] = v
         await self._ensure_file_size((a + b + t) * cs)

@@ -97,7 +97,9 @@ class Header:
 
 
 def _fail(filename: str, text: str) -> ImageFormatError:
-    return ImageFormatError(f"Could not open '{filename}': {text}")
+    """QEMU's bare text, as a QMP desc carries it; qemu-img-like front ends (our CLI too)
+    prefix "Could not open '<file>': ", so the file is named where QEMU names it."""
+    return ImageFormatError(text)
 
 
 def _table_ok(offset: int, entries: int, entry_len: int, cluster_size: int) -> bool:
@@ -231,9 +233,6 @@ def _parse_extensions(h: Header, buf: bytes, filename: str) -> int:
     pos = h.header_length
     limit = h.backing_file_offset if h.backing_file_offset else h.cluster_size
     limit = min(limit, len(buf))
-    if h.version == 2:
-        # v2 images may carry extensions too (backing format at least)
-        pass
     while pos + 8 <= limit:
         ext_type, ext_len = struct.unpack_from(">II", buf, pos)
         pos += 8
