@@ -35,12 +35,16 @@ def _parse_size(text: str) -> int:
     return int(t)
 
 
+def _make_raw(path: Path, size: int) -> None:
+    with open(path, "wb") as f:
+        f.truncate(size)
+
+
 async def ours(path: Path, size: int, fmt: str = "qcow2") -> tuple[float, float]:
     if fmt == "qcow2":
         await create_qcow2(str(path), size)
     else:
-        with open(path, "wb") as f:
-            f.truncate(size)
+        await asyncio.to_thread(_make_raw, path, size)
     graph = BlockGraph()
     node = await open_image(
         graph, str(path), fmt, read_only=False, options={"cache": {"direct": True}}

@@ -95,3 +95,52 @@ def test_drive_mirror_session_matches_qsd(tmp_path: Path) -> None:
     assert ours.events == theirs.events
     assert our_out == their_out and our_out.count("Formatting") == 3
     assert our_nodes == their_nodes
+
+
+def test_drive_mirror_of_a_protocol_node_creates_a_plain_file(tmp_path: Path) -> None:
+    """A ``file`` source: both daemons create the target through the file driver (fmt=file)."""
+    require_tool("qemu-storage-daemon", "qemu-img", "qemu-io")
+
+    def steps(work: str) -> list[Step]:
+        plain = os.path.join(work, "plain.img")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "raw", plain, "2M"], check=True)
+        subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x3c 64k 64k", plain],
+                       check=True, capture_output=True)
+        return [
+            ("cmd", "blockdev-add", {"driver": "file", "node-name": "pf", "filename": plain}),
+            ("cmd", "drive-mirror", {"job-id": "e", "device": "pf", "sync": "full",
+                                     "target": os.path.join(work, "e.img")}),
+            ("wait", "BLOCK_JOB_READY", 1),
+            ("cmd", "block-job-complete", {"device": "e"}), ("wait", "BLOCK_JOB_COMPLETED", 1),
+        ]
+
+    async def one(name: str, factory: Any) -> Any:
+        work = tmp_path / name
+        work.mkdir()
+        async with factory(str(work)) as qmp:
+            return await run_script(qmp, steps(str(work)), limit_s=10, workdir=str(work))
+
+    theirs = asyncio.run(one("qsd", qsd_client))
+    their_out = (tmp_path / "qsd" / "qsd.out").read_text().replace(str(tmp_path / "qsd"), "$W")
+    assert "fmt=file" in their_out
+
+    from blockmirror.daemon import Daemon
+
+    lines: list[str] = []
+    orig = Daemon.print_stdout
+
+    def capture(self: Daemon, line: str) -> None:
+        lines.append(line)
+        orig(self, line)
+
+    Daemon.print_stdout = capture  # type: ignore[method-assign]
+    try:
+        ours = asyncio.run(one("ours", our_client))
+    finally:
+        Daemon.print_stdout = orig  # type: ignore[method-assign]
+    our_out = "".join(f"{line}\n" for line in lines).replace(str(tmp_path / "ours"), "$W")
+    assert ours.replies == theirs.replies
+    assert ours.events == theirs.events
+    assert our_out == their_out
+    assert (tmp_path / "ours" / "e.img").read_bytes() == (tmp_path / "ours" /
+                                                          "plain.img").read_bytes()
