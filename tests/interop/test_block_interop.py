@@ -86,11 +86,7 @@ def images(tmp_path: Path) -> dict[str, str]:
 
 MAP_CASES = [
     "fresh.img", "sparse.img", "odd.img", "empty.img", "base.qcow2", "top.qcow2",
-    "over-raw.qcow2", "compressed.qcow2",
-    pytest.param("prealloc.qcow2", marks=pytest.mark.xfail(
-        reason="qcow2 driver (other owner) must set recurse_block_status when it detects "
-               "metadata preallocation (cf. qcow2_detect_metadata_preallocation)",
-        strict=False)),
+    "over-raw.qcow2", "compressed.qcow2", "prealloc.qcow2",
 ]
 
 

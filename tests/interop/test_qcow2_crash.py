@@ -60,7 +60,7 @@ def WORKLOAD(rnd, size):
 """
 
 
-def _replay(seed: int, upto: int, cs: int) -> tuple[bytearray, bytearray]:
+def _replay(seed: int, upto: int, cs: int, initial: bytes) -> tuple[bytearray, bytearray]:
     """The model after op ``upto`` and a mask of bytes touched by later ops (first 2000)."""
     from test_qcow2_support import apply
 
@@ -68,7 +68,7 @@ def _replay(seed: int, upto: int, cs: int) -> tuple[bytearray, bytearray]:
     exec(WORKLOAD_SRC, env)
     workload = env["WORKLOAD"]
     rnd = random.Random(seed)
-    model = bytearray(SIZE)
+    model = bytearray(initial)
     touched = bytearray(SIZE)
 
     class _Null:
@@ -93,15 +93,23 @@ def _replay(seed: int, upto: int, cs: int) -> tuple[bytearray, bytearray]:
     return model, touched
 
 
-@pytest.mark.parametrize("cs", [512, 65536])
-def test_sigkill_keeps_image_consistent(tmp_path: Path, cs: int) -> None:
-    require_tool("qemu-img")
+@pytest.mark.parametrize(("cs", "snapshot"), [(512, False), (65536, False), (4096, True)])
+def test_sigkill_keeps_image_consistent(tmp_path: Path, cs: int, snapshot: bool) -> None:
+    """With ``snapshot``, every cluster starts shared with an internal snapshot, so the
+    workload copies on write and drops references (deferred decrements) all the time."""
+    require_tool("qemu-img", "qemu-io")
     here = str(Path(__file__).resolve().parent)
     stats: list[int] = []
     for r in range(ROUNDS):
         img = tmp_path / f"crash{r}.qcow2"
         asyncio.run(create_qcow2(str(img), SIZE, cluster_size=cs))
-        seed = cs * 1000 + r
+        initial = bytes(SIZE)
+        if snapshot:
+            subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x3c 0 {SIZE}", str(img)],
+                           check=True, capture_output=True)
+            subprocess.run(["qemu-img", "snapshot", "-c", "before", str(img)], check=True)
+            initial = b"\x3c" * SIZE
+        seed = cs * 1000 + r + (7 if snapshot else 0)
         proc = subprocess.Popen(
             [sys.executable, "-c", CHILD, str(img), str(seed), str(cs), here, WORKLOAD_SRC],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -115,7 +123,7 @@ def test_sigkill_keeps_image_consistent(tmp_path: Path, cs: int) -> None:
         assert proc.returncode == -signal.SIGKILL, err
         assert_clean(img, allow_leaks=True)
         upto = flushed[-1] if flushed else -1
-        model, touched = _replay(seed, upto, cs)
+        model, touched = _replay(seed, upto, cs, initial)
         data = qemu_raw(img, tmp_path)
 
         async def ours(path: Path = img) -> bytes:
@@ -131,5 +139,9 @@ def test_sigkill_keeps_image_consistent(tmp_path: Path, cs: int) -> None:
                if not any(touched[i : i + 512]) and data[i : i + 512] != model[i : i + 512]]
         assert not bad, f"round {r}: flushed data lost at {bad[:5]} (flush #{upto})"
         stats.append(len(flushed))
+        if snapshot:
+            # the snapshot still holds the content it was taken with
+            subprocess.run(["qemu-img", "snapshot", "-a", "before", str(img)], check=True)
+            assert qemu_raw(img, tmp_path) == initial
     # the child must have got far enough to flush in most rounds, or the test proves nothing
     assert sum(1 for n in stats if n > 0) >= ROUNDS // 2, stats

@@ -329,3 +329,19 @@ def test_unsupported_qemu_features_refused(tmp_path: Path, opts: list[str], text
             asyncio.run(open_qcow2(img, read_only=ro))
         assert text in str(ei.value)
     assert sha(img) == before
+
+
+def test_dirty_image_with_wild_reference_refused(tmp_path: Path) -> None:
+    require_tool("qemu-img", "qemu-io")
+    img = _base(tmp_path)
+    l2 = _l2_offset(img)
+    with img.open("r+b") as f:
+        f.seek(72)
+        f.write(struct.pack(">Q", 1))  # dirty: a read-write open must rebuild refcounts
+        f.seek(l2 + 16)
+        f.write(struct.pack(">Q", (1 << 63) | (1 << 50)))
+    before = sha(img)
+    with pytest.raises(ImageFormatError) as ei:
+        asyncio.run(open_qcow2(img))
+    assert "past the end of the image file" in str(ei.value)
+    assert sha(img) == before and img.stat().st_size < 1 << 20

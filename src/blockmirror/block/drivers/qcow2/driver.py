@@ -1179,9 +1179,16 @@ class Qcow2Driver(BlockDriver):
     async def _collect_refs(self) -> dict[int, int]:
         """Count every reference to every host cluster (cf. qemu-img check's walk)."""
         refs: dict[int, int] = {}
+        limit = _ceil_div(self.file_len, self.cs)
 
         def add(offset: int, length: int) -> None:
             for c in self._clusters(offset, length):
+                if c >= limit:
+                    # a repair would have to lay out refcounts far past the file: refuse
+                    raise ImageFormatError(
+                        f"Cannot repair the dirty image: a reference to {offset:#x} points "
+                        "past the end of the image file"
+                    )
                 refs[c] = refs.get(c, 0) + 1
 
         h = self.h
@@ -1208,8 +1215,8 @@ class Qcow2Driver(BlockDriver):
                     if kind in (NORMAL, ZERO_ALLOC):
                         add(le & L2E_OFFSET_MASK, self.cs)
                     elif kind == COMPRESSED:
-                        for c in cz.host_clusters(le, self.cb):
-                            refs[c] = refs.get(c, 0) + 1
+                        coff, nbytes = cz.descriptor(le, self.cb)
+                        add(coff, nbytes)
         return refs
 
     async def _rebuild_refcounts(self) -> None:
