@@ -248,6 +248,11 @@ def refresh_filename(node: BlockNode) -> str:
     }
     if drv in ("file", "host_device"):
         return str(opts.get("filename", ""))
+    if drv == "nbd" and isinstance(opts.get("server"), dict) and "tls-creds" not in opts:
+        # cf. nbd_refresh_filename: the URI form, as QEMU 7.2 reports it
+        from blockmirror.block.drivers.nbd import nbd_filename
+
+        return nbd_filename(opts["server"], str(opts.get("export", "")))
     if drv in ("null-co", "null-aio"):
         rest = {k: v for k, v in extra.items() if not (k == "size" and v == 1 << 30)}
         if not rest:
