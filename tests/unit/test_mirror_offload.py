@@ -214,8 +214,10 @@ def test_written_buffer_freed_without_the_cyclic_gc(tmp_path: Path) -> None:
         node = await _raw(d, "n", path)
         buf = Buf(b"z" * 65536)
         ref = weakref.ref(buf)
-        await node.write(0, buf)
-        del buf
+        view = memoryview(buf)
+        await node.write(0, view)
+        view.release()
+        del view, buf
         assert ref() is None
 
     gc.disable()

@@ -3,7 +3,7 @@
 A ``Job`` runs its ``run()`` coroutine as an asyncio task owned by the ``JobManager``. Its
 status moves only through ``_transition()``, which checks ``status.TRANSITIONS`` and emits
 ``JOB_STATUS_CHANGE`` on the daemon's event bus on every real change. User verbs are gated by
-``status.VERBS`` with QEMU's text. Subclasses (``jobs/mirror.py``) implement ``run()`` and the
+``status.VERBS`` with QEMU's text. Subclasses (``jobs/mirror/``) implement ``run()`` and the
 hooks ``prepare/commit/abort/clean``, ``on_cancel``, ``on_complete``, ``on_pause``.
 
 Theory of operation: the job task calls ``pause_point()`` and ``sleep_ns()`` regularly. Pausing

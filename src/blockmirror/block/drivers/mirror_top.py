@@ -3,7 +3,7 @@
 Every request passes straight to the ``backing`` child (the source). The filter exists so the
 source's parents can be moved as one (its insertion and removal are ``replace_node`` calls) and
 so the job can be named in the graph (``filter-node-name``); dirty tracking and active
-mirroring hook the source node itself (``jobs/mirror.py``), so writes that bypass the filter
+mirroring hook the source node itself (``jobs/mirror/``), so writes that bypass the filter
 are seen too. Implicit (unnamed) filters are hidden from queries by ``BlockNode.implicit``.
 """
 

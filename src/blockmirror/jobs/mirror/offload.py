@@ -9,7 +9,8 @@ a probed raw's sector-0 guard) and keeps the generic path's bookkeeping (in-flig
 drains, ``write_gen`` so the READY flush really flushes). The mirror clears the dirty bits
 before the op as for any copy, so a concurrent source write re-dirties the range as usual.
 Not used with cache.direct=on (the kernel then splices in small synchronous pieces).
-Anything unusual (a short copy at the source's EOF, an error) is left to the generic path, which reports errors with the right side and errno.
+Anything unusual (a short copy at the source's EOF, an error) is left to the generic path,
+which reports errors with the right side and errno.
 """
 
 from __future__ import annotations
