@@ -93,10 +93,39 @@ async def _driver_read_aligned(node: BlockNode, offset: int, length: int) -> byt
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def _rmw_lock(node: BlockNode) -> asyncio.Lock:
-    if node.rmw_lock is None:
-        node.rmw_lock = asyncio.Lock()
-    return node.rmw_lock
+class _WriteRange:
+    """A write in flight on a node with request_alignment > 1 (aligned-out bounds)."""
+
+    __slots__ = ("done", "end", "rmw", "start")
+
+    def __init__(self, start: int, end: int, rmw: bool) -> None:
+        self.start, self.end, self.rmw = start, end, rmw
+        self.done = asyncio.Event()
+
+
+async def _enter_range(node: BlockNode, start: int, end: int, rmw: bool) -> _WriteRange:
+    """Wait out the in-flight writes this one must not overlap, then register it.
+
+    A read-modify-write cycle must not overlap any other write (it would write back stale
+    bytes); an aligned write only has to wait for overlapping RMW cycles. Aligned writes to
+    different places therefore run concurrently (one lock per node serialised them all).
+    """
+    while True:
+        blocking = [
+            w for w in node.write_ranges
+            if w.start < end and start < w.end and (rmw or w.rmw)
+        ]
+        if not blocking:
+            break
+        await blocking[0].done.wait()
+    entry = _WriteRange(start, end, rmw)
+    node.write_ranges.append(entry)
+    return entry
+
+
+def _leave_range(node: BlockNode, entry: _WriteRange) -> None:
+    node.write_ranges.remove(entry)
+    entry.done.set()
 
 
 async def _driver_write(
@@ -104,10 +133,7 @@ async def _driver_write(
 ) -> None:
     """Write through the driver; unaligned edges become read-modify-write.
 
-    cf. bdrv_co_pwritev_part and its padding helpers.
-
-    On nodes with request_alignment > 1 every write holds the node's RMW lock, so an aligned
-    write can never slip between the read and the write-back of an overlapping RMW cycle.
+    cf. bdrv_co_pwritev_part and its padding helpers, and QEMU's serialising requests.
     """
     drv = node.driver
     align = drv.request_alignment
@@ -117,9 +143,11 @@ async def _driver_write(
             await drv.pwritev(o, view[o - offset : o - offset + n], flags)
         return
     length = len(data)
-    async with _rmw_lock(node):
-        if offset % align or length % align:
-            start, alen = _align_out(offset, length, align)
+    rmw = bool(offset % align or length % align)
+    start, alen = _align_out(offset, length, align)
+    entry = await _enter_range(node, start, start + alen, rmw)
+    try:
+        if rmw:
             buf = bytearray(await _driver_read(node, start, alen))
             buf[offset - start : offset - start + length] = data
             # never write past the end of the node (its last block may be partial)
@@ -130,6 +158,8 @@ async def _driver_write(
         limit = max(align, drv.max_transfer - drv.max_transfer % align)
         for o, n in _chunks(offset, len(view), limit):
             await drv.pwritev(o, view[o - offset : o - offset + n], flags)
+    finally:
+        _leave_range(node, entry)
 
 
 def _chunks(offset: int, length: int, limit: int) -> list[tuple[int, int]]:

@@ -146,8 +146,8 @@ class BlockNode:
     flushed_gen: int = 0
     #: set when in_flight drops to 0 while someone waits in drain() (see block/io.py)
     drain_event: asyncio.Event | None = field(default=None, repr=False)
-    #: serialises read-modify-write cycles of unaligned writes (request_alignment > 1)
-    rmw_lock: asyncio.Lock | None = field(default=None, repr=False)
+    #: writes in flight on nodes with request_alignment > 1, for RMW serialisation (io.py)
+    write_ranges: list[Any] = field(default_factory=list, repr=False)
     #: set once an inconsistency was found (qcow2 corrupt bit): further writes fail
     corrupt: bool = False
     #: the graph the node belongs to (set by BlockGraph.add_node)
