@@ -13,6 +13,13 @@ on-disk image consistent at every step (cf. QEMU's qcow2 cache dependencies):
 
 A crash therefore leaves at worst leaked clusters. Deferring frees also means a cluster is never
 reused before the entries that pointed at it are gone from disk.
+
+Concurrency (cf. QEMU's s->lock and cluster_allocs): ``self.lock`` guards metadata only. A write
+allocates its clusters under the lock, drops it for the data I/O, then re-takes it to link the L2
+entries, so data always lands before any metadata points at it. Guest clusters being allocated
+are listed in ``_allocs``; any other request that would change their entries waits for the link.
+Writes to clusters we own (COPIED) take no lock at all. Host ranges under data I/O outside the
+lock are listed in ``_inflight``, and a flush does not release a freed cluster still in there.
 """
 
 from __future__ import annotations
@@ -49,6 +56,12 @@ from blockmirror.block.drivers.qcow2.refcount import (
     entries_per_block,
 )
 from blockmirror.errors import BlockIOError, ImageCorruptError, ImageFormatError, InternalError
+
+#: a planned data write: host offset, length, offset in the request buffer (when ``buf`` is None,
+#: the bytes are that slice of the request) and a prepared buffer (copy-on-write completions)
+_Piece = tuple[int, int, int, "bytes | None"]
+#: an L2 entry to set once the data is written: L1 index, L2 index, new entry
+_Link = tuple[int, int, int]
 
 if TYPE_CHECKING:
     from blockmirror.block.node import BlockNode
@@ -118,6 +131,15 @@ class Qcow2Driver(BlockDriver):
         #: persistent bitmaps as qemu-img info lists them (kept, never updated)
         self.bitmaps: list[dict[str, Any]] = []
         self._filename = ""
+        #: guest cluster -> event set once the write allocating it has linked its L2 entry
+        self._allocs: dict[int, asyncio.Event] = {}
+        #: host cluster ranges [lo, hi) under data I/O outside the lock, by request token
+        self._inflight: dict[int, tuple[int, int]] = {}
+        self._token = 0
+        #: serialises growing the file (truncate calls must not race) and sub-alignment
+        #: read-modify-writes (two of them sharing a block would lose one update)
+        self._grow_lock = asyncio.Lock()
+        self._rmw_lock = asyncio.Lock()
 
     # --- helpers on the file child ----------------------------------------------------------
 
@@ -157,13 +179,17 @@ class Qcow2Driver(BlockDriver):
         self.used_end = max(self.used_end, end)
         if end <= self.file_len:
             return
-        f = self.file
-        align = max(1, f.driver.request_alignment)
-        step = min(max(self.file_len // 8, 1 << 20), 64 << 20)
-        target = _ceil_div(max(end, self.file_len + step), align) * align
-        if f.length() < target:
-            await f.driver.truncate(target)
-        self.file_len = max(f.length(), end)
+        async with self._grow_lock:
+            if end <= self.file_len:
+                return
+            f = self.file
+            align = max(1, f.driver.request_alignment)
+            # big steps: each resize waits for a slot in the I/O pool behind the data writes
+            step = min(max(self.file_len // 4, 8 << 20), 256 << 20)
+            target = _ceil_div(max(end, self.file_len + step), align) * align
+            if f.length() < target:
+                await f.driver.truncate(target)
+            self.file_len = max(f.length(), end)
 
     async def _fwrite(self, offset: int, data: bytes | memoryview) -> None:
         """Write to the file, growing it first; unaligned pieces are read-modify-written."""
@@ -176,9 +202,10 @@ class Qcow2Driver(BlockDriver):
             return
         start = offset - offset % align
         aend = _ceil_div(end, align) * align
-        buf = bytearray(await self._fread(start, aend - start))
-        buf[offset - start : end - start] = data
-        await f.write(start, bytes(buf))
+        async with self._rmw_lock:
+            buf = bytearray(await self._fread(start, aend - start))
+            buf[offset - start : end - start] = data
+            await f.write(start, bytes(buf))
 
     # --- open -------------------------------------------------------------------------------
 
@@ -678,49 +705,72 @@ class Qcow2Driver(BlockDriver):
 
     # --- reading ----------------------------------------------------------------------------
 
-    async def _map(self, offset: int, length: int) -> list[tuple[int, int, int, int]]:
+    def _data_ok(self, host: int, writing: bool) -> bool:
+        """The cheap form of ``_check_data``: True when the host cluster is plainly valid."""
+        c = host >> self.cb
+        return not host & (self.cs - 1) and c < self.alloc_end and not (writing and c in self.meta)
+
+    async def _map(
+        self, offset: int, length: int, first_only: bool = False
+    ) -> list[tuple[int, int, int, int]]:
         """Split a guest range into (kind, guest offset, length, host offset or entry).
 
         Neighbouring clusters of the same kind merge (data ones only when contiguous on the
-        host), so a sequential read becomes one file read per host extent.
+        host), so a sequential read becomes one file read per host extent. ``first_only``
+        stops at the first change (compressed clusters still merge), for block status.
         """
         segs: list[tuple[int, int, int, int]] = []
         pos, end = offset, offset + length
-        cs, cb = self.cs, self.cb
+        cs, cb, l2_bits = self.cs, self.cb, self.l2_bits
+        mask = self.l2_entries - 1
+        v3 = self.h.version == 3
+        l1 = self.l1
         cur_l1 = -1
         table: list[int] | None = None
         l2off = 0
+        # the segment being grown, kept in locals and appended when it ends
+        sk, so, sn, sv = -1, 0, 0, 0
         while pos < end:
             g = pos >> cb
-            l1i = g >> self.l2_bits
+            l1i = g >> l2_bits
             if l1i != cur_l1:
                 table = await self._l2_for_read(l1i)
-                l2off = self.l1[l1i] & L1E_OFFSET_MASK if table is not None else 0
+                l2off = l1[l1i] & L1E_OFFSET_MASK if table is not None else 0
                 cur_l1 = l1i
-            idx = g & (self.l2_entries - 1)
+            idx = g & mask
             entry = table[idx] if table is not None else 0
-            kind = self._kind(entry)
             in_off = pos & (cs - 1)
             n = min(cs - in_off, end - pos)
-            if kind in (NORMAL, ZERO_ALLOC):
-                host = entry & L2E_OFFSET_MASK
-                await self._check_data(host, l2off, idx, False)
-                val = host + in_off
-                if segs and segs[-1][0] == kind and segs[-1][3] + segs[-1][2] == val:
-                    k, o, ln, hv = segs[-1]
-                    segs[-1] = (k, o, ln + n, hv)
-                else:
-                    segs.append((kind, pos, n, val))
-            elif kind == COMPRESSED:
-                segs.append((COMPRESSED, pos, n, entry))
+            # inline _kind: this loop runs once per cluster
+            if entry & OFLAG_COMPRESSED:
+                kind, val = COMPRESSED, entry
             else:
-                k2 = UNALLOCATED if kind == UNALLOCATED else ZERO_PLAIN
-                if segs and segs[-1][0] == k2:
-                    k, o, ln, hv = segs[-1]
-                    segs[-1] = (k, o, ln + n, hv)
+                host = entry & L2E_OFFSET_MASK
+                if entry & OFLAG_ZERO and v3:
+                    kind = ZERO_ALLOC if host else ZERO_PLAIN
                 else:
-                    segs.append((k2, pos, n, 0))
+                    kind = NORMAL if host else UNALLOCATED
+                if host:
+                    if not self._data_ok(host, False):
+                        await self._check_data(host, l2off, idx, False)
+                    val = host + in_off
+                else:
+                    val = 0
+            if kind == sk and (
+                kind in (UNALLOCATED, ZERO_PLAIN)
+                or (kind != COMPRESSED and sv + sn == val)
+                or (first_only and kind == COMPRESSED)
+            ):
+                sn += n
+            else:
+                if sk >= 0:
+                    segs.append((sk, so, sn, sv))
+                    if first_only:
+                        return segs
+                sk, so, sn, sv = kind, pos, n, val
             pos += n
+        if sk >= 0:
+            segs.append((sk, so, sn, sv))
         return segs
 
     async def _read_backing(self, offset: int, length: int) -> bytes:
@@ -770,7 +820,20 @@ class Qcow2Driver(BlockDriver):
         self._check_usable()
         async with self.lock:
             segs = await self._map(offset, length)
-        parts = await self._read_segs(segs)
+            # the clusters read must not be released and reused under us
+            hosts = [(v, n) for k, _p, n, v in segs if k == NORMAL]
+            token = 0
+            if hosts:
+                self._token += 1
+                token = self._token
+                self._inflight[token] = (
+                    min(v for v, _n in hosts) >> self.cb,
+                    _ceil_div(max(v + n for v, n in hosts), self.cs),
+                )
+        try:
+            parts = await self._read_segs(segs)
+        finally:
+            self._inflight.pop(token, None)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def _cluster_content(self, g: int, entry: int) -> bytes:
@@ -793,10 +856,130 @@ class Qcow2Driver(BlockDriver):
     async def _write(self, offset: int, data: memoryview) -> None:
         """Write guest data: in place where we own the cluster (COPIED), else copy-on-write.
 
-        All clusters needing a new host cluster are allocated as one contiguous run, and
-        pieces that end up contiguous on the host go out as one large write. Partial clusters
-        are completed from their old content (backing file, compressed data, a snapshot's
-        shared cluster, or zeroes) before the new cluster is written.
+        In-place writes to cached, owned clusters go out without the lock. Otherwise the
+        clusters are planned and allocated under the lock, the data is written without it,
+        and the L2 entries are linked under the lock again.
+        """
+        pieces = self._in_place_pieces(offset, data)
+        if pieces is not None:
+            token = self._register(pieces)
+            try:
+                await self._issue(data, pieces)
+            finally:
+                del self._inflight[token]
+            return
+        first, last = offset >> self.cb, (offset + len(data) - 1) >> self.cb
+        while True:
+            async with self.lock:
+                busy = self._alloc_conflict(first, last)
+                if busy is None:
+                    pieces, links, new0, n_new = await self._plan_write(offset, data)
+                    token = self._register(pieces)
+                    done = asyncio.Event()
+                    for l1i, idx, _e in links:
+                        self._allocs[(l1i << self.l2_bits) | idx] = done
+                    break
+            await busy.wait()
+        ok = False
+        try:
+            await self._issue(data, pieces)
+            ok = True
+        finally:
+            del self._inflight[token]
+            try:
+                async with self.lock:
+                    if ok:
+                        await self._link(links)
+                        await self._maybe_writeback()
+                    elif n_new:
+                        # nothing points at them yet: give them back at the next flush
+                        self._free_later(range(new0, new0 + n_new))
+            finally:
+                for l1i, idx, _e in links:
+                    self._allocs.pop((l1i << self.l2_bits) | idx, None)
+                done.set()
+
+    def _in_place_pieces(self, offset: int, data: memoryview) -> list[_Piece] | None:
+        """The host pieces of a write that touches only owned, cached, settled data clusters.
+
+        Synchronous on purpose: nothing can change the entries between this check and the
+        registration of the write in ``_inflight``. None sends the write down the locked path.
+        """
+        cb = self.cb
+        cs = self.cs
+        end = offset + len(data)
+        first, last = offset >> cb, (end - 1) >> cb
+        l2_bits, mask = self.l2_bits, self.l2_entries - 1
+        allocs = self._allocs
+        l1 = self.l1
+        pieces: list[_Piece] = []
+        cur = -1
+        table: list[int] | None = None
+        for g in range(first, last + 1):
+            l1i = g >> l2_bits
+            if l1i != cur:
+                if l1i >= len(l1):
+                    return None
+                l1e = l1[l1i]
+                if not l1e & OFLAG_COPIED:
+                    return None
+                table = self.l2_cache.get(l1e & L1E_OFFSET_MASK)
+                if table is None:
+                    return None
+                cur = l1i
+            assert table is not None
+            e = table[g & mask]
+            if e & (OFLAG_COMPRESSED | OFLAG_ZERO) or not e & OFLAG_COPIED or g in allocs:
+                return None
+            host = e & L2E_OFFSET_MASK
+            if not host or not self._data_ok(host, True):
+                return None
+            gstart = g << cb
+            lo = offset if offset > gstart else gstart
+            hi = min(end, gstart + cs)
+            h = host + (lo - gstart)
+            if pieces and pieces[-1][0] + pieces[-1][1] == h:
+                ph, pn, ps, _b = pieces[-1]
+                pieces[-1] = (ph, pn + hi - lo, ps, None)
+            else:
+                pieces.append((h, hi - lo, lo - offset, None))
+        return pieces
+
+    def _alloc_conflict(self, first: int, last: int) -> asyncio.Event | None:
+        """The event of an in-flight allocation among guest clusters first..last, if any."""
+        allocs = self._allocs
+        if not allocs:
+            return None
+        if last - first + 1 <= len(allocs):
+            for g in range(first, last + 1):
+                ev = allocs.get(g)
+                if ev is not None:
+                    return ev
+            return None
+        for g, ev in allocs.items():
+            if first <= g <= last:
+                return ev
+        return None
+
+    def _register(self, pieces: list[_Piece]) -> int:
+        lo = min(p[0] for p in pieces) >> self.cb if pieces else 0
+        hi = _ceil_div(max(p[0] + p[1] for p in pieces), self.cs) if pieces else 0
+        self._token += 1
+        self._inflight[self._token] = (lo, hi)
+        return self._token
+
+    def _host_in_flight(self, c: int) -> bool:
+        return any(lo <= c < hi for lo, hi in self._inflight.values())
+
+    async def _plan_write(
+        self, offset: int, data: memoryview
+    ) -> tuple[list[_Piece], list[_Link], int, int]:
+        """Under the lock: allocate what the write needs and lay out its data pieces.
+
+        All clusters needing a new host cluster are allocated as one contiguous run. Partial
+        clusters are completed from their old content (backing file, compressed data, a
+        snapshot's shared cluster, or zeroes). Returns the pieces, the L2 entries to link
+        after the data is written, and the run of new clusters (first, count).
         """
         cs, cb = self.cs, self.cb
         end = offset + len(data)
@@ -804,7 +987,6 @@ class Qcow2Driver(BlockDriver):
         tables: dict[int, tuple[int, list[int]]] = {}
         for l1i in range(first >> self.l2_bits, (last >> self.l2_bits) + 1):
             tables[l1i] = await self._l2_for_write(l1i)
-        # which clusters need a fresh host cluster
         need = 0
         for g in range(first, last + 1):
             l2off, table = tables[g >> self.l2_bits]
@@ -815,21 +997,23 @@ class Qcow2Driver(BlockDriver):
                 await self._check_data(e & L2E_OFFSET_MASK, l2off, idx, True)
             else:
                 need += 1
-        nxt = (await self._alloc(need)) if need else 0
-        writes: list[tuple[int, bytes | memoryview]] = []
+        new0 = (await self._alloc(need)) if need else 0
+        nxt = new0
+        pieces: list[_Piece] = []
+        links: list[_Link] = []
         for g in range(first, last + 1):
-            l2off, table = tables[g >> self.l2_bits]
+            l1i = g >> self.l2_bits
+            _l2off, table = tables[l1i]
             idx = g & (self.l2_entries - 1)
             e = table[idx]
             kind = self._kind(e)
             gstart = g << cb
             lo = max(offset, gstart)
             hi = min(end, gstart + cs)
-            piece = data[lo - offset : hi - offset]
             full = hi - lo == cs
             base: bytes | None = None
             if kind == NORMAL and e & OFLAG_COPIED:
-                writes.append(((e & L2E_OFFSET_MASK) + (lo - gstart), piece))
+                pieces.append(((e & L2E_OFFSET_MASK) + (lo - gstart), hi - lo, lo - offset, None))
                 continue
             if kind == ZERO_ALLOC and e & OFLAG_COPIED:
                 # keep the preallocated cluster, drop its zero flag
@@ -844,38 +1028,65 @@ class Qcow2Driver(BlockDriver):
                         base = bytes(cs)
                     else:
                         base = await self._cluster_content(g, e)
-                if kind in (NORMAL, ZERO_ALLOC, COMPRESSED):
-                    self._free_entry_later(e)
-            table[idx] = host | OFLAG_COPIED
-            self.l2_cache.mark_dirty(l2off, table)
+            links.append((l1i, idx, host | OFLAG_COPIED))
             if base is None:
-                writes.append((host, piece))
+                pieces.append((host, cs, lo - offset, None))
             else:
                 buf = bytearray(base)
-                buf[lo - gstart : hi - gstart] = piece
-                writes.append((host, bytes(buf)))
-        await self._issue(writes)
+                buf[lo - gstart : hi - gstart] = data[lo - offset : hi - offset]
+                pieces.append((host, cs, -1, bytes(buf)))
+        return pieces, links, new0, need
 
-    async def _issue(self, writes: list[tuple[int, bytes | memoryview]]) -> None:
-        """Write pieces, merging those contiguous on the host into single large writes."""
+    async def _link(self, links: list[_Link]) -> None:
+        """Under the lock: point the L2 entries at data now written, freeing what they held."""
+        cur = -1
+        l2off, table = 0, list[int]()
+        for l1i, idx, new in links:
+            if l1i != cur:
+                l2off, table = await self._l2_for_write(l1i)
+                cur = l1i
+            old = table[idx]
+            table[idx] = new
+            self.l2_cache.mark_dirty(l2off, table)
+            if (old & L2E_OFFSET_MASK) != (new & L2E_OFFSET_MASK) or old & OFLAG_COMPRESSED:
+                self._free_entry_later(old)
+
+    async def _issue(self, data: memoryview, pieces: list[_Piece]) -> None:
+        """Write pieces, merging those contiguous on the host into single large writes.
+
+        Runs of plain request slices that are also contiguous in the request go out as one
+        memoryview slice, without copying.
+        """
         i = 0
-        while i < len(writes):
-            host, piece = writes[i]
+        while i < len(pieces):
+            host, n, src, buf = pieces[i]
             j = i + 1
-            group = [piece]
-            nxt = host + len(piece)
-            while j < len(writes) and writes[j][0] == nxt:
-                group.append(writes[j][1])
-                nxt += len(writes[j][1])
+            nxt = host + n
+            sliceable = buf is None
+            while j < len(pieces) and pieces[j][0] == nxt:
+                _h, n2, s2, b2 = pieces[j]
+                if b2 is not None or s2 != src + (nxt - host):
+                    sliceable = False
+                nxt += n2
                 j += 1
-            await self._fwrite(host, group[0] if len(group) == 1 else b"".join(group))
+            out: bytes | memoryview
+            if sliceable:
+                out = data[src : src + (nxt - host)]
+            else:
+                out = b"".join(
+                    b if b is not None else data[s : s + m] for _h, m, s, b in pieces[i:j]
+                )
+            await self._fwrite(host, out)
             i = j
 
     async def pwritev(self, offset: int, data: bytes | memoryview, flags: WriteFlags) -> None:
         self._check_usable()
-        async with self.lock:
-            await self._write(offset, memoryview(data))
-            await self._maybe_writeback()
+        if not data:
+            return
+        mv = memoryview(data)
+        if mv.format != "B" or mv.ndim != 1:
+            mv = mv.cast("B")
+        await self._write(offset, mv)
 
     async def _maybe_writeback(self) -> None:
         # bound the dirty metadata kept in memory between guest flushes
@@ -910,54 +1121,83 @@ class Qcow2Driver(BlockDriver):
                 partial.append((offset, a - offset))
             if b < end:
                 partial.append((b, end - b))
-        async with self.lock:
-            for pos, n in partial:
-                g = pos >> self.cb
+        for pos, n in partial:
+            g = pos >> self.cb
+            async with self.lock:
                 table = await self._l2_for_read(g >> self.l2_bits)
                 e = table[g & (self.l2_entries - 1)] if table is not None else 0
-                if self._reads_as_zero(e):
-                    continue
-                if flags & WriteFlags.NO_FALLBACK:
-                    raise BlockIOError(errno.ENOTSUP)
-                await self._write(pos, memoryview(bytes(n)))
-            if a < b:
-                await self._zero_clusters(a // cs, b // cs, unmap, flags)
-            await self._maybe_writeback()
+            if self._reads_as_zero(e) and g not in self._allocs:
+                continue
+            if flags & WriteFlags.NO_FALLBACK:
+                raise BlockIOError(errno.ENOTSUP)
+            await self._write(pos, memoryview(bytes(n)))
+        if a < b:
+            g0, g1 = a // cs, b // cs
+            while True:
+                async with self.lock:
+                    busy = self._alloc_conflict(g0, g1 - 1)
+                    if busy is None:
+                        fallback = await self._zero_clusters(g0, g1, unmap, flags)
+                        await self._maybe_writeback()
+                        break
+                await busy.wait()
+            for g in fallback:
+                await self._write(g << self.cb, memoryview(bytes(self.cs)))
 
-    async def _zero_clusters(self, g0: int, g1: int, unmap: bool, flags: WriteFlags) -> None:
+    async def _zero_clusters(self, g0: int, g1: int, unmap: bool, flags: WriteFlags) -> list[int]:
+        """Under the lock: zero clusters through their L2 entries; returns the clusters that
+        need zeroes written instead (v2 images have no zero flag)."""
         v3 = self.h.version == 3
+        fallback: list[int] = []
+        if v3:
+            await self._zero_clusters_v3(g0, g1, unmap)
+            return fallback
         for g in range(g0, g1):
             l1i = g >> self.l2_bits
             idx = g & (self.l2_entries - 1)
-            if not v3:
-                table = await self._l2_for_read(l1i)
-                e = table[idx] if table is not None else 0
-                if self._reads_as_zero(e):
-                    continue
-                if unmap and self.node.backing is None and not self.h.backing_file:
-                    _, wt = await self._l2_for_write(l1i)
-                    self._free_entry_later(wt[idx])
-                    wt[idx] = 0
-                    self.l2_cache.mark_dirty(self.l1[l1i] & L1E_OFFSET_MASK, wt)
-                    continue
-                if flags & WriteFlags.NO_FALLBACK:
-                    raise BlockIOError(errno.ENOTSUP)
-                await self._write(g << self.cb, memoryview(bytes(self.cs)))
-                continue
             table = await self._l2_for_read(l1i)
             e = table[idx] if table is not None else 0
-            kind = self._kind(e)
-            if kind == ZERO_PLAIN or (kind == ZERO_ALLOC and not unmap):
+            if self._reads_as_zero(e):
                 continue
+            if unmap and self.node.backing is None and not self.h.backing_file:
+                _, wt = await self._l2_for_write(l1i)
+                self._free_entry_later(wt[idx])
+                wt[idx] = 0
+                self.l2_cache.mark_dirty(self.l1[l1i] & L1E_OFFSET_MASK, wt)
+                continue
+            if flags & WriteFlags.NO_FALLBACK:
+                raise BlockIOError(errno.ENOTSUP)
+            fallback.append(g)
+        return fallback
+
+    async def _zero_clusters_v3(self, g0: int, g1: int, unmap: bool) -> None:
+        """Set zero flags one L2 table at a time (a mirror zeroes whole gigabytes at once)."""
+        mask = self.l2_entries - 1
+        g = g0
+        while g < g1:
+            l1i = g >> self.l2_bits
+            stop = min(g1, (l1i + 1) << self.l2_bits)
+            lo, hi = g & mask, ((stop - 1) & mask) + 1
+            g = stop
+            table = await self._l2_for_read(l1i)
+            if table is not None and all(
+                (e & (OFLAG_ZERO | OFLAG_COMPRESSED)) == OFLAG_ZERO
+                and (not unmap or not e & L2E_OFFSET_MASK)
+                for e in table[lo:hi]
+            ):
+                continue  # already zero clusters
             l2off, wt = await self._l2_for_write(l1i)
-            e = wt[idx]
-            kind = self._kind(e)
-            if kind in (NORMAL, ZERO_ALLOC) and e & OFLAG_COPIED and not unmap:
-                wt[idx] = (e & L2E_OFFSET_MASK) | OFLAG_COPIED | OFLAG_ZERO
-            else:
-                if kind != UNALLOCATED and kind != ZERO_PLAIN:
-                    self._free_entry_later(e)
-                wt[idx] = OFLAG_ZERO
+            for idx in range(lo, hi):
+                e = wt[idx]
+                kind = self._kind(e)
+                if kind == ZERO_PLAIN or (kind == ZERO_ALLOC and not unmap):
+                    continue
+                if kind in (NORMAL, ZERO_ALLOC) and e & OFLAG_COPIED and not unmap:
+                    wt[idx] = (e & L2E_OFFSET_MASK) | OFLAG_COPIED | OFLAG_ZERO
+                else:
+                    if kind != UNALLOCATED:
+                        self._free_entry_later(e)
+                    wt[idx] = OFLAG_ZERO
             self.l2_cache.mark_dirty(l2off, wt)
 
     async def pdiscard(self, offset: int, length: int) -> None:
@@ -976,23 +1216,32 @@ class Qcow2Driver(BlockDriver):
             # a v2 image cannot hide its backing file without writing zeroes; discard is
             # advisory, so keep the data
             return
-        async with self.lock:
-            for g in range(g0, g1):
-                l1i = g >> self.l2_bits
-                table = await self._l2_for_read(l1i)
-                idx = g & (self.l2_entries - 1)
-                e = table[idx] if table is not None else 0
-                new = OFLAG_ZERO if (v3 and has_backing) else 0
-                if e == new or (table is None and new == 0):
-                    continue
-                l2off, wt = await self._l2_for_write(l1i)
-                e = wt[idx]
-                kind = self._kind(e)
-                if kind in (NORMAL, ZERO_ALLOC, COMPRESSED):
-                    self._free_entry_later(e)
-                wt[idx] = new
-                self.l2_cache.mark_dirty(l2off, wt)
-            await self._maybe_writeback()
+        while True:
+            async with self.lock:
+                busy = self._alloc_conflict(g0, g1 - 1)
+                if busy is None:
+                    await self._discard_locked(g0, g1, v3, has_backing)
+                    return
+            await busy.wait()
+
+    async def _discard_locked(self, g0: int, g1: int, v3: bool, has_backing: bool) -> None:
+        """Under the lock, with no allocation in flight on g0..g1."""
+        for g in range(g0, g1):
+            l1i = g >> self.l2_bits
+            table = await self._l2_for_read(l1i)
+            idx = g & (self.l2_entries - 1)
+            e = table[idx] if table is not None else 0
+            new = OFLAG_ZERO if (v3 and has_backing) else 0
+            if e == new or (table is None and new == 0):
+                continue
+            l2off, wt = await self._l2_for_write(l1i)
+            e = wt[idx]
+            kind = self._kind(e)
+            if kind in (NORMAL, ZERO_ALLOC, COMPRESSED):
+                self._free_entry_later(e)
+            wt[idx] = new
+            self.l2_cache.mark_dirty(l2off, wt)
+        await self._maybe_writeback()
 
     # --- flush ------------------------------------------------------------------------------
 
@@ -1043,6 +1292,10 @@ class Qcow2Driver(BlockDriver):
             frees, self.pending_free = self.pending_free, []
             released: list[int] = []
             for c in frees:
+                if self._inflight and self._host_in_flight(c):
+                    # a write outside the lock still targets it: release it next time
+                    self.pending_free.append(c)
+                    continue
                 if await self._rc_add(c, -1) == 0:
                     self.meta.discard(c)
                     self.free_hint = min(self.free_hint, c)
@@ -1110,7 +1363,7 @@ class Qcow2Driver(BlockDriver):
             if self._prealloc_checked is False:
                 self._prealloc_checked = True
                 self.recurse_block_status = await self._detect_metadata_preallocation()
-            segs = await self._map(offset, min(length, self.l2_entries * self.cs))
+            segs = await self._map(offset, min(length, self.l2_entries * self.cs), True)
         kind, _pos, n, val = segs[0]
         if kind == NORMAL:
             return Extent(
@@ -1120,12 +1373,7 @@ class Qcow2Driver(BlockDriver):
                 map_node=self.file,
             )
         if kind == COMPRESSED:
-            total = n
-            for k, _p, n2, _v in segs[1:]:
-                if k != COMPRESSED:
-                    break
-                total += n2
-            return Extent(total, BlockStatus.DATA | BlockStatus.ALLOCATED)
+            return Extent(n, BlockStatus.DATA | BlockStatus.ALLOCATED)
         if kind == ZERO_ALLOC:
             # a preallocated zero cluster keeps its host offset (qemu-img map shows it)
             return Extent(
