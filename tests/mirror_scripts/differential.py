@@ -86,10 +86,11 @@ async def run_script(
                 name = step[1]
                 want = step[2] if len(step) > 2 else waited.get(name, 0) + 1
                 waited[name] = want
+                def reached(n: str = name, w: int = want) -> bool:
+                    return seen.get(n, 0) >= w
+
                 async with cond:
-                    await asyncio.wait_for(
-                        cond.wait_for(lambda n=name, w=want: seen.get(n, 0) >= w), limit_s
-                    )
+                    await asyncio.wait_for(cond.wait_for(reached), limit_s)
             elif kind == "sleep":
                 await asyncio.sleep(step[1])
             else:

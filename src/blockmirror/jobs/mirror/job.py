@@ -196,8 +196,9 @@ class MirrorJob(MirrorPivot):
                 self._release_drain()
                 continue
             if self.is_ready and not should_complete:
-                if self._in_flight == 0 and cnt == 0:
-                    await self.sleep_ns(SLICE_NS)
+                # idle: poll once a slice; busy: still yield, so writers and the monitor run
+                # between passes (cf. job_sleep_ns(0) in mirror_run)
+                await self.sleep_ns(SLICE_NS if self._in_flight == 0 and cnt == 0 else 0)
             else:
                 await self.ratelimit_sleep()
             last_pause = self.clock.now_ns()

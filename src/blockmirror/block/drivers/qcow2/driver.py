@@ -140,6 +140,8 @@ class Qcow2Driver(BlockDriver):
         #: read-modify-writes (two of them sharing a block would lose one update)
         self._grow_lock = asyncio.Lock()
         self._rmw_lock = asyncio.Lock()
+        #: a resize started ahead of the writes that will need it
+        self._grow_task: asyncio.Task[None] | None = None
 
     # --- helpers on the file child ----------------------------------------------------------
 
@@ -170,13 +172,14 @@ class Qcow2Driver(BlockDriver):
             data = bytes(data) + bytes(length - avail)
         return data
 
-    async def _ensure_file_size(self, end: int) -> None:
+    async def _ensure_file_size(self, end: int, used: bool = True) -> None:
         """Grow the file to hold ``end``; protocol nodes refuse requests past their length.
 
         Sequential allocation would otherwise resize the file on every request, so the file
         grows ahead in steps; ``close`` trims it back to what is used.
         """
-        self.used_end = max(self.used_end, end)
+        if used:
+            self.used_end = max(self.used_end, end)
         if end <= self.file_len:
             return
         async with self._grow_lock:
@@ -878,6 +881,7 @@ class Qcow2Driver(BlockDriver):
                     done = asyncio.Event()
                     for l1i, idx, _e in links:
                         self._allocs[(l1i << self.l2_bits) | idx] = done
+                    self._maybe_grow_ahead()
                     break
             await busy.wait()
         ok = False
@@ -898,6 +902,25 @@ class Qcow2Driver(BlockDriver):
                 for l1i, idx, _e in links:
                     self._allocs.pop((l1i << self.l2_bits) | idx, None)
                 done.set()
+
+    def _maybe_grow_ahead(self) -> None:
+        """Start growing the file in the background when allocations near its end, so the
+        resize overlaps the data writes instead of stalling the first one past the end."""
+        need = self.alloc_end * self.cs
+        margin = min(max(self.file_len // 4, 32 << 20), 256 << 20)
+        if self._grow_task is not None or need + margin <= self.file_len:
+            return
+        target = need + 2 * margin
+
+        async def grow() -> None:
+            try:
+                await self._ensure_file_size(target, used=False)
+            except BlockIOError:
+                pass  # the writes themselves grow the file (and report the error)
+            finally:
+                self._grow_task = None
+
+        self._grow_task = asyncio.get_running_loop().create_task(grow())
 
     def _in_place_pieces(self, offset: int, data: memoryview) -> list[_Piece] | None:
         """The host pieces of a write that touches only owned, cached, settled data clusters.
@@ -1326,6 +1349,8 @@ class Qcow2Driver(BlockDriver):
             i = j
 
     async def close(self) -> None:
+        if self._grow_task is not None:
+            await self._grow_task
         if not self.node.read_only and not self.corrupt:
             await self.flush()
             end = max(self.used_end, self.alloc_end * self.cs)
