@@ -39,7 +39,7 @@ from blockmirror.nbd.constants import (
     TransmissionFlag,
     opt_name,
 )
-from blockmirror.nbd.wire import NBDProtocolError, ReceiveBuffer
+from blockmirror.nbd.wire import NBDProtocolError, SansIOEndpoint
 
 #: a client option header: magic, option, length
 OPT_HEADER = struct.Struct(">QII")
@@ -127,7 +127,7 @@ SERVER_TRANSITIONS: dict[str, frozenset[str]] = {
 }
 
 
-class ServerHandshake:
+class ServerHandshake(SansIOEndpoint):
     """The server side of the fixed newstyle negotiation (cf. nbd_negotiate_options).
 
     Args:
@@ -149,26 +149,13 @@ class ServerHandshake:
         self.structured = False
         self._meta_export: str | None = None
         self._contexts: dict[int, str] = {}
-        self._rx = ReceiveBuffer()
-        self._tx = bytearray()
+        super().__init__()
         self._drop_remaining = 0
         self._drop_reply: tuple[int, Rep, str] | None = None
         flags = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
         self._tx += struct.pack(">QQH", NBD_INIT_MAGIC, NBD_OPTS_MAGIC, flags)
 
     # --- the sans-IO surface ------------------------------------------------------------
-
-    def receive_data(self, data: bytes) -> None:
-        self._rx.feed(data)
-
-    def data_to_send(self) -> bytes:
-        out = bytes(self._tx)
-        self._tx.clear()
-        return out
-
-    def trailing_data(self) -> bytes:
-        """Bytes received after the handshake ended: the first transmission requests."""
-        return self._rx.take_all()
 
     def tls_established(self) -> None:
         if self.state != S_STARTTLS_WAIT:

@@ -38,7 +38,7 @@ from blockmirror.nbd.handshake import (
     StartTLS,
     meta_payload,
 )
-from blockmirror.nbd.wire import NBDProtocolError, ReceiveBuffer
+from blockmirror.nbd.wire import NBDProtocolError, SansIOEndpoint
 
 # --- client role -----------------------------------------------------------------------------
 
@@ -92,7 +92,7 @@ _OPT_WORDS: dict[int, str] = {
 }
 
 
-class ClientHandshake:
+class ClientHandshake(SansIOEndpoint):
     """The client side (cf. nbd_receive_negotiate / libnbd's NEWSTYLE states).
 
     Args:
@@ -121,25 +121,13 @@ class ClientHandshake:
         self.structured = False
         self.no_zeroes = False
         self.contexts: dict[int, str] = {}
-        self._rx = ReceiveBuffer()
-        self._tx = bytearray()
+        super().__init__()
         self._listed: list[tuple[str, str]] = []
         self._size: int | None = None
         self._flags = TransmissionFlag(0)
         self._blocks = (1, NBD_PREFERRED_BLOCK_SIZE, NBD_MAX_BUFFER_SIZE)
         self._server_name = export
         self._description = ""
-
-    def receive_data(self, data: bytes) -> None:
-        self._rx.feed(data)
-
-    def data_to_send(self) -> bytes:
-        out = bytes(self._tx)
-        self._tx.clear()
-        return out
-
-    def trailing_data(self) -> bytes:
-        return self._rx.take_all()
 
     def tls_established(self) -> None:
         if self.state != C_STARTTLS_WAIT:

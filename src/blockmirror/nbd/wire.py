@@ -66,3 +66,23 @@ class ReceiveBuffer:
         elif self._pos > 65536 and self._pos * 2 >= len(self._buf):
             del self._buf[: self._pos]
             self._pos = 0
+
+
+class SansIOEndpoint:
+    """The byte surface both handshake roles share: feed received bytes in, take bytes out."""
+
+    def __init__(self) -> None:
+        self._rx = ReceiveBuffer()
+        self._tx = bytearray()
+
+    def receive_data(self, data: bytes) -> None:
+        self._rx.feed(data)
+
+    def data_to_send(self) -> bytes:
+        out = bytes(self._tx)
+        self._tx.clear()
+        return out
+
+    def trailing_data(self) -> bytes:
+        """Bytes received after the handshake ended: the first transmission requests."""
+        return self._rx.take_all()
