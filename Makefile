@@ -3,8 +3,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-APT_PKGS := qemu-utils qemu-system-common qemu-block-extra nbdkit libnbd-bin tmux
-PEER_TOOLS := qemu-img qemu-io qemu-nbd qemu-storage-daemon nbdkit nbdinfo nbdcopy tmux
+APT_PKGS := qemu-utils qemu-system-common qemu-block-extra nbdkit libnbd-bin tmux openssl iproute2
+PEER_TOOLS := qemu-img qemu-io qemu-nbd qemu-storage-daemon nbdkit nbdinfo nbdcopy tmux openssl ip
 
 .PHONY: all demo test lint typecheck unit bench tools clean
 
