@@ -189,15 +189,22 @@ async def _open_for_query(graph: BlockGraph, filename: str, fmt: str | None, *, 
         raise err from e
 
 
-async def _info(argv: list[str]) -> int:
-    p = _Parser(prog=f"{PROG} info")
+def _query_args(name: str, argv: list[str], *, backing_chain: bool) -> argparse.Namespace | None:
+    """The options `info` and `map` share (as qemu-img's); None for a bad --output value."""
+    p = _Parser(prog=f"{PROG} {name}")
     p.add_argument("-f", dest="fmt")
     p.add_argument("--output", default="human")
-    p.add_argument("--backing-chain", action="store_true")
+    if backing_chain:
+        p.add_argument("--backing-chain", action="store_true")
     p.add_argument("-U", "--force-share", action="store_true")
     p.add_argument("filename")
     args = p.parse_args(argv)
-    if args.output not in ("human", "json"):
+    return args if args.output in ("human", "json") else None
+
+
+async def _info(argv: list[str]) -> int:
+    args = _query_args("info", argv, backing_chain=True)
+    if args is None:
         return _err("--output must be used with human or json as argument.")
     graph = BlockGraph()
     try:
@@ -333,13 +340,8 @@ def format_map_human(entries: list[MapEntry]) -> str:
 
 
 async def _map(argv: list[str]) -> int:
-    p = _Parser(prog=f"{PROG} map")
-    p.add_argument("-f", dest="fmt")
-    p.add_argument("--output", default="human")
-    p.add_argument("-U", "--force-share", action="store_true")
-    p.add_argument("filename")
-    args = p.parse_args(argv)
-    if args.output not in ("human", "json"):
+    args = _query_args("map", argv, backing_chain=False)
+    if args is None:
         return _err("--output must be used with human or json as argument.")
     graph = BlockGraph()
     try:
