@@ -31,7 +31,7 @@ class Daemon:
         self.graph = BlockGraph()
         self.events = EventBus()
         self.clock: Clock = clock or MonotonicClock()
-        self.jobs: JobManager = JobManager(self)
+        self.jobs: JobManager = JobManager(self.events, self.clock, self.graph)
         #: the NBD server, once nbd-server-start / --nbd-server ran
         self.nbd: NbdServer | None = None
         #: --object instances by id (iothread, tls-creds-*, ...): id -> (qom-type, props)
