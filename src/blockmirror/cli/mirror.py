@@ -38,8 +38,8 @@ from blockmirror.cli.progress import (
 from blockmirror.daemon import Daemon
 from blockmirror.errors import BlockMirrorError
 from blockmirror.jobs.job import Job
+from blockmirror.qapi import SchemaError, validate_command_args
 from blockmirror.qmp.registry import Args, CommandContext, load_commands
-from blockmirror.qmp.schema import SchemaError, validate_command_args
 
 #: exit statuses (documented in --help and docs/cli.md)
 EXIT_OK = 0
@@ -184,7 +184,7 @@ async def execute(daemon: Daemon, name: str, arguments: dict[str, Any]) -> Any:
         args = validate_command_args(cmd.args, dict(arguments))
     except SchemaError as e:
         raise BlockMirrorError(e.desc) from e
-    return await cmd.handler(CommandContext(daemon), Args(args))
+    return await cmd.handler(CommandContext(daemon), Args(args, cmd.defaults))
 
 
 class CliDaemon(Daemon):
