@@ -10,25 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from blockmirror.block.graph import BlockGraph
+from blockmirror.block.options import close_all
 from blockmirror.events import EventBus
+from blockmirror.export.nbd_server import NbdServer
 from blockmirror.jobs.clock import Clock, MonotonicClock
+from blockmirror.jobs.manager import JobManager
 from blockmirror.qapi import checks as schema_checks
-
-if TYPE_CHECKING:
-    from blockmirror.export.nbd_server import NbdServer
-    from blockmirror.jobs.manager import JobManager
-    from blockmirror.qmp.server import QMPServer
+from blockmirror.qmp.server import QMPServer
 
 log = logging.getLogger(__name__)
 
 
 class Daemon:
     def __init__(self, clock: Clock | None = None) -> None:
-        from blockmirror.jobs.manager import JobManager
-
         #: --object instances by id (iothread, tls-creds-*, ...): id -> (qom-type, props)
         self.objects: dict[str, tuple[str, dict[str, Any]]] = {}
         self.graph = BlockGraph(objects=self.objects)
@@ -52,8 +49,6 @@ class Daemon:
 
     def qmp_server(self, *, pretty: bool = False) -> QMPServer:
         """The daemon's QMP server, created on first use (commands are loaded then)."""
-        from blockmirror.qmp.server import QMPServer
-
         if self.qmp is None:
             self.qmp = QMPServer(self, pretty=pretty)
         return self.qmp
@@ -70,6 +65,4 @@ class Daemon:
         if self.nbd is not None:
             await self.nbd.stop()
             self.nbd = None
-        from blockmirror.block.options import close_all
-
         await close_all(self.graph)

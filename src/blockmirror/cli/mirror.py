@@ -24,6 +24,7 @@ from typing import Any
 
 from blockmirror.block.create import parse_size
 from blockmirror.block.node import BlockBackend, BlockNode, Perm
+from blockmirror.block.options import close_node, open_image
 from blockmirror.cli.progress import (
     DisplayMode,
     Phase,
@@ -379,8 +380,6 @@ def mirror_arguments(opts: argparse.Namespace) -> dict[str, Any]:
 async def open_source(daemon: Daemon, filename: str, fmt: str | None,
                       warn: Callable[[str], None]) -> BlockBackend:
     """Open the source read-write behind the ``drive0`` BlockBackend (the guest's device)."""
-    from blockmirror.block.options import close_node, open_image
-
     graph = daemon.graph
     node = await open_image(graph, filename, fmt, read_only=False, node_name=SOURCE_NODE,
                             warn=warn)

@@ -31,6 +31,7 @@ from blockmirror.qapi.schema import (
     enum_values,
     struct_members,
 )
+from blockmirror.qapi.schema import in_module_order as _in_module_order
 from blockmirror.qapi.validate import (
     Mode,
     SchemaError,
@@ -38,6 +39,10 @@ from blockmirror.qapi.validate import (
     validate_command_args,
     validate_members,
 )
+
+# monitor control first, then the block layer, as QEMU's qapi-schema.json includes them
+_in_module_order([f"blockmirror.qapi.{m}" for m in
+                  ("control", "job", "block_core", "block_export", "misc")])
 
 __all__ = [
     "COMMANDS", "ENUM_CLASSES", "EVENTS", "TYPES", "ArgsRef", "CommandDecl", "EventDecl", "Mode",

@@ -28,6 +28,15 @@ def enabled() -> bool:
     return os.environ.get(ENV_SWITCH) == "1"
 
 
+def forget() -> None:
+    """Drop the violations recorded so far (for tests that provoke them on purpose)."""
+    VIOLATIONS.clear()
+    path = os.environ.get(ENV_LOG)
+    if path:
+        with open(path, "w", encoding="utf-8"):
+            pass
+
+
 class SchemaViolation(AssertionError):
     """Something blockmirror emitted does not match its declaration (a bug of ours)."""
 
@@ -75,4 +84,4 @@ def check_return(command: str, value: Any) -> None:
 
 
 __all__ = ["ENV_SWITCH", "VIOLATIONS", "SchemaViolation", "check_event", "check_return",
-           "enabled", "report_event"]
+           "enabled", "forget", "report_event"]

@@ -15,6 +15,7 @@ command by name; validation, introspection, the documentation and the StrEnums t
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -83,6 +84,8 @@ class CommandDecl:
     #: the documented value of each optional argument when it is absent
     defaults: Mapping[str, object] = field(default_factory=dict)
     doc: str = ""
+    #: the qapi module (ours: blockmirror.qapi.<module>) that declares it
+    module: str = ""
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,7 @@ class EventDecl:
     name: str
     data: tuple[Member, ...]
     doc: str = ""
+    module: str = ""
 
 
 TYPES: dict[str, SchemaType] = {}
@@ -165,7 +169,8 @@ def command(
     if name in COMMANDS:
         raise ValueError(f"QMP command {name} declared twice")
     ref: ArgsRef = args if isinstance(args, str) else members_of(args or {})
-    decl = CommandDecl(name, ref, returns, allow_oob, dict(defaults or {}), doc)
+    decl = CommandDecl(name, ref, returns, allow_oob, dict(defaults or {}), doc,
+                       _caller_module())
     COMMANDS[name] = decl
     return decl
 
@@ -173,9 +178,24 @@ def command(
 def event(name: str, data: MemberSpec | None = None, *, doc: str = "") -> EventDecl:
     if name in EVENTS:
         raise ValueError(f"QMP event {name} declared twice")
-    decl = EventDecl(name, members_of(data or {}), doc)
+    decl = EventDecl(name, members_of(data or {}), doc, _caller_module())
     EVENTS[name] = decl
     return decl
+
+
+def _caller_module() -> str:
+    """The module that called command() or event() (frame 0 is here, 1 the declarer)."""
+    return str(sys._getframe(2).f_globals.get("__name__", ""))
+
+
+def in_module_order(order: list[str]) -> None:
+    """Reorder COMMANDS and EVENTS by declaring module (``order``), keeping the order within
+    a module: query-commands and the documentation list them so."""
+    rank = {m: i for i, m in enumerate(order)}
+    for table in (COMMANDS, EVENTS):
+        items = sorted(table.items(), key=lambda kv: rank.get(kv[1].module, len(rank)))
+        table.clear()
+        table.update(items)  # type: ignore[arg-type]
 
 
 def struct_members(t: str) -> tuple[Member, ...]:

@@ -1,5 +1,5 @@
-"""Node management commands: blockdev-add, blockdev-del, blockdev-create, with the QAPI types
-(cf. blockdev.c and block/create.c); their types are declared in ``blockmirror.qapi.block_core``.
+"""Node management commands: blockdev-add, blockdev-del and blockdev-create (cf. blockdev.c
+and block/create.c); their types are declared in ``blockmirror.qapi.block_core``.
 """
 
 from __future__ import annotations
@@ -7,29 +7,26 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from blockmirror.block import create as bcreate
+from blockmirror.block.options import delete_blockdev, open_blockdev
 from blockmirror.errors import BlockMirrorError
+from blockmirror.jobs.job import Job
 from blockmirror.qmp.registry import Args, CommandContext, command
 
 log = logging.getLogger(__name__)
 
 @command("blockdev-add")
 async def blockdev_add(ctx: CommandContext, args: Args) -> None:
-    from blockmirror.block.options import open_blockdev
-
-    await open_blockdev(ctx.daemon.graph, args.as_dict())
+    await open_blockdev(ctx.daemon.graph, args.as_dict(), validated=True)
 
 
 @command("blockdev-del")
 async def blockdev_del(ctx: CommandContext, args: Args) -> None:
-    from blockmirror.block.options import delete_blockdev
-
     await delete_blockdev(ctx.daemon.graph, args.get_str("node-name"))
 
 
 async def _create_image(ctx: CommandContext, options: dict[str, Any]) -> None:
     """cf. bdrv_co_create: run the driver's creation with already validated options."""
-    from blockmirror.block import create as bcreate
-
     if options["driver"] == "file":
         await bcreate.create_file(options["filename"], options["size"],
                                   preallocation=options.get("preallocation", "off"),
@@ -56,31 +53,26 @@ async def _create_image(ctx: CommandContext, options: dict[str, Any]) -> None:
                              quiet=True, unsafe=True)
 
 
-def _create_job_class() -> type[Any]:
-    from blockmirror.jobs.job import Job
+class CreateJob(Job):
+    """cf. block/create.c: a job of type "create", with manual dismiss."""
 
-    class CreateJob(Job):
-        """cf. block/create.c: a job of type "create", with manual dismiss."""
+    job_type = "create"
+    is_block_job = False
 
-        job_type = "create"
-        is_block_job = False
+    def __init__(self, ctx: CommandContext, job_id: str, options: dict[str, Any]) -> None:
+        super().__init__(ctx.daemon.jobs, job_id, auto_dismiss=False)
+        self.ctx = ctx
+        self.options = options
 
-        def __init__(self, ctx: CommandContext, job_id: str, options: dict[str, Any]) -> None:
-            super().__init__(ctx.daemon.jobs, job_id, auto_dismiss=False)
-            self.ctx = ctx
-            self.options = options
-
-        async def run(self) -> None:
-            # cf. blockdev_create_run: one unit of progress, done when the driver returns
-            self.progress.set_remaining(1)
-            try:
-                await _create_image(self.ctx, self.options)
-            except OSError as e:
-                raise BlockMirrorError(e.strerror or "Input/output error") from e
-            finally:
-                self.progress.update(1)  # QEMU counts the step done even when it failed
-
-    return CreateJob
+    async def run(self) -> None:
+        # cf. blockdev_create_run: one unit of progress, done when the driver returns
+        self.progress.set_remaining(1)
+        try:
+            await _create_image(self.ctx, self.options)
+        except OSError as e:
+            raise BlockMirrorError(e.strerror or "Input/output error") from e
+        finally:
+            self.progress.update(1)  # QEMU counts the step done even when it failed
 
 
 @command("blockdev-create")
@@ -91,6 +83,6 @@ async def blockdev_create(ctx: CommandContext, args: Args) -> None:
     mgr = ctx.daemon.jobs
     job_id = args.get_str("job-id")
     mgr.check_new_id(job_id)
-    job = _create_job_class()(ctx, job_id, options)
+    job = CreateJob(ctx, job_id, options)
     mgr.add(job)
     job.start()

@@ -12,6 +12,8 @@ from typing import Any
 
 from blockmirror.errors import BlockMirrorError
 from blockmirror.jobs.job import Job
+from blockmirror.jobs.mirror import MirrorJob
+from blockmirror.jobs.status import JobVerb
 from blockmirror.qmp.hmp import hmp_command
 from blockmirror.qmp.registry import Args, CommandContext, command
 
@@ -70,9 +72,6 @@ async def block_job_dismiss(ctx: CommandContext, args: Args) -> None:
 @command("block-job-change")
 async def block_job_change(ctx: CommandContext, args: Args) -> None:
     """cf. qmp_block_job_change (8.2+): only the mirror's copy-mode can change."""
-    from blockmirror.jobs.mirror import MirrorJob
-    from blockmirror.jobs.status import JobVerb
-
     job = _block_job(ctx, args.get_str("id"))
     job.apply_verb(JobVerb.CHANGE)
     if not isinstance(job, MirrorJob):

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from blockmirror.block.create import img_create
 from blockmirror.block.graph import id_wellformed
 from blockmirror.block.node import BlockBackend, BlockNode
+from blockmirror.block.options import close_node, open_image
 from blockmirror.errors import BlockMirrorError
 from blockmirror.jobs.mirror import BackingMode, MirrorParams, start_mirror
 from blockmirror.qmp.hmp import hmp_command
@@ -146,9 +148,6 @@ async def blockdev_mirror(ctx: CommandContext, args: Args) -> None:
 @command("drive-mirror")
 async def drive_mirror(ctx: CommandContext, args: Args) -> None:
     """cf. qmp_drive_mirror."""
-    from blockmirror.block.create import img_create
-    from blockmirror.block.options import close_node, open_image
-
     daemon = ctx.daemon
     graph = daemon.graph
     bs = get_root_node(graph, args.get_str("device"))

@@ -55,6 +55,7 @@ from blockmirror.block.drivers.qcow2.refcount import (
     encode_block,
     entries_per_block,
 )
+from blockmirror.block.query import allocated_size
 from blockmirror.errors import BlockIOError, ImageCorruptError, ImageFormatError, InternalError
 
 #: a planned data write: host offset, length, offset in the request buffer (when ``buf`` is None,
@@ -1363,8 +1364,6 @@ class Qcow2Driver(BlockDriver):
     async def _detect_metadata_preallocation(self) -> bool:
         """cf. qcow2_detect_metadata_preallocation: far more clusters in use than the host
         file really allocates means clusters were preallocated over holes."""
-        from blockmirror.block.query import allocated_size
-
         real = await allocated_size(self.file)
         if real is None:
             return False
