@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from blockmirror.block.graph import BlockGraph
+from blockmirror.block.options import check_options
 from blockmirror.daemon import Daemon
 from blockmirror.jobs import status
 from blockmirror.qapi import COMMANDS, ENUM_CLASSES, EVENTS, TYPES, checks, doc, enum_values
@@ -127,3 +129,13 @@ def test_docs_check_fails_on_a_stale_file(tmp_path: Path) -> None:
 def test_strenum_subclass_used() -> None:
     for cls in ENUM_CLASSES.values():
         assert issubclass(cls, StrEnum)
+
+
+def test_block_layer_reads_strings_the_keyval_way() -> None:
+    """open_blockdev's raw options convert strings as QEMU does ("y", leading-0 octal)."""
+    got = check_options({"driver": "null-co", "node-name": "n", "size": "010",
+                         "read-only": "y", "cache.direct": "off", "latency-ns": "0x10"})
+    assert got == {"driver": "null-co", "node-name": "n", "size": 8, "read-only": True,
+                   "cache": {"direct": False}, "latency-ns": 16}
+    assert list(got) == ["driver", "node-name", "size", "read-only", "cache", "latency-ns"]
+    assert BlockGraph().objects.get("x") is None
