@@ -32,7 +32,7 @@ class Daemon:
         self.events = EventBus(check=schema_checks.report_event if schema_checks.enabled()
                                else None)
         self.clock: Clock = clock or MonotonicClock()
-        self.jobs: JobManager = JobManager(self)
+        self.jobs: JobManager = JobManager(self.events, self.clock, self.graph)
         #: the NBD server, once nbd-server-start / --nbd-server ran
         self.nbd: NbdServer | None = None
         #: set by `quit` or a signal; the CLI waits on it
