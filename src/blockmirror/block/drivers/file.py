@@ -113,23 +113,17 @@ class FileDriver(BlockDriver):
     # --- life cycle ------------------------------------------------------------------------
 
     async def open(self) -> None:
+        # the options were checked against the schema's BlockdevOptionsFile
         opts = self.node.options
-        filename = opts.get("filename")
-        if not isinstance(filename, str) or not filename:
-            raise BlockMirrorError("Parameter 'filename' is required")
+        filename: str = opts["filename"]
         self.filename = filename
         aio = opts.get("aio", "threads")
-        if aio not in ("threads", "native", "io_uring"):
-            raise BlockMirrorError(f"Parameter 'aio' does not accept value '{aio}'")
         if aio == "native" and not self.node.cache_direct:
             raise BlockMirrorError(
                 "aio=native was specified, but it requires cache.direct=on, "
                 "which was not specified."
             )
-        locking = opts.get("locking", "auto")
-        if locking not in ("auto", "on", "off"):
-            raise BlockMirrorError(f"Parameter 'locking' does not accept value '{locking}'")
-        self.locking = locking != "off"
+        self.locking = opts.get("locking", "auto") != "off"
 
         flags = os.O_CLOEXEC | (os.O_RDONLY if self.node.read_only else os.O_RDWR)
         if self.node.cache_direct:
