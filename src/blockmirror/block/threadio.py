@@ -389,9 +389,9 @@ __all__ = [
     "punch_hole",
     "pwrite",
     "read_batch_sync",
-    "write_batch_sync",
     "run",
     "seek_extent",
     "seek_walk_sync",
+    "write_batch_sync",
     "zero_range",
 ]
