@@ -73,7 +73,7 @@ def make_source(work: str, size: int, fmt: str, layout: str, seed: int = 42) -> 
             f.truncate(size)
             # gather neighbouring extents into one write: the file's layout is the same
             run_start, run_len = -1, 0
-            for i in chosen + [-2]:
+            for i in [*chosen, -2]:
                 if run_start >= 0 and i == run_start + run_len:
                     run_len += 1
                     continue
@@ -128,7 +128,7 @@ def _writer(work: str, which: str, size: int, paced: bool) -> subprocess.Popen[b
         f.write("\n".join(c for c in cmds if c != "-c") + "\nquit\n")
     url = f"nbd+unix:///src?socket={work}/{which}-nbd.sock"
     out = open(os.path.join(work, f"writer-{which}.log"), "wb")  # noqa: SIM115 - closed by caller
-    return subprocess.Popen(["qemu-io", "-f", "raw", url], stdin=open(script, "rb"),  # noqa: SIM115
+    return subprocess.Popen(["qemu-io", "-f", "raw", url], stdin=open(script, "rb"),
                             stdout=out, stderr=subprocess.STDOUT)
 
 

@@ -1,10 +1,10 @@
 """The mirror's fast paths over real files: batched copies and the cached block status.
 
 Invariants: a raw-over-file to raw-over-file mirror copies many extents per worker call
-(``block/copy.py``) and still ends byte-identical, including a source whose file ends inside its last sector
-and writes that land while ops are in flight; anything that must see the data on the target
-(a dirty tracker, detect-zeroes) turns the fast path off for that op; a cached block-status
-answer is dropped as soon as the source is written.
+(``block/copy.py``) and still ends byte-identical, including a source whose file ends inside
+its last sector and writes that land while ops are in flight; anything that must see the data
+on the target (a dirty tracker, detect-zeroes) turns the fast path off for that op; a cached
+block-status answer is dropped as soon as the source is written.
 """
 
 from __future__ import annotations

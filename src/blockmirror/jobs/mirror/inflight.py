@@ -15,6 +15,8 @@ class InFlight:
     def __init__(self) -> None:
         #: background ops (copy batches, zero and discard runs) running now
         self.ops = 0
+        #: of those, copy ops (each holds a worker thread for its batch)
+        self.copy_ops = 0
         #: bytes of background ops, not counting the initial zeroing
         self.bytes = 0
         #: bytes the active mirror is copying for writers right now

@@ -74,6 +74,8 @@ class MirrorJob(BlockJob):
         self.active = ActiveWriter(source, target, self.dirty, self.inflight, self.gate,
                                    self.progress, self, unmap=params.unmap)
         self._holding_pause = False
+        #: when the guest last wrote to the source (the clock's nanoseconds)
+        self._guest_write_ns = -SLICE_NS
 
     # --- what the parts ask of the job ---------------------------------------------------------
 
@@ -94,8 +96,14 @@ class MirrorJob(BlockJob):
         return (self.copy_mode == "write-blocking" and self.published and self.ret >= 0
                 and not self.is_cancelled and not self.wiring.exited)
 
+    @property
+    def guest_busy(self) -> bool:
+        return (self.inflight.writers > 0
+                or self.clock.now_ns() - self._guest_write_ns < SLICE_NS)
+
     def _on_dirty(self, newly: int) -> None:
         """A write reached the source without being copied."""
+        self._guest_write_ns = self.clock.now_ns()
         if newly:
             self.progress.count("redirtied", newly)
         self.actively_synced = False

@@ -56,7 +56,7 @@ class MirrorWiring:
         self.to_replace: BlockNode | None = None
         self.exited = False
 
-    # --- setup --------------------------------------------------------------------------------------
+    # --- setup --------------------------------------------------------------------------------
 
     def attach(self, tracker: DirtyTracker, interceptor: WriteInterceptor) -> None:
         """Insert the filter, take the target, block the nodes, hook the source.
