@@ -28,6 +28,7 @@ struct("BlockDeviceInfo", {
     "backing_file_depth": "int", "encrypted": "bool", "detect_zeroes": "str", "bps": "int",
     "bps_rd": "int", "bps_wr": "int", "iops": "int", "iops_rd": "int", "iops_wr": "int",
     "image": "ImageInfo", "cache": "BlockdevCacheInfo", "write_threshold": "int",
+    "*dirty-bitmaps": ["BlockDirtyInfo"],
 })
 struct("BlockInfo", {"device": "str", "*qdev": "str", "type": "str", "removable": "bool",
                      "locked": "bool", "*inserted": "BlockDeviceInfo", "*tray_open": "bool"})

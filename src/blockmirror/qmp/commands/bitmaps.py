@@ -1,0 +1,85 @@
+"""QMP commands of qapi/block-core.json for dirty bitmaps: block-dirty-bitmap-add, -remove,
+-clear, -enable, -disable, -merge and x-debug-block-dirty-bitmap-sha256.
+
+Thin handlers over ``blockmirror.block.bitmaps``, whose prepare/commit/abort steps a
+transaction can use as well. The schema declarations of this module are kept together so
+they can move into the schema package as one block.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from blockmirror.block import bitmaps
+from blockmirror.qmp.registry import Args, CommandContext, command
+from blockmirror.qmp.schema import alternate, struct
+
+# --- schema (QEMU 7.2 qapi/block-core.json) -------------------------------------------------
+struct("BlockDirtyBitmap", {"node": "str", "name": "str"})
+struct("BlockDirtyBitmapAdd", {
+    "*granularity": "uint32", "*persistent": "bool", "*disabled": "bool",
+}, base="BlockDirtyBitmap")
+alternate("BlockDirtyBitmapMergeSource", {"local": "str", "external": "BlockDirtyBitmap"})
+struct("BlockDirtyBitmapMerge", {
+    "node": "str", "target": "str", "bitmaps": ["BlockDirtyBitmapMergeSource"],
+})
+struct("BlockDirtyBitmapSha256", {"sha256": "str"})
+struct("BlockDirtyInfo", {
+    "*name": "str", "count": "int", "granularity": "uint32", "recording": "bool",
+    "busy": "bool", "persistent": "bool", "*inconsistent": "bool",
+})
+
+
+def merge_sources(raw: list[Any]) -> list[bitmaps.MergeSource]:
+    """The validated ``bitmaps`` member of block-dirty-bitmap-merge as MergeSources."""
+    return [item if isinstance(item, str) else (item["node"], item["name"]) for item in raw]
+
+
+@command("block-dirty-bitmap-add", "BlockDirtyBitmapAdd")
+async def block_dirty_bitmap_add(ctx: CommandContext, args: Args) -> None:
+    bitmaps.prepare_add(
+        ctx.daemon.graph, args.get_str("node"), args.get_str("name"),
+        args.opt_int("granularity"), args.get_bool("persistent"), args.get_bool("disabled"),
+    ).commit()
+
+
+@command("block-dirty-bitmap-remove", "BlockDirtyBitmap")
+async def block_dirty_bitmap_remove(ctx: CommandContext, args: Args) -> None:
+    prepared = await bitmaps.prepare_remove(
+        ctx.daemon.graph, args.get_str("node"), args.get_str("name")
+    )
+    prepared.commit()
+
+
+@command("block-dirty-bitmap-clear", "BlockDirtyBitmap")
+async def block_dirty_bitmap_clear(ctx: CommandContext, args: Args) -> None:
+    bitmaps.prepare_clear(ctx.daemon.graph, args.get_str("node"), args.get_str("name")).commit()
+
+
+@command("block-dirty-bitmap-enable", "BlockDirtyBitmap")
+async def block_dirty_bitmap_enable(ctx: CommandContext, args: Args) -> None:
+    bitmaps.prepare_enable(
+        ctx.daemon.graph, args.get_str("node"), args.get_str("name"), True
+    ).commit()
+
+
+@command("block-dirty-bitmap-disable", "BlockDirtyBitmap")
+async def block_dirty_bitmap_disable(ctx: CommandContext, args: Args) -> None:
+    bitmaps.prepare_enable(
+        ctx.daemon.graph, args.get_str("node"), args.get_str("name"), False
+    ).commit()
+
+
+@command("block-dirty-bitmap-merge", "BlockDirtyBitmapMerge")
+async def block_dirty_bitmap_merge(ctx: CommandContext, args: Args) -> None:
+    bitmaps.prepare_merge(
+        ctx.daemon.graph, args.get_str("node"), args.get_str("target"),
+        merge_sources(args["bitmaps"]),
+    ).commit()
+
+
+@command("x-debug-block-dirty-bitmap-sha256", "BlockDirtyBitmap",
+         returns="BlockDirtyBitmapSha256")
+async def x_debug_block_dirty_bitmap_sha256(ctx: CommandContext, args: Args) -> dict[str, Any]:
+    return {"sha256": bitmaps.sha256(ctx.daemon.graph, args.get_str("node"),
+                                     args.get_str("name"))}
