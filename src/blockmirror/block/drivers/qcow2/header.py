@@ -286,3 +286,34 @@ def feature_table() -> bytes:
     return b"".join(
         bytes([t, b]) + name.encode().ljust(46, b"\0") for t, b, name in FEATURE_NAMES
     )
+
+
+def encode_header_cluster(h: Header, cluster_size: int) -> bytes:
+    """The whole first cluster as QEMU's qcow2_update_header lays it out: the fixed fields,
+    then the extensions (backing format, feature name table, bitmaps, any kept unknown ones),
+    the end marker, and the backing file name; ``h.backing_file_offset`` is updated to match.
+    """
+    # QEMU writes the header it knows, whatever length the file had
+    h.header_length = V3_HEADER_LEN if h.version == 3 else V2_HEADER_LEN
+    extensions = b""
+    if h.backing_format:
+        extensions += encode_extension(EXT_BACKING_FORMAT, h.backing_format.encode())
+    if h.version == 3 and h.feature_names:
+        extensions += encode_extension(EXT_FEATURE_TABLE, feature_table())
+    bitmaps = [data for kind, data in h.other_extensions if kind == EXT_BITMAPS]
+    others = [(kind, data) for kind, data in h.other_extensions if kind != EXT_BITMAPS]
+    if bitmaps and h.autoclear & AUTOCLEAR_BITMAPS:
+        extensions += encode_extension(EXT_BITMAPS, bitmaps[0])
+    for kind, data in others:
+        extensions += encode_extension(kind, data)
+    extensions += struct.pack(">II", EXT_END, 0)
+    name = h.backing_file.encode() if h.backing_file else b""
+    if name:
+        h.backing_file_offset = h.header_length + len(extensions)
+        h.backing_file_size = len(name)
+    else:
+        h.backing_file_offset = h.backing_file_size = 0
+    out = encode_fixed(h) + extensions + name
+    if len(out) > cluster_size:
+        raise ImageFormatError("qcow2 header exceeds cluster size")
+    return out + bytes(cluster_size - len(out))
