@@ -338,3 +338,34 @@ def sha256(graph: BlockGraph, node_name: str, name: str) -> str:
     """x-debug-block-dirty-bitmap-sha256."""
     _node, named = lookup(graph, node_name, name)
     return named.bitmap.sha256()
+
+
+# --- users outside the block layer -----------------------------------------------------------
+
+
+def find_export_bitmaps(node: BlockNode, names: list[str], writable: bool) -> list[NamedBitmap]:
+    """The bitmaps an NBD export of ``node`` serves, held busy (cf. nbd_export_create): each
+    is looked up on the node, then down its filters and backing chain."""
+    found: list[NamedBitmap] = []
+    for name in names:
+        named: NamedBitmap | None = None
+        owner: BlockNode | None = node
+        while owner is not None:
+            named = owner.bitmaps.get(name)
+            if named is not None:
+                break
+            owner = owner.filtered_child() or owner.backing
+        if named is None or owner is None:
+            raise BlockMirrorError(f"Bitmap '{name}' is not found")
+        named.check(Check.ALLOW_READONLY)
+        if not writable and not owner.read_only and named.enabled:
+            raise BlockMirrorError(f"Enabled bitmap '{name}' incompatible with readonly export")
+        found.append(named)
+    for named in found:
+        named.users += 1
+    return found
+
+
+def release_export_bitmaps(found: list[NamedBitmap]) -> None:
+    for named in found:
+        named.users -= 1

@@ -22,12 +22,21 @@ import ssl
 import stat
 from typing import TYPE_CHECKING, Any
 
+from blockmirror.block.bitmaps import NamedBitmap, find_export_bitmaps, release_export_bitmaps
 from blockmirror.block.driver import BlockStatus, Extent
 from blockmirror.block.graph import id_wellformed
 from blockmirror.block.node import BlockBackend, BlockNode, Perm
 from blockmirror.errors import BlockIOError, BlockMirrorError
+from blockmirror.export.nbd_meta import (
+    MAX_CONTEXT_EXTENTS,
+    allocation_depth_extents,
+    bitmap_extents,
+)
 from blockmirror.nbd.constants import (
     NBD_MAX_STRING_SIZE,
+    NBD_META_ID_ALLOCATION_DEPTH,
+    NBD_META_ID_BASE_ALLOCATION,
+    NBD_META_ID_DIRTY_BITMAP,
     Cmd,
     CmdFlag,
     ReplyType,
@@ -87,6 +96,10 @@ class NbdExport:
         #: False once deletion was requested (query-block-exports' shutting-down)
         self.user_owned = True
         self.clients: set[_Client] = set()
+        #: served as qemu:dirty-bitmap:NAME (held busy while exported), and whether
+        #: qemu:allocation-depth is served (block-export-add bitmaps / allocation-depth)
+        self.bitmaps: list[NamedBitmap] = []
+        self.allocation_depth = False
 
     @property
     def node(self) -> BlockNode:
@@ -106,7 +119,9 @@ class NbdExport:
             flags |= TransmissionFlag.READ_ONLY
         node = self.node
         return ExportInfo(self.name, node.length(), flags, self.description,
-                          min_block=max(1, node.driver.request_alignment))
+                          min_block=max(1, node.driver.request_alignment),
+                          allocation_depth=self.allocation_depth,
+                          bitmaps=tuple(b.name for b in self.bitmaps))
 
 
 class NbdServer:
@@ -230,6 +245,7 @@ class NbdServer:
         while exp.clients:
             await asyncio.gather(*(c.done.wait() for c in list(exp.clients)))
         self.exports.pop(exp.id, None)
+        release_export_bitmaps(exp.bitmaps)
         node = exp.blk.node
         if node is not None:
             with contextlib.suppress(BlockMirrorError):
@@ -470,8 +486,24 @@ class _Client:
                 extents.append((n, int(flags)))
             off += n
         ids = sorted(self.contexts)
-        await self._send(*(encode_block_status(req.cookie, cid, extents, done=i == len(ids) - 1)
-                           for i, cid in enumerate(ids)))
+        replies = []
+        for i, cid in enumerate(ids):
+            per_context = extents
+            if cid != NBD_META_ID_BASE_ALLOCATION:
+                per_context = await self._qemu_context_extents(node, cid, req)
+            replies.append(encode_block_status(req.cookie, cid, per_context,
+                                               done=i == len(ids) - 1))
+        await self._send(*replies)
+
+    async def _qemu_context_extents(self, node: BlockNode, context_id: int,
+                                    req: Request) -> list[tuple[int, int]]:
+        """Extents of qemu:allocation-depth or qemu:dirty-bitmap:NAME (export/nbd_meta.py)."""
+        limit = 1 if req.flags & CmdFlag.REQ_ONE else MAX_CONTEXT_EXTENTS
+        if context_id == NBD_META_ID_ALLOCATION_DEPTH:
+            return await allocation_depth_extents(node, req.offset, req.length, limit)
+        assert self.export is not None
+        named = self.export.bitmaps[context_id - NBD_META_ID_DIRTY_BITMAP]
+        return bitmap_extents(named, req.offset, req.length, limit)
 
     async def _send_error(self, cookie: int, err: int, message: str) -> None:
         wire = errno_to_wire(err)
@@ -585,10 +617,12 @@ async def block_export_add(daemon: Daemon, args: dict[str, Any]) -> None:
         raise BlockMirrorError(f"description '{description}' too long")
     if server.export_by_name(name) is not None:
         raise BlockMirrorError(f"NBD server already has export named '{name}'")
-    if args.get("bitmaps") or args.get("bitmap"):
-        bitmap = (args.get("bitmaps") or [args.get("bitmap")])[0]
-        raise BlockMirrorError(f"Bitmap '{bitmap}' is not found")
-    server.add_export(export_id, node, name=name, description=description, writable=writable)
+    names = args.get("bitmaps") or ([args["bitmap"]] if args.get("bitmap") else [])
+    bitmaps = find_export_bitmaps(node, [str(n) for n in names], writable)
+    exp = server.add_export(export_id, node, name=name, description=description,
+                            writable=writable)
+    exp.bitmaps = bitmaps
+    exp.allocation_depth = _truthy(args.get("allocation-depth", False))
 
 
 async def nbd_server_add(daemon: Daemon, args: dict[str, Any]) -> None:

@@ -19,9 +19,9 @@ struct("BlockDirtyBitmap", {"node": "str", "name": "str"})
 struct("BlockDirtyBitmapAdd", {
     "*granularity": "uint32", "*persistent": "bool", "*disabled": "bool",
 }, base="BlockDirtyBitmap")
-alternate("BlockDirtyBitmapMergeSource", {"local": "str", "external": "BlockDirtyBitmap"})
+alternate("BlockDirtyBitmapOrStr", {"local": "str", "external": "BlockDirtyBitmap"})
 struct("BlockDirtyBitmapMerge", {
-    "node": "str", "target": "str", "bitmaps": ["BlockDirtyBitmapMergeSource"],
+    "node": "str", "target": "str", "bitmaps": ["BlockDirtyBitmapOrStr"],
 })
 struct("BlockDirtyBitmapSha256", {"sha256": "str"})
 struct("BlockDirtyInfo", {

@@ -414,7 +414,7 @@ class BitmapStore:
         entries = list(self.entries)
         by_name = {e.name: e for e in entries}
         to_write = []
-        for named in reversed(list(bitmaps)):  # oldest first, as QEMU appends them
+        for named in bitmaps:  # newest first: new ones join the directory in this order
             if not named.persistent or named.inconsistent or named.readonly:
                 continue
             self.check_constraints(named.name, named.granularity)
