@@ -259,7 +259,9 @@ class BitmapStore:
             granularity = 1 << entry.granularity_bits
             named = bitmaps.create(entry.name, granularity, persistent=True)
             if entry.flags & FLAG_IN_USE:
+                # cf. bdrv_dirty_bitmap_set_inconsistent: it also stops recording
                 named.inconsistent = True
+                named.bitmap.enabled = False
             else:
                 try:
                     await self._load_bits(entry, named.bitmap, length)

@@ -1,0 +1,195 @@
+"""Persistent dirty bitmaps in qcow2 images, against QEMU's tools: a bitmap written by our
+daemon survives a clean quit intact and a SIGKILL as in-use/inconsistent (as QEMU's would:
+both daemons are run through the same steps and their replies compared), qemu-img bitmap
+edits what we stored and we read what it wrote, and qemu-img check stays clean.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_qcow2_support import close, open_qcow2
+
+from blockmirror.block import bitmaps
+from blockmirror.qmp.testing import DaemonProcess, SyncQMP, daemon_argv
+from conftest import require_tool
+
+pytestmark = pytest.mark.interop
+
+
+def _cmd(conn: SyncQMP, execute: str, arguments: dict[str, Any] | None = None) -> Any:
+    msg: dict[str, Any] = {"execute": execute}
+    if arguments is not None:
+        msg["arguments"] = arguments
+    conn.send(json.dumps(msg).encode())
+    while True:
+        reply = json.loads(conn.read_message())
+        if "event" not in reply:
+            return reply
+
+
+def _daemon(kind: str, tmp: Path, image: Path) -> DaemonProcess:
+    argv = daemon_argv(kind, str(tmp / f"{kind}.sock"))
+    at = argv.index("--chardev")
+    nodes = [
+        "--blockdev", f"driver=file,node-name=f0,filename={image}",
+        "--blockdev", "driver=qcow2,node-name=d0,file=f0",
+        "--nbd-server", f"addr.type=unix,addr.path={tmp / f'{kind}.nbd'}",
+        "--export", "type=nbd,id=w,node-name=d0,name=w,writable=on",
+    ]
+    return DaemonProcess([*argv[:at], *nodes, *argv[at:]], str(tmp / f"{kind}.sock"))
+
+
+def _write(tmp: Path, kind: str, *commands: str) -> None:
+    argv = ["qemu-io", "-f", "raw"]
+    for c in commands:
+        argv += ["-c", c]
+    subprocess.run([*argv, f"nbd+unix:///w?socket={tmp / f'{kind}.nbd'}"], check=True,
+                   capture_output=True)
+
+
+def _info_bitmaps(image: Path) -> Any:
+    out = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(image)],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out)["format-specific"]["data"].get("bitmaps")
+
+
+def _check(image: Path) -> tuple[int, str]:
+    r = subprocess.run(["qemu-img", "check", str(image)], capture_output=True, text=True)
+    return r.returncode, r.stdout + r.stderr
+
+
+def _dirty_bitmaps(conn: SyncQMP) -> Any:
+    nodes = _cmd(conn, "query-named-block-nodes", {"flat": True})["return"]
+    return next(n for n in nodes if n["node-name"] == "d0").get("dirty-bitmaps")
+
+
+def _fresh(tmp: Path, name: str) -> Path:
+    image = tmp / name
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "8M"], check=True)
+    return image
+
+
+def _lifecycle(kind: str, tmp: Path) -> list[Any]:
+    """Add persistent bitmaps, write, quit; reopen, check; write, SIGKILL; reopen."""
+    image = _fresh(tmp, f"{kind}.qcow2")
+    seen: list[Any] = []
+    with _daemon(kind, tmp, image) as proc, proc.connect() as conn:
+        _cmd(conn, "qmp_capabilities")
+        seen.append(_cmd(conn, "block-dirty-bitmap-add",
+                         {"node": "d0", "name": "inc", "persistent": True}))
+        seen.append(_cmd(conn, "block-dirty-bitmap-add",
+                         {"node": "d0", "name": "fine", "persistent": True,
+                          "granularity": 512, "disabled": True}))
+        _write(tmp, kind, "write -P 1 0 64k", "write -P 2 3M 4k", "write -P 3 7M 1536")
+        seen.append(_cmd(conn, "x-debug-block-dirty-bitmap-sha256",
+                         {"node": "d0", "name": "inc"}))
+        seen.append(_info_bitmaps(image))  # in use while we hold them
+        _cmd(conn, "quit")
+        proc.proc.wait(20)
+    seen.append(("clean quit", _info_bitmaps(image), _check(image)[0]))
+    with _daemon(kind, tmp, image) as proc, proc.connect() as conn:
+        _cmd(conn, "qmp_capabilities")
+        seen.append(_dirty_bitmaps(conn))
+        seen.append(_cmd(conn, "x-debug-block-dirty-bitmap-sha256",
+                         {"node": "d0", "name": "inc"}))
+        seen.append(_info_bitmaps(image))
+        _write(tmp, kind, "write -P 4 5M 64k")
+        seen.append(_cmd(conn, "x-debug-block-dirty-bitmap-sha256",
+                         {"node": "d0", "name": "inc"}))
+        proc.proc.kill()  # SIGKILL: nothing is stored
+        proc.proc.wait(20)
+    seen.append(("killed", _info_bitmaps(image)))
+    with _daemon(kind, tmp, image) as proc, proc.connect() as conn:
+        _cmd(conn, "qmp_capabilities")
+        seen.append(_dirty_bitmaps(conn))
+        for command, args in [
+            ("block-dirty-bitmap-clear", {"node": "d0", "name": "inc"}),
+            ("block-dirty-bitmap-enable", {"node": "d0", "name": "inc"}),
+            ("block-dirty-bitmap-merge", {"node": "d0", "target": "fine", "bitmaps": ["inc"]}),
+            ("block-dirty-bitmap-add", {"node": "d0", "name": "inc", "persistent": True}),
+            ("block-export-add", {"type": "nbd", "id": "e", "node-name": "d0",
+                                  "bitmaps": ["inc"], "writable": True}),
+            ("x-debug-block-dirty-bitmap-sha256", {"node": "d0", "name": "fine"}),
+            # removing the inconsistent bitmap is how one recovers from it
+            ("block-dirty-bitmap-remove", {"node": "d0", "name": "inc"}),
+        ]:
+            seen.append((command, _cmd(conn, command, args)))
+        seen.append(_info_bitmaps(image))
+        _cmd(conn, "quit")
+        proc.proc.wait(20)
+    seen.append(("final", _info_bitmaps(image), _check(image)[0]))
+    return seen
+
+
+def test_restart_and_sigkill_like_qsd(tmp_path: Path) -> None:
+    require_tool("qemu-storage-daemon", "qemu-img", "qemu-io")
+    want = _lifecycle("qsd", tmp_path)
+    got = _lifecycle("ours", tmp_path)
+    assert got == want
+    # and what that means, spelt out
+    clean = got[4]
+    # stored newest first, as QEMU walks the node's bitmaps
+    assert clean[1] == [{"flags": [], "name": "fine", "granularity": 512},
+                        {"flags": ["auto"], "name": "inc", "granularity": 65536}]
+    assert clean[2] == 0
+    assert got[6] == got[2]  # the bitmap came back with the bits it had at quit
+    killed = got[9]
+    assert killed[1][1]["flags"] == ["in-use", "auto"]
+    inconsistent = got[10]
+    assert {"name": "inc", "recording": False, "persistent": True, "busy": False,
+            "granularity": 65536, "count": 0, "inconsistent": True} in inconsistent
+    refusals = dict(got[11:18])
+    text = "Bitmap 'inc' is inconsistent and cannot be used"
+    assert refusals["block-dirty-bitmap-clear"]["error"]["desc"] == text
+    assert refusals["block-export-add"]["error"]["desc"] == text
+    assert got[-1][2] == 0
+
+
+def test_qemu_img_bitmap_edits_ours(tmp_path: Path) -> None:
+    """Bitmaps written by our driver are edited by qemu-img bitmap, and we read the result."""
+    require_tool("qemu-img")
+    image = _fresh(tmp_path, "edit.qcow2")
+
+    async def write_ours() -> None:
+        graph, node = await open_qcow2(image)
+        try:
+            bitmaps.prepare_add(graph, node.name, "a", 65536, True).commit()
+            bitmaps.prepare_add(graph, node.name, "b", 4096, True).commit()
+            await node.write(0, b"\x01" * 4096)
+            await node.write(5 << 20, b"\x02" * 70000)
+        finally:
+            await close(graph)
+
+    asyncio.run(write_ours())
+    assert _check(image)[0] == 0
+    for args in (["--add", "-g", "1024", "c"], ["--merge", "a", "c"], ["--disable", "a"],
+                 ["--remove", "b"], ["--enable", "c"], ["--clear", "a"]):
+        subprocess.run(["qemu-img", "bitmap", *args[:-1], str(image), args[-1]], check=True)
+    assert _check(image)[0] == 0
+    # qemu-img convert --bitmaps copies them with QEMU's own reader: a second opinion
+    copy = tmp_path / "copy.qcow2"
+    subprocess.run(["qemu-img", "convert", "--bitmaps", "-O", "qcow2", str(image), str(copy)],
+                   check=True)
+
+    async def read_ours(path: Path) -> dict[str, tuple[int, int, bool, str]]:
+        graph, node = await open_qcow2(path, read_only=True)
+        try:
+            return {b.name: (b.granularity, b.bitmap.dirty_count(), b.enabled,
+                             b.bitmap.sha256()) for b in node.bitmaps}
+        finally:
+            await close(graph)
+
+    ours = asyncio.run(read_ours(image))
+    assert set(ours) == {"a", "c"}
+    assert ours["a"][:3] == (65536, 0, False)
+    # c (1 KiB granules) took a's 64 KiB granules: 0..64k and 5M..5M+128k
+    assert ours["c"][:3] == (1024, 3 * 65536, True)
+    assert asyncio.run(read_ours(copy)) == ours
+    info = _info_bitmaps(image)
+    assert [(b["name"], b["flags"]) for b in info] == [("a", []), ("c", ["auto"])]
