@@ -369,3 +369,18 @@ def find_export_bitmaps(node: BlockNode, names: list[str], writable: bool) -> li
 def release_export_bitmaps(found: list[NamedBitmap]) -> None:
     for named in found:
         named.users -= 1
+
+
+def hold_for_job(graph: BlockGraph, node_name: str, name: str) -> NamedBitmap:
+    """A bitmap a block job reads (a mirror seeding from it), held busy until ``release``:
+    refused when busy or inconsistent, as QEMU's bitmap-mode jobs do (BDRV_BITMAP_ALLOW_RO).
+    The job reads ``named.bitmap`` (a ``DirtyBitmap``); ``bitmap.copy()`` gives it a
+    private copy to consume."""
+    _node, named = lookup(graph, node_name, name)
+    named.check(Check.ALLOW_READONLY)
+    named.users += 1
+    return named
+
+
+def release(named: NamedBitmap) -> None:
+    named.users -= 1
