@@ -193,3 +193,37 @@ def test_qemu_img_bitmap_edits_ours(tmp_path: Path) -> None:
     assert asyncio.run(read_ours(copy)) == ours
     info = _info_bitmaps(image)
     assert [(b["name"], b["flags"]) for b in info] == [("a", []), ("c", ["auto"])]
+
+
+def test_stale_extension_dropped_like_qemu(tmp_path: Path) -> None:
+    """An image whose bitmaps autoclear bit was cleared by a program without bitmap support:
+    the bitmaps are ignored, and a read-write open drops the extension from the header (its
+    clusters leak until a repair), as QEMU does."""
+    require_tool("qemu-img", "qemu-io")
+    images = {}
+    for kind in ("qemu", "ours"):
+        image = _fresh(tmp_path, f"stale-{kind}.qcow2")
+        subprocess.run(["qemu-img", "bitmap", "--add", str(image), "b0"], check=True)
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write 0 64k", str(image)], check=True,
+                       capture_output=True)
+        raw = bytearray(image.read_bytes())
+        raw[88:96] = bytes(8)  # autoclear: nothing
+        image.write_bytes(bytes(raw))
+        images[kind] = image
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write 1M 4k", str(images["qemu"])],
+                   check=True, capture_output=True)
+
+    async def write_ours() -> None:
+        graph, node = await open_qcow2(images["ours"])
+        try:
+            assert len(node.bitmaps) == 0
+            await node.write(1 << 20, bytes(4096))
+        finally:
+            await close(graph)
+
+    asyncio.run(write_ours())
+    assert _info_bitmaps(images["ours"]) is None
+    want, got = _check(images["qemu"]), _check(images["ours"])
+    assert got[0] == want[0] == 3  # leaks only
+    assert got[1].replace("ours", "qemu") == want[1]
+    assert images["ours"].read_bytes()[:4096] == images["qemu"].read_bytes()[:4096]

@@ -114,16 +114,20 @@ class BitmapStore:
 
     # --- reading -------------------------------------------------------------------------
 
-    def read_extension(self) -> None:
-        """Take the extension from the header, if the autoclear bit says it is valid."""
+    def read_extension(self) -> bool:
+        """Take the extension from the header, if the autoclear bit says it is valid.
+
+        Returns True when a stale extension was dropped: a read-write open then rewrites the
+        header without it, as QEMU does (its clusters are leaked until a repair).
+        """
         header = self._header
         data = next((d for t, d in header.other_extensions if t == EXT_BITMAPS), None)
         if data is None:
-            return
+            return False
         if not header.autoclear & AUTOCLEAR_BITMAPS:
             # stale: written before a program without bitmap support opened the image
             self._drop_extension()
-            return
+            return True
         if len(data) != _EXTENSION.size:
             raise ImageFormatError("bitmaps_ext: Invalid extension length")
         count, reserved, size, offset = _EXTENSION.unpack(data)
@@ -145,6 +149,7 @@ class BitmapStore:
             )
         self.directory_offset, self.directory_size = offset, size
         self._expected_count = count
+        return False
 
     def _drop_extension(self) -> None:
         self._header.other_extensions = [

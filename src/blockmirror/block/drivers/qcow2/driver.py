@@ -136,7 +136,7 @@ class Qcow2Driver(BlockDriver):
         await self.cluster_map.load_l1()
         await self.allocator.load_table()
         self.snapshots = await read_snapshot_table(header, image_file, geometry.cluster_size)
-        self.bitmap_store.read_extension()
+        stale_bitmaps = self.bitmap_store.read_extension()
         await self.bitmap_store.read_directory()
         await self._check_metadata_layout()
 
@@ -159,7 +159,10 @@ class Qcow2Driver(BlockDriver):
                 # bits tells other readers they are stale
                 header.autoclear &= AUTOCLEAR_BITMAPS
                 changed = True
-            if changed:
+            if stale_bitmaps:
+                await image_file.write_header_cluster(header, geometry.cluster_size)
+                await image_file.flush()
+            elif changed:
                 await image_file.write_header(header)
                 await image_file.flush()
         # persistent bitmaps become the node's named bitmaps (marked in use on disk)
