@@ -10,9 +10,9 @@ NBD_CMD_FLAG_REQ_ONE); a result cut short by the limit covers a prefix of the ra
 from __future__ import annotations
 
 from blockmirror.block.bitmaps import NamedBitmap
+from blockmirror.block.chain import block_status_above
 from blockmirror.block.driver import BlockStatus
 from blockmirror.block.node import BlockNode
-from blockmirror.block.query import block_status_above
 from blockmirror.nbd.constants import NBD_STATE_DIRTY
 
 #: extents in one reply for QEMU's contexts (cf. NBD_MAX_BLOCK_STATUS_EXTENTS)

@@ -2,8 +2,7 @@
 -clear, -enable, -disable, -merge and x-debug-block-dirty-bitmap-sha256.
 
 Thin handlers over ``blockmirror.block.bitmaps``, whose prepare/commit/abort steps a
-transaction can use as well. The schema declarations of this module are kept together so
-they can move into the schema package as one block.
+transaction can use as well; the commands and types are declared in ``qapi/block_core.py``.
 """
 
 from __future__ import annotations
@@ -12,22 +11,6 @@ from typing import Any
 
 from blockmirror.block import bitmaps
 from blockmirror.qmp.registry import Args, CommandContext, command
-from blockmirror.qmp.schema import alternate, struct
-
-# --- schema (QEMU 7.2 qapi/block-core.json) -------------------------------------------------
-struct("BlockDirtyBitmap", {"node": "str", "name": "str"})
-struct("BlockDirtyBitmapAdd", {
-    "*granularity": "uint32", "*persistent": "bool", "*disabled": "bool",
-}, base="BlockDirtyBitmap")
-alternate("BlockDirtyBitmapOrStr", {"local": "str", "external": "BlockDirtyBitmap"})
-struct("BlockDirtyBitmapMerge", {
-    "node": "str", "target": "str", "bitmaps": ["BlockDirtyBitmapOrStr"],
-})
-struct("BlockDirtyBitmapSha256", {"sha256": "str"})
-struct("BlockDirtyInfo", {
-    "*name": "str", "count": "int", "granularity": "uint32", "recording": "bool",
-    "busy": "bool", "persistent": "bool", "*inconsistent": "bool",
-})
 
 
 def merge_sources(raw: list[Any]) -> list[bitmaps.MergeSource]:
@@ -35,7 +18,7 @@ def merge_sources(raw: list[Any]) -> list[bitmaps.MergeSource]:
     return [item if isinstance(item, str) else (item["node"], item["name"]) for item in raw]
 
 
-@command("block-dirty-bitmap-add", "BlockDirtyBitmapAdd")
+@command("block-dirty-bitmap-add")
 async def block_dirty_bitmap_add(ctx: CommandContext, args: Args) -> None:
     bitmaps.prepare_add(
         ctx.daemon.graph, args.get_str("node"), args.get_str("name"),
@@ -43,7 +26,7 @@ async def block_dirty_bitmap_add(ctx: CommandContext, args: Args) -> None:
     ).commit()
 
 
-@command("block-dirty-bitmap-remove", "BlockDirtyBitmap")
+@command("block-dirty-bitmap-remove")
 async def block_dirty_bitmap_remove(ctx: CommandContext, args: Args) -> None:
     prepared = await bitmaps.prepare_remove(
         ctx.daemon.graph, args.get_str("node"), args.get_str("name")
@@ -51,26 +34,26 @@ async def block_dirty_bitmap_remove(ctx: CommandContext, args: Args) -> None:
     prepared.commit()
 
 
-@command("block-dirty-bitmap-clear", "BlockDirtyBitmap")
+@command("block-dirty-bitmap-clear")
 async def block_dirty_bitmap_clear(ctx: CommandContext, args: Args) -> None:
     bitmaps.prepare_clear(ctx.daemon.graph, args.get_str("node"), args.get_str("name")).commit()
 
 
-@command("block-dirty-bitmap-enable", "BlockDirtyBitmap")
+@command("block-dirty-bitmap-enable")
 async def block_dirty_bitmap_enable(ctx: CommandContext, args: Args) -> None:
     bitmaps.prepare_enable(
         ctx.daemon.graph, args.get_str("node"), args.get_str("name"), True
     ).commit()
 
 
-@command("block-dirty-bitmap-disable", "BlockDirtyBitmap")
+@command("block-dirty-bitmap-disable")
 async def block_dirty_bitmap_disable(ctx: CommandContext, args: Args) -> None:
     bitmaps.prepare_enable(
         ctx.daemon.graph, args.get_str("node"), args.get_str("name"), False
     ).commit()
 
 
-@command("block-dirty-bitmap-merge", "BlockDirtyBitmapMerge")
+@command("block-dirty-bitmap-merge")
 async def block_dirty_bitmap_merge(ctx: CommandContext, args: Args) -> None:
     bitmaps.prepare_merge(
         ctx.daemon.graph, args.get_str("node"), args.get_str("target"),
@@ -78,8 +61,7 @@ async def block_dirty_bitmap_merge(ctx: CommandContext, args: Args) -> None:
     ).commit()
 
 
-@command("x-debug-block-dirty-bitmap-sha256", "BlockDirtyBitmap",
-         returns="BlockDirtyBitmapSha256")
+@command("x-debug-block-dirty-bitmap-sha256")
 async def x_debug_block_dirty_bitmap_sha256(ctx: CommandContext, args: Args) -> dict[str, Any]:
     return {"sha256": bitmaps.sha256(ctx.daemon.graph, args.get_str("node"),
                                      args.get_str("name"))}

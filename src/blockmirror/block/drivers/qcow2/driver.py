@@ -68,6 +68,7 @@ from blockmirror.block.drivers.qcow2.layout import (
 )
 from blockmirror.block.drivers.qcow2.refcount_allocator import RefcountAllocator
 from blockmirror.block.drivers.qcow2.snapshots import SnapshotTable, read_snapshot_table
+from blockmirror.block.query import allocated_size
 from blockmirror.errors import BlockIOError, BlockMirrorError, ImageFormatError
 
 if TYPE_CHECKING:
@@ -431,8 +432,6 @@ class Qcow2Driver(BlockDriver):
         return Extent(n, BlockStatus.NONE)
 
     async def _detect_metadata_preallocation(self) -> bool:
-        from blockmirror.block.query import allocated_size
-
         real = await allocated_size(self.image_file.node)
         if real is None:
             return False
