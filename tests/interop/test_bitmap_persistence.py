@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import struct
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -227,3 +228,50 @@ def test_stale_extension_dropped_like_qemu(tmp_path: Path) -> None:
     assert got[0] == want[0] == 3  # leaks only
     assert got[1].replace("ours", "qemu") == want[1]
     assert images["ours"].read_bytes()[:4096] == images["qemu"].read_bytes()[:4096]
+
+
+def _directory_entry_at(image: Path) -> tuple[int, int]:
+    """(directory offset, its first entry's table offset) of an image with one bitmap."""
+    raw = image.read_bytes()
+    header_length = struct.unpack_from(">I", raw, 100)[0]
+    pos = header_length
+    while True:
+        kind, length = struct.unpack_from(">II", raw, pos)
+        if kind == 0x23852875:
+            directory = struct.unpack_from(">Q", raw, pos + 8 + 16)[0]
+            return directory, struct.unpack_from(">Q", raw, directory)[0]
+        pos += 8 + ((length + 7) & ~7)
+
+
+def test_broken_table_of_an_in_use_bitmap(tmp_path: Path) -> None:
+    """A bitmap left in use whose table is damaged is never read: the image opens, the bitmap
+    is inconsistent, and removing it works, as with qemu-img bitmap --remove."""
+    require_tool("qemu-img")
+    images = []
+    for kind in ("qemu", "ours"):
+        image = _fresh(tmp_path, f"broken-{kind}.qcow2")
+        subprocess.run(["qemu-img", "bitmap", "--add", str(image), "b0"], check=True)
+        directory, table = _directory_entry_at(image)
+        with image.open("r+b") as f:
+            f.seek(directory + 12)
+            f.write(struct.pack(">I", 3))  # flags: in-use, auto
+            f.seek(table)
+            f.write(struct.pack(">Q", 1 << 1))  # a reserved bit
+        images.append(image)
+    subprocess.run(["qemu-img", "bitmap", "--remove", str(images[0]), "b0"], check=True)
+
+    async def remove_ours() -> None:
+        graph, node = await open_qcow2(images[1])
+        try:
+            named = node.bitmaps.get("b0")
+            assert named is not None and named.inconsistent
+            prepared = await bitmaps.prepare_remove(graph, node.name, "b0")
+            prepared.commit()
+        finally:
+            await close(graph)
+
+    asyncio.run(remove_ours())
+    want, got = _check(images[0]), _check(images[1])
+    assert got[0] == want[0]
+    assert got[1].replace("ours", "qemu") == want[1]
+    assert _info_bitmaps(images[1]) is None

@@ -235,7 +235,13 @@ class BitmapStore:
         """Everything the extension references, data clusters included (for a repair)."""
         ranges = self.metadata_ranges()
         for entry in self.entries:
-            for value in await self._read_table(entry):
+            try:
+                table = await self._read_table(entry)
+            except ImageFormatError:
+                # a broken table of a bitmap left in use is never read (QEMU does not
+                # either): its clusters keep their references, they are just not listed
+                continue
+            for value in table:
                 if value & TABLE_ENTRY_OFFSET_MASK:
                     ranges.append((value & TABLE_ENTRY_OFFSET_MASK, self._geometry.cluster_size))
         return ranges
@@ -361,8 +367,13 @@ class BitmapStore:
         self._allocator.free_later(self._geometry.clusters(offset, length))
 
     async def _free_table(self, entry: DirectoryEntry) -> None:
-        """cf. free_bitmap_clusters: the data clusters and the table itself."""
-        for value in await self._read_table(entry):
+        """cf. free_bitmap_clusters: the data clusters and the table itself (a table that
+        cannot be read leaks its data clusters, as in QEMU)."""
+        try:
+            table = await self._read_table(entry)
+        except ImageFormatError:
+            return
+        for value in table:
             offset = value & TABLE_ENTRY_OFFSET_MASK
             if offset:
                 self._free(offset, self._geometry.cluster_size)
