@@ -189,10 +189,11 @@ SCRIPT: list[tuple[str, Any]] = [
 
 def _bitmap_view(reply: bytes) -> str:
     """The bitmap members of a query-named-block-nodes reply, verbatim (other members, such
-    as the file node's size, differ between the daemons for reasons unrelated to bitmaps)."""
+    as the file node's size, differ between the daemons for reasons unrelated to bitmaps),
+    and backing_file_depth (0 with flat=true, as QEMU fills it with backing-image)."""
     nodes = json.loads(reply)["return"]
     return json.dumps([
-        [n["node-name"], n.get("dirty-bitmaps"),
+        [n["node-name"], n.get("dirty-bitmaps"), n["backing_file_depth"],
          n["image"].get("format-specific", {}).get("data", {}).get("bitmaps")]
         for n in nodes if not n["node-name"].startswith("#")
     ])
