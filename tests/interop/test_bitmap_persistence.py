@@ -275,3 +275,40 @@ def test_broken_table_of_an_in_use_bitmap(tmp_path: Path) -> None:
     assert got[0] == want[0]
     assert got[1].replace("ours", "qemu") == want[1]
     assert _info_bitmaps(images[1]) is None
+
+
+def test_cli_export_serves_a_stored_bitmap_like_qsd(tmp_path: Path) -> None:
+    """--export ...,bitmaps.0=NAME,allocation-depth=on on the command line, for a bitmap
+    qemu-img stored in the image: nbdinfo sees the same maps from both daemons."""
+    require_tool("qemu-storage-daemon", "qemu-img", "qemu-io", "nbdinfo")
+    image = _fresh(tmp_path, "cli.qcow2")
+    subprocess.run(["qemu-img", "bitmap", "--add", str(image), "b0"], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write 1M 64k", "-c", "write 6M 512",
+                    str(image)], check=True, capture_output=True)
+    subprocess.run(["qemu-img", "bitmap", "--disable", str(image), "b0"], check=True)
+    maps = []
+    for kind in ("qsd", "ours"):
+        sock, nbd = tmp_path / f"{kind}-cli.sock", tmp_path / f"{kind}-cli.nbd"
+        argv = daemon_argv(kind, str(sock))
+        at = argv.index("--chardev")
+        nodes = [
+            "--blockdev", f"driver=file,node-name=f0,filename={image}",
+            "--blockdev", "driver=qcow2,node-name=d0,file=f0",
+            "--nbd-server", f"addr.type=unix,addr.path={nbd}",
+            "--export", "type=nbd,id=e,node-name=d0,bitmaps.0=b0,allocation-depth=on",
+        ]
+        with DaemonProcess([*argv[:at], *nodes, *argv[at:]], str(sock)) as proc, \
+                proc.connect() as conn:
+            _cmd(conn, "qmp_capabilities")
+            seen = [_dirty_bitmaps(conn)]
+            for context in ("qemu:dirty-bitmap:b0", "qemu:allocation-depth"):
+                r = subprocess.run(["nbdinfo", f"--map={context}",
+                                    f"nbd+unix:///d0?socket={nbd}"],
+                                   capture_output=True, text=True)
+                seen.append((r.returncode, r.stdout, r.stderr))
+            _cmd(conn, "quit")
+            proc.proc.wait(20)
+        maps.append(seen)
+    assert maps[1] == maps[0]
+    assert "dirty" in maps[1][1][1]
+    assert maps[1][0][0]["busy"] is True
