@@ -189,7 +189,7 @@ class Copier:
         mapped: MappedStatus | None = None
         if self.dirty.cow is None:
             try:
-                walk = await map_data(self.source, runs)
+                walk = await map_data(self.source, runs, self.config.granularity)
             except BlockIOError:
                 walk = None
             if walk is not None:
