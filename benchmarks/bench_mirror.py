@@ -172,7 +172,8 @@ def run_one(which: str, work: str, src: str, fmt: str, size: int, load: str) -> 
         t_writer = time.monotonic()
         log = os.path.join(work, f"writer-{which}.log")
         base = _acknowledged(log)
-        ready_s = asyncio.run(_drive(os.path.join(work, f"{which}.sock"), mode))
+        ready_s, hwm_kib = asyncio.run(_drive(os.path.join(work, f"{which}.sock"), mode,
+                                              proc.pid))
         if writer is not None:
             under_load = writer.poll() is None
             elapsed = time.monotonic() - t_writer
@@ -198,12 +199,22 @@ def run_one(which: str, work: str, src: str, fmt: str, size: int, load: str) -> 
         if "Images are identical" not in out.stdout:
             raise SystemExit(f"{which}: target differs from source: {out.stdout}{out.stderr}")
     os.unlink(tgt)
-    return Result(ready_s, ru.ru_utime + ru.ru_stime, ru.ru_maxrss / 1024, writer_mbps,
-                  under_load)
+    # not ru_maxrss: after fork+exec it starts at the forking parent's peak (ours, here)
+    return Result(ready_s, ru.ru_utime + ru.ru_stime, hwm_kib / 1024, writer_mbps, under_load)
 
 
-async def _drive(sock: str, mode: str) -> float:
-    """blockdev-mirror, time to READY, soft cancel, quit; returns the seconds to READY."""
+def _peak_rss_kib(pid: int) -> int:
+    """VmHWM: the peak resident set of the process's own address space."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmHWM")
+
+
+async def _drive(sock: str, mode: str, pid: int) -> tuple[float, int]:
+    """blockdev-mirror, time to READY, soft cancel, quit; returns the seconds to READY and
+    the daemon's peak RSS (KiB) before quitting."""
     from qemu.qmp import QMPClient
 
     qmp = QMPClient("bench")
@@ -215,17 +226,23 @@ async def _drive(sock: str, mode: str) -> float:
         if mode != "background":
             args["copy-mode"] = mode
         await qmp.execute("blockdev-mirror", args)
-        await asyncio.wait_for(ready, 3600)
+        failed = asyncio.ensure_future(_wait_event(qmp, "BLOCK_JOB_COMPLETED"))
+        finished, _ = await asyncio.wait({ready, failed}, timeout=3600,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        if ready not in finished:
+            raise SystemExit(f"no READY from {sock}: the job ended or hung")
+        failed.cancel()
         ready_s = time.monotonic() - t0
         done = asyncio.ensure_future(_wait_event(qmp, "BLOCK_JOB_COMPLETED"))
         await qmp.execute("block-job-cancel", {"device": "m"})
         await done
+        hwm = _peak_rss_kib(pid)
         with contextlib.suppress(Exception):
             await qmp.execute("quit")
     finally:
         with contextlib.suppress(Exception):
             await qmp.disconnect()
-    return ready_s
+    return ready_s, hwm
 
 
 async def _wait_event(qmp: Any, name: str) -> None:
