@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from blockmirror.block.graph import BlockGraph
 from blockmirror.events import EventBus
 from blockmirror.jobs.clock import Clock, MonotonicClock
+from blockmirror.objects.registry import ObjectRegistry
 
 if TYPE_CHECKING:
     from blockmirror.export.nbd_server import NbdServer
@@ -28,14 +29,15 @@ class Daemon:
     def __init__(self, clock: Clock | None = None) -> None:
         from blockmirror.jobs.manager import JobManager
 
-        self.graph = BlockGraph()
+        #: --object / object-add objects by id (secrets, TLS credentials, authz, throttle
+        #: groups); the graph shares the registry so drivers can resolve them
+        self.objects = ObjectRegistry()
+        self.graph = BlockGraph(self.objects)
         self.events = EventBus()
         self.clock: Clock = clock or MonotonicClock()
         self.jobs: JobManager = JobManager(self)
         #: the NBD server, once nbd-server-start / --nbd-server ran
         self.nbd: NbdServer | None = None
-        #: --object instances by id (iothread, tls-creds-*, ...): id -> (qom-type, props)
-        self.objects: dict[str, tuple[str, dict[str, Any]]] = self.graph.objects
         #: set by `quit` or a signal; the CLI waits on it
         self.quit_requested = asyncio.Event()
         #: lines the daemon prints on stdout (e.g. "Formatting ..."), for the CLI and tests

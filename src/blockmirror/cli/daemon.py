@@ -271,7 +271,7 @@ def _declare_cli_types(with_commands: bool) -> None:
     Declared only after the command modules when those may declare them too (an NBD module
     declaring BlockExportOptions wins; declaring a type twice differently is an error).
     """
-    from blockmirror.qmp.schema import TYPES, TypeRef, enum, struct, union
+    from blockmirror.qmp.schema import TYPES, enum, struct, union
 
     if "MonitorOptions" not in TYPES:
         enum("MonitorMode", ["readline", "control"])
@@ -291,26 +291,6 @@ def _declare_cli_types(with_commands: bool) -> None:
             "*iothread": "str", "node-name": "str", "*writable": "bool",
             "*writethrough": "bool",
         }, "type", {"nbd": "BlockExportOptionsNbd"})
-    if "ObjectOptions" not in TYPES:
-        enum("ObjectType", OBJECT_TYPES)
-        enum("QCryptoTLSCredsEndpoint", ["client", "server"])
-        enum("QCryptoSecretFormat", ["raw", "base64"])
-        struct("IothreadProperties", {
-            "*poll-max-ns": "int", "*poll-grow": "int", "*poll-shrink": "int",
-            "*aio-max-batch": "int", "*thread-pool-min": "int", "*thread-pool-max": "int"})
-        tls: dict[str, TypeRef] = {"*verify-peer": "bool", "*dir": "str",
-                                   "*endpoint": "QCryptoTLSCredsEndpoint", "*priority": "str"}
-        struct("TlsCredsX509Properties", {**tls, "*sanity-check": "bool", "*passwordid": "str"})
-        struct("TlsCredsPskProperties", {**tls, "*username": "str"})
-        struct("TlsCredsAnonProperties", tls)
-        struct("SecretProperties", {"*data": "str", "*file": "str",
-                                    "*format": "QCryptoSecretFormat", "*keyid": "str",
-                                    "*iv": "str"})
-        union("ObjectOptions", {"qom-type": "ObjectType", "id": "str"}, "qom-type", {
-            "iothread": "IothreadProperties", "tls-creds-x509": "TlsCredsX509Properties",
-            "tls-creds-psk": "TlsCredsPskProperties", "tls-creds-anon": "TlsCredsAnonProperties",
-            "secret": "SecretProperties",
-        })
 
 
 def _validated(type_name: str, text: str, implied: str | None) -> dict[str, Any]:
@@ -394,12 +374,10 @@ async def _apply(st: _State, opt: str, value: str) -> None:
             for t in OBJECT_TYPES:
                 print(f"  {t}")
             raise SystemExit(0)
-        opts = _validated("ObjectOptions", value, "qom-type")
-        oid = opts.pop("id")
-        if oid in d.objects:
-            raise OptionError(
-                f"attempt to add duplicate property '{oid}' to object (type 'container')")
-        d.objects[oid] = (opts.pop("qom-type"), opts)
+        from blockmirror.qmp.commands.objects import add_object
+
+        # ObjectOptions is declared by qmp/commands/objects.py (loaded by _validated)
+        add_object(d.objects, d.clock, _validated("ObjectOptions", value, "qom-type"))
     elif opt == "pidfile":
         st.pidfile = value
     # --trace and --daemonize need nothing here

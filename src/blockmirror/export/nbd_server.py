@@ -42,7 +42,7 @@ from blockmirror.nbd.handshake import (
     ServerHandshake,
     StartTLS,
 )
-from blockmirror.nbd.tls import cleartext_pending, server_context
+from blockmirror.nbd.tls import cleartext_pending, peer_dn, server_context
 from blockmirror.nbd.transmission import (
     BadRequest,
     Request,
@@ -56,6 +56,8 @@ from blockmirror.nbd.transmission import (
     validate_request,
 )
 from blockmirror.nbd.wire import NBDProtocolError
+from blockmirror.objects.authz import is_allowed_by_id
+from blockmirror.objects.registry import ObjectRegistry
 
 if TYPE_CHECKING:
     from blockmirror.daemon import Daemon
@@ -109,16 +111,23 @@ class NbdExport:
                           min_block=max(1, node.driver.request_alignment))
 
 
+class TlsAuthzDenied(BlockMirrorError):
+    """A TLS client whose certificate the server's ``tls-authz`` object does not allow."""
+
+
 class NbdServer:
     """The daemon's NBD server (one per daemon, ``daemon.nbd``)."""
 
     def __init__(self, daemon: Daemon, *, tls: ssl.SSLContext | None = None,
                  tls_creds: str | None = None, tls_authz: str | None = None,
-                 max_connections: int = 0, handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
+                 max_connections: int = 0, handshake_timeout: float = HANDSHAKE_TIMEOUT,
+                 objects: ObjectRegistry | None = None) -> None:
         self.daemon = daemon
         self.tls = tls
         self.tls_creds = tls_creds
         self.tls_authz = tls_authz
+        #: where tls-creds and tls-authz objects are looked up
+        self.objects: ObjectRegistry = objects if objects is not None else daemon.objects
         self.max_connections = max_connections
         self.handshake_timeout = handshake_timeout
         #: exports by export id (names are looked up by scanning: there are few)
@@ -285,6 +294,9 @@ class _Client:
             self.log.debug("connection closed by the server")
         except TimeoutError:
             self.log.info("handshake timed out")
+        except TlsAuthzDenied as e:
+            # QEMU reports it on stderr as "option negotiation failed: ..."
+            self.log.warning("option negotiation failed: %s", e)
         except NBDProtocolError as e:
             self.log.info("protocol error: %s", e)
         except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError) as e:
@@ -319,6 +331,7 @@ class _Client:
                 if cleartext_pending(self.reader):
                     raise NBDProtocolError("Unexpected data after NBD_OPT_STARTTLS")
                 await self.writer.start_tls(srv.tls)
+                self._check_authz()
                 hs.tls_established()
             elif isinstance(event, Negotiated):
                 exp = srv.export_by_name(event.export.name)
@@ -332,6 +345,24 @@ class _Client:
             elif isinstance(event, Aborted):
                 self.log.debug("negotiation ended: %s", event.reason)
                 return None
+
+    def _check_authz(self) -> None:
+        """cf. qcrypto_tls_session_check_certificate: with verify-peer, the certificate's
+        DN must be allowed by the ``tls-authz`` object, else the handshake fails."""
+        srv = self.server
+        if srv.tls_authz is None or srv.tls is None or srv.tls.verify_mode != ssl.CERT_REQUIRED:
+            return
+        sslobj = self.writer.get_extra_info("ssl_object")
+        der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
+        if not der:
+            raise TlsAuthzDenied("No certificate peers")
+        dn = peer_dn(der)
+        try:
+            allowed = is_allowed_by_id(srv.objects, srv.tls_authz, dn)
+        except BlockMirrorError as e:
+            raise TlsAuthzDenied(str(e)) from e
+        if not allowed:
+            raise TlsAuthzDenied(f"TLS x509 authz check for {dn} is denied")
 
     async def _transmission(self, trailing: bytes) -> None:
         dec = RequestDecoder()

@@ -117,7 +117,8 @@ def event(name: str, data: dict[str, TypeRef] | None = None) -> None:
     EVENTS[name] = data or {}
 
 
-_COMMAND_MODULES = ("control", "block", "query", "jobs", "mirror", "nbd", "hmp")
+_COMMAND_MODULES = ("control", "block", "query", "jobs", "mirror", "nbd", "hmp", "objects",
+                    "block_graph", "transaction")
 
 
 def load_commands() -> dict[str, CommandDef]:
