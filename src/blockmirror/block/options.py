@@ -51,6 +51,7 @@ _DRIVER_KEYS: dict[str, frozenset[str]] = {
          "take-child-perms", "unshare-child-perms"}
     ),
 }
+_DRIVER_KEYS["throttle"] = frozenset({"throttle-group", "file"})
 _DRIVER_KEYS["host_device"] = _DRIVER_KEYS["file"]
 _DRIVER_KEYS["null-aio"] = _DRIVER_KEYS["null-co"]
 

@@ -59,6 +59,7 @@ struct("BlockdevOptionsQcow2", {
     "*l2-cache-entry-size": "int", "*refcount-cache-size": "int",
     "*cache-clean-interval": "int", "*data-file": "BlockdevRef",
 }, base="BlockdevOptionsGenericCOWFormat")
+struct("BlockdevOptionsThrottle", {"throttle-group": "str", "file": "BlockdevRef"})
 struct("BlockdevOptionsNull", {"*size": "int", "*latency-ns": "uint64", "*read-zeroes": "bool"})
 
 enum("BlkdebugEvent", [
@@ -117,6 +118,7 @@ union("BlockdevOptions", {
     "host_device": "BlockdevOptionsFile", "nbd": "BlockdevOptionsNbd",
     "null-aio": "BlockdevOptionsNull", "null-co": "BlockdevOptionsNull",
     "qcow2": "BlockdevOptionsQcow2", "raw": "BlockdevOptionsRaw",
+    "throttle": "BlockdevOptionsThrottle",
 })
 alternate("BlockdevRef", {"definition": "BlockdevOptions", "reference": "str"})
 alternate("BlockdevRefOrNull", {"definition": "BlockdevOptions", "reference": "str",
