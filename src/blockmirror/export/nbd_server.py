@@ -20,6 +20,7 @@ import logging
 import os
 import ssl
 import stat
+import sys
 from typing import TYPE_CHECKING, Any
 
 from blockmirror.block.driver import BlockStatus, Extent
@@ -295,8 +296,14 @@ class _Client:
         except TimeoutError:
             self.log.info("handshake timed out")
         except TlsAuthzDenied as e:
-            # QEMU reports it on stderr as "option negotiation failed: ..."
+            # QEMU reports it with error_report, and its client sees the connection end
+            # without a TLS close_notify (a premature termination, not a clean EOF)
             self.log.warning("option negotiation failed: %s", e)
+            prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+            if not prog or prog.endswith(".py"):
+                prog = "blockmirror"
+            print(f"{prog}: option negotiation failed: {e}", file=sys.stderr, flush=True)
+            self.writer.transport.abort()
         except NBDProtocolError as e:
             self.log.info("protocol error: %s", e)
         except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError) as e:
