@@ -176,7 +176,9 @@ def validate(t: TypeRef, value: object, name: str | None = None, full: str = "",
     if isinstance(t, list):
         if not isinstance(value, list):
             raise _bad_type(full, "array")
-        return [validate(t[0], v, None, f"{full}[{i}]", keyval) for i, v in enumerate(value)]
+        # the keyval visitor names list elements "rules.0", the JSON one "rules[0]"
+        return [validate(t[0], v, None, f"{full}.{i}" if keyval else f"{full}[{i}]", keyval)
+                for i, v in enumerate(value)]
     if t in BUILTINS:
         if keyval and isinstance(value, str):
             value = _keyval_scalar(t, value, full)
