@@ -176,7 +176,7 @@ async def read(node: BlockNode, offset: int, length: int) -> bytes:
     check_request(node, offset, length)
     if length == 0:
         return b""
-    async with _tracked(node):
+    async with _tracked(node), node.stats.account("read", offset, length):
         return await _driver_read(node, offset, length)
 
 
@@ -202,7 +202,7 @@ async def _intercepted(
     # be able to proceed into the rest of it
     chain = list(node.interceptors)
     try:
-        async with _tracked(node):
+        async with _tracked(node), node.stats.account(kind, offset, length):
             await _run_chain(chain, 0, node, kind, offset, length, op)
     finally:
         # failed writes count too: the range may be half-written (cf. write_req_finish)
@@ -354,7 +354,7 @@ async def flush(node: BlockNode) -> None:
         return
     if primary is not None:
         primary.debug_event("flush_to_disk")
-    async with _tracked(node):
+    async with _tracked(node), node.stats.account("flush", 0, 0):
         await node.driver.flush()
     node.flushed_gen = max(node.flushed_gen, current)
 

@@ -165,7 +165,8 @@ async def block_device_info(node: BlockNode, *, flat: bool = False) -> dict[str,
         out["backing_file"] = info.backing_filename
     out.update(
         {
-            "backing_file_depth": backing_depth(node),
+            # cf. bdrv_block_device_info: flat output stops before counting the chain
+            "backing_file_depth": 0 if flat else backing_depth(node),
             "encrypted": False,
             "detect_zeroes": node.detect_zeroes,
             "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
@@ -174,7 +175,7 @@ async def block_device_info(node: BlockNode, *, flat: bool = False) -> dict[str,
                 "direct": node.cache_direct,
                 "no-flush": node.cache_no_flush,
             },
-            "write_threshold": 0,
+            "write_threshold": node.write_threshold,
             "image": await image_info(node, backing_image=not flat),
         }
     )

@@ -1,0 +1,187 @@
+"""``transaction``: several actions, all or nothing (cf. qmp_transaction in blockdev.c, 7.2).
+
+The action table maps each TransactionAction ``type`` to a *prepare* function. Prepare does
+the work that can fail and returns an ``Action`` holding the remaining steps; once every
+action prepared, every ``commit`` runs in order; if one prepare fails, every action prepared
+so far (the failed one included) is aborted in reverse order; ``clean`` runs for all of them
+at the end in both cases.
+
+Registering an action (the dirty-bitmap module does this for block-dirty-bitmap-*)::
+
+    from blockmirror.qmp.commands.transaction import Action, register_action
+
+    async def prepare_bitmap_add(ctx: CommandContext, data: dict[str, Any],
+                                 props: TransactionProperties) -> Action:
+        ...                      # checks and the change itself; raise BlockMirrorError to fail
+        return Action(abort=undo)  # commit/abort/clean: async callables, each optional
+
+    register_action("block-dirty-bitmap-add", "BlockDirtyBitmapAdd", prepare_bitmap_add)
+
+The data type (here BlockDirtyBitmapAdd) must be declared in the schema before the first
+``transaction`` call; ``register_action`` adds the ``{type}Wrapper`` branch to the
+TransactionAction union, so load order does not matter. ``grouped=True`` marks an action that
+supports ``completion-mode=grouped`` (job-starting actions); the others refuse it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from blockmirror.errors import BlockMirrorError
+from blockmirror.qmp.registry import Args, CommandContext, command
+from blockmirror.qmp.schema import TYPES, UnionType, enum, struct, union
+
+Step = Callable[[], Awaitable[None]]
+
+
+@dataclass
+class Action:
+    """The steps of one prepared action; each runs at most once."""
+
+    commit: Step | None = None
+    abort: Step | None = None
+    clean: Step | None = None
+
+
+@dataclass(frozen=True)
+class TransactionProperties:
+    completion_mode: str = "individual"
+
+
+Prepare = Callable[[CommandContext, dict[str, Any], TransactionProperties], Awaitable[Action]]
+
+
+@dataclass(frozen=True)
+class ActionType:
+    prepare: Prepare
+    grouped: bool = False
+
+
+#: the action table: TransactionAction type -> how to prepare it
+ACTIONS: dict[str, ActionType] = {}
+
+#: QEMU 7.2's TransactionActionKind, in its order
+ACTION_KINDS = [
+    "abort", "block-dirty-bitmap-add", "block-dirty-bitmap-remove", "block-dirty-bitmap-clear",
+    "block-dirty-bitmap-enable", "block-dirty-bitmap-disable", "block-dirty-bitmap-merge",
+    "blockdev-backup", "blockdev-snapshot", "blockdev-snapshot-internal-sync",
+    "blockdev-snapshot-sync", "drive-backup",
+]
+
+enum("TransactionActionKind", ACTION_KINDS)
+enum("ActionCompletionMode", ["individual", "grouped"])
+struct("Abort", {})
+struct("TransactionProperties", {"*completion-mode": "ActionCompletionMode"})
+union("TransactionAction", {"type": "TransactionActionKind"}, "type", {})
+
+
+def register_action(kind: str, data_type: str, prepare: Prepare, *,
+                    grouped: bool = False) -> None:
+    """Add ``kind`` to the action table, its data validated as ``data_type``."""
+    if kind not in ACTION_KINDS:
+        raise ValueError(f"{kind} is not a TransactionActionKind")
+    if kind in ACTIONS:
+        raise ValueError(f"transaction action {kind} registered twice")
+    ACTIONS[kind] = ActionType(prepare, grouped)
+    wrapper = f"{data_type}Wrapper"
+    if wrapper not in TYPES:
+        struct(wrapper, {"data": data_type})
+    decl = TYPES["TransactionAction"]
+    assert isinstance(decl, UnionType)
+    decl.branches[kind] = wrapper
+
+
+async def run_transaction(ctx: CommandContext, actions: list[dict[str, Any]],
+                          properties: dict[str, Any]) -> None:
+    """cf. qmp_transaction: prepare all, then commit all, or abort all in reverse."""
+    props = TransactionProperties(properties.get("completion-mode", "individual"))
+    for act in actions:
+        kind = act["type"]
+        if kind not in ACTIONS:
+            raise BlockMirrorError(f"Action '{kind}' is not supported by blockmirror")
+    if props.completion_mode != "individual":
+        for act in actions:
+            if not ACTIONS[act["type"]].grouped:
+                raise BlockMirrorError(
+                    f"Action '{act['type']}' does not support Transaction property "
+                    f"completion-mode = {props.completion_mode}")
+    prepared: list[Action] = []
+    # the failed action is aborted too (QEMU queues its state before preparing it), so each
+    # prepare function must leave nothing behind when it raises: its abort step is not known
+    try:
+        for act in actions:
+            prepared.append(await ACTIONS[act["type"]].prepare(ctx, act.get("data", {}),
+                                                                 props))
+    except BaseException:
+        for done in reversed(prepared):
+            if done.abort is not None:
+                await done.abort()
+        await _clean(prepared)
+        raise
+    for done in prepared:
+        if done.commit is not None:
+            await done.commit()
+    await _clean(prepared)
+
+
+async def _clean(prepared: list[Action]) -> None:
+    for done in prepared:
+        if done.clean is not None:
+            await done.clean()
+
+
+@command("transaction", {"actions": ["TransactionAction"],
+                         "*properties": "TransactionProperties"})
+async def transaction(ctx: CommandContext, args: Args) -> None:
+    await run_transaction(ctx, list(args["actions"]), dict(args.get("properties") or {}))
+
+
+# --- the actions built here ------------------------------------------------------------------
+
+
+async def _prepare_abort(ctx: CommandContext, data: dict[str, Any],
+                         props: TransactionProperties) -> Action:
+    raise BlockMirrorError("Transaction aborted using Abort action")
+
+
+async def _prepare_snapshot(ctx: CommandContext, data: dict[str, Any],
+                            props: TransactionProperties, sync: bool) -> Action:
+    from blockmirror.block.snapshot import ExternalSnapshot
+
+    snap = ExternalSnapshot(ctx.daemon.graph, ctx.daemon.print_stdout)
+    try:
+        if sync:
+            await snap.prepare_sync(data.get("device"), data.get("node-name"),
+                                    data["snapshot-file"], data.get("snapshot-node-name"),
+                                    data.get("format"), data.get("mode"))
+        else:
+            await snap.prepare_existing(data["node"], data["overlay"])
+    except BaseException:
+        # a half-prepared snapshot is rolled back here, then its overlay released
+        await snap.abort()
+        await snap.clean()
+        raise
+    return Action(commit=snap.commit, abort=snap.abort, clean=snap.clean)
+
+
+async def _prepare_snapshot_sync(ctx: CommandContext, data: dict[str, Any],
+                                 props: TransactionProperties) -> Action:
+    return await _prepare_snapshot(ctx, data, props, sync=True)
+
+
+async def _prepare_blockdev_snapshot(ctx: CommandContext, data: dict[str, Any],
+                                     props: TransactionProperties) -> Action:
+    return await _prepare_snapshot(ctx, data, props, sync=False)
+
+
+def _register_builtin() -> None:
+    from blockmirror.qmp.commands import block_graph  # noqa: F401  (declares the data types)
+
+    register_action("abort", "Abort", _prepare_abort)
+    register_action("blockdev-snapshot-sync", "BlockdevSnapshotSync", _prepare_snapshot_sync)
+    register_action("blockdev-snapshot", "BlockdevSnapshot", _prepare_blockdev_snapshot)
+
+
+_register_builtin()
