@@ -29,7 +29,9 @@ class ThresholdWatch:
                            proceed: Any) -> None:
         threshold = node.write_threshold
         end = offset + length
-        if threshold and end > threshold:
+        # a discard the node ignores (discard=ignore) never becomes a request in QEMU
+        real = kind != "discard" or node.discard_unmap
+        if threshold and real and end > threshold:
             node.write_threshold = 0
             _unwatch(node)
             self.emit("BLOCK_WRITE_THRESHOLD", {"node-name": node.name,

@@ -210,7 +210,7 @@ class NbdServer:
     def add_export(self, export_id: str, node: BlockNode, *, name: str, description: str,
                    writable: bool) -> NbdExport:
         perm = Perm.CONSISTENT_READ | (Perm.WRITE if writable else Perm.NONE)
-        blk = BlockBackend("", "a block device", perm, Perm.all() & ~Perm.RESIZE)
+        blk = BlockBackend("", "an unnamed block device", perm, Perm.all() & ~Perm.RESIZE)
         self.daemon.graph.attach(blk, node, "root", perm, blk.shared)
         self.daemon.graph.add_backend(blk)
         exp = NbdExport(export_id, name, description, writable, blk)

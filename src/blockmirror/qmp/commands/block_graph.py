@@ -42,7 +42,7 @@ async def block_resize(ctx: CommandContext, args: Args) -> None:
     if node.blockers.get("resize") or node.blockers.get("all"):
         raise BlockMirrorError(f"Device '{device if device is not None else '(null)'}' is in use")
     # a user that needs RESIZE for the duration (cf. blk_new_with_bs(bs, BLK_PERM_RESIZE))
-    blk = BlockBackend("", "block resize", Perm.RESIZE, Perm.all())
+    blk = BlockBackend("", "an unnamed block device", Perm.RESIZE, Perm.all())
     graph.attach(blk, node, "root", Perm.RESIZE, Perm.all())
     try:
         await _truncate(node, size)
@@ -273,15 +273,21 @@ async def blockdev_reopen(ctx: CommandContext, args: Args) -> None:
         plan.append((node, ro, backing))
     for node, ro, backing in plan:
         if backing != "keep":
-            _set_backing(graph, node, backing)
+            await _set_backing(graph, node, backing)
         await set_read_only(graph, node, ro)
 
 
-def _set_backing(graph: Any, node: BlockNode, backing: BlockNode | None) -> None:
+async def _set_backing(graph: Any, node: BlockNode, backing: BlockNode | None) -> None:
+    from blockmirror.block.options import unref_node
+
     link = node.children.get("backing")
     if link is not None and backing is not None and link.node is backing:
         return
-    if link is not None:
-        graph.detach(link)
     if backing is not None:
         graph.attach(node, backing, "backing", Perm.CONSISTENT_READ, Perm.all())
+    if link is not None:
+        old = link.node
+        if backing is None or link is not node.children.get("backing"):
+            graph.detach(link)
+        # an old backing nobody else holds is closed (cf. bdrv_unref of the old child)
+        await unref_node(graph, old)
