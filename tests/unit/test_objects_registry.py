@@ -36,11 +36,11 @@ def test_typed_lookup_and_delete() -> None:
     tg = reg.find("tg", ThrottleGroup)
     assert tg is not None
     tg.users += 1
-    with pytest.raises(BlockMirrorError, match="^object 'tg' is in use, can not be deleted$"):
+    with pytest.raises(BlockMirrorError, match=r"^object 'tg' is in use, can not be deleted$"):
         reg.delete("tg")
     tg.users -= 1
     reg.delete("tg")
-    with pytest.raises(BlockMirrorError, match="^object 'tg' not found$"):
+    with pytest.raises(BlockMirrorError, match=r"^object 'tg' not found$"):
         reg.delete("tg")
     assert [o.id for o in reg] == ["s0"]
 
@@ -74,7 +74,7 @@ def test_secret_from_file(tmp_path: Path) -> None:
                  "format": "base64"})
     assert lookup_secret(reg, "s") == b"secret"
     make(reg, **{"qom-type": "authz-simple", "id": "a", "identity": "x"})
-    with pytest.raises(BlockMirrorError, match="^Object with id 'a' is not a secret$"):
+    with pytest.raises(BlockMirrorError, match=r"^Object with id 'a' is not a secret$"):
         lookup_secret(reg, "a")
 
 
@@ -109,9 +109,9 @@ def test_authz_listfile_rereads_a_changed_file(tmp_path: Path) -> None:
 def test_authz_by_id_texts() -> None:
     reg = ObjectRegistry()
     make(reg, **{"qom-type": "secret", "id": "s", "data": "x"})
-    with pytest.raises(BlockMirrorError, match="^Cannot find QAuthZ object ID nope$"):
+    with pytest.raises(BlockMirrorError, match=r"^Cannot find QAuthZ object ID nope$"):
         is_allowed_by_id(reg, "nope", "CN=x")
-    with pytest.raises(BlockMirrorError, match="^Object 's' is not a QAuthZ subclass$"):
+    with pytest.raises(BlockMirrorError, match=r"^Object 's' is not a QAuthZ subclass$"):
         is_allowed_by_id(reg, "s", "CN=x")
 
 
@@ -123,7 +123,7 @@ def test_tls_creds_check_files_in_qemus_order(tmp_path: Path) -> None:
     assert str(e.value) == (f"Unable to access credentials {tmp_path}/ca-cert.pem: "
                             "No such file or directory")
     (tmp_path / "ca-cert.pem").write_text("x")
-    with pytest.raises(BlockMirrorError, match="server-cert.pem: No such file"):
+    with pytest.raises(BlockMirrorError, match=r"server-cert.pem: No such file"):
         make(reg, **{"qom-type": "tls-creds-x509", "id": "t", "dir": str(tmp_path),
                      "endpoint": "server"})
     make(reg, **{"qom-type": "tls-creds-x509", "id": "t", "dir": str(tmp_path),

@@ -54,7 +54,7 @@ def test_all_prepared_then_all_committed_then_cleaned(table: list[str]) -> None:
 
 
 def test_a_failed_prepare_aborts_the_others_in_reverse(table: list[str]) -> None:
-    with pytest.raises(BlockMirrorError, match="^F failed$"):
+    with pytest.raises(BlockMirrorError, match=r"^F failed$"):
         _run(["drive-backup", "blockdev-backup", "blockdev-snapshot-internal-sync",
               "drive-backup"])
     assert table == ["prepare A", "prepare B", "prepare F", "abort B", "abort A",
