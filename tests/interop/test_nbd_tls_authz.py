@@ -178,3 +178,71 @@ def test_tls_authz_listfile_refresh(tmp_path: Path, pki: Path) -> None:
             await ns.nbd_server_stop(d)
 
     asyncio.run(main())
+
+
+def test_encrypted_client_key_through_a_secret(tmp_path: Path, pki: Path) -> None:
+    """The nbd driver's tls-creds-x509 with ``passwordid``: the key's password comes from a
+    secret object (here AES-encrypted under another secret, as libvirt passes it), through
+    the registry; the server's tls-authz lets that client's DN in."""
+    from blockmirror.block.drivers.nbd import NbdDriver  # noqa: F401  (registers the driver)
+    from blockmirror.block.options import open_blockdev
+
+    client = tmp_path / "enc"
+    client.mkdir()
+    _ossl(pki, "genrsa", "-aes256", "-passout", "pass:hunter2", "-out",
+          str(client / "client-key.pem"), "2048")
+    _ossl(pki, "req", "-new", "-key", str(client / "client-key.pem"), "-passin",
+          "pass:hunter2", "-out", str(client / "req.csr"), "-subj", "/O=Example/CN=enc")
+    _ossl(pki, "x509", "-req", "-in", str(client / "req.csr"), "-CA", "ca-cert.pem",
+          "-CAkey", "ca-key.pem", "-CAcreateserial", "-out", str(client / "client-cert.pem"),
+          "-days", "2", "-extfile", "ext.cnf", "-extensions", "v3client")
+    (client / "ca-cert.pem").write_bytes((pki / "ca-cert.pem").read_bytes())
+    assert b"ENCRYPTED" in (client / "client-key.pem").read_bytes()
+    key, iv = b"K" * 32, b"I" * 16
+    ct = subprocess.run(["openssl", "enc", "-aes-256-cbc", "-K", key.hex(), "-iv", iv.hex()],
+                        input=b"hunter2", capture_output=True, check=True).stdout
+
+    async def main() -> None:
+        import base64
+
+        server = Daemon()
+        for opts in ({"qom-type": "tls-creds-x509", "id": "tls0", "dir": str(pki / "server"),
+                      "endpoint": "server"},
+                     {"qom-type": "authz-simple", "id": "auth0", "identity": "O=Example,CN=enc"}):
+            server.objects.add(create_object(server.objects, server.clock, opts))
+        ram_node(server.graph, "n0", 1 << 20)
+        port = free_port()
+        await ns.nbd_server_start(server, {"addr": {"type": "inet", "data": {
+            "host": "127.0.0.1", "port": str(port)}}, "tls-creds": "tls0",
+            "tls-authz": "auth0"})
+        await ns.block_export_add(server, {"type": "nbd", "id": "e0", "node-name": "n0",
+                                           "name": "disk", "writable": True})
+        d = Daemon()
+        for opts in (
+            {"qom-type": "secret", "id": "master", "data": base64.b64encode(key).decode(),
+             "format": "base64"},
+            {"qom-type": "secret", "id": "pw", "data": base64.b64encode(ct).decode(),
+             "format": "base64", "keyid": "master", "iv": base64.b64encode(iv).decode()},
+            {"qom-type": "secret", "id": "bad", "data": "wrong"},
+            {"qom-type": "tls-creds-x509", "id": "c0", "dir": str(client), "endpoint": "client",
+             "passwordid": "pw"},
+            {"qom-type": "tls-creds-x509", "id": "c1", "dir": str(client), "endpoint": "client",
+             "passwordid": "bad"},
+        ):
+            d.objects.add(create_object(d.objects, d.clock, opts))
+        server_opts = {"type": "inet", "host": "127.0.0.1", "port": str(port)}
+        try:
+            await open_blockdev(d.graph, {"driver": "nbd", "node-name": "c", "export": "disk",
+                                          "server": server_opts, "tls-creds": "c0"})
+            node = d.graph.nodes["c"]
+            await node.write(0, b"through an encrypted key")
+            assert await node.read(0, 24) == b"through an encrypted key"
+            with pytest.raises(Exception, match="Cannot load certificate"):
+                await open_blockdev(d.graph, {"driver": "nbd", "node-name": "c2",
+                                              "export": "disk", "server": server_opts,
+                                              "tls-creds": "c1"})
+        finally:
+            await d.shutdown()
+            await ns.nbd_server_stop(server)
+
+    asyncio.run(main())
