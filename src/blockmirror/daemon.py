@@ -10,32 +10,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
 
 from blockmirror.block.graph import BlockGraph
+from blockmirror.block.options import close_all
 from blockmirror.events import EventBus
+from blockmirror.export.nbd_server import NbdServer
 from blockmirror.jobs.clock import Clock, MonotonicClock
-from blockmirror.objects.registry import ObjectRegistry
-
-if TYPE_CHECKING:
-    from blockmirror.export.nbd_server import NbdServer
-    from blockmirror.jobs.manager import JobManager
-    from blockmirror.qmp.server import QMPServer
+from blockmirror.jobs.manager import JobManager
+from blockmirror.objects import ObjectRegistry
+from blockmirror.qapi import checks as schema_checks
+from blockmirror.qmp.server import QMPServer
 
 log = logging.getLogger(__name__)
 
 
 class Daemon:
     def __init__(self, clock: Clock | None = None) -> None:
-        from blockmirror.jobs.manager import JobManager
-
         #: --object / object-add objects by id (secrets, TLS credentials, authz, throttle
-        #: groups); the graph shares the registry so drivers can resolve them
+        #: groups); the graph looks them up for its drivers, the NBD server through the graph
         self.objects = ObjectRegistry()
-        self.graph = BlockGraph(self.objects)
-        self.events = EventBus()
+        self.graph = BlockGraph(objects=self.objects)
+        self.events = EventBus(check=schema_checks.report_event if schema_checks.enabled()
+                               else None)
         self.clock: Clock = clock or MonotonicClock()
-        self.jobs: JobManager = JobManager(self)
+        self.jobs: JobManager = JobManager(self.events, self.clock, self.graph)
         #: the NBD server, once nbd-server-start / --nbd-server ran
         self.nbd: NbdServer | None = None
         #: set by `quit` or a signal; the CLI waits on it
@@ -52,8 +50,6 @@ class Daemon:
 
     def qmp_server(self, *, pretty: bool = False) -> QMPServer:
         """The daemon's QMP server, created on first use (commands are loaded then)."""
-        from blockmirror.qmp.server import QMPServer
-
         if self.qmp is None:
             self.qmp = QMPServer(self, pretty=pretty)
         return self.qmp
@@ -70,6 +66,4 @@ class Daemon:
         if self.nbd is not None:
             await self.nbd.stop()
             self.nbd = None
-        from blockmirror.block.options import close_all
-
         await close_all(self.graph)

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from blockmirror.daemon import Daemon
-from blockmirror.export import nbd_server as ns
 from blockmirror.objects.factory import create_object
+from blockmirror.qmp.commands import nbd as nq
 from blockmirror.qmp.testing import DaemonProcess, daemon_argv
 from conftest import require_tool
 from nbd_helpers import free_port, ram_node
@@ -157,10 +157,10 @@ def test_tls_authz_listfile_refresh(tmp_path: Path, pki: Path) -> None:
             d.objects.add(create_object(d.objects, d.clock, opts))
         ram_node(d.graph, "n0", 1 << 20)
         port = free_port()
-        await ns.nbd_server_start(d, {"addr": {"type": "inet", "data": {
+        await nq.nbd_server_start(d, {"addr": {"type": "inet", "data": {
             "host": "127.0.0.1", "port": str(port)}}, "tls-creds": "tls0",
             "tls-authz": "auth0"})
-        await ns.block_export_add(d, {"type": "nbd", "id": "e0", "node-name": "n0",
+        await nq.block_export_add(d, {"type": "nbd", "id": "e0", "node-name": "n0",
                                       "name": "disk"})
         try:
             r = await asyncio.to_thread(_qemu_io, pki, "alice", port)
@@ -175,7 +175,7 @@ def test_tls_authz_listfile_refresh(tmp_path: Path, pki: Path) -> None:
             r = await asyncio.to_thread(_qemu_io, pki, "alice", port)
             assert r.returncode != 0
         finally:
-            await ns.nbd_server_stop(d)
+            await nq.nbd_server_stop(d)
 
     asyncio.run(main())
 
@@ -212,10 +212,10 @@ def test_encrypted_client_key_through_a_secret(tmp_path: Path, pki: Path) -> Non
             server.objects.add(create_object(server.objects, server.clock, opts))
         ram_node(server.graph, "n0", 1 << 20)
         port = free_port()
-        await ns.nbd_server_start(server, {"addr": {"type": "inet", "data": {
+        await nq.nbd_server_start(server, {"addr": {"type": "inet", "data": {
             "host": "127.0.0.1", "port": str(port)}}, "tls-creds": "tls0",
             "tls-authz": "auth0"})
-        await ns.block_export_add(server, {"type": "nbd", "id": "e0", "node-name": "n0",
+        await nq.block_export_add(server, {"type": "nbd", "id": "e0", "node-name": "n0",
                                            "name": "disk", "writable": True})
         d = Daemon()
         for opts in (
@@ -243,6 +243,6 @@ def test_encrypted_client_key_through_a_secret(tmp_path: Path, pki: Path) -> Non
                                               "tls-creds": "c1"})
         finally:
             await d.shutdown()
-            await ns.nbd_server_stop(server)
+            await nq.nbd_server_stop(server)
 
     asyncio.run(main())

@@ -12,6 +12,8 @@ from blockmirror.block.node import BlockBackend, Perm
 from blockmirror.block.options import open_blockdev
 from blockmirror.daemon import Daemon
 from blockmirror.errors import BlockMirrorError
+from blockmirror.qapi import TYPES
+from blockmirror.qapi.schema import UnionType
 from blockmirror.qmp.commands import transaction as tx
 from blockmirror.qmp.registry import CommandContext
 
@@ -70,15 +72,15 @@ def test_grouped_completion_mode_needs_grouped_actions(table: list[str]) -> None
 
 
 def test_register_action_adds_a_union_branch() -> None:
-    from blockmirror.qmp.schema import TYPES, UnionType
-
     decl = TYPES["TransactionAction"]
     assert isinstance(decl, UnionType)
     assert decl.branches["blockdev-snapshot-sync"] == "BlockdevSnapshotSyncWrapper"
     with pytest.raises(ValueError, match="registered twice"):
-        tx.register_action("abort", "Abort", tx._prepare_abort)
+        tx.register_action("abort", tx._prepare_abort)
     with pytest.raises(ValueError, match="not a TransactionActionKind"):
-        tx.register_action("frobnicate", "Abort", tx._prepare_abort)
+        tx.register_action("frobnicate", tx._prepare_abort)
+    with pytest.raises(ValueError, match="no branch for drive-backup"):
+        tx.register_action("drive-backup", tx._prepare_abort)
 
 
 def test_snapshot_sync_commit_and_rollback(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import errno
 import os
 import struct
 
+from blockmirror.block.drivers.qcow2.driver import Qcow2Driver
 from blockmirror.block.node import BlockNode
 from blockmirror.errors import BlockIOError, BlockMirrorError
 
@@ -53,10 +54,10 @@ async def write_backing_file(node: BlockNode, backing_file: str, backing_fmt: st
 
 async def _write(node: BlockNode, name: str, fmt: str) -> None:
     drv = node.driver
-    h = getattr(drv, "h", None)
-    file = node.file
-    if node.format_name != "qcow2" or h is None or file is None:
+    if not isinstance(drv, Qcow2Driver) or node.file is None:
         raise BlockIOError(errno.ENOTSUP)
+    h = drv.header
+    file = node.file
     raw_name = name.encode()
     if len(raw_name) > _MAX_NAME:
         raise BlockIOError(errno.EINVAL)
@@ -79,10 +80,7 @@ async def _write(node: BlockNode, name: str, fmt: str) -> None:
     h.backing_file_size = len(raw_name)
     h.backing_file = name or None
     h.backing_format = fmt if raw_name and fmt else None
-    write_header = getattr(drv, "_write_header", None)
-    if write_header is None:
-        raise BlockMirrorError("qcow2 driver cannot write its header")
-    await write_header()
+    await drv.image_file.write_header(h)
     await file.flush()
 
 

@@ -143,6 +143,14 @@ class BlockDriver(ABC):
 
     # --- I/O ------------------------------------------------------------------------------
 
+    def linear_child(self) -> tuple[BlockNode, int] | None:
+        """``(child, base)`` when guest offset ``o`` of this node is ``base + o`` of ``child``
+        for reads and writes alike, with nothing done in between (a plain raw format);
+        protocol drivers that *are* a host file answer ``(self.node, 0)``. None: no such
+        mapping. ``block/copy.py`` uses it to batch copies into one thread-pool hop.
+        """
+        return None
+
     @abstractmethod
     async def preadv(self, offset: int, length: int) -> bytes:
         """Read exactly ``length`` bytes at ``offset`` (inside the node)."""

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 from blockmirror.block.node import BlockBackend, BlockNode, Child, Perm
 from blockmirror.errors import BlockMirrorError
-from blockmirror.objects.registry import ObjectRegistry
+from blockmirror.objects import NO_OBJECTS, ObjectLookup
 
 _NODE_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,30}$")
 # cf. id_wellformed(): job ids and device ids
@@ -28,15 +28,15 @@ def id_wellformed(name: str) -> bool:
 
 
 class BlockGraph:
-    def __init__(self, objects: ObjectRegistry | None = None) -> None:
+    def __init__(self, *, objects: ObjectLookup = NO_OBJECTS) -> None:
         self.nodes: dict[str, BlockNode] = {}
         self.backends: list[BlockBackend] = []
         #: nodes created by blockdev-add / --blockdev (the monitor holds a reference)
         self.monitor_owned: set[str] = set()
         self._auto_counter = 0
-        #: the daemon's --object/object-add objects (the Daemon passes its registry in), so
+        #: the daemon's --object/object-add objects (a typed lookup: objects/__init__.py), so
         #: drivers (nbd: tls-creds, throttle: throttle-group) find them through ``node.graph``
-        self.objects = objects if objects is not None else ObjectRegistry()
+        self.objects = objects
 
     # --- names and lookup ---------------------------------------------------------------
 

@@ -359,7 +359,11 @@ async def flush(node: BlockNode) -> None:
     node.flushed_gen = max(node.flushed_gen, current)
 
 
-async def block_status(node: BlockNode, offset: int, length: int) -> Extent:
+async def block_status(
+    node: BlockNode, offset: int, length: int, want_zero: bool = True
+) -> Extent:
+    """cf. bdrv_co_block_status; ``want_zero=False`` skips asking the file layer below a
+    format whether data clusters read as zeroes (as ``bdrv_is_allocated`` does)."""
     check_request(node, offset, length)
     size = node.length()
     length = min(length, size - offset)
@@ -386,7 +390,8 @@ async def block_status(node: BlockNode, offset: int, length: int) -> Extent:
             elif offset + n > cow_len:
                 n = cow_len - offset
     if (
-        drv.recurse_block_status
+        want_zero
+        and drv.recurse_block_status
         and status & BlockStatus.DATA
         and not status & BlockStatus.ZERO
         and status & BlockStatus.OFFSET_VALID

@@ -16,8 +16,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from blockmirror.block.create import img_create
 from blockmirror.block.graph import BlockGraph
 from blockmirror.block.node import BlockBackend, BlockNode, Child, Perm
+from blockmirror.block.options import open_image, unref_node
+from blockmirror.block.reopen import set_read_only
 from blockmirror.errors import BlockMirrorError
 
 
@@ -66,9 +69,6 @@ class ExternalSnapshot:
                            snapshot_node_name: str | None, fmt: str | None,
                            mode: str | None) -> None:
         """blockdev-snapshot-sync: create the overlay image (unless mode=existing) and open it."""
-        from blockmirror.block.create import img_create
-        from blockmirror.block.options import open_image
-
         self.old = old = self.graph.lookup(device, node_name)
         await self._check_old(old)
         fmt = fmt or "qcow2"
@@ -113,8 +113,6 @@ class ExternalSnapshot:
 
     async def commit(self) -> None:
         """The old top is read-only from now on (cf. external_snapshot_commit)."""
-        from blockmirror.block.reopen import set_read_only
-
         if self.old is not None and self._link is not None:
             try:
                 await set_read_only(self.graph, self.old, True)
@@ -138,8 +136,6 @@ class ExternalSnapshot:
 
     async def clean(self) -> None:
         """Drop the action's reference to the overlay (cf. external_snapshot_clean)."""
-        from blockmirror.block.options import unref_node
-
         if self.new is not None:
             await unref_node(self.graph, self.new)
 

@@ -13,13 +13,13 @@ import asyncio
 import ssl
 
 from blockmirror.errors import BlockMirrorError
-from blockmirror.objects.registry import ObjectRegistry
+from blockmirror.objects import ObjectLookup
 from blockmirror.objects.tls import TlsCreds, TlsCredsAnon, TlsCredsPsk, TlsCredsX509
 
 
-def find_creds(objects: ObjectRegistry, creds_id: str, endpoint: str) -> TlsCreds:
+def find_creds(objects: ObjectLookup, creds_id: str, endpoint: str) -> TlsCreds:
     """Look a credentials object up, with QEMU's texts (cf. nbd_get_tls_creds)."""
-    if creds_id not in objects:
+    if objects.get(creds_id) is None:
         raise BlockMirrorError(f"No TLS credentials with id '{creds_id}'")
     creds = objects.find(creds_id, TlsCreds)
     if creds is None:
@@ -49,7 +49,7 @@ def _load_pair(ctx: ssl.SSLContext, creds: TlsCredsX509) -> None:
                                    f"'{creds.key}': {e.reason or e}") from e
 
 
-def server_context(objects: ObjectRegistry, creds_id: str) -> ssl.SSLContext:
+def server_context(objects: ObjectLookup, creds_id: str) -> ssl.SSLContext:
     creds = _x509(find_creds(objects, creds_id, "server"))
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     _load_pair(ctx, creds)
@@ -60,7 +60,7 @@ def server_context(objects: ObjectRegistry, creds_id: str) -> ssl.SSLContext:
     return ctx
 
 
-def client_context(objects: ObjectRegistry, creds_id: str, hostname: str | None
+def client_context(objects: ObjectLookup, creds_id: str, hostname: str | None
                    ) -> ssl.SSLContext:
     """A client context; ``hostname`` is checked against the certificate (None: unix socket)."""
     creds = _x509(find_creds(objects, creds_id, "client"))

@@ -18,7 +18,7 @@ from blockmirror.errors import BlockMirrorError
 from blockmirror.objects.registry import UserObject
 
 if TYPE_CHECKING:
-    from blockmirror.objects.registry import ObjectRegistry
+    from blockmirror.objects import ObjectLookup
 
 
 class Authz(UserObject):
@@ -144,7 +144,7 @@ class AuthzListFile(Authz):
         return {"filename": ("string", self.filename), "refresh": ("bool", self.refresh)}
 
 
-def is_allowed_by_id(registry: ObjectRegistry, authz_id: str, identity: str) -> bool:
+def is_allowed_by_id(registry: ObjectLookup, authz_id: str, identity: str) -> bool:
     """cf. qauthz_is_allowed_by_id: look the object up by id, then ask it."""
     obj = registry.get(authz_id)
     if obj is None:

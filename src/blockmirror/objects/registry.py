@@ -63,10 +63,10 @@ class ObjectRegistry:
         obj.close()
         return obj
 
-    def get(self, oid: str) -> UserObject | None:
+    def get(self, oid: str, /) -> UserObject | None:
         return self._objects.get(oid)
 
-    def find(self, oid: str, kind: type[T]) -> T | None:
+    def find(self, oid: str, kind: type[T], /) -> T | None:
         """The object ``oid`` if it is a ``kind`` (None when absent or of another type)."""
         obj = self._objects.get(oid)
         return obj if isinstance(obj, kind) else None

@@ -16,7 +16,7 @@ from blockmirror.errors import BlockMirrorError
 from blockmirror.objects.registry import UserObject
 
 if TYPE_CHECKING:
-    from blockmirror.objects.registry import ObjectRegistry
+    from blockmirror.objects import ObjectLookup
 
 _B64_CHARS = frozenset(string.ascii_letters + string.digits + "+/=\n")
 
@@ -64,7 +64,7 @@ class Secret(UserObject):
     qom_type = "secret"
     qom_parent = "secret_common"
 
-    def __init__(self, oid: str, registry: ObjectRegistry, *, data: str | None = None,
+    def __init__(self, oid: str, registry: ObjectLookup, *, data: str | None = None,
                  file: str | None = None, format: str = "raw", keyid: str | None = None,
                  iv: str | None = None) -> None:
         super().__init__(oid)
@@ -81,7 +81,7 @@ class Secret(UserObject):
         else:
             self.value = raw
 
-    def _decrypt(self, registry: ObjectRegistry, keyid: str, raw: bytes) -> bytes:
+    def _decrypt(self, registry: ObjectLookup, keyid: str, raw: bytes) -> bytes:
         """cf. qcrypto_secret_decrypt."""
         key = lookup_secret(registry, keyid)
         if len(key) != 32:
@@ -107,7 +107,7 @@ class Secret(UserObject):
                 "data": ("string", self.data), "file": ("string", self.file)}
 
 
-def lookup_secret(registry: ObjectRegistry, oid: str) -> bytes:
+def lookup_secret(registry: ObjectLookup, oid: str) -> bytes:
     """cf. qcrypto_secret_lookup: a secret's bytes by id, with QEMU's texts."""
     obj = registry.get(oid)
     if obj is None:
@@ -117,7 +117,7 @@ def lookup_secret(registry: ObjectRegistry, oid: str) -> bytes:
     return obj.value
 
 
-def lookup_secret_utf8(registry: ObjectRegistry, oid: str) -> str:
+def lookup_secret_utf8(registry: ObjectLookup, oid: str) -> str:
     lookup_secret(registry, oid)
     obj = registry.find(oid, Secret)
     assert obj is not None

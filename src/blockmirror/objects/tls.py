@@ -16,7 +16,7 @@ from blockmirror.objects.registry import UserObject
 from blockmirror.objects.secret import lookup_secret_utf8
 
 if TYPE_CHECKING:
-    from blockmirror.objects.registry import ObjectRegistry
+    from blockmirror.objects import ObjectLookup
 
 
 class TlsCreds(UserObject):
@@ -55,7 +55,7 @@ class TlsCreds(UserObject):
 class TlsCredsX509(TlsCreds):
     qom_type = "tls-creds-x509"
 
-    def __init__(self, oid: str, registry: ObjectRegistry, *, sanity_check: bool = True,
+    def __init__(self, oid: str, registry: ObjectLookup, *, sanity_check: bool = True,
                  passwordid: str | None = None, **common: Any) -> None:
         super().__init__(oid, **common)
         self.sanity_check = sanity_check

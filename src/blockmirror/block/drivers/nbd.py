@@ -46,7 +46,7 @@ from blockmirror.nbd.transmission import (
     encode_request,
 )
 from blockmirror.nbd.wire import NBDProtocolError
-from blockmirror.objects.registry import ObjectRegistry
+from blockmirror.objects import NO_OBJECTS
 
 log = logging.getLogger(__name__)
 
@@ -378,9 +378,8 @@ class NbdDriver(BlockDriver):
         creds = opts.get("tls-creds")
         if creds:
             # the credentials (and the secret of an encrypted key, resolved when the object
-            # was created) come from the graph's object registry
-            objects = self.node.graph.objects if self.node.graph is not None \
-                else ObjectRegistry()
+            # was created) come from the graph's object lookup
+            objects = self.node.graph.objects if self.node.graph else NO_OBJECTS
             host = self._server.get("host") if self._server.get("type") == "inet" else None
             self._tls = client_context(objects, str(creds), opts.get("tls-hostname") or host)
         await self._connect()

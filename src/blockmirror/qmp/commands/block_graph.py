@@ -10,27 +10,26 @@ texts and call it. The snapshot commands are transactions of one action
 
 from __future__ import annotations
 
+import errno
+import os
 from typing import Any
 
+from blockmirror.block.backing_file import write_backing_file
+from blockmirror.block.graph import BlockGraph
 from blockmirror.block.node import BlockBackend, BlockNode, Perm
+from blockmirror.block.options import unref_node
+from blockmirror.block.reopen import check_read_only, set_read_only
+from blockmirror.block.stats import BlockStats
+from blockmirror.block.write_threshold import set_write_threshold
 from blockmirror.errors import BlockIOError, BlockMirrorError
-from blockmirror.qmp.registry import Args, CommandContext, command, event
-from blockmirror.qmp.schema import struct
-
-struct("BlockdevSnapshotSync", {
-    "*device": "str", "*node-name": "str", "snapshot-file": "str",
-    "*snapshot-node-name": "str", "*format": "str", "*mode": "NewImageMode",
-})
-struct("BlockdevSnapshot", {"node": "str", "overlay": "str"})
-
-event("BLOCK_WRITE_THRESHOLD", {"node-name": "str", "amount-exceeded": "uint64",
-                                "write-threshold": "uint64"})
-
+from blockmirror.qmp.commands.mirror import get_root_node
+from blockmirror.qmp.commands.transaction import run_transaction
+from blockmirror.qmp.registry import Args, CommandContext, command
 
 # --- block_resize ----------------------------------------------------------------------------
 
 
-@command("block_resize", {"*device": "str", "*node-name": "str", "size": "int"})
+@command("block_resize")
 async def block_resize(ctx: CommandContext, args: Args) -> None:
     """cf. qmp_block_resize and bdrv_co_truncate."""
     graph = ctx.daemon.graph
@@ -67,9 +66,6 @@ async def _truncate(node: BlockNode, size: int) -> None:
     try:
         await target.driver.truncate(size)
     except BlockIOError as e:
-        import errno
-        import os
-
         if target.format_name == "qcow2" and e.errno == errno.EFBIG:
             raise BlockMirrorError(
                 f"Failed to grow the L1 table: {os.strerror(errno.EFBIG)}") from e
@@ -79,32 +75,23 @@ async def _truncate(node: BlockNode, size: int) -> None:
 # --- snapshots ---------------------------------------------------------------------------
 
 
-@command("blockdev-snapshot-sync", "BlockdevSnapshotSync", boxed=True)
+@command("blockdev-snapshot-sync")
 async def blockdev_snapshot_sync(ctx: CommandContext, args: Args) -> None:
-    from blockmirror.qmp.commands.transaction import run_transaction
-
     await run_transaction(ctx, [{"type": "blockdev-snapshot-sync", "data": args.as_dict()}],
                           {})
 
 
-@command("blockdev-snapshot", "BlockdevSnapshot", boxed=True)
+@command("blockdev-snapshot")
 async def blockdev_snapshot(ctx: CommandContext, args: Args) -> None:
-    from blockmirror.qmp.commands.transaction import run_transaction
-
     await run_transaction(ctx, [{"type": "blockdev-snapshot", "data": args.as_dict()}], {})
 
 
 # --- change-backing-file ------------------------------------------------------------------
 
 
-@command("change-backing-file", {"device": "str", "image-node-name": "str",
-                                 "backing-file": "str"})
+@command("change-backing-file")
 async def change_backing_file(ctx: CommandContext, args: Args) -> None:
     """cf. qmp_change_backing_file: the checks, then the image header is rewritten."""
-    from blockmirror.block.backing_file import write_backing_file
-    from blockmirror.block.reopen import set_read_only
-    from blockmirror.qmp.commands.mirror import get_root_node
-
     graph = ctx.daemon.graph
     device = args.get_str("device")
     root = get_root_node(graph, device)
@@ -131,10 +118,8 @@ async def change_backing_file(ctx: CommandContext, args: Args) -> None:
 # --- write threshold -----------------------------------------------------------------------
 
 
-@command("block-set-write-threshold", {"node-name": "str", "write-threshold": "uint64"})
+@command("block-set-write-threshold")
 async def block_set_write_threshold(ctx: CommandContext, args: Args) -> None:
-    from blockmirror.block.write_threshold import set_write_threshold
-
     name = args.get_str("node-name")
     node = ctx.daemon.graph.find_node(name)
     if node is None:
@@ -188,7 +173,7 @@ def _bds_stats(node: BlockNode, blk_level: bool, counters: bool) -> dict[str, An
     return out
 
 
-@command("query-blockstats", {"*query-nodes": "bool", "*__org.blockmirror_counters": "bool"})
+@command("query-blockstats")
 async def query_blockstats(ctx: CommandContext, args: Args) -> list[dict[str, Any]]:
     """Node entries show QEMU's numbers (qemu-storage-daemon accounts no node-level I/O:
     0, but ``wr_highest_offset``); ``__org.blockmirror_counters`` adds the real per-node
@@ -206,12 +191,12 @@ async def query_blockstats(ctx: CommandContext, args: Args) -> list[dict[str, An
         if blk.node is not None:
             entry.update(_bds_stats(blk.node, True, True))
         else:
-            entry["stats"] = BlockNode(name="").stats.to_qapi()
+            entry["stats"] = BlockStats().to_qapi()
         out.append(entry)
     return out
 
 
-def _creation_index(graph: Any, node: BlockNode) -> int:
+def _creation_index(graph: BlockGraph, node: BlockNode) -> int:
     # nodes are kept in creation order by the graph's dict (cf. all_bdrv_states)
     return list(graph.nodes).index(node.name)
 
@@ -223,12 +208,10 @@ _REOPENABLE = {"read-only", "backing", "file", "node-name", "driver", "detect-ze
                "discard", "cache", "auto-read-only", "force-share"}
 
 
-@command("blockdev-reopen", {"options": ["BlockdevOptions"]})
+@command("blockdev-reopen")
 async def blockdev_reopen(ctx: CommandContext, args: Args) -> None:
     """cf. qmp_blockdev_reopen: every entry is checked before any is applied (read-only
     switches and backing changes)."""
-    from blockmirror.block.reopen import check_read_only, set_read_only
-
     graph = ctx.daemon.graph
     plan: list[tuple[BlockNode, bool, Any]] = []
     for opts in args["options"]:
@@ -277,9 +260,8 @@ async def blockdev_reopen(ctx: CommandContext, args: Args) -> None:
         await set_read_only(graph, node, ro)
 
 
-async def _set_backing(graph: Any, node: BlockNode, backing: BlockNode | None) -> None:
-    from blockmirror.block.options import unref_node
-
+async def _set_backing(graph: BlockGraph, node: BlockNode, backing: BlockNode | None
+                       ) -> None:
     link = node.children.get("backing")
     if link is not None and backing is not None and link.node is backing:
         return

@@ -1,9 +1,8 @@
 """QMP commands of qapi/qom.json: object-add, object-del, qom-list, qom-get, qom-list-types.
 
-The ObjectOptions schema is QEMU 7.2's (every ObjectType value, so a misspelt type gets QEMU's
-"does not accept value" text); branches are declared for the types blockmirror creates. The
-objects themselves live in ``blockmirror.objects``; ``--object`` uses the same schema and
-factory (cli/daemon.py).
+The schema (ObjectOptions: every ObjectType of QEMU 7.2, branches for the types blockmirror
+creates) is in ``blockmirror.qapi.qom``; the objects live in ``blockmirror.objects``;
+``--object`` goes through the same ``add_object`` (cli/daemon.py).
 """
 
 from __future__ import annotations
@@ -12,67 +11,13 @@ from typing import Any
 
 from blockmirror.block.graph import id_wellformed
 from blockmirror.errors import BlockMirrorError, DeviceNotFound
+from blockmirror.jobs.clock import Clock
 from blockmirror.objects.factory import QOM_TYPES, create_object
 from blockmirror.objects.registry import ObjectRegistry, UserObject
-from blockmirror.objects.throttle import LIMIT_KEYS
 from blockmirror.qmp.registry import Args, CommandContext, command
-from blockmirror.qmp.schema import TypeRef, enum, struct, union
-
-OBJECT_TYPES = [
-    "authz-list", "authz-listfile", "authz-pam", "authz-simple", "can-bus",
-    "can-host-socketcan", "colo-compare", "cryptodev-backend", "cryptodev-backend-builtin",
-    "cryptodev-backend-lkcf", "cryptodev-vhost-user", "dbus-vmstate", "filter-buffer",
-    "filter-dump", "filter-mirror", "filter-redirector", "filter-replay", "filter-rewriter",
-    "input-barrier", "input-linux", "iothread", "main-loop", "memory-backend-epc",
-    "memory-backend-file", "memory-backend-memfd", "memory-backend-ram", "pef-guest",
-    "pr-manager-helper", "qtest", "rng-builtin", "rng-egd", "rng-random", "secret",
-    "secret_keyring", "sev-guest", "thread-context", "s390-pv-guest", "throttle-group",
-    "tls-creds-anon", "tls-creds-psk", "tls-creds-x509", "tls-cipher-suites",
-    "x-remote-object", "x-vfio-user-server",
-]
-
-enum("ObjectType", OBJECT_TYPES)
-enum("QAuthZListPolicy", ["deny", "allow"])
-enum("QAuthZListFormat", ["exact", "glob"])
-struct("QAuthZListRule", {"match": "str", "policy": "QAuthZListPolicy",
-                          "*format": "QAuthZListFormat"})
-struct("AuthZListProperties", {"*policy": "QAuthZListPolicy", "*rules": ["QAuthZListRule"]})
-struct("AuthZListFileProperties", {"filename": "str", "*refresh": "bool"})
-struct("AuthZSimpleProperties", {"identity": "str"})
-struct("EventLoopBaseProperties", {"*aio-max-batch": "int", "*thread-pool-min": "int",
-                                   "*thread-pool-max": "int"})
-struct("IothreadProperties", {"*poll-max-ns": "int", "*poll-grow": "int",
-                              "*poll-shrink": "int"}, base="EventLoopBaseProperties")
-struct("MainLoopProperties", {}, base="EventLoopBaseProperties")
-enum("QCryptoSecretFormat", ["raw", "base64"])
-struct("SecretCommonProperties", {"*loaded": "bool", "*format": "QCryptoSecretFormat",
-                                  "*keyid": "str", "*iv": "str"})
-struct("SecretProperties", {"*data": "str", "*file": "str"}, base="SecretCommonProperties")
-enum("QCryptoTLSCredsEndpoint", ["client", "server"])
-struct("TlsCredsProperties", {"*verify-peer": "bool", "*dir": "str",
-                              "*endpoint": "QCryptoTLSCredsEndpoint", "*priority": "str"})
-struct("TlsCredsAnonProperties", {"*loaded": "bool"}, base="TlsCredsProperties")
-struct("TlsCredsPskProperties", {"*loaded": "bool", "*username": "str"},
-       base="TlsCredsProperties")
-struct("TlsCredsX509Properties", {"*loaded": "bool", "*sanity-check": "bool",
-                                  "*passwordid": "str"}, base="TlsCredsProperties")
-_LIMITS: dict[str, TypeRef] = {f"*{k}": "int" for k in LIMIT_KEYS}
-struct("ThrottleLimits", _LIMITS)
-struct("ThrottleGroupProperties", {"*limits": "ThrottleLimits",
-                                   **{f"*x-{k}": "int" for k in LIMIT_KEYS}})
-union("ObjectOptions", {"qom-type": "ObjectType", "id": "str"}, "qom-type", {
-    "authz-list": "AuthZListProperties", "authz-listfile": "AuthZListFileProperties",
-    "authz-simple": "AuthZSimpleProperties", "iothread": "IothreadProperties",
-    "main-loop": "MainLoopProperties", "secret": "SecretProperties",
-    "throttle-group": "ThrottleGroupProperties", "tls-creds-anon": "TlsCredsAnonProperties",
-    "tls-creds-psk": "TlsCredsPskProperties", "tls-creds-x509": "TlsCredsX509Properties",
-})
-struct("ObjectPropertyInfo", {"name": "str", "type": "str", "*description": "str",
-                              "*default-value": "any"})
-struct("ObjectTypeInfo", {"name": "str", "*abstract": "bool", "*parent": "str"})
 
 
-def add_object(objects: ObjectRegistry, clock: Any, options: dict[str, Any]) -> UserObject:
+def add_object(objects: ObjectRegistry, clock: Clock, options: dict[str, Any]) -> UserObject:
     """object-add / --object: build the object from validated options and register it."""
     oid = str(options.get("id"))
     if not id_wellformed(oid):
@@ -86,12 +31,12 @@ def add_object(objects: ObjectRegistry, clock: Any, options: dict[str, Any]) -> 
     return obj
 
 
-@command("object-add", "ObjectOptions", boxed=True)
+@command("object-add")
 async def object_add(ctx: CommandContext, args: Args) -> None:
     add_object(ctx.daemon.objects, ctx.daemon.clock, args.as_dict())
 
 
-@command("object-del", {"id": "str"})
+@command("object-del")
 async def object_del(ctx: CommandContext, args: Args) -> None:
     ctx.daemon.objects.delete(args.get_str("id"))
 
@@ -124,13 +69,13 @@ def _props(ctx: CommandContext, path: str, obj: UserObject | None) -> dict[str, 
     return props
 
 
-@command("qom-list", {"path": "str"}, returns=["ObjectPropertyInfo"])
+@command("qom-list")
 async def qom_list(ctx: CommandContext, args: Args) -> list[dict[str, Any]]:
     path, obj = _resolve(ctx, args.get_str("path"))
     return [{"name": k, "type": t} for k, (t, _) in _props(ctx, path, obj).items()]
 
 
-@command("qom-get", {"path": "str", "property": "str"}, returns="any")
+@command("qom-get")
 async def qom_get(ctx: CommandContext, args: Args) -> Any:
     path, obj = _resolve(ctx, args.get_str("path"))
     name = args.get_str("property")
@@ -154,8 +99,7 @@ def _implements(name: str, ancestor: str) -> bool:
     return False
 
 
-@command("qom-list-types", {"*implements": "str", "*abstract": "bool"},
-         returns=["ObjectTypeInfo"])
+@command("qom-list-types")
 async def qom_list_types(ctx: CommandContext, args: Args) -> list[dict[str, Any]]:
     implements = args.opt_str("implements")
     with_abstract = args.get_bool("abstract", False)

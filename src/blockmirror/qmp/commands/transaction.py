@@ -15,12 +15,13 @@ Registering an action (the dirty-bitmap module does this for block-dirty-bitmap-
         ...                      # checks and the change itself; raise BlockMirrorError to fail
         return Action(abort=undo)  # commit/abort/clean: async callables, each optional
 
-    register_action("block-dirty-bitmap-add", "BlockDirtyBitmapAdd", prepare_bitmap_add)
+    register_action("block-dirty-bitmap-add", prepare_bitmap_add)
 
-The data type (here BlockDirtyBitmapAdd) must be declared in the schema before the first
-``transaction`` call; ``register_action`` adds the ``{type}Wrapper`` branch to the
-TransactionAction union, so load order does not matter. ``grouped=True`` marks an action that
-supports ``completion-mode=grouped`` (job-starting actions); the others refuse it.
+and, in ``blockmirror/qapi/transaction.py``, the union branch
+``"block-dirty-bitmap-add": "BlockDirtyBitmapAddWrapper"`` with
+``struct("BlockDirtyBitmapAddWrapper", {"data": "BlockDirtyBitmapAdd"})``. ``grouped=True``
+marks an action that supports ``completion-mode=grouped`` (job-starting actions); the others
+refuse it.
 """
 
 from __future__ import annotations
@@ -29,9 +30,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from blockmirror.block.snapshot import ExternalSnapshot
 from blockmirror.errors import BlockMirrorError
+from blockmirror.qapi import TYPES
+from blockmirror.qapi.schema import UnionType
+from blockmirror.qapi.transaction import ACTION_KINDS
 from blockmirror.qmp.registry import Args, CommandContext, command
-from blockmirror.qmp.schema import TYPES, UnionType, enum, struct, union
 
 Step = Callable[[], Awaitable[None]]
 
@@ -62,35 +66,18 @@ class ActionType:
 #: the action table: TransactionAction type -> how to prepare it
 ACTIONS: dict[str, ActionType] = {}
 
-#: QEMU 7.2's TransactionActionKind, in its order
-ACTION_KINDS = [
-    "abort", "block-dirty-bitmap-add", "block-dirty-bitmap-remove", "block-dirty-bitmap-clear",
-    "block-dirty-bitmap-enable", "block-dirty-bitmap-disable", "block-dirty-bitmap-merge",
-    "blockdev-backup", "blockdev-snapshot", "blockdev-snapshot-internal-sync",
-    "blockdev-snapshot-sync", "drive-backup",
-]
-
-enum("TransactionActionKind", ACTION_KINDS)
-enum("ActionCompletionMode", ["individual", "grouped"])
-struct("Abort", {})
-struct("TransactionProperties", {"*completion-mode": "ActionCompletionMode"})
-union("TransactionAction", {"type": "TransactionActionKind"}, "type", {})
-
-
-def register_action(kind: str, data_type: str, prepare: Prepare, *,
-                    grouped: bool = False) -> None:
-    """Add ``kind`` to the action table, its data validated as ``data_type``."""
+def register_action(kind: str, prepare: Prepare, *, grouped: bool = False) -> None:
+    """Add ``kind`` to the action table (its branch of TransactionAction is declared in
+    ``blockmirror.qapi.transaction``)."""
     if kind not in ACTION_KINDS:
         raise ValueError(f"{kind} is not a TransactionActionKind")
     if kind in ACTIONS:
         raise ValueError(f"transaction action {kind} registered twice")
-    ACTIONS[kind] = ActionType(prepare, grouped)
-    wrapper = f"{data_type}Wrapper"
-    if wrapper not in TYPES:
-        struct(wrapper, {"data": data_type})
     decl = TYPES["TransactionAction"]
     assert isinstance(decl, UnionType)
-    decl.branches[kind] = wrapper
+    if kind not in decl.branches:
+        raise ValueError(f"TransactionAction has no branch for {kind} in blockmirror.qapi")
+    ACTIONS[kind] = ActionType(prepare, grouped)
 
 
 async def run_transaction(ctx: CommandContext, actions: list[dict[str, Any]],
@@ -132,8 +119,7 @@ async def _clean(prepared: list[Action]) -> None:
             await done.clean()
 
 
-@command("transaction", {"actions": ["TransactionAction"],
-                         "*properties": "TransactionProperties"})
+@command("transaction")
 async def transaction(ctx: CommandContext, args: Args) -> None:
     await run_transaction(ctx, list(args["actions"]), dict(args.get("properties") or {}))
 
@@ -148,8 +134,6 @@ async def _prepare_abort(ctx: CommandContext, data: dict[str, Any],
 
 async def _prepare_snapshot(ctx: CommandContext, data: dict[str, Any],
                             props: TransactionProperties, sync: bool) -> Action:
-    from blockmirror.block.snapshot import ExternalSnapshot
-
     snap = ExternalSnapshot(ctx.daemon.graph, ctx.daemon.print_stdout)
     try:
         if sync:
@@ -176,12 +160,6 @@ async def _prepare_blockdev_snapshot(ctx: CommandContext, data: dict[str, Any],
     return await _prepare_snapshot(ctx, data, props, sync=False)
 
 
-def _register_builtin() -> None:
-    from blockmirror.qmp.commands import block_graph  # noqa: F401  (declares the data types)
-
-    register_action("abort", "Abort", _prepare_abort)
-    register_action("blockdev-snapshot-sync", "BlockdevSnapshotSync", _prepare_snapshot_sync)
-    register_action("blockdev-snapshot", "BlockdevSnapshot", _prepare_blockdev_snapshot)
-
-
-_register_builtin()
+register_action("abort", _prepare_abort)
+register_action("blockdev-snapshot-sync", _prepare_snapshot_sync)
+register_action("blockdev-snapshot", _prepare_blockdev_snapshot)
