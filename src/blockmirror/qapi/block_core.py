@@ -319,7 +319,8 @@ struct("BlockStats", {
 })
 
 command("block_resize", {"*device": "str", "*node-name": "str", "size": "int"},
-        doc="raw and qcow2 grow, raw shrink (not qcow2 shrink); QEMU's errors")
+        doc="raw and qcow2 grow and shrink (qcow2: the clusters past the end are "
+            "discarded); QEMU's errors")
 command("blockdev-snapshot-sync", "BlockdevSnapshotSync",
         doc="a transaction of one action: the new overlay goes on top, its `backing` is the "
             "node, the node's users move to it, the old top becomes read-only")
