@@ -182,3 +182,20 @@ def test_limits_round_trip() -> None:
     assert cfg.limits()["bps-read-max-length"] == 5
     assert cfg.limits()["iops-size"] == 7
     assert len(cfg.limits()) == 19
+
+
+def test_qom_set_limits_merge_and_take_effect() -> None:
+    async def main() -> None:
+        clock = VirtualClock()
+        tg = group(clock, **{"bps-total": MiB})
+        tg.set_property("limits", {"iops-total": 10})
+        assert tg.config.limits()["bps-total"] == MiB
+        assert tg.config.limits()["iops-total"] == 10
+        with pytest.raises(BlockMirrorError, match="cannot be lower"):
+            tg.set_property("limits", {"iops-total-max": 5})
+        assert tg.config.limits()["iops-total-max"] == 0  # a refused change changes nothing
+        # the new iops limit now governs small requests: request i waits (i - 1) / 10 s
+        times = await run_requests(clock, tg, [(False, 512)] * 12)
+        assert times[11] == pytest.approx(1.0 * NS, abs=2)
+
+    asyncio.run(main())

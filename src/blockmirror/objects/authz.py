@@ -30,6 +30,7 @@ class Authz(UserObject):
 
 class AuthzSimple(Authz):
     qom_type = "authz-simple"
+    settable = {"identity": "str"}
 
     def __init__(self, oid: str, identity: str) -> None:
         super().__init__(oid)
@@ -46,7 +47,8 @@ class AuthzSimple(Authz):
 class Rule:
     match: str
     policy: str  # allow | deny
-    format: str = "exact"  # exact | glob
+    #: exact | glob; None: not given (exact), and qom-get shows it absent as QEMU does
+    format: str | None = None
 
     def matches(self, identity: str) -> bool:
         if self.format == "glob":
@@ -57,16 +59,21 @@ class Rule:
         return identity == self.match
 
     def as_qapi(self) -> dict[str, str]:
-        return {"match": self.match, "policy": self.policy, "format": self.format}
+        out = {"match": self.match, "policy": self.policy}
+        if self.format is not None:
+            out["format"] = self.format
+        return out
 
 
 def rules_from(values: list[dict[str, Any]]) -> list[Rule]:
-    return [Rule(str(r["match"]), str(r["policy"]), str(r.get("format", "exact")))
-            for r in values]
+    return [Rule(str(r["match"]), str(r["policy"]),
+                 str(r["format"]) if "format" in r else None) for r in values]
 
 
 class AuthzList(Authz):
     qom_type = "authz-list"
+    settable = {"policy": "QAuthZListPolicy", "rules": ["QAuthZListRule"]}
+    emptied_on_error = {"rules": []}
 
     def __init__(self, oid: str, policy: str = "deny", rules: list[Rule] | None = None) -> None:
         super().__init__(oid)
@@ -78,6 +85,12 @@ class AuthzList(Authz):
             if rule.matches(identity):
                 return rule.policy == "allow"
         return self.policy == "allow"
+
+    def set_property(self, name: str, value: Any) -> None:
+        if name == "rules":
+            self.rules = rules_from(value)
+        else:
+            self.policy = str(value)
 
     def properties(self) -> dict[str, tuple[str, Any]]:
         return {"policy": ("QAuthZListPolicy", self.policy),

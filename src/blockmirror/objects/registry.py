@@ -29,9 +29,22 @@ class UserObject:
         #: references held by users (a throttle node on its group): object-del refuses then
         self.users = 0
 
+    #: properties qom-set may change after creation: name -> the QAPI type its value has
+    settable: ClassVar[dict[str, Any]] = {}
+    #: properties only object-add may set (qom-set: "cannot be set after initialization")
+    create_only: ClassVar[frozenset[str]] = frozenset()
+    #: properties a rejected qom-set value leaves empty (QEMU frees the old value before its
+    #: visitor reads the new one): name -> the empty value
+    emptied_on_error: ClassVar[dict[str, Any]] = {}
+
     def properties(self) -> dict[str, tuple[str, Any]]:
         """QOM property name -> (QOM type name, value)."""
         return {}
+
+    def set_property(self, name: str, value: Any) -> None:
+        """qom-set of a property in ``settable`` (``value`` already validated); the default
+        stores it in the attribute of the same name (dashes as underscores)."""
+        setattr(self, name.replace("-", "_"), value)
 
     def close(self) -> None:
         """Release what the object holds (files, watches); called by ``delete``."""

@@ -63,6 +63,9 @@ def _aes_cbc_decrypt(key: bytes, iv: bytes, data: bytes) -> bytes:
 class Secret(UserObject):
     qom_type = "secret"
     qom_parent = "secret_common"
+    # QEMU stores what qom-set gives; the value loaded at creation stays
+    settable = {"data": "str", "file": "str", "format": "QCryptoSecretFormat", "keyid": "str",
+                "iv": "str"}
 
     def __init__(self, oid: str, registry: ObjectLookup, *, data: str | None = None,
                  file: str | None = None, format: str = "raw", keyid: str | None = None,

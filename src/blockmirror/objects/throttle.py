@@ -189,6 +189,8 @@ class ThrottleGroup(UserObject):
     """cf. ThrottleGroup: shared limits of every throttle node that names it."""
 
     qom_type = "throttle-group"
+    settable = {"limits": "ThrottleLimits"}
+    create_only = frozenset(f"x-{k}" for k in LIMIT_KEYS)
 
     def __init__(self, oid: str, clock: Clock, *, limits: dict[str, int] | None = None,
                  props: dict[str, int] | None = None) -> None:
@@ -213,6 +215,16 @@ class ThrottleGroup(UserObject):
         """block_set_io_throttle / qom-set limits: checked, then in force from now."""
         config.check()
         self.state.reconfigure(config)
+
+    def set_property(self, name: str, value: Any) -> None:
+        """qom-set limits: the given members change, the others keep their value; the
+        result must be valid, and is in force from now on (cf. throttle_group_set_limits)."""
+        config = ThrottleConfig()
+        for key, current in self.config.limits().items():
+            config.set_limit(key, current)
+        for key, new in dict(value).items():
+            _set_checked(config, key, new)
+        self.set_limits(config)
 
     async def intercept(self, is_write: bool, size: int) -> None:
         """Wait until the group lets a request of ``size`` bytes through, then account it

@@ -23,6 +23,8 @@ class TlsCreds(UserObject):
     """What every TLS credentials type has (cf. QCryptoTLSCreds)."""
 
     qom_parent = "tls-creds"
+    settable = {"endpoint": "QCryptoTLSCredsEndpoint", "dir": "str", "verify-peer": "bool",
+                "priority": "str"}
 
     def __init__(self, oid: str, *, endpoint: str = "client", dir: str | None = None,
                  verify_peer: bool = True, priority: str | None = None) -> None:
@@ -54,6 +56,7 @@ class TlsCreds(UserObject):
 
 class TlsCredsX509(TlsCreds):
     qom_type = "tls-creds-x509"
+    settable = {**TlsCreds.settable, "sanity-check": "bool", "passwordid": "str"}
 
     def __init__(self, oid: str, registry: ObjectLookup, *, sanity_check: bool = True,
                  passwordid: str | None = None, **common: Any) -> None:
@@ -92,6 +95,7 @@ class TlsCredsAnon(TlsCreds):
 
 class TlsCredsPsk(TlsCreds):
     qom_type = "tls-creds-psk"
+    settable = {**TlsCreds.settable, "username": "str"}
 
     def __init__(self, oid: str, *, username: str | None = None, **common: Any) -> None:
         super().__init__(oid, **common)

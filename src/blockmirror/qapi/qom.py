@@ -83,6 +83,9 @@ command("object-del", {"id": "str"}, doc="refuses an object in use (a throttle g
 command("qom-list", {"path": "str"}, returns=["ObjectPropertyInfo"],
         doc="`/`, `/objects`, `/objects/ID`; our order (QEMU's follows a hash table)")
 command("qom-get", {"path": "str", "property": "str"}, returns="any")
+command("qom-set", {"path": "str", "property": "str", "value": "any"},
+        doc="throttle-group `limits` (merged, then checked), authz `identity`/`policy`/"
+            "`rules`, secret and TLS credential properties (stored; no reload)")
 command("qom-list-types", {"*implements": "str", "*abstract": "bool"},
         returns=["ObjectTypeInfo"], defaults={"abstract": False},
         doc="the types blockmirror creates (and their abstract parents)")

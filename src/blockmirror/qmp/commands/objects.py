@@ -14,6 +14,7 @@ from blockmirror.errors import BlockMirrorError, DeviceNotFound
 from blockmirror.jobs.clock import Clock
 from blockmirror.objects.factory import QOM_TYPES, create_object
 from blockmirror.objects.registry import ObjectRegistry, UserObject
+from blockmirror.qapi import SchemaError, validate
 from blockmirror.qmp.registry import Args, CommandContext, command
 
 
@@ -88,6 +89,27 @@ async def qom_get(ctx: CommandContext, args: Args) -> Any:
         # unset string properties read as "" (cf. object_property_get_str on NULL)
         return "" if qom_type == "string" else value
     return value
+
+
+@command("qom-set")
+async def qom_set(ctx: CommandContext, args: Args) -> None:
+    """cf. qmp_qom_set: the property's visitor checks the value, then the object takes it."""
+    path, obj = _resolve(ctx, args.get_str("path"))
+    name = args.get_str("property")
+    owner = obj.qom_type if obj else "container"
+    if obj is None or (name not in obj.settable and name not in obj.create_only):
+        if name in _props(ctx, path, obj):
+            raise BlockMirrorError(f"Property '{owner}.{name}' is not writable")
+        raise BlockMirrorError(f"Property '{owner}.{name}' not found")
+    if name in obj.create_only:
+        raise BlockMirrorError("Property cannot be set after initialization")
+    try:
+        value = validate(obj.settable[name], args["value"], name, name)
+    except SchemaError as e:
+        if name in obj.emptied_on_error:
+            obj.set_property(name, obj.emptied_on_error[name])
+        raise BlockMirrorError(e.desc) from None
+    obj.set_property(name, value)
 
 
 def _implements(name: str, ancestor: str) -> bool:
