@@ -22,16 +22,30 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_nbd_tls_authz import _EXT, _ossl, _signed
 
 from blockmirror.qmp.testing import DaemonProcess, SyncQMP, daemon_argv
 from conftest import require_tool
 from nbd_helpers import free_port
-from test_nbd_tls_authz import _ossl, pki  # noqa: F401  (the pki fixture)
 
 pytestmark = pytest.mark.interop
 
 MiB = 1 << 20
 KEY, IV = b"libvirt-master-key-32-bytes-long", b"0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def tls_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA and the destination's server certificate (the source's is made per run)."""
+    require_tool("openssl")
+    d = tmp_path_factory.mktemp("migration-pki")
+    (d / "ext.cnf").write_text(_EXT)
+    _ossl(d, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca-key.pem", "-out",
+          "ca-cert.pem", "-days", "2", "-subj", "/CN=migration-test-ca",
+          "-addext", "basicConstraints=critical,CA:TRUE",
+          "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    _signed(d, d / "server", "/CN=localhost", "v3server")
+    return d
 
 
 def _run(conn: SyncQMP, name: str, args: dict[str, Any] | None = None,
@@ -188,19 +202,19 @@ def _normalise(log: list[Any]) -> list[Any]:
     return json.loads(re.sub(r'"port": "\d+"', '"port": "P"', text))
 
 
-def test_libvirt_tls_migration_same_as_qsd(tmp_path: Path, pki: Path) -> None:  # noqa: F811
+def test_libvirt_tls_migration_same_as_qsd(tmp_path: Path, tls_pki: Path) -> None:
     require_tool("qemu-storage-daemon", "qemu-img", "qemu-io", "openssl")
-    want = _migrate("qsd", tmp_path, pki)
-    got = _migrate("ours", tmp_path, pki)
+    want = _migrate("qsd", tmp_path, tls_pki)
+    got = _migrate("ours", tmp_path, tls_pki)
     assert got[1] == want[1], f"destination:\nqsd:  {want[1]}\nours: {got[1]}"
     assert got[0] == want[0], f"source:\nqsd:  {want[0]}\nours: {got[0]}"
     assert any(e.get("event") == "BLOCK_JOB_READY" for e in want[0])
 
 
 def test_libvirt_tls_migration_refused_by_authz_same_as_qsd(tmp_path: Path,
-                                                            pki: Path) -> None:  # noqa: F811
+                                                            tls_pki: Path) -> None:
     require_tool("qemu-storage-daemon", "qemu-img", "qemu-io", "openssl")
-    want = _migrate("qsd", tmp_path, pki, allowed="O=Example,CN=other-host")
-    got = _migrate("ours", tmp_path, pki, allowed="O=Example,CN=other-host")
+    want = _migrate("qsd", tmp_path, tls_pki, allowed="O=Example,CN=other-host")
+    got = _migrate("ours", tmp_path, tls_pki, allowed="O=Example,CN=other-host")
     assert "error" in want[0][-1]["reply"], want[0][-1]
     assert got == want, f"qsd:  {want}\nours: {got}"
