@@ -1,4 +1,5 @@
-"""A replay of what libvirt sends for a non-shared-storage migration with TLS (issue 11),
+"""Replays of what libvirt sends (issue 11): a non-shared-storage migration with TLS, and an
+external snapshot followed by a shallow block copy;
 against qemu-storage-daemon 7.2 and against ours, with identical outcomes.
 
 The sequence follows libvirt's qemuMigrationSrcNBDStorageCopy / destination NBD setup, in our
@@ -218,3 +219,85 @@ def test_libvirt_tls_migration_refused_by_authz_same_as_qsd(tmp_path: Path,
     got = _migrate("ours", tmp_path, tls_pki, allowed="O=Example,CN=other-host")
     assert "error" in want[0][-1]["reply"], want[0][-1]
     assert got == want, f"qsd:  {want}\nours: {got}"
+
+
+def _snapshot_then_shallow_copy(kind: str, tmp: Path) -> list[Any]:
+    """libvirt's external disk snapshot (``transaction`` of ``blockdev-snapshot`` onto an
+    overlay it created) followed by a shallow block copy (``blockdev-mirror sync=top`` onto a
+    copy of the overlay whose backing is the old base, then the pivot)."""
+    d = tmp / f"shallow-{kind}"
+    d.mkdir()
+    base, overlay, copy = d / "base.qcow2", d / "overlay.qcow2", d / "copy.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "4M"], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 2M", str(base)],
+                   check=True, capture_output=True)
+    for img in (overlay, copy):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
+                        str(base), str(img)], check=True)
+    sock = d / "nbd.sock"
+    log: list[Any] = []
+
+    def guest_write(cmd: str) -> None:
+        subprocess.run(["qemu-io", "-f", "raw", "-c", cmd, f"nbd+unix:///vda?socket={sock}"],
+                       check=True, capture_output=True, timeout=60)
+
+    def qcow2(n: int, path: Path, backing: str | None) -> tuple[str, dict[str, Any]]:
+        return ("blockdev-add", {"driver": "qcow2", "node-name": f"libvirt-{n}-format",
+                                 "backing": backing, "file": {
+                                     "driver": "file", "node-name": f"libvirt-{n}-storage",
+                                     "filename": str(path)}})
+
+    argv = ["--nbd-server", f"addr.type=unix,addr.path={sock}"]
+    with DaemonProcess(daemon_argv(kind, str(d / "qmp"), *argv), str(d / "qmp")) as proc, \
+            proc.connect() as conn:
+        _run(conn, "qmp_capabilities")
+        for name, args in [
+            ("blockdev-add", {"driver": "qcow2", "node-name": "libvirt-1-format", "file": {
+                "driver": "file", "node-name": "libvirt-1-storage", "filename": str(base)}}),
+            ("block-export-add", {"type": "nbd", "id": "vda", "node-name": "libvirt-1-format",
+                                  "name": "vda", "writable": True}),
+            qcow2(2, overlay, None),
+            ("transaction", {"actions": [{"type": "blockdev-snapshot", "data": {
+                "node": "libvirt-1-format", "overlay": "libvirt-2-format"}}]}),
+            ("query-block-exports", {}),
+        ]:
+            _run(conn, name, args, log)
+        guest_write("write -P 0x22 1M 2M")
+        for name, args in [
+            qcow2(3, copy, "libvirt-1-format"),
+            ("blockdev-mirror", {"job-id": "copy-vda", "device": "libvirt-2-format",
+                                 "target": "libvirt-3-format", "sync": "top",
+                                 "auto-dismiss": False}),
+        ]:
+            _run(conn, name, args, log)
+        _wait_event(conn, log, "BLOCK_JOB_READY", device="copy-vda")
+        _run(conn, "block-job-complete", {"device": "copy-vda"}, log)
+        _wait_event(conn, log, "JOB_STATUS_CHANGE", id="copy-vda", status="concluded")
+        _run(conn, "job-dismiss", {"id": "copy-vda"}, log)
+        _run(conn, "query-block-exports", {}, log)
+        guest_write("write -P 0x33 3M 512k")
+        # the old overlay is no longer used: libvirt deletes it
+        _run(conn, "blockdev-del", {"node-name": "libvirt-2-format"}, log)
+        _run(conn, "blockdev-del", {"node-name": "libvirt-2-storage"}, log)
+        _run(conn, "quit")
+    r = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "read -P 0x11 0 1M", "-c",
+                        "read -P 0x22 1M 2M", "-c", "read -P 0x33 3M 512k", str(copy)],
+                       capture_output=True, text=True)
+    assert "Pattern verification failed" not in r.stdout and r.returncode == 0, r.stdout
+    r = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "read -P 0x11 0 2M", "-c",
+                        "read -P 0 2M 2M", str(base)], capture_output=True, text=True)
+    assert "Pattern verification failed" not in r.stdout and r.returncode == 0, r.stdout
+    chain = subprocess.run(["qemu-img", "info", "--backing-chain", str(copy)],
+                           capture_output=True, text=True, check=True).stdout
+    log.append({"chain": re.sub(r"disk size: .*", "", chain.replace(str(d), "T"))})
+    return log
+
+
+def test_libvirt_snapshot_and_shallow_copy_same_as_qsd(tmp_path: Path) -> None:
+    require_tool("qemu-storage-daemon", "qemu-img", "qemu-io")
+    want = _snapshot_then_shallow_copy("qsd", tmp_path)
+    got = _snapshot_then_shallow_copy("ours", tmp_path)
+    assert got == want, "\n".join(f"qsd:  {w}\nours: {g}" for w, g in zip(want, got,
+                                                                          strict=False)
+                                  if w != g)
+    assert any(e.get("event") == "BLOCK_JOB_READY" for e in want)
