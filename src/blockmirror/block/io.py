@@ -193,6 +193,7 @@ async def read_many(node: BlockNode, extents: list[tuple[int, int]]) -> list[byt
         async with _tracked(node):
             parts = await node.driver.read_extents(extents)
         if parts is not None:
+            node.stats.record_batch("read", extents)
             return parts
     return list(await asyncio.gather(*(read(node, o, n) for o, n in extents)))
 
@@ -214,6 +215,7 @@ async def write_many(node: BlockNode, pieces: list[tuple[int, bytes | memoryview
         finally:
             node.write_gen += 1
         if done:
+            node.stats.record_batch("write", [(o, len(v)) for o, v in views])
             return
     results = await asyncio.gather(*(write(node, o, v) for o, v in views),
                                    return_exceptions=True)
