@@ -129,6 +129,7 @@ def _steps(tmp: Path, certs: Path) -> list[Step]:
         ("blockdev-add", {"driver": "throttle", "node-name": "th3", "file": "f"}),
         ("blockdev-add", {"driver": "throttle", "node-name": "th4", "throttle-group": "a0",
                           "file": "f"}),
+        ("query-named-block-nodes", {}),
         ("object-del", {"id": "t0"}),
         ("blockdev-del", {"node-name": "th"}),
         ("object-del", {"id": "t0"}),

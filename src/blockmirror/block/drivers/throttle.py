@@ -64,7 +64,8 @@ class ThrottleDriver(BlockDriver):
         return child.length() if child is not None else 0
 
     def info(self) -> DriverInfo:
-        return self._child().info()
+        # cf. bdrv_co_get_info on a filter: the child's cluster size; no format-specific data
+        return DriverInfo(cluster_size=self._child().info().cluster_size)
 
     def has_zero_init(self) -> bool:
         return self._child().driver.has_zero_init()
