@@ -165,6 +165,15 @@ def _steps(tmp: Path, certs: Path) -> list[Step]:
         get("e1", "data"),
         # iothread objects are accepted
         add("iothread", "io0"),
+        add("iothread", "io1", **{"poll-max-ns": 5, "thread-pool-max": 8}),
+        add("main-loop", "ml0"),
+        add("main-loop", "ml1"),
+        ("qom-list", {"path": "/objects/io0"}), ("qom-list", {"path": "/objects/ml0"}),
+        get("io0", "poll-max-ns"), get("io1", "poll-max-ns"), get("io1", "thread-pool-max"),
+        get("ml0", "thread-pool-max"),
+        ("qom-set", {"path": "/objects/io0", "property": "poll-max-ns", "value": 7}),
+        get("io0", "poll-max-ns"),
+        ("qom-list-types", {"implements": "event-loop-base", "abstract": True}),
         # the tree
         ("object-del", {"id": "s0"}), ("object-del", {"id": "s0"}),
         ("qom-list", {"path": "/objects"}), ("qom-list", {"path": "/"}),

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from blockmirror.errors import BlockMirrorError
 from blockmirror.objects.authz import AuthzList, AuthzListFile, AuthzSimple, rules_from
+from blockmirror.objects.event_loop import IOThread, MainLoop
 from blockmirror.objects.registry import ObjectRegistry, UserObject
 from blockmirror.objects.secret import Secret
 from blockmirror.objects.throttle import ThrottleGroup
@@ -41,20 +42,6 @@ QOM_TYPES: dict[str, tuple[str | None, bool]] = {
     "iothread": ("event-loop-base", False),
     "main-loop": ("event-loop-base", False),
 }
-
-
-class GenericObject(UserObject):
-    """An object blockmirror accepts but has no use for (iothread, main-loop): its options
-    are kept so qom-get can answer."""
-
-    def __init__(self, oid: str, qom_type: str, props: dict[str, Any]) -> None:
-        super().__init__(oid)
-        self.qom_type = qom_type
-        self._props = props
-
-    def properties(self) -> dict[str, tuple[str, Any]]:
-        return {k: ("int" if isinstance(v, int) else "string", v)
-                for k, v in self._props.items()}
 
 
 def _tls_common(opts: dict[str, Any]) -> dict[str, Any]:
@@ -91,9 +78,11 @@ def create_object(registry: ObjectRegistry, clock: Clock, options: dict[str, Any
     if qom_type == "throttle-group":
         limits = opts.pop("limits", None)
         return ThrottleGroup(oid, clock, limits=limits, props=opts)
-    if qom_type in ("iothread", "main-loop"):
-        return GenericObject(oid, qom_type, opts)
+    if qom_type == "iothread":
+        return IOThread(oid, opts)
+    if qom_type == "main-loop":
+        return MainLoop(oid, opts, registry)
     raise BlockMirrorError(f"object type '{qom_type}' is not supported by blockmirror")
 
 
-__all__ = ["QOM_TYPES", "GenericObject", "create_object"]
+__all__ = ["QOM_TYPES", "create_object"]

@@ -20,7 +20,6 @@ class UserObject:
     returns them, with their QOM type names, in declaration order.
     """
 
-    #: per class, except for GenericObject (one class for several QOM types)
     qom_type: str = "object"
     qom_parent: ClassVar[str] = "object"
 
