@@ -16,7 +16,7 @@ from typing import Any
 from blockmirror.qmp.testing import DaemonProcess, SyncQMP, daemon_argv
 
 #: commands whose list replies QEMU orders by a GHashTable walk
-UNORDERED = frozenset({"qom-list", "qom-list-types"})
+UNORDERED = frozenset({"qom-list", "qom-list-types", "qom-list-properties"})
 
 Step = tuple[str, dict[str, Any]]
 

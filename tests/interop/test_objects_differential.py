@@ -185,6 +185,11 @@ def _steps(tmp: Path, certs: Path) -> list[Step]:
         ("qom-list-types", {"implements": "authz", "abstract": True}),
         ("qom-list-types", {"implements": "throttle-group"}),
         ("qom-list-types", {"implements": "no-such-type"}),
+        *(("qom-list-properties", {"typename": t}) for t in (
+            "object", "container", "secret_common", "secret", "tls-creds", "tls-creds-x509",
+            "tls-creds-anon", "tls-creds-psk", "tls-cipher-suites", "authz", "authz-simple",
+            "authz-list", "authz-list-file", "throttle-group", "event-loop-base", "iothread",
+            "main-loop", "nope")),
     ]
 
 

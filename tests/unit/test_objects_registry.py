@@ -128,3 +128,25 @@ def test_tls_creds_check_files_in_qemus_order(tmp_path: Path) -> None:
                      "endpoint": "server"})
     make(reg, **{"qom-type": "tls-creds-x509", "id": "t", "dir": str(tmp_path),
                  "endpoint": "client"})
+
+
+def test_type_properties_match_the_instances(tmp_path: Path) -> None:
+    """qom-list-properties (per type) and qom-list (per instance) must agree."""
+    from blockmirror.objects.factory import QOM_TYPES, TYPE_PROPERTIES
+
+    assert set(TYPE_PROPERTIES) == set(QOM_TYPES)
+    for name in ("ca-cert.pem", "server-cert.pem", "server-key.pem", "keys.psk"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "list.json").write_text("{}")
+    reg = ObjectRegistry()
+    samples = {
+        "secret": {"data": "x"}, "tls-creds-x509": {"dir": str(tmp_path)},
+        "tls-creds-anon": {}, "tls-creds-psk": {"dir": str(tmp_path)},
+        "authz-simple": {"identity": "x"}, "authz-list": {},
+        "authz-listfile": {"filename": str(tmp_path / "list.json")},
+        "throttle-group": {}, "iothread": {}, "main-loop": {},
+    }
+    for i, (qom_type, props) in enumerate(samples.items()):
+        obj = create_object(reg, VirtualClock(), {"qom-type": qom_type, "id": f"o{i}", **props})
+        got = sorted((k, t) for k, (t, _) in obj.properties().items())
+        assert got == sorted(TYPE_PROPERTIES[obj.qom_type]), qom_type

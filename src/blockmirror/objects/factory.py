@@ -14,7 +14,7 @@ from blockmirror.objects.authz import AuthzList, AuthzListFile, AuthzSimple, rul
 from blockmirror.objects.event_loop import IOThread, MainLoop
 from blockmirror.objects.registry import ObjectRegistry, UserObject
 from blockmirror.objects.secret import Secret
-from blockmirror.objects.throttle import ThrottleGroup
+from blockmirror.objects.throttle import LIMIT_KEYS, ThrottleGroup
 from blockmirror.objects.tls import TlsCredsAnon, TlsCredsPsk, TlsCredsX509
 
 if TYPE_CHECKING:
@@ -41,6 +41,32 @@ QOM_TYPES: dict[str, tuple[str | None, bool]] = {
     "event-loop-base": ("object", True),
     "iothread": ("event-loop-base", False),
     "main-loop": ("event-loop-base", False),
+    "container": ("object", False),
+}
+
+_TLS = [("endpoint", "QCryptoTLSCredsEndpoint"), ("dir", "string"), ("verify-peer", "bool"),
+        ("priority", "string")]
+_SECRET = [("loaded", "bool"), ("format", "QCryptoSecretFormat"), ("keyid", "string"),
+           ("iv", "string")]
+_LOOP = [("thread-pool-min", "int"), ("aio-max-batch", "int"), ("thread-pool-max", "int")]
+_LIMITS = [("limits", "ThrottleLimits"), *((f"x-{k}", "int") for k in LIMIT_KEYS)]
+
+#: QOM type -> the properties its class declares (qom-list-properties), "type" excluded;
+#: an instance's qom-list shows the same (tests/unit/test_objects_registry.py checks it)
+TYPE_PROPERTIES: dict[str, list[tuple[str, str]]] = {
+    "object": [], "container": [], "authz": [],
+    "secret_common": _SECRET, "secret": [*_SECRET, ("data", "string"), ("file", "string")],
+    "tls-creds": _TLS, "tls-cipher-suites": _TLS,
+    "tls-creds-anon": [*_TLS, ("loaded", "bool")],
+    "tls-creds-psk": [*_TLS, ("username", "string"), ("loaded", "bool")],
+    "tls-creds-x509": [*_TLS, ("sanity-check", "bool"), ("passwordid", "string"),
+                       ("loaded", "bool")],
+    "authz-simple": [("identity", "string")],
+    "authz-list": [("policy", "QAuthZListPolicy"), ("rules", "QAuthZListRule")],
+    "authz-list-file": [("filename", "string"), ("refresh", "bool")],
+    "throttle-group": _LIMITS,
+    "event-loop-base": _LOOP, "main-loop": _LOOP,
+    "iothread": [*_LOOP, ("poll-max-ns", "int"), ("poll-grow", "int"), ("poll-shrink", "int")],
 }
 
 
@@ -85,4 +111,4 @@ def create_object(registry: ObjectRegistry, clock: Clock, options: dict[str, Any
     raise BlockMirrorError(f"object type '{qom_type}' is not supported by blockmirror")
 
 
-__all__ = ["QOM_TYPES", "create_object"]
+__all__ = ["QOM_TYPES", "TYPE_PROPERTIES", "create_object"]

@@ -86,6 +86,8 @@ command("qom-get", {"path": "str", "property": "str"}, returns="any")
 command("qom-set", {"path": "str", "property": "str", "value": "any"},
         doc="throttle-group `limits` (merged, then checked), authz `identity`/`policy`/"
             "`rules`, secret and TLS credential properties (stored; no reload)")
+command("qom-list-properties", {"typename": "str"}, returns=["ObjectPropertyInfo"],
+        doc="the types qom-list-types lists")
 command("qom-list-types", {"*implements": "str", "*abstract": "bool"},
         returns=["ObjectTypeInfo"], defaults={"abstract": False},
         doc="the types blockmirror creates (and their abstract parents)")

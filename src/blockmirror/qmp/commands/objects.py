@@ -12,7 +12,7 @@ from typing import Any
 from blockmirror.block.graph import id_wellformed
 from blockmirror.errors import BlockMirrorError, DeviceNotFound
 from blockmirror.jobs.clock import Clock
-from blockmirror.objects.factory import QOM_TYPES, create_object
+from blockmirror.objects.factory import QOM_TYPES, TYPE_PROPERTIES, create_object
 from blockmirror.objects.registry import ObjectRegistry, UserObject
 from blockmirror.qapi import SchemaError, validate
 from blockmirror.qmp.registry import Args, CommandContext, command
@@ -110,6 +110,16 @@ async def qom_set(ctx: CommandContext, args: Args) -> None:
             obj.set_property(name, obj.emptied_on_error[name])
         raise BlockMirrorError(e.desc) from None
     obj.set_property(name, value)
+
+
+@command("qom-list-properties")
+async def qom_list_properties(ctx: CommandContext, args: Args) -> list[dict[str, Any]]:
+    typename = args.get_str("typename")
+    props = TYPE_PROPERTIES.get(typename)
+    if props is None:
+        raise DeviceNotFound(f"Class '{typename}' not found")
+    return [{"name": "type", "type": "string"},
+            *({"name": name, "type": qom_type} for name, qom_type in props)]
 
 
 def _implements(name: str, ancestor: str) -> bool:
