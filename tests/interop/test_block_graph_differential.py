@@ -191,6 +191,18 @@ def _steps(d: Path) -> list[Step]:
         ("blockdev-reopen", {"options": [{"driver": "qcow2", "node-name": "c",
                                           "file": "c-file", "backing": None}]}),
         nodes,
+        # a writer keeps a node read-write; another file child conflicts
+        ("blockdev-reopen", {"options": [{"driver": "qcow2", "node-name": "b",
+                                          "read-only": True, "file": "b-file"}]}),
+        ("blockdev-reopen", {"options": [{"driver": "qcow2", "node-name": "r-file",
+                                          "read-only": True, "file": "b-file"}]}),
+        ("blockdev-reopen", {"options": [{"driver": "qcow2", "node-name": "ov",
+                                          "read-only": False, "file": "b-file"}]}),
+        ("blockdev-reopen", {"options": [{"driver": "qcow2", "node-name": "ov",
+                                          "file": "ov-file", "lazy-refcounts": True}]}),
+        ("blockdev-reopen", {"options": [{"driver": "file", "node-name": "ov-file",
+                                          "filename": str(d / "a.qcow2")}]}),
+        ("blockdev-reopen", {"options": [{"driver": "file", "node-name": "ov-file"}]}),
     ]
 
 

@@ -22,10 +22,12 @@ def _inheriting_children(graph: BlockGraph, node: BlockNode) -> list[BlockNode]:
 
 
 def check_read_only(node: BlockNode) -> None:
-    """A node some parent writes through cannot become read-only (cf. bdrv_can_set_read_only)."""
+    """A node some parent writes through cannot become read-only (cf. the permission check
+    of bdrv_reopen_multiple)."""
     for link in node.parents:
         if link.perm & Perm.WRITE:
-            raise BlockMirrorError(f"Node '{node.name}' is read-only")
+            raise BlockMirrorError(
+                f"Read-only block node '{node.name}' cannot support read-write users")
 
 
 async def set_read_only(graph: BlockGraph, node: BlockNode, read_only: bool) -> None:

@@ -337,7 +337,7 @@ command("query-blockstats", {"*query-nodes": "bool", "*__org.blockmirror_counter
         doc="as QSD 7.2 (node counters 0 but `wr_highest_offset`); "
             "`__org.blockmirror_counters` gives the real per-node counters")
 command("blockdev-reopen", {"options": ["BlockdevOptions"]},
-        doc="`read-only` switches and `backing` changes (node name or null); other options "
-            "must keep their value")
+        doc="`read-only` switches and `backing` changes (node name or null); runtime options "
+            "are stored; another `file` child is refused")
 event("BLOCK_WRITE_THRESHOLD", {"node-name": "str", "amount-exceeded": "uint64",
                                 "write-threshold": "uint64"})

@@ -16,7 +16,7 @@ from typing import Any
 
 from blockmirror.block.backing_file import write_backing_file
 from blockmirror.block.graph import BlockGraph
-from blockmirror.block.node import BlockBackend, BlockNode, Perm
+from blockmirror.block.node import BlockBackend, BlockNode, Child, Perm
 from blockmirror.block.options import unref_node
 from blockmirror.block.reopen import check_read_only, set_read_only
 from blockmirror.block.stats import BlockStats
@@ -203,9 +203,10 @@ def _creation_index(graph: BlockGraph, node: BlockNode) -> int:
 
 # --- blockdev-reopen -----------------------------------------------------------------------
 
-#: options a reopen may change (others must keep their value)
-_REOPENABLE = {"read-only", "backing", "file", "node-name", "driver", "detect-zeroes",
-               "discard", "cache", "auto-read-only", "force-share"}
+#: options no driver lets a reopen change (the others are taken, and stored)
+_FIXED = {"filename", "server", "export", "offset", "size", "image", "config", "driver",
+          "node-name"}
+_HANDLED = {"read-only", "backing", "file"}
 
 
 @command("blockdev-reopen")
@@ -213,7 +214,7 @@ async def blockdev_reopen(ctx: CommandContext, args: Args) -> None:
     """cf. qmp_blockdev_reopen: every entry is checked before any is applied (read-only
     switches and backing changes)."""
     graph = ctx.daemon.graph
-    plan: list[tuple[BlockNode, bool, Any]] = []
+    plan: list[tuple[BlockNode, bool, Any, dict[str, Any]]] = []
     for opts in args["options"]:
         name = opts.get("node-name")
         if name is None:
@@ -221,12 +222,13 @@ async def blockdev_reopen(ctx: CommandContext, args: Args) -> None:
         node = graph.find_node(name)
         if node is None:
             raise BlockMirrorError(f"Failed to find node with node-name='{name}'")
+        for key in node.options:
+            if key in _FIXED - {"driver", "node-name"} and key not in opts:
+                raise BlockMirrorError(f"Option '{key}' cannot be reset to its default value")
         if opts["driver"] != node.format_name:
             raise BlockMirrorError("Cannot change the option 'driver'")
         for key, value in opts.items():
-            if key in _REOPENABLE:
-                continue
-            if node.options.get(key) != value:
+            if key in _FIXED and node.options.get(key, value) != value:
                 raise BlockMirrorError(f"Cannot change the option '{key}'")
         backing: Any = "keep"
         if type(node.driver).supports_backing:
@@ -249,15 +251,32 @@ async def blockdev_reopen(ctx: CommandContext, args: Args) -> None:
         file = opts.get("file")
         if file is not None and (not isinstance(file, str) or node.file is None
                                  or node.file.name != file):
+            _check_new_file(graph, node, file, bool(opts.get("read-only", False)))
             raise BlockMirrorError("Cannot change the option 'file'")
         ro = bool(opts.get("read-only", False))
         if ro and not node.read_only:
             check_read_only(node)
-        plan.append((node, ro, backing))
-    for node, ro, backing in plan:
+        extra = {k: v for k, v in opts.items() if k not in _FIXED and k not in _HANDLED}
+        plan.append((node, ro, backing, extra))
+    for node, ro, backing, extra in plan:
         if backing != "keep":
             await _set_backing(graph, node, backing)
         await set_read_only(graph, node, ro)
+        # runtime options blockmirror does not act on are kept, as the node's options say
+        node.options.update(extra)
+
+
+def _check_new_file(graph: BlockGraph, node: BlockNode, name: object, read_only: bool) -> None:
+    """Another ``file`` child: QEMU replaces it; blockmirror only reports the permission
+    conflict QEMU would find first (then refuses the change)."""
+    if not isinstance(name, str):
+        return
+    new = graph.find_node(name)
+    if new is None or node.file is None:
+        return
+    link = node.children["file"]
+    perm = Perm.CONSISTENT_READ if read_only else link.perm
+    graph.check_perms(new, Child(node, new, "file", perm, link.shared))
 
 
 async def _set_backing(graph: BlockGraph, node: BlockNode, backing: BlockNode | None
