@@ -299,3 +299,66 @@ def test_qcow2_shrink_same_as_qsd(tmp_path: Path) -> None:
                         "read -P 0x22 1536k 512k", "-c", "read -P 0 2M 2M", str(got_img)],
                        capture_output=True, text=True)
     assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout
+
+
+def test_bitmap_transactions_same_as_qsd(tmp_path: Path) -> None:
+    """block-dirty-bitmap-* actions in transactions: all or nothing, QEMU's texts, and the
+    same bitmap contents afterwards (x-debug-block-dirty-bitmap-sha256)."""
+    require_tool("qemu-storage-daemon", "qemu-img", "qemu-io")
+
+    def bm(kind: str, **data: Any) -> dict[str, Any]:
+        return {"type": f"block-dirty-bitmap-{kind}", "data": {"node": "a", **data}}
+
+    abort = {"type": "abort", "data": {}}
+    nodes = ("query-named-block-nodes", {"flat": True})
+
+    def run(kind: str) -> list[dict[str, Any]]:
+        d = tmp_path / f"bitmaps-{kind}"
+        d.mkdir()
+        img, sock = d / "a.qcow2", d / "nbd.sock"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "4M"], check=True)
+        steps: list[Step] = [
+            ("blockdev-add", {"driver": "qcow2", "node-name": "a",
+                              "file": {"driver": "file", "filename": str(img)}}),
+            ("block-export-add", {"type": "nbd", "id": "e", "node-name": "a", "name": "a",
+                                  "writable": True}),
+            ("transaction", {"actions": [bm("add", name="b0")],
+                             "properties": {"completion-mode": "grouped"}}),
+            ("transaction", {"actions": [bm("add", name="b0"),
+                                         bm("add", name="b1", persistent=True), abort]}),
+            nodes,
+            ("transaction", {"actions": [bm("add", name="b0"),
+                                         bm("add", name="b1", persistent=True)]}),
+            nodes,  # written through the export before the next step
+            ("transaction", {"actions": [bm("disable", name="b0"), bm("clear", name="b1"),
+                                         bm("remove", name="b1"), abort]}),
+            nodes,
+            ("x-debug-block-dirty-bitmap-sha256", {"node": "a", "name": "b1"}),
+            ("transaction", {"actions": [bm("disable", name="b0"),
+                                         bm("merge", target="b0", bitmaps=["b1"]),
+                                         bm("remove", name="b1")]}),
+            nodes,
+            ("x-debug-block-dirty-bitmap-sha256", {"node": "a", "name": "b0"}),
+            ("transaction", {"actions": [bm("add", name="b0")]}),
+            ("transaction", {"actions": [bm("remove", name="b0"), bm("remove", name="b0")]}),
+            ("transaction", {"actions": [bm("enable", name="b0"), bm("clear", name="nope")]}),
+            nodes,
+        ]
+
+        def between(i: int) -> None:
+            if i == 7:
+                subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 1 64k 192k", "-c",
+                                "write -P 2 3M 4k", f"nbd+unix:///a?socket={sock}"],
+                               check=True, capture_output=True, timeout=60)
+
+        entries = transcript(kind, str(tmp_path / f"bitmaps-{kind}.qmp"), steps,
+                             ["--nbd-server", f"addr.type=unix,addr.path={sock}"], between)
+        for e in entries:
+            if e["cmd"] == "query-named-block-nodes" and "return" in e["reply"]:
+                e["reply"] = sorted((n["node-name"], n.get("dirty-bitmaps"))
+                                    for n in e["reply"]["return"] if n["drv"] != "file")
+        return [json.loads(json.dumps(e).replace(str(d), "T")) for e in entries]
+
+    want, got = run("qsd"), run("ours")
+    assert not diff(want, got), diff(want, got)
+    assert sum("error" in e["reply"] for e in want if isinstance(e["reply"], dict)) >= 4

@@ -201,6 +201,8 @@ async def block_device_info(node: BlockNode, *, flat: bool = False) -> dict[str,
             "image": await image_info(node, backing_image=not flat),
         }
     )
+    if len(node.bitmaps):
+        out["dirty-bitmaps"] = node.bitmaps.info()
     return out
 
 

@@ -23,16 +23,26 @@ struct("Abort", {})
 struct("AbortWrapper", {"data": "Abort"})
 struct("BlockdevSnapshotWrapper", {"data": "BlockdevSnapshot"})
 struct("BlockdevSnapshotSyncWrapper", {"data": "BlockdevSnapshotSync"})
+struct("BlockDirtyBitmapAddWrapper", {"data": "BlockDirtyBitmapAdd"})
+struct("BlockDirtyBitmapWrapper", {"data": "BlockDirtyBitmap"})
+struct("BlockDirtyBitmapMergeWrapper", {"data": "BlockDirtyBitmapMerge"})
 struct("TransactionProperties", {"*completion-mode": "ActionCompletionMode"})
 union("TransactionAction", {"type": "TransactionActionKind"}, "type", {
     "abort": "AbortWrapper",
+    "block-dirty-bitmap-add": "BlockDirtyBitmapAddWrapper",
+    "block-dirty-bitmap-remove": "BlockDirtyBitmapWrapper",
+    "block-dirty-bitmap-clear": "BlockDirtyBitmapWrapper",
+    "block-dirty-bitmap-enable": "BlockDirtyBitmapWrapper",
+    "block-dirty-bitmap-disable": "BlockDirtyBitmapWrapper",
+    "block-dirty-bitmap-merge": "BlockDirtyBitmapMergeWrapper",
     "blockdev-snapshot": "BlockdevSnapshotWrapper",
     "blockdev-snapshot-sync": "BlockdevSnapshotSyncWrapper",
 })
 
 command("transaction", {"actions": ["TransactionAction"],
                         "*properties": "TransactionProperties"},
-        doc="actions `abort`, `blockdev-snapshot`, `blockdev-snapshot-sync` (more register in "
-            "the action table); all or nothing; `completion-mode`")
+        doc="actions `abort`, `block-dirty-bitmap-*`, `blockdev-snapshot`, "
+            "`blockdev-snapshot-sync` (more register in the action table); all or nothing; "
+            "`completion-mode`")
 
 __all__ = ["ACTION_KINDS"]

@@ -155,8 +155,8 @@ def command(name: str) -> Callable[[H], H]:
     return deco
 
 
-_COMMAND_MODULES = ("control", "block", "query", "jobs", "mirror", "nbd", "hmp", "objects",
-                    "block_graph", "transaction")
+_COMMAND_MODULES = ("control", "block", "query", "jobs", "mirror", "nbd", "hmp", "bitmaps",
+                    "objects", "block_graph", "transaction")
 
 
 def load_commands() -> dict[str, CommandDef]:

@@ -65,6 +65,11 @@ async def _truncate(node: BlockNode, size: int) -> None:
     await target.drain()
     try:
         await target.driver.truncate(size)
+        # cf. bdrv_dirty_bitmap_truncate: every layer's bitmaps follow the new length
+        layer: BlockNode | None = node
+        while layer is not None:
+            layer.bitmaps.resize(layer.length())
+            layer = layer.filtered_child() if layer is not target else None
     except BlockIOError as e:
         if target.format_name == "qcow2" and e.errno == errno.EFBIG:
             raise BlockMirrorError(

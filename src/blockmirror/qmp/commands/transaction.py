@@ -30,11 +30,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from blockmirror.block import bitmaps
 from blockmirror.block.snapshot import ExternalSnapshot
 from blockmirror.errors import BlockMirrorError
 from blockmirror.qapi import TYPES
 from blockmirror.qapi.schema import UnionType
 from blockmirror.qapi.transaction import ACTION_KINDS
+from blockmirror.qmp.commands.bitmaps import merge_sources
 from blockmirror.qmp.registry import Args, CommandContext, command
 
 Step = Callable[[], Awaitable[None]]
@@ -160,6 +162,61 @@ async def _prepare_blockdev_snapshot(ctx: CommandContext, data: dict[str, Any],
     return await _prepare_snapshot(ctx, data, props, sync=False)
 
 
+# --- dirty bitmaps (block/bitmaps.py prepares them; commit/abort are synchronous there) -----
+
+
+def _bitmap_action(prepared: bitmaps.Prepared) -> Action:
+    async def commit() -> None:
+        prepared.commit()
+
+    async def abort() -> None:
+        prepared.abort()
+
+    return Action(commit=commit, abort=abort)
+
+
+async def _prepare_bitmap_add(ctx: CommandContext, data: dict[str, Any],
+                              props: TransactionProperties) -> Action:
+    return _bitmap_action(bitmaps.prepare_add(
+        ctx.daemon.graph, data["node"], data["name"], data.get("granularity"),
+        bool(data.get("persistent", False)), bool(data.get("disabled", False))))
+
+
+async def _prepare_bitmap_remove(ctx: CommandContext, data: dict[str, Any],
+                                 props: TransactionProperties) -> Action:
+    return _bitmap_action(await bitmaps.prepare_remove(ctx.daemon.graph, data["node"],
+                                                       data["name"]))
+
+
+async def _prepare_bitmap_clear(ctx: CommandContext, data: dict[str, Any],
+                                props: TransactionProperties) -> Action:
+    return _bitmap_action(bitmaps.prepare_clear(ctx.daemon.graph, data["node"], data["name"]))
+
+
+async def _prepare_bitmap_enable(ctx: CommandContext, data: dict[str, Any],
+                                 props: TransactionProperties) -> Action:
+    return _bitmap_action(bitmaps.prepare_enable(ctx.daemon.graph, data["node"], data["name"],
+                                                 True))
+
+
+async def _prepare_bitmap_disable(ctx: CommandContext, data: dict[str, Any],
+                                  props: TransactionProperties) -> Action:
+    return _bitmap_action(bitmaps.prepare_enable(ctx.daemon.graph, data["node"], data["name"],
+                                                 False))
+
+
+async def _prepare_bitmap_merge(ctx: CommandContext, data: dict[str, Any],
+                                props: TransactionProperties) -> Action:
+    return _bitmap_action(bitmaps.prepare_merge(ctx.daemon.graph, data["node"], data["target"],
+                                                merge_sources(data["bitmaps"])))
+
+
 register_action("abort", _prepare_abort)
+register_action("block-dirty-bitmap-add", _prepare_bitmap_add)
+register_action("block-dirty-bitmap-remove", _prepare_bitmap_remove)
+register_action("block-dirty-bitmap-clear", _prepare_bitmap_clear)
+register_action("block-dirty-bitmap-enable", _prepare_bitmap_enable)
+register_action("block-dirty-bitmap-disable", _prepare_bitmap_disable)
+register_action("block-dirty-bitmap-merge", _prepare_bitmap_merge)
 register_action("blockdev-snapshot-sync", _prepare_snapshot_sync)
 register_action("blockdev-snapshot", _prepare_blockdev_snapshot)
