@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
 from blockmirror.block.graph import BlockGraph
 from blockmirror.block.options import close_all
@@ -18,6 +17,7 @@ from blockmirror.events import EventBus
 from blockmirror.export.nbd_server import NbdServer
 from blockmirror.jobs.clock import Clock, MonotonicClock
 from blockmirror.jobs.manager import JobManager
+from blockmirror.objects import ObjectRegistry
 from blockmirror.qapi import checks as schema_checks
 from blockmirror.qmp.server import QMPServer
 
@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 
 class Daemon:
     def __init__(self, clock: Clock | None = None) -> None:
-        #: --object instances by id (iothread, tls-creds-*, ...): id -> (qom-type, props)
-        self.objects: dict[str, tuple[str, dict[str, Any]]] = {}
+        #: --object / object-add objects by id (secrets, TLS credentials, authz, throttle
+        #: groups); the graph looks them up for its drivers, the NBD server through the graph
+        self.objects = ObjectRegistry()
         self.graph = BlockGraph(objects=self.objects)
         self.events = EventBus(check=schema_checks.report_event if schema_checks.enabled()
                                else None)

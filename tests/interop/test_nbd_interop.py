@@ -20,6 +20,7 @@ from blockmirror.block.drivers.nbd import NbdDriver
 from blockmirror.block.node import BlockNode
 from blockmirror.daemon import Daemon
 from blockmirror.errors import BlockMirrorError
+from blockmirror.objects.factory import create_object
 from blockmirror.qmp.commands import nbd as nq
 from conftest import require_tool
 from nbd_helpers import RamDriver, free_port, peer, ram_node, run, serve
@@ -39,6 +40,11 @@ basicConstraints=critical,CA:FALSE
 keyUsage=critical,digitalSignature,keyEncipherment
 extendedKeyUsage=clientAuth
 """
+
+
+def add_object(d: Daemon, qom_type: str, oid: str, **props: Any) -> None:
+    """object-add without a monitor (the factory validates like QEMU)."""
+    d.objects.add(create_object(d.objects, d.clock, {"qom-type": qom_type, "id": oid, **props}))
 
 
 def make_certs(d: Path) -> Path:
@@ -143,7 +149,7 @@ def test_tls_export_with_qemu_and_libnbd_clients(tmp_path: Path, certs: Path) ->
 
     async def main() -> None:
         d = Daemon()
-        d.objects["tls0"] = ("tls-creds-x509", {"dir": str(certs), "endpoint": "server"})
+        add_object(d, "tls-creds-x509", "tls0", dir=str(certs), endpoint="server")
         node = ram_node(d.graph, "n0", 4 * MiB)
         port = free_port()
         await nq.nbd_server_start(d, {"addr": {"type": "inet", "data": {
@@ -162,7 +168,7 @@ def test_tls_export_with_qemu_and_libnbd_clients(tmp_path: Path, certs: Path) ->
             assert "with TLS" in out
             # our own driver as the TLS client of our own server
             cd = Daemon()
-            cd.objects["tls1"] = ("tls-creds-x509", {"dir": str(certs), "endpoint": "client"})
+            add_object(cd, "tls-creds-x509", "tls1", dir=str(certs), endpoint="client")
             c = await nbd_node({"type": "inet", "host": "127.0.0.1", "port": str(port)}, "disk",
                                cd, **{"tls-creds": "tls1"})
             assert await c.read(65536, 4) == b"\x5c" * 4
@@ -244,7 +250,7 @@ def test_our_driver_over_tls_to_qemu_nbd_and_nbdkit(tmp_path: Path, certs: Path)
 
     async def main() -> None:
         d = Daemon()
-        d.objects["tls0"] = ("tls-creds-x509", {"dir": str(certs), "endpoint": "client"})
+        add_object(d, "tls-creds-x509", "tls0", dir=str(certs), endpoint="client")
         img = tmp_path / "t.raw"
         await run("qemu-img", "create", "-f", "raw", str(img), "4M")
         port = free_port()
@@ -272,15 +278,18 @@ def test_our_driver_over_tls_to_qemu_nbd_and_nbdkit(tmp_path: Path, certs: Path)
     asyncio.run(main())
 
 
-def test_tls_psk_is_refused_with_a_clear_error() -> None:
+def test_tls_psk_is_refused_with_a_clear_error(tmp_path: Path, certs: Path) -> None:
     d = Daemon()
-    d.objects["psk0"] = ("tls-creds-psk", {"dir": "/nonexistent", "endpoint": "server"})
+    psk_dir = tmp_path / "psk"
+    psk_dir.mkdir()
+    (psk_dir / "keys.psk").write_text("user:0123\n")
+    add_object(d, "tls-creds-psk", "psk0", dir=str(psk_dir), endpoint="server")
 
     async def main() -> None:
         with pytest.raises(BlockMirrorError, match="tls-creds-psk is not supported"):
             await nq.nbd_server_start(d, {"addr": {"type": "unix", "data": {"path": "/tmp/x"}},
                                           "tls-creds": "psk0"})
-        d.objects["c0"] = ("tls-creds-x509", {"dir": "/nonexistent", "endpoint": "client"})
+        add_object(d, "tls-creds-x509", "c0", dir=str(certs), endpoint="client")
         with pytest.raises(BlockMirrorError,
                            match=r"^Expected TLS credentials for a server endpoint$"):
             await nq.nbd_server_start(d, {"addr": {"type": "unix", "data": {"path": "/tmp/x"}},

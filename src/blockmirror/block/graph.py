@@ -34,7 +34,8 @@ class BlockGraph:
         #: nodes created by blockdev-add / --blockdev (the monitor holds a reference)
         self.monitor_owned: set[str] = set()
         self._auto_counter = 0
-        #: the daemon's --object instances, looked up by drivers (nbd: tls-creds)
+        #: the daemon's --object/object-add objects (a typed lookup: objects/__init__.py), so
+        #: drivers (nbd: tls-creds, throttle: throttle-group) find them through ``node.graph``
         self.objects = objects
 
     # --- names and lookup ---------------------------------------------------------------

@@ -176,7 +176,7 @@ async def read(node: BlockNode, offset: int, length: int) -> bytes:
     check_request(node, offset, length)
     if length == 0:
         return b""
-    async with _tracked(node):
+    async with _tracked(node), node.stats.account("read", offset, length):
         return await _driver_read(node, offset, length)
 
 
@@ -193,6 +193,7 @@ async def read_many(node: BlockNode, extents: list[tuple[int, int]]) -> list[byt
         async with _tracked(node):
             parts = await node.driver.read_extents(extents)
         if parts is not None:
+            node.stats.record_batch("read", extents)
             return parts
     return list(await asyncio.gather(*(read(node, o, n) for o, n in extents)))
 
@@ -214,6 +215,7 @@ async def write_many(node: BlockNode, pieces: list[tuple[int, bytes | memoryview
         finally:
             node.write_gen += 1
         if done:
+            node.stats.record_batch("write", [(o, len(v)) for o, v in views])
             return
     results = await asyncio.gather(*(write(node, o, v) for o, v in views),
                                    return_exceptions=True)
@@ -244,7 +246,7 @@ async def _intercepted(
     # be able to proceed into the rest of it
     chain = list(node.interceptors)
     try:
-        async with _tracked(node):
+        async with _tracked(node), node.stats.account(kind, offset, length):
             await _run_chain(chain, 0, node, kind, offset, length, op)
     finally:
         # failed writes count too: the range may be half-written (cf. write_req_finish)
@@ -396,7 +398,7 @@ async def flush(node: BlockNode) -> None:
         return
     if primary is not None:
         primary.debug_event("flush_to_disk")
-    async with _tracked(node):
+    async with _tracked(node), node.stats.account("flush", 0, 0):
         await node.driver.flush()
     node.flushed_gen = max(node.flushed_gen, current)
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from blockmirror.block import io
 from blockmirror.block.bitmaps import NodeBitmaps
+from blockmirror.block.stats import BlockStats
 
 if TYPE_CHECKING:
     from blockmirror.block.driver import BlockDriver, DriverInfo, Extent
@@ -151,6 +152,11 @@ class BlockNode:
     write_ranges: list[Any] = field(default_factory=list, repr=False)
     #: set once an inconsistency was found (qcow2 corrupt bit): further writes fail
     corrupt: bool = False
+    #: I/O accounting for query-blockstats (fed by block/io.py)
+    stats: BlockStats = field(default_factory=BlockStats, repr=False)
+    #: block-set-write-threshold: the first write ending past it emits BLOCK_WRITE_THRESHOLD
+    #: and resets it to 0 (block/write_threshold.py)
+    write_threshold: int = 0
     #: the graph the node belongs to (set by BlockGraph.add_node)
     graph: Any = field(default=None, repr=False)
     #: named dirty bitmaps (block/bitmaps.py), each also one of ``dirty_trackers``

@@ -228,6 +228,10 @@ def _as_json(node: BlockNode) -> Any:
         return json.loads(node.filename[5:])
     if node.format_name in ("file", "host_device"):
         return {"driver": node.format_name, "filename": node.filename}
+    child = node.file
+    if child is not None and node.format_name in ("qcow2", "raw"):
+        # cf. bdrv_refresh_filename: a child appears as its full open options
+        return {"driver": node.format_name, "file": _as_json(child)}
     return node.filename
 
 

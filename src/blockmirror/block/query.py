@@ -102,6 +102,25 @@ def backing_depth(node: BlockNode) -> int:
     return len(node.backing_chain()) - 1
 
 
+def _filter_or_cow(node: BlockNode) -> BlockNode | None:
+    """cf. bdrv_filter_or_cow_bs: a format's backing, or the child a filter passes to."""
+    if node.backing is not None:
+        return node.backing
+    return node.filtered_child() if node.driver.is_filter else None
+
+
+def _info_depth(node: BlockNode) -> int:
+    """cf. bdrv_block_device_info's loop: filters count as layers too."""
+    depth = 0
+    seen = {id(node)}
+    below = _filter_or_cow(node)
+    while below is not None and id(below) not in seen:
+        depth += 1
+        seen.add(id(below))
+        below = _filter_or_cow(below)
+    return depth
+
+
 def _format_specific(fmt: str, spec: dict[str, Any]) -> dict[str, Any] | None:
     if not spec:
         return None
@@ -144,6 +163,10 @@ async def image_info(node: BlockNode, *, backing_image: bool = True) -> dict[str
         out["format-specific"] = spec
     if backing_image and node.backing is not None:
         out["backing-image"] = await image_info(node.backing.skip_filters())
+    elif backing_image and node.driver.is_filter and not node.implicit:
+        below = node.filtered_child()
+        if below is not None:
+            out["backing-image"] = await image_info(below)
     return out
 
 
@@ -163,8 +186,9 @@ async def block_device_info(node: BlockNode, *, flat: bool = False) -> dict[str,
         out["backing_file"] = info.backing_filename
     out.update(
         {
-            # QEMU counts the layers while it fills backing-image, which flat skips
-            "backing_file_depth": 0 if flat else backing_depth(node),
+            # cf. bdrv_block_device_info: flat output stops before counting the chain
+            "backing_file_depth": 0 if flat else (
+                _info_depth(node) if node.driver.is_filter else backing_depth(node)),
             "encrypted": False,
             "detect_zeroes": node.detect_zeroes,
             "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
@@ -173,7 +197,7 @@ async def block_device_info(node: BlockNode, *, flat: bool = False) -> dict[str,
                 "direct": node.cache_direct,
                 "no-flush": node.cache_no_flush,
             },
-            "write_threshold": 0,
+            "write_threshold": node.write_threshold,
             "image": await image_info(node, backing_image=not flat),
         }
     )

@@ -26,6 +26,7 @@ from blockmirror.errors import BlockMirrorError
 from blockmirror.qapi import SchemaError, validate
 from blockmirror.qapi.qom import OBJECT_TYPES
 from blockmirror.qmp.commands import nbd as nbd_commands
+from blockmirror.qmp.commands.objects import add_object
 
 #: long options that take an argument, as QSD's getopt table declares them
 _WITH_ARG = ("blockdev", "chardev", "export", "monitor", "nbd-server", "object", "pidfile",
@@ -321,12 +322,7 @@ async def _apply(st: _State, opt: str, value: str) -> None:
             for t in OBJECT_TYPES:
                 print(f"  {t}")
             raise SystemExit(0)
-        opts = _validated("ObjectOptions", value, "qom-type")
-        oid = opts.pop("id")
-        if oid in d.objects:
-            raise OptionError(
-                f"attempt to add duplicate property '{oid}' to object (type 'container')")
-        d.objects[oid] = (opts.pop("qom-type"), opts)
+        add_object(d.objects, d.clock, _validated("ObjectOptions", value, "qom-type"))
     elif opt == "pidfile":
         st.pidfile = value
     # --trace and --daemonize need nothing here

@@ -20,6 +20,7 @@ import logging
 import os
 import ssl
 import stat
+import sys
 from typing import Any
 
 from blockmirror.block.bitmaps import NamedBitmap, release_export_bitmaps
@@ -52,7 +53,7 @@ from blockmirror.nbd.handshake import (
     ServerHandshake,
     StartTLS,
 )
-from blockmirror.nbd.tls import cleartext_pending
+from blockmirror.nbd.tls import cleartext_pending, peer_dn
 from blockmirror.nbd.transmission import (
     BadRequest,
     Request,
@@ -66,6 +67,7 @@ from blockmirror.nbd.transmission import (
     validate_request,
 )
 from blockmirror.nbd.wire import NBDProtocolError
+from blockmirror.objects.authz import is_allowed_by_id
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +122,10 @@ class NbdExport:
                           min_block=max(1, node.driver.request_alignment),
                           allocation_depth=self.allocation_depth,
                           bitmaps=tuple(b.name for b in self.bitmaps))
+
+
+class TlsAuthzDenied(BlockMirrorError):
+    """A TLS client whose certificate the server's ``tls-authz`` object does not allow."""
 
 
 class NbdServer:
@@ -214,7 +220,7 @@ class NbdServer:
     def add_export(self, export_id: str, node: BlockNode, *, name: str, description: str,
                    writable: bool) -> NbdExport:
         perm = Perm.CONSISTENT_READ | (Perm.WRITE if writable else Perm.NONE)
-        blk = BlockBackend("", "a block device", perm, Perm.all() & ~Perm.RESIZE)
+        blk = BlockBackend("", "an unnamed block device", perm, Perm.all() & ~Perm.RESIZE)
         self.graph.attach(blk, node, "root", perm, blk.shared)
         self.graph.add_backend(blk)
         exp = NbdExport(export_id, name, description, writable, blk)
@@ -300,6 +306,15 @@ class _Client:
             self.log.debug("connection closed by the server")
         except TimeoutError:
             self.log.info("handshake timed out")
+        except TlsAuthzDenied as e:
+            # QEMU reports it with error_report, and its client sees the connection end
+            # without a TLS close_notify (a premature termination, not a clean EOF)
+            self.log.warning("option negotiation failed: %s", e)
+            prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+            if not prog or prog.endswith(".py"):
+                prog = "blockmirror"
+            print(f"{prog}: option negotiation failed: {e}", file=sys.stderr, flush=True)
+            self.writer.transport.abort()
         except NBDProtocolError as e:
             self.log.info("protocol error: %s", e)
         except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError) as e:
@@ -334,6 +349,7 @@ class _Client:
                 if cleartext_pending(self.reader):
                     raise NBDProtocolError("Unexpected data after NBD_OPT_STARTTLS")
                 await self.writer.start_tls(srv.tls)
+                self._check_authz()
                 hs.tls_established()
             elif isinstance(event, Negotiated):
                 exp = srv.export_by_name(event.export.name)
@@ -347,6 +363,24 @@ class _Client:
             elif isinstance(event, Aborted):
                 self.log.debug("negotiation ended: %s", event.reason)
                 return None
+
+    def _check_authz(self) -> None:
+        """cf. qcrypto_tls_session_check_certificate: with verify-peer, the certificate's
+        DN must be allowed by the ``tls-authz`` object, else the handshake fails."""
+        srv = self.server
+        if srv.tls_authz is None or srv.tls is None or srv.tls.verify_mode != ssl.CERT_REQUIRED:
+            return
+        sslobj = self.writer.get_extra_info("ssl_object")
+        der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
+        if not der:
+            raise TlsAuthzDenied("No certificate peers")
+        dn = peer_dn(der)
+        try:
+            allowed = is_allowed_by_id(srv.graph.objects, srv.tls_authz, dn)
+        except BlockMirrorError as e:
+            raise TlsAuthzDenied(str(e)) from e
+        if not allowed:
+            raise TlsAuthzDenied(f"TLS x509 authz check for {dn} is denied")
 
     async def _transmission(self, trailing: bytes) -> None:
         dec = RequestDecoder()

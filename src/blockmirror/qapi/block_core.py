@@ -53,6 +53,7 @@ struct("BlockdevOptionsQcow2", {
     "*l2-cache-entry-size": "int", "*refcount-cache-size": "int",
     "*cache-clean-interval": "int", "*data-file": "BlockdevRef",
 }, base="BlockdevOptionsGenericCOWFormat")
+struct("BlockdevOptionsThrottle", {"throttle-group": "str", "file": "BlockdevRef"})
 struct("BlockdevOptionsNull", {"*size": "int", "*latency-ns": "uint64", "*read-zeroes": "bool"})
 
 enum("BlkdebugEvent", [
@@ -99,6 +100,7 @@ union("BlockdevOptions", {
     "host_device": "BlockdevOptionsFile", "nbd": "BlockdevOptionsNbd",
     "null-aio": "BlockdevOptionsNull", "null-co": "BlockdevOptionsNull",
     "qcow2": "BlockdevOptionsQcow2", "raw": "BlockdevOptionsRaw",
+    "throttle": "BlockdevOptionsThrottle",
 })
 alternate("BlockdevRef", {"definition": "BlockdevOptions", "reference": "str"})
 alternate("BlockdevRefOrNull", {"definition": "BlockdevOptions", "reference": "str",
@@ -237,8 +239,8 @@ struct("BlockJobInfo", {
 
 command("blockdev-add", "BlockdevOptions",
         doc="drivers `file`, `host_device`, `raw`, `qcow2`, `null-co`, `null-aio`, `blkdebug`, "
-            "`nbd`; nested or by-reference children; a qcow2's backing is opened from its "
-            "header unless `backing: null`")
+            "`nbd`, `throttle`; nested or by-reference children; a qcow2's backing is opened "
+            "from its header unless `backing: null`")
 command("blockdev-del", {"node-name": "str"},
         doc="QEMU's checks and texts (in use, busy, not owned by the monitor)")
 command("blockdev-create", {"job-id": "str", "options": "BlockdevCreateOptions"},
@@ -308,3 +310,65 @@ event("BLOCK_JOB_PENDING", {"type": "JobType", "id": "str"})
 
 __all__ = ["BLOCKDEV_DRIVERS", "MIRROR_DEFAULTS", "BlockDeviceIoStatus", "BlockErrorAction",
            "BlockdevOnError", "MirrorCopyMode", "MirrorSyncMode", "NewImageMode"]
+
+# --- graph edits, node commands, statistics (qmp/commands/block_graph.py) ---------------------
+
+struct("BlockdevSnapshotSync", {
+    "*device": "str", "*node-name": "str", "snapshot-file": "str",
+    "*snapshot-node-name": "str", "*format": "str", "*mode": "NewImageMode",
+})
+struct("BlockdevSnapshot", {"node": "str", "overlay": "str"})
+struct("BlockDeviceTimedStats", {
+    "interval_length": "int", "min_rd_latency_ns": "int", "max_rd_latency_ns": "int",
+    "avg_rd_latency_ns": "int", "min_wr_latency_ns": "int", "max_wr_latency_ns": "int",
+    "avg_wr_latency_ns": "int", "min_flush_latency_ns": "int", "max_flush_latency_ns": "int",
+    "avg_flush_latency_ns": "int", "avg_rd_queue_depth": "number",
+    "avg_wr_queue_depth": "number",
+})
+struct("BlockDeviceStats", {
+    "rd_bytes": "int", "wr_bytes": "int", "unmap_bytes": "int", "rd_operations": "int",
+    "wr_operations": "int", "unmap_operations": "int", "flush_operations": "int",
+    "rd_total_time_ns": "int", "wr_total_time_ns": "int", "unmap_total_time_ns": "int",
+    "flush_total_time_ns": "int", "wr_highest_offset": "int", "rd_merged": "int",
+    "wr_merged": "int", "unmap_merged": "int", "*idle_time_ns": "int",
+    "failed_rd_operations": "int", "failed_wr_operations": "int",
+    "failed_unmap_operations": "int", "failed_flush_operations": "int",
+    "invalid_rd_operations": "int", "invalid_wr_operations": "int",
+    "invalid_unmap_operations": "int", "invalid_flush_operations": "int",
+    "account_invalid": "bool", "account_failed": "bool",
+    "timed_stats": ["BlockDeviceTimedStats"],
+})
+struct("BlockStatsSpecificFile", {"discard-nb-ok": "uint64", "discard-nb-failed": "uint64",
+                                  "discard-bytes-ok": "uint64"})
+union("BlockStatsSpecific", {"driver": "BlockdevDriver"}, "driver", {
+    "file": "BlockStatsSpecificFile", "host_device": "BlockStatsSpecificFile",
+})
+struct("BlockStats", {
+    "*device": "str", "*qdev": "str", "*node-name": "str", "stats": "BlockDeviceStats",
+    "*driver-specific": "BlockStatsSpecific", "*parent": "BlockStats",
+    "*backing": "BlockStats",
+})
+
+command("block_resize", {"*device": "str", "*node-name": "str", "size": "int"},
+        doc="raw and qcow2 grow and shrink (qcow2: the clusters past the end are "
+            "discarded); QEMU's errors")
+command("blockdev-snapshot-sync", "BlockdevSnapshotSync",
+        doc="a transaction of one action: the new overlay goes on top, its `backing` is the "
+            "node, the node's users move to it, the old top becomes read-only")
+command("blockdev-snapshot", "BlockdevSnapshot",
+        doc="the same with an overlay added earlier (without a backing)")
+command("change-backing-file", {"device": "str", "image-node-name": "str",
+                                "backing-file": "str"},
+        doc="rewrites the qcow2 header's backing file name and format; the graph stays")
+command("block-set-write-threshold", {"node-name": "str", "write-threshold": "uint64"},
+        doc="event `BLOCK_WRITE_THRESHOLD` once, then the threshold is 0")
+command("query-blockstats", {"*query-nodes": "bool", "*__org.blockmirror_counters": "bool"},
+        returns=["BlockStats"],
+        defaults={"query-nodes": False, "__org.blockmirror_counters": False},
+        doc="as QSD 7.2 (node counters 0 but `wr_highest_offset`); "
+            "`__org.blockmirror_counters` gives the real per-node counters")
+command("blockdev-reopen", {"options": ["BlockdevOptions"]},
+        doc="`read-only` switches and `backing` changes (node name or null); runtime options "
+            "are stored; another `file` child is refused")
+event("BLOCK_WRITE_THRESHOLD", {"node-name": "str", "amount-exceeded": "uint64",
+                                "write-threshold": "uint64"})

@@ -108,9 +108,11 @@ def validate(t: TypeRef, value: object, name: str | None = None, full: str = "",
         if not isinstance(value, list):
             raise _bad_type(full, "array")
         # bdrv_open reads each element of an options list as options of its own (QemuOpts),
-        # so its texts name members relative to the element
-        relative = _mode(keyval) == "options"
-        return [validate(t[0], v, None, "" if relative else f"{full}[{i}]", keyval)
+        # so its texts name members relative to the element; the keyval visitor names list
+        # elements "rules.0", the JSON one "rules[0]"
+        mode = _mode(keyval)
+        return [validate(t[0], v, None, "" if mode == "options" else
+                         f"{full}.{i}" if mode == "keyval" else f"{full}[{i}]", keyval)
                 for i, v in enumerate(value)]
     if t in BUILTINS:
         mode = _mode(keyval)

@@ -22,8 +22,9 @@ from typing import Any, Protocol, TypeVar
 from blockmirror.block.graph import BlockGraph
 from blockmirror.events import EventBus
 from blockmirror.export.nbd_server import NbdServer
+from blockmirror.jobs.clock import Clock
 from blockmirror.jobs.manager import JobManager
-from blockmirror.objects import ObjectLookup
+from blockmirror.objects import ObjectRegistry
 from blockmirror.qapi import COMMANDS as DECLARED
 from blockmirror.qapi import ArgsRef, TypeRef
 
@@ -40,8 +41,10 @@ class DaemonAPI(Protocol):
     nbd: NbdServer | None
     quit_requested: asyncio.Event
 
-    @property
-    def objects(self) -> ObjectLookup: ...
+    #: object-add/object-del change it; everything else only looks objects up
+    objects: ObjectRegistry
+    #: the time of throttle groups (and jobs)
+    clock: Clock
 
     def print_stdout(self, line: str) -> None: ...
 
@@ -152,7 +155,8 @@ def command(name: str) -> Callable[[H], H]:
     return deco
 
 
-_COMMAND_MODULES = ("control", "block", "query", "jobs", "mirror", "nbd", "hmp", "bitmaps")
+_COMMAND_MODULES = ("control", "block", "query", "jobs", "mirror", "nbd", "hmp", "bitmaps",
+                    "objects", "block_graph", "transaction")
 
 
 def load_commands() -> dict[str, CommandDef]:

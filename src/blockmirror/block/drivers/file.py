@@ -58,6 +58,12 @@ def _byte_locked_by_other(fd: int, start: int) -> bool:
     return bool(kind != fcntl.F_UNLCK)
 
 
+def _fd_access(fd: int) -> int:
+    import fcntl
+
+    return fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+
+
 def _open_file(
     filename: str, flags: int, auto_read_only: bool, direct: bool
 ) -> tuple[int, os.stat_result, bool]:
@@ -146,6 +152,18 @@ class FileDriver(BlockDriver):
         self._refresh_size(st)
         if self.node.cache_direct:
             self.request_alignment = await threadio.run(self._probe_alignment)
+
+    async def reopen_read_write(self) -> None:
+        """A descriptor opened read-only is replaced by a read-write one (blockdev-reopen,
+        block/reopen.py); the graph re-takes the locks on the new descriptor afterwards."""
+        if self.fd < 0 or _fd_access(self.fd) == os.O_RDWR:
+            return
+        flags = os.O_CLOEXEC | os.O_RDWR | (os.O_DIRECT if self.node.cache_direct else 0)
+        fd, _, _ = await threadio.run(_open_file, self.filename, flags, False,
+                                      self.node.cache_direct)
+        old, self.fd = self.fd, fd
+        os.close(old)
+        self._locked_perm = self._locked_unshared = Perm.NONE
 
     def _check_kind(self) -> None:
         if self.is_block_device:

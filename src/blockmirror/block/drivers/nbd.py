@@ -289,6 +289,18 @@ class _Connection:
             await asyncio.wait_for(self.writer.wait_closed(), 1)
 
 
+def _eof_text(received: bool, tls_up: bool) -> str:
+    """QEMU's text for a connection that ended during the handshake, by phase (cf.
+    nbd_receive_negotiate). A server that refuses a TLS client (tls-authz) drops the
+    connection without a TLS close_notify: QEMU's client reports a premature termination."""
+    if tls_up:
+        return ("Failed to read option reply: Cannot read from TLS channel: Software caused "
+                "connection abort")
+    if received:
+        return "Failed to read option reply: Unexpected end-of-file before all data were read"
+    return "Failed to read initial magic: Unexpected end-of-file before all data were read"
+
+
 async def nbd_connect(
     server: dict[str, Any], export: str, *, tls: ssl.SSLContext | None = None,
     open_timeout: float | None = None, list_exports: bool = False,
@@ -316,6 +328,7 @@ async def nbd_connect(
         err = e.errno if isinstance(e, OSError) and e.errno else errno.ETIMEDOUT
         raise BlockMirrorError(f"Failed to connect to '{target}': {os.strerror(err)}") from e
     hs = ClientHandshake(export, tls=tls is not None, list_exports=list_exports)
+    received = tls_up = False
     try:
         while True:
             event = hs.next_event()
@@ -326,8 +339,8 @@ async def nbd_connect(
             if event is None:
                 data = await asyncio.wait_for(reader.read(65536), open_timeout)
                 if not data:
-                    raise NBDProtocolError("Failed to read initial magic: Unexpected end-of-file "
-                                           "before all data were read")
+                    raise NBDProtocolError(_eof_text(received, tls_up))
+                received = True
                 hs.receive_data(data)
             elif isinstance(event, StartTLS):
                 assert tls is not None
@@ -335,6 +348,7 @@ async def nbd_connect(
                     raise NBDProtocolError("Unexpected data after the NBD_OPT_STARTTLS reply")
                 await writer.start_tls(tls, server_hostname=hostname if tls.check_hostname
                                        else None)
+                tls_up = True
                 hs.tls_established()
             elif isinstance(event, Negotiated | ExportList):
                 return reader, writer, event, hs.trailing_data()
@@ -377,6 +391,8 @@ class NbdDriver(BlockDriver):
         self._open_timeout = float(timeout) if timeout else None
         creds = opts.get("tls-creds")
         if creds:
+            # the credentials (and the secret of an encrypted key, resolved when the object
+            # was created) come from the graph's object lookup
             objects = self.node.graph.objects if self.node.graph else NO_OBJECTS
             host = self._server.get("host") if self._server.get("type") == "inet" else None
             self._tls = client_context(objects, str(creds), opts.get("tls-hostname") or host)

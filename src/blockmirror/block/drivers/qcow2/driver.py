@@ -59,6 +59,7 @@ from blockmirror.block.drivers.qcow2.header import (
 from blockmirror.block.drivers.qcow2.image_file import ImageFile
 from blockmirror.block.drivers.qcow2.layout import (
     COMPRESSED,
+    L1E_OFFSET_MASK,
     MAX_L1_BYTES,
     NORMAL,
     ZERO_ALLOC,
@@ -452,12 +453,42 @@ class Qcow2Driver(BlockDriver):
 
     # --- resize -----------------------------------------------------------------------------
 
+    async def _shrink(self, length: int) -> None:
+        """cf. the shrinking half of qcow2_co_truncate: the clusters past the new end are
+        discarded for good (unallocated, even over a backing file), the L2 tables wholly past
+        it freed and their L1 entries cleared (the L1 table keeps its size, as QEMU's does),
+        then the header gets the new size. Requests are drained by the caller."""
+        header, geometry, cluster_map = self.header, self.geometry, self.cluster_map
+        # internal snapshots keep their own tables: clusters they share only lose our reference
+        self.corruption.check_usable()
+        cluster_size = geometry.cluster_size
+        async with self.lock:
+            first = ceil_div(length, cluster_size)
+            stop = ceil_div(header.size, cluster_size)
+            if stop > first:
+                await cluster_map.discard(first, stop, has_backing=False)
+            keep = ceil_div(length, cluster_size << geometry.l2_bits)
+            for index in range(keep, len(cluster_map.l1)):
+                l2_offset = cluster_map.l1[index] & L1E_OFFSET_MASK
+                if not l2_offset:
+                    continue
+                # the table is gone: its (now all-unallocated) contents are never written
+                cluster_map.l2_cache.drop(l2_offset)
+                self.allocator.free_later([l2_offset >> geometry.cluster_bits])
+                cluster_map.l1[index] = 0
+                cluster_map.l1_dirty.add(index)
+            await self._flush_locked()
+            header.size = length
+            await self.image_file.write_header(header)
+            await self.image_file.flush()
+
     async def truncate(self, length: int, preallocation: str = "off") -> None:
         if preallocation != "off":
             raise BlockIOError(errno.ENOTSUP, f"Unsupported preallocation mode '{preallocation}'")
         header = self.header
         if length < header.size:
-            raise BlockIOError(errno.ENOTSUP, "qcow2 doesn't support shrinking images yet")
+            await self._shrink(length)
+            return
         geometry, image_file, cluster_map = self.geometry, self.image_file, self.cluster_map
         async with self.lock:
             await self._flush_locked()

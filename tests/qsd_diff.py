@@ -1,0 +1,75 @@
+"""Running one QMP script against qemu-storage-daemon 7.2 and against ours, for differential
+tests of whole command sequences (replies, error classes and texts, events).
+
+``transcript(kind, sock, steps, argv)`` starts the daemon, runs each step (a command name and
+its arguments) and returns one entry per step: the reply, preceded by the events that arrived
+before it (timestamps dropped). ``normalise`` sorts lists whose order is a hash-table accident
+in QEMU (qom-list, qom-list-types) so they compare as sets.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from blockmirror.qmp.testing import DaemonProcess, SyncQMP, daemon_argv
+
+#: commands whose list replies QEMU orders by a GHashTable walk
+UNORDERED = frozenset({"qom-list", "qom-list-types", "qom-list-properties"})
+
+Step = tuple[str, dict[str, Any]]
+
+
+def command(conn: SyncQMP, name: str, args: dict[str, Any] | None = None
+            ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Run one command; returns (events seen before the reply, reply)."""
+    msg: dict[str, Any] = {"execute": name}
+    if args:
+        msg["arguments"] = args
+    conn.send(json.dumps(msg).encode())
+    events = []
+    while True:
+        reply = json.loads(conn.read_message())
+        if "event" in reply:
+            reply.pop("timestamp", None)
+            events.append(reply)
+            continue
+        return events, reply
+
+
+def normalise(name: str, reply: dict[str, Any]) -> dict[str, Any]:
+    ret = reply.get("return")
+    if name in UNORDERED and isinstance(ret, list):
+        reply = {**reply, "return": sorted(ret, key=lambda x: json.dumps(x, sort_keys=True))}
+    return reply
+
+
+def transcript(kind: str, sock: str, steps: list[Step], argv: list[str] | None = None,
+               between: Callable[[int], None] | None = None) -> list[Any]:
+    """The normalised outcome of every step on one daemon (``kind``: "qsd" or "ours")."""
+    out: list[Any] = []
+    with DaemonProcess(daemon_argv(kind, sock, *(argv or [])), sock) as proc, \
+            proc.connect() as conn:
+        command(conn, "qmp_capabilities")
+        for i, (name, args) in enumerate(steps):
+            if between is not None:
+                between(i)
+            events, reply = command(conn, name, args)
+            out.append({"step": i, "cmd": name, "args": args, "events": events,
+                        "reply": normalise(name, reply)})
+    return out
+
+
+def diff(want: list[Any], got: list[Any]) -> str:
+    """A readable list of the steps whose outcome differs ('' when none)."""
+    lines = []
+    for w, g in zip(want, got, strict=True):
+        if w != g:
+            lines.append(f"step {w['step']} {w['cmd']} {json.dumps(w['args'])}:\n"
+                         f"  qsd:  {json.dumps(w['events'])} {json.dumps(w['reply'])}\n"
+                         f"  ours: {json.dumps(g['events'])} {json.dumps(g['reply'])}")
+    return "\n".join(lines)
+
+
+__all__ = ["command", "diff", "normalise", "transcript"]
