@@ -16,13 +16,14 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from blockmirror.block import threadio
 from blockmirror.block.drivers import DRIVERS, load_all
 from blockmirror.block.graph import BlockGraph, node_name_valid
 from blockmirror.block.node import BlockBackend, BlockNode, Perm
 from blockmirror.block.optsyntax import (
-    CHILD_KEYS,
     COMMON_KEYS,
     bool_opt,
+    child_keys,
     coerce,
     deep_merge,
     parse_filename,
@@ -131,6 +132,12 @@ async def open_image(
             # probing reads through the filter: the image file decides
             fmt = await probe_format_async(str(image.get("filename", "")))
             probed = True
+        elif fmt is None and legacy.get("driver") == "rbd":
+            from blockmirror.block.drivers.rbd import location_from_options
+            from blockmirror.block.drivers.rbd import probe_format as probe_rbd
+
+            fmt = await threadio.run(probe_rbd, location_from_options(legacy, graph))
+            probed = True
         if fmt is not None and fmt != legacy.get("driver"):
             legacy = {"driver": fmt, "file": legacy}
         base = legacy
@@ -234,7 +241,7 @@ async def _open_node(
     if force_share and not read_only:
         raise BlockMirrorError("force-share=on can only be used with read-only images")
 
-    own = {k: v for k, v in opts.items() if k not in CHILD_KEYS}
+    own = {k: v for k, v in opts.items() if k not in child_keys(driver)}
     node = BlockNode(
         name=name,
         options=own,
@@ -277,7 +284,7 @@ async def _open_children_and_driver(
     graph = ctx.graph
     cls = type(node.driver)
     # children other than backing exist before the driver opens (it reads headers through them)
-    for role in CHILD_KEYS:
+    for role in child_keys(opts.get("driver")):
         if role == "backing" or role not in opts:
             continue
         child = await _child(ctx, opts[role], opts, chain)
@@ -315,7 +322,7 @@ def _files_of(graph: BlockGraph, opts: Mapping[str, Any]) -> list[str]:
         f = opts.get("filename")
         return [f] if isinstance(f, str) else []
     out: list[str] = []
-    for role in CHILD_KEYS:
+    for role in child_keys(opts.get("driver")):
         if role == "backing":
             continue
         ref = opts.get(role)

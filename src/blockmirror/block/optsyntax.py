@@ -21,6 +21,14 @@ from blockmirror.errors import BlockMirrorError
 
 #: option keys that name a child node, per role, in the order QEMU opens them
 CHILD_KEYS = ("file", "image", "data-file", "backing")
+#: drivers for which one of those keys is a plain option, not a child (rbd's image name)
+_PLAIN_KEYS: dict[str, frozenset[str]] = {"rbd": frozenset({"image"})}
+
+
+def child_keys(driver: object) -> tuple[str, ...]:
+    """The CHILD_KEYS that name children for ``driver``."""
+    plain = _PLAIN_KEYS.get(driver) if isinstance(driver, str) else None
+    return CHILD_KEYS if not plain else tuple(k for k in CHILD_KEYS if k not in plain)
 #: options every driver takes (BlockdevOptionsBase)
 COMMON_KEYS = frozenset(
     {
@@ -143,6 +151,9 @@ def parse_filename(filename: str) -> dict[str, Any] | None:
         return dbg
     if filename.startswith(("nbd:", "nbd+unix://", "nbd://")):
         return _nbd_options(filename)
+    if filename.startswith("rbd:"):
+        # cf. qemu_rbd_parse_filename: the rbd driver parses the rest when it opens
+        return {"driver": "rbd", "filename": filename}
     return None
 
 
@@ -234,6 +245,7 @@ _STRONG_OPTS: dict[str, frozenset[str]] = {
     "blkdebug": frozenset({"config", "inject-error", "set-state", "align", "max-transfer",
                            "opt-write-zero", "max-write-zero", "opt-discard", "max-discard"}),
     "qcow2": frozenset(),
+    "rbd": frozenset({"pool", "namespace", "image", "conf", "snapshot", "user", "server"}),
 }
 
 
@@ -244,7 +256,7 @@ def refresh_filename(node: BlockNode) -> str:
     strong = _STRONG_OPTS.get(drv)
     extra = {
         k: v for k, v in opts.items()
-        if k not in COMMON_KEYS and k not in CHILD_KEYS and (strong is None or k in strong)
+        if k not in COMMON_KEYS and k not in child_keys(drv) and (strong is None or k in strong)
     }
     if drv in ("file", "host_device"):
         return str(opts.get("filename", ""))
@@ -265,7 +277,8 @@ def refresh_filename(node: BlockNode) -> str:
         conf = extra.pop("config", "")
         if not extra:
             return f"blkdebug:{conf}:{child.filename}"
-    elif not extra:
+    elif not extra and not child.filename.startswith("json:"):
+        # a child without a plain filename (rbd) puts this node in json: form too
         return child.filename
     role = "image" if drv == "blkdebug" else "file"
     return "json:" + qemu_json({**extra, "driver": drv, role: _as_json(child)})
@@ -283,6 +296,7 @@ __all__ = [
     "CHILD_KEYS",
     "COMMON_KEYS",
     "bool_opt",
+    "child_keys",
     "coerce",
     "deep_merge",
     "parse_filename",

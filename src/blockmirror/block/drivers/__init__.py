@@ -23,6 +23,7 @@ _MODULES = (
     "qcow2",
     "nbd",
     "mirror_top",
+    "rbd",
 )
 
 
