@@ -108,6 +108,14 @@ struct("BlockdevOptionsNbd", {
     "*open-timeout": "uint32",
 })
 
+enum("RbdAuthMode", ["cephx", "none"])
+struct("InetSocketAddressBase", {"host": "str", "port": "str"})
+struct("BlockdevOptionsRbd", {
+    "pool": "str", "*namespace": "str", "image": "str", "*conf": "str", "*snapshot": "str",
+    "*user": "str", "*auth-client-required": ["RbdAuthMode"], "*key-secret": "str",
+    "*server": ["InetSocketAddressBase"],
+})
+
 union("BlockdevOptions", {
     "driver": "BlockdevDriver", "*node-name": "str", "*discard": "BlockdevDiscardOptions",
     "*cache": "BlockdevCacheOptions", "*read-only": "bool", "*auto-read-only": "bool",
@@ -117,6 +125,7 @@ union("BlockdevOptions", {
     "host_device": "BlockdevOptionsFile", "nbd": "BlockdevOptionsNbd",
     "null-aio": "BlockdevOptionsNull", "null-co": "BlockdevOptionsNull",
     "qcow2": "BlockdevOptionsQcow2", "raw": "BlockdevOptionsRaw",
+    "rbd": "BlockdevOptionsRbd",
 })
 alternate("BlockdevRef", {"definition": "BlockdevOptions", "reference": "str"})
 alternate("BlockdevRefOrNull", {"definition": "BlockdevOptions", "reference": "str",
@@ -137,8 +146,12 @@ struct("BlockdevCreateOptionsQcow2", {
     "*preallocation": "PreallocMode", "*lazy-refcounts": "bool", "*refcount-bits": "int",
     "*compression-type": "Qcow2CompressionType",
 })
+struct("BlockdevCreateOptionsRbd", {
+    "location": "BlockdevOptionsRbd", "size": "size", "*cluster-size": "size",
+})
 union("BlockdevCreateOptions", {"driver": "BlockdevDriver"}, "driver", {
     "file": "BlockdevCreateOptionsFile", "qcow2": "BlockdevCreateOptionsQcow2",
+    "rbd": "BlockdevCreateOptionsRbd",
 })
 
 
@@ -164,6 +177,10 @@ async def _create_image(ctx: CommandContext, options: dict[str, Any]) -> None:
         await bcreate.create_file(options["filename"], options["size"],
                                   preallocation=options.get("preallocation", "off"),
                                   nocow=options.get("nocow", False))
+        return
+    if options["driver"] == "rbd":
+        await bcreate.create_rbd(ctx.daemon.graph, options["location"], options["size"],
+                                 options.get("cluster-size"))
         return
     # qcow2 over an existing protocol node: format the file that node opened
     ref = options["file"]
@@ -216,7 +233,7 @@ def _create_job_class() -> type[Any]:
 @command("blockdev-create", {"job-id": "str", "options": "BlockdevCreateOptions"})
 async def blockdev_create(ctx: CommandContext, args: Args) -> None:
     options: dict[str, Any] = args["options"]
-    if options["driver"] not in ("file", "qcow2"):
+    if options["driver"] not in ("file", "qcow2", "rbd"):
         raise BlockMirrorError("Driver does not support blockdev-create")
     mgr = ctx.daemon.jobs
     job_id = args.get_str("job-id")
