@@ -504,12 +504,15 @@ class RbdDriver(BlockDriver):
         opts = self.node.options
         loc = location_from_options(opts, self.node.graph, cache=not self.node.cache_direct)
         self.location = loc
+        # a snapshot is opened read-only whatever the node says; librbd answers first
+        read_only = self.node.read_only or loc.snapshot is not None
+        cluster, ioctx, image, st = await threadio.run(_open_sync, loc, read_only)
         if loc.snapshot is not None and not self.node.read_only:
-            # cf. bdrv_apply_auto_read_only
+            # cf. bdrv_apply_auto_read_only, after rbd_open as in qemu_rbd_open
             if not opts.get("auto-read-only"):
+                await threadio.run(_shutdown, image, ioctx, cluster)
                 raise BlockMirrorError("rbd snapshots are read-only")
             self.node.read_only = True
-        cluster, ioctx, image, st = await threadio.run(_open_sync, loc, self.node.read_only)
         self._cluster, self._ioctx, self._image = cluster, ioctx, image
         self._size = int(st["size"])
         self._object_size = int(st["obj_size"])
