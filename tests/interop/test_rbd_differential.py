@@ -31,11 +31,19 @@ from mirror_scripts.scripts import SCRIPTS
 
 pytestmark = pytest.mark.interop
 
-_NAMES = ("complete_after_ready", "cancel_before_ready", "soft_cancel_after_ready",
-          "pause_resume", "manual_finalize_dismiss")
-CHOSEN = [s for s in SCRIPTS if s.__name__ in _NAMES]
-# error policies, named by the closure's factory arguments (target_error("stop"), ...)
-CHOSEN += [SCRIPTS[i] for i in (8, 10, 15)]
+def _script_id(script: Any) -> str:
+    """complete_after_ready, target_error-stop-5, ... (closures show their arguments)."""
+    name = script.__qualname__.split(".")[0]
+    if script.__closure__:
+        args = sorted((c.cell_contents for c in script.__closure__), key=str)
+        return "-".join([name, *map(str, reversed(args))])
+    return str(name)
+
+
+_CHOSEN_IDS = ("complete_after_ready", "cancel_before_ready", "soft_cancel_after_ready",
+               "pause_resume", "manual_finalize_dismiss", "target_error-report-5",
+               "target_error-stop-5", "source_error-ignore-5")
+CHOSEN = [s for s in SCRIPTS if _script_id(s) in _CHOSEN_IDS]
 
 
 def _on_rbd(value: Any, images: dict[str, dict[str, Any]]) -> Any:
@@ -60,12 +68,11 @@ def _rbd_images(cluster: Cluster, work: Path, who: str) -> dict[str, dict[str, A
             paths["tgt"]: cluster.blockdev("rbd2", tgt)}
 
 
-@pytest.mark.parametrize("script", CHOSEN, ids=lambda s: s.__qualname__.split(".")[0]
-                         if s.__name__ in _NAMES else repr(s.__closure__[0].cell_contents
-                                                          if s.__closure__ else s.__name__))
+@pytest.mark.parametrize("script", CHOSEN, ids=_script_id)
 def test_rbd_mirror_scripts_match_qsd(ceph_cluster: Cluster, tmp_path: Path,
                                       script: Any) -> None:
     require_tool("qemu-storage-daemon", "qemu-img", "qemu-io")
+    assert len(CHOSEN) == len(_CHOSEN_IDS)
 
     async def one(who: str, factory: Any) -> Transcript:
         work = tmp_path / who
