@@ -542,7 +542,9 @@ class RbdDriver(BlockDriver):
         return self._size
 
     def info(self) -> DriverInfo:
-        return DriverInfo(cluster_size=self._object_size)
+        # cf. qemu_rbd_getinfo / qemu_rbd_get_specific_info (no LUKS: no encryption-format)
+        return DriverInfo(cluster_size=self._object_size,
+                          format_specific={"type": "rbd", "data": {}})
 
     def has_zero_init(self) -> bool:
         return True
