@@ -41,8 +41,8 @@ def test_qemu_writes_we_read_we_write_qemu_reads(ceph_cluster: Cluster, tmp_path
         from blockmirror.block.graph import BlockGraph
         from blockmirror.block.options import close_all, open_blockdev
 
-        graph = BlockGraph()
-        graph.objects["key0"] = ("secret", {"data": cluster.user_key, "format": "base64"})
+        graph = BlockGraph(objects={
+            "key0": ("secret", {"data": cluster.user_key, "format": "base64"})})
         try:
             # the rbd-profile user, its key from a secret object (cf. key-secret)
             node = await open_blockdev(graph, cluster.blockdev(

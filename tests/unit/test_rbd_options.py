@@ -71,7 +71,8 @@ def test_escaped_names_round_trip(pool: str, image: str) -> None:
 
 
 def test_generic_filename_parsing_hands_rbd_to_the_driver() -> None:
-    assert parse_filename("rbd:a/b:conf=/c") == {"driver": "rbd", "filename": "rbd:a/b:conf=/c"}
+    assert parse_filename("rbd:a/b:conf=/c") == {"driver": "rbd", "pool": "a", "namespace": "",
+                                                 "image": "b", "conf": "/c"}
     # "image" names a child of blkdebug but is a plain option of rbd
     assert "image" in child_keys("blkdebug")
     assert "image" not in child_keys("rbd")
@@ -95,13 +96,14 @@ def test_location_from_blockdev_options_and_filename() -> None:
 
 
 def test_secrets(tmp_path: Path) -> None:
-    graph = BlockGraph()
     key = base64.b64encode(b"sixteen byte key").decode()
-    graph.objects["b64"] = ("secret", {"data": key, "format": "base64"})
-    graph.objects["raw"] = ("secret", {"data": "plain"})
     (tmp_path / "k").write_text(key + "\n")
-    graph.objects["file"] = ("secret", {"file": str(tmp_path / "k"), "format": "base64"})
-    graph.objects["tls"] = ("tls-creds-x509", {"dir": "/x"})
+    graph = BlockGraph(objects={
+        "b64": ("secret", {"data": key, "format": "base64"}),
+        "raw": ("secret", {"data": "plain"}),
+        "file": ("secret", {"file": str(tmp_path / "k"), "format": "base64"}),
+        "tls": ("tls-creds-x509", {"dir": "/x"}),
+    })
     assert _lookup_secret(graph, "b64") == b"sixteen byte key"
     assert _lookup_secret(graph, "file") == b"sixteen byte key"
     assert _lookup_secret(graph, "raw") == b"plain"

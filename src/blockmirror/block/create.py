@@ -15,7 +15,17 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from blockmirror.block import threadio
+from blockmirror.block.drivers import load_all
+from blockmirror.block.drivers.qcow2.create import create_qcow2
+from blockmirror.block.drivers.rbd import (
+    Location,
+    create_image,
+    location_from_options,
+    parse_rbd_filename,
+)
 from blockmirror.block.graph import BlockGraph
+from blockmirror.block.options import close_all, open_image
+from blockmirror.block.optsyntax import probe_format_async
 from blockmirror.errors import BlockMirrorError
 
 _SECTOR = 512
@@ -132,8 +142,6 @@ def formatting_line(filename: str, fmt: str, opts: Mapping[str, Any]) -> str:
 
 
 async def _backing_size(filename: str, backing_file: str, backing_fmt: str | None) -> int:
-    from blockmirror.block.options import close_all, open_image
-
     path = backing_file
     if not os.path.isabs(path) and ":" not in path.split("/")[0]:
         path = os.path.join(os.path.dirname(filename), path)
@@ -170,8 +178,6 @@ async def img_create(
             backing file, backing image errors with hint "Could not open backing image.").
     """
     if fmt not in FORMAT_OPTS:
-        from blockmirror.block.drivers import load_all
-
         if fmt in load_all():
             raise BlockMirrorError(f"Format driver '{fmt}' does not support image creation")
         raise BlockMirrorError(f"Unknown file format '{fmt}'")
@@ -211,8 +217,6 @@ async def img_create(
                 "Error: Trying to create an image with the same filename as the backing file"
             )
         if opts.get("backing_fmt") is None:
-            from blockmirror.block.optsyntax import probe_format_async
-
             path = bfile if os.path.isabs(bfile) else os.path.join(
                 os.path.dirname(filename), bfile
             )
@@ -267,8 +271,6 @@ async def img_create(
 
 async def _create_on_rbd(filename: str, fmt: str, opts: Mapping[str, Any]) -> None:
     """cf. qemu_rbd_co_create_opts: an rbd image from an ``rbd:`` filename (raw only)."""
-    from blockmirror.block.drivers.rbd import location_from_options, parse_rbd_filename
-
     if fmt != "raw":
         raise BlockMirrorError(f"blockmirror can only create raw images on rbd, not '{fmt}'")
     if opts.get("password-secret") is not None:
@@ -289,15 +291,11 @@ async def create_rbd(graph: BlockGraph, location: Mapping[str, Any], size: int,
     Raises:
         BlockMirrorError: QEMU's texts ("error rbd create: File exists", ...).
     """
-    from blockmirror.block.drivers.rbd import location_from_options
-
     await _create_rbd_image(location_from_options(location, graph, cache=False), size,
                             cluster_size)
 
 
-async def _create_rbd_image(loc: Any, size: int, cluster_size: Any) -> None:
-    from blockmirror.block.drivers.rbd import create_image
-
+async def _create_rbd_image(loc: Location, size: int, cluster_size: Any) -> None:
     await threadio.run(create_image, loc, size, int(cluster_size) if cluster_size else None)
 
 
@@ -332,10 +330,6 @@ async def _check_device(filename: str, size: int) -> None:
 
 
 async def _create_qcow2(filename: str, size: int, opts: Mapping[str, Any]) -> None:
-    try:
-        from blockmirror.block.drivers.qcow2.create import create_qcow2
-    except ModuleNotFoundError as e:
-        raise BlockMirrorError("Driver 'qcow2' does not support image creation") from e
     normalized: dict[str, Any] = {
         "cluster_size": int(opts.get("cluster_size") or 65536),
         "extended_l2": _parse_bool("extended_l2", opts.get("extended_l2", False)),

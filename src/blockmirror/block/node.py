@@ -253,8 +253,8 @@ class BlockNode:
     async def flush(self) -> None:
         await io.flush(self)
 
-    async def block_status(self, offset: int, length: int) -> Extent:
-        return await io.block_status(self, offset, length)
+    async def block_status(self, offset: int, length: int, want_zero: bool = True) -> Extent:
+        return await io.block_status(self, offset, length, want_zero)
 
     async def drain(self) -> None:
         """Wait until no request is in flight on this node (new ones may start afterwards)."""

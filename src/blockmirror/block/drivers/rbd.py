@@ -36,6 +36,7 @@ from blockmirror.block import threadio
 from blockmirror.block.driver import BlockDriver, BlockStatus, DriverInfo, Extent, WriteFlags
 from blockmirror.block.drivers import register
 from blockmirror.errors import BlockIOError, BlockMirrorError
+from blockmirror.objects import NO_OBJECTS, ObjectLookup
 
 if TYPE_CHECKING:
     from blockmirror.block.graph import BlockGraph
@@ -185,13 +186,13 @@ def _lookup_secret(graph: BlockGraph | None, secret_id: str) -> bytes:
     """The raw bytes of the ``secret`` object ``secret_id`` (cf. qcrypto_secret_lookup).
 
     The one place this driver reads user-creatable objects: today they are raw
-    ``(qom-type, properties)`` pairs in ``BlockGraph.objects``; point this at the typed
-    object registry once there is one.
+    ``(qom-type, properties)`` pairs behind the graph's ``ObjectLookup``; point this at the
+    typed object registry once there is one.
 
     Raises:
         BlockMirrorError: QEMU's texts for a missing, mistyped or empty secret.
     """
-    objects: Mapping[str, tuple[str, dict[str, Any]]] = getattr(graph, "objects", {}) or {}
+    objects: ObjectLookup = graph.objects if graph is not None else NO_OBJECTS
     obj = objects.get(secret_id)
     if obj is None:
         raise BlockMirrorError(f"No secret with id '{secret_id}'")
