@@ -82,7 +82,7 @@ class CreateJob(Job):
 @command("blockdev-create")
 async def blockdev_create(ctx: CommandContext, args: Args) -> None:
     options: dict[str, Any] = args["options"]
-    if options["driver"] not in ("file", "qcow2"):
+    if options["driver"] not in ("file", "qcow2", "rbd"):
         raise BlockMirrorError("Driver does not support blockdev-create")
     mgr = ctx.daemon.jobs
     job_id = args.get_str("job-id")
