@@ -79,7 +79,7 @@ def test_generic_filename_parsing_hands_rbd_to_the_driver() -> None:
 
 
 def test_location_from_blockdev_options_and_filename() -> None:
-    loc = location_from_options({"filename": "rbd:p/i:conf=/c:rbd_cache=false"}, None)
+    loc = location_from_options(parse_rbd_filename("rbd:p/i:conf=/c:rbd_cache=false"), None)
     assert (loc.pool, loc.image, loc.conf) == ("p", "i", "/c")
     assert loc.keypairs == [("rbd_cache", "false")]
     loc = location_from_options({

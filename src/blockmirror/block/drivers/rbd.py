@@ -55,11 +55,6 @@ else:
 
 #: the internal option that carries ``rbd:`` filename key=value pairs (cf. "=keyvalue-pairs")
 KEYVALUE_PAIRS = "=keyvalue-pairs"
-#: the options of BlockdevOptionsRbd (plus the filename forms QEMU accepts)
-OPTION_KEYS = frozenset({
-    "pool", "namespace", "image", "conf", "snapshot", "encrypt", "user",
-    "auth-client-required", "key-secret", "server", "filename", KEYVALUE_PAIRS,
-})
 #: how long close() waits for librbd before leaving the handle to a daemon thread
 _CLOSE_DEADLINE = 30.0
 #: librbd before 1.17 reports wrong offsets for unaligned diff_iterate starts
@@ -175,10 +170,6 @@ def parse_rbd_filename(filename: str) -> dict[str, Any]:
     return opts
 
 
-def is_rbd_filename(filename: str) -> bool:
-    return filename.startswith("rbd:")
-
-
 # --- secrets ---------------------------------------------------------------------------------
 
 
@@ -267,16 +258,13 @@ def _list_opt(opts: Mapping[str, Any], key: str) -> list[Any] | None:
 
 def location_from_options(opts: Mapping[str, Any], graph: BlockGraph | None,
                           cache: bool = True) -> Location:
-    """Resolve BlockdevOptionsRbd (or a ``filename``) into a Location.
+    """Resolve BlockdevOptionsRbd (an ``rbd:`` filename parsed by parse_rbd_filename, or
+    options given as such) into a Location.
 
     Raises:
         BlockMirrorError: missing or mistyped options, unknown secrets (QEMU's texts).
     """
     merged: dict[str, Any] = dict(opts)
-    filename = merged.pop("filename", None)
-    if isinstance(filename, str):
-        for k, v in parse_rbd_filename(filename).items():
-            merged.setdefault(k, v)
     if merged.get("encrypt") is not None:
         raise BlockMirrorError("RBD image encryption is not supported by blockmirror")
     pool = _str_opt(merged, "pool", required=True)
@@ -518,14 +506,6 @@ class RbdDriver(BlockDriver):
         self._size = int(st["size"])
         self._object_size = int(st["obj_size"])
         self._features = int(st["features"])
-        # the options as QEMU keeps them: a filename becomes pool/namespace/image/...
-        if "filename" in opts:
-            del opts["filename"]
-            for key, value in (("pool", loc.pool), ("namespace", loc.namespace),
-                               ("image", loc.image), ("snapshot", loc.snapshot),
-                               ("conf", loc.conf), ("user", loc.user)):
-                if value is not None and key not in opts:
-                    opts[key] = value
         self._fast_diff_workaround = tuple(rbd.RBD().version()) < _DIFF_ITERATE_FIXED
 
     async def close(self) -> None:
@@ -697,13 +677,11 @@ class RbdDriver(BlockDriver):
 
 __all__ = [
     "KEYVALUE_PAIRS",
-    "OPTION_KEYS",
     "Location",
     "RbdDriver",
     "available",
     "connect",
     "create_image",
-    "is_rbd_filename",
     "location_from_options",
     "parse_rbd_filename",
     "probe_format",
