@@ -547,11 +547,15 @@ class RbdDriver(BlockDriver):
             raise BlockIOError(errno.EIO)
         return self._image
 
-    async def _aio(self, start: Callable[[Callable[..., None]], Any]) -> Any:
+    async def _aio(self, start: Callable[[Callable[..., None]], Any],
+                   submit_in_pool: bool = False) -> Any:
         """Start one librbd aio request and wait for its completion on this loop.
 
         ``start(callback)`` submits the request; librbd calls ``callback(completion, *rest)``
         on one of its threads, which hands (return value, rest) back to the loop.
+        ``submit_in_pool``: submit from an I/O worker, for requests whose submission can
+        block (librbd's write cache throttles writers once too much is in flight, and the
+        payload is copied), so that the event loop never waits for the cluster.
         """
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[tuple[int, tuple[Any, ...]]] = loop.create_future()
@@ -564,7 +568,10 @@ class RbdDriver(BlockDriver):
             loop.call_soon_threadsafe(settle, (completion.get_return_value(), rest))
 
         try:
-            start(callback)
+            if submit_in_pool:
+                await threadio.run(start, callback)
+            else:
+                start(callback)
         except (rbd.Error, rados.Error) as e:
             raise BlockIOError(_errno_of(e)) from e
         ret, rest = await fut
@@ -584,8 +591,13 @@ class RbdDriver(BlockDriver):
         if self.node.read_only:
             raise BlockIOError(errno.EPERM)
         image = self._live()
-        payload = data if isinstance(data, bytes) else bytes(data)
-        await self._aio(lambda cb: image.aio_write(payload, offset, cb))
+
+        def submit(cb: Callable[..., None]) -> Any:
+            # librbd takes bytes; the copy of a view happens in the worker too
+            payload = data if isinstance(data, bytes) else bytes(data)
+            return image.aio_write(payload, offset, cb)
+
+        await self._aio(submit, submit_in_pool=True)
         if flags & WriteFlags.FUA:
             await self.flush()
 
