@@ -63,6 +63,10 @@ def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
         BlockMirrorError: QEMU's text for the first problem.
     """
     tree = unflatten(options)
+    driver = tree.get("driver")
+    if isinstance(driver, str) and driver not in load_all():
+        # QEMU has it, blockmirror does not: its options are not declared either
+        raise BlockMirrorError(f"Parameter 'driver' does not accept value '{driver}'")
     _legacy_discard(tree)
     # "=name" members are internal (rbd's "=keyvalue-pairs" from an rbd: filename): as in
     # QEMU, the driver takes them before the schema sees the options
