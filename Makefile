@@ -6,7 +6,16 @@ STAMP := $(VENV)/.installed
 APT_PKGS := qemu-utils qemu-system-common qemu-block-extra nbdkit libnbd-bin tmux openssl iproute2
 PEER_TOOLS := qemu-img qemu-io qemu-nbd qemu-storage-daemon nbdkit nbdinfo nbdcopy tmux openssl ip
 
-.PHONY: all demo test lint typecheck unit bench tools clean
+.PHONY: all demo test lint typecheck unit bench tools clean ceph-tools
+
+# Ceph for the rbd driver and its tests (tests/interop/test_rbd_*.py): a single-node cluster
+# (scripts/ceph-cluster) and librbd's Python bindings, which Debian builds for its python3.
+# The venv sees just those two modules through a .pth file naming a directory that holds
+# links to them (not the whole of dist-packages).
+CEPH_APT_PKGS := ceph-mon ceph-osd ceph-common python3-rbd python3-rados
+CEPH_TOOLS := ceph-mon ceph-osd ceph rbd ceph-authtool monmaptool
+CEPH_DIST := /usr/lib/python3/dist-packages
+CEPH_BINDINGS := $(VENV)/ceph-bindings
 
 all: test
 
@@ -25,6 +34,26 @@ tools:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PKGS) >/dev/null; \
 	  else echo "warning: missing peer tools:$$missing (interop tests will skip, or fail with CI=true)"; fi; \
 	fi
+
+# make tools installs the Ceph packages too (additive: its own prerequisite)
+tools: ceph-tools
+
+ceph-tools: $(STAMP)
+	@missing=""; for t in $(CEPH_TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	ls $(CEPH_DIST)/rbd.cpython-*.so $(CEPH_DIST)/rados.cpython-*.so >/dev/null 2>&1 || missing="$$missing python3-rbd"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing ceph:$$missing"; \
+	    (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(CEPH_APT_PKGS) >/dev/null 2>&1 || \
+	     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(CEPH_APT_PKGS) >/dev/null)); \
+	  else echo "warning: missing ceph tools:$$missing (rbd tests will skip, or fail with CI=true)"; fi; \
+	fi
+	@rm -rf $(CEPH_BINDINGS); mkdir -p $(CEPH_BINDINGS); \
+	for m in rbd rados; do for f in $(CEPH_DIST)/$$m.cpython-*.so; do [ -e "$$f" ] && ln -sf "$$f" $(CEPH_BINDINGS)/; done; done; \
+	site=$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	echo "$(abspath $(CEPH_BINDINGS))" > "$$site/blockmirror-ceph.pth"; \
+	$(BIN)/python -c 'import rbd, rados' 2>/dev/null && echo "ceph bindings: importable from $(VENV)" || \
+	  echo "warning: librbd Python bindings not importable from $(VENV)"
 
 demo: $(STAMP) tools
 	$(BIN)/blockmirror demo

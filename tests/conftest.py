@@ -13,6 +13,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -53,3 +54,12 @@ def require_tool(*names: str) -> None:
 @pytest.fixture
 def tmp(tmp_path: Path) -> Path:
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def ceph_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One single-node Ceph cluster (scripts/ceph-cluster) for the session's rbd tests:
+    pools ``rbd`` and ``rbd2``; skipped without Ceph, failed under CI=true."""
+    from ceph_helpers import cluster_session
+
+    yield from cluster_session(tmp_path_factory.mktemp("ceph"))

@@ -17,6 +17,12 @@ from typing import Any
 from blockmirror.block import threadio
 from blockmirror.block.drivers import load_all
 from blockmirror.block.drivers.qcow2.create import create_qcow2
+from blockmirror.block.drivers.rbd import (
+    Location,
+    create_image,
+    location_from_options,
+    parse_rbd_filename,
+)
 from blockmirror.block.graph import BlockGraph
 from blockmirror.block.options import close_all, open_image
 from blockmirror.block.optsyntax import probe_format_async
@@ -59,6 +65,12 @@ _QCOW2_OPTS: tuple[tuple[str, str, str | None], ...] = (
     ("extent_size_hint", "size", None),
 )
 _HDEV_OPTS: tuple[tuple[str, str, str | None], ...] = (("size", "size", None),)
+#: raw on the rbd protocol: raw's size, then rbd's own options (cf. qemu_rbd_create_opts)
+_RBD_RAW_OPTS: tuple[tuple[str, str, str | None], ...] = (
+    ("size", "size", None),
+    ("cluster_size", "size", None),
+    ("password-secret", "str", None),
+)
 FORMAT_OPTS = {"raw": _RAW_OPTS, "file": _RAW_OPTS, "host_device": _HDEV_OPTS,
                "qcow2": _QCOW2_OPTS}
 
@@ -111,10 +123,17 @@ def _printed(value: Any, kind: str) -> str:
     return str(value)
 
 
+def _format_opts(filename: str, fmt: str) -> tuple[tuple[str, str, str | None], ...]:
+    """The creation options of ``fmt`` on the protocol ``filename`` names."""
+    if fmt == "raw" and filename.startswith("rbd:"):
+        return _RBD_RAW_OPTS
+    return FORMAT_OPTS[fmt]
+
+
 def formatting_line(filename: str, fmt: str, opts: Mapping[str, Any]) -> str:
     """The line bdrv_img_create prints: given options plus those with defaults, QEMU's order."""
     parts = [f"Formatting '{filename}', fmt={fmt}"]
-    for key, kind, default in FORMAT_OPTS[fmt]:
+    for key, kind, default in _format_opts(filename, fmt):
         if key in opts and opts[key] is not None:
             parts.append(f"{key}={_printed(opts[key], kind)}")
         elif default is not None:
@@ -162,7 +181,7 @@ async def img_create(
         if fmt in load_all():
             raise BlockMirrorError(f"Format driver '{fmt}' does not support image creation")
         raise BlockMirrorError(f"Unknown file format '{fmt}'")
-    allowed = {key for key, _, _ in FORMAT_OPTS[fmt]}
+    allowed = {key for key, _, _ in _format_opts(filename, fmt)}
     opts: dict[str, Any] = {}
     for key, value in (options or {}).items():
         if key not in allowed:
@@ -179,7 +198,7 @@ async def img_create(
             raise BlockMirrorError(
                 f"Backing file format not supported for file format '{fmt}'")
         opts["backing_fmt"] = backing_fmt
-    for key, kind, _ in FORMAT_OPTS[fmt]:
+    for key, kind, _ in _format_opts(filename, fmt):
         if kind == "size" and key in opts and opts[key] is not None:
             try:
                 opts[key] = parse_size(opts[key])
@@ -226,7 +245,9 @@ async def img_create(
     if bfile is None and opts.get("backing_fmt") is not None:
         # qcow2's own check, so it comes after the Formatting line
         raise BlockMirrorError("Backing format cannot be used without backing file")
-    if fmt == "host_device":
+    if filename.startswith("rbd:"):
+        await _create_on_rbd(filename, fmt, opts)
+    elif fmt == "host_device":
         await _check_device(filename, int(opts["size"]))
     elif fmt in ("raw", "file"):
         prealloc = str(opts.get("preallocation") or "off")
@@ -246,6 +267,36 @@ async def img_create(
     else:
         await _create_qcow2(filename, int(opts["size"]), opts)
     return line
+
+
+async def _create_on_rbd(filename: str, fmt: str, opts: Mapping[str, Any]) -> None:
+    """cf. qemu_rbd_co_create_opts: an rbd image from an ``rbd:`` filename (raw only)."""
+    if fmt != "raw":
+        raise BlockMirrorError(f"blockmirror can only create raw images on rbd, not '{fmt}'")
+    if opts.get("password-secret") is not None:
+        raise BlockMirrorError("'password-secret' is not supported (use key-secret)")
+    parsed = parse_rbd_filename(filename)
+    # as in QEMU, a snapshot in the name is not part of what gets created
+    parsed.pop("snapshot", None)
+    loc = location_from_options(parsed, None)
+    size = -(-int(opts["size"]) // _SECTOR) * _SECTOR
+    await _create_rbd_image(loc, size, opts.get("cluster_size"))
+
+
+async def create_rbd(graph: BlockGraph, location: Mapping[str, Any], size: int,
+                     cluster_size: int | None = None) -> None:
+    """blockdev-create driver=rbd (cf. qemu_rbd_co_create): ``location`` is
+    BlockdevOptionsRbd; secrets are looked up in ``graph``'s objects.
+
+    Raises:
+        BlockMirrorError: QEMU's texts ("error rbd create: File exists", ...).
+    """
+    await _create_rbd_image(location_from_options(location, graph, cache=False), size,
+                            cluster_size)
+
+
+async def _create_rbd_image(loc: Location, size: int, cluster_size: Any) -> None:
+    await threadio.run(create_image, loc, size, int(cluster_size) if cluster_size else None)
 
 
 def _check_device_sync(filename: str, size: int) -> None:
@@ -352,4 +403,5 @@ async def create_file(
     await threadio.run(_create_sync, filename, size, preallocation, nocow)
 
 
-__all__ = ["FORMAT_OPTS", "create_file", "formatting_line", "img_create", "parse_size"]
+__all__ = ["FORMAT_OPTS", "create_file", "create_rbd", "formatting_line", "img_create",
+           "parse_size"]

@@ -16,12 +16,15 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from blockmirror.block import threadio
 from blockmirror.block.drivers import DRIVERS, load_all
 from blockmirror.block.drivers.raw import PROBED_RAW_WARNING, RawDriver
+from blockmirror.block.drivers.rbd import location_from_options
+from blockmirror.block.drivers.rbd import probe_format as probe_rbd_format
 from blockmirror.block.graph import BlockGraph, node_name_valid
 from blockmirror.block.node import BlockBackend, BlockNode, Perm
 from blockmirror.block.optsyntax import (
-    CHILD_KEYS,
+    child_keys,
     deep_merge,
     parse_filename,
     probe_format,
@@ -65,8 +68,11 @@ def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
         # QEMU has it, blockmirror does not: its options are not declared either
         raise BlockMirrorError(f"Parameter 'driver' does not accept value '{driver}'")
     _legacy_discard(tree)
+    # "=name" members are internal (rbd's "=keyvalue-pairs" from an rbd: filename): as in
+    # QEMU, the driver takes them before the schema sees the options
+    internal = {k: tree.pop(k) for k in list(tree) if k.startswith("=")}
     children: dict[str, dict[str, Any]] = {}
-    for role in CHILD_KEYS:
+    for role in child_keys(tree.get("driver")):
         ref = tree.get(role)
         if isinstance(ref, dict):
             children[role] = ref
@@ -78,6 +84,7 @@ def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = _in_order(tree, checked)
     for role, ref in children.items():
         out[role] = ref if role == "backing" and _is_overlay(ref) else check_options(ref)
+    out.update(internal)
     return out
 
 
@@ -183,6 +190,10 @@ async def open_image(
             # probing reads through the filter: the image file decides
             fmt = await probe_format_async(str(image.get("filename", "")))
             probed = True
+        elif fmt is None and legacy.get("driver") == "rbd":
+            # cf. bdrv_probe_all over the protocol: the image's first bytes decide
+            fmt = await threadio.run(probe_rbd_format, location_from_options(legacy, graph))
+            probed = True
         if fmt is not None and fmt != legacy.get("driver"):
             legacy = {"driver": fmt, "file": legacy}
         base = legacy
@@ -263,7 +274,7 @@ async def _open_node(
     if force_share and not read_only:
         raise BlockMirrorError("force-share=on can only be used with read-only images")
 
-    own = {k: v for k, v in opts.items() if k not in CHILD_KEYS}
+    own = {k: v for k, v in opts.items() if k not in child_keys(driver)}
     node = BlockNode(
         name=name,
         options=own,
@@ -306,7 +317,7 @@ async def _open_children_and_driver(
     graph = ctx.graph
     cls = type(node.driver)
     # children other than backing exist before the driver opens (it reads headers through them)
-    for role in CHILD_KEYS:
+    for role in child_keys(opts.get("driver")):
         if role == "backing" or role not in opts:
             continue
         child = await _child(ctx, opts[role], opts, chain)
@@ -344,7 +355,7 @@ def _files_of(graph: BlockGraph, opts: Mapping[str, Any]) -> list[str]:
         f = opts.get("filename")
         return [f] if isinstance(f, str) else []
     out: list[str] = []
-    for role in CHILD_KEYS:
+    for role in child_keys(opts.get("driver")):
         if role == "backing":
             continue
         ref = opts.get(role)

@@ -16,6 +16,7 @@ from typing import Any
 
 from blockmirror.block import threadio
 from blockmirror.block.drivers.nbd import nbd_filename
+from blockmirror.block.drivers.rbd import parse_rbd_filename
 from blockmirror.block.node import BlockNode
 from blockmirror.block.query import qemu_json
 from blockmirror.errors import BlockMirrorError
@@ -23,6 +24,15 @@ from blockmirror.qapi import struct_members
 
 #: option keys that name a child node, per role, in the order QEMU opens them
 CHILD_KEYS = ("file", "image", "data-file", "backing")
+#: drivers for which one of those keys is a plain option, not a child (rbd's image name)
+_PLAIN_KEYS: dict[str, frozenset[str]] = {"rbd": frozenset({"image"})}
+
+
+def child_keys(driver: object) -> tuple[str, ...]:
+    """The CHILD_KEYS that name children for ``driver``."""
+    plain = _PLAIN_KEYS.get(driver) if isinstance(driver, str) else None
+    return CHILD_KEYS if not plain else tuple(k for k in CHILD_KEYS if k not in plain)
+
 #: options every driver takes (the base members of the schema's BlockdevOptions)
 COMMON_KEYS = frozenset(m.name for m in struct_members("BlockdevOptions"))
 
@@ -97,6 +107,9 @@ def parse_filename(filename: str) -> dict[str, Any] | None:
         return dbg
     if filename.startswith(("nbd:", "nbd+unix://", "nbd://")):
         return _nbd_options(filename)
+    if filename.startswith("rbd:"):
+        # cf. qemu_rbd_parse_filename
+        return {"driver": "rbd", **parse_rbd_filename(filename)}
     return None
 
 
@@ -188,6 +201,7 @@ _STRONG_OPTS: dict[str, frozenset[str]] = {
     "blkdebug": frozenset({"config", "inject-error", "set-state", "align", "max-transfer",
                            "opt-write-zero", "max-write-zero", "opt-discard", "max-discard"}),
     "qcow2": frozenset(),
+    "rbd": frozenset({"pool", "namespace", "image", "conf", "snapshot", "user", "server"}),
 }
 
 
@@ -198,7 +212,7 @@ def refresh_filename(node: BlockNode) -> str:
     strong = _STRONG_OPTS.get(drv)
     extra = {
         k: v for k, v in opts.items()
-        if k not in COMMON_KEYS and k not in CHILD_KEYS and (strong is None or k in strong)
+        if k not in COMMON_KEYS and k not in child_keys(drv) and (strong is None or k in strong)
     }
     if drv in ("file", "host_device"):
         return str(opts.get("filename", ""))
@@ -217,7 +231,8 @@ def refresh_filename(node: BlockNode) -> str:
         conf = extra.pop("config", "")
         if not extra:
             return f"blkdebug:{conf}:{child.filename}"
-    elif not extra:
+    elif not extra and not child.filename.startswith("json:"):
+        # a child without a plain filename (rbd) puts this node in json: form too
         return child.filename
     role = "image" if drv == "blkdebug" else "file"
     return "json:" + qemu_json({**extra, "driver": drv, role: _as_json(child)})
@@ -238,6 +253,7 @@ def _as_json(node: BlockNode) -> Any:
 __all__ = [
     "CHILD_KEYS",
     "COMMON_KEYS",
+    "child_keys",
     "deep_merge",
     "parse_filename",
     "probe_format",

@@ -16,7 +16,7 @@ from blockmirror.block.graph import BlockGraph
 from blockmirror.block.node import BlockNode
 
 #: drivers that implement bdrv_get_info in QEMU (ImageInfo then carries dirty-flag)
-_HAS_GET_INFO = frozenset({"file", "host_device", "raw", "qcow2"})
+_HAS_GET_INFO = frozenset({"file", "host_device", "raw", "qcow2", "rbd"})
 #: protocol drivers without an allocated-size query (ImageInfo then has no actual-size)
 _NO_ALLOCATED_SIZE = frozenset({"blkdebug", "nbd"})
 _QDICT_BUCKETS = 512

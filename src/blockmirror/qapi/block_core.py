@@ -91,6 +91,14 @@ struct("BlockdevOptionsNbd", {
     "*open-timeout": "uint32",
 })
 
+enum("RbdAuthMode", ["cephx", "none"])
+struct("InetSocketAddressBase", {"host": "str", "port": "str"})
+struct("BlockdevOptionsRbd", {
+    "pool": "str", "*namespace": "str", "image": "str", "*conf": "str", "*snapshot": "str",
+    "*user": "str", "*auth-client-required": ["RbdAuthMode"], "*key-secret": "str",
+    "*server": ["InetSocketAddressBase"],
+})
+
 union("BlockdevOptions", {
     "driver": "BlockdevDriver", "*node-name": "str", "*discard": "BlockdevDiscardOptions",
     "*cache": "BlockdevCacheOptions", "*read-only": "bool", "*auto-read-only": "bool",
@@ -101,6 +109,7 @@ union("BlockdevOptions", {
     "null-aio": "BlockdevOptionsNull", "null-co": "BlockdevOptionsNull",
     "qcow2": "BlockdevOptionsQcow2", "raw": "BlockdevOptionsRaw",
     "throttle": "BlockdevOptionsThrottle",
+    "rbd": "BlockdevOptionsRbd",
 })
 alternate("BlockdevRef", {"definition": "BlockdevOptions", "reference": "str"})
 alternate("BlockdevRefOrNull", {"definition": "BlockdevOptions", "reference": "str",
@@ -121,8 +130,12 @@ struct("BlockdevCreateOptionsQcow2", {
     "*preallocation": "PreallocMode", "*lazy-refcounts": "bool", "*refcount-bits": "int",
     "*compression-type": "Qcow2CompressionType",
 })
+struct("BlockdevCreateOptionsRbd", {
+    "location": "BlockdevOptionsRbd", "size": "size", "*cluster-size": "size",
+})
 union("BlockdevCreateOptions", {"driver": "BlockdevDriver"}, "driver", {
     "file": "BlockdevCreateOptionsFile", "qcow2": "BlockdevCreateOptionsQcow2",
+    "rbd": "BlockdevCreateOptionsRbd",
 })
 
 # --- dirty bitmaps (handlers: qmp/commands/bitmaps.py) ---------------------------------------

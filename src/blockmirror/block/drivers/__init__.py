@@ -24,6 +24,7 @@ _MODULES = (
     "nbd",
     "mirror_top",
     "throttle",
+    "rbd",
 )
 
 

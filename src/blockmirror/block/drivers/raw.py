@@ -88,7 +88,8 @@ class RawDriver(BlockDriver):
         return max(0, self._file.length() - self.offset)
 
     def info(self) -> DriverInfo:
-        return DriverInfo()
+        # cf. raw_get_info: the protocol's answer (rbd's object size; 0 for files)
+        return DriverInfo(cluster_size=self._file.info().cluster_size)
 
     def has_zero_init(self) -> bool:
         return self.offset == 0 and self.size is None and self._file.driver.has_zero_init()

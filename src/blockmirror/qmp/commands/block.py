@@ -32,6 +32,10 @@ async def _create_image(ctx: CommandContext, options: dict[str, Any]) -> None:
                                   preallocation=options.get("preallocation", "off"),
                                   nocow=options.get("nocow", False))
         return
+    if options["driver"] == "rbd":
+        await bcreate.create_rbd(ctx.daemon.graph, options["location"], options["size"],
+                                 options.get("cluster-size"))
+        return
     # qcow2 over an existing protocol node: format the file that node opened
     ref = options["file"]
     if isinstance(ref, str):
@@ -78,7 +82,7 @@ class CreateJob(Job):
 @command("blockdev-create")
 async def blockdev_create(ctx: CommandContext, args: Args) -> None:
     options: dict[str, Any] = args["options"]
-    if options["driver"] not in ("file", "qcow2"):
+    if options["driver"] not in ("file", "qcow2", "rbd"):
         raise BlockMirrorError("Driver does not support blockdev-create")
     mgr = ctx.daemon.jobs
     job_id = args.get_str("job-id")
