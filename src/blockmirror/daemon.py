@@ -13,8 +13,8 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from blockmirror.block.graph import BlockGraph
+from blockmirror.clock import Clock, make_clock
 from blockmirror.events import EventBus
-from blockmirror.jobs.clock import Clock, MonotonicClock
 
 if TYPE_CHECKING:
     from blockmirror.export.nbd_server import NbdServer
@@ -25,12 +25,15 @@ log = logging.getLogger(__name__)
 
 
 class Daemon:
-    def __init__(self, clock: Clock | None = None) -> None:
+    def __init__(self, clock: Clock | str | None = None) -> None:
+        """``clock``: a Clock, or "virtual"/"monotonic" (what ``--clock`` takes)."""
         from blockmirror.jobs.manager import JobManager
 
         self.graph = BlockGraph()
         self.events = EventBus()
-        self.clock: Clock = clock or MonotonicClock()
+        if clock is None or isinstance(clock, str):
+            clock = make_clock(clock or "monotonic")
+        self.clock: Clock = clock
         self.jobs: JobManager = JobManager(self)
         #: the NBD server, once nbd-server-start / --nbd-server ran
         self.nbd: NbdServer | None = None

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 #: long options that take an argument, as QSD's getopt table declares them
 _WITH_ARG = ("blockdev", "chardev", "export", "monitor", "nbd-server", "object", "pidfile",
-             "trace")
+             "trace", "clock")
 _NO_ARG = ("help", "version", "daemonize")
 
 OBJECT_TYPES = [
@@ -92,6 +92,11 @@ QEMU storage daemon (blockmirror)
                          create a new object of type <type>; 'id' must be set
 
   --pidfile <path>       write process ID to a file after startup
+
+  --clock monotonic|virtual
+                         blockmirror extension: with 'virtual', rate limits, job
+                         timers and fault delays follow a clock that moves only on
+                         x-clock-advance / x-clock-run-to-next-timer (docs/qmp.md)
 """
 
 
@@ -408,7 +413,15 @@ async def _apply(st: _State, opt: str, value: str) -> None:
 async def _main(prog: str, opts: list[tuple[str, str | None]], ready_fd: int | None) -> int:
     from blockmirror.daemon import Daemon
 
-    daemon = Daemon()
+    clock = "monotonic"
+    for opt, value in opts:
+        if opt == "clock" and value is not None:
+            if value not in ("monotonic", "virtual"):
+                print(f"{prog}: --clock {value}: Parameter 'clock' does not accept value "
+                      f"'{value}'", file=sys.stderr, flush=True)
+                return 1
+            clock = value
+    daemon = Daemon(clock)
     st = _State(prog, daemon)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):

@@ -117,7 +117,7 @@ def event(name: str, data: dict[str, TypeRef] | None = None) -> None:
     EVENTS[name] = data or {}
 
 
-_COMMAND_MODULES = ("control", "block", "query", "jobs", "mirror", "nbd", "hmp")
+_COMMAND_MODULES = ("control", "block", "query", "jobs", "mirror", "nbd", "hmp", "testkit")
 
 
 def load_commands() -> dict[str, CommandDef]:
