@@ -82,6 +82,8 @@ class VirtualClock:
         self._watched: asyncio.AbstractEventLoop | None = None
         #: timers fired so far (for x-query-clock and tests)
         self.fired = 0
+        #: set by release(): time then jumps to every deadline at once
+        self.released = False
 
     # --- the Clock protocol ---------------------------------------------------------------
 
@@ -91,6 +93,10 @@ class VirtualClock:
     async def sleep_ns(self, ns: int) -> None:
         self._watch_executor()
         if ns <= 0:
+            await asyncio.sleep(0)
+            return
+        if self.released:
+            self.now += ns
             await asyncio.sleep(0)
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -192,6 +198,17 @@ class VirtualClock:
         self._fire_due(deadline)
         await self.settle()
         return True
+
+    def release(self) -> None:
+        """Let go of time for good (the daemon shutting down): every pending timer fires now,
+        in deadline order, and later sleeps return at once, so that nothing waits for a
+        clock command that will never come."""
+        self.released = True
+        self._prune()
+        if self._timers:
+            last = max(t.deadline for t in self._timers)
+            while self._fire_due(last):
+                pass
 
     async def advance_until(self, done: Callable[[], bool], limit_ns: int) -> bool:
         """Run virtual time, timer by timer, until ``done()`` or ``limit_ns`` later; returns

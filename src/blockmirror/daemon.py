@@ -67,6 +67,11 @@ class Daemon:
         if self._shut_down:
             return
         self._shut_down = True
+        # a virtual clock lets go: jobs and delayed requests must not wait for an
+        # x-clock-advance that can no longer come
+        release = getattr(self.clock, "release", None)
+        if release is not None:
+            release()
         await self.jobs.cancel_all_for_shutdown()
         if self.nbd is not None:
             await self.nbd.stop()
