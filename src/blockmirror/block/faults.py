@@ -99,13 +99,30 @@ class FaultRule:
         return out
 
 
+class _Watching:
+    """A pass-through write interceptor, present while a node has rules. Shortcuts that move
+    bytes around the request path (the mirror's copy_file_range offload) stand back from
+    nodes with interceptors; this keeps them off nodes whose requests a rule must see."""
+
+    async def around_write(self, node: BlockNode, kind: str, offset: int, length: int,
+                           proceed: Any) -> None:
+        await proceed()
+
+
+_WATCHING = _Watching()
+
+
 def add_rule(node: BlockNode, rule: FaultRule) -> None:
     node.fault_rules.append(rule)
+    if _WATCHING not in node.interceptors:
+        node.interceptors.append(_WATCHING)
 
 
 def remove_rule(node: BlockNode, rule: FaultRule) -> None:
     if rule in node.fault_rules:
         node.fault_rules.remove(rule)
+    if not node.fault_rules and _WATCHING in node.interceptors:
+        node.interceptors.remove(_WATCHING)
 
 
 async def check(node: BlockNode, operation: str, offset: int, length: int) -> None:
