@@ -22,6 +22,9 @@ if TYPE_CHECKING:
     from blockmirror.qmp.server import QMPServer
 
 log = logging.getLogger(__name__)
+# library logging stays silent unless the application configures it (set here, not in the
+# package's __init__: importing logging there would delay the CLI's QMP greeting)
+logging.getLogger("blockmirror").addHandler(logging.NullHandler())
 
 
 class Daemon:

@@ -216,7 +216,10 @@ async def _open_chardev(st: _State, text: str) -> None:
     server = _onoff(opts, "server", False)
     wait = _onoff(opts, "wait", True)
     path = opts.get("path")
-    if path is not None:
+    early_sock = _early().take_listener(text) if path is not None and server else None
+    if early_sock is not None:
+        sock = early_sock  # bound and listening since start-up (cli/early.py)
+    elif path is not None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             if server:
@@ -268,6 +271,12 @@ async def _open_chardev(st: _State, text: str) -> None:
               f"disconnected:{where},server=on", file=sys.stderr, flush=True)
         conn, _ = await asyncio.get_running_loop().sock_accept(sock)
         chardev.first_client = conn
+
+
+def _early() -> Any:
+    from blockmirror.cli import early
+
+    return early
 
 
 def _declare_cli_types(with_commands: bool) -> None:
@@ -380,6 +389,8 @@ async def _apply(st: _State, opt: str, value: str) -> None:
         chardev.used = True
         if chardev.server:
             await server.listen_socket(chardev.sock, pretty=pretty)
+            for conn in _early().take_greeted(chardev.id):
+                server.attach_connected(conn, pretty=pretty, greeted=True)
             if chardev.first_client is not None:
                 server.attach_connected(chardev.first_client, pretty=pretty)
                 chardev.first_client = None
