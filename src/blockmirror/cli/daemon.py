@@ -68,6 +68,7 @@ QEMU storage daemon (blockmirror)
 
   --chardev socket,id=<id>,path=<path>|host=<host>,port=<port>|fd=<n>
             [,server=on|off][,wait=on|off]
+  --chardev stdio,id=<id>[,signal=on|off]
                          configure a character device backend
 
   --daemonize            daemonize the process, and have the parent exit
@@ -153,7 +154,7 @@ def parse_argv(argv: list[str]) -> list[tuple[str, str | None]]:
 @dataclass
 class _Chardev:
     id: str
-    sock: socket.socket
+    sock: socket.socket | None  # None: the stdio backend
     server: bool
     path: str | None = None
     used: bool = False
@@ -167,6 +168,9 @@ class _State:
     daemon: Daemon
     chardevs: dict[str, _Chardev] = field(default_factory=dict)
     pidfile: str | None = None
+    #: monitors start serving once every option is processed, as in QSD, whose main loop
+    #: (and so every monitor) only runs after start-up: no command runs half-way through it
+    monitors: list[tuple[_Chardev, bool]] = field(default_factory=list)
 
 
 def _qemuopts(text: str, implied: str) -> dict[str, str]:
@@ -208,11 +212,19 @@ async def _open_chardev(st: _State, text: str) -> None:
     backend = opts.get("backend", "")
     if "id" not in opts:
         raise OptionError("chardev: no id specified")
-    if backend != "socket":
+    if backend not in ("socket", "stdio"):
         raise OptionError(f"'{backend}' is not a valid char driver name")
     cid = opts["id"]
     if cid in st.chardevs:
         raise OptionError("duplicate yank instance")
+    if backend == "stdio":
+        # cf. chardev/char-stdio.c: one stdio chardev per process; 'signal' only
+        # concerns terminals (^C), which the monitor does not read as a terminal anyway
+        if any(cd.sock is None for cd in st.chardevs.values()):
+            raise OptionError("cannot use stdio by multiple character devices")
+        _onoff(opts, "signal", True)
+        st.chardevs[cid] = _Chardev(cid, None, False)
+        return
     server = _onoff(opts, "server", False)
     wait = _onoff(opts, "wait", True)
     path = opts.get("path")
@@ -384,18 +396,9 @@ async def _apply(st: _State, opt: str, value: str) -> None:
             raise OptionError(f'chardev "{mon["chardev"]}" not found')
         if mon.get("mode", "control") != "control":
             raise OptionError("Only QMP is supported")
-        server = d.qmp_server()
-        pretty = bool(mon.get("pretty", False))
+        d.qmp_server()
         chardev.used = True
-        if chardev.server:
-            await server.listen_socket(chardev.sock, pretty=pretty)
-            for conn in _early().take_greeted(chardev.id):
-                server.attach_connected(conn, pretty=pretty, greeted=True)
-            if chardev.first_client is not None:
-                server.attach_connected(chardev.first_client, pretty=pretty)
-                chardev.first_client = None
-        else:
-            server.attach_connected(chardev.sock, pretty=pretty)
+        st.monitors.append((chardev, bool(mon.get("pretty", False))))
     elif opt == "nbd-server":
         opts = _validated("NbdServerOptions", value, None)
         args = dict(opts)
@@ -419,6 +422,25 @@ async def _apply(st: _State, opt: str, value: str) -> None:
     elif opt == "pidfile":
         st.pidfile = value
     # --trace and --daemonize need nothing here
+
+
+async def _start_monitors(st: _State) -> None:
+    server = st.daemon.qmp_server()
+    for chardev, pretty in st.monitors:
+        if chardev.sock is None:
+            from blockmirror.qmp.stdio import attach_stdio
+
+            attach_stdio(server, pretty=pretty)
+        elif chardev.server:
+            greeted = _early().take_greeted(chardev.id)
+            await server.listen_socket(chardev.sock, pretty=pretty)
+            for conn in greeted:
+                server.attach_connected(conn, pretty=pretty, greeted=True)
+            if chardev.first_client is not None:
+                server.attach_connected(chardev.first_client, pretty=pretty)
+                chardev.first_client = None
+        else:
+            server.attach_connected(chardev.sock, pretty=pretty)
 
 
 async def _main(prog: str, opts: list[tuple[str, str | None]], ready_fd: int | None) -> int:
@@ -460,6 +482,7 @@ async def _main(prog: str, opts: list[tuple[str, str | None]], ready_fd: int | N
                 if hint:
                     print(hint, file=sys.stderr, flush=True)
                 return 1
+        await _start_monitors(st)
         if st.pidfile is not None:
             try:
                 _write_pidfile(st.pidfile)
@@ -484,7 +507,8 @@ async def _main(prog: str, opts: list[tuple[str, str | None]], ready_fd: int | N
             print(f"{prog}: {e}", file=sys.stderr)
             rc = 1
         for cd in st.chardevs.values():
-            cd.sock.close()
+            if cd.sock is not None:
+                cd.sock.close()
             if cd.path:
                 with contextlib.suppress(OSError):
                     os.unlink(cd.path)

@@ -40,6 +40,7 @@ class _Listener:
         self.text, self.cid, self.path = text, cid, path
         self.sock: socket.socket | None = sock
         self.greet = False
+        self.taken = False
         self.greeted: list[socket.socket] = []
 
 
@@ -182,19 +183,20 @@ def start(argv: list[str]) -> None:
 
 
 def take_listener(text: str) -> socket.socket | None:
-    """The socket bound early for the ``--chardev`` option ``text`` (stops the greeter)."""
+    """The socket bound early for the ``--chardev`` option ``text``; the greeter keeps
+    greeting on it until ``take_greeted``."""
     if _greeter is None:
         return None
-    _greeter.stop()
     for lst in _greeter.listeners:
         if lst.text == text and lst.sock is not None:
-            sock, lst.sock = lst.sock, None
-            return sock
+            lst.taken = True
+            return lst.sock
     return None
 
 
 def take_greeted(cid: str) -> list[socket.socket]:
-    """Connections already greeted on chardev ``cid``; the caller serves them from now on."""
+    """Connections already greeted on chardev ``cid`` (stops the greeter: the caller serves
+    the listening socket and these connections from now on)."""
     if _greeter is None:
         return []
     _greeter.stop()
@@ -214,7 +216,7 @@ def close() -> None:
     for lst in _greeter.listeners:
         for conn in lst.greeted:
             conn.close()
-        if lst.sock is not None:
+        if lst.sock is not None and not lst.taken:
             lst.sock.close()
             with contextlib.suppress(OSError):
                 os.unlink(lst.path)

@@ -124,6 +124,14 @@ class QMPServer:
         self._attached.add(task)
         task.add_done_callback(self._attached.discard)
 
+    def attach_streams(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+                       pretty: bool | None = None) -> None:
+        """Serve a session on a stream pair that is not a socket (the stdio monitor)."""
+        task = asyncio.get_running_loop().create_task(
+            self._handler(pretty)(reader, writer), name="qmp-streams")
+        self._attached.add(task)
+        task.add_done_callback(self._attached.discard)
+
     async def serve_connected(self, sock: socket.socket, *, pretty: bool | None = None,
                               greeted: bool = False) -> None:
         """Serve one already connected socket (``-chardev socket,fd=N`` without server=on)."""
