@@ -84,6 +84,14 @@ class VirtualClock:
         self.fired = 0
         #: set by release(): time then jumps to every deadline at once
         self.released = False
+        # watch the pool from the start when created on a running loop (a daemon's clock
+        # is): requests started before the first sleep or settle count too
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            self._watch_executor()
 
     # --- the Clock protocol ---------------------------------------------------------------
 

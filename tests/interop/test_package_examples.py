@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -23,6 +24,14 @@ def _run(argv: list[str], cwd: Path, env: dict[str, str], limit: float = 300) ->
                           timeout=limit, check=False)
     assert proc.returncode == 0, f"{argv}\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
+
+
+def _cpu_seconds_of(argv: list[str], cwd: Path, env: dict[str, str]) -> tuple[str, float]:
+    """Run ``argv``; its output and the CPU time (user + system) it and its children used."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = _run(argv, cwd, env)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return out, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def test_examples_pass_from_an_installed_wheel(tmp_path: Path) -> None:
@@ -46,9 +55,13 @@ def test_examples_pass_from_an_installed_wheel(tmp_path: Path) -> None:
     shutil.copytree(ROOT / "examples", suite)
     where = _run([py, "-c", "import blockmirror; print(blockmirror.__file__)"], suite, env)
     assert where.startswith(str(venv)), where  # the installed package, not this tree
-    out = _run([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(suite)], suite, env)
+    out, cpu = _cpu_seconds_of([py, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                str(suite)], suite, env)
     assert "failed" not in out and "error" not in out, out
     m = re.search(r"(\d+) passed in ([\d.]+)s", out)
     assert m is not None and m.group(1) == "3", out
-    # the suite's own time (pytest's figure: collection and the tests) is under 2 s
-    assert float(m.group(2)) < 2.0, out
+    # Under 2 s: about 1 s of wall time on an idle machine. Wall time on a 2-core machine
+    # shared with other work measures the neighbours, so the bound is on what the run itself
+    # consumed: CPU time of the whole pytest process (interpreter, imports and all), which
+    # the waiting in the suite does not inflate.
+    assert cpu < 2.0, (cpu, out)

@@ -288,38 +288,42 @@ def test_source_read_fault_fails_the_job_like_blkdebug(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
-def test_rule_added_while_a_mirror_runs() -> None:
+def test_rule_added_while_a_mirror_runs(tmp_path: Path) -> None:
     # a speed-limited mirror on the virtual clock: the rule lands mid-copy, deterministically
+    img = tmp_path / "src.img"
+    img.write_bytes(b"\xa5" * (16 * MIB))
+
     async def main() -> None:
-        async with qmp_daemon(daemon=Daemon(clock="virtual")) as td:
+        async with qmp_daemon(tmp_path, daemon=Daemon(clock="virtual")) as td:
             qmp = await td.client()
-            await qmp.execute("blockdev-add", {"driver": "null-co", "node-name": "src",
-                                               "size": 64 * MIB})
+            await qmp.execute("blockdev-add", {"driver": "raw", "node-name": "src", "file": {
+                "driver": "file", "filename": str(img)}})
             await qmp.execute("blockdev-add", {"driver": "null-co", "node-name": "tgt",
-                                               "size": 64 * MIB})
+                                               "size": 16 * MIB})
             await qmp.execute("blockdev-mirror", {"job-id": "j", "device": "src",
                                                   "target": "tgt", "sync": "full",
-                                                  "speed": 8 * MIB,
+                                                  "speed": 4 * MIB, "buf-size": MIB,
                                                   "on-target-error": "stop"})
-            await qmp.execute("x-clock-advance", {"ns": 2 * SEC})
+            await qmp.execute("x-clock-advance", {"ns": SEC})
             (job,) = await qmp.execute("query-block-jobs")
             assert 0 < job["offset"] < job["len"] and job["status"] == "running"
-            # a null source has neither data nor zeroes: the mirror discards on the target
-            await qmp.execute("x-fault-add", {"node-name": "tgt", "operation": "discard",
+            await qmp.execute("x-fault-add", {"node-name": "tgt", "operation": "write",
                                               "nth": 2, "once": True})
             for _ in range(100):
                 if [e for e in td.daemon.events.history if e["event"] == "BLOCK_JOB_ERROR"]:
                     break
                 assert (await qmp.execute("x-clock-run-to-next-timer"))["fired"]
             (fired,) = injected(td)
-            assert fired["node-name"] == "tgt" and fired["operation"] == "discard"
+            assert fired["node-name"] == "tgt" and fired["operation"] == "write"
             assert fired["offset"] >= job["offset"]
             ev = [e["data"] for e in td.daemon.events.history if e["event"] == "BLOCK_JOB_ERROR"]
             assert ev == [{"device": "j", "operation": "write", "action": "stop"}]
             (job,) = await qmp.execute("query-block-jobs")
             assert job["status"] == "paused" and job["io-status"] == "failed"
             await qmp.execute("block-job-resume", {"device": "j"})
-            while not (await qmp.execute("query-block-jobs"))[0]["ready"]:
+            for _ in range(1000):
+                if (await qmp.execute("query-block-jobs"))[0]["ready"]:
+                    break
                 assert (await qmp.execute("x-clock-run-to-next-timer"))["fired"]
             await qmp.execute("block-job-complete", {"device": "j"})
             await td.next_event(qmp, "BLOCK_JOB_COMPLETED")

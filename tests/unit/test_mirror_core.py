@@ -270,7 +270,7 @@ def test_write_blocking_copies_writes_synchronously() -> None:
         await node.write(8192, b"\x99" * 8192)
         # already on the target when the write returns
         assert await env.tgt.read(8192, 8192) == b"\x99" * 8192
-        assert job.bitmap.dirty_count() == 0
+        assert job.dirty.dirty_bytes() == 0
         await job.complete()
         await job.wait_finished()
 
@@ -343,10 +343,10 @@ def test_writes_held_by_the_final_drain_follow_the_pivot() -> None:
         drv(env.tgt).flush_delay = 0.05  # keep the job drained for a while
         assert env.dev.node is not None
         await env.dev.node.write(8192, b"\xa0" * 512)  # so the final flush has work to do
-        await env.wait_for(lambda: job.bitmap.dirty_count() == 0 and job.progress.current
+        await env.wait_for(lambda: job.dirty.dirty_bytes() == 0 and job.progress.current
                            == job.progress.total)
         completing = asyncio.ensure_future(job.complete())
-        await env.wait_for(lambda: job.quiesced)
+        await env.wait_for(lambda: job.gate.closed)
         via_filter, direct = env.dev.node, late.node
         assert via_filter is not None and direct is not None
         w1 = asyncio.ensure_future(via_filter.write(0, b"\xa1" * 4096))

@@ -23,21 +23,17 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from blockmirror.errors import BlockIOError
+from blockmirror.qapi.testkit import XFaultErrno, XFaultOperation
 
 if TYPE_CHECKING:
     from blockmirror.block.node import BlockNode
     from blockmirror.clock import Clock
 
-#: request kinds, as the QMP commands name them
-OPERATIONS = ("read", "write", "zero", "discard", "flush", "block-status")
+#: request kinds, as the QMP commands name them (the schema's XFaultOperation)
+OPERATIONS = tuple(op.value for op in XFaultOperation)
 
-#: errno names a rule may inject
-ERRNOS: dict[str, int] = {
-    name: getattr(_errno, name)
-    for name in ("EIO", "ENOSPC", "EPERM", "EACCES", "EROFS", "EINVAL", "ENOMEDIUM",
-                 "ENOTSUP", "EDQUOT", "EFBIG", "ENOMEM", "EAGAIN", "ETIMEDOUT", "ESHUTDOWN",
-                 "ECONNRESET")
-}
+#: errno names a rule may inject (the schema's XFaultErrno)
+ERRNOS: dict[str, int] = {e.value: getattr(_errno, e.value) for e in XFaultErrno}
 ERRNO_NAMES = {v: k for k, v in ERRNOS.items()}
 
 

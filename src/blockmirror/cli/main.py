@@ -14,6 +14,7 @@ import importlib
 import sys
 
 from blockmirror import __version__
+from blockmirror.cli import early
 
 SUBCOMMANDS = {
     "daemon": ("blockmirror.cli.daemon", "qemu-storage-daemon compatible storage daemon"),
@@ -47,8 +48,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if name == "daemon":
         # greet QMP clients while the daemon is still importing (see cli/early.py)
-        from blockmirror.cli import early
-
         early.start(args[1:])
         try:
             module = importlib.import_module(SUBCOMMANDS[name][0])

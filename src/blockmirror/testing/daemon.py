@@ -27,10 +27,11 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from blockmirror.daemon import Daemon
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from blockmirror.daemon import Daemon
 
 SEC = 1_000_000_000
 
@@ -189,8 +190,6 @@ class DaemonHandle:
 
     def client(self) -> Any:
         """Another negotiated ``qemu.qmp.legacy.QEMUMonitorProtocol`` on this daemon."""
-        from qemu.qmp.legacy import QEMUMonitorProtocol
-
         qmp = QEMUMonitorProtocol(self.socket_path)
         qmp.connect(negotiate=True)
         self._clients.append(qmp)
@@ -263,8 +262,6 @@ def start_daemon(blockdevs: Iterable[Mapping[str, Any]] = (), *, clock: str = "m
     sock = os.path.join(wd, "qmp.sock")
 
     async def main() -> None:
-        from blockmirror.daemon import Daemon
-
         daemon = Daemon(clock)
         started.daemon = daemon
         started.loop = asyncio.get_running_loop()

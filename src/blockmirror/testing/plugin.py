@@ -16,19 +16,24 @@ Fixtures:
 
 The handle has ``execute(name, **args)``, ``wait_event(name, match=...)``, ``clock``
 (``advance``, ``run_to_next_timer``, ``run_until``, ``info``) and ``faults`` (``add``,
-``remove``, ``list``): see ``blockmirror.testing.daemon``.
+``remove``, ``list``): see ``blockmirror.testing.daemon``. The daemon code is imported by the
+first fixture that starts one (through ``blockmirror.testing``'s lazy names), not when pytest
+loads this plugin.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from blockmirror.testing.daemon import DaemonHandle, start_daemon
+import blockmirror.testing as bmt
 
-Factory = Callable[..., DaemonHandle]
+if TYPE_CHECKING:
+    from blockmirror.testing.daemon import DaemonHandle
+
+Factory = Callable[..., "DaemonHandle"]
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -44,7 +49,7 @@ def blockmirror_factory() -> Iterator[Factory]:
     handles: list[DaemonHandle] = []
 
     def make(*blockdevs: Mapping[str, Any], clock: str = "monotonic") -> DaemonHandle:
-        handle = start_daemon(blockdevs, clock=clock)
+        handle: DaemonHandle = bmt.start_daemon(blockdevs, clock=clock)
         handles.append(handle)
         return handle
 

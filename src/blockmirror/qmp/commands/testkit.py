@@ -1,4 +1,5 @@
-"""Extensions for test authors: the virtual clock and run-time fault rules (docs/qmp.md).
+"""Extensions for test authors: the virtual clock and run-time fault rules (docs/qmp.md;
+declared in qapi/testkit.py).
 
     x-query-clock               {"virtual", "now-ns", "timers", "fired", "*next-deadline-ns"}
     x-clock-advance ns          move a virtual clock forward, firing due timers in order
@@ -20,23 +21,7 @@ from typing import Any
 from blockmirror.block import faults
 from blockmirror.clock import VirtualClock
 from blockmirror.errors import BlockMirrorError
-from blockmirror.qmp.registry import Args, CommandContext, command, event
-from blockmirror.qmp.schema import enum, struct
-
-struct("XClockInfo", {"virtual": "bool", "now-ns": "int", "timers": "int", "fired": "int",
-                      "*next-deadline-ns": "int"})
-struct("XClockStep", {"now-ns": "int", "fired": "int"})
-enum("XFaultOperation", list(faults.OPERATIONS))
-enum("XFaultErrno", list(faults.ERRNOS))
-struct("XFaultRule", {
-    "id": "str", "node-name": "str", "operation": "XFaultOperation", "offset": "int",
-    "*length": "int", "*nth": "int", "*probability": "number", "*seed": "int",
-    "*errno": "XFaultErrno", "delay-ns": "int", "once": "bool", "matched": "int",
-    "fired": "int",
-})
-event("X_FAULT_INJECTED", {"id": "str", "node-name": "str", "operation": "XFaultOperation",
-                           "offset": "int", "length": "int", "*errno": "XFaultErrno",
-                           "delay-ns": "int"})
+from blockmirror.qmp.registry import Args, CommandContext, command
 
 
 def _virtual(ctx: CommandContext) -> VirtualClock:
@@ -47,7 +32,8 @@ def _virtual(ctx: CommandContext) -> VirtualClock:
     return clock
 
 
-def _clock_info(ctx: CommandContext) -> dict[str, Any]:
+@command("x-query-clock")
+async def x_query_clock(ctx: CommandContext, args: Args) -> dict[str, Any]:
     clock = ctx.daemon.clock
     if not isinstance(clock, VirtualClock):
         return {"virtual": False, "now-ns": clock.now_ns(), "timers": 0, "fired": 0}
@@ -59,12 +45,7 @@ def _clock_info(ctx: CommandContext) -> dict[str, Any]:
     return out
 
 
-@command("x-query-clock", returns="XClockInfo")
-async def x_query_clock(ctx: CommandContext, args: Args) -> dict[str, Any]:
-    return _clock_info(ctx)
-
-
-@command("x-clock-advance", {"ns": "int"}, returns="XClockStep")
+@command("x-clock-advance")
 async def x_clock_advance(ctx: CommandContext, args: Args) -> dict[str, Any]:
     clock = _virtual(ctx)
     ns = args.get_int("ns")
@@ -74,7 +55,7 @@ async def x_clock_advance(ctx: CommandContext, args: Args) -> dict[str, Any]:
     return {"now-ns": clock.now_ns(), "fired": fired}
 
 
-@command("x-clock-run-to-next-timer", returns="XClockStep")
+@command("x-clock-run-to-next-timer")
 async def x_clock_run_to_next_timer(ctx: CommandContext, args: Args) -> dict[str, Any]:
     clock = _virtual(ctx)
     before = clock.fired
@@ -96,11 +77,7 @@ def _nonneg(args: Args, key: str) -> int | None:
     return v
 
 
-@command("x-fault-add", {
-    "node-name": "str", "operation": "XFaultOperation", "*id": "str", "*offset": "int",
-    "*length": "int", "*nth": "int", "*probability": "number", "*seed": "int",
-    "*errno": "XFaultErrno", "*delay-ns": "int", "*once": "bool",
-}, returns="XFaultRule")
+@command("x-fault-add")
 async def x_fault_add(ctx: CommandContext, args: Args) -> dict[str, Any]:
     daemon = ctx.daemon
     node_name = args.get_str("node-name")
@@ -151,7 +128,7 @@ async def x_fault_add(ctx: CommandContext, args: Args) -> dict[str, Any]:
     return rule.describe()
 
 
-@command("x-fault-remove", {"id": "str"})
+@command("x-fault-remove")
 async def x_fault_remove(ctx: CommandContext, args: Args) -> None:
     rule_id = args.get_str("id")
     for node in ctx.daemon.graph.all_nodes():
@@ -162,7 +139,7 @@ async def x_fault_remove(ctx: CommandContext, args: Args) -> None:
     raise BlockMirrorError(f"Fault rule '{rule_id}' not found")
 
 
-@command("x-query-faults", {"*node-name": "str"}, returns=["XFaultRule"])
+@command("x-query-faults")
 async def x_query_faults(ctx: CommandContext, args: Args) -> list[dict[str, Any]]:
     name = args.opt_str("node-name")
     return [r.describe() for r in _all_rules(ctx) if name is None or r.node_name == name]
