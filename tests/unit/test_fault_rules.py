@@ -329,3 +329,33 @@ def test_rule_added_while_a_mirror_runs(tmp_path: Path) -> None:
             await td.next_event(qmp, "BLOCK_JOB_COMPLETED")
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(("side", "operation"), [("src", "read"), ("src-file", "read"),
+                                                 ("dst", "write"), ("dst-file", "write")])
+def test_rules_hold_on_plain_raw_files(tmp_path: Path, side: str, operation: str) -> None:
+    # raw over file is the pair the copier moves in one worker call, around the request
+    # path; a rule on any node of either side must still meet its requests
+    src, dst = tmp_path / "s.img", tmp_path / "d.img"
+    src.write_bytes(b"\x77" * (4 * MIB))
+    dst.write_bytes(bytes(4 * MIB))
+
+    async def main() -> None:
+        async with qmp_daemon(tmp_path) as td:
+            qmp = await td.client()
+            for name, path in (("src", src), ("dst", dst)):
+                await qmp.execute("blockdev-add", {"driver": "raw", "node-name": name, "file": {
+                    "driver": "file", "node-name": f"{name}-file", "filename": str(path)}})
+            await qmp.execute("x-fault-add", {"node-name": side, "operation": operation,
+                                              "once": True})
+            await qmp.execute("blockdev-mirror", {"job-id": "j", "device": "src",
+                                                  "target": "dst", "sync": "full"})
+            done = await td.next_event(qmp, "BLOCK_JOB_COMPLETED")
+            assert done["data"]["error"] == "Input/output error"
+            errors = [e["data"] for e in td.daemon.events.history
+                      if e["event"] == "BLOCK_JOB_ERROR"]
+            assert errors == [{"device": "j", "operation": operation, "action": "report"}]
+            assert [e["data"]["node-name"] for e in td.daemon.events.history
+                    if e["event"] == "X_FAULT_INJECTED"] == [side]
+
+    asyncio.run(main())
