@@ -30,8 +30,10 @@ def run(body: Body, clock: str = "monotonic") -> None:
     async def main() -> None:
         async with qmp_daemon(daemon=Daemon(clock)) as td:
             qmp = await td.client()
+            # discard=unmap: without it discards end before anything hears of them
             await qmp.execute("blockdev-add", {"driver": "null-co", "node-name": "n",
-                                               "size": 4 * MIB, "read-zeroes": True})
+                                               "size": 4 * MIB, "read-zeroes": True,
+                                               "discard": "unmap"})
             await body(td, qmp)
 
     asyncio.run(main())
