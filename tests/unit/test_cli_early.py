@@ -16,7 +16,7 @@ import pytest
 from blockmirror.cli import early
 from blockmirror.daemon import Daemon
 from blockmirror.qmp.session import QMPSession
-from blockmirror.qmp.testing import DaemonProcess
+from blockmirror.qmp.testing import DaemonProcess, daemon_argv
 
 
 @pytest.fixture(autouse=True)
@@ -49,7 +49,8 @@ def test_greeted_early_then_served_by_the_loop() -> None:
     d = _short_dir()
     path = os.path.join(d, "qmp.sock")
     chardev = f"socket,id=m0,path={path},server=on,wait=off"
-    early.start(["--chardev", chardev, "--monitor", "chardev=m0", "--blockdev", "x"])
+    early.start(["--chardev", chardev, "--monitor", "chardev=m0", "--pidfile", "p",
+                 "-T", "x", "--object", "iothread,id=io0"])
     client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     client.settimeout(5)
     client.connect(path)
@@ -85,17 +86,28 @@ def test_greeted_early_then_served_by_the_loop() -> None:
 
 @pytest.mark.parametrize("extra", [
     ["--daemonize"],
-    ["--monitor", "chardev=m0,pretty=on"],
+    ["--blockdev", "driver=null-co,node-name=n"],
+    ["--nbd-server", "addr.type=unix,addr.path=/tmp/x.sock"],
+    ["--export", "type=nbd,id=e,node-name=n"],
+    ["-h"],
+    ["stray"],
 ])
-def test_unusual_command_lines_stay_on_the_normal_path(extra: list[str]) -> None:
+def test_a_greeting_must_wait_for_visible_options(extra: list[str]) -> None:
+    # QSD greets after start-up: a client may then rely on nodes, the NBD server, exports
     d = _short_dir()
     path = os.path.join(d, "qmp.sock")
-    argv = ["--chardev", f"socket,id=m0,path={path},server=on,wait=off"]
-    argv += extra
-    early.start(argv)
+    early.start(["--chardev", f"socket,id=m0,path={path},server=on,wait=off",
+                 "--monitor", "m0", *extra])
     assert early.take_greeted("m0") == []
-    if extra == ["--daemonize"]:
-        assert not os.path.exists(path)
+    assert not os.path.exists(path)
+
+
+def test_unusual_monitors_stay_on_the_normal_path() -> None:
+    d = _short_dir()
+    path = os.path.join(d, "qmp.sock")
+    early.start(["--chardev", f"socket,id=m0,path={path},server=on,wait=off",
+                 "--monitor", "chardev=m0,pretty=on"])
+    assert early.take_greeted("m0") == []
 
 
 def test_close_removes_sockets_nobody_took() -> None:
@@ -108,11 +120,21 @@ def test_close_removes_sockets_nobody_took() -> None:
     assert not os.path.exists(path)
 
 
+def test_greeting_means_the_nbd_server_is_up(tmp_path: Path) -> None:
+    d = _short_dir()
+    sock = os.path.join(d, "qmp.sock")
+    nbd = os.path.join(d, "nbd.sock")
+    argv = daemon_argv("ours", sock, "--blockdev", "driver=null-co,node-name=n0",
+                       "--nbd-server", f"addr.type=unix,addr.path={nbd}",
+                       "--export", "type=nbd,id=e0,node-name=n0")
+    with DaemonProcess(argv, sock) as proc, proc.connect() as qmp:
+        assert qmp.greeting.startswith(b'{"QMP": ')
+        assert os.path.exists(nbd)
+
+
 def test_daemon_process_greets_fast_and_works(tmp_path: Path) -> None:
     d = _short_dir()
     sock = os.path.join(d, "qmp.sock")
-    from blockmirror.qmp.testing import daemon_argv
-
     t0 = time.monotonic()
     with DaemonProcess(daemon_argv("ours", sock), sock) as proc, proc.connect() as qmp:
         assert json.loads(qmp.greeting)["QMP"]["version"]["package"].startswith("blockmirror")

@@ -2,16 +2,20 @@
 
 A client of ``blockmirror daemon`` waits for the QMP greeting before anything else, and Python
 needs far longer to import asyncio and the QMP and block layers than qemu-storage-daemon needs
-to start. So ``cli/main.py`` calls ``start()`` first thing: for the leading ``--chardev``
-(unix socket, ``server=on,wait=off``) and ``--monitor`` options of the command line, it binds
-and listens right away and runs a small thread that accepts clients and sends each one the
-greeting. When ``cli/daemon.py`` reaches those options it takes the listening socket
-(``take_listener``) and the greeted connections (``take_greeted``) and serves them on the event
-loop, without greeting them again; commands a client sent meanwhile wait in its socket.
+to start. So ``cli/main.py`` calls ``start()`` first thing: for the ``--chardev`` (unix socket,
+``server=on,wait=off``) and ``--monitor`` options of the command line, it binds and listens
+right away and runs a small thread that accepts clients and sends each one the greeting. When
+``cli/daemon.py`` reaches those options it takes the listening socket (``take_listener``) and,
+once start-up is over, the greeted connections (``take_greeted``), and serves them on the event
+loop without greeting them again; commands a client sent meanwhile wait in its socket.
 
-Only that leading run of options is handled, in their order, so an error in a later option
-still comes after every socket QSD would have created, with the same message. Anything unusual
-(``pretty``, other chardev backends or keys, ``--daemonize``) is simply left to the normal path.
+In qemu-storage-daemon the greeting comes from the main loop, after every option took effect:
+a client that has it may rely on the NBD server, the exports and the nodes of the command line
+(and their image locks) being there. So the early path is taken only when the command line
+holds nothing else a client could see without a QMP command: monitors, ``--pidfile`` (written
+after start-up anyway), ``--object``, ``--trace``, ``--clock``. Any ``--blockdev``,
+``--nbd-server``, ``--export`` or ``--daemonize``, and anything unusual (``pretty``, other
+chardev backends or keys), leaves the greeting to the event loop after start-up, as in QSD.
 This module imports nothing heavy: that is its whole point.
 """
 
@@ -119,31 +123,43 @@ def _opts(text: str) -> dict[str, str] | None:
     return out
 
 
-def _leading_options(argv: list[str]) -> list[tuple[str, str]] | None:
-    """The leading --chardev/--monitor options; None when the early path must stay off."""
+#: options with an argument whose effect no client sees before it can send commands
+_INVISIBLE = ("pidfile", "object", "trace", "clock")
+
+
+def _monitor_options(argv: list[str]) -> list[tuple[str, str]] | None:
+    """The --chardev/--monitor options, in order; None when the early path must stay off
+    (an option a client could observe without QMP, or anything this parser does not know)."""
     out: list[tuple[str, str]] = []
     i = 0
     while i < len(argv):
         arg = argv[i]
-        name, eq, val = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
-        if name not in ("chardev", "monitor"):
-            break
+        if arg.startswith("--"):
+            name, eq, val = arg[2:].partition("=")
+        elif arg == "-T":
+            name, eq, val = "trace", "", ""
+        elif arg.startswith("-T"):
+            name, eq, val = "trace", "=", arg[2:]
+        else:
+            return None
+        if name not in ("chardev", "monitor", *_INVISIBLE):
+            return None
         if not eq:
             if i + 1 >= len(argv):
-                break
+                return None
             val = argv[i + 1]
             i += 1
-        out.append((name, val))
+        if name in ("chardev", "monitor"):
+            out.append((name, val))
         i += 1
-    if any(a in ("--daemonize", "-h", "--help", "-V", "--version") for a in argv):
-        return None
     return out
 
 
 def start(argv: list[str]) -> None:
-    """Bind the leading monitor sockets of ``blockmirror daemon ARGV`` and greet clients."""
+    """Bind the monitor sockets of ``blockmirror daemon ARGV`` and greet clients (when the
+    command line allows it; see the module docstring)."""
     global _greeter
-    opts = _leading_options(argv)
+    opts = _monitor_options(argv)
     if not opts:
         return
     listeners: dict[str, _Listener] = {}
