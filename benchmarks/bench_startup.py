@@ -23,10 +23,13 @@ import time
 
 
 def argv_for(kind: str, sock: str) -> list[str]:
+    """``kind``: "qsd", "ours" (monitor only), "ours+blockdev" (a node on the command line:
+    the greeting then waits for start-up, as QSD's does)."""
     chardev = f"socket,id=qmp0,path={sock},server=on,wait=off"
     base = (["qemu-storage-daemon"] if kind == "qsd"
             else [sys.executable, "-m", "blockmirror.cli.main", "daemon"])
-    return [*base, "--chardev", chardev, "--monitor", "chardev=qmp0"]
+    extra = ["--blockdev", "driver=null-co,node-name=n0"] if kind == "ours+blockdev" else []
+    return [*base, "--chardev", chardev, "--monitor", "chardev=qmp0", *extra]
 
 
 def _line(s: socket.socket, kind: str) -> bytes:
@@ -87,12 +90,13 @@ def main() -> int:
     if shutil.which("qemu-storage-daemon") is None:
         print("qemu-storage-daemon is not installed", file=sys.stderr)
         return 1
-    keys = ("ours greeting", "ours ready", "qsd greeting", "qsd ready", "python -c pass",
-            "python -c 'import asyncio'")
+    keys = ("ours greeting", "ours ready", "ours+blockdev greeting", "ours+blockdev ready",
+            "qsd greeting", "qsd ready", "python -c pass", "python -c 'import asyncio'")
     times: dict[str, list[float]] = {k: [] for k in keys}
     with tempfile.TemporaryDirectory(prefix="bm-bench-") as tmpdir:
         for i in range(opts.repeat):
-            order = ("ours", "qsd") if i % 2 == 0 else ("qsd", "ours")
+            order = ("ours", "ours+blockdev", "qsd") if i % 2 == 0 else (
+                "qsd", "ours+blockdev", "ours")
             for kind in order:
                 greeting, ready = time_to_greeting(kind, tmpdir)
                 times[f"{kind} greeting"].append(greeting)
