@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 APT_PKGS := qemu-utils qemu-system-common qemu-block-extra nbdkit libnbd-bin tmux openssl iproute2
 PEER_TOOLS := qemu-img qemu-io qemu-nbd qemu-storage-daemon nbdkit nbdinfo nbdcopy tmux openssl ip
 
-.PHONY: all demo test lint typecheck unit bench tools clean ceph-tools
+.PHONY: all demo test lint typecheck unit bench tools clean ceph-tools iotests
 
 # Ceph for the rbd driver and its tests (tests/interop/test_rbd_*.py): a single-node cluster
 # (scripts/ceph-cluster) and librbd's Python bindings, which Debian builds for its python3.
@@ -72,6 +72,21 @@ test: $(STAMP) tools lint typecheck
 
 bench: $(STAMP) tools
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+# QEMU's own storage-daemon iotests (fetched from the installed QEMU's Debian source package into
+# ~/.cache/blockmirror-iotests, run unmodified by their ./check -qcow2); not part of `make test`.
+# IOTESTS="qsd-jobs" picks tests; QSD=qemu-storage-daemon runs them against the real daemon.
+IOTESTS ?= qsd-jobs graph-changes-while-io 281 185
+iotests: $(STAMP) tools
+	@missing=""; command -v dpkg-source >/dev/null 2>&1 || missing="$$missing dpkg-dev"; \
+	command -v qemu-system-x86_64 >/dev/null 2>&1 || missing="$$missing qemu-system-x86"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing:$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	      apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else echo "warning: missing$$missing (tests that start a VM will fail)"; fi; \
+	fi
+	BLOCKMIRROR_PYTHON=$(abspath $(BIN))/python sh scripts/iotests/run.sh $(IOTESTS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

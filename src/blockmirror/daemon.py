@@ -13,26 +13,32 @@ import logging
 
 from blockmirror.block.graph import BlockGraph
 from blockmirror.block.options import close_all
+from blockmirror.clock import Clock, make_clock
 from blockmirror.events import EventBus
 from blockmirror.export.nbd_server import NbdServer
-from blockmirror.jobs.clock import Clock, MonotonicClock
 from blockmirror.jobs.manager import JobManager
 from blockmirror.objects import ObjectRegistry
 from blockmirror.qapi import checks as schema_checks
 from blockmirror.qmp.server import QMPServer
 
 log = logging.getLogger(__name__)
+# library logging stays silent unless the application configures it (set here, not in the
+# package's __init__, which holds version constants only)
+logging.getLogger("blockmirror").addHandler(logging.NullHandler())
 
 
 class Daemon:
-    def __init__(self, clock: Clock | None = None) -> None:
+    def __init__(self, clock: Clock | str | None = None) -> None:
+        """``clock``: a Clock, or "virtual"/"monotonic" (what ``--clock`` takes)."""
+        if clock is None or isinstance(clock, str):
+            clock = make_clock(clock or "monotonic")
         #: --object / object-add objects by id (secrets, TLS credentials, authz, throttle
         #: groups); the graph looks them up for its drivers, the NBD server through the graph
         self.objects = ObjectRegistry()
         self.graph = BlockGraph(objects=self.objects)
         self.events = EventBus(check=schema_checks.report_event if schema_checks.enabled()
                                else None)
-        self.clock: Clock = clock or MonotonicClock()
+        self.clock: Clock = clock
         self.jobs: JobManager = JobManager(self.events, self.clock, self.graph)
         #: the NBD server, once nbd-server-start / --nbd-server ran
         self.nbd: NbdServer | None = None
@@ -62,6 +68,11 @@ class Daemon:
         if self._shut_down:
             return
         self._shut_down = True
+        # a virtual clock lets go: jobs and delayed requests must not wait for an
+        # x-clock-advance that can no longer come
+        release = getattr(self.clock, "release", None)
+        if release is not None:
+            release()
         await self.jobs.cancel_all_for_shutdown()
         if self.nbd is not None:
             await self.nbd.stop()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from blockmirror.jobs.clock import wall_timestamp
+from blockmirror.clock import wall_timestamp
 
 Event = dict[str, Any]
 Subscriber = Callable[[Event], None]

@@ -66,6 +66,8 @@ def host_file(node: BlockNode, *, for_write: bool) -> HostFile | None:
     for _ in range(4):
         if for_write and (cur.interceptors or cur.dirty_trackers or cur.detect_zeroes != "off"):
             return None
+        if cur.fault_rules:  # its requests must meet the rules (block/faults.py)
+            return None
         mapping = cur.driver.linear_child()
         if mapping is None:
             return None

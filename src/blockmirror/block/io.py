@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
+from blockmirror.block import faults
 from blockmirror.block.driver import BlockStatus, Extent, WriteFlags
 from blockmirror.errors import BlockIOError
 
@@ -177,6 +178,8 @@ async def read(node: BlockNode, offset: int, length: int) -> bytes:
     if length == 0:
         return b""
     async with _tracked(node), node.stats.account("read", offset, length):
+        if node.fault_rules:
+            await faults.check(node, "read", offset, length)
         return await _driver_read(node, offset, length)
 
 
@@ -189,7 +192,7 @@ async def read_many(node: BlockNode, extents: list[tuple[int, int]]) -> list[byt
     """``read`` of every extent; one driver call for all of them where the driver can."""
     for offset, length in extents:
         check_request(node, offset, length)
-    if len(extents) > 1 and _aligned_all(node, extents):
+    if len(extents) > 1 and not node.fault_rules and _aligned_all(node, extents):
         async with _tracked(node):
             parts = await node.driver.read_extents(extents)
         if parts is not None:
@@ -266,6 +269,8 @@ async def write(node: BlockNode, offset: int, data: bytes | memoryview, fua: boo
         return
 
     async def op() -> None:
+        if node.fault_rules:
+            await faults.check(node, "write", offset, length)
         drv = node.driver
         flags = WriteFlags.FUA if fua and drv.supports_fua else WriteFlags.NONE
         await _driver_write(node, offset, data, flags)
@@ -291,6 +296,8 @@ async def write_zeroes(
     unmap = may_unmap and node.discard_unmap
 
     async def op() -> None:
+        if node.fault_rules:
+            await faults.check(node, "zero", offset, length)
         drv = node.driver
         flags = WriteFlags.NONE
         if unmap:
@@ -347,6 +354,8 @@ async def discard(node: BlockNode, offset: int, length: int) -> None:
         return
 
     async def op() -> None:
+        if node.fault_rules:
+            await faults.check(node, "discard", offset, length)
         drv = node.driver
         # discard is advisory: only whole aligned blocks reach the driver
         align = drv.request_alignment
@@ -391,6 +400,8 @@ async def flush(node: BlockNode) -> None:
     primary = _primary_child(node)
     if primary is not None:
         primary.debug_event("flush_to_os")
+    if node.fault_rules:
+        await faults.check(node, "flush", 0, 0)
     if node.cache_no_flush:
         return
     current = node.write_gen
@@ -413,6 +424,8 @@ async def block_status(
     length = min(length, size - offset)
     if length <= 0:
         raise BlockIOError(errno.EIO, "block_status past the end of the node")
+    if node.fault_rules:
+        await faults.check(node, "block-status", offset, length)
     drv = node.driver
     ext = await drv.block_status(offset, length)
     if ext.length <= 0:

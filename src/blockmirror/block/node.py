@@ -139,6 +139,8 @@ class BlockNode:
     blockers: dict[str, list[str]] = field(default_factory=dict)
     dirty_trackers: list[DirtyTracker] = field(default_factory=list)
     interceptors: list[WriteInterceptor] = field(default_factory=list)
+    #: run-time fault rules (block/faults.py), checked by the request path when non-empty
+    fault_rules: list[Any] = field(default_factory=list, repr=False)
     #: requests being processed right now, and the drain barrier state (see block/io.py)
     in_flight: int = 0
     quiesce_counter: int = 0

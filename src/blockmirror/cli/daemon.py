@@ -20,6 +20,7 @@ from typing import Any
 
 from blockmirror import QEMU_COMPAT_PACKAGE, QEMU_COMPAT_VERSION
 from blockmirror.block.options import open_blockdev
+from blockmirror.cli import early
 from blockmirror.cli.keyval import parse_option, split_qemuopts
 from blockmirror.daemon import Daemon
 from blockmirror.errors import BlockMirrorError
@@ -27,10 +28,11 @@ from blockmirror.qapi import SchemaError, validate
 from blockmirror.qapi.qom import OBJECT_TYPES
 from blockmirror.qmp.commands import nbd as nbd_commands
 from blockmirror.qmp.commands.objects import add_object
+from blockmirror.qmp.stdio import attach_stdio
 
 #: long options that take an argument, as QSD's getopt table declares them
 _WITH_ARG = ("blockdev", "chardev", "export", "monitor", "nbd-server", "object", "pidfile",
-             "trace")
+             "trace", "clock")
 _NO_ARG = ("help", "version", "daemonize")
 
 class UsageError(Exception):
@@ -65,6 +67,7 @@ QEMU storage daemon (blockmirror)
 
   --chardev socket,id=<id>,path=<path>|host=<host>,port=<port>|fd=<n>
             [,server=on|off][,wait=on|off]
+  --chardev stdio,id=<id>[,signal=on|off]
                          configure a character device backend
 
   --daemonize            daemonize the process, and have the parent exit
@@ -89,6 +92,11 @@ QEMU storage daemon (blockmirror)
                          create a new object of type <type>; 'id' must be set
 
   --pidfile <path>       write process ID to a file after startup
+
+  --clock monotonic|virtual
+                         blockmirror extension: with 'virtual', rate limits, job
+                         timers and fault delays follow a clock that moves only on
+                         x-clock-advance / x-clock-run-to-next-timer (docs/qmp.md)
 """
 
 
@@ -145,7 +153,7 @@ def parse_argv(argv: list[str]) -> list[tuple[str, str | None]]:
 @dataclass
 class _Chardev:
     id: str
-    sock: socket.socket
+    sock: socket.socket | None  # None: the stdio backend
     server: bool
     path: str | None = None
     used: bool = False
@@ -159,6 +167,9 @@ class _State:
     daemon: Daemon
     chardevs: dict[str, _Chardev] = field(default_factory=dict)
     pidfile: str | None = None
+    #: monitors start serving once every option is processed, as in QSD, whose main loop
+    #: (and so every monitor) only runs after start-up: no command runs half-way through it
+    monitors: list[tuple[_Chardev, bool]] = field(default_factory=list)
 
 
 def _qemuopts(text: str, implied: str) -> dict[str, str]:
@@ -198,15 +209,26 @@ async def _open_chardev(st: _State, text: str) -> None:
     backend = opts.get("backend", "")
     if "id" not in opts:
         raise OptionError("chardev: no id specified")
-    if backend != "socket":
+    if backend not in ("socket", "stdio"):
         raise OptionError(f"'{backend}' is not a valid char driver name")
     cid = opts["id"]
     if cid in st.chardevs:
         raise OptionError("duplicate yank instance")
+    if backend == "stdio":
+        # cf. chardev/char-stdio.c: one stdio chardev per process; 'signal' only
+        # concerns terminals (^C), which the monitor does not read as a terminal anyway
+        if any(cd.sock is None for cd in st.chardevs.values()):
+            raise OptionError("cannot use stdio by multiple character devices")
+        _onoff(opts, "signal", True)
+        st.chardevs[cid] = _Chardev(cid, None, False)
+        return
     server = _onoff(opts, "server", False)
     wait = _onoff(opts, "wait", True)
     path = opts.get("path")
-    if path is not None:
+    early_sock = early.take_listener(text) if path is not None and server else None
+    if early_sock is not None:
+        sock = early_sock  # bound and listening since start-up (cli/early.py)
+    elif path is not None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             if server:
@@ -298,16 +320,9 @@ async def _apply(st: _State, opt: str, value: str) -> None:
             raise OptionError(f'chardev "{mon["chardev"]}" not found')
         if mon.get("mode", "control") != "control":
             raise OptionError("Only QMP is supported")
-        server = d.qmp_server()
-        pretty = bool(mon.get("pretty", False))
+        d.qmp_server()
         chardev.used = True
-        if chardev.server:
-            await server.listen_socket(chardev.sock, pretty=pretty)
-            if chardev.first_client is not None:
-                server.attach_connected(chardev.first_client, pretty=pretty)
-                chardev.first_client = None
-        else:
-            server.attach_connected(chardev.sock, pretty=pretty)
+        st.monitors.append((chardev, bool(mon.get("pretty", False))))
     elif opt == "nbd-server":
         opts = _validated("NbdServerOptions", value, None)
         args = dict(opts)
@@ -328,8 +343,33 @@ async def _apply(st: _State, opt: str, value: str) -> None:
     # --trace and --daemonize need nothing here
 
 
+async def _start_monitors(st: _State) -> None:
+    server = st.daemon.qmp_server()
+    for chardev, pretty in st.monitors:
+        if chardev.sock is None:
+            attach_stdio(server, pretty=pretty)
+        elif chardev.server:
+            greeted = early.take_greeted(chardev.id)
+            await server.listen_socket(chardev.sock, pretty=pretty)
+            for conn in greeted:
+                server.attach_connected(conn, pretty=pretty, greeted=True)
+            if chardev.first_client is not None:
+                server.attach_connected(chardev.first_client, pretty=pretty)
+                chardev.first_client = None
+        else:
+            server.attach_connected(chardev.sock, pretty=pretty)
+
+
 async def _main(prog: str, opts: list[tuple[str, str | None]], ready_fd: int | None) -> int:
-    daemon = Daemon()
+    clock = "monotonic"
+    for opt, value in opts:
+        if opt == "clock" and value is not None:
+            if value not in ("monotonic", "virtual"):
+                print(f"{prog}: --clock {value}: Parameter 'clock' does not accept value "
+                      f"'{value}'", file=sys.stderr, flush=True)
+                return 1
+            clock = value
+    daemon = Daemon(clock)
     st = _State(prog, daemon)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -357,6 +397,7 @@ async def _main(prog: str, opts: list[tuple[str, str | None]], ready_fd: int | N
                 if hint:
                     print(hint, file=sys.stderr, flush=True)
                 return 1
+        await _start_monitors(st)
         if st.pidfile is not None:
             try:
                 _write_pidfile(st.pidfile)
@@ -381,7 +422,8 @@ async def _main(prog: str, opts: list[tuple[str, str | None]], ready_fd: int | N
             print(f"{prog}: {e}", file=sys.stderr)
             rc = 1
         for cd in st.chardevs.values():
-            cd.sock.close()
+            if cd.sock is not None:
+                cd.sock.close()
             if cd.path:
                 with contextlib.suppress(OSError):
                     os.unlink(cd.path)

@@ -14,6 +14,7 @@ import importlib
 import sys
 
 from blockmirror import __version__
+from blockmirror.cli import early
 
 SUBCOMMANDS = {
     "daemon": ("blockmirror.cli.daemon", "qemu-storage-daemon compatible storage daemon"),
@@ -45,8 +46,17 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"blockmirror: unknown command '{name}'\n\n{usage()}", file=sys.stderr)
         return 1
+    if name == "daemon":
+        # greet QMP clients while the daemon is still importing (see cli/early.py)
+        early.start(args[1:])
+        try:
+            module = importlib.import_module(SUBCOMMANDS[name][0])
+            rc: int = module.run(name, args[1:])
+        finally:
+            early.close()
+        return rc
     module = importlib.import_module(SUBCOMMANDS[name][0])
-    rc: int = module.run(name, args[1:])
+    rc = module.run(name, args[1:])
     return rc
 
 

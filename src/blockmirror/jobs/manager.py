@@ -17,8 +17,8 @@ from blockmirror.errors import BlockMirrorError, DeviceNotActive
 
 if TYPE_CHECKING:
     from blockmirror.block.graph import BlockGraph
+    from blockmirror.clock import Clock
     from blockmirror.events import EventBus
-    from blockmirror.jobs.clock import Clock
     from blockmirror.jobs.job import Job
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ over its quota, and the debt is paid by sleeping afterwards. Pure arithmetic; no
 
 from __future__ import annotations
 
-from blockmirror.jobs.clock import Clock
+from blockmirror.clock import Clock
 
 #: cf. BLOCK_JOB_SLICE_TIME
 SLICE_NS = 100_000_000

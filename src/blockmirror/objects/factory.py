@@ -18,7 +18,7 @@ from blockmirror.objects.throttle import LIMIT_KEYS, ThrottleGroup
 from blockmirror.objects.tls import TlsCredsAnon, TlsCredsPsk, TlsCredsX509
 
 if TYPE_CHECKING:
-    from blockmirror.jobs.clock import Clock
+    from blockmirror.clock import Clock
 
 #: cf. id_wellformed
 _ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")

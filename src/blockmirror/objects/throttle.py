@@ -21,7 +21,7 @@ from blockmirror.errors import BlockMirrorError
 from blockmirror.objects.registry import UserObject
 
 if TYPE_CHECKING:
-    from blockmirror.jobs.clock import Clock
+    from blockmirror.clock import Clock
 
 NS_PER_S = 1_000_000_000
 #: cf. THROTTLE_VALUE_MAX

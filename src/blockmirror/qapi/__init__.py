@@ -17,6 +17,7 @@ from blockmirror.qapi import (  # noqa: F401  (declaring is importing)
     misc,
     qom,
     sockets,
+    testkit,
     transaction,
 )
 from blockmirror.qapi.checks import check_event, check_return

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from blockmirror.block.graph import BlockGraph
+from blockmirror.clock import Clock
 from blockmirror.events import EventBus
 from blockmirror.export.nbd_server import NbdServer
-from blockmirror.jobs.clock import Clock
 from blockmirror.jobs.manager import JobManager
 from blockmirror.objects import ObjectRegistry
 from blockmirror.qapi import COMMANDS as DECLARED
@@ -40,11 +40,10 @@ class DaemonAPI(Protocol):
     events: EventBus
     nbd: NbdServer | None
     quit_requested: asyncio.Event
+    clock: Clock
 
     #: object-add/object-del change it; everything else only looks objects up
     objects: ObjectRegistry
-    #: the time of throttle groups (and jobs)
-    clock: Clock
 
     def print_stdout(self, line: str) -> None: ...
 
@@ -156,7 +155,8 @@ def command(name: str) -> Callable[[H], H]:
 
 
 _COMMAND_MODULES = ("control", "block", "query", "jobs", "mirror", "nbd", "hmp", "bitmaps",
-                    "objects", "block_graph", "transaction")
+                    "objects", "block_graph", "transaction",
+                    "testkit")
 
 
 def load_commands() -> dict[str, CommandDef]:

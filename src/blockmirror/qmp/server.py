@@ -82,9 +82,10 @@ class QMPServer:
         self._attached: set[asyncio.Task[None]] = set()
         self._unix_paths: list[str] = []
 
-    def _handler(self, pretty: bool | None) -> Any:
+    def _handler(self, pretty: bool | None, greeted: bool = False) -> Any:
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await self._client(reader, writer, self.pretty if pretty is None else pretty)
+            await self._client(reader, writer, self.pretty if pretty is None else pretty,
+                               greeted)
 
         return handle
 
@@ -114,19 +115,30 @@ class QMPServer:
         self._servers.append(srv)
         return srv
 
-    def attach_connected(self, sock: socket.socket, *, pretty: bool | None = None) -> None:
-        """Serve an already connected socket in a task this server owns (and ends on close)."""
+    def attach_connected(self, sock: socket.socket, *, pretty: bool | None = None,
+                         greeted: bool = False) -> None:
+        """Serve an already connected socket in a task this server owns (and ends on close).
+        ``greeted``: the greeting was sent already (cli/early.py)."""
         task = asyncio.get_running_loop().create_task(
-            self.serve_connected(sock, pretty=pretty), name="qmp-connected")
+            self.serve_connected(sock, pretty=pretty, greeted=greeted), name="qmp-connected")
         self._attached.add(task)
         task.add_done_callback(self._attached.discard)
 
-    async def serve_connected(self, sock: socket.socket, *, pretty: bool | None = None) -> None:
+    def attach_streams(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+                       pretty: bool | None = None) -> None:
+        """Serve a session on a stream pair that is not a socket (the stdio monitor)."""
+        task = asyncio.get_running_loop().create_task(
+            self._handler(pretty)(reader, writer), name="qmp-streams")
+        self._attached.add(task)
+        task.add_done_callback(self._attached.discard)
+
+    async def serve_connected(self, sock: socket.socket, *, pretty: bool | None = None,
+                              greeted: bool = False) -> None:
         """Serve one already connected socket (``-chardev socket,fd=N`` without server=on)."""
         reader, writer = await asyncio.open_connection(sock=sock, limit=READ_CHUNK) \
             if sock.family != socket.AF_UNIX else \
             await asyncio.open_unix_connection(sock=sock, limit=READ_CHUNK)
-        handler = self._handler(pretty)
+        handler = self._handler(pretty, greeted)
         await handler(reader, writer)
 
     @property
@@ -157,7 +169,7 @@ class QMPServer:
         self._unix_paths.clear()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                      pretty: bool) -> None:
+                      pretty: bool, greeted: bool = False) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._clients.add(task)
@@ -176,8 +188,9 @@ class QMPServer:
 
         unsubscribe = self.daemon.events.subscribe(on_event)
         try:
-            writer.write(session.greeting())
-            await writer.drain()
+            if not greeted:
+                writer.write(session.greeting())
+                await writer.drain()
             while True:
                 data = await reader.read(READ_CHUNK)
                 if not data:

@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from blockmirror.block.graph import id_wellformed
+from blockmirror.clock import Clock
 from blockmirror.errors import BlockMirrorError, DeviceNotFound
-from blockmirror.jobs.clock import Clock
 from blockmirror.objects.factory import QOM_TYPES, TYPE_PROPERTIES, create_object
 from blockmirror.objects.registry import ObjectRegistry, UserObject
 from blockmirror.qapi import SchemaError, validate

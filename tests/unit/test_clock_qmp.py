@@ -1,0 +1,132 @@
+"""Issue 14: a speed-limited 1 GiB mirror stepped through every state on the virtual clock,
+over QMP (x-clock-*), in well under a second of wall time."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from blockmirror.daemon import Daemon
+from blockmirror.qmp.testing import qmp_daemon
+
+GIB = 1 << 30
+MIB = 1 << 20
+SEC = 1_000_000_000
+SPEED = 100 * MIB
+
+
+def _events(history: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    out = []
+    for ev in history:
+        data = ev["data"]
+        out.append((ev["event"], data.get("status") or data.get("device") or data.get("id", "")))
+    return out
+
+
+def test_speed_limited_mirror_steps_through_every_state_on_virtual_time() -> None:
+    async def main() -> None:
+        wall0 = time.monotonic()
+        async with qmp_daemon(daemon=Daemon(clock="virtual")) as td:
+            qmp = await td.client()
+            for n in ("src", "tgt"):
+                await qmp.execute("blockdev-add", {"driver": "null-co", "node-name": n,
+                                                   "size": GIB})
+            t0 = (await qmp.execute("x-query-clock"))["now-ns"]
+            await qmp.execute("blockdev-mirror", {
+                "job-id": "j", "device": "src", "target": "tgt", "sync": "full",
+                "speed": SPEED, "auto-finalize": False, "auto-dismiss": False})
+            # time stands still: however often we look, the job waits for the clock
+            for _ in range(5):
+                job = (await qmp.execute("query-block-jobs"))[0]
+            stalled = job["offset"]
+            assert 0 < stalled < GIB and job["status"] == "running"
+            assert (await qmp.execute("x-query-clock"))["now-ns"] == t0
+            steps = 0
+            while not job["ready"]:
+                step = await qmp.execute("x-clock-run-to-next-timer")
+                assert step["fired"] >= 1
+                steps += 1
+                elapsed = step["now-ns"] - t0
+                job = (await qmp.execute("query-block-jobs"))[0]
+                # the rate limit paces it: never more than speed * time plus one slice, plus
+                # the first burst (a request is charged whole, after it was dispatched)
+                assert job["offset"] <= SPEED * (elapsed + SEC // 10) // SEC + stalled, (
+                    steps, job)
+                assert steps < 1000
+            elapsed = (await qmp.execute("x-query-clock"))["now-ns"] - t0
+            # 1 GiB at 100 MiB/s is 10.24 virtual seconds, to within one 100 ms slice
+            assert abs(elapsed - GIB * SEC // SPEED) <= SEC // 10, elapsed
+            assert job["offset"] == job["len"] == GIB
+            await qmp.execute("block-job-complete", {"device": "j"})
+            # with auto-finalize off the job stops in PENDING; pivot needs no clock
+            await td.next_event(qmp, "BLOCK_JOB_PENDING")
+            await qmp.execute("job-finalize", {"id": "j"})
+            await td.next_event(qmp, "BLOCK_JOB_COMPLETED")
+            (info,) = await qmp.execute("query-jobs")
+            assert info["status"] == "concluded"
+            await qmp.execute("job-dismiss", {"id": "j"})
+            assert await qmp.execute("query-jobs") == []
+            assert _events(td.daemon.events.history) == [
+                ("JOB_STATUS_CHANGE", "created"),
+                ("JOB_STATUS_CHANGE", "running"),
+                ("JOB_STATUS_CHANGE", "ready"),
+                ("BLOCK_JOB_READY", "j"),
+                ("JOB_STATUS_CHANGE", "waiting"),
+                ("JOB_STATUS_CHANGE", "pending"),
+                ("BLOCK_JOB_PENDING", "j"),
+                ("BLOCK_JOB_COMPLETED", "j"),
+                ("JOB_STATUS_CHANGE", "concluded"),
+                ("JOB_STATUS_CHANGE", "null"),
+            ]
+        assert time.monotonic() - wall0 < 1.0
+
+    asyncio.run(main())
+
+
+def test_advance_fires_the_job_timers_of_a_window_in_one_command() -> None:
+    async def main() -> None:
+        async with qmp_daemon(daemon=Daemon(clock="virtual")) as td:
+            qmp = await td.client()
+            for n in ("src", "tgt"):
+                await qmp.execute("blockdev-add", {"driver": "null-co", "node-name": n,
+                                                   "size": 64 * MIB})
+            await qmp.execute("blockdev-mirror", {"job-id": "j", "device": "src",
+                                                  "target": "tgt", "sync": "full",
+                                                  "speed": 16 * MIB})
+            info = await qmp.execute("x-query-clock")
+            assert info["virtual"] is True and info["timers"] == 1
+            assert info["next-deadline-ns"] > info["now-ns"]
+            # 64 MiB at 16 MiB/s: 4 s; 3 s are not enough, 1 more is
+            step = await qmp.execute("x-clock-advance", {"ns": 3 * SEC})
+            assert step["now-ns"] == info["now-ns"] + 3 * SEC and step["fired"] >= 2
+            assert not (await qmp.execute("query-block-jobs"))[0]["ready"]
+            await qmp.execute("x-clock-advance", {"ns": SEC})
+            assert (await qmp.execute("query-block-jobs"))[0]["ready"]
+            events = [e["event"] for e in td.daemon.events.history]
+            assert "BLOCK_JOB_READY" in events
+            await qmp.execute("block-job-cancel", {"device": "j"})
+            await td.next_event(qmp, "BLOCK_JOB_COMPLETED")
+
+    asyncio.run(main())
+
+
+def test_clock_commands_on_a_real_clock() -> None:
+    async def main() -> None:
+        async with qmp_daemon() as td:
+            raw = await td.raw(negotiate=True)
+            info = (await raw.cmd("x-query-clock"))["return"]
+            assert info["virtual"] is False and info["timers"] == 0
+            for name, args in (("x-clock-advance", {"ns": 1}), ("x-clock-run-to-next-timer", None)):
+                rsp = await raw.cmd(name, args)
+                assert rsp == {"error": {"class": "GenericError", "desc":
+                               "The clock is not virtual (start the daemon with --clock "
+                               "virtual)"}}
+        async with qmp_daemon(daemon=Daemon(clock="virtual")) as td:
+            raw = await td.raw(negotiate=True)
+            rsp = await raw.cmd("x-clock-advance", {"ns": -5})
+            assert rsp["error"]["desc"] == "Parameter 'ns' expects a non-negative value"
+            rsp = await raw.cmd("x-clock-run-to-next-timer")
+            assert rsp["return"]["fired"] == 0
+
+    asyncio.run(main())
