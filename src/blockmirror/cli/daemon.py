@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from blockmirror import QEMU_COMPAT_PACKAGE, QEMU_COMPAT_VERSION
 from blockmirror.errors import BlockMirrorError
+from blockmirror.unixsock import listen_unix
 
 if TYPE_CHECKING:
     from blockmirror.daemon import Daemon
@@ -217,8 +218,8 @@ async def _open_chardev(st: _State, text: str) -> None:
             if server:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
-                sock.bind(path)
-                sock.listen(16)
+                sock.close()
+                sock = listen_unix(path)  # mode 0600, see unixsock.py
             else:
                 sock.connect(path)
         except OSError as e:
