@@ -20,9 +20,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from blockmirror.daemon import Daemon  # noqa: E402
-from blockmirror.export import nbd_server as ns  # noqa: E402
-from blockmirror.nbd.constants import (  # noqa: E402
+from blockmirror.daemon import Daemon
+from blockmirror.export import nbd_server as ns
+from blockmirror.nbd.constants import (
     NBD_OPTS_MAGIC,
     NBD_REP_MAGIC,
     NBD_REQUEST_MAGIC,
@@ -31,11 +31,11 @@ from blockmirror.nbd.constants import (  # noqa: E402
     Cmd,
     Opt,
 )
-from blockmirror.nbd.handshake import meta_payload  # noqa: E402
-from blockmirror.nbd.transmission import ReplyDecoder  # noqa: E402
-from fuzz.common import Finding, run  # noqa: E402
-from fuzz.provider import Input  # noqa: E402
-from nbd_helpers import RamDriver, ram_node  # noqa: E402
+from blockmirror.nbd.handshake import meta_payload
+from blockmirror.nbd.transmission import ReplyDecoder
+from fuzz.common import Finding, run
+from fuzz.provider import Input
+from nbd_helpers import RamDriver, ram_node
 
 SIZE = 256 * 1024
 DICT = [struct.pack(">Q", NBD_OPTS_MAGIC), struct.pack(">I", NBD_REQUEST_MAGIC), b"disk",

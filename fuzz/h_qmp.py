@@ -159,7 +159,7 @@ def command(inp: Input) -> bytes:
 async def _graph(d: Daemon) -> None:
     base = scratch()
     f0, q0 = os.path.join(base, "f0.raw"), os.path.join(base, "q0.qcow2")
-    if not os.path.exists(q0):
+    if not os.path.exists(q0):  # noqa: ASYNC240 - once per process
         await img_create(q0, "qcow2", 1 << 20, quiet=True)
     with open(f0, "wb") as f:  # noqa: ASYNC230 - 1 MiB on tmpfs
         f.truncate(1 << 20)
