@@ -87,9 +87,10 @@ class NbdWriter(threading.Thread):
     """Writes until stopped or the connection dies (a crash); never raises."""
 
     def __init__(self, path: str, size: int, seed: int, flush_every: int = 4,
-                 pace_s: float = 0.0) -> None:
+                 pace_s: float = 0.0, export: str = "disk") -> None:
         super().__init__(daemon=True)
         self.path = path
+        self.export = export
         self.size = size
         self.rng = random.Random(seed)
         self.flush_every = flush_every
@@ -100,7 +101,7 @@ class NbdWriter(threading.Thread):
 
     def run(self) -> None:
         try:
-            s = connect(self.path)
+            s = connect(self.path, self.export)
         except OSError as e:
             self.log.error = f"connect: {e}"
             self.started_writing.set()
