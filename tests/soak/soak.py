@@ -194,6 +194,16 @@ def one_round(qmp: QMP, work: Path, nbd_sock: str, n: int, rng: random.Random,
     outcome = ""
     live = (src, fmt)
     try:
+        if rng.random() < 0.4 and r.status() == "running":
+            qmp.cmd("block-job-pause", {"device": r.job})
+            r.wait_status(("paused", "standby", "concluded", "null", None))
+            if r.status() is not None:
+                qmp.cmd("block-job-resume", {"device": r.job})
+            stats.count("paused+resumed")
+        # a writer can outpace a rate limit forever (as with QEMU: no READY then), so the
+        # limit is lifted once the early actions are done
+        if r.status() is not None:
+            qmp.cmd("block-job-set-speed", {"device": r.job, "speed": 0})
         if policy and policy[0] in ("stop", "enospc"):
             ev = r.wait(("BLOCK_JOB_ERROR", "BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED"))
             if ev["event"] == "BLOCK_JOB_ERROR":
@@ -204,13 +214,6 @@ def one_round(qmp: QMP, work: Path, nbd_sock: str, n: int, rng: random.Random,
                 assert ev["data"].get("error"), f"round {n}: report policy without error"
                 outcome = "failed-as-reported"
         if not outcome:
-            if rng.random() < 0.4 and r.status() == "running":
-                qmp.cmd("block-job-pause", {"device": r.job})
-                r.wait_status(("paused", "standby", "concluded", "null"))
-                qmp.cmd("block-job-resume", {"device": r.job})
-                stats.count("paused+resumed")
-            if rng.random() < 0.5:
-                qmp.cmd("block-job-set-speed", {"device": r.job, "speed": 0})
             end = rng.choice(["complete", "complete", "soft-cancel", "force-cancel"])
             if end == "force-cancel" and rng.random() < 0.5:
                 qmp.cmd("block-job-cancel", {"device": r.job, "force": True})
