@@ -7,6 +7,7 @@ Bugs in files this helper does not own are strict xfails naming the bug: they fa
 from __future__ import annotations
 
 import asyncio
+import json
 import struct
 import subprocess
 from pathlib import Path
@@ -43,3 +44,42 @@ def test_qcow2_backing_name_with_nul_ends_at_the_nul(tmp_path: Path) -> None:
             await close_all(graph)
 
     assert asyncio.run(main()) == str(base)
+
+
+def _qmp_run(tmp_path: Path, cmds: list[tuple[str, dict[str, object]]]) -> list[object]:
+    from blockmirror.qmp.testing import qmp_daemon
+
+    async def main() -> list[object]:
+        out: list[object] = []
+        async with qmp_daemon(tmp_path) as td:
+            raw = await td.raw()
+            await raw.cmd("qmp_capabilities")
+            for name, args in cmds:
+                out.append(await raw.cmd(name, args))
+            await raw.close()
+        return out
+
+    return asyncio.run(main())
+
+
+def test_nbd_server_start_path_ends_at_a_nul(tmp_path: Path) -> None:
+    """Found by fuzz/h_qmp.py: a NUL in the socket path was an internal error (ValueError
+    from bind); QEMU's C code ends the path at the NUL."""
+    sock = tmp_path / "s.sock"
+    out = _qmp_run(tmp_path, [
+        ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": f"{sock}\0junk"}}}),
+        ("nbd-server-stop", {})])
+    assert out[0] == {"return": {}}, out
+    assert out[1] == {"return": {}}, out
+
+
+@pytest.mark.xfail(strict=True, reason="BUG (qmp/commands/mirror.py or block/create.py): "
+                   "drive-mirror with a NUL in 'target' answers 'internal error: embedded "
+                   "null byte'; QEMU's C code ends the file name at the NUL (found by "
+                   "fuzz/h_qmp.py)")
+def test_drive_mirror_target_with_a_nul_is_not_an_internal_error(tmp_path: Path) -> None:
+    out = _qmp_run(tmp_path, [
+        ("blockdev-add", {"driver": "null-co", "node-name": "n0", "size": 1 << 20}),
+        ("drive-mirror", {"device": "n0", "target": str(tmp_path / "t.qcow2") + "\0x",
+                          "format": "qcow2", "sync": "full", "job-id": "j"})])
+    assert "internal error" not in json.dumps(out[1]), out

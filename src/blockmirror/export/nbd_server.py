@@ -140,7 +140,8 @@ class NbdServer:
     async def listen(self, addr: dict[str, Any]) -> None:
         kind = addr.get("type")
         if kind == "unix":
-            path = str(addr["path"])
+            # QEMU hands the path to the C library: it ends at the first NUL byte
+            path = str(addr["path"]).split("\0", 1)[0]
             if _is_socket(path):
                 os.unlink(path)  # cf. QEMU: a stale socket file is replaced
             try:
