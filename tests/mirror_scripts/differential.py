@@ -6,6 +6,8 @@ A script is a list of steps executed over a ``qemu.qmp.QMPClient``:
     ("wait", event[, n])      wait until ``event`` has been seen ``n`` times (default: once more)
     ("status", job, statuses)  poll (unrecorded) until ``job``'s status is one of ``statuses``
                               ("absent": the job is gone)
+    ("progress", job, n)      poll (unrecorded) until ``job`` has copied ``n`` bytes and is
+                              not busy (e.g. asleep in its rate limit)
     ("settle",)               poll (unrecorded) until no job is in a passing state (created,
                               waiting, aborting; concluded when auto-dismissed; pending when
                               auto-finalized)
@@ -138,6 +140,15 @@ async def run_script(
                     return (found[0] if found else "absent") in want
 
                 await poll(reached_status, f"job {job_id} in {statuses}")
+            elif kind == "progress":
+                job_id, least = step[1], step[2]
+
+                def progressed(jobs: list[dict[str, Any]], j: str = job_id,
+                               n: int = least) -> bool:
+                    return any(x["device"] == j and x["offset"] >= n and not x["busy"]
+                               for x in jobs)
+
+                await poll(progressed, f"job {job_id} at offset {least}, not busy")
             elif kind == "settle":
                 await poll(lambda jobs: not any(passing(x) for x in jobs), "settled jobs")
             elif kind == "sleep":

@@ -41,8 +41,9 @@ Q: Step = ("cmd", "query-block-jobs")
 QJ: Step = ("cmd", "query-jobs")
 # the job has reached a state it keeps until told otherwise (its trailing events sent)
 END: list[Step] = [("settle",), Q, QJ]
-# a SLOW job has started (its "created" and "running" events are out)
-RUNNING: Step = ("status", "j", ("running",))
+# a SLOW job has copied its first chunk and sleeps in its rate limit (its "created" and
+# "running" events are out); QSD's quit pauses a job still busy copying around its drain
+RUNNING: Step = ("progress", "j", 65536)
 
 
 def complete_after_ready(p: dict[str, str]) -> list[Step]:
