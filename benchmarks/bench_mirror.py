@@ -1,16 +1,26 @@
 """Mirror benchmark: qemu-storage-daemon and blockmirror side by side, in the same run.
 
-For each source (1 GiB raw and qcow2; 4 GiB too with BENCH_MIRROR_4G=1, off by default because
-each 4 GiB pair takes minutes on a small machine), half allocated by a seeded generator, both
-daemons are started with the same command line, the same ``blockdev-mirror sync=full`` is sent
+Each case is one source image (raw or qcow2, 1 GiB by default) in which half of the extents
+of one size, chosen at random by a seeded generator, hold data: ``4k``, ``64k``, ``1m`` or
+``4m`` extents (``64k`` is the layout of a used filesystem; ``4m`` is the old, flattering
+one). Both daemons get the same command line and the same ``blockdev-mirror sync=full``
 over QMP, and we measure the time to BLOCK_JOB_READY, the daemon's CPU seconds and its peak RSS
-(from wait4's rusage), idle and under a paced guest writer (qemu-io over the NBD export);
-idle copies are checked with ``qemu-img compare`` after a soft cancel.
-Prints one row per run and the ours/QSD ratio. ``BENCH_MIRROR_SIZES=64M,256M`` overrides sizes,
-``BENCH_MIRROR_FMTS=raw`` and ``BENCH_MIRROR_LOADS=idle`` narrow the matrix,
-``BENCH_MIRROR_REPEAT=N`` runs each case N times (QSD and ours interleaved, so drifting page
-cache and writeback hit both alike) and prints the medians, and ``BENCH_MIRROR_DIRECT=1`` opens
-every file node with cache.direct=on for a steadier disk-bound figure.
+(from wait4's rusage), in one of three loads:
+
+* ``idle``: no guest; afterwards the soft-cancelled copy must equal the source
+  (``qemu-img compare``);
+* ``paced``: qemu-io writes 64 KiB at random offsets through the NBD export, 10 ms apart;
+* ``max``: qemu-io writes 64 KiB at random offsets through the NBD export as fast as it can.
+  We also report the writer's throughput (acknowledged bytes per second until READY) and
+  whether READY came while the writer was still running.
+
+Runs are interleaved (QSD, ours, QSD, ours, ...) so drifting page cache and writeback hit both
+alike, and the medians and the ratios ours/QSD are printed for every case.
+
+Environment: ``BENCH_MIRROR_SIZES=1G,4G``, ``BENCH_MIRROR_FMTS=raw,qcow2``,
+``BENCH_MIRROR_LAYOUTS=4k,64k,1m,4m``, ``BENCH_MIRROR_LOADS=idle,paced,max``,
+``BENCH_MIRROR_REPEAT=3``, ``BENCH_MIRROR_MODE=background|write-blocking``,
+``BENCH_MIRROR_DIRECT=1`` (cache.direct=on), ``BENCH_DIR`` (where images go).
 """
 
 from __future__ import annotations
@@ -28,9 +38,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
-CHUNK = 4 * MiB
+LAYOUTS = {"4k": 4 * KiB, "64k": 64 * KiB, "1m": MiB, "4m": 4 * MiB}
 
 
 @dataclass
@@ -38,29 +49,47 @@ class Result:
     ready_s: float
     cpu_s: float
     rss_mib: float
+    #: the writer's acknowledged bytes per second until READY (0 without a writer)
+    writer_mbps: float = 0.0
+    #: READY arrived while the writer was still writing
+    ready_under_load: bool = True
 
 
 def _parse_size(text: str) -> int:
-    mult = {"K": 1 << 10, "M": MiB, "G": GiB}
+    mult = {"K": KiB, "M": MiB, "G": GiB}
     return int(text[:-1]) * mult[text[-1].upper()] if text[-1].isalpha() else int(text)
 
 
-def make_source(work: str, size: int, fmt: str, seed: int = 42) -> str:
-    """A raw file with half of its 4 MiB chunks filled (seeded), converted to ``fmt``."""
-    raw = os.path.join(work, f"src-{size}.raw")
+def make_source(work: str, size: int, fmt: str, layout: str, seed: int = 42) -> str:
+    """A raw file where half of the ``layout``-sized extents hold data, converted to ``fmt``."""
+    extent = LAYOUTS[layout]
+    raw = os.path.join(work, f"src-{size}-{layout}.raw")
     if not os.path.exists(raw):
         rng = random.Random(seed)
-        chunks = list(range(size // CHUNK))
-        rng.shuffle(chunks)
+        n = size // extent
+        chosen = sorted(rng.sample(range(n), n // 2))
+        pool = rng.randbytes(8 * MiB)
         with open(raw, "wb") as f:
             f.truncate(size)
-            block = rng.randbytes(CHUNK)
-            for i in sorted(chunks[: len(chunks) // 2]):
-                f.seek(i * CHUNK)
-                f.write(block[i % 7 :] + block[: i % 7])
+            # gather neighbouring extents into one write: the file's layout is the same
+            run_start, run_len = -1, 0
+            for i in [*chosen, -2]:
+                if run_start >= 0 and i == run_start + run_len:
+                    run_len += 1
+                    continue
+                if run_start >= 0:
+                    pos, left = run_start * extent, run_len * extent
+                    while left:
+                        k = min(left, 4 * MiB)
+                        skew = (pos // extent) % (4 * MiB)
+                        f.seek(pos)
+                        f.write(pool[skew : skew + k])
+                        pos += k
+                        left -= k
+                run_start, run_len = i, 1
     if fmt == "raw":
         return raw
-    out = os.path.join(work, f"src-{size}.{fmt}")
+    out = os.path.join(work, f"src-{size}-{layout}.{fmt}")
     if not os.path.exists(out):
         subprocess.run(["qemu-img", "convert", "-O", fmt, raw, out], check=True)
     return out
@@ -84,16 +113,23 @@ def _daemon_argv(which: str, work: str, src: str, tgt: str, fmt: str) -> list[st
     ]
 
 
-def _writer(work: str, which: str, size: int) -> subprocess.Popen[bytes]:
-    """qemu-io over NBD: 64 KiB writes at seeded offsets, ~6 MB/s (a 10 ms sleep each)."""
+def _writer(work: str, which: str, size: int, paced: bool) -> subprocess.Popen[bytes]:
+    """qemu-io over NBD: 64 KiB writes at seeded offsets, paced (10 ms apart) or flat out."""
     rng = random.Random(7)
     cmds: list[str] = []
-    for _ in range(3000):
+    for _ in range(3000 if paced else 200000):
         off = rng.randrange(0, size // 65536) * 65536
-        cmds += ["-c", f"write -P 0x{rng.randrange(1, 255):02x} {off} 64k", "-c", "sleep 10"]
+        cmds += ["-c", f"write -P 0x{rng.randrange(1, 255):02x} {off} 64k"]
+        if paced:
+            cmds += ["-c", "sleep 10"]
+    script = os.path.join(work, f"writer-{which}.txt")
+    with open(script, "w") as f:
+        # qemu-io reads commands from stdin too: a huge argv would hit ARG_MAX
+        f.write("\n".join(c for c in cmds if c != "-c") + "\nquit\n")
     url = f"nbd+unix:///src?socket={work}/{which}-nbd.sock"
-    return subprocess.Popen(["qemu-io", "-f", "raw", *cmds, url], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    out = open(os.path.join(work, f"writer-{which}.log"), "wb")  # noqa: SIM115 - closed by caller
+    return subprocess.Popen(["qemu-io", "-f", "raw", url], stdin=open(script, "rb"),
+                            stdout=out, stderr=subprocess.STDOUT)
 
 
 def _prewarm(path: str) -> None:
@@ -104,7 +140,16 @@ def _prewarm(path: str) -> None:
     os.sync()
 
 
-def run_one(which: str, work: str, src: str, fmt: str, size: int, busy: bool) -> Result:
+def _acknowledged(log: str) -> int:
+    """Writes qemu-io has seen acknowledged so far (one "wrote" line each)."""
+    try:
+        with open(log, "rb") as f:
+            return f.read().count(b"wrote ")
+    except OSError:
+        return 0
+
+
+def run_one(which: str, work: str, src: str, fmt: str, size: int, load: str) -> Result:
     """Start one daemon, mirror, measure; blocking parts here, QMP in ``_drive``."""
     tgt = os.path.join(work, f"tgt-{which}.{fmt}")
     subprocess.run(["qemu-img", "create", "-q", "-f", fmt, tgt, str(size)], check=True)
@@ -114,15 +159,24 @@ def run_one(which: str, work: str, src: str, fmt: str, size: int, busy: bool) ->
         os.unlink(pidfile)
     proc = subprocess.Popen(_daemon_argv(which, work, src, tgt, fmt), stdout=subprocess.DEVNULL)
     writer: subprocess.Popen[bytes] | None = None
+    mode = os.environ.get("BENCH_MIRROR_MODE", "background")
+    writer_mbps, under_load = 0.0, True
     try:
         for _ in range(3000):
             if os.path.exists(pidfile):
                 break
             time.sleep(0.01)
-        if busy:
-            writer = _writer(work, which, size)
+        if load != "idle":
+            writer = _writer(work, which, size, paced=load == "paced")
             time.sleep(0.3)
-        ready_s = asyncio.run(_drive(os.path.join(work, f"{which}.sock")))
+        t_writer = time.monotonic()
+        log = os.path.join(work, f"writer-{which}.log")
+        base = _acknowledged(log)
+        ready_s = asyncio.run(_drive(os.path.join(work, f"{which}.sock"), mode))
+        if writer is not None:
+            under_load = writer.poll() is None
+            elapsed = time.monotonic() - t_writer
+            writer_mbps = (_acknowledged(log) - base) * 64 * KiB / max(elapsed, 1e-6) / MiB
     finally:
         if writer is not None:
             writer.kill()
@@ -137,17 +191,18 @@ def run_one(which: str, work: str, src: str, fmt: str, size: int, busy: bool) ->
                 proc.kill()
             time.sleep(0.01)
         proc.returncode = 0  # reaped above; keep Popen from waiting again
-    if not busy:
+    if load == "idle":
         # a soft cancel after READY leaves a point-in-time copy: it must equal the source
         out = subprocess.run(["qemu-img", "compare", "-f", fmt, "-F", fmt, src, tgt],
                              capture_output=True, text=True)
         if "Images are identical" not in out.stdout:
             raise SystemExit(f"{which}: target differs from source: {out.stdout}{out.stderr}")
     os.unlink(tgt)
-    return Result(ready_s, ru.ru_utime + ru.ru_stime, ru.ru_maxrss / 1024)
+    return Result(ready_s, ru.ru_utime + ru.ru_stime, ru.ru_maxrss / 1024, writer_mbps,
+                  under_load)
 
 
-async def _drive(sock: str) -> float:
+async def _drive(sock: str, mode: str) -> float:
     """blockdev-mirror, time to READY, soft cancel, quit; returns the seconds to READY."""
     from qemu.qmp import QMPClient
 
@@ -156,8 +211,10 @@ async def _drive(sock: str) -> float:
     try:
         t0 = time.monotonic()
         ready = asyncio.ensure_future(_wait_event(qmp, "BLOCK_JOB_READY"))
-        await qmp.execute("blockdev-mirror", {"job-id": "m", "device": "src", "target": "tgt",
-                                              "sync": "full"})
+        args: dict[str, Any] = {"job-id": "m", "device": "src", "target": "tgt", "sync": "full"}
+        if mode != "background":
+            args["copy-mode"] = mode
+        await qmp.execute("blockdev-mirror", args)
         await asyncio.wait_for(ready, 3600)
         ready_s = time.monotonic() - t0
         done = asyncio.ensure_future(_wait_event(qmp, "BLOCK_JOB_COMPLETED"))
@@ -179,46 +236,66 @@ async def _wait_event(qmp: Any, name: str) -> None:
 
 def _median(rs: list[Result]) -> Result:
     return Result(statistics.median(r.ready_s for r in rs), statistics.median(r.cpu_s for r in rs),
-                  statistics.median(r.rss_mib for r in rs))
+                  statistics.median(r.rss_mib for r in rs),
+                  statistics.median(r.writer_mbps for r in rs),
+                  all(r.ready_under_load for r in rs))
 
 
-def _row(size: int, fmt: str, busy: bool, r_q: Result, r_o: Result, tag: str) -> None:
-    print(f"{size // MiB:>5}M {fmt:>5} {'busy' if busy else 'idle':>5} | "
-          f"{r_q.ready_s:>8.2f}s {r_q.cpu_s:>5.1f}s {r_q.rss_mib:>5.0f}M | "
-          f"{r_o.ready_s:>9.2f}s {r_o.cpu_s:>5.1f}s {r_o.rss_mib:>5.0f}M | "
-          f"{r_o.ready_s / max(r_q.ready_s, 1e-6):>5.1f}x{tag}", flush=True)
+HEADER = (f"{'size':>5} {'fmt':>5} {'lay':>4} {'load':>5} | {'QSD rdy':>7} {'cpu':>5} {'rss':>4} "
+          f"{'wMB/s':>5} | {'ours rdy':>8} {'cpu':>5} {'rss':>4} {'wMB/s':>5} | "
+          f"{'ready':>5} {'cpu':>5} {'rss':>5} {'wthr':>5}")
+
+
+def _row(size: int, fmt: str, layout: str, load: str, q: Result, o: Result, tag: str) -> None:
+    def ratio(a: float, b: float) -> float:
+        return a / max(b, 1e-6)
+
+    flag = "" if o.ready_under_load or load == "idle" else " (READY only after the writer)"
+    print(f"{size // MiB:>4}M {fmt:>5} {layout:>4} {load:>5} | "
+          f"{q.ready_s:>6.2f}s {q.cpu_s:>4.1f}s {q.rss_mib:>3.0f}M {q.writer_mbps:>5.1f} | "
+          f"{o.ready_s:>7.2f}s {o.cpu_s:>4.1f}s {o.rss_mib:>3.0f}M {o.writer_mbps:>5.1f} | "
+          f"{ratio(o.ready_s, q.ready_s):>4.2f}x {ratio(o.cpu_s, q.cpu_s):>4.2f}x "
+          f"{ratio(o.rss_mib, q.rss_mib):>4.2f}x "
+          f"{ratio(o.writer_mbps, q.writer_mbps) if load != 'idle' else 0:>4.2f}x{tag}{flag}",
+          flush=True)
 
 
 def main() -> int:
     for tool in ("qemu-storage-daemon", "qemu-img", "qemu-io"):
         if shutil.which(tool) is None:
-            print(f"skipping: {tool} is not installed")
-            return 0
-    sizes = [GiB]
-    if os.environ.get("BENCH_MIRROR_4G") == "1":
-        sizes.append(4 * GiB)
-    if os.environ.get("BENCH_MIRROR_SIZES"):
-        sizes = [_parse_size(s) for s in os.environ["BENCH_MIRROR_SIZES"].split(",")]
+            print(f"cannot run: {tool} is not installed (make tools)")
+            return 1
+    sizes = [_parse_size(s) for s in os.environ.get("BENCH_MIRROR_SIZES", "1G").split(",")]
     fmts = os.environ.get("BENCH_MIRROR_FMTS", "raw,qcow2").split(",")
-    loads = [x == "busy" for x in os.environ.get("BENCH_MIRROR_LOADS", "idle,busy").split(",")]
-    repeat = max(1, int(os.environ.get("BENCH_MIRROR_REPEAT", "1")))
+    layouts = os.environ.get("BENCH_MIRROR_LAYOUTS", "64k").split(",")
+    loads = os.environ.get("BENCH_MIRROR_LOADS", "idle,max").split(",")
+    repeat = max(1, int(os.environ.get("BENCH_MIRROR_REPEAT", "3")))
     work = tempfile.mkdtemp(prefix="bench-mirror-", dir=os.environ.get("BENCH_DIR"))
-    print(f"{'size':>6} {'fmt':>5} {'load':>5} | {'QSD ready':>9} {'cpu':>6} {'rss':>6} | "
-          f"{'ours ready':>10} {'cpu':>6} {'rss':>6} | {'ratio':>6}")
+    print(f"copy mode {os.environ.get('BENCH_MIRROR_MODE', 'background')}, "
+          f"medians of {repeat}; ratios are ours / QSD")
+    print(HEADER)
     try:
         for size in sizes:
-            for fmt in fmts:
-                src = make_source(work, size, fmt)
-                for busy in loads:
-                    qs: list[Result] = []
-                    os_: list[Result] = []
-                    for _ in range(repeat):
-                        # one daemon at a time; wait4 needs each daemon reaped by us
-                        qs.append(run_one("qsd", work, src, fmt, size, busy))
-                        os_.append(run_one("ours", work, src, fmt, size, busy))
-                        _row(size, fmt, busy, qs[-1], os_[-1], "")
-                    if repeat > 1:
-                        _row(size, fmt, busy, _median(qs), _median(os_), " median")
+            for layout in layouts:
+                for fmt in fmts:
+                    src = make_source(work, size, fmt, layout)
+                    for load in loads:
+                        qs: list[Result] = []
+                        os_: list[Result] = []
+                        for _ in range(repeat):
+                            # one daemon at a time; wait4 needs each daemon reaped by us
+                            qs.append(run_one("qsd", work, src, fmt, size, load))
+                            os_.append(run_one("ours", work, src, fmt, size, load))
+                            if repeat == 1:
+                                _row(size, fmt, layout, load, qs[-1], os_[-1], "")
+                        if repeat > 1:
+                            _row(size, fmt, layout, load, _median(qs), _median(os_), " median")
+                    for f in os.listdir(work):
+                        if f.startswith(f"src-{size}-{layout}.") and not f.endswith(".raw"):
+                            os.unlink(os.path.join(work, f))
+                raw = os.path.join(work, f"src-{size}-{layout}.raw")
+                if os.path.exists(raw):
+                    os.unlink(raw)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

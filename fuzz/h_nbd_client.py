@@ -67,7 +67,7 @@ async def _ops(path: str) -> None:
 async def _record() -> bytes:
     d = Daemon()
     node = ram_node(d.graph, "n0", SIZE)
-    server = ns.NbdServer(d)
+    server = ns.NbdServer(d.graph, d.events)
     real = os.path.join(scratch(), "real.sock")
     proxy = os.path.join(scratch(), "proxy.sock")
     await server.listen({"type": "unix", "path": real})

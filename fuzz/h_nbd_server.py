@@ -154,7 +154,7 @@ async def _serve(stream: bytes, writable: bool) -> tuple[bytes, bytes, bytes, bo
     drv.data[:] = bytes(range(1, 256)) * (SIZE // 255) + bytes(range(1, SIZE % 255 + 1))
     drv.allocated.update(range(0, SIZE // 65536, 2))
     before = bytes(drv.data)
-    server = ns.NbdServer(d, handshake_timeout=2.0)
+    server = ns.NbdServer(d.graph, d.events, handshake_timeout=2.0)
     server.add_export("e0", node, name="disk", description="", writable=writable)
     reader = asyncio.StreamReader()
     reader.feed_data(stream)

@@ -22,8 +22,8 @@ from typing import Any
 from blockmirror.block.create import img_create
 from blockmirror.block.options import open_blockdev
 from blockmirror.daemon import Daemon
+from blockmirror.qapi.schema import TYPES, AlternateType, EnumType, StructType, UnionType
 from blockmirror.qmp.registry import load_commands
-from blockmirror.qmp.schema import TYPES, AlternateType, EnumType, StructType, UnionType
 from blockmirror.qmp.server import run_command
 from blockmirror.qmp.session import Execute, QMPSession, Reply
 from fuzz.common import Finding, clean_scratch, require_sandbox, run, scratch
@@ -79,9 +79,11 @@ def gen(inp: Input, t: Any, depth: int = 0, key: str = "") -> Any:
         return inp.pick(BY_KEY[key])
     if isinstance(t, list):
         return [gen(inp, t[0], depth + 1) for _ in range(inp.below(4))]
-    if isinstance(t, dict):  # an inline struct (command arguments)
+    if isinstance(t, dict):  # an inline struct (command arguments, older registry)
         return _members(inp, [(k.lstrip("*"), v, k.startswith("*")) for k, v in t.items()],
                         depth)
+    if isinstance(t, tuple):  # command arguments: a tuple of Members
+        return _members(inp, [(m.name, m.type, m.optional) for m in t], depth)
     if t in ("str",):
         return _str(inp)
     if t in ("int", "int64", "uint64", "size", "int8", "int16", "int32", "uint8", "uint16",

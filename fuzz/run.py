@@ -171,13 +171,17 @@ def _summary(report: object, name: str, engine: str, counts: dict[str, int], ela
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("harness", nargs="*", default=HARNESSES, choices=[*HARNESSES, []])
+    p.add_argument("harness", nargs="*", help=f"default: all of {' '.join(HARNESSES)}")
     p.add_argument("--engine", choices=["atheris", "random", "auto"], default="auto")
     p.add_argument("--inputs", type=int, default=0, help="inputs per harness (0: no limit)")
     p.add_argument("--seconds", type=float, default=0, help="time per harness (0: none)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
+    a.harness = a.harness or HARNESSES
+    unknown = [h for h in a.harness if h not in HARNESSES]
+    if unknown:
+        p.error(f"unknown harness {unknown}; choose from {HARNESSES}")
     if not a.inputs and not a.seconds:
         a.seconds = 60
     engine = a.engine

@@ -6,18 +6,40 @@ installed, except under CI=true, where a missing peer is a failure: CI must prov
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from blockmirror.qapi import checks as schema_checks
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+# Every event a daemon emits and every command result is checked against the schema, in this
+# process and in the daemons the tests spawn (they inherit the environment and append what
+# they find to the log file); see blockmirror.qapi.checks.
+_VIOLATION_LOG = Path(tempfile.mkstemp(prefix="blockmirror-schema-", suffix=".log")[1])
+os.environ[schema_checks.ENV_SWITCH] = "1"
+os.environ[schema_checks.ENV_LOG] = str(_VIOLATION_LOG)
+atexit.register(_VIOLATION_LOG.unlink, missing_ok=True)
+
+
+@pytest.fixture(autouse=True)
+def _schema_conformance() -> Iterator[None]:
+    """Fail the test when something it made a daemon emit violates the schema."""
+    schema_checks.VIOLATIONS.clear()
+    _VIOLATION_LOG.write_text("")
+    yield
+    found = schema_checks.VIOLATIONS + _VIOLATION_LOG.read_text().splitlines()
+    assert not found, "schema violations:\n" + "\n".join(found)
 
 
 def require_tool(*names: str) -> None:
@@ -51,7 +73,6 @@ def direct_dir(tmp_path: Path) -> Iterator[Path]:
     tmp_path first; else a fresh directory under /var/tmp or the repository (both usually on
     disk). When none allows O_DIRECT the test is skipped with the reason, and fails under CI.
     """
-    import tempfile
 
     if _o_direct_works(tmp_path):
         yield tmp_path

@@ -23,7 +23,7 @@ from blockmirror.block.graph import BlockGraph
 from blockmirror.block.node import BlockNode
 from blockmirror.daemon import Daemon
 from blockmirror.errors import BlockIOError
-from blockmirror.export.nbd_server import block_export_add, nbd_server_start, nbd_server_stop
+from blockmirror.qmp.commands.nbd import block_export_add, nbd_server_start, nbd_server_stop
 
 GRANULE = 65536
 

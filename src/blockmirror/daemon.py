@@ -10,32 +10,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from blockmirror.block.graph import BlockGraph
+from blockmirror.block.options import close_all
 from blockmirror.events import EventBus
+from blockmirror.export.nbd_server import NbdServer
 from blockmirror.jobs.clock import Clock, MonotonicClock
-
-if TYPE_CHECKING:
-    from blockmirror.export.nbd_server import NbdServer
-    from blockmirror.jobs.manager import JobManager
-    from blockmirror.qmp.server import QMPServer
+from blockmirror.jobs.manager import JobManager
+from blockmirror.qapi import checks as schema_checks
+from blockmirror.qmp.server import QMPServer
 
 log = logging.getLogger(__name__)
 
 
 class Daemon:
     def __init__(self, clock: Clock | None = None) -> None:
-        from blockmirror.jobs.manager import JobManager
-
-        self.graph = BlockGraph()
-        self.events = EventBus()
+        #: --object instances by id (iothread, tls-creds-*, ...): id -> (qom-type, props)
+        self.objects: dict[str, tuple[str, dict[str, Any]]] = {}
+        self.graph = BlockGraph(objects=self.objects)
+        self.events = EventBus(check=schema_checks.report_event if schema_checks.enabled()
+                               else None)
         self.clock: Clock = clock or MonotonicClock()
-        self.jobs: JobManager = JobManager(self)
+        self.jobs: JobManager = JobManager(self.events, self.clock, self.graph)
         #: the NBD server, once nbd-server-start / --nbd-server ran
         self.nbd: NbdServer | None = None
-        #: --object instances by id (iothread, tls-creds-*, ...): id -> (qom-type, props)
-        self.objects: dict[str, tuple[str, dict[str, Any]]] = self.graph.objects
         #: set by `quit` or a signal; the CLI waits on it
         self.quit_requested = asyncio.Event()
         #: lines the daemon prints on stdout (e.g. "Formatting ..."), for the CLI and tests
@@ -50,8 +49,6 @@ class Daemon:
 
     def qmp_server(self, *, pretty: bool = False) -> QMPServer:
         """The daemon's QMP server, created on first use (commands are loaded then)."""
-        from blockmirror.qmp.server import QMPServer
-
         if self.qmp is None:
             self.qmp = QMPServer(self, pretty=pretty)
         return self.qmp
@@ -68,6 +65,4 @@ class Daemon:
         if self.nbd is not None:
             await self.nbd.stop()
             self.nbd = None
-        from blockmirror.block.options import close_all
-
         await close_all(self.graph)

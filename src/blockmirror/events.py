@@ -13,11 +13,14 @@ from blockmirror.jobs.clock import wall_timestamp
 
 Event = dict[str, Any]
 Subscriber = Callable[[Event], None]
+#: checks an event's name and data before it goes out (the test suite passes the schema's)
+EventCheck = Callable[[str, dict[str, Any]], None]
 
 
 class EventBus:
-    def __init__(self) -> None:
+    def __init__(self, check: EventCheck | None = None) -> None:
         self._subscribers: list[Subscriber] = []
+        self._check = check
         #: every event emitted, for tests and the CLI's progress display (bounded)
         self.history: list[Event] = []
         self.history_limit = 10000
@@ -32,6 +35,8 @@ class EventBus:
         return unsubscribe
 
     def emit(self, name: str, data: dict[str, Any] | None = None) -> Event:
+        if self._check is not None:
+            self._check(name, data if data is not None else {})
         event: Event = {"event": name, "data": data if data is not None else {},
                         "timestamp": wall_timestamp()}
         self.history.append(event)

@@ -20,7 +20,7 @@ from blockmirror.block.drivers.nbd import NbdDriver
 from blockmirror.block.node import BlockNode
 from blockmirror.daemon import Daemon
 from blockmirror.errors import BlockMirrorError
-from blockmirror.export import nbd_server as ns
+from blockmirror.qmp.commands import nbd as nq
 from conftest import require_tool
 from nbd_helpers import RamDriver, free_port, peer, ram_node, run, serve
 
@@ -146,9 +146,9 @@ def test_tls_export_with_qemu_and_libnbd_clients(tmp_path: Path, certs: Path) ->
         d.objects["tls0"] = ("tls-creds-x509", {"dir": str(certs), "endpoint": "server"})
         node = ram_node(d.graph, "n0", 4 * MiB)
         port = free_port()
-        await ns.nbd_server_start(d, {"addr": {"type": "inet", "data": {
+        await nq.nbd_server_start(d, {"addr": {"type": "inet", "data": {
             "host": "127.0.0.1", "port": str(port)}}, "tls-creds": "tls0"})
-        await ns.block_export_add(d, {"type": "nbd", "id": "e0", "node-name": "n0",
+        await nq.block_export_add(d, {"type": "nbd", "id": "e0", "node-name": "n0",
                                       "name": "disk", "writable": True})
         try:
             opts = (f"driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},"
@@ -174,7 +174,7 @@ def test_tls_export_with_qemu_and_libnbd_clients(tmp_path: Path, certs: Path) ->
                             f"nbd://127.0.0.1:{port}/disk", check=False)
             assert "TLS negotiation required before option" in out
         finally:
-            await ns.nbd_server_stop(d)
+            await nq.nbd_server_stop(d)
 
     asyncio.run(main())
 
@@ -278,15 +278,15 @@ def test_tls_psk_is_refused_with_a_clear_error() -> None:
 
     async def main() -> None:
         with pytest.raises(BlockMirrorError, match="tls-creds-psk is not supported"):
-            await ns.nbd_server_start(d, {"addr": {"type": "unix", "data": {"path": "/tmp/x"}},
+            await nq.nbd_server_start(d, {"addr": {"type": "unix", "data": {"path": "/tmp/x"}},
                                           "tls-creds": "psk0"})
         d.objects["c0"] = ("tls-creds-x509", {"dir": "/nonexistent", "endpoint": "client"})
         with pytest.raises(BlockMirrorError,
                            match=r"^Expected TLS credentials for a server endpoint$"):
-            await ns.nbd_server_start(d, {"addr": {"type": "unix", "data": {"path": "/tmp/x"}},
+            await nq.nbd_server_start(d, {"addr": {"type": "unix", "data": {"path": "/tmp/x"}},
                                           "tls-creds": "c0"})
         with pytest.raises(BlockMirrorError, match=r"^No TLS credentials with id 'nope'$"):
-            await ns.nbd_server_start(d, {"addr": {"type": "unix", "data": {"path": "/tmp/x"}},
+            await nq.nbd_server_start(d, {"addr": {"type": "unix", "data": {"path": "/tmp/x"}},
                                           "tls-creds": "nope"})
 
     asyncio.run(main())

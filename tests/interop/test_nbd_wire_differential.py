@@ -17,7 +17,6 @@ import pytest
 
 from blockmirror.block.options import open_blockdev
 from blockmirror.daemon import Daemon
-from blockmirror.export import nbd_server as ns
 from blockmirror.nbd.constants import (
     NBD_OPTS_MAGIC,
     NBD_REQUEST_MAGIC,
@@ -29,6 +28,7 @@ from blockmirror.nbd.constants import (
     Rep,
 )
 from blockmirror.nbd.handshake import meta_payload
+from blockmirror.qmp.commands import nbd as nq
 from conftest import require_tool
 from nbd_helpers import peer
 
@@ -149,10 +149,10 @@ def test_transmission_replies_match_qemu_storage_daemon(tmp_path: Path) -> None:
             await open_blockdev(d.graph, {"driver": "file", "node-name": "f0",
                                           "filename": str(ours)})
             sock = str(tmp_path / "ours.sock")
-            await ns.nbd_server_start(d, {"addr": {"type": "unix", "data": {"path": sock}}})
-            await ns.block_export_add(d, {"type": "nbd", "id": "e0", "node-name": "f0",
+            await nq.nbd_server_start(d, {"addr": {"type": "unix", "data": {"path": sock}}})
+            await nq.block_export_add(d, {"type": "nbd", "id": "e0", "node-name": "f0",
                                           "name": "disk", "writable": True})
-            await ns.block_export_add(d, {"type": "nbd", "id": "e1", "node-name": "f0",
+            await nq.block_export_add(d, {"type": "nbd", "id": "e1", "node-name": "f0",
                                           "name": "ro"})
             try:
                 for export in ("ro", "disk"):
@@ -163,7 +163,7 @@ def test_transmission_replies_match_qemu_storage_daemon(tmp_path: Path) -> None:
                                 for x, y in zip(a, b, strict=True) if x != y]
                         assert not diff, "\n".join(diff)
             finally:
-                await ns.nbd_server_stop(d)
+                await nq.nbd_server_stop(d)
                 await d.shutdown()
         assert theirs.read_bytes() == ours.read_bytes()
 

@@ -308,7 +308,7 @@ def test_export_server_survives_any_client_stream(
         drv.data[:] = bytes(range(1, 256)) * (SIZE // 255) + bytes(range(1, SIZE % 255 + 1))
         drv.allocated.update(range(0, SIZE // 65536, 2))
         before = bytes(drv.data)
-        server = ns.NbdServer(d, handshake_timeout=2.0)
+        server = ns.NbdServer(d.graph, d.events, handshake_timeout=2.0)
         server.add_export("e0", node, name="disk", description="", writable=writable)
         reader = asyncio.StreamReader()
         reader.feed_data(client_bytes)

@@ -7,17 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from blockmirror.block.chain import block_status_above, is_allocated_above
 from blockmirror.block.create import formatting_line, img_create, parse_size
 from blockmirror.block.driver import BlockStatus
 from blockmirror.block.graph import BlockGraph
 from blockmirror.block.options import close_all, open_blockdev, open_image
-from blockmirror.block.query import (
-    block_status_above,
-    image_info,
-    is_allocated_above,
-    query_named_block_nodes,
-    size_to_str,
-)
+from blockmirror.block.query import image_info, query_named_block_nodes, size_to_str
 from blockmirror.errors import BlockMirrorError
 
 MiB = 1024 * 1024

@@ -270,7 +270,7 @@ def test_write_blocking_copies_writes_synchronously() -> None:
         await node.write(8192, b"\x99" * 8192)
         # already on the target when the write returns
         assert await env.tgt.read(8192, 8192) == b"\x99" * 8192
-        assert job.bitmap.dirty_count() == 0
+        assert job.dirty.dirty_bytes() == 0
         await job.complete()
         await job.wait_finished()
 
@@ -340,19 +340,22 @@ def test_writes_held_by_the_final_drain_follow_the_pivot() -> None:
         env.g.attach(late, env.src, "root", late.perm, late.shared)
         env.g.add_backend(late)
         await env.wait_status(job, "ready")
-        drv(env.tgt).flush_delay = 0.05  # keep the job drained for a while
+        gate = asyncio.Event()
+        drv(env.tgt).flush_gate = gate  # keep the job drained until the writes are held
         assert env.dev.node is not None
         await env.dev.node.write(8192, b"\xa0" * 512)  # so the final flush has work to do
-        await env.wait_for(lambda: job.bitmap.dirty_count() == 0 and job.progress.current
+        await env.wait_for(lambda: job.dirty.dirty_bytes() == 0 and job.progress.current
                            == job.progress.total)
         completing = asyncio.ensure_future(job.complete())
-        await env.wait_for(lambda: job.quiesced)
+        await env.wait_for(lambda: job.gate.closed)
         via_filter, direct = env.dev.node, late.node
         assert via_filter is not None and direct is not None
         w1 = asyncio.ensure_future(via_filter.write(0, b"\xa1" * 4096))
         w2 = asyncio.ensure_future(direct.write(65536, b"\xa2" * 4096))
-        await asyncio.sleep(0.01)
+        for _ in range(50):
+            await asyncio.sleep(0)
         assert not w1.done() and not w2.done()  # held at the barrier
+        gate.set()
         await completing
         await job.wait_finished()
         await asyncio.gather(w1, w2)

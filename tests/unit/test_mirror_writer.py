@@ -2,7 +2,8 @@
 
 Background mode keeps running and reports honestly: ``offset`` never goes backwards, ``len``
 grows with the new dirty data, and READY is never claimed while the writer wins. Write-blocking
-mode copies each write synchronously, so the job reaches READY anyway.
+mode copies each write synchronously, so the job reaches READY anyway. Time is virtual: the
+writer's pace, the rate limit and the sampling all follow the same clock, whatever the load.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from blockmirror.block.node import BlockBackend, Perm
 from blockmirror.daemon import Daemon
 from blockmirror.jobs.mirror import MirrorJob, MirrorParams, start_mirror
 from mirror_scripts.memory import make_node
+from mirror_scripts.vclock import VirtualClock
 
 SIZE = 2 << 20
 SPEED = 4 << 20  # bytes/s: the writer below dirties about 10x as much
@@ -22,7 +24,8 @@ SPEED = 4 << 20  # bytes/s: the writer below dirties about 10x as much
 async def _scenario(
     copy_mode: str, seconds: float
 ) -> tuple[MirrorJob, list[tuple[int, int]], bool]:
-    d = Daemon()
+    clock = VirtualClock()
+    d = Daemon(clock=clock)
     g = d.graph
     src = make_node(g, "src", SIZE)
     await src.write(0, random.Random(1).randbytes(SIZE))
@@ -41,17 +44,22 @@ async def _scenario(
             node = dev.node
             assert node is not None
             await node.write(rng.randrange(0, SIZE - 65536), rng.randbytes(65536))
-            await asyncio.sleep(0.0015)  # ~40 MB/s of new dirty data
+            await clock.sleep_ns(1_500_000)  # ~40 MB/s of new dirty data
+
+    async def sampler() -> None:
+        while not stop.is_set():
+            info = d.jobs.query_block_jobs()[0]
+            samples.append((info["offset"], info["len"]))
+            await clock.sleep_ns(20_000_000)
 
     w = asyncio.ensure_future(writer())
-    loop = asyncio.get_running_loop()
-    end = loop.time() + seconds
-    while loop.time() < end and not (copy_mode == "write-blocking" and job.is_ready):
-        info = d.jobs.query_block_jobs()[0]
-        samples.append((info["offset"], info["len"]))
-        await asyncio.sleep(0.02)
+    s = asyncio.ensure_future(sampler())
+    await clock.advance_until(lambda: copy_mode == "write-blocking" and job.is_ready,
+                              int(seconds * 1e9))
     stop.set()
+    await clock.advance_until(lambda: w.done() and s.done(), 100_000_000)
     await w
+    await s
     ready_seen = any(e["event"] == "BLOCK_JOB_READY" for e in d.events.history)
     await job.user_cancel(True)
     await job.wait_finished()

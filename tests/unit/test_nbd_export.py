@@ -21,9 +21,9 @@ from blockmirror.block.drivers.nbd import NbdDriver, parse_nbd_uri
 from blockmirror.block.node import BlockNode
 from blockmirror.daemon import Daemon
 from blockmirror.errors import BlockIOError, BlockMirrorError
-from blockmirror.export import nbd_server as ns
 from blockmirror.nbd.constants import NBD_OPTS_MAGIC, Cmd, Opt
 from blockmirror.nbd.transmission import encode_request
+from blockmirror.qmp.commands import nbd as nq
 from nbd_helpers import RamDriver, ram_node, serve
 
 
@@ -94,7 +94,7 @@ def test_export_follows_pivot_and_marks_dirty(tmp_path: Path) -> None:
             await c.write(8192, b"B" * 4096)  # same connection, no reconnect
             assert bytes(ram(new).data[8192:12288]) == b"B" * 4096
             assert bytes(ram(old).data[8192:12288]) == bytes(4096)
-            assert ns.query_block_exports(d) == [
+            assert nq.query_block_exports(d) == [
                 {"id": "e0", "type": "nbd", "node-name": "n1", "shutting-down": False}]
             await c.driver.close()
 
@@ -172,34 +172,34 @@ def test_export_life_cycle_and_qemu_texts(tmp_path: Path) -> None:
         ro = ram_node(d.graph, "ro", 1 << 20, read_only=True)
         add = {"type": "nbd", "id": "e0", "node-name": "n0"}
         with pytest.raises(BlockMirrorError, match=r"^NBD server not running$"):
-            await ns.block_export_add(d, add)
+            await nq.block_export_add(d, add)
         sock = str(tmp_path / "s")
-        await ns.nbd_server_start(d, {"addr": {"type": "unix", "data": {"path": sock}}})
+        await nq.nbd_server_start(d, {"addr": {"type": "unix", "data": {"path": sock}}})
         with pytest.raises(BlockMirrorError, match=r"^NBD server already running$"):
-            await ns.nbd_server_start(d, {"addr": {"type": "unix", "data": {"path": sock}}})
-        await ns.block_export_add(d, add)
+            await nq.nbd_server_start(d, {"addr": {"type": "unix", "data": {"path": sock}}})
+        await nq.block_export_add(d, add)
         with pytest.raises(BlockMirrorError, match=r"^Block export id 'e0' is already in use$"):
-            await ns.block_export_add(d, add)
+            await nq.block_export_add(d, add)
         with pytest.raises(BlockMirrorError, match=r"^NBD server already has export named 'n0'$"):
-            await ns.block_export_add(d, {**add, "id": "e1"})
+            await nq.block_export_add(d, {**add, "id": "e1"})
         with pytest.raises(BlockMirrorError, match=r"^Cannot find device='' nor node-name='zz'$"):
-            await ns.block_export_add(d, {**add, "id": "e1", "node-name": "zz"})
+            await nq.block_export_add(d, {**add, "id": "e1", "node-name": "zz"})
         with pytest.raises(BlockMirrorError, match=r"^Cannot export read-only node as writable$"):
-            await ns.block_export_add(d, {**add, "id": "e1", "node-name": ro.name,
+            await nq.block_export_add(d, {**add, "id": "e1", "node-name": ro.name,
                                           "writable": True})
         with pytest.raises(BlockMirrorError, match=r"^Invalid block export id$"):
-            await ns.block_export_add(d, {**add, "id": "1x"})
-        await ns.nbd_server_add(d, {"device": "ro", "writable": True})  # silently read-only
-        assert [e["id"] for e in ns.query_block_exports(d)] == ["ro", "e0"]  # newest first
+            await nq.block_export_add(d, {**add, "id": "1x"})
+        await nq.nbd_server_add(d, {"device": "ro", "writable": True})  # silently read-only
+        assert [e["id"] for e in nq.query_block_exports(d)] == ["ro", "e0"]  # newest first
         assert d.nbd is not None and not d.nbd.exports["ro"].writable
 
         c = await client_node(Daemon(), sock, export="n0")
         with pytest.raises(BlockMirrorError, match=r"^export 'e0' still in use$") as ei:
-            await ns.block_export_del(d, "e0")
+            await nq.block_export_del(d, "e0")
         assert ei.value.hint == "Use mode='hard' to force client disconnect"
-        await ns.block_export_del(d, "e0", "hard")
+        await nq.block_export_del(d, "e0", "hard")
         with pytest.raises(BlockMirrorError, match=r"^Export 'e0' is already shutting down$"):
-            await ns.block_export_del(d, "e0")
+            await nq.block_export_del(d, "e0")
         deadline = time.monotonic() + 30  # the hard deletion ends after the client is gone
         while not any(e["event"] == "BLOCK_EXPORT_DELETED" for e in d.events.history):
             assert time.monotonic() < deadline, "BLOCK_EXPORT_DELETED never came"
@@ -211,12 +211,12 @@ def test_export_life_cycle_and_qemu_texts(tmp_path: Path) -> None:
             await c.read(0, 512)
         await c.driver.close()
         with pytest.raises(BlockMirrorError, match=r"^Export 'e0' is not found$"):
-            await ns.block_export_del(d, "e0")
-        await ns.nbd_server_stop(d)
+            await nq.block_export_del(d, "e0")
+        await nq.nbd_server_stop(d)
         assert [e["data"]["id"] for e in d.events.history
                 if e["event"] == "BLOCK_EXPORT_DELETED"] == ["e0", "ro"]  # e0 went first
         with pytest.raises(BlockMirrorError, match=r"^NBD server not running$"):
-            await ns.nbd_server_stop(d)
+            await nq.nbd_server_stop(d)
 
     asyncio.run(main())
 
@@ -229,14 +229,14 @@ def test_bind_failures_use_qemu_texts(tmp_path: Path) -> None:
         try:
             with pytest.raises(BlockMirrorError, match=r"^Failed to find an available port: "
                                                        r"Address already in use$"):
-                await ns.nbd_server_start(d, {"addr": {"type": "inet", "data": {
+                await nq.nbd_server_start(d, {"addr": {"type": "inet", "data": {
                     "host": "127.0.0.1", "port": str(port)}}})
         finally:
             busy.close()
         bad = tmp_path / "no" / "such" / "dir.sock"
         with pytest.raises(BlockMirrorError, match=rf"^Failed to bind socket to {bad}: "
                                                    r"No such file or directory$"):
-            await ns.nbd_server_start(d, {"addr": {"type": "unix", "data": {"path": str(bad)}}})
+            await nq.nbd_server_start(d, {"addr": {"type": "unix", "data": {"path": str(bad)}}})
         assert d.nbd is None
 
     asyncio.run(main())
@@ -247,9 +247,9 @@ def test_max_connections(tmp_path: Path) -> None:
         d = Daemon()
         ram_node(d.graph, "n0", 1 << 20)
         sock = str(tmp_path / "s")
-        await ns.nbd_server_start(d, {"addr": {"type": "unix", "data": {"path": sock}},
+        await nq.nbd_server_start(d, {"addr": {"type": "unix", "data": {"path": sock}},
                                       "max-connections": 1})
-        await ns.block_export_add(d, {"type": "nbd", "id": "e0", "node-name": "n0"})
+        await nq.block_export_add(d, {"type": "nbd", "id": "e0", "node-name": "n0"})
         c = await client_node(Daemon(), sock, export="n0")
         with pytest.raises(BlockMirrorError):
             await client_node(Daemon(), sock, export="n0", name="c1")
@@ -264,7 +264,7 @@ def test_max_connections(tmp_path: Path) -> None:
                 assert time.monotonic() < deadline, "the connection slot was never freed"
                 await asyncio.sleep(0.02)
         await c2.driver.close()
-        await ns.nbd_server_stop(d)
+        await nq.nbd_server_stop(d)
 
     asyncio.run(main())
 
@@ -276,24 +276,24 @@ def test_reconnect_delay_rides_over_a_server_restart(tmp_path: Path) -> None:
         sock = str(tmp_path / "s")
         args = {"addr": {"type": "unix", "data": {"path": sock}}}
         export = {"type": "nbd", "id": "e0", "node-name": "n0", "writable": True}
-        await ns.nbd_server_start(d, args)
-        await ns.block_export_add(d, export)
+        await nq.nbd_server_start(d, args)
+        await nq.block_export_add(d, export)
         opts: dict[str, Any] = {"reconnect-delay": 5}
         c = await client_node(Daemon(), sock, export="n0", **opts)
         await c.write(0, b"one")
-        await ns.nbd_server_stop(d)
-        await ns.nbd_server_start(d, args)
-        await ns.block_export_add(d, export)
+        await nq.nbd_server_stop(d)
+        await nq.nbd_server_start(d, args)
+        await nq.block_export_add(d, export)
         await c.write(3, b"two")  # waits for the reconnect, then succeeds
         assert await c.read(0, 6) == b"onetwo"
         await c.driver.close()
         # reconnect-delay=0 (the default): fail at once, but reconnect in the background
         c0 = await client_node(Daemon(), sock, export="n0", name="c9")
-        await ns.nbd_server_stop(d)
+        await nq.nbd_server_stop(d)
         with pytest.raises(BlockIOError):
             await c0.read(0, 3)
-        await ns.nbd_server_start(d, args)
-        await ns.block_export_add(d, export)
+        await nq.nbd_server_start(d, args)
+        await nq.block_export_add(d, export)
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -303,7 +303,7 @@ def test_reconnect_delay_rides_over_a_server_restart(tmp_path: Path) -> None:
                 assert time.monotonic() < deadline, "the driver never reconnected"
                 await asyncio.sleep(0.05)
         await c0.driver.close()
-        await ns.nbd_server_stop(d)
+        await nq.nbd_server_stop(d)
 
     asyncio.run(main())
 

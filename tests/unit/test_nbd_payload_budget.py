@@ -58,7 +58,7 @@ def test_write_payloads_in_flight_stay_within_the_budget() -> None:
             await inner(offset, data, flags)
 
         drv.pwritev = held  # type: ignore[method-assign]
-        server = ns.NbdServer(d)
+        server = ns.NbdServer(d.graph, d.events)
         server.add_export("e0", node, name="disk", description="", writable=True)
         name = b"disk"
         stream = struct.pack(">I", 3) + struct.pack(

@@ -6,8 +6,9 @@ from typing import Any
 
 import pytest
 
-from blockmirror.qmp.registry import COMMANDS, EVENTS, load_commands
-from blockmirror.qmp.schema import SchemaError, introspect, validate, validate_command_args
+from blockmirror.qapi import COMMANDS, EVENTS, SchemaError, validate, validate_command_args
+from blockmirror.qapi.introspect import introspect
+from blockmirror.qmp.registry import load_commands
 
 load_commands()
 
@@ -71,8 +72,7 @@ def test_keyval_mode() -> None:
 
 
 def test_introspection_shape() -> None:
-    cmds = [(c.name, c.args, c.returns, c.allow_oob) for c in COMMANDS.values()]
-    infos = introspect(cmds, EVENTS)
+    infos = introspect(COMMANDS.values(), EVENTS.values())
     by_name = {i["name"]: i for i in infos}
     assert by_name["0"] == {"name": "0", "members": [], "meta-type": "object"}
     assert by_name["query-version"]["arg-type"] == "0"

@@ -15,7 +15,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from blockmirror.block import threadio
+from blockmirror.block.drivers import load_all
+from blockmirror.block.drivers.qcow2.create import create_qcow2
 from blockmirror.block.graph import BlockGraph
+from blockmirror.block.options import close_all, open_image
+from blockmirror.block.optsyntax import probe_format_async
 from blockmirror.errors import BlockMirrorError
 
 _SECTOR = 512
@@ -119,8 +123,6 @@ def formatting_line(filename: str, fmt: str, opts: Mapping[str, Any]) -> str:
 
 
 async def _backing_size(filename: str, backing_file: str, backing_fmt: str | None) -> int:
-    from blockmirror.block.options import close_all, open_image
-
     path = backing_file
     if not os.path.isabs(path) and ":" not in path.split("/")[0]:
         path = os.path.join(os.path.dirname(filename), path)
@@ -157,8 +159,6 @@ async def img_create(
             backing file, backing image errors with hint "Could not open backing image.").
     """
     if fmt not in FORMAT_OPTS:
-        from blockmirror.block.drivers import load_all
-
         if fmt in load_all():
             raise BlockMirrorError(f"Format driver '{fmt}' does not support image creation")
         raise BlockMirrorError(f"Unknown file format '{fmt}'")
@@ -198,8 +198,6 @@ async def img_create(
                 "Error: Trying to create an image with the same filename as the backing file"
             )
         if opts.get("backing_fmt") is None:
-            from blockmirror.block.optsyntax import probe_format_async
-
             path = bfile if os.path.isabs(bfile) else os.path.join(
                 os.path.dirname(filename), bfile
             )
@@ -281,10 +279,6 @@ async def _check_device(filename: str, size: int) -> None:
 
 
 async def _create_qcow2(filename: str, size: int, opts: Mapping[str, Any]) -> None:
-    try:
-        from blockmirror.block.drivers.qcow2.create import create_qcow2
-    except ModuleNotFoundError as e:
-        raise BlockMirrorError("Driver 'qcow2' does not support image creation") from e
     normalized: dict[str, Any] = {
         "cluster_size": int(opts.get("cluster_size") or 65536),
         "extended_l2": _parse_bool("extended_l2", opts.get("extended_l2", False)),

@@ -143,6 +143,23 @@ class BlockDriver(ABC):
 
     # --- I/O ------------------------------------------------------------------------------
 
+    def linear_child(self) -> tuple[BlockNode, int] | None:
+        """``(child, base)`` when guest offset ``o`` of this node is ``base + o`` of ``child``
+        for reads and writes alike, with nothing done in between (a plain raw format);
+        protocol drivers that *are* a host file answer ``(self.node, 0)``. None: no such
+        mapping. ``block/copy.py`` uses it to batch copies into one thread-pool hop.
+        """
+        return None
+
+    async def read_extents(self, extents: list[tuple[int, int]]) -> list[bytes] | None:
+        """Read many ranges with fewer thread-pool hops than one ``preadv`` each, or None
+        (not supported: the caller reads them one by one). Ranges are checked and aligned."""
+        return None
+
+    async def write_extents(self, pieces: list[tuple[int, memoryview]]) -> bool:
+        """Write many ranges at once; False: not supported (nothing was written)."""
+        return False
+
     @abstractmethod
     async def preadv(self, offset: int, length: int) -> bytes:
         """Read exactly ``length`` bytes at ``offset`` (inside the node)."""

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from typing import Any
 
 from blockmirror.block.node import BlockBackend, BlockNode, Child, Perm
 from blockmirror.errors import BlockMirrorError
+from blockmirror.objects import NO_OBJECTS, ObjectLookup
 
 _NODE_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,30}$")
 # cf. id_wellformed(): job ids and device ids
@@ -28,15 +28,14 @@ def id_wellformed(name: str) -> bool:
 
 
 class BlockGraph:
-    def __init__(self) -> None:
+    def __init__(self, *, objects: ObjectLookup = NO_OBJECTS) -> None:
         self.nodes: dict[str, BlockNode] = {}
         self.backends: list[BlockBackend] = []
         #: nodes created by blockdev-add / --blockdev (the monitor holds a reference)
         self.monitor_owned: set[str] = set()
         self._auto_counter = 0
-        #: the daemon's --object instances (id -> (qom-type, props)); Daemon.objects is this
-        #: dict, so drivers (nbd: tls-creds) reach them through ``node.graph``
-        self.objects: dict[str, tuple[str, dict[str, Any]]] = {}
+        #: the daemon's --object instances, looked up by drivers (nbd: tls-creds)
+        self.objects = objects
 
     # --- names and lookup ---------------------------------------------------------------
 

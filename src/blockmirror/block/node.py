@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from blockmirror.block import io
+from blockmirror.block.bitmaps import NodeBitmaps
 
 if TYPE_CHECKING:
     from blockmirror.block.driver import BlockDriver, DriverInfo, Extent
@@ -152,6 +153,11 @@ class BlockNode:
     corrupt: bool = False
     #: the graph the node belongs to (set by BlockGraph.add_node)
     graph: Any = field(default=None, repr=False)
+    #: named dirty bitmaps (block/bitmaps.py), each also one of ``dirty_trackers``
+    bitmaps: NodeBitmaps = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.bitmaps = NodeBitmaps(self)
 
     # --- structure ------------------------------------------------------------------------
 
@@ -253,8 +259,8 @@ class BlockNode:
     async def flush(self) -> None:
         await io.flush(self)
 
-    async def block_status(self, offset: int, length: int) -> Extent:
-        return await io.block_status(self, offset, length)
+    async def block_status(self, offset: int, length: int, want_zero: bool = True) -> Extent:
+        return await io.block_status(self, offset, length, want_zero)
 
     async def drain(self) -> None:
         """Wait until no request is in flight on this node (new ones may start afterwards)."""

@@ -17,13 +17,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from blockmirror.block.drivers import DRIVERS, load_all
+from blockmirror.block.drivers.raw import PROBED_RAW_WARNING, RawDriver
 from blockmirror.block.graph import BlockGraph, node_name_valid
 from blockmirror.block.node import BlockBackend, BlockNode, Perm
 from blockmirror.block.optsyntax import (
     CHILD_KEYS,
-    COMMON_KEYS,
-    bool_opt,
-    coerce,
     deep_merge,
     parse_filename,
     probe_format,
@@ -34,30 +32,78 @@ from blockmirror.block.optsyntax import (
 )
 from blockmirror.block.query import node_dirname
 from blockmirror.errors import BlockMirrorError
+from blockmirror.qapi import SchemaError, validate
 
 log = logging.getLogger(__name__)
-
-#: the options each of our drivers accepts (drivers not listed are not checked here)
-_DRIVER_KEYS: dict[str, frozenset[str]] = {
-    "file": frozenset(
-        {"filename", "aio", "locking", "pr-manager", "aio-max-batch", "drop-cache",
-         "x-check-cache-dropped"}
-    ),
-    "raw": frozenset({"file", "offset", "size"}),
-    "null-co": frozenset({"size", "latency-ns", "read-zeroes"}),
-    "blkdebug": frozenset(
-        {"image", "config", "inject-error", "set-state", "align", "max-transfer",
-         "opt-write-zero", "max-write-zero", "opt-discard", "max-discard",
-         "take-child-perms", "unshare-child-perms"}
-    ),
-}
-_DRIVER_KEYS["host_device"] = _DRIVER_KEYS["file"]
-_DRIVER_KEYS["null-aio"] = _DRIVER_KEYS["null-co"]
 
 # options a parent passes down to children it opens inline (cf. bdrv_inherited_options)
 _INHERITED = ("cache", "read-only", "auto-read-only", "discard", "force-share")
 
 _STORAGE_SHARED = Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
+
+
+# --- validation --------------------------------------------------------------------------------
+
+
+def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate raw options (dotted keys, typed values or keyval strings) as BlockdevOptions.
+
+    This is the block layer's single check of what it is asked to open, node by node as
+    bdrv_open reads -drive options: the schema decides which members exist and converts
+    strings the keyval way ("on", "y", "0x10", "010"), and a child given inline is checked as
+    a node of its own (so texts name its members, not "file.x"). Two things are bdrv_open's
+    own: a ``backing`` dict without a driver holds options for the backing the image header
+    names (checked when that backing is opened), and ``discard`` also takes -drive's
+    "on"/"off". The result keeps the caller's member order (it shows in json: filenames).
+
+    Raises:
+        BlockMirrorError: QEMU's text for the first problem.
+    """
+    tree = unflatten(options)
+    driver = tree.get("driver")
+    if isinstance(driver, str) and driver not in load_all():
+        # QEMU has it, blockmirror does not: its options are not declared either
+        raise BlockMirrorError(f"Parameter 'driver' does not accept value '{driver}'")
+    _legacy_discard(tree)
+    children: dict[str, dict[str, Any]] = {}
+    for role in CHILD_KEYS:
+        ref = tree.get(role)
+        if isinstance(ref, dict):
+            children[role] = ref
+            tree[role] = ""  # stands for the child while the node's own members are checked
+    try:
+        checked = validate("BlockdevOptions", tree, None, "", keyval="options")
+    except SchemaError as e:
+        raise BlockMirrorError(e.desc) from None
+    out: dict[str, Any] = _in_order(tree, checked)
+    for role, ref in children.items():
+        out[role] = ref if role == "backing" and _is_overlay(ref) else check_options(ref)
+    return out
+
+
+def _is_overlay(ref: Any) -> bool:
+    return isinstance(ref, dict) and "driver" not in ref
+
+
+def _legacy_discard(tree: dict[str, Any]) -> None:
+    """cf. bdrv_parse_discard_flags: "off"/"on" are -drive's names of ignore/unmap.
+
+    Inherited by inline children (cf. bdrv_inherited_options), so mapped before they see it.
+    """
+    value = tree.get("discard")
+    if isinstance(value, str):
+        if value not in ("off", "ignore", "on", "unmap"):
+            raise BlockMirrorError("Invalid discard option")
+        tree["discard"] = {"off": "ignore", "on": "unmap"}.get(value, value)
+
+
+def _in_order(raw: Any, checked: Any) -> Any:
+    """``checked`` with the dict members in ``raw``'s order."""
+    if isinstance(raw, dict) and isinstance(checked, dict):
+        return {k: _in_order(raw[k], checked[k]) for k in raw if k in checked}
+    if isinstance(raw, list) and isinstance(checked, list):
+        return [_in_order(r, c) for r, c in zip(raw, checked, strict=True)]
+    return checked
 
 
 # --- opening ---------------------------------------------------------------------------------
@@ -80,16 +126,22 @@ class _OpenCtx:
 
 
 async def open_blockdev(
-    graph: BlockGraph, options: Mapping[str, Any], *, monitor_owned: bool = True
+    graph: BlockGraph, options: Mapping[str, Any], *, monitor_owned: bool = True,
+    validated: bool = False,
 ) -> BlockNode:
     """Open one node tree from BlockdevOptions; the root needs a node-name.
+
+    ``validated``: the options already went through the schema (QMP blockdev-add,
+    --blockdev); otherwise they are checked here (``check_options``).
 
     Raises:
         BlockMirrorError: QEMU's texts for bad options, missing files, conflicts.
     """
-    opts = unflatten(options)
+    opts = dict(options) if validated else unflatten(options)
     if "node-name" not in opts:
         raise BlockMirrorError("'node-name' must be specified for the root node")
+    if not validated:
+        opts = check_options(opts)
     ctx = _OpenCtx(graph)
     try:
         node = await _open_node(ctx, opts, parent=None, chain=())
@@ -149,6 +201,7 @@ async def open_image(
         base["backing"] = None
     if node_name is not None:
         base["node-name"] = node_name
+    base = check_options(base)
     ctx = _OpenCtx(graph)
     try:
         node = await _open_node(ctx, base, parent=None, chain=())
@@ -156,8 +209,6 @@ async def open_image(
         await ctx.rollback()
         raise
     if probed and node.format_name == "raw":
-        from blockmirror.block.drivers.raw import PROBED_RAW_WARNING, RawDriver
-
         assert isinstance(node.driver, RawDriver)
         node.driver.probed = True
         if warn is not None and not node.read_only:
@@ -165,15 +216,6 @@ async def open_image(
     if monitor_owned:
         graph.monitor_owned.add(node.name)
     return node
-
-
-def _check_keys(driver: str, opts: Mapping[str, Any]) -> None:
-    allowed = _DRIVER_KEYS.get(driver)
-    if allowed is None:
-        return
-    for key in opts:
-        if key not in allowed and key not in COMMON_KEYS:
-            raise BlockMirrorError(f"Parameter '{key}' is unexpected")
 
 
 def _real(path: str) -> str:
@@ -187,50 +229,37 @@ async def _open_node(
     parent: Mapping[str, Any] | None,
     chain: tuple[str, ...],
 ) -> BlockNode:
+    """Open one node from checked options (``check_options``)."""
     graph = ctx.graph
     load_all()
-    opts = coerce("", dict(opts))
+    opts = dict(opts)
     if parent is not None:
         for key in _INHERITED:
             if key not in opts and key in parent:
                 opts[key] = parent[key]
-    driver = opts.get("driver")
-    if driver is None:
-        raise BlockMirrorError("Parameter 'driver' is missing")
-    if not isinstance(driver, str) or driver not in DRIVERS:
+    driver: str = opts["driver"]
+    if driver not in DRIVERS:  # a QEMU driver blockmirror does not implement
         raise BlockMirrorError(f"Parameter 'driver' does not accept value '{driver}'")
     cls = DRIVERS[driver]
-    _check_keys(driver, opts)
 
     name = opts.get("node-name")
     if name is None:
         name = graph.new_auto_name()
-    elif not isinstance(name, str) or not node_name_valid(name):
+    elif not node_name_valid(name):
         raise BlockMirrorError(f"Invalid node-name: '{name}'")
     if name in graph.nodes:
         raise BlockMirrorError(f"Duplicate nodes with node-name='{name}'")
 
-    discard = opts.get("discard", "ignore")
-    if discard in ("off", "ignore"):
-        discard_unmap = False
-    elif discard in ("on", "unmap"):
-        discard_unmap = True
-    else:
-        raise BlockMirrorError("Invalid discard option")
+    discard_unmap = opts.get("discard", "ignore") == "unmap"
     detect = opts.get("detect-zeroes", "off")
-    if detect not in ("off", "on", "unmap"):
-        raise BlockMirrorError(f"Parameter 'detect-zeroes' does not accept value '{detect}'")
     if detect == "unmap" and not discard_unmap:
         raise BlockMirrorError(
             "setting detect-zeroes to unmap is not allowed without setting discard "
             "operation to unmap"
         )
     cache = opts.get("cache", {})
-    if not isinstance(cache, dict):
-        raise BlockMirrorError("Invalid parameter type for 'cache', expected: object")
-    read_only = bool_opt(opts, "read-only", False)
-    force_share = bool_opt(opts, "force-share", False)
-    bool_opt(opts, "auto-read-only", False)
+    read_only = bool(opts.get("read-only", False))
+    force_share = bool(opts.get("force-share", False))
     if force_share and not read_only:
         raise BlockMirrorError("force-share=on can only be used with read-only images")
 
@@ -241,8 +270,8 @@ async def _open_node(
         read_only=read_only,
         discard_unmap=discard_unmap,
         detect_zeroes=detect,
-        cache_direct=bool_opt(cache, "direct", False),
-        cache_no_flush=bool_opt(cache, "no-flush", False),
+        cache_direct=bool(cache.get("direct", False)),
+        cache_no_flush=bool(cache.get("no-flush", False)),
     )
     node.driver = cls(node)
 
@@ -344,7 +373,7 @@ async def _child(
             legacy = parse_filename(ref)
             if legacy is None:
                 raise BlockMirrorError(f"Cannot find device='{ref}' nor node-name='{ref}'")
-            return await _open_node(ctx, legacy, parent=parent, chain=chain)
+            return await _open_node(ctx, check_options(legacy), parent=parent, chain=chain)
         return found
     if isinstance(ref, dict):
         return await _open_node(ctx, ref, parent=parent, chain=chain)
@@ -380,11 +409,9 @@ _PERM_NAMES = {
 }
 
 
-def _perm_from_names(names: Any) -> Perm:
+def _perm_from_names(names: list[str] | None) -> Perm:
     out = Perm.NONE
-    for n in names if isinstance(names, list) else []:
-        if n not in _PERM_NAMES:
-            raise BlockMirrorError(f"Parameter 'null' does not accept value '{n}'")
+    for n in names or []:
         out |= _PERM_NAMES[n]
     return out
 
@@ -437,7 +464,7 @@ async def _open_backing(
                 bopts[key] = node.options[key]
         deep_merge(bopts, overlay)
         try:
-            child = await _open_node(ctx, bopts, parent=None, chain=chain)
+            child = await _open_node(ctx, check_options(bopts), parent=None, chain=chain)
         except BlockMirrorError as e:
             raise BlockMirrorError(f"Could not open backing file: {e}") from e
     if child is None:
@@ -578,6 +605,7 @@ async def delete_blockdev(graph: BlockGraph, name: str) -> None:
 
 __all__ = [
     "attach_backend",
+    "check_options",
     "close_all",
     "close_node",
     "delete_blockdev",

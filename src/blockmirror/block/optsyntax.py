@@ -1,6 +1,6 @@
 """Option and filename syntaxes around BlockdevOptions: QEMU's spelling in both directions.
 
-keyval's dotted keys and string values become QMP's nested, typed options; QEMU's legacy
+keyval's dotted keys become QMP's nested options (the schema types their values); QEMU's legacy
 filenames (``json:{...}``, ``blkdebug:CONF:IMAGE``, NBD URIs) become options, and format
 probing picks a driver; back the other way, a node's options give the filename QEMU would
 report (cf. bdrv_refresh_filename). Pure helpers for ``block/options.py``; nothing is opened.
@@ -15,32 +15,16 @@ from collections.abc import Mapping
 from typing import Any
 
 from blockmirror.block import threadio
+from blockmirror.block.drivers.nbd import nbd_filename
 from blockmirror.block.node import BlockNode
 from blockmirror.block.query import qemu_json
 from blockmirror.errors import BlockMirrorError
+from blockmirror.qapi import struct_members
 
 #: option keys that name a child node, per role, in the order QEMU opens them
 CHILD_KEYS = ("file", "image", "data-file", "backing")
-#: options every driver takes (BlockdevOptionsBase)
-COMMON_KEYS = frozenset(
-    {
-        "driver", "node-name", "discard", "cache", "read-only", "auto-read-only",
-        "force-share", "detect-zeroes",
-    }
-)
-
-# keyval (--blockdev a=b,...) gives strings; these keys hold integers or booleans in QAPI
-_INT_KEYS = frozenset(
-    {"size", "offset", "latency-ns", "align", "max-transfer", "opt-write-zero", "max-write-zero",
-     "opt-discard", "max-discard", "errno", "sector", "state", "new_state", "l2-cache-size",
-     "l2-cache-entry-size", "refcount-cache-size", "cache-size", "cache-clean-interval",
-     "aio-max-batch", "reconnect-delay", "open-timeout"}
-)
-_BOOL_KEYS = frozenset(
-    {"read-only", "auto-read-only", "force-share", "direct", "no-flush", "read-zeroes", "once",
-     "immediately", "lazy-refcounts", "pass-discard-request", "pass-discard-snapshot",
-     "pass-discard-other", "drop-cache", "x-check-cache-dropped"}
-)
+#: options every driver takes (the base members of the schema's BlockdevOptions)
+COMMON_KEYS = frozenset(m.name for m in struct_members("BlockdevOptions"))
 
 
 # --- option dictionaries -------------------------------------------------------------------
@@ -89,36 +73,6 @@ def _lists(value: Any) -> Any:
     if isinstance(value, list):
         return [_lists(v) for v in value]
     return value
-
-
-def coerce(key: str, value: Any) -> Any:
-    """Convert keyval strings to the QAPI type of well-known keys."""
-    if isinstance(value, str):
-        if key in _BOOL_KEYS:
-            if value in ("on", "true", "yes"):
-                return True
-            if value in ("off", "false", "no"):
-                return False
-            raise BlockMirrorError(f"Parameter '{key}' expects 'on' or 'off'")
-        if key in _INT_KEYS:
-            try:
-                return int(value, 0)
-            except ValueError:
-                raise BlockMirrorError(
-                    f"Invalid parameter type for '{key}', expected: integer"
-                ) from None
-    if isinstance(value, dict):
-        return {k: coerce(k, v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [coerce(key, v) for v in value]
-    return value
-
-
-def bool_opt(opts: Mapping[str, Any], key: str, default: bool) -> bool:
-    v = opts.get(key, default)
-    if not isinstance(v, bool):
-        raise BlockMirrorError(f"Invalid parameter type for '{key}', expected: boolean")
-    return v
 
 
 def parse_filename(filename: str) -> dict[str, Any] | None:
@@ -250,8 +204,6 @@ def refresh_filename(node: BlockNode) -> str:
         return str(opts.get("filename", ""))
     if drv == "nbd" and isinstance(opts.get("server"), dict) and "tls-creds" not in opts:
         # cf. nbd_refresh_filename: the URI form, as QEMU 7.2 reports it
-        from blockmirror.block.drivers.nbd import nbd_filename
-
         return nbd_filename(opts["server"], str(opts.get("export", "")))
     if drv in ("null-co", "null-aio"):
         rest = {k: v for k, v in extra.items() if not (k == "size" and v == 1 << 30)}
@@ -282,8 +234,6 @@ def _as_json(node: BlockNode) -> Any:
 __all__ = [
     "CHILD_KEYS",
     "COMMON_KEYS",
-    "bool_opt",
-    "coerce",
     "deep_merge",
     "parse_filename",
     "probe_format",

@@ -1,8 +1,7 @@
-"""Read-only views of nodes: QEMU's ImageInfo/BlockDeviceInfo dicts and chain-wide block status.
+"""Read-only views of nodes: QEMU's ImageInfo/BlockDeviceInfo dicts.
 
-Used by the QMP query commands, ``blockmirror info``/``map`` and the mirror's sync=top/full
-initialisation. ``block_status_above`` and ``is_allocated_above`` walk a backing chain the way
-bdrv_co_common_block_status_above does (filters count as layers).
+Used by the QMP query commands and ``blockmirror info``/``map``. Block status over a backing
+chain is ``block/chain.py``'s.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ import os
 from typing import Any
 
 from blockmirror.block import threadio
-from blockmirror.block.driver import BlockStatus, Extent
 from blockmirror.block.graph import BlockGraph
 from blockmirror.block.node import BlockNode
 
@@ -165,7 +163,8 @@ async def block_device_info(node: BlockNode, *, flat: bool = False) -> dict[str,
         out["backing_file"] = info.backing_filename
     out.update(
         {
-            "backing_file_depth": backing_depth(node),
+            # QEMU counts the layers while it fills backing-image, which flat skips
+            "backing_file_depth": 0 if flat else backing_depth(node),
             "encrypted": False,
             "detect_zeroes": node.detect_zeroes,
             "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
@@ -178,6 +177,8 @@ async def block_device_info(node: BlockNode, *, flat: bool = False) -> dict[str,
             "image": await image_info(node, backing_image=not flat),
         }
     )
+    if len(node.bitmaps):
+        out["dirty-bitmaps"] = node.bitmaps.info()
     return out
 
 
@@ -187,85 +188,11 @@ async def query_named_block_nodes(graph: BlockGraph, *, flat: bool = False) -> l
     return [await block_device_info(n, flat=flat) for n in reversed(nodes)]
 
 
-# --- status over a backing chain -----------------------------------------------------------
-
-
-def _next_layer(node: BlockNode) -> BlockNode | None:
-    """cf. bdrv_filter_or_cow_bs: a filter's child, else the backing."""
-    return node.filtered_child() or node.backing
-
-
-async def block_status_above(
-    top: BlockNode,
-    base: BlockNode | None,
-    offset: int,
-    length: int,
-    *,
-    include_base: bool = False,
-) -> Extent:
-    """Status of the range as seen through ``top``, down to (excluding) ``base``.
-
-    ``depth`` of the result counts the layers queried (1 = top); cf.
-    bdrv_co_common_block_status_above.
-    """
-    if not include_base and top is base:
-        return Extent(length, BlockStatus.NONE, 0)
-    ext = await top.block_status(offset, length)
-    depth = 1
-    if ext.status & BlockStatus.ALLOCATED or top is base:
-        return Extent(ext.length, ext.status, depth, ext.map_offset, ext.map_node)
-    eof = offset + ext.length if ext.status & BlockStatus.EOF else None
-    n = min(length, ext.length)
-    result = ext
-    p = _next_layer(top)
-    while p is not None and (include_base or p is not base):
-        depth += 1
-        plen = p.length()
-        if offset >= plen:
-            # the layer is short: zeroes beyond its end count as allocated here
-            result = Extent(n, BlockStatus.ZERO | BlockStatus.ALLOCATED, depth)
-            break
-        pe = await p.block_status(offset, min(n, plen - offset))
-        if pe.status & BlockStatus.ALLOCATED:
-            result = Extent(pe.length, pe.status & ~BlockStatus.EOF, depth, pe.map_offset,
-                            pe.map_node)
-            break
-        result = pe
-        n = pe.length
-        if p is base:
-            break
-        p = _next_layer(p)
-    else:
-        result = Extent(n, result.status & ~BlockStatus.EOF, depth, result.map_offset,
-                        result.map_node)
-    status = result.status
-    if eof is not None and offset + result.length == eof:
-        status |= BlockStatus.EOF
-    return Extent(result.length, status, depth, result.map_offset, result.map_node)
-
-
-async def is_allocated_above(
-    top: BlockNode,
-    base_overlay: BlockNode | None,
-    include_base: bool,
-    offset: int,
-    length: int,
-) -> tuple[bool, int]:
-    """(allocated, bytes) for the range: allocated in any layer from ``top`` to ``base_overlay``.
-
-    cf. bdrv_co_is_allocated_above; the mirror's sync=top seeds its bitmap with it.
-    """
-    ext = await block_status_above(top, base_overlay, offset, length, include_base=include_base)
-    return bool(ext.status & BlockStatus.ALLOCATED), ext.length
-
-
 __all__ = [
     "allocated_size",
     "backing_depth",
     "block_device_info",
-    "block_status_above",
     "image_info",
-    "is_allocated_above",
     "node_dirname",
     "qemu_json",
     "qemu_key_order",

@@ -195,9 +195,132 @@ def _ioctl_u64_pair(fd: int, request: int, offset: int, length: int) -> None:
     fcntl.ioctl(fd, request, struct.pack("QQ", offset, length))
 
 
+def blk_zeroout_sync(fd: int, offset: int, length: int) -> None:
+    _ioctl_u64_pair(fd, BLKZEROOUT, offset, length)
+
+
+def seek_walk_sync(
+    fd: int, ranges: list[tuple[int, int]], granularity: int = 1
+) -> list[list[tuple[bool, int]]]:
+    """For each ``(offset, length)``, its data and hole runs as ``(is_data, length)`` pairs.
+
+    The SEEK_DATA/SEEK_HOLE walk of many ranges in one worker call (cf. find_allocation).
+    Without SEEK_DATA support everything is data, as file-posix assumes. With a
+    ``granularity`` (ranges start aligned to it), a unit that holds both data and a hole
+    counts as data and the walk moves on to the next unit: a caller that copies whole units
+    needs no finer answer, and a disk of 4 KiB extents needs no 4 KiB steps.
+    """
+    out: list[list[tuple[bool, int]]] = []
+    for offset, length in ranges:
+        runs: list[tuple[bool, int]] = []
+        pos, end = offset, offset + length
+        while pos < end:
+            try:
+                is_data, stop = _seek_extent(fd, pos)
+            except OSError:
+                is_data, stop = True, end
+            if stop <= pos:
+                stop = end  # past EOF: a trailing hole
+            stop = min(stop, end)
+            if stop - pos < granularity and stop < end:
+                # mixed unit: data, up to the next unit boundary
+                is_data = True
+                stop = min(end, pos + granularity - (pos - offset) % granularity)
+            elif stop < end and granularity > 1:
+                stop -= (stop - offset) % granularity
+            n = stop - pos
+            if runs and runs[-1][0] == is_data:
+                runs[-1] = (is_data, runs[-1][1] + n)
+            else:
+                runs.append((is_data, n))
+            pos = stop
+        out.append(runs)
+    return out
+
+
 def _blk_size(fd: int) -> int:
     buf = fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8)
     return int(struct.unpack("Q", buf)[0])
+
+
+# --- batches: many extents in one worker hop ------------------------------------------------
+
+#: per worker thread, the buffer a batched copy moves its extents through
+_copy_buf = threading.local()
+#: the largest piece one preadv/pwritev pair of a batched copy moves
+_COPY_PIECE = 1024 * 1024
+
+
+def _copy_buffer() -> memoryview:
+    buf: mmap.mmap | None = getattr(_copy_buf, "buf", None)
+    if buf is None:
+        # an anonymous mapping is page aligned, so it serves O_DIRECT files too
+        buf = aligned_buffer(_COPY_PIECE)
+        _copy_buf.buf = buf
+    return memoryview(buf)
+
+
+class BatchError(OSError):
+    """A batched copy failed; ``is_read`` says which side (and ``index`` which extent)."""
+
+    def __init__(self, err: OSError, is_read: bool, index: int) -> None:
+        super().__init__(err.errno or errno.EIO, err.strerror or os.strerror(errno.EIO))
+        self.is_read = is_read
+        self.index = index
+
+
+def copy_batch_sync(src_fd: int, dst_fd: int, plan: list[tuple[int, int, int]]) -> int:
+    """Copy every ``(src_offset, dst_offset, length)`` of ``plan``; returns bytes copied.
+
+    One worker call for the whole plan: the event loop pays one hand-off, not one per extent.
+    A source read short of ``length`` (EOF of a file that shrank) is padded with zeroes.
+    """
+    view = _copy_buffer()
+    total = 0
+    try:
+        for index, (src_off, dst_off, length) in enumerate(plan):
+            done = 0
+            while done < length:
+                n = min(length - done, _COPY_PIECE)
+                piece = view[:n]
+                try:
+                    got = os.preadv(src_fd, [piece], src_off + done)
+                except OSError as e:
+                    raise BatchError(e, True, index) from e
+                if got < n:
+                    piece[got:n] = bytes(n - got)
+                written = 0
+                try:
+                    while written < n:
+                        written += os.pwritev(dst_fd, [piece[written:n]], dst_off + done + written)
+                except OSError as e:
+                    raise BatchError(e, False, index) from e
+                piece.release()
+                done += n
+            total += length
+    finally:
+        view.release()
+    return total
+
+
+def read_batch_sync(fd: int, extents: list[tuple[int, int]], direct: bool) -> list[bytes]:
+    """Read every ``(offset, length)`` in one worker call (zero-padded at EOF)."""
+    out: list[bytes] = []
+    for index, (offset, length) in enumerate(extents):
+        try:
+            out.append(_pread_all(fd, offset, length, direct))
+        except OSError as e:
+            raise BatchError(e, True, index) from e
+    return out
+
+
+def write_batch_sync(fd: int, pieces: list[tuple[int, bytes | memoryview]], direct: bool) -> None:
+    """Write every ``(offset, data)`` in one worker call."""
+    for index, (offset, data) in enumerate(pieces):
+        try:
+            _pwrite_all(fd, offset, data, direct)
+        except OSError as e:
+            raise BatchError(e, False, index) from e
 
 
 # --- the async API --------------------------------------------------------------------------
@@ -260,10 +383,13 @@ __all__ = [
     "FALLOC_FL_KEEP_SIZE",
     "FALLOC_FL_PUNCH_HOLE",
     "FALLOC_FL_ZERO_RANGE",
+    "BatchError",
     "aligned_buffer",
     "blk_discard",
     "blk_size",
     "blk_zeroout",
+    "blk_zeroout_sync",
+    "copy_batch_sync",
     "executor",
     "fallocate",
     "fallocate_sync",
@@ -274,7 +400,10 @@ __all__ = [
     "pread",
     "punch_hole",
     "pwrite",
+    "read_batch_sync",
     "run",
     "seek_extent",
+    "seek_walk_sync",
+    "write_batch_sync",
     "zero_range",
 ]

@@ -16,26 +16,22 @@ import signal
 import socket
 import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from blockmirror import QEMU_COMPAT_PACKAGE, QEMU_COMPAT_VERSION
+from blockmirror.block.options import open_blockdev
+from blockmirror.cli.keyval import parse_option, split_qemuopts
+from blockmirror.daemon import Daemon
 from blockmirror.errors import BlockMirrorError
+from blockmirror.qapi import SchemaError, validate
+from blockmirror.qapi.qom import OBJECT_TYPES
+from blockmirror.qmp.commands import nbd as nbd_commands
 from blockmirror.unixsock import listen_unix
-
-if TYPE_CHECKING:
-    from blockmirror.daemon import Daemon
 
 #: long options that take an argument, as QSD's getopt table declares them
 _WITH_ARG = ("blockdev", "chardev", "export", "monitor", "nbd-server", "object", "pidfile",
              "trace")
 _NO_ARG = ("help", "version", "daemonize")
-
-OBJECT_TYPES = [
-    "authz-list", "authz-list-file", "authz-simple", "iothread", "main-loop",
-    "pr-manager-helper", "secret", "secret_keyring", "thread-context", "throttle-group",
-    "tls-cipher-suites", "tls-creds-anon", "tls-creds-psk", "tls-creds-x509",
-]
-
 
 class UsageError(Exception):
     """A getopt-level error (the message is printed after "<prog>: ")."""
@@ -167,10 +163,8 @@ class _State:
 
 def _qemuopts(text: str, implied: str) -> dict[str, str]:
     """QemuOpts syntax for --chardev: "backend,key=value,flag" (",," escapes a comma)."""
-    from blockmirror.cli.keyval import _split
-
     out: dict[str, str] = {}
-    for n, item in enumerate(_split(text)):
+    for n, item in enumerate(split_qemuopts(text)):
         if not item:
             continue
         key, eq, val = item.partition("=")
@@ -266,62 +260,8 @@ async def _open_chardev(st: _State, text: str) -> None:
         chardev.first_client = conn
 
 
-def _declare_cli_types(with_commands: bool) -> None:
-    """Schema types of the command-line options that no QMP command declares.
-
-    Declared only after the command modules when those may declare them too (an NBD module
-    declaring BlockExportOptions wins; declaring a type twice differently is an error).
-    """
-    from blockmirror.qmp.schema import TYPES, TypeRef, enum, struct, union
-
-    if "MonitorOptions" not in TYPES:
-        enum("MonitorMode", ["readline", "control"])
-        struct("MonitorOptions", {"*id": "str", "*mode": "MonitorMode", "*pretty": "bool",
-                                  "chardev": "str"})
-    if not with_commands:
-        return
-    if "NbdServerOptions" not in TYPES:
-        struct("NbdServerOptions", {"addr": "SocketAddress", "*tls-creds": "str",
-                                    "*tls-authz": "str", "*max-connections": "uint32"})
-    if "BlockExportOptions" not in TYPES:
-        enum("BlockExportType", ["nbd", "vhost-user-blk", "fuse", "vduse-blk"])
-        struct("BlockExportOptionsNbd", {"*name": "str", "*description": "str",
-                                         "*bitmaps": ["str"], "*allocation-depth": "bool"})
-        union("BlockExportOptions", {
-            "type": "BlockExportType", "id": "str", "*fixed-iothread": "bool",
-            "*iothread": "str", "node-name": "str", "*writable": "bool",
-            "*writethrough": "bool",
-        }, "type", {"nbd": "BlockExportOptionsNbd"})
-    if "ObjectOptions" not in TYPES:
-        enum("ObjectType", OBJECT_TYPES)
-        enum("QCryptoTLSCredsEndpoint", ["client", "server"])
-        enum("QCryptoSecretFormat", ["raw", "base64"])
-        struct("IothreadProperties", {
-            "*poll-max-ns": "int", "*poll-grow": "int", "*poll-shrink": "int",
-            "*aio-max-batch": "int", "*thread-pool-min": "int", "*thread-pool-max": "int"})
-        tls: dict[str, TypeRef] = {"*verify-peer": "bool", "*dir": "str",
-                                   "*endpoint": "QCryptoTLSCredsEndpoint", "*priority": "str"}
-        struct("TlsCredsX509Properties", {**tls, "*sanity-check": "bool", "*passwordid": "str"})
-        struct("TlsCredsPskProperties", {**tls, "*username": "str"})
-        struct("TlsCredsAnonProperties", tls)
-        struct("SecretProperties", {"*data": "str", "*file": "str",
-                                    "*format": "QCryptoSecretFormat", "*keyid": "str",
-                                    "*iv": "str"})
-        union("ObjectOptions", {"qom-type": "ObjectType", "id": "str"}, "qom-type", {
-            "iothread": "IothreadProperties", "tls-creds-x509": "TlsCredsX509Properties",
-            "tls-creds-psk": "TlsCredsPskProperties", "tls-creds-anon": "TlsCredsAnonProperties",
-            "secret": "SecretProperties",
-        })
-
-
 def _validated(type_name: str, text: str, implied: str | None) -> dict[str, Any]:
-    from blockmirror.cli.keyval import parse_option
-    from blockmirror.qmp.registry import load_commands
-    from blockmirror.qmp.schema import SchemaError, validate
-
-    if type_name != "MonitorOptions":  # the only type not needing the block layer's schema
-        load_commands()  # the command modules declare the schema types used below
-    _declare_cli_types(with_commands=type_name != "MonitorOptions")
+    """Parse an option argument (keyval or JSON) and validate it against the schema type."""
     raw = parse_option(text, implied)
     try:
         out = validate(type_name, raw, None, "", keyval=not text.startswith("{"))
@@ -344,24 +284,11 @@ def _trace_pattern(value: str) -> str:
         ("" if "=" in first else first)
 
 
-def _nbd_function(name: str) -> Any:
-    """A function of the NBD server module (export/nbd_server.py), imported on first use."""
-    import importlib
-
-    try:
-        mod = importlib.import_module("blockmirror.export.nbd_server")
-    except ImportError as e:
-        raise OptionError(f"NBD server support is not available: {e}") from e
-    return getattr(mod, name)
-
-
 async def _apply(st: _State, opt: str, value: str) -> None:
     d = st.daemon
     if opt == "blockdev":
-        from blockmirror.block.options import open_blockdev
-
         opts = _validated("BlockdevOptions", value, "driver")
-        await open_blockdev(d.graph, opts)
+        await open_blockdev(d.graph, opts, validated=True)
     elif opt == "chardev":
         await _open_chardev(st, value)
     elif opt == "monitor":
@@ -385,10 +312,10 @@ async def _apply(st: _State, opt: str, value: str) -> None:
         opts = _validated("NbdServerOptions", value, None)
         args = dict(opts)
         args["addr"] = _legacy_socket_address(opts["addr"])
-        await _nbd_function("nbd_server_start")(d, args)
+        await nbd_commands.nbd_server_start(d, args)
     elif opt == "export":
         opts = _validated("BlockExportOptions", value, "type")
-        await _nbd_function("block_export_add")(d, opts)
+        await nbd_commands.block_export_add(d, opts)
     elif opt == "object":
         if value == "help":
             print("List of user creatable objects:")
@@ -407,8 +334,6 @@ async def _apply(st: _State, opt: str, value: str) -> None:
 
 
 async def _main(prog: str, opts: list[tuple[str, str | None]], ready_fd: int | None) -> int:
-    from blockmirror.daemon import Daemon
-
     daemon = Daemon()
     st = _State(prog, daemon)
     loop = asyncio.get_running_loop()

@@ -13,13 +13,15 @@ from __future__ import annotations
 from typing import Any
 
 from blockmirror.errors import BlockMirrorError
+from blockmirror.qapi.qdict import qdict_order
+from blockmirror.qmp.message import JSONParseError, JSONStreamer
 
 
 class KeyvalError(BlockMirrorError):
     """A malformed option string."""
 
 
-def _split(text: str) -> list[str]:
+def split_qemuopts(text: str) -> list[str]:
     """Split on single commas; ",," stands for a literal comma (QemuOpts, --chardev)."""
     parts: list[str] = []
     cur: list[str] = []
@@ -141,8 +143,6 @@ def parse_keyval(text: str, implied: str | None = None) -> dict[str, Any]:
 
 def _listify(cur: dict[str, Any], path: str) -> Any:
     """cf. keyval_listify: dicts whose keys are all indexes become lists (QDict order)."""
-    from blockmirror.qmp.message import qdict_order
-
     has_index = has_member = False
     for key in qdict_order(list(cur)):
         if key[:1].isdigit() and key.isdigit():
@@ -171,8 +171,6 @@ def parse_option(text: str, implied: str | None = None) -> dict[str, Any]:
         KeyvalError: keyval errors, or QEMU's JSON parse errors for the JSON form.
     """
     if text.startswith("{"):
-        from blockmirror.qmp.message import JSONParseError, JSONStreamer
-
         streamer = JSONStreamer()
         results = streamer.feed(text.encode("utf-8", "surrogateescape"))
         if not results:
@@ -186,4 +184,4 @@ def parse_option(text: str, implied: str | None = None) -> dict[str, Any]:
     return parse_keyval(text, implied)
 
 
-__all__ = ["KeyvalError", "parse_keyval", "parse_option"]
+__all__ = ["KeyvalError", "parse_keyval", "parse_option", "split_qemuopts"]

@@ -24,6 +24,7 @@ from typing import Any
 
 from blockmirror.block.create import parse_size
 from blockmirror.block.node import BlockBackend, BlockNode, Perm
+from blockmirror.block.options import close_node, open_image
 from blockmirror.cli.progress import (
     DisplayMode,
     Phase,
@@ -38,8 +39,9 @@ from blockmirror.cli.progress import (
 from blockmirror.daemon import Daemon
 from blockmirror.errors import BlockMirrorError
 from blockmirror.jobs.job import Job
+from blockmirror.qapi import SchemaError, validate_command_args
+from blockmirror.qapi import checks as schema_checks
 from blockmirror.qmp.registry import Args, CommandContext, load_commands
-from blockmirror.qmp.schema import SchemaError, validate_command_args
 
 #: exit statuses (documented in --help and docs/cli.md)
 EXIT_OK = 0
@@ -184,7 +186,10 @@ async def execute(daemon: Daemon, name: str, arguments: dict[str, Any]) -> Any:
         args = validate_command_args(cmd.args, dict(arguments))
     except SchemaError as e:
         raise BlockMirrorError(e.desc) from e
-    return await cmd.handler(CommandContext(daemon), Args(args))
+    ret = await cmd.handler(CommandContext(daemon), Args(args, cmd.defaults))
+    if schema_checks.enabled():
+        schema_checks.check_return(name, ret)
+    return ret
 
 
 class CliDaemon(Daemon):
@@ -379,8 +384,6 @@ def mirror_arguments(opts: argparse.Namespace) -> dict[str, Any]:
 async def open_source(daemon: Daemon, filename: str, fmt: str | None,
                       warn: Callable[[str], None]) -> BlockBackend:
     """Open the source read-write behind the ``drive0`` BlockBackend (the guest's device)."""
-    from blockmirror.block.options import close_node, open_image
-
     graph = daemon.graph
     node = await open_image(graph, filename, fmt, read_only=False, node_name=SOURCE_NODE,
                             warn=warn)

@@ -21,14 +21,24 @@ import logging
 import os
 import ssl
 import stat
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from blockmirror.block.driver import BlockStatus, Extent
-from blockmirror.block.graph import id_wellformed
+from blockmirror.block.bitmaps import NamedBitmap, release_export_bitmaps
+from blockmirror.block.chain import block_status_above
+from blockmirror.block.driver import BlockStatus
+from blockmirror.block.graph import BlockGraph
 from blockmirror.block.node import BlockBackend, BlockNode, Perm
 from blockmirror.errors import BlockIOError, BlockMirrorError
+from blockmirror.events import EventBus
+from blockmirror.export.nbd_meta import (
+    MAX_CONTEXT_EXTENTS,
+    allocation_depth_extents,
+    bitmap_extents,
+)
 from blockmirror.nbd.constants import (
-    NBD_MAX_STRING_SIZE,
+    NBD_META_ID_ALLOCATION_DEPTH,
+    NBD_META_ID_BASE_ALLOCATION,
+    NBD_META_ID_DIRTY_BITMAP,
     Cmd,
     CmdFlag,
     ReplyType,
@@ -43,7 +53,7 @@ from blockmirror.nbd.handshake import (
     ServerHandshake,
     StartTLS,
 )
-from blockmirror.nbd.tls import cleartext_pending, server_context
+from blockmirror.nbd.tls import cleartext_pending
 from blockmirror.nbd.transmission import (
     BadRequest,
     Request,
@@ -58,9 +68,6 @@ from blockmirror.nbd.transmission import (
 )
 from blockmirror.nbd.wire import NBDProtocolError
 from blockmirror.unixsock import bind_unix
-
-if TYPE_CHECKING:
-    from blockmirror.daemon import Daemon
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +100,10 @@ class NbdExport:
         #: False once deletion was requested (query-block-exports' shutting-down)
         self.user_owned = True
         self.clients: set[_Client] = set()
+        #: served as qemu:dirty-bitmap:NAME (held busy while exported), and whether
+        #: qemu:allocation-depth is served (block-export-add bitmaps / allocation-depth)
+        self.bitmaps: list[NamedBitmap] = []
+        self.allocation_depth = False
 
     @property
     def node(self) -> BlockNode:
@@ -112,16 +123,19 @@ class NbdExport:
             flags |= TransmissionFlag.READ_ONLY
         node = self.node
         return ExportInfo(self.name, node.length(), flags, self.description,
-                          min_block=max(1, node.driver.request_alignment))
+                          min_block=max(1, node.driver.request_alignment),
+                          allocation_depth=self.allocation_depth,
+                          bitmaps=tuple(b.name for b in self.bitmaps))
 
 
 class NbdServer:
     """The daemon's NBD server (one per daemon, ``daemon.nbd``)."""
 
-    def __init__(self, daemon: Daemon, *, tls: ssl.SSLContext | None = None,
+    def __init__(self, graph: BlockGraph, events: EventBus, *, tls: ssl.SSLContext | None = None,
                  tls_creds: str | None = None, tls_authz: str | None = None,
                  max_connections: int = 0, handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
-        self.daemon = daemon
+        self.graph = graph
+        self.events = events
         self.tls = tls
         self.tls_creds = tls_creds
         self.tls_authz = tls_authz
@@ -214,8 +228,8 @@ class NbdServer:
                    writable: bool) -> NbdExport:
         perm = Perm.CONSISTENT_READ | (Perm.WRITE if writable else Perm.NONE)
         blk = BlockBackend("", "a block device", perm, Perm.all() & ~Perm.RESIZE)
-        self.daemon.graph.attach(blk, node, "root", perm, blk.shared)
-        self.daemon.graph.add_backend(blk)
+        self.graph.attach(blk, node, "root", perm, blk.shared)
+        self.graph.add_backend(blk)
         exp = NbdExport(export_id, name, description, writable, blk)
         self.exports[export_id] = exp
         return exp
@@ -243,12 +257,13 @@ class NbdServer:
         while exp.clients:
             await asyncio.gather(*(c.done.wait() for c in list(exp.clients)))
         self.exports.pop(exp.id, None)
+        release_export_bitmaps(exp.bitmaps)
         node = exp.blk.node
         if node is not None:
             with contextlib.suppress(BlockMirrorError):
                 await node.drain()
-        self.daemon.graph.remove_backend(exp.blk)
-        self.daemon.events.emit("BLOCK_EXPORT_DELETED", {"id": exp.id})
+        self.graph.remove_backend(exp.blk)
+        self.events.emit("BLOCK_EXPORT_DELETED", {"id": exp.id})
 
     # --- clients ------------------------------------------------------------------------------
 
@@ -459,7 +474,7 @@ class _Client:
         else:
             off, end = req.offset, req.offset + req.length
             while off < end:
-                ext = await status_above(node, off, end - off)
+                ext = await block_status_above(node, None, off, end - off)
                 n = min(ext.length, end - off)
                 if ext.status & BlockStatus.ZERO:
                     pieces.append((off, n, None))
@@ -487,7 +502,7 @@ class _Client:
         extents: list[tuple[int, int]] = []
         off, end = req.offset, req.offset + req.length
         while off < end and len(extents) < MAX_EXTENTS:
-            ext = await status_above(node, off, end - off)
+            ext = await block_status_above(node, None, off, end - off)
             n = min(ext.length, end - off)
             flags = (0 if ext.status & BlockStatus.DATA else StateFlag.HOLE) | (
                 StateFlag.ZERO if ext.status & BlockStatus.ZERO else 0)
@@ -499,8 +514,24 @@ class _Client:
                 extents.append((n, int(flags)))
             off += n
         ids = sorted(self.contexts)
-        await self._send(*(encode_block_status(req.cookie, cid, extents, done=i == len(ids) - 1)
-                           for i, cid in enumerate(ids)))
+        replies = []
+        for i, cid in enumerate(ids):
+            per_context = extents
+            if cid != NBD_META_ID_BASE_ALLOCATION:
+                per_context = await self._qemu_context_extents(node, cid, req)
+            replies.append(encode_block_status(req.cookie, cid, per_context,
+                                               done=i == len(ids) - 1))
+        await self._send(*replies)
+
+    async def _qemu_context_extents(self, node: BlockNode, context_id: int,
+                                    req: Request) -> list[tuple[int, int]]:
+        """Extents of qemu:allocation-depth or qemu:dirty-bitmap:NAME (export/nbd_meta.py)."""
+        limit = 1 if req.flags & CmdFlag.REQ_ONE else MAX_CONTEXT_EXTENTS
+        if context_id == NBD_META_ID_ALLOCATION_DEPTH:
+            return await allocation_depth_extents(node, req.offset, req.length, limit)
+        assert self.export is not None
+        named = self.export.bitmaps[context_id - NBD_META_ID_DIRTY_BITMAP]
+        return bitmap_extents(named, req.offset, req.length, limit)
 
     async def _send_error(self, cookie: int, err: int, message: str) -> None:
         wire = errno_to_wire(err)
@@ -517,27 +548,6 @@ class _Client:
             await self.writer.drain()
 
 
-async def status_above(node: BlockNode, offset: int, length: int) -> Extent:
-    """Block status through the backing chain (cf. bdrv_block_status_above).
-
-    Ranges a layer does not allocate are asked of its backing; past the end of a shorter
-    backing they read as zeroes.
-    """
-    current: BlockNode | None = node
-    depth = 0
-    while current is not None:
-        size = current.length()
-        if offset >= size:
-            return Extent(length, BlockStatus.ZERO, depth)
-        ext = await current.block_status(offset, min(length, size - offset))
-        if ext.status & BlockStatus.ALLOCATED or current.backing is None:
-            return Extent(ext.length, ext.status, depth, ext.map_offset, ext.map_node)
-        length = ext.length
-        current = current.backing
-        depth += 1
-    return Extent(length, BlockStatus.ZERO, depth)
-
-
 def _is_socket(path: str) -> bool:
     try:
         return stat.S_ISSOCK(os.stat(path).st_mode)
@@ -545,131 +555,4 @@ def _is_socket(path: str) -> bool:
         return False
 
 
-# --- QMP entry points (also used by --nbd-server / --export) -------------------------------------
-
-
-def _flat_address(addr: dict[str, Any]) -> dict[str, Any]:
-    """Legacy {"type":..,"data":{..}} or flat {"type":..,..} SocketAddress -> flat."""
-    if "data" in addr and isinstance(addr["data"], dict):
-        return {"type": addr.get("type"), **addr["data"]}
-    return dict(addr)
-
-
-async def nbd_server_start(daemon: Daemon, args: dict[str, Any]) -> None:
-    """nbd-server-start (cf. nbd_server_start in blockdev-nbd.c)."""
-    if daemon.nbd is not None:
-        raise BlockMirrorError("NBD server already running")
-    addr = _flat_address(dict(args["addr"]))
-    tls_creds = args.get("tls-creds")
-    tls = server_context(daemon.objects, str(tls_creds)) if tls_creds else None
-    max_conn = int(args.get("max-connections", 0) or 0)
-    server = NbdServer(daemon, tls=tls, tls_creds=tls_creds, tls_authz=args.get("tls-authz"),
-                       max_connections=max_conn)
-    await server.listen(addr)
-    daemon.nbd = server
-
-
-async def nbd_server_stop(daemon: Daemon) -> None:
-    if daemon.nbd is None:
-        raise BlockMirrorError("NBD server not running")
-    server, daemon.nbd = daemon.nbd, None
-    await server.stop()
-
-
-def _truthy(value: Any) -> bool:
-    if isinstance(value, str):
-        return value.lower() in ("on", "yes", "true", "1")
-    return bool(value)
-
-
-def _find_node(daemon: Daemon, node_name: str) -> BlockNode:
-    node = daemon.graph.find_node(node_name)
-    if node is None:
-        raise BlockMirrorError(f"Cannot find device='' nor node-name='{node_name}'")
-    return node
-
-
-async def block_export_add(daemon: Daemon, args: dict[str, Any]) -> None:
-    """block-export-add for type nbd (cf. blk_exp_add + nbd_export_create)."""
-    export_id = str(args["id"])
-    if not id_wellformed(export_id):
-        raise BlockMirrorError("Invalid block export id")
-    server = daemon.nbd
-    if server is not None and export_id in server.exports:
-        raise BlockMirrorError(f"Block export id '{export_id}' is already in use")
-    if args.get("type", "nbd") != "nbd":
-        raise BlockMirrorError("No driver found for the requested export type")
-    node_name = str(args["node-name"])
-    node = _find_node(daemon, node_name)
-    writable = _truthy(args.get("writable", False))
-    if writable and node.read_only:
-        raise BlockMirrorError("Cannot export read-only node as writable")
-    if server is None:
-        raise BlockMirrorError("NBD server not running")
-    name = str(args.get("name") or node_name)
-    description = str(args.get("description") or "")
-    if len(name.encode()) > NBD_MAX_STRING_SIZE:
-        raise BlockMirrorError(f"export name '{name}' too long")
-    if len(description.encode()) > NBD_MAX_STRING_SIZE:
-        raise BlockMirrorError(f"description '{description}' too long")
-    if server.export_by_name(name) is not None:
-        raise BlockMirrorError(f"NBD server already has export named '{name}'")
-    if args.get("bitmaps") or args.get("bitmap"):
-        bitmap = (args.get("bitmaps") or [args.get("bitmap")])[0]
-        raise BlockMirrorError(f"Bitmap '{bitmap}' is not found")
-    server.add_export(export_id, node, name=name, description=description, writable=writable)
-
-
-async def nbd_server_add(daemon: Daemon, args: dict[str, Any]) -> None:
-    """The deprecated nbd-server-add: a block export whose id is the export name."""
-    device = str(args["device"])
-    node = daemon.graph.lookup(device, device)
-    name = str(args.get("name") or device)
-    writable = _truthy(args.get("writable", False)) and not node.read_only
-    opts: dict[str, Any] = {"type": "nbd", "id": name, "node-name": node.name, "name": name,
-                            "writable": writable}
-    if "description" in args:
-        opts["description"] = args["description"]
-    if "bitmap" in args:
-        opts["bitmap"] = args["bitmap"]
-    await block_export_add(daemon, opts)
-
-
-async def block_export_del(daemon: Daemon, export_id: str, mode: str = "safe") -> None:
-    server = daemon.nbd
-    exp = server.exports.get(export_id) if server is not None else None
-    if server is None or exp is None:
-        raise BlockMirrorError(f"Export '{export_id}' is not found")
-    if not exp.user_owned:
-        raise BlockMirrorError(f"Export '{export_id}' is already shutting down")
-    if mode == "safe" and exp.clients:
-        err = BlockMirrorError(f"export '{export_id}' still in use")
-        err.hint = "Use mode='hard' to force client disconnect"
-        raise err
-    await server.request_shutdown(exp, hard=mode == "hard")
-
-
-def query_block_exports(daemon: Daemon) -> list[dict[str, Any]]:
-    server = daemon.nbd
-    if server is None:
-        return []
-    out = []
-    # newest first, like QEMU's list of block exports (QLIST_INSERT_HEAD)
-    for exp in reversed(server.exports.values()):
-        node = exp.blk.node
-        out.append({"id": exp.id, "type": "nbd", "node-name": node.name if node else "",
-                    "shutting-down": not exp.user_owned})
-    return out
-
-
-__all__ = [
-    "NbdExport",
-    "NbdServer",
-    "block_export_add",
-    "block_export_del",
-    "nbd_server_add",
-    "nbd_server_start",
-    "nbd_server_stop",
-    "query_block_exports",
-    "status_above",
-]
+__all__ = ["NbdExport", "NbdServer"]

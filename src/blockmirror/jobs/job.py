@@ -54,8 +54,8 @@ class Job:
         speed: int = 0,
     ) -> None:
         self.manager = manager
-        self.daemon = manager.daemon
-        self.clock = self.daemon.clock
+        self.events = manager.events
+        self.clock = manager.clock
         self.id = job_id
         self.status = S.UNDEFINED
         self.auto_finalize = auto_finalize
@@ -82,6 +82,8 @@ class Job:
         self._timer_pending = False
         self._awaiting_finalize = False
         self._finished = asyncio.Event()
+        #: set whenever the task stops at a pause point or finishes its run
+        self._quiet = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._transition(S.CREATED)
 
@@ -95,7 +97,7 @@ class Job:
         self.status = new
         log.debug("job %s: %s -> %s", self.id, old.value, new.value)
         if old != new and self.id:
-            self.daemon.events.emit("JOB_STATUS_CHANGE", {"id": self.id, "status": new.value})
+            self.events.emit("JOB_STATUS_CHANGE", {"id": self.id, "status": new.value})
 
     def apply_verb(self, verb: JobVerb) -> None:
         """Raise QEMU's GenericError if ``verb`` is not accepted now (cf. job_apply_verb)."""
@@ -153,6 +155,7 @@ class Job:
             self._record_error(-errno.EIO, f"{type(e).__name__}: {e}")
         self.busy = False
         self.deferred = True
+        self._quiet.set()
         await self._completed()
 
     async def run(self) -> None:
@@ -200,9 +203,11 @@ class Job:
             status = self.status
             self._transition(S.STANDBY if status == S.READY else S.PAUSED)
             self.paused = True
+            self._quiet.set()
             while self._should_pause() and not self.is_cancelled:
                 await self._yield(None)
             self.paused = False
+            self._quiet.clear()
             self._transition(status)
         await self.on_resume()
 
@@ -227,7 +232,7 @@ class Job:
         """cf. job_transition_to_ready: once, with BLOCK_JOB_READY after the status change."""
         self._transition(S.READY)
         if self.is_block_job:
-            self.daemon.events.emit("BLOCK_JOB_READY", self._event_data())
+            self.events.emit("BLOCK_JOB_READY", self._event_data())
 
     # --- pause / resume ---------------------------------------------------------------------
 
@@ -364,7 +369,7 @@ class Job:
         self._transition(S.PENDING)
         if not self.auto_finalize:
             if self.is_block_job:
-                self.daemon.events.emit("BLOCK_JOB_PENDING", {"type": self.job_type,
+                self.events.emit("BLOCK_JOB_PENDING", {"type": self.job_type,
                                                               "id": self.id})
             self._awaiting_finalize = True
             return
@@ -405,11 +410,11 @@ class Job:
             return
         data = self._event_data()
         if self.is_cancelled:
-            self.daemon.events.emit("BLOCK_JOB_CANCELLED", data)
+            self.events.emit("BLOCK_JOB_CANCELLED", data)
             return
         if self.error is not None:
             data["error"] = self.error
-        self.daemon.events.emit("BLOCK_JOB_COMPLETED", data)
+        self.events.emit("BLOCK_JOB_COMPLETED", data)
 
     def _conclude(self) -> None:
         self._transition(S.CONCLUDED)
@@ -426,6 +431,10 @@ class Job:
         """Drop a job whose setup failed after creation (JOB_STATUS_CHANGE null)."""
         assert not self.started
         self._do_dismiss()
+
+    async def wait_quiet(self) -> None:
+        """Until the task is stopped at a pause point or its run has ended (drains)."""
+        await self._quiet.wait()
 
     async def wait_finished(self) -> None:
         """Until the job is CONCLUDED (or gone)."""

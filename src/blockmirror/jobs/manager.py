@@ -16,15 +16,21 @@ from blockmirror.block.graph import id_wellformed
 from blockmirror.errors import BlockMirrorError, DeviceNotActive
 
 if TYPE_CHECKING:
-    from blockmirror.daemon import Daemon
+    from blockmirror.block.graph import BlockGraph
+    from blockmirror.events import EventBus
+    from blockmirror.jobs.clock import Clock
     from blockmirror.jobs.job import Job
 
 log = logging.getLogger(__name__)
 
 
 class JobManager:
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
+    """Also the context every job gets: the event bus, the clock and the block graph."""
+
+    def __init__(self, events: EventBus, clock: Clock, graph: BlockGraph) -> None:
+        self.events = events
+        self.clock = clock
+        self.graph = graph
         #: live jobs by id, in creation order (query order)
         self.jobs: dict[str, Job] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -104,10 +110,12 @@ class JobManager:
                 job.pause()
         # let running jobs reach their pause point, as a drain would (bounded: a job stuck in
         # I/O is cancelled without having paused)
-        for _ in range(1000):
-            if not any(j.started and not j.deferred and not j.paused for j in jobs):
-                break
-            await asyncio.sleep(0.001)
+        running = [j for j in jobs if j.started and not j.deferred and not j.paused]
+        if running:
+            waits = [asyncio.ensure_future(j.wait_quiet()) for j in running]
+            _done, pending = await asyncio.wait(waits, timeout=1.0)
+            for w in pending:
+                w.cancel()
         for job in jobs:
             if job.status.value == "null":
                 continue

@@ -8,39 +8,8 @@ else is refused with QEMU's text by ``verb_error()``.
 
 from __future__ import annotations
 
-from enum import StrEnum
-
 from blockmirror.errors import BlockMirrorError
-
-
-class JobStatus(StrEnum):
-    """cf. qapi/job.json JobStatus; ``.value`` is the wire string."""
-
-    UNDEFINED = "undefined"  #: not created yet (never reported)
-    CREATED = "created"  #: exists, not started
-    RUNNING = "running"  #: working
-    PAUSED = "paused"  #: stopped at a pause point before READY
-    READY = "ready"  #: in sync, waiting for complete/cancel
-    STANDBY = "standby"  #: stopped at a pause point while READY
-    WAITING = "waiting"  #: finished its work, waiting for its transaction
-    PENDING = "pending"  #: waiting for finalize (auto or job-finalize)
-    ABORTING = "aborting"  #: failed or cancelled, rolling back
-    CONCLUDED = "concluded"  #: finished, waiting for dismiss
-    NULL = "null"  #: gone
-
-
-class JobVerb(StrEnum):
-    """cf. qapi/job.json JobVerb."""
-
-    CANCEL = "cancel"
-    PAUSE = "pause"
-    RESUME = "resume"
-    SET_SPEED = "set-speed"
-    COMPLETE = "complete"
-    FINALIZE = "finalize"
-    DISMISS = "dismiss"
-    CHANGE = "change"
-
+from blockmirror.qapi.job import JobStatus, JobVerb  # the schema's enums (qapi/job.json)
 
 S = JobStatus
 

@@ -14,6 +14,7 @@ import ssl
 from typing import Any
 
 from blockmirror.errors import BlockMirrorError
+from blockmirror.objects import ObjectLookup
 
 TLS_TYPES = ("tls-creds-x509", "tls-creds-psk", "tls-creds-anon")
 
@@ -27,7 +28,7 @@ def _truthy(value: Any, default: bool) -> bool:
 
 
 def find_creds(
-    objects: dict[str, tuple[str, dict[str, Any]]], creds_id: str, endpoint: str
+    objects: ObjectLookup, creds_id: str, endpoint: str
 ) -> tuple[str, dict[str, Any]]:
     """Look a credentials object up, with QEMU's texts (cf. nbd_get_tls_creds)."""
     obj = objects.get(creds_id)
@@ -60,7 +61,7 @@ def _file(directory: str, name: str, creds_id: str, required: bool = True) -> st
     return None
 
 
-def server_context(objects: dict[str, tuple[str, dict[str, Any]]], creds_id: str) -> ssl.SSLContext:
+def server_context(objects: ObjectLookup, creds_id: str) -> ssl.SSLContext:
     qom_type, props = find_creds(objects, creds_id, "server")
     _require_psk_support(qom_type)
     directory = str(props.get("dir", ""))
@@ -77,7 +78,7 @@ def server_context(objects: dict[str, tuple[str, dict[str, Any]]], creds_id: str
 
 
 def client_context(
-    objects: dict[str, tuple[str, dict[str, Any]]], creds_id: str, hostname: str | None
+    objects: ObjectLookup, creds_id: str, hostname: str | None
 ) -> ssl.SSLContext:
     """A client context; ``hostname`` is checked against the certificate (None: unix socket)."""
     qom_type, props = find_creds(objects, creds_id, "client")

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
+from blockmirror.qapi.qdict import qdict_order
+
 MAX_TOKEN_SIZE = 64 << 20
 MAX_TOKEN_COUNT = 2 << 20
 MAX_NESTING = 1 << 10
@@ -580,22 +582,6 @@ def _parse_string(text: bytes) -> str:
 
 
 # -- printer -------------------------------------------------------------------------------
-
-def _tdb_hash(key: str) -> int:
-    # QDict's bucket hash (gdbm's, via tdb), computed on the UTF-8 bytes in 32-bit arithmetic.
-    data = key.encode("utf-8", "surrogatepass")
-    value = (0x238F13AF * len(data)) & 0xFFFFFFFF
-    for i, b in enumerate(data):
-        value = (value + (b << (i * 5 % 24))) & 0xFFFFFFFF
-    return (1103515243 * value + 12345) & 0xFFFFFFFF
-
-
-def qdict_order(keys: list[str]) -> list[str]:
-    """The order QEMU iterates a QDict filled with ``keys`` in this insertion order."""
-    indexed = [(_tdb_hash(k) % 512, -n, k) for n, k in enumerate(keys)]
-    indexed.sort()
-    return [k for _, _, k in indexed]
-
 
 _ESCAPED = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n",
             "\r": "\\r", "\t": "\\t"}

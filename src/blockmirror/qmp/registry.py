@@ -1,32 +1,71 @@
-"""The command registry: every QMP command is declared once, with its argument schema.
+"""The command registry: a handler for each command the schema (``blockmirror.qapi``) declares.
 
-    @command("block-job-cancel", {"device": "str", "*force": "bool"})
+    @command("block-job-cancel")
     async def block_job_cancel(ctx: CommandContext, args: Args) -> None: ...
 
-The dispatcher validates arguments against the declaration before calling the handler (QEMU's
-texts for missing, unexpected and mistyped members), so handlers only read ``args``. A handler
-returns the ``return`` value (None becomes ``{}``) or raises a ``BlockMirrorError``. Command
-modules live in ``qmp/commands/`` and are imported by ``load_commands()``.
+Arguments, return type and documentation are declared in the schema, never here. The session
+validates arguments against the declaration before the handler runs (QEMU's texts for
+missing, unexpected and mistyped members), so handlers only read ``args``; an absent optional
+argument reads as its declared default. A handler returns the ``return`` value (None becomes
+``{}``) or raises a ``BlockMirrorError``. Command modules live in ``qmp/commands/`` and are
+imported by ``load_commands()``, which checks that every declared command has a handler.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from blockmirror.qmp.schema import TypeRef
+from blockmirror.block.graph import BlockGraph
+from blockmirror.events import EventBus
+from blockmirror.export.nbd_server import NbdServer
+from blockmirror.jobs.manager import JobManager
+from blockmirror.objects import ObjectLookup
+from blockmirror.qapi import COMMANDS as DECLARED
+from blockmirror.qapi import ArgsRef, TypeRef
 
-if TYPE_CHECKING:
-    from blockmirror.daemon import Daemon
+
+class DaemonAPI(Protocol):
+    """What the QMP layer uses of the daemon that serves it (``daemon.Daemon`` is one).
+
+    The daemon sits above the QMP layer, so commands see it through this interface.
+    """
+
+    graph: BlockGraph
+    jobs: JobManager
+    events: EventBus
+    nbd: NbdServer | None
+    quit_requested: asyncio.Event
+
+    @property
+    def objects(self) -> ObjectLookup: ...
+
+    def print_stdout(self, line: str) -> None: ...
+
+    async def shutdown(self) -> None: ...
 
 
 class Args(Mapping[str, Any]):
     """Validated arguments with typed accessors; absent optional members are simply absent."""
 
-    def __init__(self, values: Mapping[str, Any]) -> None:
+    def __init__(self, values: Mapping[str, Any],
+                 defaults: Mapping[str, Any] | None = None) -> None:
         self._v = dict(values)
+        #: the declared values of absent optional arguments (the typed getters use them)
+        self._defaults = dict(defaults or {})
+
+    @classmethod
+    def of(cls, command_name: str, values: Mapping[str, Any]) -> Args:
+        """Validated arguments of a declared command, with its declared defaults."""
+        return cls(values, DECLARED[command_name].defaults)
+
+    def _get(self, key: str, default: Any) -> Any:
+        if key in self._v:
+            return self._v[key]
+        return default if default is not None else self._defaults.get(key)
 
     def __getitem__(self, key: str) -> Any:
         return self._v[key]
@@ -38,7 +77,7 @@ class Args(Mapping[str, Any]):
         return len(self._v)
 
     def get_str(self, key: str, default: str | None = None) -> str:
-        v = self._v.get(key, default)
+        v = self._get(key, default)
         assert isinstance(v, str), key
         return v
 
@@ -47,7 +86,7 @@ class Args(Mapping[str, Any]):
         return v if isinstance(v, str) else None
 
     def get_int(self, key: str, default: int | None = None) -> int:
-        v = self._v.get(key, default)
+        v = self._get(key, default)
         assert isinstance(v, int), key
         return v
 
@@ -55,8 +94,10 @@ class Args(Mapping[str, Any]):
         v = self._v.get(key)
         return v if isinstance(v, int) and not isinstance(v, bool) else None
 
-    def get_bool(self, key: str, default: bool = False) -> bool:
-        v = self._v.get(key, default)
+    def get_bool(self, key: str, default: bool | None = None) -> bool:
+        v = self._get(key, default)
+        if v is None:
+            v = False
         assert isinstance(v, bool), key
         return v
 
@@ -68,7 +109,7 @@ class Args(Mapping[str, Any]):
 class CommandContext:
     """What a handler may touch: the daemon, and the monitor/session it was called from."""
 
-    daemon: Daemon
+    daemon: DaemonAPI
     #: the session object of the calling client (qmp/session.py), or None for internal calls
     session: Any = None
     #: text written by the command for HMP output / stdout lines (e.g. "Formatting ...")
@@ -81,50 +122,52 @@ H = TypeVar("H", bound=Handler)
 
 @dataclass(frozen=True)
 class CommandDef:
+    """A declared command with its handler (what the session and the server use)."""
+
     name: str
-    #: a member spec, or (boxed) the name of a struct/union type used as the whole argument
-    args: dict[str, TypeRef] | str | None
+    #: the declared argument members, or (boxed) the name of a struct/union type
+    args: ArgsRef
     handler: Handler
-    boxed: bool = False
     returns: TypeRef | None = None
     allow_oob: bool = False
-    allow_preconfig: bool = False
+    defaults: Mapping[str, Any] = field(default_factory=dict)
 
 
 COMMANDS: dict[str, CommandDef] = {}
-EVENTS: dict[str, dict[str, TypeRef]] = {}
 
 
-def command(
-    name: str,
-    args: dict[str, TypeRef] | str | None = None,
-    *,
-    boxed: bool = False,
-    returns: TypeRef | None = None,
-    allow_oob: bool = False,
-) -> Callable[[H], H]:
+def command(name: str) -> Callable[[H], H]:
+    """Bind the decorated coroutine as the handler of the declared command ``name``."""
+    decl = DECLARED.get(name)
+    if decl is None:
+        raise ValueError(f"QMP command {name} is not declared in blockmirror.qapi")
+
     def deco(fn: H) -> H:
         if name in COMMANDS:
-            raise ValueError(f"QMP command {name} registered twice")
-        COMMANDS[name] = CommandDef(name, args, fn, boxed, returns, allow_oob)
+            raise ValueError(f"QMP command {name} has two handlers")
+        COMMANDS[name] = CommandDef(name, decl.args, fn, decl.returns, decl.allow_oob,
+                                    decl.defaults)
         return fn
 
     return deco
 
 
-def event(name: str, data: dict[str, TypeRef] | None = None) -> None:
-    """Declare an event (for query-qmp-schema)."""
-    EVENTS[name] = data or {}
-
-
-_COMMAND_MODULES = ("control", "block", "query", "jobs", "mirror", "nbd", "hmp")
+_COMMAND_MODULES = ("control", "block", "query", "jobs", "mirror", "nbd", "hmp", "bitmaps")
 
 
 def load_commands() -> dict[str, CommandDef]:
+    """Import every command module; the result is in the schema's declaration order.
+
+    Raises:
+        RuntimeError: a declared command has no handler (a bug caught at start-up).
+    """
     for mod in _COMMAND_MODULES:
-        try:
-            importlib.import_module(f"blockmirror.qmp.commands.{mod}")
-        except ModuleNotFoundError as e:
-            if e.name != f"blockmirror.qmp.commands.{mod}":
-                raise
+        importlib.import_module(f"blockmirror.qmp.commands.{mod}")
+    missing = [n for n in DECLARED if n not in COMMANDS]
+    if missing:
+        raise RuntimeError(f"declared QMP commands without a handler: {missing}")
+    if list(COMMANDS) != list(DECLARED):
+        ordered = {n: COMMANDS[n] for n in DECLARED}
+        COMMANDS.clear()
+        COMMANDS.update(ordered)
     return COMMANDS

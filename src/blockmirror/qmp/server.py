@@ -15,15 +15,13 @@ import logging
 import os
 import socket
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from blockmirror.errors import BlockMirrorError
-from blockmirror.qmp.registry import Args, CommandContext, CommandDef, load_commands
+from blockmirror.qapi import checks as schema_checks
+from blockmirror.qmp.registry import Args, CommandContext, CommandDef, DaemonAPI, load_commands
 from blockmirror.qmp.session import Execute, QMPSession, Reply
 from blockmirror.unixsock import bind_unix
-
-if TYPE_CHECKING:
-    from blockmirror.daemon import Daemon
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +29,13 @@ READ_CHUNK = 16 * 1024
 MAX_OUTPUT_BUFFER = 16 << 20
 
 
-async def run_command(daemon: Daemon, session: QMPSession, req: Execute) -> bytes:
+async def run_command(daemon: DaemonAPI, session: QMPSession, req: Execute) -> bytes:
     """Run one validated command and return its encoded reply."""
     ctx = CommandContext(daemon, session)
     try:
-        ret = await req.command.handler(ctx, Args(req.arguments))
+        ret = await req.command.handler(ctx, Args(req.arguments, req.command.defaults))
+        if schema_checks.enabled():
+            schema_checks.check_return(req.name, ret)
     except BlockMirrorError as e:
         return session.reply_error(req, e.qmp_class, e.desc)
     except asyncio.CancelledError:
@@ -70,7 +70,7 @@ class LazyCommands(Mapping[str, CommandDef]):
 class QMPServer:
     """Serves QMP for one daemon on any number of listeners (monitors)."""
 
-    def __init__(self, daemon: Daemon, *, pretty: bool = False, oob: bool = True) -> None:
+    def __init__(self, daemon: DaemonAPI, *, pretty: bool = False, oob: bool = True) -> None:
         self.daemon = daemon
         self.pretty = pretty
         self.oob = oob

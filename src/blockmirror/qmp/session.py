@@ -23,17 +23,16 @@ from enum import Enum
 from typing import Any
 
 from blockmirror import QEMU_COMPAT_PACKAGE, QEMU_COMPAT_VERSION
+from blockmirror.qapi import COMMANDS as DECLARED
+from blockmirror.qapi import SchemaError, validate_command_args
 from blockmirror.qmp.message import JSONParseError, JSONStreamer, encode, qdict_order
 from blockmirror.qmp.registry import CommandDef
-from blockmirror.qmp.schema import SchemaError, enum, validate_command_args, validate_members
 
 NEGOTIATION_HINT = "Expecting capabilities negotiation with 'qmp_capabilities'"
 ALREADY_NEGOTIATED = "Capabilities negotiation is already complete, command ignored"
 
 _NO_ID = object()
 
-# qmp_capabilities is handled here, before any command module is loaded
-enum("QMPCapability", ["oob"])
 
 
 class Mode(Enum):
@@ -200,7 +199,7 @@ class QMPSession:
             return answer({"error": {"class": "GenericError",
                                      "desc": "The command qmp_capabilities does not support OOB"}})
         try:
-            args = validate_members({"*enable": ["QMPCapability"]}, raw_args)
+            args = validate_command_args(DECLARED["qmp_capabilities"].args, raw_args)
         except SchemaError as e:
             return answer({"error": {"class": "GenericError", "desc": e.desc}})
         if self.mode is Mode.COMMAND:

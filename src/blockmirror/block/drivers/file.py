@@ -20,7 +20,7 @@ from typing import Any
 from blockmirror.block import threadio
 from blockmirror.block.driver import BlockDriver, BlockStatus, Extent, WriteFlags
 from blockmirror.block.drivers import register
-from blockmirror.block.node import Perm
+from blockmirror.block.node import BlockNode, Perm
 from blockmirror.errors import BlockIOError, BlockMirrorError
 
 # cf. RAW_LOCK_PERM_BASE / RAW_LOCK_SHARED_BASE: byte 100+bit is held (read-locked) by every user
@@ -113,23 +113,17 @@ class FileDriver(BlockDriver):
     # --- life cycle ------------------------------------------------------------------------
 
     async def open(self) -> None:
+        # the options were checked against the schema's BlockdevOptionsFile
         opts = self.node.options
-        filename = opts.get("filename")
-        if not isinstance(filename, str) or not filename:
-            raise BlockMirrorError("Parameter 'filename' is required")
+        filename: str = opts["filename"]
         self.filename = filename
         aio = opts.get("aio", "threads")
-        if aio not in ("threads", "native", "io_uring"):
-            raise BlockMirrorError(f"Parameter 'aio' does not accept value '{aio}'")
         if aio == "native" and not self.node.cache_direct:
             raise BlockMirrorError(
                 "aio=native was specified, but it requires cache.direct=on, "
                 "which was not specified."
             )
-        locking = opts.get("locking", "auto")
-        if locking not in ("auto", "on", "off"):
-            raise BlockMirrorError(f"Parameter 'locking' does not accept value '{locking}'")
-        self.locking = locking != "off"
+        self.locking = opts.get("locking", "auto") != "off"
 
         flags = os.O_CLOEXEC | (os.O_RDONLY if self.node.read_only else os.O_RDWR)
         if self.node.cache_direct:
@@ -251,6 +245,9 @@ class FileDriver(BlockDriver):
 
     # --- I/O ------------------------------------------------------------------------------
 
+    def linear_child(self) -> tuple[BlockNode, int] | None:
+        return (self.node, 0) if self.fd >= 0 else None
+
     async def preadv(self, offset: int, length: int) -> bytes:
         try:
             return await threadio.pread(self.fd, offset, length, direct=self.node.cache_direct)
@@ -264,19 +261,41 @@ class FileDriver(BlockDriver):
             raise _os_error(e) from e
 
     async def pwrite_zeroes(self, offset: int, length: int, flags: WriteFlags) -> None:
+        await self.pwrite_zeroes_batch([(offset, length)], flags)
+
+    async def pwrite_zeroes_batch(self, extents: list[tuple[int, int]],
+                                  flags: WriteFlags) -> None:
+        """Zero every ``(offset, length)`` in one worker call (``block/copy.py`` batches)."""
+        unmap = WriteFlags.MAY_UNMAP in flags
+        try:
+            await threadio.run(self._zero_all_sync, extents, unmap)
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.ENOTSUP):
+                raise BlockIOError(errno.ENOTSUP) from e
+            raise _os_error(e) from e
+
+    def _zero_all_sync(self, extents: list[tuple[int, int]], unmap: bool) -> None:
+        for offset, length in extents:
+            self._zero_sync(offset, length, unmap)
+
+    def _zero_sync(self, offset: int, length: int, unmap: bool) -> None:
+        """One zeroing in a worker thread: punch, ZERO_RANGE, or punch + allocate."""
+        fd = self.fd
         if self.is_block_device:
             try:
-                await threadio.blk_zeroout(self.fd, offset, length)
-                return
+                threadio.blk_zeroout_sync(fd, offset, length)
             except OSError as e:
-                raise BlockIOError(errno.ENOTSUP) from e
+                # any failure: let the generic path write zeroes instead
+                raise OSError(errno.ENOTSUP, os.strerror(errno.ENOTSUP)) from e
+            return
+        punch = threadio.FALLOC_FL_PUNCH_HOLE | threadio.FALLOC_FL_KEEP_SIZE
         try:
-            if WriteFlags.MAY_UNMAP in flags and self._can_punch:
-                await threadio.punch_hole(self.fd, offset, length)
+            if unmap and self._can_punch:
+                threadio.fallocate_sync(fd, punch, offset, length)
                 return
             if self._can_zero_range:
                 try:
-                    await threadio.zero_range(self.fd, offset, length)
+                    threadio.fallocate_sync(fd, threadio.FALLOC_FL_ZERO_RANGE, offset, length)
                     return
                 except OSError as e:
                     if e.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
@@ -284,15 +303,14 @@ class FileDriver(BlockDriver):
                     self._can_zero_range = False
             if self._can_punch:
                 # cf. handle_aiocb_write_zeroes: punch, then allocate the range again
-                await threadio.punch_hole(self.fd, offset, length)
-                await threadio.fallocate(self.fd, 0, offset, length)
+                threadio.fallocate_sync(fd, punch, offset, length)
+                threadio.fallocate_sync(fd, 0, offset, length)
                 return
         except OSError as e:
             if e.errno in (errno.EOPNOTSUPP, errno.ENOTSUP):
                 self._can_punch = False
-                raise BlockIOError(errno.ENOTSUP) from e
-            raise _os_error(e) from e
-        raise BlockIOError(errno.ENOTSUP)
+            raise
+        raise OSError(errno.ENOTSUP, os.strerror(errno.ENOTSUP))
 
     async def pdiscard(self, offset: int, length: int) -> None:
         try:

@@ -46,6 +46,7 @@ from blockmirror.nbd.transmission import (
     encode_request,
 )
 from blockmirror.nbd.wire import NBDProtocolError
+from blockmirror.objects import NO_OBJECTS
 
 log = logging.getLogger(__name__)
 
@@ -376,7 +377,7 @@ class NbdDriver(BlockDriver):
         self._open_timeout = float(timeout) if timeout else None
         creds = opts.get("tls-creds")
         if creds:
-            objects = getattr(self.node.graph, "objects", {}) if self.node.graph else {}
+            objects = self.node.graph.objects if self.node.graph else NO_OBJECTS
             host = self._server.get("host") if self._server.get("type") == "inet" else None
             self._tls = client_context(objects, str(creds), opts.get("tls-hostname") or host)
         await self._connect()

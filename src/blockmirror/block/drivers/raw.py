@@ -98,6 +98,13 @@ class RawDriver(BlockDriver):
             raise BlockIOError(errno.ENOTSUP, "Cannot resize fixed-size raw disks")
         await self._file.driver.truncate(length, preallocation)
 
+    def linear_child(self) -> tuple[BlockNode, int] | None:
+        # a probed raw guards sector 0 on writes: that check needs the generic path
+        child = self.node.file
+        if child is None or self.probed:
+            return None
+        return child, self.offset
+
     async def preadv(self, offset: int, length: int) -> bytes:
         self._file.debug_event("read_aio")
         return await self._file.read(self.offset + offset, length)

@@ -1,9 +1,6 @@
-"""The mirror block job (cf. block/mirror.c), one module per part of its life.
+"""The mirror block job (cf. block/mirror.c), built from parts: see ``job.py`` for the map.
 
-``params`` (arguments, limits), ``hooks`` (the source's dirty tracker and write interceptor),
-``base`` (shared state, pulse, error policy, drain), ``ops`` (the copy loop), ``seeding``
-(dirty-bitmap seeding), ``active`` (write-blocking copies), ``pivot`` (completion) and ``job``
-(``MirrorJob`` and ``start_mirror``). Import from this package; the split is internal.
+Import from this package; the modules are internal.
 """
 
 from blockmirror.jobs.mirror.job import MirrorJob, start_mirror

@@ -1,54 +1,110 @@
-"""Active mirroring: source writes copied synchronously to the target (write-blocking mode).
+"""The mirror's write interceptor on the source: the drain barrier, and active mirroring.
 
-cf. bdrv_mirror_top_do_write / do_sync_target_write. Called from ``hooks.Interceptor`` around
-each source write while the job is in write-blocking copy mode, and for writes held across the
-pivot, which must reach the new node too.
+cf. bdrv_mirror_top_do_write and do_sync_target_write. Every source write passes through
+``around_write``. It waits while the drain gate is closed; a write held across the pivot
+(addressed to the source node itself) is forwarded to the node that replaced it; and in
+write-blocking copy mode the write is copied to the target before it is acknowledged, and
+recorded as synced so the dirty tracker does not mark it.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
+from blockmirror.block.node import BlockNode
 from blockmirror.errors import BlockIOError
+from blockmirror.jobs.mirror.dirty import DirtyState
+from blockmirror.jobs.mirror.gate import DrainGate
+from blockmirror.jobs.mirror.inflight import InFlight
 from blockmirror.jobs.mirror.params import align_down, align_up
-from blockmirror.jobs.mirror.seeding import MirrorSeeding
-
-if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
-
-    from blockmirror.block.node import BlockNode
+from blockmirror.jobs.progress import Progress
 
 
-class MirrorActive(MirrorSeeding):
-    """Write-blocking copies done on behalf of the source's writers."""
+class ActivePolicy(Protocol):
+    """What the active writer asks its job."""
 
-    async def active_write(
+    def should_copy_to_target(self) -> bool: ...
+
+    def on_active_error(self, e: BlockIOError) -> None: ...
+
+
+class ActiveWriter:
+    """The source node's WriteInterceptor for one mirror job."""
+
+    def __init__(
+        self,
+        source: BlockNode,
+        target: BlockNode,
+        dirty: DirtyState,
+        inflight: InFlight,
+        gate: DrainGate,
+        progress: Progress,
+        policy: ActivePolicy,
+        *,
+        unmap: bool,
+    ) -> None:
+        self.source = source
+        self.target = target
+        self.dirty = dirty
+        self.inflight = inflight
+        self.gate = gate
+        self.progress = progress
+        self.policy = policy
+        self.unmap = unmap
+        #: the target names a backing it has not opened: partial clusters are left to the copy
+        self.target_needs_cow = False
+        #: cf. bdrv_round_to_subclusters on the target (set once the job knows its clusters)
+        self.cluster_aligned: Callable[[int, int], bool] = lambda _o, _n: True
+
+    async def around_write(
+        self, node: BlockNode, kind: str, offset: int, length: int, proceed: Any
+    ) -> None:
+        await self.gate.wait_open()
+        redirect = self.gate.redirect
+        if redirect is not None:
+            # held across the pivot by a parent that addressed the source node itself: the
+            # source's parents now use the target, so the write must reach it too
+            await proceed()
+            await self._forward(redirect, kind, offset, length)
+            return
+        inflight = self.inflight
+        inflight.writers += 1
+        try:
+            if self.policy.should_copy_to_target():
+                await self._write_blocking(kind, offset, length, proceed)
+            else:
+                await proceed()
+        finally:
+            inflight.writers -= 1
+            inflight.pulse()
+
+    async def _write_blocking(
         self, kind: str, offset: int, length: int, proceed: Callable[[], Awaitable[None]]
     ) -> None:
-        """cf. bdrv_mirror_top_do_write + do_sync_target_write."""
-        gran = self.granularity
+        gran = self.dirty.granularity
         start = align_down(offset, gran)
-        end = min(align_up(offset + length, gran), self.bdev_length)
-        await self._wait_on_conflicts(start, end - start)
-        self.in_flight_bits.set_dirty(start, end - start)
+        end = min(align_up(offset + length, gran), self.dirty.size)
+        await self.inflight.wait_no_conflict(self.dirty, start, end - start)
+        self.dirty.in_flight.set_dirty(start, end - start)
         try:
             await proceed()
-            if kind == "discard" or not self.should_copy_to_target():
+            if kind == "discard" or not self.policy.should_copy_to_target():
                 return  # left to the tracker: a discard's content is not defined
-            if self._target_needs_cow and not self._subcluster_aligned(offset, length):
+            if self.target_needs_cow and not self.cluster_aligned(offset, length):
                 # a partial cluster would be completed from a backing the target cannot
                 # read yet: leave it to the background copy, which copies whole clusters
                 return
-            synced = await self._sync_target_write(kind, offset, length)
-            if synced:
-                self._hook.synced[(offset, length)] += 1
+            if await self._sync_target_write(kind, offset, length):
+                self.dirty.expect_synced(offset, length)
         finally:
-            self.in_flight_bits.clear(start, end - start)
-            self.pulse()
+            self.dirty.in_flight.clear(start, end - start)
+            self.inflight.pulse()
 
     async def _sync_target_write(self, kind: str, offset: int, length: int) -> bool:
-        gran = self.granularity
-        bm = self.bitmap
+        gran = self.dirty.granularity
+        bm = self.dirty.bitmap
+        size = self.dirty.size
         o, n = offset, length
         # dirty unaligned heads and tails are left to the background copy
         if o % gran and bm.is_dirty(o):
@@ -62,41 +118,38 @@ class MirrorActive(MirrorSeeding):
                 return False
             n -= tail
         a, b = align_up(o, gran), align_down(o + n, gran)
-        if o + n == self.bdev_length:
-            b = self.bdev_length
+        if o + n == size:
+            b = size
         if a < b:
             bm.clear(a, b - a)
         self.progress.increase_remaining(n)
-        self._active_bytes_in_flight += n
+        self.inflight.active_bytes += n
         try:
             if kind == "zero":
-                await self.target.write_zeroes(o, n, may_unmap=self.params.unmap)
+                await self.target.write_zeroes(o, n, may_unmap=self.unmap)
             else:
                 data = await self.source.read(o, n)
                 await self.target.write(o, data)
         except BlockIOError as e:
-            bm.set_dirty(align_down(o, gran), align_up(o + n, gran) - align_down(o, gran))
-            self.actively_synced = False
-            if self._error_action(False, e.errno) == "report":
-                self._record_error(-e.errno, str(e))
+            lo = align_down(o, gran)
+            bm.set_dirty(lo, align_up(o + n, gran) - lo)
+            self.policy.on_active_error(e)
             return False
         finally:
-            self._active_bytes_in_flight -= n
+            self.inflight.active_bytes -= n
         self.progress.update(n)
         self.progress.count("zeroed" if kind == "zero" else "copied", n)
         # the rest of the write (trimmed dirty padding) is dirty already; nothing to mark
         return True
 
-    async def forward_after_pivot(
-        self, target: BlockNode, kind: str, offset: int, length: int
-    ) -> None:
+    async def _forward(self, target: BlockNode, kind: str, offset: int, length: int) -> None:
         """Copy a source write that was held across the pivot to the new node."""
         if kind == "discard":
             return  # advisory: the target keeps defined content
         if kind == "zero":
-            await target.write_zeroes(offset, length, may_unmap=self.params.unmap)
+            await target.write_zeroes(offset, length, may_unmap=self.unmap)
         else:
             await target.write(offset, await self.source.read(offset, length))
 
 
-__all__ = ["MirrorActive"]
+__all__ = ["ActivePolicy", "ActiveWriter"]

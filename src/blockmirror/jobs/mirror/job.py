@@ -1,34 +1,44 @@
-"""The mirror block job itself: wiring, QMP-facing hooks, the main loop (cf. block/mirror.c).
+"""The mirror block job (cf. block/mirror.c), composed of parts that each do one thing.
 
-``start_mirror()`` builds the job the way ``mirror_start_job`` does: it inserts a ``mirror_top``
-filter above the source, opens a root handle on the target, and hooks the source node with a
-dirty tracker (every write from any parent marks the bitmap) and a write interceptor (active
-mirroring in write-blocking mode, and the drain barrier at completion). ``MirrorJob.run`` is
-QEMU's ``mirror_run``: seed the bitmap per sync mode (``seeding``), copy dirty chunks with up to
-16 ops and ``buf_size`` bytes in flight (``ops``), go READY once a pass leaves nothing dirty or in
-flight and a target flush succeeds, and on complete (or soft cancel) converge, drain, flush and
-exit. ``prepare`` pivots the graph (``pivot``).
+``MirrorJob`` owns and wires:
+
+* ``DirtyState`` (``dirty.py``): the bitmap of chunks still to copy; the source's tracker;
+* ``InFlight`` (``inflight.py``): ops, bytes and buffer space in flight, and the pulse;
+* ``Copier`` (``copier.py``): iterations and the batched copy / zero / discard ops;
+* ``seed_dirty`` (``seeding.py``): the initial bitmap per sync mode;
+* ``ActiveWriter`` (``active.py``): the source's write interceptor (write-blocking mode);
+* ``DrainGate`` (``gate.py``): holds source writes while the job converges and pivots;
+* ``MirrorWiring`` (``wiring.py``): the filter, target handle, blockers, and the pivot.
+
+``run`` is QEMU's ``mirror_run``: seed, copy dirty chunks, go READY once a pass leaves
+nothing dirty or in flight and a target flush succeeds, and on complete (or soft cancel)
+converge, drain, flush and exit. ``prepare``/``abort`` hand over to the wiring's ``exit``.
 """
 
 from __future__ import annotations
 
-import asyncio
-from typing import TYPE_CHECKING
-
-from blockmirror.block.drivers.mirror_top import make_filter_node
-from blockmirror.block.node import BlockBackend, BlockNode, Perm
-from blockmirror.errors import BlockMirrorError
-from blockmirror.jobs.mirror.hooks import DirtyHook, Interceptor
-from blockmirror.jobs.mirror.offload import CopyOffload
-from blockmirror.jobs.mirror.params import BLOCKER_REASON, MAX_IN_FLIGHT, MirrorParams
-from blockmirror.jobs.mirror.pivot import MirrorPivot
+from blockmirror.block.node import BlockNode
+from blockmirror.errors import BlockIOError, BlockMirrorError
+from blockmirror.jobs.blockjob import BlockJob
+from blockmirror.jobs.manager import JobManager
+from blockmirror.jobs.mirror.active import ActiveWriter
+from blockmirror.jobs.mirror.copier import Copier, CopierConfig
+from blockmirror.jobs.mirror.dirty import DirtyState
+from blockmirror.jobs.mirror.gate import DrainGate
+from blockmirror.jobs.mirror.inflight import InFlight
+from blockmirror.jobs.mirror.params import (
+    DEFAULT_BUF_SIZE,
+    MAX_IN_FLIGHT,
+    MirrorParams,
+    align_up,
+    default_granularity,
+)
+from blockmirror.jobs.mirror.seeding import cow_setup, seed_dirty
+from blockmirror.jobs.mirror.wiring import MirrorWiring
 from blockmirror.jobs.ratelimit import SLICE_NS
 
-if TYPE_CHECKING:
-    from blockmirror.jobs.manager import JobManager
 
-
-class MirrorJob(MirrorPivot):
+class MirrorJob(BlockJob):
     job_type = "mirror"
 
     def __init__(
@@ -41,47 +51,104 @@ class MirrorJob(MirrorPivot):
         *,
         base: BlockNode | None = None,
     ) -> None:
-        super().__init__(manager, job_id, source, target, params, base=base)
-        self._hook = DirtyHook(self)
-        self._interceptor = Interceptor(self)
+        super().__init__(manager, job_id, auto_finalize=params.auto_finalize,
+                         auto_dismiss=params.auto_dismiss, speed=0)
+        self.params = params
+        self.source = source
+        self.target = target
+        self.copy_mode = params.copy_mode
+        self.should_complete = False
+        self.actively_synced = False
+        #: the dirty bitmap is in use (copying started): active writes may bypass it
+        self.published = False
+        self.bdev_length = source.length()
+        granularity = params.granularity or default_granularity(target)
+        buf_size = align_up(params.buf_size or DEFAULT_BUF_SIZE, granularity)
+        self.dirty = DirtyState(self.bdev_length, granularity, self._on_dirty)
+        self.inflight = InFlight()
+        self.wiring = MirrorWiring(manager.graph, job_id, source, target, params, base)
+        self.gate = DrainGate(self.wiring.quiesce_filter)
+        self.copier = Copier(source, target, self.dirty, self.inflight, self.progress,
+                             CopierConfig(granularity, buf_size, params.unmap),
+                             self, self._on_copy_error)
+        self.active = ActiveWriter(source, target, self.dirty, self.inflight, self.gate,
+                                   self.progress, self, unmap=params.unmap)
+        self._holding_pause = False
+        #: when the guest last wrote to the source (the clock's nanoseconds)
+        self._guest_write_ns = -SLICE_NS
 
-    # --- wiring (cf. mirror_start_job) ---------------------------------------------------------
+    # --- what the parts ask of the job ---------------------------------------------------------
+
+    @property
+    def granularity(self) -> int:
+        return self.dirty.granularity
+
+    @property
+    def buf_size(self) -> int:
+        return self.copier.config.buf_size
+
+    @property
+    def failed(self) -> bool:
+        return self.ret < 0
+
+    def should_copy_to_target(self) -> bool:
+        """cf. should_copy_to_target: write-blocking, published, healthy, not force-cancelled."""
+        return (self.copy_mode == "write-blocking" and self.published and self.ret >= 0
+                and not self.is_cancelled and not self.wiring.exited)
+
+    @property
+    def slice_quota(self) -> float:
+        return self.limit.slice_quota
+
+    @property
+    def guest_busy(self) -> bool:
+        return (self.inflight.writers > 0
+                or self.clock.now_ns() - self._guest_write_ns < SLICE_NS)
+
+    def _on_dirty(self, newly: int) -> None:
+        """A write reached the source without being copied."""
+        self._guest_write_ns = self.clock.now_ns()
+        if newly:
+            self.progress.count("redirtied", newly)
+        self.actively_synced = False
+
+    def _mirror_error(self, is_read: bool, e: BlockIOError) -> None:
+        """cf. mirror_error_action: out of sync, then the policy; "report" fails the job."""
+        self.actively_synced = False
+        policy = self.params.on_source_error if is_read else self.params.on_target_error
+        if self.error_action(policy, is_read, e.errno) == "report":
+            self._record_error(-e.errno, str(e))
+
+    def _on_copy_error(self, is_read: bool, e: BlockIOError) -> None:
+        self._mirror_error(is_read, e)
+
+    def on_active_error(self, e: BlockIOError) -> None:
+        self._mirror_error(False, e)
+
+    # --- wiring ---------------------------------------------------------------------------------
 
     def attach(self) -> None:
-        """Insert the filter, take the target, hook the source. Undone by ``_exit_common``.
+        """Hook the job into the graph (undone by ``prepare``/``abort``).
 
         Raises:
             BlockMirrorError: permission conflicts, duplicate filter name.
         """
-        graph = self.graph
-        name = self.params.filter_node_name
-        implicit = name is None
-        filt = make_filter_node(name or graph.new_auto_name(), self.source, implicit)
-        graph.add_node(filt)
-        try:
-            self._filter_link = graph.attach(
-                filt, self.source, "backing", Perm.CONSISTENT_READ | Perm.WRITE, Perm.all()
-            )
-            graph.replace_node(self.source, filt, exclude=self._filter_link)
-        except BlockMirrorError:
-            if self._filter_link is not None:
-                graph.detach(self._filter_link)
-            graph.forget_node(filt)
-            raise
-        self.filter = filt
-        blk = BlockBackend("", f"block job '{self.id}'", Perm.WRITE, Perm.WRITE_UNCHANGED)
-        try:
-            graph.attach(blk, self.target, "root", blk.perm, blk.shared)
-        except BlockMirrorError:
-            self._remove_filter()
-            raise
-        graph.add_backend(blk)
-        self._target_blk = blk
-        for node in (filt, self.source, self.target):
-            node.block("all", BLOCKER_REASON)
-            self._blocked.append(node)
-        self.source.dirty_trackers.append(self._hook)
-        self.source.interceptors.append(self._interceptor)
+        self.wiring.attach(self.dirty, self.active)
+
+    def _hold_drain(self) -> None:
+        """Block new source writes until the job has exited (cf. bdrv_drained_begin)."""
+        self.gate.close()
+        if not self._holding_pause:
+            # drained jobs count as paused in query-block-jobs, as in QEMU
+            self._holding_pause = True
+            self.pause()
+
+    def _release_drain(self, redirect: BlockNode | None = None) -> None:
+        self.gate.redirect = redirect
+        if self._holding_pause:
+            self._holding_pause = False
+            self.resume()
+        self.gate.open()
 
     # --- job hooks ------------------------------------------------------------------------------
 
@@ -94,19 +161,14 @@ class MirrorJob(MirrorPivot):
 
     async def on_complete(self) -> None:
         """cf. mirror_complete."""
-        if self.params.replaces is not None:
-            node = self.graph.find_node(self.params.replaces)
-            if node is None:
-                raise BlockMirrorError(f"Node name '{self.params.replaces}' not found")
-            node.block("all", "block device is in use by block-job-complete")
-            self._to_replace = node
+        self.wiring.block_replaced()
         self.should_complete = True
         if not self.paused:
             self._enter()
 
     async def on_pause(self) -> None:
         """cf. mirror_pause: a paused job has no I/O of its own in flight."""
-        await self._wait_all_io()
+        await self.inflight.wait_idle()
 
     def set_copy_mode(self, mode: str) -> None:
         """cf. mirror_change (block-job-change): only background -> write-blocking."""
@@ -119,6 +181,12 @@ class MirrorJob(MirrorPivot):
                 f"Expected current copy mode 'background', got '{self.copy_mode}'"
             )
         self.copy_mode = mode
+
+    async def prepare(self) -> None:
+        await self.wiring.exit(pivot=self.should_complete, release=self._release_drain)
+
+    async def abort(self) -> None:
+        await self.wiring.exit(pivot=False, release=self._release_drain)
 
     # --- the run ----------------------------------------------------------------------------------
 
@@ -135,27 +203,38 @@ class MirrorJob(MirrorPivot):
                 await self.pause_point()
             self._hold_drain()
             return
-        self._setup_cow()
-        self._offload = CopyOffload.for_nodes(self.source, self.target)
+        cluster, needs_cow = cow_setup(self.target, self.dirty)
+        cfg = self.copier.config
+        cfg.target_cluster_size = cluster
+        if self.dirty.cow is not None:
+            cfg.buf_size = max(cfg.buf_size, cluster)
+        self.active.target_needs_cow = needs_cow
+        self.active.cluster_aligned = self.copier._cluster_aligned
         drained = False
-        async with asyncio.TaskGroup() as tg:
-            self._tg = tg
-            try:
-                if self.params.sync != "none":
-                    await self._dirty_init()
-                    if self.is_cancelled or self.ret < 0:
-                        return
-                self.published = True
-                drained = await self._loop()
-            finally:
-                await self._wait_all_io()
-                self._tg = None
+        async with self.copier.running():
+            if self.params.sync != "none":
+                await seed_dirty(self.dirty, self.copier, self, sync=self.params.sync,
+                                 target_is_zero=self.params.target_is_zero)
+                if self.is_cancelled or self.ret < 0:
+                    self._hold_drain()
+                    return
+            self.published = True
+            drained = await self._loop()
         if not drained:
             # failed or force-cancelled: still hold writes off until the filter is gone
             self._hold_drain()
 
+    async def _flush_target(self) -> bool:
+        try:
+            await self.target.flush()
+        except BlockIOError as e:
+            self._mirror_error(False, e)
+            return False
+        return True
+
     async def _loop(self) -> bool:
         """The main loop; True when it exited drained and in sync (cf. mirror_run's loop)."""
+        inflight, dirty = self.inflight, self.dirty
         last_pause = self.clock.now_ns()
         while True:
             if self.ret < 0:
@@ -163,20 +242,18 @@ class MirrorJob(MirrorPivot):
             await self.pause_point()
             if self.is_cancelled:
                 return False
-            cnt = self.bitmap.dirty_count()
-            self.progress.set_remaining(
-                self._bytes_in_flight + cnt + self._active_bytes_in_flight
-            )
+            cnt = dirty.dirty_bytes()
+            self.progress.set_remaining(inflight.bytes + cnt + inflight.active_bytes)
             delta = self.clock.now_ns() - last_pause
             if delta < SLICE_NS and self.io_status == "ok":
-                if (self._in_flight >= MAX_IN_FLIGHT or self._buf_used >= self.buf_size
-                        or (cnt == 0 and self._in_flight > 0)):
-                    await self._wait_pulse()
+                if (inflight.ops >= MAX_IN_FLIGHT or inflight.buf_used >= self.buf_size
+                        or (cnt == 0 and inflight.ops > 0)):
+                    await inflight.wait_pulse()
                     continue
                 if cnt:
-                    await self._iteration()
+                    await self.copier.iteration()
             should_complete = False
-            if self._in_flight == 0 and cnt == 0:
+            if inflight.ops == 0 and cnt == 0:
                 if not self.is_ready:
                     if not await self._flush_target():
                         await self.ratelimit_sleep()
@@ -185,20 +262,19 @@ class MirrorJob(MirrorPivot):
                 if self.copy_mode != "background":
                     self.actively_synced = True
                 should_complete = self.should_complete or self.cancel_requested
-                cnt = self.bitmap.dirty_count()
+                cnt = dirty.dirty_bytes()
             if cnt == 0 and should_complete:
                 self._hold_drain()
-                while self.active_writers:
-                    await self._wait_pulse()
-                if (self.bitmap.dirty_count() == 0 and await self._flush_target()
-                        and self.bitmap.dirty_count() == 0 and not self.active_writers):
+                await inflight.wait_no_writers()
+                if (dirty.dirty_bytes() == 0 and await self._flush_target()
+                        and dirty.dirty_bytes() == 0 and not inflight.writers):
                     return True
                 self._release_drain()
                 continue
             if self.is_ready and not should_complete:
                 # idle: poll once a slice; busy: still yield, so writers and the monitor run
                 # between passes (cf. job_sleep_ns(0) in mirror_run)
-                await self.sleep_ns(SLICE_NS if self._in_flight == 0 and cnt == 0 else 0)
+                await self.sleep_ns(SLICE_NS if inflight.ops == 0 and cnt == 0 else 0)
             else:
                 await self.ratelimit_sleep()
             last_pause = self.clock.now_ns()

@@ -9,37 +9,32 @@ from __future__ import annotations
 
 from typing import Any
 
-from blockmirror.qmp.registry import COMMANDS, EVENTS, Args, CommandContext, command
-from blockmirror.qmp.schema import enum, introspect, struct
+from blockmirror.qapi import COMMANDS as DECLARED
+from blockmirror.qapi import EVENTS
+from blockmirror.qapi.introspect import introspect
+from blockmirror.qmp.registry import COMMANDS, Args, CommandContext, command
 from blockmirror.qmp.session import version_info
 
-enum("QMPCapability", ["oob"])
-struct("VersionTriple", {"major": "int", "minor": "int", "micro": "int"})
-struct("VersionInfo", {"qemu": "VersionTriple", "package": "str"})
-struct("CommandInfo", {"name": "str"})
-struct("SchemaInfo", {"name": "str", "meta-type": "str"})
 
-
-@command("qmp_capabilities", {"*enable": ["QMPCapability"]})
+@command("qmp_capabilities")
 async def qmp_capabilities(ctx: CommandContext, args: Args) -> None:
     # Only reached when called internally; a client's request never gets here (see session).
     return None
 
 
-@command("query-version", returns="VersionInfo")
+@command("query-version")
 async def query_version(ctx: CommandContext, args: Args) -> dict[str, Any]:
     return version_info()
 
 
-@command("query-commands", returns=["CommandInfo"])
+@command("query-commands")
 async def query_commands(ctx: CommandContext, args: Args) -> list[dict[str, Any]]:
     return [{"name": name} for name in COMMANDS]
 
 
-@command("query-qmp-schema", returns=["SchemaInfo"])
+@command("query-qmp-schema")
 async def query_qmp_schema(ctx: CommandContext, args: Args) -> list[dict[str, object]]:
-    cmds = [(c.name, c.args, c.returns, c.allow_oob) for c in COMMANDS.values()]
-    return introspect(cmds, EVENTS)
+    return introspect((DECLARED[name] for name in COMMANDS), EVENTS.values())
 
 
 @command("quit")

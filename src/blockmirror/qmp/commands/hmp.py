@@ -12,7 +12,7 @@ from blockmirror.qmp.hmp import help_text, hmp_command, run_hmp
 from blockmirror.qmp.registry import Args, CommandContext, command
 
 
-@command("human-monitor-command", {"command-line": "str", "*cpu-index": "int"}, returns="str")
+@command("human-monitor-command")
 async def human_monitor_command(ctx: CommandContext, args: Args) -> str:
     return await run_hmp(ctx, args.get_str("command-line"))
 

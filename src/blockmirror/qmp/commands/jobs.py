@@ -1,4 +1,4 @@
-"""QMP job commands: block-job-* and job-*, the job queries, and the job events' schema.
+"""QMP job commands: block-job-* and job-*, and the job queries (declared in blockmirror.qapi).
 
 Handlers only look the job up (with the family's error: DeviceNotActive ``Block job '%s' not
 found`` for block-job-*, GenericError ``Job not found`` for job-*) and call the job core
@@ -12,40 +12,10 @@ from typing import Any
 
 from blockmirror.errors import BlockMirrorError
 from blockmirror.jobs.job import Job
+from blockmirror.jobs.mirror import MirrorJob
+from blockmirror.jobs.status import JobVerb
 from blockmirror.qmp.hmp import hmp_command
-from blockmirror.qmp.registry import Args, CommandContext, command, event
-from blockmirror.qmp.schema import enum, struct
-
-enum("JobType", ["commit", "stream", "mirror", "backup", "create", "amend", "snapshot-load",
-                 "snapshot-save", "snapshot-delete"])
-enum("JobStatus", ["undefined", "created", "running", "paused", "ready", "standby", "waiting",
-                   "pending", "aborting", "concluded", "null"])
-enum("JobVerb", ["cancel", "pause", "resume", "set-speed", "complete", "dismiss", "finalize",
-                 "change"])
-enum("IoOperationType", ["read", "write"])
-enum("BlockErrorAction", ["ignore", "report", "stop"])
-enum("BlockDeviceIoStatus", ["ok", "failed", "nospace"])
-enum("MirrorCopyMode", ["background", "write-blocking"])
-struct("BlockJobInfo", {
-    "type": "JobType", "device": "str", "len": "int", "offset": "int", "busy": "bool",
-    "paused": "bool", "speed": "int", "io-status": "BlockDeviceIoStatus", "ready": "bool",
-    "status": "JobStatus", "auto-finalize": "bool", "auto-dismiss": "bool", "*error": "str",
-})
-struct("JobInfo", {
-    "id": "str", "type": "JobType", "status": "JobStatus", "current-progress": "int",
-    "total-progress": "int", "*error": "str",
-})
-
-event("JOB_STATUS_CHANGE", {"id": "str", "status": "JobStatus"})
-event("BLOCK_JOB_COMPLETED", {"type": "JobType", "device": "str", "len": "int", "offset": "int",
-                              "speed": "int", "*error": "str"})
-event("BLOCK_JOB_CANCELLED", {"type": "JobType", "device": "str", "len": "int", "offset": "int",
-                              "speed": "int"})
-event("BLOCK_JOB_ERROR", {"device": "str", "operation": "IoOperationType",
-                          "action": "BlockErrorAction"})
-event("BLOCK_JOB_READY", {"type": "JobType", "device": "str", "len": "int", "offset": "int",
-                          "speed": "int"})
-event("BLOCK_JOB_PENDING", {"type": "JobType", "id": "str"})
+from blockmirror.qmp.registry import Args, CommandContext, command
 
 
 def _block_job(ctx: CommandContext, device: str) -> Job:
@@ -59,12 +29,12 @@ def _job(ctx: CommandContext, job_id: str) -> Job:
 # --- block-job-* ----------------------------------------------------------------------------------
 
 
-@command("block-job-set-speed", {"device": "str", "speed": "int"})
+@command("block-job-set-speed")
 async def block_job_set_speed(ctx: CommandContext, args: Args) -> None:
     _block_job(ctx, args.get_str("device")).set_speed(args.get_int("speed"))
 
 
-@command("block-job-cancel", {"device": "str", "*force": "bool"})
+@command("block-job-cancel")
 async def block_job_cancel(ctx: CommandContext, args: Args) -> None:
     device = args.get_str("device")
     force = args.get_bool("force", False)
@@ -74,37 +44,34 @@ async def block_job_cancel(ctx: CommandContext, args: Args) -> None:
     await job.user_cancel(force)
 
 
-@command("block-job-pause", {"device": "str"})
+@command("block-job-pause")
 async def block_job_pause(ctx: CommandContext, args: Args) -> None:
     _block_job(ctx, args.get_str("device")).user_pause()
 
 
-@command("block-job-resume", {"device": "str"})
+@command("block-job-resume")
 async def block_job_resume(ctx: CommandContext, args: Args) -> None:
     _block_job(ctx, args.get_str("device")).user_resume()
 
 
-@command("block-job-complete", {"device": "str"})
+@command("block-job-complete")
 async def block_job_complete(ctx: CommandContext, args: Args) -> None:
     await _block_job(ctx, args.get_str("device")).complete()
 
 
-@command("block-job-finalize", {"id": "str"})
+@command("block-job-finalize")
 async def block_job_finalize(ctx: CommandContext, args: Args) -> None:
     await _block_job(ctx, args.get_str("id")).finalize()
 
 
-@command("block-job-dismiss", {"id": "str"})
+@command("block-job-dismiss")
 async def block_job_dismiss(ctx: CommandContext, args: Args) -> None:
     _block_job(ctx, args.get_str("id")).dismiss()
 
 
-@command("block-job-change", {"id": "str", "type": "JobType", "*copy-mode": "MirrorCopyMode"})
+@command("block-job-change")
 async def block_job_change(ctx: CommandContext, args: Args) -> None:
     """cf. qmp_block_job_change (8.2+): only the mirror's copy-mode can change."""
-    from blockmirror.jobs.mirror import MirrorJob
-    from blockmirror.jobs.status import JobVerb
-
     job = _block_job(ctx, args.get_str("id"))
     job.apply_verb(JobVerb.CHANGE)
     if not isinstance(job, MirrorJob):
@@ -117,33 +84,33 @@ async def block_job_change(ctx: CommandContext, args: Args) -> None:
 # --- job-* ----------------------------------------------------------------------------------------
 
 
-@command("job-cancel", {"id": "str"})
+@command("job-cancel")
 async def job_cancel(ctx: CommandContext, args: Args) -> None:
     # job-cancel always forces (cf. qmp_job_cancel)
     await _job(ctx, args.get_str("id")).user_cancel(True)
 
 
-@command("job-pause", {"id": "str"})
+@command("job-pause")
 async def job_pause(ctx: CommandContext, args: Args) -> None:
     _job(ctx, args.get_str("id")).user_pause()
 
 
-@command("job-resume", {"id": "str"})
+@command("job-resume")
 async def job_resume(ctx: CommandContext, args: Args) -> None:
     _job(ctx, args.get_str("id")).user_resume()
 
 
-@command("job-complete", {"id": "str"})
+@command("job-complete")
 async def job_complete(ctx: CommandContext, args: Args) -> None:
     await _job(ctx, args.get_str("id")).complete()
 
 
-@command("job-finalize", {"id": "str"})
+@command("job-finalize")
 async def job_finalize(ctx: CommandContext, args: Args) -> None:
     await _job(ctx, args.get_str("id")).finalize()
 
 
-@command("job-dismiss", {"id": "str"})
+@command("job-dismiss")
 async def job_dismiss(ctx: CommandContext, args: Args) -> None:
     _job(ctx, args.get_str("id")).dismiss()
 
@@ -151,12 +118,12 @@ async def job_dismiss(ctx: CommandContext, args: Args) -> None:
 # --- queries ------------------------------------------------------------------------------------
 
 
-@command("query-block-jobs", returns=["BlockJobInfo"])
+@command("query-block-jobs")
 async def query_block_jobs(ctx: CommandContext, args: Args) -> list[dict[str, Any]]:
     return ctx.daemon.jobs.query_block_jobs()
 
 
-@command("query-jobs", returns=["JobInfo"])
+@command("query-jobs")
 async def query_jobs(ctx: CommandContext, args: Args) -> list[dict[str, Any]]:
     return ctx.daemon.jobs.query_jobs()
 

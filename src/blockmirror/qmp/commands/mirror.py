@@ -10,27 +10,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from blockmirror.block.create import img_create
 from blockmirror.block.graph import id_wellformed
 from blockmirror.block.node import BlockBackend, BlockNode
+from blockmirror.block.options import close_node, open_image
 from blockmirror.errors import BlockMirrorError
 from blockmirror.jobs.mirror import BackingMode, MirrorParams, start_mirror
 from blockmirror.qmp.hmp import hmp_command
 from blockmirror.qmp.registry import Args, CommandContext, command
-from blockmirror.qmp.schema import enum
 
 if TYPE_CHECKING:
     from blockmirror.block.graph import BlockGraph
-
-enum("MirrorSyncMode", ["top", "full", "none", "incremental", "bitmap"])
-enum("NewImageMode", ["existing", "absolute-paths"])
-enum("BlockdevOnError", ["report", "ignore", "enospc", "stop", "auto"])
-enum("MirrorCopyMode", ["background", "write-blocking"])
-
-_COMMON = {
-    "*speed": "int", "*granularity": "uint32", "*buf-size": "int",
-    "*on-source-error": "BlockdevOnError", "*on-target-error": "BlockdevOnError",
-}
-
 
 def get_root_node(graph: BlockGraph, device: str) -> BlockNode:
     """cf. qmp_get_root_bs: a device or node name of a node only BlockBackends use."""
@@ -81,7 +71,7 @@ def _mirror_common(
 ) -> None:
     """cf. blockdev_mirror_common + mirror_start, in QEMU's order."""
     graph = ctx.daemon.graph
-    gran = args.opt_int("granularity") or 0
+    gran = args.get_int("granularity")
     if gran != 0 and (gran < 512 or gran > 64 * 1024 * 1024):
         raise BlockMirrorError(
             "Parameter 'granularity' expects a value in range [512B, 64MB]"
@@ -120,14 +110,14 @@ def _mirror_common(
     base = bs.skip_filters().backing if sync == "top" else None
     params.sync = sync
     params.granularity = gran
-    params.buf_size = args.opt_int("buf-size") or 0
-    params.speed = args.opt_int("speed") or 0
-    params.on_source_error = args.opt_str("on-source-error") or "report"
-    params.on_target_error = args.opt_str("on-target-error") or "report"
-    params.copy_mode = args.opt_str("copy-mode") or "background"
+    params.buf_size = args.get_int("buf-size")
+    params.speed = args.get_int("speed")
+    params.on_source_error = args.get_str("on-source-error")
+    params.on_target_error = args.get_str("on-target-error")
+    params.copy_mode = args.get_str("copy-mode")
     params.replaces = replaces
-    params.auto_finalize = args.get_bool("auto-finalize", True)
-    params.auto_dismiss = args.get_bool("auto-dismiss", True)
+    params.auto_finalize = args.get_bool("auto-finalize")
+    params.auto_dismiss = args.get_bool("auto-dismiss")
     fname = params.filter_node_name
     if fname is not None:
         if not id_wellformed(fname) or len(fname) > 31:
@@ -140,12 +130,7 @@ def _mirror_common(
     start_mirror(ctx.daemon.jobs, job_id, bs, target, params, base=base)
 
 
-@command("blockdev-mirror", {
-    "*job-id": "str", "device": "str", "target": "str", "*replaces": "str",
-    "sync": "MirrorSyncMode", **_COMMON, "*filter-node-name": "str",
-    "*copy-mode": "MirrorCopyMode", "*auto-finalize": "bool", "*auto-dismiss": "bool",
-    "*target-is-zero": "bool",
-})
+@command("blockdev-mirror")
 async def blockdev_mirror(ctx: CommandContext, args: Args) -> None:
     graph = ctx.daemon.graph
     bs = get_root_node(graph, args.get_str("device"))
@@ -155,27 +140,19 @@ async def blockdev_mirror(ctx: CommandContext, args: Args) -> None:
     params = MirrorParams(
         backing_mode=BackingMode.LEAVE,
         filter_node_name=args.opt_str("filter-node-name"),
-        target_is_zero=args.get_bool("target-is-zero", False),
+        target_is_zero=args.get_bool("target-is-zero"),
     )
     _mirror_common(ctx, args, bs, target, sync, params)
 
 
-@command("drive-mirror", {
-    "*job-id": "str", "device": "str", "target": "str", "*format": "str", "*node-name": "str",
-    "*replaces": "str", "sync": "MirrorSyncMode", "*mode": "NewImageMode", **_COMMON,
-    "*unmap": "bool", "*copy-mode": "MirrorCopyMode", "*auto-finalize": "bool",
-    "*auto-dismiss": "bool",
-})
+@command("drive-mirror")
 async def drive_mirror(ctx: CommandContext, args: Args) -> None:
     """cf. qmp_drive_mirror."""
-    from blockmirror.block.create import img_create
-    from blockmirror.block.options import close_node, open_image
-
     daemon = ctx.daemon
     graph = daemon.graph
     bs = get_root_node(graph, args.get_str("device"))
     _check_blocked(bs)
-    mode = args.opt_str("mode") or "absolute-paths"
+    mode = args.get_str("mode")
     fmt = args.opt_str("format")
     if fmt is None and mode != "existing":
         fmt = bs.format_name
@@ -210,7 +187,7 @@ async def drive_mirror(ctx: CommandContext, args: Args) -> None:
                               node_name=args.opt_str("node-name"))
     target_is_zero = mode != "existing" and target.driver.has_zero_init()
     params = MirrorParams(
-        unmap=args.get_bool("unmap", True),
+        unmap=args.get_bool("unmap"),
         backing_mode=backing_mode,
         target_is_zero=target_is_zero,
         owns_target=True,
@@ -241,5 +218,5 @@ async def hmp_drive_mirror(ctx: CommandContext, argv: list[str]) -> str:
     }
     if len(rest) > 2:
         values["format"] = rest[2]
-    await drive_mirror(ctx, Args(values))
+    await drive_mirror(ctx, Args.of("drive-mirror", values))
     return ""

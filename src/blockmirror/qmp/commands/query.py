@@ -12,30 +12,6 @@ from typing import TYPE_CHECKING, Any
 from blockmirror.block import query as bq
 from blockmirror.block.node import Perm
 from blockmirror.qmp.registry import Args, CommandContext, command
-from blockmirror.qmp.schema import enum, struct
-
-# Return types, for query-qmp-schema (validation never needs them).
-struct("BlockdevCacheInfo", {"writeback": "bool", "direct": "bool", "no-flush": "bool"})
-struct("ImageInfo", {
-    "filename": "str", "format": "str", "*dirty-flag": "bool", "*actual-size": "int",
-    "virtual-size": "int", "*cluster-size": "int", "*encrypted": "bool",
-    "*compressed": "bool", "*backing-filename": "str", "*full-backing-filename": "str",
-    "*backing-filename-format": "str", "*format-specific": "any",
-    "*backing-image": "ImageInfo",
-})
-struct("BlockDeviceInfo", {
-    "file": "str", "*node-name": "str", "ro": "bool", "drv": "str", "*backing_file": "str",
-    "backing_file_depth": "int", "encrypted": "bool", "detect_zeroes": "str", "bps": "int",
-    "bps_rd": "int", "bps_wr": "int", "iops": "int", "iops_rd": "int", "iops_wr": "int",
-    "image": "ImageInfo", "cache": "BlockdevCacheInfo", "write_threshold": "int",
-})
-struct("BlockInfo", {"device": "str", "*qdev": "str", "type": "str", "removable": "bool",
-                     "locked": "bool", "*inserted": "BlockDeviceInfo", "*tray_open": "bool"})
-enum("XDbgBlockGraphNodeType", ["block-backend", "block-job", "block-driver"])
-struct("XDbgBlockGraphNode", {"id": "uint64", "type": "XDbgBlockGraphNodeType", "name": "str"})
-struct("XDbgBlockGraphEdge", {"parent": "uint64", "child": "uint64", "name": "str",
-                              "perm": ["BlockPermission"], "shared-perm": ["BlockPermission"]})
-struct("XDbgBlockGraph", {"nodes": ["XDbgBlockGraphNode"], "edges": ["XDbgBlockGraphEdge"]})
 
 if TYPE_CHECKING:
     from blockmirror.block.graph import BlockGraph
@@ -44,12 +20,12 @@ _PERM_NAMES = ((Perm.CONSISTENT_READ, "consistent-read"), (Perm.WRITE, "write"),
                (Perm.WRITE_UNCHANGED, "write-unchanged"), (Perm.RESIZE, "resize"))
 
 
-@command("query-named-block-nodes", {"*flat": "bool"}, returns=["BlockDeviceInfo"])
+@command("query-named-block-nodes")
 async def query_named_block_nodes(ctx: CommandContext, args: Args) -> list[dict[str, Any]]:
     return await bq.query_named_block_nodes(ctx.daemon.graph, flat=args.get_bool("flat", False))
 
 
-@command("query-block", returns=["BlockInfo"])
+@command("query-block")
 async def query_block(ctx: CommandContext, args: Args) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for blk in ctx.daemon.graph.backends:
@@ -97,7 +73,7 @@ def _edge(parent: int, child: int, name: str, perm: Perm, shared: Perm) -> dict[
             "shared-perm": _perm_list(shared)}
 
 
-@command("x-debug-query-block-graph", returns="XDbgBlockGraph")
+@command("x-debug-query-block-graph")
 async def x_debug_query_block_graph(ctx: CommandContext, args: Args) -> dict[str, Any]:
     return block_graph(ctx.daemon.graph)
 

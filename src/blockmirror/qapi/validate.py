@@ -1,113 +1,42 @@
-"""The QMP schema, declared in Python the way qapi/*.json declares it.
+"""Validation against the schema, with QEMU's texts (cf. qapi/qobject-input-visitor.c).
 
-Types are declared with ``enum()``, ``struct()``, ``union()`` and ``alternate()``; a type
-reference is a type name (builtin or declared) or a one-element list for arrays, and a member
-name with a leading ``*`` is optional, exactly as in QAPI JSON::
-
-    enum("MirrorSyncMode", ["top", "full", "none", "incremental", "bitmap"])
-    struct("BlockdevOptionsFile", {"filename": "str", "*aio": "BlockdevAioOptions"})
-
-Argument validation (with QEMU's error texts), ``query-commands`` and ``query-qmp-schema`` are
-all derived from these declarations; no command checks its own argument types.
+One validator serves every way options come in: QMP arguments (``mode="qmp"``), command-line
+keyval strings (``"keyval"``: every scalar is a string, converted as QEMU's keyval visitor
+does: ``on``/``yes``/``true``/``y``, C integer syntax with ``0x`` and leading-0 octal, size
+suffixes) and the block layer's option dicts (``"options"``: typed values, or strings read
+the keyval way, as QEMU's bdrv_open reads -drive options). It returns the value normalised.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import Literal
 
-TypeRef = str | list[str]
-
-BUILTINS = frozenset(
-    {
-        "str", "int", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-        "size", "number", "bool", "null", "any", "QType",
-    }
+from blockmirror.qapi.qdict import qdict_order
+from blockmirror.qapi.schema import (
+    BUILTINS,
+    TYPES,
+    AlternateType,
+    ArgsRef,
+    EnumType,
+    Member,
+    MemberSpec,
+    TypeRef,
+    UnionType,
+    members_of,
+    struct_members,
 )
 
-
-@dataclass(frozen=True)
-class Member:
-    name: str
-    type: TypeRef
-    optional: bool = False
+#: how scalar strings are read (see the module docstring)
+Mode = Literal["qmp", "keyval", "options"]
 
 
-@dataclass(frozen=True)
-class EnumType:
-    name: str
-    values: tuple[str, ...]
+def _mode(keyval: bool | Mode) -> Mode:
+    if keyval is True:
+        return "keyval"
+    if keyval is False:
+        return "qmp"
+    return keyval
 
-
-@dataclass(frozen=True)
-class StructType:
-    name: str
-    members: tuple[Member, ...]
-    base: str | None = None
-
-
-@dataclass(frozen=True)
-class UnionType:
-    """A flat union: the base's members, a discriminator enum member, a struct per value."""
-
-    name: str
-    base: tuple[Member, ...]
-    discriminator: str
-    branches: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class AlternateType:
-    name: str
-    choices: tuple[Member, ...]
-
-
-SchemaType = EnumType | StructType | UnionType | AlternateType
-
-TYPES: dict[str, SchemaType] = {}
-
-
-def members_of(spec: dict[str, TypeRef]) -> tuple[Member, ...]:
-    out = []
-    for key, typ in spec.items():
-        optional = key.startswith("*")
-        out.append(Member(key.lstrip("*"), typ, optional))
-    return tuple(out)
-
-
-def _declare(t: SchemaType) -> SchemaType:
-    if t.name in TYPES and TYPES[t.name] != t:
-        raise ValueError(f"schema type {t.name} declared twice, differently")
-    TYPES[t.name] = t
-    return t
-
-
-def enum(name: str, values: list[str]) -> EnumType:
-    t = EnumType(name, tuple(values))
-    _declare(t)
-    return t
-
-
-def struct(name: str, members: dict[str, TypeRef], base: str | None = None) -> StructType:
-    t = StructType(name, members_of(members), base)
-    _declare(t)
-    return t
-
-
-def union(
-    name: str, base: dict[str, TypeRef], discriminator: str, branches: dict[str, str]
-) -> UnionType:
-    t = UnionType(name, members_of(base), discriminator, dict(branches))
-    _declare(t)
-    return t
-
-
-def alternate(name: str, choices: dict[str, TypeRef]) -> AlternateType:
-    t = AlternateType(name, members_of(choices))
-    _declare(t)
-    return t
-
-
-# -- validation (cf. qapi/qobject-input-visitor.c and qapi-visit-core.c) -------------------
 
 _INT_RANGES: dict[str, tuple[int, int, str]] = {
     "int8": (-(1 << 7), (1 << 7) - 1, "int8_t"),
@@ -161,13 +90,15 @@ def _type_qtype(t: TypeRef) -> str:
 
 
 def validate(t: TypeRef, value: object, name: str | None = None, full: str = "",
-             keyval: bool = False) -> object:
+             keyval: bool | Mode = False) -> object:
     """Check ``value`` against type ``t``; returns it normalised (e.g. uint wrap-around).
 
     ``name`` is the member name QEMU's visitor passes (None for list elements: QEMU then says
     'null'), ``full`` the dotted path QEMU uses in its "missing/unexpected/type" texts.
-    ``keyval``: scalars arrive as strings (command-line keyval syntax) and are converted with
-    the keyval visitor's texts ("Parameter 'x' expects integer").
+    ``keyval``: True (or "keyval"): scalars arrive as strings (command-line keyval syntax)
+    and are converted with the keyval visitor's texts ("Parameter 'x' expects integer");
+    "options": strings are converted where a scalar is expected, and a string that does not
+    convert gets the QMP text ("Invalid parameter type for 'x', expected: integer").
 
     Raises:
         SchemaError: with QEMU's exact text for the first problem in visiting order.
@@ -176,10 +107,17 @@ def validate(t: TypeRef, value: object, name: str | None = None, full: str = "",
     if isinstance(t, list):
         if not isinstance(value, list):
             raise _bad_type(full, "array")
-        return [validate(t[0], v, None, f"{full}[{i}]", keyval) for i, v in enumerate(value)]
+        # bdrv_open reads each element of an options list as options of its own (QemuOpts),
+        # so its texts name members relative to the element
+        relative = _mode(keyval) == "options"
+        return [validate(t[0], v, None, "" if relative else f"{full}[{i}]", keyval)
+                for i, v in enumerate(value)]
     if t in BUILTINS:
-        if keyval and isinstance(value, str):
-            value = _keyval_scalar(t, value, full)
+        mode = _mode(keyval)
+        if mode != "qmp" and isinstance(value, str):
+            value = _string_scalar(t, value, bare, full, mode)
+        elif mode == "options" and t == "str" and type(value) is int:
+            value = str(value)  # cf. qdict_stringify_for_keyval: numbers read as strings
         return _validate_builtin(t, value, bare, full)
     decl = TYPES.get(t)
     if decl is None:
@@ -196,7 +134,8 @@ def validate(t: TypeRef, value: object, name: str | None = None, full: str = "",
             ct = _type_qtype(choice.type)
             if ct in (qt, "any"):
                 return validate(choice.type, value, name, full, keyval)
-        if keyval and qt == "str":  # no string branch: the first scalar branch parses it
+        if _mode(keyval) != "qmp" and qt == "str":
+            # no string branch: the first scalar branch parses it
             for choice in decl.choices:
                 if _type_qtype(choice.type) in ("number", "bool", "null"):
                     return validate(choice.type, value, name, full, keyval)
@@ -318,33 +257,22 @@ def validate_enum_value(value: object, bare: str, full: str, values: tuple[str, 
     return value
 
 
-def struct_members(t: str) -> tuple[Member, ...]:
-    """All members of a struct (base first) or of a union's base plus the selected branch."""
-    decl = TYPES[t]
-    if isinstance(decl, StructType):
-        base = struct_members(decl.base) if decl.base else ()
-        return base + decl.members
-    if isinstance(decl, UnionType):
-        return decl.base
-    raise KeyError(f"{t} has no members")
-
-
 def validate_members(
-    members: tuple[Member, ...] | dict[str, TypeRef], value: dict[str, object], prefix: str = "",
-    union: UnionType | None = None, keyval: bool = False,
+    members: tuple[Member, ...] | MemberSpec, value: dict[str, object], prefix: str = "",
+    union: UnionType | None = None, keyval: bool | Mode = False,
 ) -> dict[str, object]:
     """Visit ``members`` of ``value`` in declaration order, then reject leftovers.
 
     For a union, ``members`` is its base; the branch selected by the discriminator (already
     visited as a base member) is visited next, before leftovers are looked for, as QEMU does.
     """
-    if isinstance(members, dict):
+    if not isinstance(members, tuple):
         members = members_of(members)
     pre = f"{prefix}." if prefix else ""
     out: dict[str, object] = {}
     # QEMU keeps the not-yet-visited keys in a GHashTable and reports the first one its
     # iterator yields; the model below reproduces that table's layout.
-    table = _GHashSet(_qdict_keys(value))
+    table = _GHashSet(qdict_order(list(value)))
 
     def visit(ms: tuple[Member, ...]) -> None:
         for m in ms:
@@ -481,15 +409,9 @@ class _GHashSet:
         return None
 
 
-def _qdict_keys(value: dict[str, object]) -> list[str]:
-    from blockmirror.qmp.message import qdict_order
-
-    return qdict_order(list(value))
-
-
-def validate_command_args(spec: dict[str, TypeRef] | str | None, args: dict[str, object]
-                          ) -> dict[str, object]:
-    """Validate a command's ``arguments`` object against its declaration.
+def validate_command_args(spec: ArgsRef | MemberSpec | None, args: dict[str, object],
+                          keyval: bool | Mode = False) -> dict[str, object]:
+    """Validate a command's ``arguments`` object (or a boxed type's) against its declaration.
 
     Raises:
         SchemaError: QEMU's text for the first problem.
@@ -499,107 +421,24 @@ def validate_command_args(spec: dict[str, TypeRef] | str | None, args: dict[str,
     if isinstance(spec, str):
         decl = TYPES[spec]
         if isinstance(decl, UnionType):
-            return validate_members(decl.base, args, "", decl)
-        return validate_members(struct_members(spec), args)
-    return validate_members(members_of(spec), args)
+            return validate_members(decl.base, args, "", decl, keyval)
+        return validate_members(struct_members(spec), args, "", None, keyval)
+    members = spec if isinstance(spec, tuple) else members_of(spec)
+    return validate_members(members, args, "", None, keyval)
 
 
-# -- introspection (query-qmp-schema) ------------------------------------------------------
-
-_JSON_TYPE = {"str": "string", "bool": "boolean", "null": "null", "any": "value",
-              "number": "number", "QType": "string"}
-
-
-def introspect(commands: list[tuple[str, dict[str, TypeRef] | str | None, TypeRef | None, bool]],
-               events: dict[str, dict[str, TypeRef]]) -> list[dict[str, object]]:
-    """SchemaInfo list shaped like QEMU's: commands, then events, then every type they use.
-
-    As in QEMU, non-builtin type names are masked as decimal numbers in order of first use
-    (so "0" is the empty argument object), builtins keep their names (every integer kind is
-    reported as "int"), and array types are named "[elem]".
-    """
-    names: dict[str, str] = {}
-    infos: list[dict[str, object]] = []
-    pending: list[tuple[str, object]] = []
-
-    def ref(t: TypeRef | tuple[Member, ...] | None) -> str:
-        if t is None or t == ():
-            key = "{}"
-        elif isinstance(t, tuple):
-            key = "{" + ",".join(f"{m.name}:{m.type}:{m.optional}" for m in t) + "}"
-        elif isinstance(t, list):
-            return f"[{ref(t[0])}]"
-        elif t in BUILTINS:
-            return "int" if t not in _JSON_TYPE else t
-        else:
-            key = t
-        if key not in names:
-            names[key] = str(len(names))
-            pending.append((names[key], t if t is not None else ()))
-        return names[key]
-
-    def member_info(members: tuple[Member, ...]) -> list[dict[str, object]]:
-        out: list[dict[str, object]] = []
-        for m in members:
-            info: dict[str, object] = {"name": m.name}
-            if m.optional:
-                info["default"] = None
-            info["type"] = ref(m.type)
-            out.append(info)
-        return out
-
-    ref(None)  # "0": the empty object, as in QEMU
-    for name, args, returns, allow_oob in commands:
-        arg = ref(members_of(args) if isinstance(args, dict) else args)
-        ret = ref(returns) if returns else ref(None)
-        cinfo: dict[str, object] = {"name": name, "ret-type": ret, "meta-type": "command",
-                                    "arg-type": arg}
-        if allow_oob:
-            cinfo["allow-oob"] = True
-        infos.append(cinfo)
-    for name, data in events.items():
-        infos.append({"name": name, "meta-type": "event", "arg-type": ref(members_of(data))})
-    done = 0
-    while done < len(pending):
-        masked, t = pending[done]
-        done += 1
-        if isinstance(t, tuple):
-            infos.append({"name": masked, "members": member_info(t), "meta-type": "object"})
-            continue
-        assert isinstance(t, str)
-        decl = TYPES[t]
-        if isinstance(decl, EnumType):
-            infos.append({"name": masked, "members": [{"name": v} for v in decl.values],
-                          "meta-type": "enum", "values": list(decl.values)})
-        elif isinstance(decl, StructType):
-            infos.append({"name": masked, "members": member_info(struct_members(t)),
-                          "meta-type": "object"})
-        elif isinstance(decl, UnionType):
-            variants = [{"case": case, "type": ref(branch)}
-                        for case, branch in sorted(decl.branches.items())]
-            infos.append({"name": masked, "tag": decl.discriminator, "variants": variants,
-                          "members": member_info(decl.base), "meta-type": "object"})
-        else:
-            infos.append({"name": masked, "members": [{"type": ref(c.type)} for c in decl.choices],
-                          "meta-type": "alternate"})
-    arrays = sorted({n for n in _all_refs(infos) if n.startswith("[")})
-    for a in arrays:
-        infos.append({"name": a, "element-type": a[1:-1], "meta-type": "array"})
-    for b in sorted(n for n in _all_refs(infos) if not n[:1].isdigit() and not n.startswith("[")):
-        infos.append({"name": b, "json-type": _JSON_TYPE.get(b, "int"), "meta-type": "builtin"})
-    return infos
+def _string_scalar(t: str, text: str, bare: str, full: str, mode: Mode) -> object:
+    """A string where builtin ``t`` is expected: keyval conversion, or (options) QMP's text."""
+    try:
+        return _keyval_scalar(t, text, full)
+    except SchemaError:
+        if mode == "keyval":
+            raise
+    expected = {"bool": "boolean", "number": "number", "null": "null"}.get(t, "integer")
+    if t in _UNSIGNED:
+        raise SchemaError(f"Parameter '{full}' expects uint64") from None
+    raise _bad_type(full, expected) from None
 
 
-def _all_refs(infos: list[dict[str, object]]) -> set[str]:
-    out: set[str] = set()
-    for info in infos:
-        for key in ("ret-type", "arg-type", "element-type"):
-            v = info.get(key)
-            if isinstance(v, str):
-                out.add(v)
-        for lst in (info.get("members"), info.get("variants")):
-            if isinstance(lst, list):
-                for m in lst:
-                    if isinstance(m, dict) and isinstance(m.get("type"), str):
-                        out.add(m["type"])
-    return out
+__all__ = ["Mode", "SchemaError", "validate", "validate_command_args", "validate_enum_value",
+           "validate_members"]

@@ -1,0 +1,325 @@
+"""Guest-to-host cluster mapping: the L1 table and L2 tables (cf. QEMU's qcow2-cluster.c).
+
+The active L1 table is held in memory whole; L2 tables go through a write-back cache. An L2
+table or data cluster shared with a snapshot (no COPIED flag) is copied before it is changed.
+Every method that reads or changes entries runs under the driver's metadata lock.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from blockmirror.block.drivers.qcow2.cache import TableCache
+from blockmirror.block.drivers.qcow2.header import Header
+from blockmirror.block.drivers.qcow2.image_file import ImageFile
+from blockmirror.block.drivers.qcow2.layout import (
+    COMPRESSED,
+    L1E_OFFSET_MASK,
+    L2E_OFFSET_MASK,
+    NORMAL,
+    OFLAG_COMPRESSED,
+    OFLAG_COPIED,
+    OFLAG_ZERO,
+    UNALLOCATED,
+    ZERO_ALLOC,
+    ZERO_PLAIN,
+    Geometry,
+    cluster_type,
+)
+from blockmirror.block.drivers.qcow2.refcount_allocator import (
+    RefcountAllocator,
+    SignalCorruption,
+)
+
+#: a run of guest clusters of one type: (type, guest offset, length, host offset or L2 entry)
+Segment = tuple[int, int, int, int]
+#: an L2 entry to set once the data is written: L1 index, L2 index, new entry
+Link = tuple[int, int, int]
+
+
+class ClusterMap:
+    def __init__(
+        self,
+        geometry: Geometry,
+        header: Header,
+        image_file: ImageFile,
+        allocator: RefcountAllocator,
+        signal_corruption: SignalCorruption,
+    ) -> None:
+        self._geometry = geometry
+        self._header = header
+        self._file = image_file
+        self._allocator = allocator
+        self._signal_corruption = signal_corruption
+        self.l1: list[int] = []
+        self.l1_dirty: set[int] = set()
+        self.l2_cache = TableCache(max(16, (32 * 1024 * 1024) // geometry.cluster_size))
+
+    async def load_l1(self) -> None:
+        header = self._header
+        size = header.l1_size
+        raw = await self._file.read(header.l1_table_offset, size * 8) if size else b""
+        self.l1 = list(struct.unpack(f">{size}Q", raw))
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self.l2_cache.dirty or self.l1_dirty)
+
+    def cluster_type(self, entry: int) -> int:
+        return cluster_type(entry, self._header.version)
+
+    # --- L2 tables -----------------------------------------------------------------------
+
+    async def load_l2(self, offset: int, l1_index: int) -> list[int]:
+        table = self.l2_cache.get(offset)
+        if table is not None:
+            return table
+        cluster_size = self._geometry.cluster_size
+        if offset % cluster_size:
+            raise await self._signal_corruption(
+                f"L2 table offset {offset:#x} unaligned (L1 index: {l1_index:#x})"
+            )
+        if offset + cluster_size > self._file.length:
+            raise await self._signal_corruption(
+                f"L2 table offset {offset:#x} past the end of the image (L1 index: "
+                f"{l1_index:#x})"
+            )
+        raw = await self._file.read(offset, cluster_size)
+        table = list(struct.unpack(f">{self._geometry.l2_size}Q", raw))
+        self.l2_cache.put(offset, table)
+        return table
+
+    async def l2_for_read(self, l1_index: int) -> list[int] | None:
+        if l1_index >= len(self.l1):
+            return None
+        offset = self.l1[l1_index] & L1E_OFFSET_MASK
+        if not offset:
+            return None
+        return await self.load_l2(offset, l1_index)
+
+    async def l2_for_write(self, l1_index: int) -> tuple[int, list[int]]:
+        """The L2 table of ``l1_index`` ready for changes (allocated or copied if needed)."""
+        entry = self.l1[l1_index]
+        offset = entry & L1E_OFFSET_MASK
+        if offset and entry & OFLAG_COPIED:
+            return offset, await self.load_l2(offset, l1_index)
+        if offset:
+            # shared with a snapshot: copy the table, drop our reference to the old one
+            table = list(await self.load_l2(offset, l1_index))
+        else:
+            table = [0] * self._geometry.l2_size
+        cluster_bits = self._geometry.cluster_bits
+        new = (await self._allocator.allocate(1)) << cluster_bits
+        self._allocator.metadata_clusters.add(new >> cluster_bits)
+        self.l2_cache.put(new, table, dirty=True)
+        self.l1[l1_index] = new | OFLAG_COPIED
+        self.l1_dirty.add(l1_index)
+        if offset:
+            self.l2_cache.drop(offset)
+            self._allocator.free_later([offset >> cluster_bits])
+        return new, table
+
+    async def entry(self, guest_cluster: int) -> int:
+        """The L2 entry of a guest cluster (0 when its L2 table is unallocated)."""
+        table = await self.l2_for_read(guest_cluster >> self._geometry.l2_bits)
+        if table is None:
+            return 0
+        return table[guest_cluster & (self._geometry.l2_size - 1)]
+
+    # --- data cluster validation -----------------------------------------------------------
+
+    def data_cluster_ok(self, host: int, writing: bool) -> bool:
+        """The cheap form of ``check_data_cluster``: True when plainly valid."""
+        cluster = host >> self._geometry.cluster_bits
+        return (
+            not host & (self._geometry.cluster_size - 1)
+            and cluster < self._allocator.end
+            and not (writing and cluster in self._allocator.metadata_clusters)
+        )
+
+    async def check_data_cluster(
+        self, host: int, l2_offset: int, l2_index: int, writing: bool
+    ) -> None:
+        if host % self._geometry.cluster_size:
+            raise await self._signal_corruption(
+                f"Cluster allocation offset {host:#x} unaligned (L2 offset: {l2_offset:#x}, "
+                f"L2 index: {l2_index:#x})"
+            )
+        cluster = host >> self._geometry.cluster_bits
+        if cluster >= self._allocator.end:
+            raise await self._signal_corruption(
+                f"Data cluster offset {host:#x} past the end of the image file "
+                f"(L2 offset: {l2_offset:#x}, L2 index: {l2_index:#x})"
+            )
+        if writing and cluster in self._allocator.metadata_clusters:
+            raise await self._signal_corruption(
+                f"Preventing invalid write on metadata (data cluster {host:#x} overlaps "
+                "qcow2 metadata)"
+            )
+
+    # --- mapping ---------------------------------------------------------------------------
+
+    async def map(self, offset: int, length: int, first_only: bool = False) -> list[Segment]:
+        """Split a guest range into segments of one cluster type.
+
+        Neighbouring clusters of the same type merge (data ones only when contiguous on the
+        host), so a sequential read becomes one file read per host extent. ``first_only``
+        stops at the first change (compressed clusters still merge), for block status.
+        """
+        segments: list[Segment] = []
+        pos, end = offset, offset + length
+        geometry = self._geometry
+        cluster_size, cluster_bits, l2_bits = (
+            geometry.cluster_size, geometry.cluster_bits, geometry.l2_bits
+        )
+        mask = geometry.l2_size - 1
+        v3 = self._header.version == 3
+        l1 = self.l1
+        current_l1 = -1
+        table: list[int] | None = None
+        l2_offset = 0
+        # the segment being grown, kept in locals and appended when it ends
+        seg_type, seg_pos, seg_len, seg_value = -1, 0, 0, 0
+        while pos < end:
+            guest_cluster = pos >> cluster_bits
+            l1_index = guest_cluster >> l2_bits
+            if l1_index != current_l1:
+                table = await self.l2_for_read(l1_index)
+                l2_offset = l1[l1_index] & L1E_OFFSET_MASK if table is not None else 0
+                current_l1 = l1_index
+            l2_index = guest_cluster & mask
+            entry = table[l2_index] if table is not None else 0
+            in_cluster = pos & (cluster_size - 1)
+            n = min(cluster_size - in_cluster, end - pos)
+            # cluster_type() inlined: this loop runs once per cluster
+            if entry & OFLAG_COMPRESSED:
+                kind, value = COMPRESSED, entry
+            else:
+                host = entry & L2E_OFFSET_MASK
+                if entry & OFLAG_ZERO and v3:
+                    kind = ZERO_ALLOC if host else ZERO_PLAIN
+                else:
+                    kind = NORMAL if host else UNALLOCATED
+                if host:
+                    if not self.data_cluster_ok(host, False):
+                        await self.check_data_cluster(host, l2_offset, l2_index, False)
+                    value = host + in_cluster
+                else:
+                    value = 0
+            if kind == seg_type and (
+                kind in (UNALLOCATED, ZERO_PLAIN)
+                or (kind != COMPRESSED and seg_value + seg_len == value)
+                or (first_only and kind == COMPRESSED)
+            ):
+                seg_len += n
+            else:
+                if seg_type >= 0:
+                    segments.append((seg_type, seg_pos, seg_len, seg_value))
+                    if first_only:
+                        return segments
+                seg_type, seg_pos, seg_len, seg_value = kind, pos, n, value
+            pos += n
+        if seg_type >= 0:
+            segments.append((seg_type, seg_pos, seg_len, seg_value))
+        return segments
+
+    async def link(self, links: list[Link]) -> None:
+        """Point L2 entries at data now written, freeing what they held."""
+        current = -1
+        l2_offset, table = 0, list[int]()
+        for l1_index, l2_index, new in links:
+            if l1_index != current:
+                l2_offset, table = await self.l2_for_write(l1_index)
+                current = l1_index
+            old = table[l2_index]
+            table[l2_index] = new
+            self.l2_cache.mark_dirty(l2_offset, table)
+            if (old & L2E_OFFSET_MASK) != (new & L2E_OFFSET_MASK) or old & OFLAG_COMPRESSED:
+                self._allocator.free_entry_later(old)
+
+    # --- zeroing and discarding ------------------------------------------------------------
+
+    def reads_as_zero(self, entry: int, has_backing: bool) -> bool:
+        kind = self.cluster_type(entry)
+        if kind in (ZERO_PLAIN, ZERO_ALLOC):
+            return True
+        return kind == UNALLOCATED and not has_backing
+
+    async def unmap_v2(self, guest_cluster: int) -> None:
+        """Drop a cluster's mapping (version 2 images without a backing file)."""
+        l1_index = guest_cluster >> self._geometry.l2_bits
+        l2_index = guest_cluster & (self._geometry.l2_size - 1)
+        l2_offset, table = await self.l2_for_write(l1_index)
+        self._allocator.free_entry_later(table[l2_index])
+        table[l2_index] = 0
+        self.l2_cache.mark_dirty(l2_offset, table)
+
+    async def zero_clusters_v3(self, first: int, end: int, unmap: bool) -> None:
+        """Set zero flags on guest clusters [first, end), one L2 table at a time (a mirror
+        zeroes whole gigabytes at once)."""
+        l2_bits = self._geometry.l2_bits
+        mask = self._geometry.l2_size - 1
+        guest_cluster = first
+        while guest_cluster < end:
+            l1_index = guest_cluster >> l2_bits
+            stop = min(end, (l1_index + 1) << l2_bits)
+            lo, hi = guest_cluster & mask, ((stop - 1) & mask) + 1
+            guest_cluster = stop
+            table = await self.l2_for_read(l1_index)
+            if table is not None and all(
+                (e & (OFLAG_ZERO | OFLAG_COMPRESSED)) == OFLAG_ZERO
+                and (not unmap or not e & L2E_OFFSET_MASK)
+                for e in table[lo:hi]
+            ):
+                continue  # already zero clusters
+            l2_offset, writable = await self.l2_for_write(l1_index)
+            for l2_index in range(lo, hi):
+                entry = writable[l2_index]
+                kind = self.cluster_type(entry)
+                if kind == ZERO_PLAIN or (kind == ZERO_ALLOC and not unmap):
+                    continue
+                if kind in (NORMAL, ZERO_ALLOC) and entry & OFLAG_COPIED and not unmap:
+                    writable[l2_index] = (entry & L2E_OFFSET_MASK) | OFLAG_COPIED | OFLAG_ZERO
+                else:
+                    if kind != UNALLOCATED:
+                        self._allocator.free_entry_later(entry)
+                    writable[l2_index] = OFLAG_ZERO
+            self.l2_cache.mark_dirty(l2_offset, writable)
+
+    async def discard(self, first: int, end: int, has_backing: bool) -> None:
+        """Deallocate guest clusters [first, end): they read as zeroes afterwards, or from the
+        backing file on version 2 images."""
+        v3 = self._header.version == 3
+        l2_bits, mask = self._geometry.l2_bits, self._geometry.l2_size - 1
+        for guest_cluster in range(first, end):
+            l1_index = guest_cluster >> l2_bits
+            table = await self.l2_for_read(l1_index)
+            l2_index = guest_cluster & mask
+            entry = table[l2_index] if table is not None else 0
+            new = OFLAG_ZERO if (v3 and has_backing) else 0
+            if entry == new or (table is None and new == 0):
+                continue
+            l2_offset, writable = await self.l2_for_write(l1_index)
+            entry = writable[l2_index]
+            if self.cluster_type(entry) in (NORMAL, ZERO_ALLOC, COMPRESSED):
+                self._allocator.free_entry_later(entry)
+            writable[l2_index] = new
+            self.l2_cache.mark_dirty(l2_offset, writable)
+
+    # --- write-back (steps 2 and 3 of the driver's ordered flush) ---------------------------
+
+    async def write_dirty_l2(self) -> None:
+        for offset in sorted(self.l2_cache.dirty):
+            table = self.l2_cache.peek(offset)
+            await self._file.write(offset, struct.pack(f">{self._geometry.l2_size}Q", *table))
+        self.l2_cache.clean_all()
+
+    async def write_dirty_l1(self) -> None:
+        """Changed L1 entries, in whole 512-byte sectors."""
+        for sector in sorted({i // 64 for i in self.l1_dirty}):
+            chunk = self.l1[sector * 64 : sector * 64 + 64]
+            await self._file.write(
+                self._header.l1_table_offset + sector * 512,
+                struct.pack(f">{len(chunk)}Q", *chunk),
+            )
+        self.l1_dirty.clear()

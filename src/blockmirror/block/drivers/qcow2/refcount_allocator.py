@@ -1,0 +1,321 @@
+"""Host cluster management: the refcount table, refcount blocks and cluster allocation
+(cf. QEMU's qcow2-refcount.c).
+
+The whole refcount table is held in memory; refcount blocks go through a write-back cache.
+Increments may reach the disk at any flush, but decrements are deferred (``free_later``) to
+step 4 of the driver's ordered flush, when no durable L2/L1 entry points at the cluster any
+more: a crash leaves at worst leaked clusters, and a cluster is never reused before the
+entries that pointed at it are gone from disk.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from collections.abc import Awaitable, Callable, Iterable
+
+from blockmirror.block.drivers.qcow2 import compress
+from blockmirror.block.drivers.qcow2.cache import TableCache
+from blockmirror.block.drivers.qcow2.header import Header
+from blockmirror.block.drivers.qcow2.image_file import ImageFile
+from blockmirror.block.drivers.qcow2.layout import (
+    COMPRESSED,
+    L2E_OFFSET_MASK,
+    NORMAL,
+    REFT_OFFSET_MASK,
+    ZERO_ALLOC,
+    Geometry,
+    ceil_div,
+    cluster_type,
+)
+from blockmirror.block.drivers.qcow2.refcount import decode_block, encode_block
+from blockmirror.errors import BlockIOError, ImageCorruptError, InternalError
+
+#: reports a corruption and returns the error to raise (``CorruptionGuard.signal``)
+SignalCorruption = Callable[[str], Awaitable[ImageCorruptError]]
+
+
+class RefcountAllocator:
+    def __init__(
+        self,
+        geometry: Geometry,
+        header: Header,
+        image_file: ImageFile,
+        signal_corruption: SignalCorruption,
+    ) -> None:
+        self._geometry = geometry
+        self._header = header
+        self._file = image_file
+        self._signal_corruption = signal_corruption
+        self.table: list[int] = []
+        self.table_dirty = False
+        self.blocks = TableCache(max(16, (8 * 1024 * 1024) // geometry.cluster_size))
+        #: clusters freed since the last flush: decremented only after L2/L1 reach the disk
+        self.pending_free: list[int] = []
+        #: host clusters holding metadata; guest data must never be written there
+        self.metadata_clusters: set[int] = set()
+        #: one past the highest cluster that is in the file or allocated
+        self.end = 0
+        self.free_hint = 0
+
+    async def load_table(self) -> None:
+        header = self._header
+        entries = header.refcount_table_clusters * self._geometry.cluster_size // 8
+        raw = await self._file.read(header.refcount_table_offset, entries * 8)
+        self.table = list(struct.unpack(f">{entries}Q", raw))
+        self.end = ceil_div(self._file.length, self._geometry.cluster_size)
+
+    def replace_table(self, table: list[int], end: int) -> None:
+        """Adopt a refcount structure written by a repair."""
+        self.table = table
+        self.table_dirty = False
+        self.blocks = TableCache(self.blocks.budget)
+        self.end = end
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self.blocks.dirty or self.table_dirty or self.pending_free)
+
+    def has_block(self, index: int) -> bool:
+        return index < len(self.table) and bool(self.table[index] & REFT_OFFSET_MASK)
+
+    async def load_block(self, index: int) -> list[int]:
+        block = self.blocks.get(index)
+        if block is not None:
+            return block
+        offset = self.table[index] & REFT_OFFSET_MASK
+        if not offset:
+            raise InternalError(f"qcow2 refcount block {index} does not exist")
+        raw = await self._file.read(offset, self._geometry.cluster_size)
+        block = decode_block(raw, self._header.refcount_order)
+        self.blocks.put(index, block)
+        return block
+
+    async def refcount(self, cluster: int) -> int:
+        geometry = self._geometry
+        index = cluster >> geometry.refcount_block_bits
+        if not self.has_block(index):
+            return 0
+        block = await self.load_block(index)
+        return block[cluster & (geometry.refcount_block_size - 1)]
+
+    async def add(self, cluster: int, delta: int) -> int:
+        """Change one refcount; returns the new value."""
+        geometry = self._geometry
+        index = cluster >> geometry.refcount_block_bits
+        block = await self.load_block(index)
+        i = cluster & (geometry.refcount_block_size - 1)
+        value = block[i] + delta
+        if value < 0:
+            raise await self._signal_corruption(
+                f"Preventing invalid free of cluster {cluster << geometry.cluster_bits:#x} "
+                "(refcount already 0)"
+            )
+        if value > geometry.refcount_max:
+            raise BlockIOError(errno.ERANGE, "Reference count overflow")
+        block[i] = value
+        self.blocks.mark_dirty(index)
+        return value
+
+    async def _take(self, start: int, count: int) -> None:
+        """Take a reference on ``count`` free clusters (their refcount blocks exist)."""
+        bits, size = self._geometry.refcount_block_bits, self._geometry.refcount_block_size
+        cluster, end = start, start + count
+        while cluster < end:
+            index = cluster >> bits
+            base = index << bits
+            hi = min(end, base + size)
+            block = await self.load_block(index)
+            block[cluster - base : hi - base] = [v + 1 for v in block[cluster - base : hi - base]]
+            self.blocks.mark_dirty(index, block)
+            cluster = hi
+
+    async def _find_free(self, count: int) -> tuple[int, int]:
+        """The first run of ``count`` free clusters at or after the free hint, and the first
+        free cluster seen.
+
+        Scans decoded refcount blocks with list primitives rather than cluster by cluster;
+        everything at or past ``end`` and every range without a refcount block is free.
+        """
+        bits, size = self._geometry.refcount_block_bits, self._geometry.refcount_block_size
+        cluster = self.free_hint
+        start = cluster
+        run = 0
+        first_free = -1
+        while run < count:
+            if cluster >= self.end:
+                if run == 0:
+                    start = cluster
+                break
+            index = cluster >> bits
+            base = index << bits
+            if not self.has_block(index):
+                if run == 0:
+                    start = cluster
+                run += base + size - cluster
+                cluster = base + size
+                continue
+            block = await self.load_block(index)
+            i = cluster - base
+            while i < size and run < count:
+                if run == 0:
+                    try:
+                        i = block.index(0, i)
+                    except ValueError:
+                        i = size
+                        break
+                    start = base + i
+                need = min(count - run, size - i)
+                segment = block[i : i + need]
+                if not any(segment):
+                    run += need
+                    i += need
+                else:
+                    k = next(k for k, v in enumerate(segment) if v)
+                    run = 0
+                    i += k + 1
+            cluster = base + i
+            if first_free < 0 and run:
+                first_free = start
+        if first_free < 0:
+            first_free = start
+        return start, first_free
+
+    async def allocate(self, count: int) -> int:
+        """Allocate ``count`` contiguous clusters (refcount 1 each); return the first index."""
+        geometry = self._geometry
+        bits = geometry.refcount_block_bits
+        while True:
+            start, first_free = await self._find_free(count)
+            missing = None
+            for index in range(start >> bits, ((start + count - 1) >> bits) + 1):
+                if not self.has_block(index):
+                    missing = index
+                    break
+            if missing is None:
+                await self._take(start, count)
+                # the hint stays on the first hole when this run did not start there
+                self.free_hint = start + count if start == first_free else first_free
+                self.end = max(self.end, start + count)
+                return start
+            if missing >= len(self.table):
+                await self._grow_table(missing)
+                continue
+            # the new block takes the first cluster of the run: either inside its own range
+            # (a self-describing refcount block) or in a range whose block exists already
+            block = [0] * geometry.refcount_block_size
+            self.blocks.put(missing, block, dirty=True)
+            self.table[missing] = start << geometry.cluster_bits
+            self.table_dirty = True
+            if start >> bits == missing:
+                block[start & (geometry.refcount_block_size - 1)] = 1
+            else:
+                await self.add(start, 1)
+            self.metadata_clusters.add(start)
+            self.end = max(self.end, start + 1)
+
+    async def _grow_table(self, index_needed: int) -> None:
+        """Move the refcount table to a bigger one at the end of the image."""
+        geometry = self._geometry
+        cluster_size = geometry.cluster_size
+        old = list(self.table)
+        old_entries = len(old)
+        area = self.end
+        want = max(index_needed + 1, old_entries + max(1, old_entries // 2))
+        table_clusters = block_count = 0
+        missing: list[int] = []
+        while True:
+            area_end = area + block_count + table_clusters
+            entries = max(want, ceil_div(area_end, geometry.refcount_block_size))
+            new_table_clusters = ceil_div(entries * 8, cluster_size)
+            lo = area >> geometry.refcount_block_bits
+            hi = (area + block_count + new_table_clusters - 1) >> geometry.refcount_block_bits
+            missing = [
+                r for r in range(lo, hi + 1)
+                if r >= old_entries or not old[r] & REFT_OFFSET_MASK
+            ]
+            if (new_table_clusters, len(missing)) == (table_clusters, block_count):
+                break
+            table_clusters, block_count = new_table_clusters, len(missing)
+        table = old + [0] * (table_clusters * cluster_size // 8 - old_entries)
+        for k, index in enumerate(missing):
+            table[index] = (area + k) << geometry.cluster_bits
+            self.blocks.put(index, [0] * geometry.refcount_block_size, dirty=True)
+        self.table = table
+        for cluster in range(area, area + block_count + table_clusters):
+            await self.add(cluster, 1)
+            self.metadata_clusters.add(cluster)
+        self.end = area + block_count + table_clusters
+        # new blocks first, then the table, then the header that points at it
+        await self._file.ensure_size(self.end * cluster_size)
+        await self.write_dirty_blocks()
+        await self._file.flush()
+        table_offset = (area + block_count) << geometry.cluster_bits
+        await self._file.write(table_offset, struct.pack(f">{len(table)}Q", *table))
+        await self._file.flush()
+        header = self._header
+        old_offset, old_clusters = header.refcount_table_offset, header.refcount_table_clusters
+        header.refcount_table_offset = table_offset
+        header.refcount_table_clusters = table_clusters
+        await self._file.write_header(header)
+        await self._file.flush()
+        self.table_dirty = False
+        self.pending_free.extend(geometry.clusters(old_offset, old_clusters * cluster_size))
+
+    async def write_dirty_blocks(self) -> None:
+        for index in sorted(self.blocks.dirty):
+            raw = encode_block(self.blocks.peek(index), self._header.refcount_order)
+            await self._file.write(self.table[index] & REFT_OFFSET_MASK, raw)
+        self.blocks.clean_all()
+
+    async def write_table(self) -> None:
+        table = self.table
+        await self._file.write(
+            self._header.refcount_table_offset, struct.pack(f">{len(table)}Q", *table)
+        )
+        self.table_dirty = False
+
+    # --- freeing -------------------------------------------------------------------------
+
+    def free_later(self, clusters: Iterable[int]) -> None:
+        self.pending_free.extend(clusters)
+
+    def free_entry_later(self, entry: int) -> None:
+        """Drop, at the next flush, the references an L2 entry holds."""
+        kind = cluster_type(entry, self._header.version)
+        if kind == COMPRESSED:
+            self.pending_free.extend(compress.host_clusters(entry, self._geometry.cluster_bits))
+        elif kind in (NORMAL, ZERO_ALLOC):
+            self.pending_free.append((entry & L2E_OFFSET_MASK) >> self._geometry.cluster_bits)
+
+    async def release_pending(self) -> list[int]:
+        """Apply the deferred decrements (flush step 4); returns the clusters now free."""
+        frees, self.pending_free = self.pending_free, []
+        released: list[int] = []
+        image_file = self._file
+        for cluster in frees:
+            if image_file.any_in_flight and image_file.in_flight(cluster):
+                # a request outside the lock still uses it: release it next time
+                self.pending_free.append(cluster)
+                continue
+            if await self.add(cluster, -1) == 0:
+                self.metadata_clusters.discard(cluster)
+                self.free_hint = min(self.free_hint, cluster)
+                released.append(cluster)
+        await self.write_dirty_blocks()
+        return released
+
+    async def used_clusters_exceed(self, end: int, threshold: int) -> bool:
+        """Whether more than ``threshold`` clusters below ``end`` have a reference."""
+        geometry = self._geometry
+        used = 0
+        blocks = min(len(self.table), ceil_div(end, geometry.refcount_block_size))
+        for index in range(blocks):
+            if not self.table[index] & REFT_OFFSET_MASK:
+                continue
+            block = await self.load_block(index)
+            n = min(geometry.refcount_block_size, end - (index << geometry.refcount_block_bits))
+            used += n - block[:n].count(0)
+            if used > threshold:
+                return True
+        return False
