@@ -28,7 +28,7 @@ import pytest
 from blockmirror.block.driver import BlockDriver, BlockStatus, Extent, WriteFlags
 from blockmirror.block.drivers import DRIVERS
 from blockmirror.block.graph import BlockGraph
-from blockmirror.block.options import close_all, open_blockdev
+from blockmirror.block.options import check_options, close_all, open_blockdev
 from conftest import require_tool
 
 pytestmark = pytest.mark.interop
@@ -128,8 +128,11 @@ def _sh(*args: str) -> subprocess.CompletedProcess[str]:
 async def _workload(key: str, rng: random.Random, steps: int, crash_at: int,
                     model: dict[int, list[bytes]]) -> None:
     graph = BlockGraph()
-    node = await open_blockdev(graph, {"driver": "qcow2", "node-name": "q", "file": {
-        "driver": PowerLossFile.format_name, "node-name": "pl", "filename": key}})
+    # the schema knows no test driver: check the options as a file child, then swap it in
+    opts = check_options({"driver": "qcow2", "node-name": "q", "file": {
+        "driver": "file", "node-name": "pl", "filename": key}})
+    opts["file"] = {**opts["file"], "driver": PowerLossFile.format_name}
+    node = await open_blockdev(graph, opts, validated=True)
     for step in range(steps):
         if step == crash_at:
             return  # the power fails: nothing is closed or flushed
