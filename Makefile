@@ -90,3 +90,25 @@ iotests: $(STAMP) tools
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+
+# --- reliability (issue 15): fuzzing and soak --------------------------------------------
+# make fuzz                       each harness for FUZZ_SECONDS (coverage-guided with atheris)
+# make fuzz FUZZ_INPUTS=1000000   a million inputs per harness instead
+# make fuzz FUZZ_HARNESSES=qmp    only some harnesses (keyval qmp nbd_server nbd_client qcow2)
+FUZZ_SECONDS ?= 60
+FUZZ_INPUTS ?= 0
+FUZZ_SEED ?= 1
+FUZZ_HARNESSES ?=
+.PHONY: fuzz soak
+fuzz: $(STAMP) tools
+	@$(BIN)/python -c 'import atheris' 2>/dev/null || $(BIN)/pip install -q -e '.[fuzz]' \
+	  || echo "atheris is not installable here: the seeded random engine runs instead"
+	$(BIN)/python -m fuzz.run --seed $(FUZZ_SEED) \
+	  $(if $(filter-out 0,$(FUZZ_INPUTS)),--inputs $(FUZZ_INPUTS),--seconds $(FUZZ_SECONDS)) \
+	  $(FUZZ_HARNESSES)
+
+# make soak DURATION=3600: randomized mirrors, cancels, pauses and error policies with writers
+DURATION ?= 600
+SOAK_SEED ?= 1
+soak: $(STAMP) tools
+	$(BIN)/python -m tests.soak.run --duration $(DURATION) --seed $(SOAK_SEED)

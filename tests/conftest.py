@@ -63,3 +63,42 @@ def ceph_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     from ceph_helpers import cluster_session
 
     yield from cluster_session(tmp_path_factory.mktemp("ceph"))
+
+
+def _o_direct_works(directory: Path) -> bool:
+    probe = directory / ".o_direct_probe"
+    try:
+        fd = os.open(probe, os.O_CREAT | os.O_RDWR | os.O_DIRECT, 0o600)
+    except OSError:
+        return False
+    os.close(fd)
+    probe.unlink()
+    return True
+
+
+@pytest.fixture
+def direct_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory on a filesystem with O_DIRECT (tmpfs has none).
+
+    tmp_path first; else a fresh directory under /var/tmp or the repository (both usually on
+    disk). When none allows O_DIRECT the test is skipped with the reason, and fails under CI.
+    """
+
+    if _o_direct_works(tmp_path):
+        yield tmp_path
+        return
+    for base in ("/var/tmp", str(ROOT)):
+        try:
+            d = Path(tempfile.mkdtemp(prefix="bm-odirect-", dir=base))
+        except OSError:
+            continue
+        try:
+            if _o_direct_works(d):
+                yield d
+                return
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+    msg = "no directory here allows O_DIRECT (tried tmp_path, /var/tmp, the repository)"
+    if IN_CI:
+        pytest.fail(msg + " (CI=true requires it)")
+    pytest.skip(msg)

@@ -13,6 +13,7 @@ import contextlib
 import errno
 import os
 import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -133,7 +134,9 @@ async def peer(*args: str, ready: str | int | None) -> AsyncIterator[asyncio.sub
     proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.DEVNULL,
                                                 stderr=asyncio.subprocess.PIPE)
     try:
-        for _ in range(200 if ready is not None else 0):
+        # poll for readiness with a generous deadline (a loaded machine can take seconds)
+        deadline = time.monotonic() + 30
+        while ready is not None:
             if isinstance(ready, str) and await asyncio.to_thread(os.path.exists, ready):
                 break
             if isinstance(ready, int):
@@ -144,6 +147,8 @@ async def peer(*args: str, ready: str | int | None) -> AsyncIterator[asyncio.sub
             if proc.returncode is not None:
                 err = await proc.stderr.read() if proc.stderr else b""
                 raise AssertionError(f"{args[0]} exited: {err.decode()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{args[0]} was not ready within 30 s")
             await asyncio.sleep(0.05)
         yield proc
     finally:

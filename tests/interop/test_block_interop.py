@@ -22,7 +22,7 @@ from blockmirror.block.graph import BlockGraph
 from blockmirror.block.options import close_all, open_blockdev, open_image
 from blockmirror.cli import image as cli
 from blockmirror.errors import BlockMirrorError
-from conftest import require_tool
+from conftest import IN_CI, require_tool
 
 pytestmark = pytest.mark.interop
 
@@ -428,6 +428,8 @@ def loop_device(tmp_path: Path) -> Iterator[str]:
     res = subprocess.run(["losetup", "-f", "--show", str(backing)], capture_output=True,
                          text=True, timeout=30)
     if res.returncode != 0:
+        if IN_CI:
+            pytest.fail(f"cannot create a loop device (CI=true requires it): {res.stderr}")
         pytest.skip(f"cannot create a loop device here: {res.stderr.strip()}")
     dev = res.stdout.strip()
     try:

@@ -293,7 +293,7 @@ def test_live_writer_through_the_export(tmp_path: Path, running: list[Mirror], q
     qemu_io_nbd(uri, WRITES_WHILE_COPYING)
     m.wait_phase("ready")
     qemu_io_nbd(uri, WRITES_WHILE_READY)
-    time.sleep(0.3)
+    m.wait_phase("ready")  # a progress line drawn after the writes (they are acknowledged)
     m.proc.send_signal(signal.SIGUSR1)
     assert m.finish() == 0, m.stderr
     assert_monotonic(m.lines)

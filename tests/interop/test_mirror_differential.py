@@ -35,7 +35,7 @@ def test_same_events_and_replies(script: Any, tmp_path: Path) -> None:
         work.mkdir()
         paths = make_images(str(work))
         async with factory(str(work)) as qmp:
-            return await run_script(qmp, script(paths), limit_s=10, workdir=str(work))
+            return await run_script(qmp, script(paths), limit_s=60, workdir=str(work))
 
     async def main() -> None:
         # both daemons run the script at the same time: they share nothing

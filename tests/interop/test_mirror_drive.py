@@ -68,7 +68,7 @@ def test_drive_mirror_session_matches_qsd(tmp_path: Path) -> None:
         work = tmp_path / name
         work.mkdir()
         async with factory(str(work)) as qmp:
-            tr = await run_script(qmp, _steps(str(work)), limit_s=10, workdir=str(work))
+            tr = await run_script(qmp, _steps(str(work)), limit_s=60, workdir=str(work))
             nodes = _nodes(await qmp.execute("query-named-block-nodes", {"flat": True}))
         return tr, nodes
 
@@ -118,7 +118,7 @@ def test_drive_mirror_of_a_protocol_node_creates_a_plain_file(tmp_path: Path) ->
         work = tmp_path / name
         work.mkdir()
         async with factory(str(work)) as qmp:
-            return await run_script(qmp, steps(str(work)), limit_s=10, workdir=str(work))
+            return await run_script(qmp, steps(str(work)), limit_s=60, workdir=str(work))
 
     theirs = asyncio.run(one("qsd", qsd_client))
     their_out = (tmp_path / "qsd" / "qsd.out").read_text().replace(str(tmp_path / "qsd"), "$W")

@@ -53,6 +53,30 @@ def script(tmp: Path) -> list[tuple[str, dict[str, Any]]]:
     ]
 
 
+def _call(conn: SyncQMP, msg: dict[str, Any], out: list[Any]) -> Any:
+    """Send ``msg``; events read before its reply go to ``out``; return the reply."""
+    conn.send(json.dumps(msg).encode())
+    while True:
+        reply = json.loads(conn.read_message())
+        if "event" not in reply:
+            return reply
+        out.append({"event": reply["event"], "data": reply.get("data")})
+
+
+def _settle_exports(conn: SyncQMP, out: list[Any]) -> None:
+    """Wait until no export is shutting down: a deletion that waits for its clients ends
+    (with BLOCK_EXPORT_DELETED) after the command's reply, and a deleted export leaves
+    query-block-exports only after its event was sent, so the events land in ``out`` in
+    order. Polling with a generous deadline, never a fixed sleep."""
+    deadline = time.monotonic() + 30
+    while True:
+        exports = _call(conn, {"execute": "query-block-exports", "id": "settle"}, out)
+        if not any(e["shutting-down"] for e in exports["return"]):
+            return
+        assert time.monotonic() < deadline, f"exports never finished shutting down: {exports}"
+        time.sleep(0.01)
+
+
 def play(conn: SyncQMP, cmds: list[tuple[str, dict[str, Any]]]) -> list[Any]:
     out: list[Any] = []
     for i, (name, args) in enumerate([("qmp_capabilities", {}), *cmds,
@@ -60,17 +84,11 @@ def play(conn: SyncQMP, cmds: list[tuple[str, dict[str, Any]]]) -> list[Any]:
         msg: dict[str, Any] = {"execute": name, "id": i}
         if args:
             msg["arguments"] = args
-        conn.send(json.dumps(msg).encode())
-        while True:
-            reply = json.loads(conn.read_message())
-            if "event" in reply:
-                out.append({"event": reply["event"], "data": reply.get("data")})
-                continue
-            if name != "query-version":
-                out.append(reply)
-            break
+        reply = _call(conn, msg, out)
+        if name != "query-version":
+            out.append(reply)
         if name.endswith(("-del", "-remove")) or name == "nbd-server-stop":
-            time.sleep(0.2)  # a deletion waiting for clients ends after the reply
+            _settle_exports(conn, out)
     return out
 
 
@@ -105,7 +123,15 @@ def test_safe_removal_refused_while_a_client_is_connected(tmp_path: Path) -> Non
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT)
         try:
-            time.sleep(0.5)
+            # the client is connected once it has answered a read through the export
+            assert client.stdin is not None and client.stdout is not None
+            client.stdin.write(b"read 0 512\n")
+            client.stdin.flush()
+            seen = b""
+            while b"read 512/512 bytes" not in seen:
+                line = client.stdout.readline()  # the test's timeout bounds a hang here
+                assert line, f"qemu-io exited before connecting: {seen!r}"
+                seen += line
             out = play(conn, [("block-export-del", {"id": "e0"}),
                               ("block-export-del", {"id": "e0", "mode": "hard"}),
                               ("query-block-exports", {})])

@@ -201,7 +201,7 @@ def test_server_wait_blocks_startup(tmp_path: Path, kind: str) -> None:
         info = proc.stderr.readline().decode()
         assert info.split(": ", 1)[1] == (f"--chardev {chardev}: info: QEMU waiting for "
                                           f"connection on: disconnected:unix:{sock},server=on\n")
-        time.sleep(0.2)
+        time.sleep(0.2)  # a window in which the daemon must not detach (not a sync point)
         assert not pidfile.exists()  # still waiting
         with socket.socket(socket.AF_UNIX) as s:
             s.settimeout(20)

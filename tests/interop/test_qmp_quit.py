@@ -37,7 +37,17 @@ def quit_sequence(kind: str, tmp_path: Path) -> list[tuple[str, str]]:
             conn.send(json.dumps(cmd).encode())
             while "event" in json.loads(conn.read_line()):
                 pass
-        time.sleep(0.3)
+        # wait (on the job's own state, not a fixed sleep) until the job runs: its
+        # "created"/"running" events, which may trail blockdev-mirror's reply, are then read
+        deadline = time.monotonic() + 30
+        while True:
+            conn.send(b'{"execute":"query-jobs"}')
+            while "event" in (reply := json.loads(conn.read_line())):
+                pass
+            if reply["return"] and reply["return"][0]["status"] == "running":
+                break
+            assert time.monotonic() < deadline, reply
+            time.sleep(0.01)
         conn.send(b'{"execute":"quit"}')
         seq = []
         while True:

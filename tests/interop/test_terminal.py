@@ -47,15 +47,19 @@ def test_live_display_updates_in_a_terminal(tmp_path: Path) -> None:
     subprocess.run(["tmux", "-L", server, "new-session", "-d", "-s", session, "-x", "110",
                     "-y", "30", f"{cmd}; sleep 60"], check=True, env=env, timeout=10)
     try:
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 30
         first = ""
         while time.monotonic() < deadline:
             first = capture(server, session)
             if "copying" in first and "copied" in first:
                 break
             time.sleep(0.2)
-        time.sleep(1.0)
+        # wait for the display to change (progress moves at 1 MiB/s), not a fixed time
+        deadline = time.monotonic() + 30
         second = capture(server, session)
+        while second == first and time.monotonic() < deadline:
+            time.sleep(0.1)
+            second = capture(server, session)
         print("--- first capture ---\n" + first + "\n--- second capture ---\n" + second)
         for text in FIELDS:
             assert text in first, (text, first)

@@ -4,7 +4,17 @@ A script is a list of steps executed over a ``qemu.qmp.QMPClient``:
 
     ("cmd", name, args)       execute; the reply (return or error class + desc) is recorded
     ("wait", event[, n])      wait until ``event`` has been seen ``n`` times (default: once more)
-    ("sleep", seconds)
+    ("status", job, statuses)  poll (unrecorded) until ``job``'s status is one of ``statuses``
+                              ("absent": the job is gone)
+    ("progress", job, n)      poll (unrecorded) until ``job`` has copied ``n`` bytes and is
+                              not busy (e.g. asleep in its rate limit)
+    ("settle",)               poll (unrecorded) until no job is in a passing state (created,
+                              waiting, aborting; concluded when auto-dismissed; pending when
+                              auto-finalized)
+    ("sleep", seconds)        only as a window in which nothing may happen, never to wait
+
+Every wait has a generous deadline (``limit_s``) instead of a fixed sleep, so a loaded machine
+slows a script down without changing its transcript.
 
 ``run_script`` returns a ``Transcript``: the replies and the events, each normalised so that two
 daemons compare equal when they behave alike (timestamps dropped, byte counts reduced to the
@@ -53,7 +63,7 @@ class Transcript:
 
 
 async def run_script(
-    qmp: Any, steps: list[Step], limit_s: float = 20.0, workdir: str | None = None
+    qmp: Any, steps: list[Step], limit_s: float = 60.0, workdir: str | None = None
 ) -> Transcript:
     """Run ``steps``; occurrences of ``workdir`` in error texts become ``$W``."""
     from qemu.qmp import ExecuteError
@@ -68,7 +78,37 @@ async def run_script(
             async with cond:
                 tr.events.append(norm_event(dict(ev)))
                 seen[ev["event"]] = seen.get(ev["event"], 0) + 1
+                if ev["event"] == "JOB_STATUS_CHANGE":
+                    key = f"JOB_STATUS_CHANGE:{ev['data']['status']}"
+                    seen[key] = seen.get(key, 0) + 1
                 cond.notify_all()
+
+    async def poll(done: Any, what: str) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit_s
+        while True:
+            jobs = await qmp.execute("query-block-jobs")
+            if done(jobs):
+                return
+            if loop.time() > deadline:
+                raise AssertionError(f"{what}: not reached in {limit_s} s: {jobs}")
+            await asyncio.sleep(0.01)
+
+    def passing(job: dict[str, Any]) -> bool:
+        st = job["status"]
+        return (st in ("created", "waiting", "aborting", "undefined")
+                or (st == "concluded" and job["auto-dismiss"])
+                or (st == "pending" and job["auto-finalize"]))
+
+    async def drain() -> None:
+        # events sent before the last reply are queued in qmp.events: let the listener
+        # take them all (it appends without yielding)
+        for _ in range(100_000):
+            if qmp.events.empty():
+                break
+            await asyncio.sleep(0)
+        for _ in range(3):
+            await asyncio.sleep(0)
 
     listener = asyncio.ensure_future(listen())
     try:
@@ -91,12 +131,35 @@ async def run_script(
 
                 async with cond:
                     await asyncio.wait_for(cond.wait_for(reached), limit_s)
+            elif kind == "status":
+                job_id, statuses = step[1], step[2]
+
+                def reached_status(jobs: list[dict[str, Any]], j: str = job_id,
+                                   want: Any = statuses) -> bool:
+                    found = [x["status"] for x in jobs if x["device"] == j]
+                    return (found[0] if found else "absent") in want
+
+                await poll(reached_status, f"job {job_id} in {statuses}")
+            elif kind == "progress":
+                job_id, least = step[1], step[2]
+
+                def progressed(jobs: list[dict[str, Any]], j: str = job_id,
+                               n: int = least) -> bool:
+                    return any(x["device"] == j and x["offset"] >= n and not x["busy"]
+                               for x in jobs)
+
+                await poll(progressed, f"job {job_id} at offset {least}, not busy")
+            elif kind == "settle":
+                await poll(lambda jobs: not any(passing(x) for x in jobs), "settled jobs")
             elif kind == "sleep":
                 await asyncio.sleep(step[1])
             else:
                 raise ValueError(f"unknown step {step!r}")
-        # let trailing events arrive
-        await asyncio.sleep(0.2)
+        # a last round trip (unless the script quit): every event the daemon sent before it
+        # is then queued; then let the listener take them
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(qmp.execute("query-version"), limit_s)
+        await drain()
     finally:
         listener.cancel()
         with contextlib.suppress(asyncio.CancelledError):

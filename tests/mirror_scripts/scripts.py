@@ -39,7 +39,11 @@ def _mirror(**extra: Any) -> Step:
 
 Q: Step = ("cmd", "query-block-jobs")
 QJ: Step = ("cmd", "query-jobs")
-END: list[Step] = [("sleep", 0.2), Q, QJ]
+# the job has reached a state it keeps until told otherwise (its trailing events sent)
+END: list[Step] = [("settle",), Q, QJ]
+# a SLOW job has copied its first chunk and sleeps in its rate limit (its "created" and
+# "running" events are out); QSD's quit pauses a job still busy copying around its drain
+RUNNING: Step = ("progress", "j", 65536)
 
 
 def complete_after_ready(p: dict[str, str]) -> list[Step]:
@@ -49,7 +53,7 @@ def complete_after_ready(p: dict[str, str]) -> list[Step]:
 
 
 def cancel_before_ready(p: dict[str, str]) -> list[Step]:
-    return [*_setup(p), _mirror(**SLOW), ("sleep", 0.1), Q, QJ,
+    return [*_setup(p), _mirror(**SLOW), RUNNING, Q, QJ,
             ("cmd", "block-job-complete", {"device": "j"}),
             ("cmd", "block-job-cancel", {"device": "j"}), ("wait", "BLOCK_JOB_CANCELLED"),
             *END]
@@ -74,7 +78,7 @@ def job_cancel_after_ready(p: dict[str, str]) -> list[Step]:
 
 
 def pause_resume(p: dict[str, str]) -> list[Step]:
-    return [*_setup(p), _mirror(**SLOW), ("sleep", 0.1),
+    return [*_setup(p), _mirror(**SLOW), RUNNING,
             ("cmd", "block-job-pause", {"device": "j"}), ("wait", "JOB_STATUS_CHANGE", 3), Q,
             ("cmd", "block-job-pause", {"device": "j"}),
             ("cmd", "block-job-cancel", {"device": "j"}),
@@ -83,6 +87,7 @@ def pause_resume(p: dict[str, str]) -> list[Step]:
             ("cmd", "block-job-set-speed", {"device": "j", "speed": 0}),
             ("wait", "BLOCK_JOB_READY"),
             ("cmd", "job-pause", {"id": "j"}), ("wait", "JOB_STATUS_CHANGE", 6), Q,
+            # a window in which the paused job must not complete (nothing to wait for)
             ("cmd", "job-complete", {"id": "j"}), ("sleep", 0.2), Q,
             ("cmd", "job-resume", {"id": "j"}), ("wait", "BLOCK_JOB_COMPLETED"), *END]
 
@@ -92,7 +97,7 @@ def manual_finalize_dismiss(p: dict[str, str]) -> list[Step]:
             ("wait", "BLOCK_JOB_READY"), ("cmd", "job-complete", {"id": "j"}),
             ("wait", "BLOCK_JOB_PENDING"), Q, QJ, ("cmd", "job-dismiss", {"id": "j"}),
             ("cmd", "job-finalize", {"id": "j"}), ("wait", "BLOCK_JOB_COMPLETED"),
-            ("sleep", 0.1), Q, QJ, ("cmd", "job-finalize", {"id": "j"}),
+            ("settle",), Q, QJ, ("cmd", "job-finalize", {"id": "j"}),
             ("cmd", "job-dismiss", {"id": "j"}), *END]
 
 
@@ -130,7 +135,8 @@ def source_error(policy: str, err: int = 5) -> Any:
 def _after_error(policy: str, err: int) -> list[Step]:
     stops = policy == "stop" or (policy in ("enospc", "auto") and err == 28)
     if stops:
-        return [("sleep", 0.2), Q, ("cmd", "block-job-cancel", {"device": "j"}),
+        return [("status", "j", ("paused", "standby")), Q,
+                ("cmd", "block-job-cancel", {"device": "j"}),
                 ("cmd", "block-job-resume", {"device": "j"}), ("wait", "BLOCK_JOB_READY"), Q,
                 ("cmd", "block-job-complete", {"device": "j"}),
                 ("wait", "BLOCK_JOB_COMPLETED"), *END]
@@ -197,14 +203,14 @@ def invalid_arguments(p: dict[str, str]) -> list[Step]:
         ("cmd", "blockdev-del", {"node-name": "src"}),
         ("cmd", "blockdev-del", {"node-name": "tgt"}),
         ("cmd", "job-cancel", {"id": "j"}), ("wait", "BLOCK_JOB_CANCELLED"),
-        ("sleep", 0.1),
+        ("status", "j", ("absent",)),
         dmirror(device="nope"), dmirror(replaces="tgt"), dmirror(format="bogus"),
         dmirror(mode="existing", target=os.path.join(work, "missing.raw")),
         dmirror(mode="bogus"), dmirror(granularity=1000), dmirror(**{"buf-size": -1}),
         dmirror(**{"job-id": "2x"}), dmirror(sync="incremental"),
         dmirror(**{"filter-node-name": "f"}), dmirror(**{"target-is-zero": True}),
         dmirror(mode="existing", target=p["tgt"], format="raw", speed=-1),
-        ("sleep", 0.1), Q, QJ,
+        ("settle",), Q, QJ,
     ]
 
 
@@ -213,12 +219,12 @@ SCRIPTS.append(invalid_arguments)
 
 def quit_while_running(p: dict[str, str]) -> list[Step]:
     """quit force-cancels running jobs, with all their events before the reply."""
-    return [*_setup(p), _mirror(**SLOW), ("sleep", 0.1), ("cmd", "quit"), ("sleep", 0.3)]
+    return [*_setup(p), _mirror(**SLOW), RUNNING, ("cmd", "quit")]
 
 
 def quit_while_ready(p: dict[str, str]) -> list[Step]:
     return [*_setup(p), _mirror(**{"auto-dismiss": False}), ("wait", "BLOCK_JOB_READY"),
-            ("cmd", "quit"), ("sleep", 0.3)]
+            ("cmd", "quit")]
 
 
 SCRIPTS.extend([quit_while_running, quit_while_ready])
@@ -231,13 +237,13 @@ def write_blocking_complete(p: dict[str, str]) -> list[Step]:
 
 
 def named_filter_is_busy(p: dict[str, str]) -> list[Step]:
-    return [*_setup(p), _mirror(**{"filter-node-name": "mf", **SLOW}), ("sleep", 0.1),
+    return [*_setup(p), _mirror(**{"filter-node-name": "mf", **SLOW}), RUNNING,
             ("cmd", "blockdev-del", {"node-name": "mf"}),
             ("cmd", "blockdev-del", {"node-name": "src"}),
             ("cmd", "blockdev-mirror", {"job-id": "k", "device": "mf", "target": "tgt",
                                         "sync": "full"}),
             ("cmd", "block-job-cancel", {"device": "j", "force": True}),
-            ("wait", "BLOCK_JOB_CANCELLED"), ("sleep", 0.1),
+            ("wait", "BLOCK_JOB_CANCELLED"), ("status", "j", ("absent",)),
             ("cmd", "blockdev-del", {"node-name": "src"}), *END]
 
 
@@ -296,7 +302,7 @@ def replaces_below_a_filter(p: dict[str, str]) -> list[Step]:
         ("cmd", "blockdev-mirror", {"job-id": "j", "device": "dbg", "target": "tgt",
                                     "sync": "full", "replaces": "dbg"}),
         ("wait", "BLOCK_JOB_READY"), ("cmd", "job-complete", {"id": "j"}),
-        ("wait", "BLOCK_JOB_COMPLETED"), ("sleep", 0.1),
+        ("wait", "BLOCK_JOB_COMPLETED"), ("status", "j", ("absent",)),
         ("cmd", "blockdev-del", {"node-name": "tgt"}),
         ("cmd", "blockdev-del", {"node-name": "src"}),
         ("cmd", "blockdev-del", {"node-name": "dbg"}),

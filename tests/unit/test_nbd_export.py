@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -199,9 +200,10 @@ def test_export_life_cycle_and_qemu_texts(tmp_path: Path) -> None:
         await nq.block_export_del(d, "e0", "hard")
         with pytest.raises(BlockMirrorError, match=r"^Export 'e0' is already shutting down$"):
             await nq.block_export_del(d, "e0")
-        for _ in range(100):
-            if not any(e["event"] == "BLOCK_EXPORT_DELETED" for e in d.events.history):
-                await asyncio.sleep(0.01)
+        deadline = time.monotonic() + 30  # the hard deletion ends after the client is gone
+        while not any(e["event"] == "BLOCK_EXPORT_DELETED" for e in d.events.history):
+            assert time.monotonic() < deadline, "BLOCK_EXPORT_DELETED never came"
+            await asyncio.sleep(0.01)
         assert [e["data"] for e in d.events.history
                 if e["event"] == "BLOCK_EXPORT_DELETED"] == [{"id": "e0"}]
         assert not d.graph.nodes["n0"].parents  # the export's backend is gone
@@ -252,8 +254,15 @@ def test_max_connections(tmp_path: Path) -> None:
         with pytest.raises(BlockMirrorError):
             await client_node(Daemon(), sock, export="n0", name="c1")
         await c.driver.close()
-        await asyncio.sleep(0.05)
-        c2 = await client_node(Daemon(), sock, export="n0", name="c2")
+        # the server frees the slot once it has seen the hang-up: retry until it has
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                c2 = await client_node(Daemon(), sock, export="n0", name="c2")
+                break
+            except BlockMirrorError:
+                assert time.monotonic() < deadline, "the connection slot was never freed"
+                await asyncio.sleep(0.02)
         await c2.driver.close()
         await nq.nbd_server_stop(d)
 
@@ -285,14 +294,14 @@ def test_reconnect_delay_rides_over_a_server_restart(tmp_path: Path) -> None:
             await c0.read(0, 3)
         await nq.nbd_server_start(d, args)
         await nq.block_export_add(d, export)
-        for _ in range(100):
+        deadline = time.monotonic() + 30
+        while True:
             try:
                 assert await c0.read(0, 6) == b"onetwo"
                 break
             except BlockIOError:
+                assert time.monotonic() < deadline, "the driver never reconnected"
                 await asyncio.sleep(0.05)
-        else:
-            raise AssertionError("the driver never reconnected")
         await c0.driver.close()
         await nq.nbd_server_stop(d)
 

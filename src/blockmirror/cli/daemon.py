@@ -29,6 +29,7 @@ from blockmirror.qapi.qom import OBJECT_TYPES
 from blockmirror.qmp.commands import nbd as nbd_commands
 from blockmirror.qmp.commands.objects import add_object
 from blockmirror.qmp.stdio import attach_stdio
+from blockmirror.unixsock import listen_unix
 
 #: long options that take an argument, as QSD's getopt table declares them
 _WITH_ARG = ("blockdev", "chardev", "export", "monitor", "nbd-server", "object", "pidfile",
@@ -234,8 +235,8 @@ async def _open_chardev(st: _State, text: str) -> None:
             if server:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
-                sock.bind(path)
-                sock.listen(16)
+                sock.close()
+                sock = listen_unix(path)  # mode 0600, see unixsock.py
             else:
                 sock.connect(path)
         except OSError as e:

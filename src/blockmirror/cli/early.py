@@ -28,6 +28,7 @@ import socket
 import threading
 
 from blockmirror import QEMU_COMPAT_PACKAGE, QEMU_COMPAT_VERSION
+from blockmirror.unixsock import listen_unix
 
 
 def greeting_bytes() -> bytes:
@@ -172,14 +173,11 @@ def start(argv: list[str]) -> None:
                     or "id" not in o or "path" not in o or o["id"] in listeners
                     or o.get("server") not in ("on",) or o.get("wait") != "off"):
                 break
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(o["path"])
-                sock.bind(o["path"])
-                sock.listen(16)
+                sock = listen_unix(o["path"])  # mode 0600, see unixsock.py
             except OSError:
-                sock.close()
                 break  # the normal path reports it, with QEMU's words
             sock.setblocking(False)
             listeners[o["id"]] = _Listener(text, o["id"], o["path"], sock)

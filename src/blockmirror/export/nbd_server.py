@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import os
 import ssl
@@ -68,11 +69,16 @@ from blockmirror.nbd.transmission import (
 )
 from blockmirror.nbd.wire import NBDProtocolError
 from blockmirror.objects.authz import is_allowed_by_id
+from blockmirror.unixsock import bind_unix
 
 log = logging.getLogger(__name__)
 
 #: requests of one client processed at the same time (cf. QEMU's MAX_NBD_REQUESTS)
 MAX_IN_FLIGHT = 16
+#: WRITE payload bytes one client may have in flight (beyond one request, which may always
+#: run): QEMU holds up to MAX_IN_FLIGHT x 32 MiB per client; we bound a client's buffers to
+#: this plus the one request being received
+MAX_IN_FLIGHT_BYTES = 32 * 1024 * 1024
 #: seconds a client may take to finish the handshake (cf. handshake-max-seconds)
 HANDSHAKE_TIMEOUT = 10.0
 #: extents in one BLOCK_STATUS reply (bounds the work a single request can ask for)
@@ -154,11 +160,18 @@ class NbdServer:
     async def listen(self, addr: dict[str, Any]) -> None:
         kind = addr.get("type")
         if kind == "unix":
-            path = str(addr["path"])
+            # QEMU hands the path to the C library: it ends at the first NUL byte
+            path = str(addr["path"]).split("\0", 1)[0]
             if _is_socket(path):
                 os.unlink(path)  # cf. QEMU: a stale socket file is replaced
             try:
-                self._server = await asyncio.start_unix_server(self._accept, path)
+                # mode 0600 before listen() (see unixsock.py), unlike QEMU's umask
+                sock = bind_unix(path)
+                try:
+                    self._server = await asyncio.start_unix_server(self._accept, sock=sock)
+                except BaseException:
+                    sock.close()
+                    raise
             except OSError as e:
                 raise BlockMirrorError(
                     f"Failed to bind socket to {path}: {os.strerror(e.errno or errno.EIO)}"
@@ -287,6 +300,9 @@ class _Client:
         self.crashed = False
         self._task = asyncio.current_task()
         self._wlock = asyncio.Lock()
+        #: WRITE payload bytes held by requests in flight (see MAX_IN_FLIGHT_BYTES)
+        self._payload = asyncio.Condition()
+        self._payload_bytes = 0
         self.structured = False
         self.contexts: dict[int, str] = {}
         peer = writer.get_extra_info("peername")
@@ -412,9 +428,18 @@ class _Client:
             if req.type == Cmd.DISC:
                 return
             await slots.acquire()
-            tg.create_task(self._serve(req, slots))
+            held = len(req.data)
+            if held:
+                # stop reading until the payloads in flight fit the budget (bounded memory)
+                async with self._payload:
+                    await self._payload.wait_for(functools.partial(self._payload_fits, held))
+                    self._payload_bytes += held
+            tg.create_task(self._serve(req, slots, held))
 
-    async def _serve(self, req: Request, slots: asyncio.Semaphore) -> None:
+    def _payload_fits(self, n: int) -> bool:
+        return self._payload_bytes == 0 or self._payload_bytes + n <= MAX_IN_FLIGHT_BYTES
+
+    async def _serve(self, req: Request, slots: asyncio.Semaphore, held: int = 0) -> None:
         try:
             try:
                 await self._dispatch(req)
@@ -428,6 +453,10 @@ class _Client:
             self.close()
         finally:
             slots.release()
+            if held:
+                async with self._payload:
+                    self._payload_bytes -= held
+                    self._payload.notify_all()
 
     async def _dispatch(self, req: Request) -> None:
         exp = self.export

@@ -12,7 +12,9 @@ order come out byte-identical to QEMU's. No sockets, tasks or clocks live here.
 from __future__ import annotations
 
 import re
+import struct
 import sys
+import tempfile
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -27,6 +29,57 @@ MAX_NESTING = 1 << 10
 # MAX_NESTING, so this bound is always enough.
 if sys.getrecursionlimit() < 4 * MAX_NESTING + 200:
     sys.setrecursionlimit(4 * MAX_NESTING + 200)
+
+
+#: bytes of an unfinished token or value kept in memory before the rest goes to an anonymous
+#: temporary file. QEMU keeps up to MAX_TOKEN_SIZE (64 MiB) per client in memory; a client
+#: sending a huge token that will only be refused must not cost the daemon that much RSS
+#: (issue 15: at most 16 MiB), so the limits stay QEMU's and only the storage changes.
+SPOOL_MEMORY = 1 << 20
+
+
+class _Spool:
+    """Append-only bytes: in memory up to SPOOL_MEMORY, then in a temporary file."""
+
+    __slots__ = ("_file", "_len", "_mem")
+
+    def __init__(self) -> None:
+        self._mem = bytearray()
+        self._file: Any = None
+        self._len = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def extend(self, data: bytes | bytearray) -> None:
+        self._len += len(data)
+        if self._file is None:
+            self._mem += data
+            if len(self._mem) > SPOOL_MEMORY:
+                # closed by close(), which every owner calls when the value is done
+                self._file = tempfile.TemporaryFile()  # noqa: SIM115
+                self._file.write(self._mem)
+                self._mem = bytearray()
+        else:
+            self._file.write(data)
+
+    def read(self, offset: int, length: int) -> bytes:
+        if self._file is None:
+            return bytes(self._mem[offset:offset + length])
+        self._file.seek(offset)
+        data: bytes = self._file.read(length)
+        self._file.seek(0, 2)
+        return data
+
+    def getvalue(self) -> bytes:
+        return self.read(0, self._len)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._file = None
+        self._mem = bytearray()
+        self._len = 0
 
 
 class Tok(IntEnum):
@@ -102,13 +155,51 @@ class Token:
 Parsed = Any | JSONParseError
 
 
+class _Pending:
+    """The tokens of an unfinished value, compactly: per token a type byte, a 4-byte length
+    and the text, all in one spool. (A list of Token objects costs ~90 bytes per token: at
+    QEMU's 2M token limit that is ~180 MiB held for a value that will only be refused.)"""
+
+    __slots__ = ("count", "spool")
+
+    _HEAD = struct.Struct("<BI")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.spool = _Spool()
+
+    def __len__(self) -> int:
+        return self.count
+
+    def add(self, t: Tok, text: bytes) -> None:
+        self.spool.extend(self._HEAD.pack(t, len(text)))
+        self.spool.extend(text)
+        self.count += 1
+
+    def tokens(self) -> list[Token]:
+        blob = self.spool.getvalue()
+        out: list[Token] = []
+        pos, head = 0, self._HEAD
+        while pos < len(blob):
+            t, n = head.unpack_from(blob, pos)
+            pos += head.size
+            out.append(Token(Tok(t), blob[pos:pos + n]))
+            pos += n
+        return out
+
+    def close(self) -> None:
+        self.spool.close()
+
+
 class JSONStreamer:
     """Bytes in, complete JSON values (or JSONParseError instances) out, in input order."""
 
     def __init__(self) -> None:
         self._state = _S.START
         self._tok = bytearray()
-        self._tokens: list[Token] = []
+        #: the front of a token longer than SPOOL_MEMORY (self._tok holds the rest)
+        self._tok_spool = _Spool()
+        self._pending = _Pending()
         self._token_size = 0
         self._brace = 0
         self._bracket = 0
@@ -116,8 +207,9 @@ class JSONStreamer:
 
     @property
     def buffered(self) -> int:
-        """Bytes held for an unfinished value (bounded by MAX_TOKEN_SIZE twice over)."""
-        return len(self._tok) + self._token_size
+        """Bytes held for an unfinished value (bounded by MAX_TOKEN_SIZE twice over; in
+        memory at most about 2 * SPOOL_MEMORY plus 5 bytes per token)."""
+        return len(self._tok_spool) + len(self._tok) + self._token_size
 
     def feed(self, data: bytes) -> list[Parsed]:
         i, n = 0, len(data)
@@ -128,8 +220,7 @@ class JSONStreamer:
                 if m is not None:
                     if self._state is not _S.START and self._state is not _S.RECOVERY:
                         self._tok += m.group()
-                        if len(self._tok) > MAX_TOKEN_SIZE:
-                            self._cut_token()
+                        self._check_size()
                     i = m.end()
                     continue
             self._char(data[i])
@@ -145,12 +236,19 @@ class JSONStreamer:
             consumed = self._step(c)
             if consumed:
                 break
-        if len(self._tok) > MAX_TOKEN_SIZE:
+        self._check_size()
+
+    def _check_size(self) -> None:
+        if len(self._tok) > SPOOL_MEMORY:
+            self._tok_spool.extend(self._tok)
+            self._tok = bytearray()
+        if len(self._tok_spool) and len(self._tok_spool) + len(self._tok) > MAX_TOKEN_SIZE:
             self._cut_token()
 
     def _cut_token(self) -> None:
         # The token is over the limit and will only be reported: drop it without copying.
         self._tok = bytearray()
+        self._tok_spool.close()
         self._token(Tok.PARTIAL, MAX_TOKEN_SIZE + 1)
         self._state = _S.START
 
@@ -261,7 +359,13 @@ class JSONStreamer:
     # -- streamer ------------------------------------------------------------------------
 
     def _token(self, t: Tok, size: int | None = None) -> None:
-        text = bytes(self._tok)
+        if len(self._tok_spool):
+            self._tok_spool.extend(self._tok)
+            text = self._tok_spool.getvalue()
+            self._tok_spool.close()
+        else:
+            text = bytes(self._tok)
+        self._tok = bytearray() if len(self._tok) > 4096 else self._tok
         self._tok.clear()
         length = len(text) if size is None else size
         err: str | None = None
@@ -280,21 +384,22 @@ class JSONStreamer:
         if err is None:
             if self._token_size + length + 1 > MAX_TOKEN_SIZE:
                 err = "JSON token size limit exceeded"
-            elif len(self._tokens) + 1 > MAX_TOKEN_COUNT:
+            elif len(self._pending) + 1 > MAX_TOKEN_COUNT:
                 err = "JSON token count limit exceeded"
             elif self._brace + self._bracket > MAX_NESTING:
                 err = "JSON nesting depth limit exceeded"
         if err is None:
-            self._tokens.append(Token(t, text))
+            self._pending.add(t, text)
             self._token_size += len(text)
             if (self._brace > 0 or self._bracket > 0) and self._brace >= 0 \
                     and self._bracket >= 0:
                 return
-            result: Parsed = _Parser(self._tokens).parse()
+            result: Parsed = _Parser(self._pending.tokens()).parse()
         else:
             result = JSONParseError(err)
         self._brace = self._bracket = 0
-        self._tokens = []
+        self._pending.close()
+        self._pending = _Pending()
         self._token_size = 0
         self._out.append(result)
 
@@ -478,35 +583,30 @@ def _parse_string(text: bytes) -> str:
 
 # -- printer -------------------------------------------------------------------------------
 
+_ESCAPED = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n",
+            "\r": "\\r", "\t": "\\t"}
+#: every character that is not printed as itself
+_NOT_PLAIN = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]")
+
+
+def _escape_char(m: re.Match[str]) -> str:
+    ch = m.group()
+    esc = _ESCAPED.get(ch)
+    if esc is not None:
+        return esc
+    cp = ord(ch)
+    if 0xDC80 <= cp <= 0xDCFF:  # an undecodable byte carried as a lone surrogate
+        return "\\uFFFD"
+    if cp > 0xFFFF:
+        cp -= 0x10000
+        return f"\\u{0xD800 | cp >> 10:04X}\\u{0xDC00 | cp & 0x3FF:04X}"
+    return f"\\u{cp:04X}"
+
+
 def _escape(s: str) -> str:
-    out = ['"']
-    for ch in s:
-        cp = ord(ch)
-        if ch == '"':
-            out.append('\\"')
-        elif ch == "\\":
-            out.append("\\\\")
-        elif ch == "\b":
-            out.append("\\b")
-        elif ch == "\f":
-            out.append("\\f")
-        elif ch == "\n":
-            out.append("\\n")
-        elif ch == "\r":
-            out.append("\\r")
-        elif ch == "\t":
-            out.append("\\t")
-        elif 0x20 <= cp < 0x7F:
-            out.append(ch)
-        elif 0xDC80 <= cp <= 0xDCFF:  # an undecodable byte carried as a lone surrogate
-            out.append("\\uFFFD")
-        elif cp > 0xFFFF:
-            cp -= 0x10000
-            out.append(f"\\u{0xD800 | cp >> 10:04X}\\u{0xDC00 | cp & 0x3FF:04X}")
-        else:
-            out.append(f"\\u{cp:04X}")
-    out.append('"')
-    return "".join(out)
+    # runs of plain characters are copied in bulk: a long string costs one copy, not a list
+    # of one reference per character (8 bytes each: 8 MiB for a 1 MiB error token)
+    return '"' + _NOT_PLAIN.sub(_escape_char, s) + '"'
 
 
 def format_number(v: int | float) -> str:

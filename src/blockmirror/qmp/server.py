@@ -21,10 +21,11 @@ from blockmirror.errors import BlockMirrorError
 from blockmirror.qapi import checks as schema_checks
 from blockmirror.qmp.registry import Args, CommandContext, CommandDef, DaemonAPI, load_commands
 from blockmirror.qmp.session import Execute, QMPSession, Reply
+from blockmirror.unixsock import bind_unix
 
 log = logging.getLogger(__name__)
 
-READ_CHUNK = 64 * 1024
+READ_CHUNK = 16 * 1024
 MAX_OUTPUT_BUFFER = 16 << 20
 
 
@@ -92,7 +93,13 @@ class QMPServer:
     async def listen_unix(self, path: str, *, pretty: bool | None = None) -> asyncio.Server:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        srv = await asyncio.start_unix_server(self._handler(pretty), path=path, limit=READ_CHUNK)
+        sock = bind_unix(path)  # mode 0600 before listen(): see unixsock.py
+        try:
+            srv = await asyncio.start_unix_server(self._handler(pretty), sock=sock,
+                                                  limit=READ_CHUNK)
+        except BaseException:
+            sock.close()
+            raise
         self._unix_paths.append(path)
         self._servers.append(srv)
         return srv

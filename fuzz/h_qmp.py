@@ -1,0 +1,219 @@
+"""Harness: the QMP stream through the REAL command handlers on a real block graph.
+
+Each input builds a fresh Daemon with a few nodes (null-co, raw over a file, qcow2 over a
+file), then drives one QMPSession with it: the fuzzer's bytes choose between raw bytes (the
+framing) and commands generated from the QAPI schema the registry declares (names from the
+registry, arguments shaped by their types, values from a vocabulary of node names, job ids,
+paths in the scratch directory, edge-case integers; now and then a wrong type). Every
+Execute runs ``run_command`` exactly as the server does.
+
+Invariants: every reply is one JSON object; no handler fails with an unexpected exception
+(run_command turns those into "internal error: ..."); the daemon shuts down cleanly within
+its time limit afterwards. String values never name paths outside the scratch directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from typing import Any
+
+from blockmirror.block.create import img_create
+from blockmirror.block.options import open_blockdev
+from blockmirror.daemon import Daemon
+from blockmirror.qapi.schema import TYPES, AlternateType, EnumType, StructType, UnionType
+from blockmirror.qmp.registry import load_commands
+from blockmirror.qmp.server import run_command
+from blockmirror.qmp.session import Execute, QMPSession, Reply
+from fuzz.common import Finding, clean_scratch, require_sandbox, run, scratch
+from fuzz.provider import Input
+
+COMMANDS = load_commands()
+NAMES = sorted(COMMANDS)
+DICT = [b'{"execute":"', b'"arguments":{', b'"id":', b"}", b'"}', b"qmp_capabilities",
+        *[n.encode() for n in NAMES]]
+
+INTS = [0, 1, -1, 2, 512, 4096, 65536, 1 << 20, 1 << 30, 1 << 31, (1 << 32) - 1, 1 << 32,
+        (1 << 63) - 1, -(1 << 63), 1 << 64, 3, 100, 1000, 1 << 36, 1 << 20, 65536]
+
+
+def _vocab() -> list[str]:
+    d = scratch()
+    return ["n0", "n1", "f0", "q0", "q0-file", "f0-file", "j", "j1", "mf", "e0", "disk",
+            "#block000", "", "x" * 200, "a b", "1abc", f"{d}/t1.raw", f"{d}/t2.qcow2",
+            f"{d}/f0.raw", f"{d}/q0.qcow2", f"{d}/nope/x", f"{d}/nbd.sock", "t3.raw",
+            "raw", "qcow2", "file", "null-co", "blkdebug", "nbd", "unix", "inet",
+            "127.0.0.1", "0", "info block", "info jobs", "help", "qemu-io n0 'read 0 512'",
+            "base:allocation", "off", "on", "report", "stop", "ignore", "full", "top", "none",
+            "existing", "absolute-paths", "write-blocking", "background", "\u00e9\0\n"]
+
+
+VOCAB: list[str] = []
+
+
+def _str(inp: Input) -> str:
+    if not VOCAB:
+        VOCAB.extend(_vocab())
+    return inp.pick(VOCAB)
+
+
+#: string values by argument name: valid ones most of the time, so handlers run deep
+BY_KEY = {
+    "device": ["n0", "n1", "f0", "q0", "j", "mf"], "node-name": ["n0", "n1", "f0", "q0", "t"],
+    "target": ["n1", "f0", "q0", "t1.raw", "t2.qcow2"], "node": ["n0", "f0", "q0"],
+    "job-id": ["j", "j1"], "id": ["j", "j1", "e0"], "name": ["disk", "n0", "e0"],
+    "filter-node-name": ["mf"], "replaces": ["n0", "q0"], "file": ["f0-file", "q0-file"],
+    "filename": ["t1.raw", "t2.qcow2", "f0.raw"], "path": ["nbd.sock"],
+    "driver": ["raw", "qcow2", "file", "null-co", "blkdebug"], "format": ["raw", "qcow2"],
+    "backing": ["n0", "q0"], "command-line": ["info block", "info jobs", "help"],
+}
+_KEY: list[str] = [""]
+
+
+def gen(inp: Input, t: Any, depth: int = 0, key: str = "") -> Any:
+    """A value of type ``t`` (sometimes of the wrong type: the validator must say so)."""
+    if inp.below(32) == 0 or depth > 6:
+        return inp.pick([None, 1, "x", True, [], {}, -1.5, _str(inp)])
+    if t == "str" and key in BY_KEY and inp.below(8) != 0:
+        return inp.pick(BY_KEY[key])
+    if isinstance(t, list):
+        return [gen(inp, t[0], depth + 1) for _ in range(inp.below(4))]
+    if isinstance(t, dict):  # an inline struct (command arguments, older registry)
+        return _members(inp, [(k.lstrip("*"), v, k.startswith("*")) for k, v in t.items()],
+                        depth)
+    if isinstance(t, tuple):  # command arguments: a tuple of Members
+        return _members(inp, [(m.name, m.type, m.optional) for m in t], depth)
+    if t in ("str",):
+        return _str(inp)
+    if t in ("int", "int64", "uint64", "size", "int8", "int16", "int32", "uint8", "uint16",
+             "uint32"):
+        return inp.pick(INTS) if inp.below(4) else inp.int(4) - (1 << 31)
+    if t == "bool":
+        return inp.bool()
+    if t == "number":
+        return inp.pick([0.0, 1.5, -1.0, 1e300, 0.1])
+    if t == "null":
+        return None
+    if t == "any":
+        return gen(inp, inp.pick(["str", "int", "bool", ["int"]]), depth + 1)
+    st = TYPES.get(t)
+    if isinstance(st, EnumType):
+        return inp.pick(st.values) if inp.below(16) else _str(inp)
+    if isinstance(st, StructType):
+        members = [(m.name, m.type, m.optional) for m in _struct_members(st)]
+        return _members(inp, members, depth)
+    if isinstance(st, UnionType):
+        disc = next((m for m in st.base if m.name == st.discriminator), None)
+        values = sorted(st.branches) or ["x"]
+        choice = inp.pick(values)
+        base = [(m.name, m.type, m.optional) for m in st.base if m.name != st.discriminator]
+        out = _members(inp, base, depth)
+        out[st.discriminator] = choice if disc is None or inp.below(16) else _str(inp)
+        branch = TYPES.get(st.branches.get(choice, ""))
+        if isinstance(branch, StructType):
+            out.update(_members(inp, [(m.name, m.type, m.optional)
+                                      for m in _struct_members(branch)], depth))
+        return out
+    if isinstance(st, AlternateType):
+        return gen(inp, inp.pick(st.choices).type, depth + 1)
+    return _str(inp)
+
+
+def _struct_members(st: StructType) -> list[Any]:
+    out = list(st.members)
+    base = TYPES.get(st.base) if st.base else None
+    if isinstance(base, StructType):
+        out = _struct_members(base) + out
+    return out
+
+
+def _members(inp: Input, members: list[tuple[str, Any, bool]], depth: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, typ, optional in members:
+        if (inp.below(3) != 0) if optional else (inp.below(32) == 0):
+            continue
+        out[name] = gen(inp, typ, depth + 1, name)
+    if inp.below(16) == 0:
+        out[_str(inp) or "bogus"] = 1
+    return out
+
+
+def command(inp: Input) -> bytes:
+    name = inp.pick(NAMES)
+    msg: dict[str, Any] = {"execute": name}
+    if inp.below(8) == 0:
+        msg = {"exec-oob" if inp.bool() else "execute": name}
+    spec = COMMANDS[name].args
+    if spec is not None and inp.below(8) != 0:
+        args = gen(inp, spec)
+        if args or inp.bool():
+            msg["arguments"] = args
+    if inp.bool():
+        msg["id"] = inp.pick([1, "x", None, [1], {"a": 1}])
+    raw = json.dumps(msg).encode()
+    if inp.below(16) == 0 and raw:  # a damaged command
+        pos = inp.below(len(raw))
+        raw = raw[:pos] + inp.bytes(inp.below(4)) + raw[pos + inp.below(4):]
+    return raw
+
+
+async def _graph(d: Daemon) -> None:
+    base = scratch()
+    f0, q0 = os.path.join(base, "f0.raw"), os.path.join(base, "q0.qcow2")
+    if not os.path.exists(q0):  # noqa: ASYNC240 - once per process
+        await img_create(q0, "qcow2", 1 << 20, quiet=True)
+    with open(f0, "wb") as f:  # noqa: ASYNC230 - 1 MiB on tmpfs
+        f.truncate(1 << 20)
+    await open_blockdev(d.graph, {"driver": "null-co", "node-name": "n0", "size": 1 << 20,
+                                  "read-zeroes": True})
+    await open_blockdev(d.graph, {"driver": "null-co", "node-name": "n1", "size": 1 << 20})
+    await open_blockdev(d.graph, {"driver": "raw", "node-name": "f0", "file": {
+        "driver": "file", "node-name": "f0-file", "filename": f0}})
+    await open_blockdev(d.graph, {"driver": "qcow2", "node-name": "q0", "file": {
+        "driver": "file", "node-name": "q0-file", "filename": q0}})
+
+
+async def _session(data: bytes) -> None:
+    inp = Input(data)
+    d = Daemon()
+    try:
+        await _graph(d)
+        session = QMPSession(COMMANDS, oob_offered=True)
+        chunks: list[bytes] = []
+        if inp.below(8) != 0:
+            chunks.append(b'{"execute":"qmp_capabilities"}')
+        for _ in range(1 + inp.below(8)):
+            if inp.below(8) == 0:
+                chunks.append(inp.bytes(inp.below(64)))  # raw framing bytes
+            else:
+                chunks.append(command(inp))
+        for chunk in chunks:
+            session.receive_data(chunk)
+            while (req := session.next_request()) is not None:
+                if isinstance(req, Reply):
+                    out = req.data
+                else:
+                    assert isinstance(req, Execute)
+                    out = await asyncio.wait_for(run_command(d, session, req), 20)
+                reply = json.loads(out)
+                if not isinstance(reply, dict):
+                    raise Finding(f"reply is not an object: {out!r}")
+                err = reply.get("error", {}).get("desc", "")
+                if err.startswith("internal error"):
+                    raise Finding(f"{chunk[:300]!r} -> {err}")
+            for _ in range(inp.below(4)):
+                await asyncio.sleep(0)  # let jobs make progress between commands
+    finally:
+        try:
+            await asyncio.wait_for(d.shutdown(), 20)
+        except TimeoutError as e:
+            raise Finding("daemon shutdown hung") from e
+
+
+def one_input(data: bytes) -> None:
+    require_sandbox()
+    try:
+        run(_session(data), 60)
+    finally:
+        clean_scratch({"q0.qcow2"})

@@ -1,0 +1,85 @@
+"""Issue 15: one NBD client's WRITE payloads in flight are bounded (MAX_IN_FLIGHT_BYTES).
+
+Four 16 MiB WRITEs arrive at once while the node holds every write: with a 32 MiB budget the
+server takes two and stops reading until one finishes (QEMU would hold all four: 64 MiB).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+from blockmirror.block.driver import WriteFlags
+from blockmirror.daemon import Daemon
+from blockmirror.export import nbd_server as ns
+from blockmirror.nbd.constants import NBD_OPTS_MAGIC, NBD_REQUEST_MAGIC, Cmd, Opt
+from nbd_helpers import RamDriver, ram_node
+
+MiB = 1 << 20
+
+
+class _Writer:
+    def __init__(self) -> None:
+        self.out = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.out += data
+
+    async def drain(self) -> None:
+        await asyncio.sleep(0)
+
+    def close(self) -> None:
+        pass
+
+    async def wait_closed(self) -> None:
+        return None
+
+    def get_extra_info(self, name: str) -> None:
+        return None
+
+
+def test_write_payloads_in_flight_stay_within_the_budget() -> None:
+    async def main() -> tuple[int, int]:
+        d = Daemon()
+        node = ram_node(d.graph, "n0", 64 * MiB)
+        drv = node.driver
+        assert isinstance(drv, RamDriver)
+        gate = asyncio.Event()
+        holding = 0
+        peak = 0
+        inner = drv.pwritev
+
+        async def held(offset: int, data: bytes | memoryview, flags: WriteFlags) -> None:
+            nonlocal holding, peak
+            holding += 1
+            peak = max(peak, holding)
+            await gate.wait()
+            holding -= 1
+            await inner(offset, data, flags)
+
+        drv.pwritev = held  # type: ignore[method-assign]
+        server = ns.NbdServer(d.graph, d.events)
+        server.add_export("e0", node, name="disk", description="", writable=True)
+        name = b"disk"
+        stream = struct.pack(">I", 3) + struct.pack(
+            ">QII", NBD_OPTS_MAGIC, Opt.GO, 4 + len(name) + 2) + struct.pack(
+            ">I", len(name)) + name + struct.pack(">H", 0)
+        for k in range(4):
+            stream += struct.pack(">IHHQQI", NBD_REQUEST_MAGIC, 0, Cmd.WRITE, k + 1,
+                                  k * 16 * MiB, 16 * MiB) + bytes([k + 1]) * (16 * MiB)
+        reader = asyncio.StreamReader(limit=1 << 30)
+        reader.feed_data(stream)
+        reader.feed_eof()
+        client = ns._Client(server, reader, _Writer())  # type: ignore[arg-type]
+        task = asyncio.ensure_future(client.run())
+        for _ in range(200):  # let the server take what it can
+            await asyncio.sleep(0)
+        held_while_blocked = peak
+        gate.set()
+        await asyncio.wait_for(task, 30)
+        assert await node.read(48 * MiB, 4) == b"\x04" * 4  # all four written in the end
+        return held_while_blocked, peak
+
+    held, peak = asyncio.run(main())
+    assert held == 2, held  # 2 x 16 MiB = the 32 MiB budget; the others wait unread
+    assert peak <= 2
