@@ -17,6 +17,7 @@ from blockmirror.qapi import (  # noqa: F401  (declaring is importing)
     misc,
     qom,
     sockets,
+    x_mirror,
 )
 from blockmirror.qapi.checks import check_event, check_return
 from blockmirror.qapi.schema import (
@@ -42,7 +43,7 @@ from blockmirror.qapi.validate import (
 
 # monitor control first, then the block layer, as QEMU's qapi-schema.json includes them
 _in_module_order([f"blockmirror.qapi.{m}" for m in
-                  ("control", "job", "block_core", "block_export", "misc")])
+                  ("control", "job", "block_core", "block_export", "misc", "x_mirror")])
 
 __all__ = [
     "COMMANDS", "ENUM_CLASSES", "EVENTS", "TYPES", "ArgsRef", "CommandDecl", "EventDecl", "Mode",
