@@ -10,7 +10,10 @@ counters and one level:
 
 Rates are the slope over a sliding window (``window_ns``), which is the smoothing: a rate
 limiter copies in 100 ms bursts and a guest writes in bursts, so single intervals mean
-little. The verdict is taken from the *drain rate* (how fast ``remaining`` falls), not from
+little. A copy held to ``speed`` with a large ``buf-size`` copies a whole buffer at once and
+then sleeps off the debt, for seconds maybe: the window stretches to twice the longest recent
+gap between copy bursts (up to ``max_window_ns``), so such a copy does not look stalled
+between its bursts. The verdict is taken from the *drain rate* (how fast ``remaining`` falls), not from
 ``copy - dirty``: a guest rewriting data that is already dirty adds no work, and a write the
 active mirror copied itself is never marked, so only ``remaining`` tells the truth. A new
 verdict must hold for ``confirm`` samples before it is reported, so a single noisy interval
@@ -68,8 +71,13 @@ class Forecaster:
     """Feeds on samples; ``add`` returns the current forecast."""
 
     def __init__(self, *, window_ns: int = SEC, confirm: int = 3,
-                 saturation: float = 0.8, margin: float = 0.02) -> None:
+                 saturation: float = 0.8, margin: float = 0.02,
+                 max_window_ns: int = 10 * SEC) -> None:
         self.window_ns = window_ns
+        self.max_window_ns = max_window_ns
+        #: the last gaps between samples in which the copy made progress
+        self._gaps: deque[int] = deque(maxlen=8)
+        self._last_copy: tuple[int, int] | None = None
         self.confirm = confirm
         #: a copy at this share of its speed limit or more is held back by the limit
         self.saturation = saturation
@@ -84,19 +92,35 @@ class Forecaster:
     def reset(self) -> None:
         """Forget the history (the copy mode or the speed changed the rates' meaning)."""
         self._samples.clear()
+        self._gaps.clear()
+        self._last_copy = None
         self._pending, self._pending_n = None, 0
+
+    def _window(self, s: Sample) -> int:
+        """The window for this sample: at least two copy bursts long."""
+        last = self._last_copy
+        if last is None or s.copied != last[1]:
+            if last is not None:
+                self._gaps.append(s.t_ns - last[0])
+            self._last_copy = (s.t_ns, s.copied)
+        gaps = list(self._gaps)
+        if last is not None and s.copied == last[1] and s.remaining > 0:
+            gaps.append(s.t_ns - last[0])  # no copy since: that gap is growing
+        longest = max(gaps, default=0)
+        return min(max(self.window_ns, 2 * longest), self.max_window_ns)
 
     def add(self, s: Sample) -> Forecast:
         samples = self._samples
         if samples and s.t_ns <= samples[-1].t_ns:
             return self.current
         samples.append(s)
+        window = self._window(s)
         # keep one sample at or before the window's start, so the slope spans the window
-        while len(samples) > 2 and samples[1].t_ns <= s.t_ns - self.window_ns:
+        while len(samples) > 2 and samples[1].t_ns <= s.t_ns - window:
             samples.popleft()
         first = samples[0]
         span = s.t_ns - first.t_ns
-        if span < self.window_ns // 2:
+        if span < window // 2:
             self.current = Forecast(self.current.verdict, self.current.reason, s.remaining,
                                     self.current.copy_rate, self.current.dirty_rate,
                                     self.current.drain_rate, self.current.eta, False)
@@ -119,8 +143,12 @@ class Forecaster:
         else:
             self._pending, self._pending_n = None, 0
         self.current = Forecast(verdict, reason, s.remaining, copy, dirty, drain, eta,
-                                span >= self.window_ns)
+                                span >= window)
         return self.current
+
+    @staticmethod
+    def _growth(drain: float) -> str:
+        return f"grows by {_rate(-drain)}" if drain < -1.0 else "does not shrink"
 
     def _judge(self, s: Sample, copy: float, dirty: float,
                drain: float) -> tuple[Verdict, str, float | None]:
@@ -138,10 +166,10 @@ class Forecaster:
                     f"{_rate(copy)}, the guest writes {_rate(dirty)})", remaining / drain)
         if s.speed > 0 and copy >= self.saturation * s.speed:
             return (Verdict.THROTTLED, f"the speed limit ({_rate(s.speed)}) holds the copy at "
-                    f"{_rate(copy)}; the dirty data grows by {_rate(-drain)} with the guest "
+                    f"{_rate(copy)}; the dirty data {self._growth(drain)} with the guest "
                     f"writing {_rate(dirty)}", None)
         return (Verdict.NOT_CONVERGING, f"the guest dirties data as fast as it is copied: the "
-                f"dirty data grows by {_rate(-drain)} (copying {_rate(copy)}, the guest "
+                f"dirty data {self._growth(drain)} (copying {_rate(copy)}, the guest "
                 f"writes {_rate(dirty)})", None)
 
 
