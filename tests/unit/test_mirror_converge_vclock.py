@@ -58,7 +58,8 @@ async def _scenario(rate_at: Callable[[float], int], *, seconds: float, speed: i
     g.attach(dev, src, "root", dev.perm, dev.shared)
     g.add_backend(dev)
     job = start_mirror(d.jobs, "j", src, tgt, MirrorParams(
-        speed=speed, granularity=GRAN, buf_size=256 * KIB, converge=ConvergePolicy(policy, throttle_bps=throttle)))
+        speed=speed, granularity=GRAN, buf_size=256 * KIB,
+        converge=ConvergePolicy(policy, throttle_bps=throttle)))
     t0 = clock.now_ns()
     trace = Trace(job=job)
     stop = asyncio.Event()

@@ -13,11 +13,11 @@ limiter copies in 100 ms bursts and a guest writes in bursts, so single interval
 little. A copy held to ``speed`` with a large ``buf-size`` copies a whole buffer at once and
 then sleeps off the debt, for seconds maybe: the window stretches to twice the longest recent
 gap between copy bursts (up to ``max_window_ns``), so such a copy does not look stalled
-between its bursts. The verdict is taken from the *drain rate* (how fast ``remaining`` falls), not from
-``copy - dirty``: a guest rewriting data that is already dirty adds no work, and a write the
-active mirror copied itself is never marked, so only ``remaining`` tells the truth. A new
-verdict must hold for ``confirm`` samples before it is reported, so a single noisy interval
-does not flip it.
+between its bursts. The verdict is taken from the *drain rate* (how fast ``remaining``
+falls), not from ``copy - dirty``: a guest rewriting data that is already dirty adds no
+work, and a write the active mirror copied itself is never marked, so only ``remaining``
+tells the truth. A new verdict must hold for ``confirm`` samples before it is reported, so
+a single noisy interval does not flip it.
 """
 
 from __future__ import annotations
