@@ -95,13 +95,17 @@ class Guests:
         await asyncio.gather(*self.tasks)
 
 
+def _make_files(paths: list[Path]) -> None:
+    for p in paths:
+        with open(p, "wb") as f:
+            f.truncate(SIZE)
+
+
 async def _setup(tmp_path: Path, td: Any, qmp: Any, *, bad_target: int | None = None
                  ) -> tuple[Guests, list[Path], list[Path]]:
     srcs = [tmp_path / f"src{i}.raw" for i in range(DISKS)]
     tgts = [tmp_path / f"tgt{i}.raw" for i in range(DISKS)]
-    for p in srcs + tgts:
-        with open(p, "wb") as f:
-            f.truncate(SIZE)
+    _make_files(srcs + tgts)
     devs = []
     for i in range(DISKS):
         await qmp.execute("blockdev-add", {"driver": "raw", "node-name": f"s{i}",
@@ -183,7 +187,7 @@ def test_group_pivots_every_disk_at_one_instant(tmp_path: Path) -> None:
             graph = td.daemon.graph
             for i, dev in enumerate(guests.devs):
                 assert dev.node is graph.find_node(f"t{i}"), i
-            await qmp.execute("query-block-jobs") == []
+            assert await qmp.execute("query-block-jobs") == []
         old = [_stamps(p) for p in srcs]
         new = [_stamps(p) for p in tgts]
         in_old = [s for d in old for s in d.values()]
