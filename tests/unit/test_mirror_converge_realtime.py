@@ -39,11 +39,14 @@ async def _run(tmp_path: Path, converge: str | None) -> dict[str, Any]:
         qmp = await td.client()
         events: list[dict[str, Any]] = []
         ready = asyncio.Event()
+        completed = asyncio.Event()
 
         def on_event(ev: dict[str, Any]) -> None:
             events.append(ev)
             if ev["event"] == "BLOCK_JOB_READY":
                 ready.set()
+            if ev["event"] == "BLOCK_JOB_COMPLETED":
+                completed.set()
 
         td.daemon.events.subscribe(on_event)
         for name, path in (("src", src), ("tgt", tgt)):
@@ -96,8 +99,7 @@ async def _run(tmp_path: Path, converge: str | None) -> dict[str, Any]:
                 stop.set()
                 await task
                 await qmp.execute("block-job-complete", {"device": "j"})
-                while not any(e["event"] == "BLOCK_JOB_COMPLETED" for e in events):
-                    await asyncio.sleep(0.02)
+                await asyncio.wait_for(completed.wait(), 30)
                 out["pivoted"] = dev.node is graph.find_node("tgt")
         finally:
             stop.set()
