@@ -217,6 +217,19 @@ class Qcow2Driver(BlockDriver):
             view = view.cast("B")
         await self.data_path.write(offset, view)
 
+    async def read_extents(self, extents: list[tuple[int, int]]) -> list[bytes] | None:
+        self.corruption.check_usable()
+        return await self.data_path.read_many(extents)
+
+    async def write_extents(self, pieces: list[tuple[int, memoryview]]) -> bool:
+        self.corruption.check_usable()
+        views: list[tuple[int, memoryview]] = []
+        for offset, data in pieces:
+            view = data if data.format == "B" and data.ndim == 1 else data.cast("B")
+            views.append((offset, view))
+        await self.data_path.write_many(views)
+        return True
+
     async def _write_back(self) -> None:
         """Under the lock: bound the dirty metadata kept in memory between guest flushes."""
         dirty = len(self.cluster_map.l2_cache.dirty) + len(self.allocator.blocks.dirty)
