@@ -7,7 +7,7 @@ from typing import Any
 from blockmirror.cli.progress import Phase, Snapshot, combine, render_line
 from blockmirror.errors import BlockMirrorError
 from blockmirror.events import EventBus
-from blockmirror.jobs.mirror.converge import ConvergePolicy, ConvergenceMonitor
+from blockmirror.jobs.mirror.converge import ConvergenceMonitor, ConvergePolicy
 from blockmirror.jobs.mirror.forecast import SEC, Sample
 from blockmirror.qapi.x_mirror import XConvergePolicy as Mode
 
@@ -108,7 +108,7 @@ def test_a_deadline_beyond_the_eta_triggers_the_policy() -> None:
 def test_throttle_asks_the_guest_throttle_and_change_lifts_it() -> None:
     job = FakeJob(FakeClock(), copy=2 * MIB, dirty=4 * MIB)
     throttle = FakeThrottle()
-    mon, events = _run(ConvergePolicy(Mode.THROTTLE, throttle_bps=MIB), job, 3, throttle)
+    mon, _events = _run(ConvergePolicy(Mode.THROTTLE, throttle_bps=MIB), job, 3, throttle)
     assert throttle.calls == [("limit", MIB)]
     assert job.copy_mode == "background" and mon.action == "throttle"
     mon.change(ConvergePolicy(Mode.THROTTLE, throttle_bps=MIB // 2))
@@ -128,9 +128,10 @@ def test_a_refused_switch_is_not_reported() -> None:
 
 
 def _snap(**kw: Any) -> Snapshot:
-    base: dict[str, Any] = dict(elapsed=1.0, phase=Phase.COPYING, disk_size=8 * MIB, done=MIB,
-                                copied=MIB, zeroed=0, redirtied=0, remaining=2 * MIB,
-                                rate=MIB, eta=2.0, speed=0, status="running")
+    base: dict[str, Any] = {"elapsed": 1.0, "phase": Phase.COPYING, "disk_size": 8 * MIB,
+                            "done": MIB, "copied": MIB, "zeroed": 0, "redirtied": 0,
+                            "remaining": 2 * MIB, "rate": MIB, "eta": 2.0, "speed": 0,
+                            "status": "running"}
     base.update(kw)
     return Snapshot(**base)
 
