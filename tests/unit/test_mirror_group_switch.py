@@ -56,6 +56,8 @@ class Guests:
         self.tasks: list[asyncio.Task[None]] = []
         #: blocks writers never touch (the failure test writes them itself)
         self.reserved = {BAD_BLOCK}
+        #: set on every acknowledged write
+        self.acked_event = asyncio.Event()
 
     def start(self) -> None:
         self.tasks = [asyncio.ensure_future(self._writer(i)) for i in range(len(self.devs))]
@@ -72,7 +74,8 @@ class Guests:
             seq = next(self.seq)  # issued now: no await between the number and the write
             await node.write(block * BLOCK, _stamp(seq, disk))
             self.acked[disk][block] = seq
-            await asyncio.sleep(0.001)
+            self.acked_event.set()
+            await asyncio.sleep(0.001)  # pacing: about one write per millisecond and disk
 
     async def write_one(self, disk: int, block: int) -> None:
         node = self.devs[disk].node
@@ -87,7 +90,8 @@ class Guests:
         while any(len(a) < t for a, t in zip(self.acked, target, strict=True)):
             if all(t.done() for t in self.tasks):
                 raise AssertionError("the writers died")
-            await asyncio.sleep(0.005)
+            self.acked_event.clear()
+            await asyncio.wait_for(self.acked_event.wait(), 30)
 
     async def finish(self) -> None:
         self.stop.set()
