@@ -189,8 +189,10 @@ def snapshot_of(job: JobLike, *, elapsed: float, disk_size: int, meter: RateMete
     rate = meter.add(elapsed, done)
     verdict, reason, action, forecast_eta = _forecast_of(job)
     eta = eta_of(phase, remaining, rate)
-    if verdict is not None and phase == Phase.COPYING:
-        # the forecast knows about the guest's writes; the plain rate does not
+    if verdict is not None and phase == Phase.COPYING and (
+            forecast_eta is not None or verdict != "converging"):
+        # the forecast knows about the guest's writes, the plain rate does not (while the
+        # forecast still measures, the plain rate's ETA stands in)
         eta = forecast_eta
     return Snapshot(
         elapsed=elapsed,
