@@ -304,6 +304,9 @@ class JobWatcher:
         if name in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"):
             self._final_event = name
             self._final_error = data.get("error")
+        elif name == "X_BLOCK_JOB_CONVERGENCE_ACTION":
+            self.display.message(f"{self.job.id}: switched to {data.get('action')}: "
+                                 f"{data.get('reason')}")
         elif name == "BLOCK_JOB_ERROR":
             action = data.get("action")
             self.display.message(f"I/O error on {data.get('operation')}: action {action}")
@@ -560,10 +563,6 @@ class GroupWatcher:
             else:
                 self.display.message(f"the switch-over failed, no disk pivoted: "
                                      f"{data.get('error')}")
-        if ev["event"] == "X_BLOCK_JOB_CONVERGENCE_ACTION":
-            data = ev.get("data", {})
-            self.display.message(f"{data.get('device')}: switched to {data.get('action')} "
-                                 f"({data.get('reason')})")
         self._wake.set()
 
     def snapshot(self) -> Snapshot:
