@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blockmirror.jobs.mirror.forecast import SEC, Forecast, Forecaster, Sample, Verdict
@@ -105,6 +105,7 @@ def test_out_of_order_samples_are_ignored() -> None:
     assert f.add(Sample(TICK, 0, 0, 0)) == before
 
 
+@settings(deadline=None)
 @given(copy=st.integers(1, 64), dirty=st.integers(0, 64), start=st.integers(64, 4096))
 def test_steady_rates_give_the_right_verdict_and_eta(copy: int, dirty: int, start: int) -> None:
     """Fresh writes only (each dirtied byte is new work): drain = copy - dirty."""
