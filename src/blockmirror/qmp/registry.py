@@ -152,7 +152,8 @@ def command(name: str) -> Callable[[H], H]:
     return deco
 
 
-_COMMAND_MODULES = ("control", "block", "query", "jobs", "mirror", "mirror_group", "nbd", "hmp")
+_COMMAND_MODULES = ("control", "block", "query", "jobs", "mirror", "mirror_group", "nbd", "hmp",
+                    "bitmaps")
 
 
 def load_commands() -> dict[str, CommandDef]:

@@ -13,7 +13,7 @@ import asyncio
 from typing import TYPE_CHECKING
 
 from blockmirror.block.copy import read_host, write_host
-from blockmirror.block.drivers.qcow2.header import Header, encode_fixed
+from blockmirror.block.drivers.qcow2.header import Header, encode_fixed, encode_header_cluster
 from blockmirror.block.drivers.qcow2.layout import ceil_div
 from blockmirror.errors import BlockIOError, ImageFormatError
 
@@ -154,6 +154,10 @@ class ImageFile:
     async def write_header(self, header: Header) -> None:
         """Rewrite the fixed header fields in place (extensions are left as they are)."""
         await self.write(0, encode_fixed(header))
+
+    async def write_header_cluster(self, header: Header, cluster_size: int) -> None:
+        """Rewrite the whole first cluster: fixed fields, extensions, backing file name."""
+        await self.write(0, encode_header_cluster(header, cluster_size))
 
     async def discard_clusters(self, clusters: list[int], cluster_bits: int) -> None:
         """Pass freed clusters down to the file (cf. pass-discard-request), merged in runs.
