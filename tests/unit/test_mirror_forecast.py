@@ -115,10 +115,10 @@ def test_steady_rates_give_the_right_verdict_and_eta(copy: int, dirty: int, star
                                drain=drain, remaining=start * MIB)
     if remaining == 0:
         assert out.verdict == Verdict.CONVERGING and out.eta == 0.0
-    elif copy - dirty > 0.021 * copy:
+    elif copy - dirty > 0.11 * copy:
         assert out.verdict == Verdict.CONVERGING
         assert out.eta is not None and abs(out.eta - remaining / drain) <= 0.01 * out.eta + 0.1
     elif copy <= dirty:
         assert out.verdict == Verdict.NOT_CONVERGING
         assert out.eta is None
-    # in between (a drain under 2% of the copy rate) either verdict is an honest answer
+    # in between (a drain under 10% of the copy rate) either verdict is an honest answer

@@ -71,7 +71,7 @@ class Forecaster:
     """Feeds on samples; ``add`` returns the current forecast."""
 
     def __init__(self, *, window_ns: int = SEC, confirm: int = 3,
-                 saturation: float = 0.8, margin: float = 0.02,
+                 saturation: float = 0.8, margin: float = 0.1, outpaced_drain: float = 0.5,
                  max_window_ns: int = 10 * SEC) -> None:
         self.window_ns = window_ns
         self.max_window_ns = max_window_ns
@@ -81,8 +81,11 @@ class Forecaster:
         self.confirm = confirm
         #: a copy at this share of its speed limit or more is held back by the limit
         self.saturation = saturation
-        #: drains below this share of the copy rate count as "not shrinking"
+        #: drains below this share of the copy rate count as "not shrinking": at the noise
+        #: level of a bursty copy, and too slow to matter (10%: ten times the copy's time)
         self.margin = margin
+        #: the share needed when the guest writes at least as fast as the copy copies
+        self.outpaced_drain = outpaced_drain
         self._samples: deque[Sample] = deque()
         self._pending: Verdict | None = None
         self._pending_n = 0
@@ -128,7 +131,7 @@ class Forecaster:
         secs = span / SEC
         copy = max(0.0, (s.copied - first.copied) / secs)
         dirty = max(0.0, (s.dirtied - first.dirtied) / secs)
-        drain = (first.remaining - s.remaining) / secs
+        drain = self._drain()
         verdict, reason, eta = self._judge(s, copy, dirty, drain)
         if verdict != self.current.verdict:
             if verdict == self._pending:
@@ -146,8 +149,23 @@ class Forecaster:
                                 span >= window)
         return self.current
 
+    def _drain(self) -> float:
+        """Bytes per second by which ``remaining`` falls: the least-squares slope over the
+        window (a copy in bursts makes single samples jump by a burst)."""
+        pts = [((x.t_ns - self._samples[0].t_ns) / SEC, float(x.remaining))
+               for x in self._samples]
+        n = len(pts)
+        mt = sum(t for t, _r in pts) / n
+        mr = sum(r for _t, r in pts) / n
+        var = sum((t - mt) ** 2 for t, _r in pts)
+        if var <= 0:
+            return 0.0
+        return -sum((t - mt) * (r - mr) for t, r in pts) / var
+
     @staticmethod
     def _growth(drain: float) -> str:
+        if drain > 1.0:
+            return f"shrinks by only {_rate(drain)}"
         return f"grows by {_rate(-drain)}" if drain < -1.0 else "does not shrink"
 
     def _judge(self, s: Sample, copy: float, dirty: float,
@@ -161,16 +179,22 @@ class Forecaster:
             pace = drain if drain > 0 else copy
             return (Verdict.CONVERGING, f"keeping up: copying {_rate(copy)} against "
                     f"{_rate(dirty)} of guest writes", remaining / pace if pace > 0 else None)
-        if drain > self.margin * max(copy, 1.0):
+        # a guest that writes at least as fast as the copy copies can hold the dirty data at
+        # a level above zero (random writes: the clean share shrinks until the copy and the
+        # fresh dirt balance), where it only drifts by chance: then a fall must be clear
+        outpaced = dirty >= copy
+        need = self.outpaced_drain if outpaced else self.margin
+        if drain > need * max(copy, 1.0):
             return (Verdict.CONVERGING, f"the dirty data shrinks by {_rate(drain)} (copying "
                     f"{_rate(copy)}, the guest writes {_rate(dirty)})", remaining / drain)
+        trend = (f"the guest writes {_rate(dirty)}, as fast as the copy copies: the dirty "
+                 f"data {self._growth(drain)}" if outpaced and drain > 1.0 else
+                 f"the dirty data {self._growth(drain)} with the guest writing {_rate(dirty)}")
         if s.speed > 0 and copy >= self.saturation * s.speed:
             return (Verdict.THROTTLED, f"the speed limit ({_rate(s.speed)}) holds the copy at "
-                    f"{_rate(copy)}; the dirty data {self._growth(drain)} with the guest "
-                    f"writing {_rate(dirty)}", None)
-        return (Verdict.NOT_CONVERGING, f"the guest dirties data as fast as it is copied: the "
-                f"dirty data {self._growth(drain)} (copying {_rate(copy)}, the guest "
-                f"writes {_rate(dirty)})", None)
+                    f"{_rate(copy)}; {trend}", None)
+        return (Verdict.NOT_CONVERGING, f"the copy ({_rate(copy)}) does not get ahead of the "
+                f"guest: {trend}", None)
 
 
 __all__ = ["SEC", "Forecast", "Forecaster", "Sample", "Verdict"]
