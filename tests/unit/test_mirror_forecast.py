@@ -122,3 +122,17 @@ def test_steady_rates_give_the_right_verdict_and_eta(copy: int, dirty: int, star
         assert out.verdict == Verdict.NOT_CONVERGING
         assert out.eta is None
     # in between (a drain under 10% of the copy rate) either verdict is an honest answer
+
+
+def test_a_guest_outpacing_the_copy_needs_a_clear_fall() -> None:
+    # random writes at 4 MiB/s against a 1 MiB/s copy: the dirty data hovers, and a chance
+    # fall of 30% of the copy rate is not a forecast of convergence ...
+    f = Forecaster()
+    out, *_ = _feed(f, seconds=2, copy=1 * MIB, dirty=4 * MIB, drain=0.3 * MIB,
+                    remaining=3 * MIB, speed=1 * MIB)
+    assert out.verdict == Verdict.THROTTLED and "as fast as the copy" in out.reason
+    # ... but a bulk copy that clearly shrinks the dirty data under a hot-spot writer is
+    f = Forecaster()
+    out, *_ = _feed(f, seconds=2, copy=8 * MIB, dirty=10 * MIB, drain=6 * MIB,
+                    remaining=300 * MIB)
+    assert out.verdict == Verdict.CONVERGING and out.eta is not None
