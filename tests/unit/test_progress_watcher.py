@@ -59,7 +59,7 @@ def test_mirror_arguments_follow_drive_mirror() -> None:
     p = build_parser()
     opts = p.parse_args(["a.qcow2", "b.qcow2"])
     assert mirror_arguments(opts) == {"device": "drive0", "target": "b.qcow2", "sync": "full",
-                                      "mode": "absolute-paths"}
+                                      "mode": "absolute-paths", "x-converge": "none"}
     opts = p.parse_args(["a.qcow2", "nbd://h/x", "--sync", "top", "--speed", "50M",
                          "--granularity", "4k", "--buf-size", "1M", "--copy-mode",
                          "write-blocking", "--on-source-error", "stop", "--on-target-error",
@@ -68,7 +68,7 @@ def test_mirror_arguments_follow_drive_mirror() -> None:
         "device": "drive0", "target": "nbd://h/x", "sync": "top", "mode": "existing",
         "job-id": "j0", "format": "raw", "speed": 50 * MiB, "granularity": 4096,
         "buf-size": MiB, "copy-mode": "write-blocking", "on-source-error": "stop",
-        "on-target-error": "ignore", "unmap": False}
+        "on-target-error": "ignore", "unmap": False, "x-converge": "none"}
     assert is_nbd_uri("nbd+unix:///x?socket=/s") and is_nbd_uri("nbd:unix:/s")
     assert not is_nbd_uri("nbd.qcow2")
 

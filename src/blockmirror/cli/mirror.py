@@ -32,6 +32,7 @@ from blockmirror.cli.progress import (
     RateMeter,
     Snapshot,
     choose_mode,
+    combine,
     final_phase,
     phase_of,
     snapshot_of,
@@ -65,6 +66,15 @@ Completion: the mirror completes (pivots to the target) as soon as it is READY,
 unless --wait is given; then it stays in sync until SIGUSR1 or QMP
 block-job-complete on the --qmp socket (job id: drive0).
 
+Several disks: --disk SRC=DST (repeatable, instead of SOURCE TARGET) mirrors
+each pair and groups the jobs (QMP x-block-job-group): at READY every disk is
+pivoted at one instant, or none is if one fails (x-block-job-group-complete).
+
+Convergence: --converge (default none: forecast only) reports the ETA and a
+verdict (converging, not-converging, throttled-by-speed); auto or
+write-blocking switch a mirror that will not converge within
+--converge-deadline to write-blocking; throttle:RATE slows the guest's writes.
+
 Signals: SIGINT (Ctrl-C) or SIGTERM force-cancel the job; the source is left
 untouched and nothing is pivoted. SIGUSR1 requests completion.
 
@@ -94,11 +104,36 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"invalid size '{text}'") from None
 
 
+def _disk(text: str) -> tuple[str, str]:
+    src, sep, dst = text.partition("=")
+    if not sep or not src or not dst:
+        raise argparse.ArgumentTypeError(f"expected SRC=DST, got '{text}'")
+    return src, dst
+
+
+def _converge(text: str) -> dict[str, Any]:
+    """``--converge`` to the x-converge arguments of drive-mirror."""
+    mode, sep, rate = text.partition(":")
+    if mode == "throttle":
+        if not sep:
+            raise argparse.ArgumentTypeError("throttle needs a rate: throttle:RATE")
+        return {"x-converge": "throttle", "x-converge-throttle": _size(rate)}
+    if sep or mode not in ("auto", "write-blocking", "none"):
+        raise argparse.ArgumentTypeError(
+            f"invalid value '{text}' (auto, write-blocking, throttle:RATE or none)")
+    return {"x-converge": mode}
+
+
 def build_parser(prog: str = "blockmirror mirror") -> argparse.ArgumentParser:
     p = _Parser(prog=prog, description="Mirror a live disk to a new destination (drive-mirror).",
                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", metavar="SOURCE", help="source image path or NBD URI")
-    p.add_argument("target", metavar="TARGET", help="target image path or NBD URI")
+    p.add_argument("source", metavar="SOURCE", nargs="?",
+                   help="source image path or NBD URI")
+    p.add_argument("target", metavar="TARGET", nargs="?",
+                   help="target image path or NBD URI")
+    p.add_argument("--disk", action="append", default=[], metavar="SRC=DST", type=_disk,
+                   help="a disk to mirror with the others at one instant (repeatable; "
+                        "instead of SOURCE TARGET)")
     j = p.add_argument_group("drive-mirror arguments")
     j.add_argument("--sync", choices=("full", "top", "none"), default="full",
                    help="what to copy: the whole chain (default), the top layer, or only new "
@@ -123,6 +158,12 @@ def build_parser(prog: str = "blockmirror mirror") -> argparse.ArgumentParser:
                    help="where the source reads as zero, write explicit zeroes rather than "
                         "unmap target clusters (drive-mirror unmap=false)")
     j.add_argument("--job-id", help=f"job id (default: {DEVICE})")
+    j.add_argument("--converge", type=_converge, default={"x-converge": "none"},
+                   metavar="auto|write-blocking|throttle:RATE|none",
+                   help="what to do when the forecast says the mirror will not converge "
+                        "(default none: only report the ETA and verdict)")
+    j.add_argument("--converge-deadline", type=int, metavar="SECONDS",
+                   help="an ETA beyond this counts as not converging (default 300)")
     o = p.add_argument_group("operation")
     o.add_argument("--wait", action="store_true",
                    help="stay in sync after READY until SIGUSR1 or QMP block-job-complete")
@@ -267,6 +308,9 @@ class JobWatcher:
         if name in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"):
             self._final_event = name
             self._final_error = data.get("error")
+        elif name == "X_BLOCK_JOB_CONVERGENCE_ACTION":
+            self.display.message(f"{self.job.id}: switched to {data.get('action')}: "
+                                 f"{data.get('reason')}")
         elif name == "BLOCK_JOB_ERROR":
             action = data.get("action")
             self.display.message(f"I/O error on {data.get('operation')}: action {action}")
@@ -378,19 +422,23 @@ def mirror_arguments(opts: argparse.Namespace) -> dict[str, Any]:
         args["on-target-error"] = opts.on_target_error
     if opts.no_unmap:
         args["unmap"] = False
+    args.update(opts.converge)
+    if opts.converge_deadline is not None:
+        args["x-converge-deadline"] = opts.converge_deadline
     return args
 
 
 async def open_source(daemon: Daemon, filename: str, fmt: str | None,
-                      warn: Callable[[str], None]) -> BlockBackend:
+                      warn: Callable[[str], None], *, device: str = DEVICE,
+                      node_name: str = SOURCE_NODE) -> BlockBackend:
     """Open the source read-write behind the ``drive0`` BlockBackend (the guest's device)."""
     graph = daemon.graph
-    node = await open_image(graph, filename, fmt, read_only=False, node_name=SOURCE_NODE,
+    node = await open_image(graph, filename, fmt, read_only=False, node_name=node_name,
                             warn=warn)
     # a guest device: reads and writes, never resizes, shares everything (so an NBD export
     # and the mirror can use the node too)
     perm = Perm.CONSISTENT_READ | Perm.WRITE
-    blk = BlockBackend(DEVICE, f"block device '{DEVICE}'", perm, Perm.all())
+    blk = BlockBackend(device, f"block device '{device}'", perm, Perm.all())
     try:
         graph.attach(blk, node, "root", perm, blk.shared)
     except BlockMirrorError:
@@ -412,6 +460,8 @@ async def start_export(daemon: Daemon, addr: dict[str, Any], name: str) -> str:
 
 
 async def _main(opts: argparse.Namespace, display: ProgressDisplay, prog: str) -> int:
+    if opts.disk:
+        return await _main_group(opts, display, prog)
     started = time.monotonic()
     daemon = CliDaemon(display.message)
     loop = asyncio.get_running_loop()
@@ -475,6 +525,221 @@ async def _main(opts: argparse.Namespace, display: ProgressDisplay, prog: str) -
                 os.unlink(qmp_path)
 
 
+#: the group ``--disk`` mirrors form (QMP x-block-job-group)
+GROUP = "disks"
+
+
+class GroupWatcher:
+    """Follows the mirrors of a switch-over group as one: one progress view, one complete
+    (x-block-job-group-complete) once every disk is READY, one outcome."""
+
+    def __init__(self, daemon: Daemon, watchers: list[JobWatcher], display: ProgressDisplay,
+                 *, wait: bool, interval: float, started: float) -> None:
+        self.daemon = daemon
+        self.watchers = watchers
+        self.display = display
+        self.wait = wait
+        self.interval = interval
+        self.started = started
+        self.meter = RateMeter()
+        self.cancel_requested = False
+        self.complete_requested = False
+        self._complete_sent = False
+        self._cancel_sent = False
+        self._announced_ready = False
+        self._wake = asyncio.Event()
+        self._unsubscribe = daemon.events.subscribe(self._on_event)
+
+    def request_cancel(self) -> None:
+        self.cancel_requested = True
+        self._wake.set()
+
+    def request_complete(self) -> None:
+        self.complete_requested = True
+        self._wake.set()
+
+    def _on_event(self, ev: dict[str, Any]) -> None:
+        if ev["event"] == "X_BLOCK_JOB_GROUP_COMPLETED":
+            data = ev.get("data", {})
+            if data.get("pivoted"):
+                self.display.message(f"every disk pivoted at one instant ({len(self.watchers)}"
+                                     " disks)")
+            else:
+                self.display.message(f"the switch-over failed, no disk pivoted: "
+                                     f"{data.get('error')}")
+        self._wake.set()
+
+    def snapshot(self) -> Snapshot:
+        snaps = [w.snapshot() for w in self.watchers]
+        elapsed = time.monotonic() - self.started
+        phases = {s.phase for s in snaps}
+        order = (Phase.ABORTING, Phase.CANCELLING, Phase.INIT, Phase.PAUSED, Phase.COPYING,
+                 Phase.COMPLETING, Phase.READY)
+        phase = next((p for p in order if p in phases), snaps[0].phase)
+        return combine(snaps, elapsed=elapsed, phase=phase,
+                       rate=self.meter.add(elapsed, sum(s.done for s in snaps)))
+
+    async def run(self) -> Outcome:
+        async def all_finished() -> None:
+            for w in self.watchers:
+                await w.job.wait_finished()
+
+        finished = asyncio.ensure_future(all_finished())
+        try:
+            while not finished.done():
+                await self._act()
+                self.display.update(self.snapshot())
+                self._wake.clear()
+                waker = asyncio.ensure_future(self._wake.wait())
+                await asyncio.wait({finished, waker}, timeout=self.interval,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                waker.cancel()
+        finally:
+            finished.cancel()
+            self._unsubscribe()
+            for w in self.watchers:
+                w._unsubscribe()
+        return self._outcome()
+
+    async def _act(self) -> None:
+        jobs = [w.job for w in self.watchers]
+        if self.cancel_requested and not self._cancel_sent:
+            self._cancel_sent = True
+            for job in jobs:
+                with contextlib.suppress(BlockMirrorError):
+                    await job.user_cancel(True)
+            self.display.message("cancelling: every source stays as it is, no pivot")
+        all_ready = all(job.is_ready for job in jobs)
+        if all_ready and not self._announced_ready:
+            self._announced_ready = True
+            if self.wait:
+                self.display.message(
+                    f"READY: every disk in sync; complete with `kill -USR1 {os.getpid()}` or "
+                    f"QMP x-block-job-group-complete (group {GROUP})")
+        if (all_ready and not self._complete_sent and not self._cancel_sent
+                and (self.complete_requested or not self.wait)):
+            self._complete_sent = True
+            for w in self.watchers:
+                w._complete_sent = True  # their phase shows "completing"
+            try:
+                await execute(self.daemon, "x-block-job-group-complete", {"group": GROUP})
+            except BlockMirrorError as e:
+                self.display.message(f"cannot complete now: {e}")
+                self._complete_sent = False
+                self.complete_requested = False
+                self.wait = True
+
+    def _outcome(self) -> Outcome:
+        outs = [w._outcome() for w in self.watchers]
+        snap = combine([o.snapshot for o in outs], elapsed=time.monotonic() - self.started,
+                       rate=self.meter.rate(), phase=outs[0].phase)
+        n = len(outs)
+        if all(o.phase == Phase.DONE and o.pivoted for o in outs):
+            return Outcome(Phase.DONE, replace(snap, phase=Phase.DONE), True,
+                           f"all {n} disks are in sync and were pivoted at one instant", EXIT_OK)
+        pivoted = [o.pivoted for o in outs]
+        where = ("no disk was pivoted: every source is still in use" if not any(pivoted)
+                 else "some disks were pivoted (their pivot failed for the others)")
+        if any(o.phase == Phase.FAILED for o in outs):
+            return Outcome(Phase.FAILED, replace(snap, phase=Phase.FAILED), any(pivoted),
+                           f"the group failed; {where}", EXIT_JOB_FAILED)
+        if any(o.phase == Phase.CANCELLED for o in outs):
+            return Outcome(Phase.CANCELLED, replace(snap, phase=Phase.CANCELLED, error=None),
+                           any(pivoted), f"cancelled; {where}", EXIT_CANCELLED)
+        return Outcome(Phase.DONE, replace(snap, phase=Phase.DONE), any(pivoted),
+                       f"in sync; {where}", EXIT_OK)
+
+
+async def _main_group(opts: argparse.Namespace, display: ProgressDisplay, prog: str) -> int:
+    """``--disk SRC=DST ...``: one mirror per disk, grouped, completed at one instant."""
+    started = time.monotonic()
+    daemon = CliDaemon(display.message)
+    loop = asyncio.get_running_loop()
+    watcher: GroupWatcher | None = None
+    interrupted = asyncio.Event()
+
+    def on_interrupt() -> None:
+        interrupted.set()
+        if watcher is not None:
+            watcher.request_cancel()
+
+    def on_usr1() -> None:
+        if watcher is not None:
+            watcher.request_complete()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_interrupt)
+    loop.add_signal_handler(signal.SIGUSR1, on_usr1)
+    qmp_path: str | None = None
+    try:
+        watchers: list[JobWatcher] = []
+        try:
+            if opts.qmp:
+                await daemon.qmp_server().listen_unix(opts.qmp)
+                qmp_path = opts.qmp
+                display.message(f"QMP monitor on {opts.qmp}")
+            for i, (src, dst) in enumerate(opts.disk):
+                device = f"drive{i}"
+                blk = await open_source(daemon, src, opts.source_format, display.message,
+                                        device=device, node_name=f"source{i}")
+                node = blk.node
+                assert node is not None
+                args = mirror_arguments(replace_target(opts, src, dst))
+                args["device"] = device
+                args["job-id"] = device
+                await execute(daemon, "drive-mirror", args)
+                job = daemon.jobs.find(device)
+                assert job is not None
+                watchers.append(JobWatcher(daemon, job, display, device=blk, wait=True,
+                                           interval=opts.interval, started=started,
+                                           disk_size=node.length()))
+            await execute(daemon, "x-block-job-group",
+                          {"group": GROUP, "jobs": [w.job.id for w in watchers]})
+        except (BlockMirrorError, ValueError) as e:
+            print(f"{prog}: {e}", file=sys.stderr, flush=True)
+            for w in watchers:
+                w._unsubscribe()
+            return EXIT_USAGE
+        watcher = GroupWatcher(daemon, watchers, display, wait=opts.wait,
+                               interval=opts.interval, started=started)
+        if interrupted.is_set():
+            watcher.request_cancel()
+        outcome = await watcher.run()
+        display.finish(outcome.snapshot, outcome.text)
+        return outcome.exit_code
+    finally:
+        display.stop()
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+            loop.remove_signal_handler(sig)
+        if daemon.qmp is not None:
+            await daemon.qmp.close()
+        await daemon.shutdown()
+        if qmp_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(qmp_path)
+
+
+def replace_target(opts: argparse.Namespace, source: str, target: str) -> argparse.Namespace:
+    """``opts`` for one ``--disk`` pair (the mirror arguments read source and target)."""
+    ns = argparse.Namespace(**vars(opts))
+    ns.source, ns.target = source, target
+    return ns
+
+
+def _check_disks(opts: argparse.Namespace) -> str | None:
+    """SOURCE TARGET or --disk pairs, not both; what --disk cannot be combined with."""
+    if opts.disk:
+        if opts.source is not None:
+            return "give either SOURCE TARGET or --disk SRC=DST, not both"
+        for flag, value in (("--export", opts.export), ("--job-id", opts.job_id)):
+            if value:
+                return f"{flag} is for a single disk (SOURCE TARGET)"
+        return None
+    if opts.source is None or opts.target is None:
+        return "the following arguments are required: SOURCE, TARGET (or --disk SRC=DST)"
+    return None
+
+
 def run(name: str, argv: list[str]) -> int:
     prog = f"blockmirror {name}"
     parser = build_parser(prog)
@@ -494,8 +759,14 @@ def run(name: str, argv: list[str]) -> int:
     if opts.interval <= 0:
         print(f"{prog}: --interval must be positive", file=sys.stderr)
         return EXIT_USAGE
+    problem = _check_disks(opts)
+    if problem:
+        print(f"{parser.format_usage().rstrip()}\n{prog}: error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     mode = choose_mode(json_lines=opts.json, quiet=opts.quiet)
-    display = ProgressDisplay(mode, title=f"mirror {opts.source} -> {opts.target}")
+    title = (f"mirror {opts.source} -> {opts.target}" if not opts.disk else
+             "mirror group: " + ", ".join(f"{s} -> {d}" for s, d in opts.disk))
+    display = ProgressDisplay(mode, title=title)
     try:
         return asyncio.run(_main(opts, display, prog))
     except KeyboardInterrupt:  # before the loop installed its handlers
@@ -503,6 +774,6 @@ def run(name: str, argv: list[str]) -> int:
         return EXIT_CANCELLED
 
 
-__all__ = ["EXIT_CANCELLED", "EXIT_JOB_FAILED", "EXIT_OK", "EXIT_USAGE", "CliDaemon",
-           "DisplayMode", "JobWatcher", "Outcome", "build_parser", "execute", "export_uri",
-           "mirror_arguments", "open_source", "parse_export", "run", "start_export"]
+__all__ = ["EXIT_CANCELLED", "EXIT_JOB_FAILED", "EXIT_OK", "EXIT_USAGE", "GROUP", "CliDaemon",
+           "DisplayMode", "GroupWatcher", "JobWatcher", "Outcome", "build_parser", "execute",
+           "export_uri", "mirror_arguments", "open_source", "parse_export", "run", "start_export"]

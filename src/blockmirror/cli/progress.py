@@ -123,6 +123,13 @@ class Snapshot:
     #: the QMP JobStatus wire value
     status: str
     error: str | None = None
+    #: the convergence forecast (extension x-converge): verdict, its reason, and what the
+    #: policy did; None when the job has no forecast
+    verdict: str | None = None
+    reason: str | None = None
+    action: str | None = None
+    #: how many mirrors this snapshot adds up (a switch-over group: more than one)
+    disks: int = 1
 
     @property
     def in_sync_fraction(self) -> float:
@@ -164,6 +171,15 @@ def eta_of(phase: Phase, remaining: int, rate: float) -> float | None:
     return remaining / rate
 
 
+def _forecast_of(job: JobLike) -> tuple[str | None, str | None, str | None, float | None]:
+    """verdict, reason, action and ETA of a job's convergence monitor (x-converge), if any."""
+    mon = getattr(job, "convergence", None)
+    if mon is None:
+        return None, None, None, None
+    f = mon.forecast
+    return f.verdict.value, f.reason, mon.action, f.eta
+
+
 def snapshot_of(job: JobLike, *, elapsed: float, disk_size: int, meter: RateMeter,
                 phase: Phase) -> Snapshot:
     """Read a job's counters now (cf. query-block-jobs offset/len plus itemised counters)."""
@@ -171,6 +187,13 @@ def snapshot_of(job: JobLike, *, elapsed: float, disk_size: int, meter: RateMete
     done, total = int(p.current), int(p.total)
     remaining = max(total - done, 0)
     rate = meter.add(elapsed, done)
+    verdict, reason, action, forecast_eta = _forecast_of(job)
+    eta = eta_of(phase, remaining, rate)
+    if verdict is not None and phase == Phase.COPYING and (
+            forecast_eta is not None or verdict != "converging"):
+        # the forecast knows about the guest's writes, the plain rate does not (while the
+        # forecast still measures, the plain rate's ETA stands in)
+        eta = forecast_eta
     return Snapshot(
         elapsed=elapsed,
         phase=phase,
@@ -181,10 +204,36 @@ def snapshot_of(job: JobLike, *, elapsed: float, disk_size: int, meter: RateMete
         redirtied=int(p.redirtied),
         remaining=remaining,
         rate=rate,
-        eta=eta_of(phase, remaining, rate),
+        eta=eta,
         speed=int(job.speed),
         status=str(getattr(job.status, "value", job.status)),
         error=job.error,
+        verdict=verdict,
+        reason=reason,
+        action=action,
+    )
+
+
+def combine(snaps: list[Snapshot], *, elapsed: float, rate: float, phase: Phase) -> Snapshot:
+    """One view of a switch-over group: sums, the slowest ETA, the worst verdict."""
+    etas = [s.eta for s in snaps]
+    known = [e for e in etas if e is not None]
+    verdicts = [s.verdict for s in snaps if s.verdict is not None]
+    worst = next((v for v in ("not-converging", "throttled-by-speed") if v in verdicts),
+                 verdicts[0] if verdicts else None)
+    reason = next((s.reason for s in snaps if s.verdict == worst), None)
+    actions = sorted({s.action for s in snaps if s.action})
+    errors = [s.error for s in snaps if s.error]
+    return Snapshot(
+        elapsed=elapsed, phase=phase, disk_size=sum(s.disk_size for s in snaps),
+        done=sum(s.done for s in snaps), copied=sum(s.copied for s in snaps),
+        zeroed=sum(s.zeroed for s in snaps), redirtied=sum(s.redirtied for s in snaps),
+        remaining=sum(s.remaining for s in snaps), rate=rate,
+        eta=max(known) if known and len(known) == len(etas) else None,
+        speed=sum(s.speed for s in snaps),
+        status=",".join(sorted({s.status for s in snaps})),
+        error="; ".join(errors) or None, verdict=worst, reason=reason,
+        action=",".join(actions) or None, disks=len(snaps),
     )
 
 
@@ -239,6 +288,10 @@ def render_line(snap: Snapshot) -> str:
         f"rate {format_rate(snap.rate)}",
         f"ETA {_eta_text(snap)}",
     ]
+    if snap.verdict is not None:
+        parts.append(f"verdict {snap.verdict}")
+    if snap.action is not None:
+        parts.append(f"policy: {snap.action}")
     if snap.error:
         parts.append(f"error: {snap.error}")
     return " ".join(parts)
@@ -268,6 +321,10 @@ def render_rich(snap: Snapshot, title: str = "blockmirror") -> RenderableType:
                   _remaining_text(snap))
     table.add_row("rate", format_rate(snap.rate), "ETA", _eta_text(snap))
     table.add_row("speed limit", limit, "job status", snap.status)
+    if snap.verdict is not None:
+        style = "green" if snap.verdict == "converging" else "red"
+        table.add_row("verdict", Text(snap.verdict, style=style), "policy action",
+                      snap.action or "none")
     bar = Table.grid(padding=(0, 1))
     bar.add_column(style="bold", justify="right")
     bar.add_column(width=40)
@@ -282,6 +339,8 @@ def render_rich(snap: Snapshot, title: str = "blockmirror") -> RenderableType:
                     f"{format_bytes(snap.disk_size - snap.remaining)} of "
                     f"{format_bytes(snap.disk_size)} clean")
     parts: list[RenderableType] = [Text(title, style="bold"), table, bar]
+    if snap.verdict is not None and snap.reason and snap.verdict != "converging":
+        parts.append(Text(snap.reason, style="yellow"))
     if snap.error:
         parts.append(Text(f"error: {snap.error}", style="red"))
     return Group(*parts)
@@ -289,7 +348,8 @@ def render_rich(snap: Snapshot, title: str = "blockmirror") -> RenderableType:
 
 #: the fields of a ``--json`` progress line, in order (documented in docs/cli.md)
 JSON_FIELDS = ("type", "elapsed", "phase", "status", "disk_size", "done", "copied", "zeroed",
-               "redirtied", "remaining", "rate", "eta", "speed", "error")
+               "redirtied", "remaining", "rate", "eta", "speed", "error", "verdict", "reason",
+               "action", "disks")
 
 
 def to_json(snap: Snapshot, kind: str = "progress") -> dict[str, Any]:
@@ -319,6 +379,8 @@ def render_summary(snap: Snapshot, outcome: str) -> str:
         "(new writes, retried errors)",
         f"processed:   {format_bytes(snap.done)} (average {format_rate(avg)})",
     ]
+    if snap.action:
+        lines.append(f"convergence: the policy switched to {snap.action}")
     if snap.error:
         lines.append(f"error:       {snap.error}")
     return "\n".join(lines)
@@ -444,6 +506,7 @@ __all__ = [
     "RateMeter",
     "Snapshot",
     "choose_mode",
+    "combine",
     "eta_of",
     "final_phase",
     "format_bytes",

@@ -19,6 +19,7 @@ from blockmirror.qapi import (  # noqa: F401  (declaring is importing)
     sockets,
     testkit,
     transaction,
+    x_mirror,
 )
 from blockmirror.qapi.checks import check_event, check_return
 from blockmirror.qapi.schema import (
@@ -45,7 +46,7 @@ from blockmirror.qapi.validate import (
 # monitor control first, then the block layer, as QEMU's qapi-schema.json includes them
 _in_module_order([f"blockmirror.qapi.{m}" for m in
                   ("control", "job", "block_core", "block_export", "misc", "qom",
-                   "transaction")])
+                   "transaction", "x_mirror")])
 
 __all__ = [
     "COMMANDS", "ENUM_CLASSES", "EVENTS", "TYPES", "ArgsRef", "CommandDecl", "EventDecl", "Mode",

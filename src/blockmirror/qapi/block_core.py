@@ -246,6 +246,8 @@ struct("BlockJobInfo", {
     "type": "JobType", "device": "str", "len": "int", "offset": "int", "busy": "bool",
     "paused": "bool", "speed": "int", "io-status": "BlockDeviceIoStatus", "ready": "bool",
     "status": "JobStatus", "auto-finalize": "bool", "auto-dismiss": "bool", "*error": "str",
+    # extensions (qapi/x_mirror.py), after QEMU's members: only for mirrors that use them
+    "*x-convergence": "XMirrorConvergenceInfo", "*x-group": "str",
 })
 
 # --- commands ---------------------------------------------------------------------------------
@@ -287,23 +289,28 @@ command("block-job-resume", {"device": "str"})
 command("block-job-complete", {"device": "str"})
 command("block-job-finalize", {"id": "str"})
 command("block-job-dismiss", {"id": "str"})
-command("block-job-change", {"id": "str", "type": "JobType", "*copy-mode": "MirrorCopyMode"},
-        doc="(QEMU 8.2) `type: mirror`, `copy-mode`: only `background` -> `write-blocking`")
+#: extension arguments (qapi/x_mirror.py): the convergence forecast and policy of a mirror
+_X_CONVERGE = {"*x-converge": "XConvergePolicy", "*x-converge-deadline": "int",
+               "*x-converge-throttle": "int"}
+command("block-job-change", {"id": "str", "type": "JobType", "*copy-mode": "MirrorCopyMode",
+                             **_X_CONVERGE},
+        doc="(QEMU 8.2) `type: mirror`, `copy-mode`: only `background` -> `write-blocking`; "
+            "extension: `x-converge*` as for blockdev-mirror")
 command("query-block-jobs", returns=["BlockJobInfo"],
         doc="QEMU 7.2's members (`offset`/`len`)")
 command("blockdev-mirror", {
     "*job-id": "str", "device": "str", "target": "str", "*replaces": "str",
     "sync": "MirrorSyncMode", **_MIRROR_COMMON, "*filter-node-name": "str",
     "*copy-mode": "MirrorCopyMode", "*auto-finalize": "bool", "*auto-dismiss": "bool",
-    "*target-is-zero": "bool",
+    "*target-is-zero": "bool", **_X_CONVERGE,
 }, defaults={**MIRROR_DEFAULTS, "target-is-zero": False},
     doc="the drive-mirror job on an existing target node; plus `filter-node-name` and "
-        "`target-is-zero` (QEMU 10.1)")
+        "`target-is-zero` (QEMU 10.1); extension `x-converge`: forecast and policy")
 command("drive-mirror", {
     "*job-id": "str", "device": "str", "target": "str", "*format": "str", "*node-name": "str",
     "*replaces": "str", "sync": "MirrorSyncMode", "*mode": "NewImageMode", **_MIRROR_COMMON,
     "*unmap": "bool", "*copy-mode": "MirrorCopyMode", "*auto-finalize": "bool",
-    "*auto-dismiss": "bool",
+    "*auto-dismiss": "bool", **_X_CONVERGE,
 }, defaults={**MIRROR_DEFAULTS, "unmap": True, "mode": NewImageMode.ABSOLUTE_PATHS},
     doc="creates the target (prints `Formatting ...` on stdout) in `raw` or `qcow2`; `mode` "
         "`absolute-paths` or `existing`; `sync` `full`, `top`, `none` (`top` without a backing "

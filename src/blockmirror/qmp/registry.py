@@ -154,9 +154,8 @@ def command(name: str) -> Callable[[H], H]:
     return deco
 
 
-_COMMAND_MODULES = ("control", "block", "query", "jobs", "mirror", "nbd", "hmp", "bitmaps",
-                    "objects", "block_graph", "transaction",
-                    "testkit")
+_COMMAND_MODULES = ("control", "block", "query", "jobs", "mirror", "mirror_group", "nbd", "hmp",
+                    "bitmaps", "objects", "block_graph", "transaction", "testkit")
 
 
 def load_commands() -> dict[str, CommandDef]:

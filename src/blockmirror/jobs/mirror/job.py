@@ -8,7 +8,9 @@
 * ``seed_dirty`` (``seeding.py``): the initial bitmap per sync mode;
 * ``ActiveWriter`` (``active.py``): the source's write interceptor (write-blocking mode);
 * ``DrainGate`` (``gate.py``): holds source writes while the job converges and pivots;
-* ``MirrorWiring`` (``wiring.py``): the filter, target handle, blockers, and the pivot.
+* ``MirrorWiring`` (``wiring.py``): the filter, target handle, blockers, and the pivot;
+* ``ConvergenceMonitor`` (``converge.py``, extension ``x-converge``): the forecast and policy;
+* a ``SwitchGroup`` (``group.py``, extension): pivots with other mirrors at one instant.
 
 ``run`` is QEMU's ``mirror_run``: seed, copy dirty chunks, go READY once a pass leaves
 nothing dirty or in flight and a target flush succeeds, and on complete (or soft cancel)
@@ -17,13 +19,17 @@ converge, drain, flush and exit. ``prepare``/``abort`` hand over to the wiring's
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from blockmirror.block.node import BlockNode
 from blockmirror.errors import BlockIOError, BlockMirrorError
 from blockmirror.jobs.blockjob import BlockJob
 from blockmirror.jobs.manager import JobManager
 from blockmirror.jobs.mirror.active import ActiveWriter
+from blockmirror.jobs.mirror.converge import ConvergenceMonitor, ConvergePolicy, WriteThrottle
 from blockmirror.jobs.mirror.copier import Copier, CopierConfig
 from blockmirror.jobs.mirror.dirty import DirtyState
+from blockmirror.jobs.mirror.forecast import Sample
 from blockmirror.jobs.mirror.gate import DrainGate
 from blockmirror.jobs.mirror.inflight import InFlight
 from blockmirror.jobs.mirror.params import (
@@ -36,6 +42,9 @@ from blockmirror.jobs.mirror.params import (
 from blockmirror.jobs.mirror.seeding import cow_setup, seed_dirty
 from blockmirror.jobs.mirror.wiring import MirrorWiring
 from blockmirror.jobs.ratelimit import SLICE_NS
+
+if TYPE_CHECKING:
+    from blockmirror.jobs.mirror.group import SwitchGroup
 
 
 class MirrorJob(BlockJob):
@@ -76,6 +85,11 @@ class MirrorJob(BlockJob):
         self._holding_pause = False
         #: when the guest last wrote to the source (the clock's nanoseconds)
         self._guest_write_ns = -SLICE_NS
+        #: extensions: the convergence forecast/policy, and the switch-over group
+        self.convergence: ConvergenceMonitor | None = None
+        self.group: SwitchGroup | None = None
+        if params.converge is not None:
+            self.set_convergence(params.converge)
 
     # --- what the parts ask of the job ---------------------------------------------------------
 
@@ -161,6 +175,9 @@ class MirrorJob(BlockJob):
 
     async def on_complete(self) -> None:
         """cf. mirror_complete."""
+        if self.group is not None and not self.group.switching:
+            raise BlockMirrorError(f"The block job '{self.id}' belongs to group "
+                                   f"'{self.group.name}': complete the group")
         self.wiring.block_replaced()
         self.should_complete = True
         if not self.paused:
@@ -183,10 +200,59 @@ class MirrorJob(BlockJob):
         self.copy_mode = mode
 
     async def prepare(self) -> None:
+        self._stop_extensions()
+        if self.group is not None:
+            if self.should_complete:
+                # the group pivots every member at one instant (or none: this raises)
+                await self.group.member_prepare(self)
+                return
+            self.group.member_failed(self)  # a soft cancel leaves the group: none pivots
         await self.wiring.exit(pivot=self.should_complete, release=self._release_drain)
 
     async def abort(self) -> None:
+        self._stop_extensions()
+        if self.group is not None:
+            self.group.member_failed(self)
         await self.wiring.exit(pivot=False, release=self._release_drain)
+
+    # --- extensions (x-converge, switch-over groups) -----------------------------------------
+
+    def start(self) -> None:
+        super().start()
+        if self.convergence is not None:
+            self.convergence.start()
+
+    def _stop_extensions(self) -> None:
+        if self.convergence is not None:
+            self.convergence.stop()
+
+    def set_convergence(self, policy: ConvergePolicy) -> None:
+        """Turn the forecast on (or change its policy): x-converge."""
+        if self.convergence is not None:
+            self.convergence.change(policy)
+            return
+        self.convergence = ConvergenceMonitor(
+            self, self.clock, self.events, policy,
+            WriteThrottle(self.source, self.clock))
+        if self.started and not self.deferred:
+            self.convergence.start()
+
+    def convergence_sample(self) -> Sample | None:
+        """The counters the forecast reads (None while the bitmap is being seeded)."""
+        if not self.published or self.deferred:
+            return None
+        inflight = self.inflight
+        return Sample(self.clock.now_ns(), self.progress.current, self.dirty.marked_bytes,
+                      self.dirty.dirty_bytes() + inflight.bytes + inflight.active_bytes,
+                      self.speed)
+
+    def query_block_job(self) -> dict[str, Any]:
+        info = super().query_block_job()
+        if self.convergence is not None:
+            info["x-convergence"] = self.convergence.info()
+        if self.group is not None:
+            info["x-group"] = self.group.name
+        return info
 
     # --- the run ----------------------------------------------------------------------------------
 

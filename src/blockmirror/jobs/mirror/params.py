@@ -15,6 +15,7 @@ from blockmirror.errors import BlockMirrorError
 
 if TYPE_CHECKING:
     from blockmirror.block.node import BlockNode
+    from blockmirror.jobs.mirror.converge import ConvergePolicy
 
 
 #: cf. MAX_IN_FLIGHT, MAX_IO_BYTES, DEFAULT_MIRROR_BUF_SIZE
@@ -64,6 +65,8 @@ class MirrorParams:
     auto_dismiss: bool = True
     #: the job opened the target (drive-mirror): close it unless the pivot adopted it
     owns_target: bool = False
+    #: extension x-converge: forecast (and a policy); None: QEMU's job, no forecast
+    converge: ConvergePolicy | None = None
 
 
 def default_granularity(target: BlockNode) -> int:

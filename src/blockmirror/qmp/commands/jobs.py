@@ -14,6 +14,7 @@ from blockmirror.errors import BlockMirrorError
 from blockmirror.jobs.job import Job
 from blockmirror.jobs.mirror import MirrorJob
 from blockmirror.jobs.status import JobVerb
+from blockmirror.qmp.commands.mirror import converge_policy
 from blockmirror.qmp.hmp import hmp_command
 from blockmirror.qmp.registry import Args, CommandContext, command
 
@@ -77,8 +78,12 @@ async def block_job_change(ctx: CommandContext, args: Args) -> None:
     if not isinstance(job, MirrorJob):
         raise BlockMirrorError("Job type does not support change")
     mode = args.opt_str("copy-mode")
+    # extension: x-converge* turns the forecast on or changes its policy
+    policy = converge_policy(args)
     if mode is not None:
         job.set_copy_mode(mode)
+    if policy is not None:
+        job.set_convergence(policy)
 
 
 # --- job-* ----------------------------------------------------------------------------------------

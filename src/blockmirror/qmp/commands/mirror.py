@@ -16,6 +16,8 @@ from blockmirror.block.node import BlockBackend, BlockNode
 from blockmirror.block.options import close_node, open_image
 from blockmirror.errors import BlockMirrorError
 from blockmirror.jobs.mirror import BackingMode, MirrorParams, start_mirror
+from blockmirror.jobs.mirror.converge import DEFAULT_DEADLINE_S, ConvergePolicy
+from blockmirror.qapi.x_mirror import XConvergePolicy
 from blockmirror.qmp.hmp import hmp_command
 from blockmirror.qmp.registry import Args, CommandContext, command
 
@@ -51,6 +53,33 @@ def _can_replace(bs: BlockNode, to_replace: BlockNode) -> bool:
             return True
         node = node.filtered_child()
     return False
+
+
+def converge_policy(args: Args) -> ConvergePolicy | None:
+    """The extension arguments ``x-converge*`` (None: not used, QEMU's job).
+
+    Raises:
+        BlockMirrorError: a deadline or rate out of range, or given without ``x-converge``.
+    """
+    mode = args.opt_str("x-converge")
+    deadline = args.opt_int("x-converge-deadline")
+    rate = args.opt_int("x-converge-throttle")
+    if mode is None:
+        for name, value in (("x-converge-deadline", deadline), ("x-converge-throttle", rate)):
+            if value is not None:
+                raise BlockMirrorError(f"Parameter '{name}' requires 'x-converge'")
+        return None
+    policy = XConvergePolicy(mode)
+    if deadline is not None and deadline <= 0:
+        raise BlockMirrorError("Parameter 'x-converge-deadline' expects a positive number of "
+                               "seconds")
+    if policy == XConvergePolicy.THROTTLE:
+        if rate is None or rate <= 0:
+            raise BlockMirrorError("Parameter 'x-converge-throttle' expects a positive rate "
+                                   "in bytes per second")
+    elif rate is not None:
+        raise BlockMirrorError("Parameter 'x-converge-throttle' requires x-converge 'throttle'")
+    return ConvergePolicy(policy, deadline or DEFAULT_DEADLINE_S, rate or 0)
 
 
 def _default_job_id(source: BlockNode) -> str:
@@ -124,6 +153,7 @@ def _mirror_common(
             raise BlockMirrorError(f"Invalid node-name: '{fname}'")
         if graph.find_node(fname) is not None:
             raise BlockMirrorError(f"Duplicate nodes with node-name='{fname}'")
+    params.converge = converge_policy(args)
     job_id = args.opt_str("job-id")
     if job_id is None:
         job_id = _default_job_id(bs)
