@@ -15,6 +15,7 @@ from blockmirror.errors import BlockMirrorError
 
 if TYPE_CHECKING:
     from blockmirror.block.node import BlockNode
+    from blockmirror.jobs.mirror.resume import ResumePlan
 
 
 #: cf. MAX_IN_FLIGHT, MAX_IO_BYTES, DEFAULT_MIRROR_BUF_SIZE
@@ -64,6 +65,10 @@ class MirrorParams:
     auto_dismiss: bool = True
     #: the job opened the target (drive-mirror): close it unless the pivot adopted it
     owns_target: bool = False
+    #: x-resume-log: the checked resume plan (None: no resume log)
+    resume: ResumePlan | None = None
+    #: x-verify: compare source and target after READY, before the pivot
+    verify: bool = False
 
 
 def default_granularity(target: BlockNode) -> int:
