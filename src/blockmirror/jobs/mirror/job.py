@@ -335,6 +335,8 @@ class MirrorJob(BlockJob):
             await self.pause_point()
             if self.is_cancelled:
                 return False
+            if self.resume_log is not None:
+                await self.resume_log.tick(self.clock.now_ns(), self.progress.current)
             cnt = dirty.dirty_bytes()
             self.progress.set_remaining(inflight.bytes + cnt + inflight.active_bytes)
             delta = self.clock.now_ns() - last_pause
@@ -368,8 +370,6 @@ class MirrorJob(BlockJob):
                     return await self._final_verify()
                 self._release_drain()
                 continue
-            if self.resume_log is not None:
-                await self.resume_log.tick(self.clock.now_ns(), self.progress.current)
             if self.is_ready and not should_complete:
                 # idle: poll once a slice; busy: still yield, so writers and the monitor run
                 # between passes (cf. job_sleep_ns(0) in mirror_run)

@@ -34,7 +34,7 @@ from blockmirror.jobs.mirror.dirty import DirtyState
 SAMPLES = 64
 #: the longest time between periodic checkpoints while the mirror copies
 CHECKPOINT_INTERVAL_NS = 1_000_000_000
-#: ... and a checkpoint after this share of the disk was copied (at least 4 MiB, at most 1 GiB)
+#: ... and a checkpoint after this share of the disk was copied (at least 1 MiB, at most 1 GiB)
 CHECKPOINT_SHARE = 16
 
 
@@ -103,7 +103,7 @@ async def identity(node: BlockNode) -> dict[str, Any]:
     else:
         ident["filename"] = proto.filename
     if node.format_name == "qcow2" and proto is not node:
-        head = await proto.read(0, 64)
+        head = await proto.read(0, 72)
         _magic, version, boff, bsize, bits, size, crypt = _QCOW2_FIELDS.unpack_from(head, 0)
         nb_snap, snap_off = struct.unpack_from(">IQ", head, 60)
         ident["qcow2"] = [version, boff, bsize, bits, size, crypt, nb_snap, snap_off]
@@ -342,7 +342,7 @@ class ResumeCoordinator:
         share of the disk was copied since the last one (``copied``: bytes so far)."""
         if self._last_ckpt_ns is None:
             self._last_ckpt_ns = now_ns
-        step = max(min(self.plan.size // CHECKPOINT_SHARE, 1 << 30), 4 << 20)
+        step = max(min(self.plan.size // CHECKPOINT_SHARE, 1 << 30), 1 << 20)
         if (force or now_ns - self._last_ckpt_ns >= CHECKPOINT_INTERVAL_NS
                 or copied - self._last_copied >= step):
             self._last_ckpt_ns = now_ns
