@@ -78,7 +78,8 @@ class Verifier:
         self.digest: str | None = None
         self.task: asyncio.Task[None] | None = None
         self.error: str | None = None
-        #: test hook: awaited after a run's reads, before it is judged
+        #: test hooks: awaited before the first pass, and after a run's reads (before judging)
+        self.before_pass: Callable[[], Awaitable[None]] | None = None
         self.after_read: Callable[[int, int], Awaitable[None]] | None = None
 
     # --- WriteObserver ------------------------------------------------------------------------
@@ -119,6 +120,8 @@ class Verifier:
 
     async def _first_pass(self) -> None:
         try:
+            if self.before_pass is not None:
+                await self.before_pass()
             size, gran = self.dirty.size, self.dirty.granularity
             step = gran * RUN_CHUNKS
             for pos in range(0, size, step):
