@@ -337,3 +337,85 @@ def test_sigkill_then_resume(tmp_path: Path, fmt: str, tkind: str, phase: str,
     assert stats["recopy"] <= stats["remaining_at_kill"] + stats["hot"] + 2 * MiB + GRAN, stats
     print(f"resume {fmt}/{tkind}/{phase}/{seed}: recopy {stats['recopy']} of {SIZE} "
           f"(bound {stats['bound']}, remaining at kill {stats['remaining_at_kill']}, hot {stats['hot']})")
+
+
+def _ready_then(tmp: Path, run: int, src: dict[str, Any], tgt: dict[str, Any], log: str,
+                end: str) -> None:
+    """Mirror to READY, then SIGKILL (``end="kill"``) or cancel cleanly (``"cancel"``)."""
+    d, m = _start(tmp, run, src, tgt)
+    try:
+        m.cmd("blockdev-mirror", _mirror_args(log))
+        m.wait_event("BLOCK_JOB_READY")
+        if end == "cancel":
+            m.cmd("block-job-cancel", {"device": "m"})
+            m.wait_event("BLOCK_JOB_COMPLETED")
+            m.cmd("quit")
+            d.proc.wait(30)
+    finally:
+        d.kill()
+
+
+def _resume_error(tmp: Path, run: int, src: dict[str, Any], tgt: dict[str, Any],
+                  log: str) -> str:
+    d, m = _start(tmp, run, src, tgt)
+    try:
+        rsp = m.try_cmd("blockdev-mirror", _mirror_args(log))
+        assert "error" in rsp, rsp
+        assert rsp["error"]["class"] == "GenericError"
+        assert m.cmd("query-block-jobs") == []
+        # a full restart is what the error offers, and it works
+        m.cmd("blockdev-mirror", _mirror_args(log, **{"x-resume-restart": True}))
+        assert m.job()["x-resumed"] == 0
+        m.wait_event("BLOCK_JOB_READY")
+        m.cmd("block-job-cancel", {"device": "m"})
+        m.wait_event("BLOCK_JOB_COMPLETED")
+        return str(rsp["error"]["desc"])
+    finally:
+        d.kill()
+
+
+def test_resume_refused_when_the_source_changed_behind_our_back(tmp_path: Path) -> None:
+    require_tool("qemu-io", "qemu-img")
+    src_path, tgt_path = tmp_path / "src.raw", tmp_path / "tgt.raw"
+    src_path.write_bytes(random.Random(5).randbytes(SIZE))
+    tgt_path.write_bytes(bytes(SIZE))
+    src = _node("src", "raw", {"driver": "file", "filename": str(src_path)})
+    tgt = _node("tgt", "raw", {"driver": "file", "filename": str(tgt_path)})
+    log = str(tmp_path / "m.resume")
+
+    # 1. after a crash, something rewrote the source (in place: same inode and size)
+    _ready_then(tmp_path, 1, src, tgt, log, "kill")
+    _sh("qemu-io", "-f", "raw", "-c", f"write -P 0x5a 0 {SIZE}", str(src_path))
+    err = _resume_error(tmp_path, 2, src, tgt, log)
+    print(err)
+    assert err.startswith("Cannot resume the mirror: source and target differ at offset "), err
+    assert err.endswith("which the resume log says was in sync: something wrote the source or "
+                        "the target without being tracked. Use a full restart instead"), err
+
+    # 2. after a clean stop, one sector written behind our back (the closed checkpoint
+    # recorded the source's modification time)
+    _ready_then(tmp_path, 3, src, tgt, log, "cancel")
+    assert activity_log.load(log).meta["closed"] is True
+    _sh("qemu-io", "-f", "raw", "-c", "write -P 0x11 4096 512", str(src_path))
+    err = _resume_error(tmp_path, 4, src, tgt, log)
+    print(err)
+    assert err.startswith("Cannot resume the mirror: the source's modification time changed "
+                          "since the resume log was written"), err
+
+    # 3. the source was replaced by a copy (a new inode)
+    _ready_then(tmp_path, 5, src, tgt, log, "kill")
+    copy = tmp_path / "copy.raw"
+    copy.write_bytes(src_path.read_bytes())
+    os.replace(copy, src_path)
+    err = _resume_error(tmp_path, 6, src, tgt, log)
+    print(err)
+    assert err.startswith("Cannot resume the mirror: the source's inode changed"), err
+
+    # 4. untouched after a clean stop: resumes, recopying nothing
+    _ready_then(tmp_path, 7, src, tgt, log, "cancel")
+    d, m = _start(tmp_path, 8, src, tgt)
+    try:
+        m.cmd("blockdev-mirror", _mirror_args(log))
+        assert m.job()["x-resumed"] == SIZE
+    finally:
+        d.kill()
