@@ -336,7 +336,8 @@ def test_sigkill_then_resume(tmp_path: Path, fmt: str, tkind: str, phase: str,
     # checkpoint may lag the copy by one checkpoint step and one buffer (1 MiB each here)
     assert stats["recopy"] <= stats["remaining_at_kill"] + stats["hot"] + 2 * MiB + GRAN, stats
     print(f"resume {fmt}/{tkind}/{phase}/{seed}: recopy {stats['recopy']} of {SIZE} "
-          f"(bound {stats['bound']}, remaining at kill {stats['remaining_at_kill']}, hot {stats['hot']})")
+          f"(bound {stats['bound']}, remaining at kill {stats['remaining_at_kill']}, "
+          f"hot {stats['hot']})")
 
 
 def _ready_then(tmp: Path, run: int, src: dict[str, Any], tgt: dict[str, Any], log: str,

@@ -67,7 +67,7 @@ def _verified_event(d: Daemon) -> dict[str, object]:
 
 def test_silent_target_corruption_is_found_and_repaired() -> None:
     async def main() -> None:
-        clock, d, dev, src, tgt = await _setup(1)
+        clock, d, _dev, src, tgt = await _setup(1)
         job = start_mirror(d.jobs, "j", src, tgt, MirrorParams(granularity=GRAN, verify=True))
         assert isinstance(job, MirrorJob) and job.verifier is not None
         corrupt = [5 * GRAN + 100, 77 * GRAN]
@@ -98,7 +98,7 @@ def test_silent_target_corruption_is_found_and_repaired() -> None:
 
 def test_unrepairable_mismatch_refuses_complete() -> None:
     async def main() -> None:
-        clock, d, dev, src, tgt = await _setup(2)
+        clock, d, _dev, src, tgt = await _setup(2)
         job = start_mirror(d.jobs, "j", src, tgt, MirrorParams(granularity=GRAN, verify=True))
         assert job.verifier is not None
         drv = tgt.driver
