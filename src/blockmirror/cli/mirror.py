@@ -67,7 +67,7 @@ block-job-complete on the --qmp socket (job id: drive0).
 
 Resuming: with --sync full the copy state is kept crash-safe in a resume log
 (--resume-log, default TARGET.blockmirror-resume, or SOURCE.blockmirror-resume
-for an NBD target). Running the same command again after a crash, a kill or a
+for an NBD target; none by default for json: names). Running the same command again after a crash, a kill or a
 lost target resumes (the target is reused, only what may differ is recopied);
 --restart starts afresh. Resuming is refused if the source or target changed
 behind the mirror's back (see docs/resume.md). --verify compares source and
@@ -400,10 +400,11 @@ def resume_log_path(opts: argparse.Namespace) -> str | None:
         return None
     if opts.resume_log:
         return str(opts.resume_log)
-    for image in (opts.target, opts.source):
-        if not is_nbd_uri(image):
-            return f"{image}.blockmirror-resume"
-    return None
+    # next to the target file, or the source file for an NBD target; never for json: names
+    image = opts.source if is_nbd_uri(opts.target) else opts.target
+    if is_nbd_uri(image) or image.startswith("json:"):
+        return None
+    return f"{image}.blockmirror-resume"
 
 
 def resume_arguments(opts: argparse.Namespace) -> tuple[dict[str, Any], bool]:

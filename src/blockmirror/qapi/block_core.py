@@ -259,8 +259,11 @@ command("block-job-finalize", {"id": "str"})
 command("block-job-dismiss", {"id": "str"})
 command("block-job-change", {"id": "str", "type": "JobType", "*copy-mode": "MirrorCopyMode"},
         doc="(QEMU 8.2) `type: mirror`, `copy-mode`: only `background` -> `write-blocking`")
-command("query-block-jobs", returns=["BlockJobInfo"],
-        doc="QEMU 7.2's members (`offset`/`len`)")
+command("query-block-jobs", {"*x-progress": "bool"}, returns=["BlockJobInfo"],
+        doc="QEMU 7.2's members (`offset`/`len`); extension `x-progress: true` adds a mirror's "
+            "monotonic byte counters after them (`x-copied`, `x-zero-skipped`, `x-redirtied`, "
+            "`x-verified`, `x-resumed`, `x-active-written`), shown anyway for mirrors started "
+            "with `x-resume-log` or `x-verify` (docs/resume.md)")
 command("blockdev-mirror", {
     "*job-id": "str", "device": "str", "target": "str", "*replaces": "str",
     "sync": "MirrorSyncMode", **_MIRROR_COMMON, "*filter-node-name": "str",

@@ -225,9 +225,21 @@ class MirrorJob(BlockJob):
         elif not before_exit and pivot:
             await self.resume_log.finish(pivoted=True)
 
+    @property
+    def itemised(self) -> bool:
+        """The job was started with an extension: its query shows the ``x-`` members."""
+        return self.resume_log is not None or self.verifier is not None
+
     def query_block_job(self) -> dict[str, Any]:
-        """QEMU's members, then the itemised, monotonic ``x-`` counters (extension)."""
+        """QEMU's members, then (``itemised``) the extension members."""
         info = super().query_block_job()
+        if self.itemised:
+            info.update(self.extension_info())
+        return info
+
+    def extension_info(self) -> dict[str, Any]:
+        """The itemised, monotonic ``x-`` counters (query-block-jobs ``x-progress``)."""
+        info: dict[str, Any] = {}
         p = self.progress
         info.update({
             "x-copied": p.copied,
