@@ -122,8 +122,12 @@ async def verify_run(tmp: Path, size: int) -> float:
                                          "sync": "full", "x-verify": True})
     job = d.jobs.find("v")
     assert isinstance(job, MirrorJob) and job.verifier is not None
-    while not job.is_ready:
-        await asyncio.sleep(0.01)
+    ready = asyncio.Event()
+    unsubscribe = d.events.subscribe(
+        lambda ev: ready.set() if ev["event"] == "BLOCK_JOB_READY" else None)
+    if not job.is_ready:
+        await ready.wait()
+    unsubscribe()
     t0 = time.perf_counter()
     job.verifier.start()  # already started at READY: this only returns the same task
     assert job.verifier.task is not None

@@ -67,11 +67,12 @@ block-job-complete on the --qmp socket (job id: drive0).
 
 Resuming: with --sync full the copy state is kept crash-safe in a resume log
 (--resume-log, default TARGET.blockmirror-resume, or SOURCE.blockmirror-resume
-for an NBD target; none by default for json: names). Running the same command again after a crash, a kill or a
-lost target resumes (the target is reused, only what may differ is recopied);
---restart starts afresh. Resuming is refused if the source or target changed
-behind the mirror's back (see docs/resume.md). --verify compares source and
-target before the switch-over and repairs any difference.
+for an NBD target; none by default for json: names). Running the same command
+again after a crash, a kill or a lost target resumes (the target is reused,
+only what may differ is recopied); --restart starts afresh. Resuming is
+refused if the source or target changed behind the mirror's back (see
+docs/resume.md). --verify compares source and target before the switch-over
+and repairs any difference.
 
 Signals: SIGINT (Ctrl-C) or SIGTERM force-cancel the job; the source is left
 untouched and nothing is pivoted. SIGUSR1 requests completion.
