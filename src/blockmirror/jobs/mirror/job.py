@@ -221,6 +221,13 @@ class MirrorJob(BlockJob):
         if self.resume_log is None:
             return
         if before_exit and not pivot:
+            if self.wiring.exited:
+                # a failed pivot: writes went on untracked; no closed checkpoint may claim
+                # otherwise (the last one stays, with the crash-time checks)
+                self.resume_log.closed = True
+                if self.resume_log.log is not None:
+                    self.resume_log.log.close()
+                return
             await self.resume_log.finish(pivoted=False)
         elif not before_exit and pivot:
             await self.resume_log.finish(pivoted=True)
