@@ -1,8 +1,9 @@
 """blockmirror: live block-device mirroring controlled over QMP, compatible with QEMU.
 
-Layers (each a package): ``qmp`` (wire protocol, server, command registry), ``block`` (node
-graph and drivers), ``jobs`` (job state machine and the mirror), ``nbd`` (sans-IO codec),
-``export`` (NBD server) and ``cli``.
+Layers, lowest first (tests/unit/test_import_layers.py enforces the order): ``errors``,
+``events``, ``objects`` and the clock; ``qapi`` (the schema); ``nbd`` (sans-IO codec);
+``block`` (node graph and drivers); ``jobs`` (job state machine and the mirror); ``export``
+(NBD server); ``qmp`` (wire protocol, server, command handlers); ``daemon``; ``cli``.
 """
 
 from __future__ import annotations

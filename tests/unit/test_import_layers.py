@@ -107,6 +107,15 @@ def test_nothing_imports_from_a_layer_above() -> None:
     assert not bad, "\n".join(bad)
 
 
+def test_the_schema_package_is_a_leaf() -> None:
+    """qapi/ imports nothing of blockmirror's but itself."""
+    for name, path in all_modules():
+        if name.startswith("blockmirror.qapi"):
+            tree = ast.parse(path.read_text(), str(path))
+            targets = {t for t, _, _ in imports(tree, name, path.name == "__init__.py")}
+            assert all(t.startswith("blockmirror.qapi") for t in targets), (name, targets)
+
+
 def test_allow_list_has_no_stale_entries() -> None:
     """An allowed import that is gone must leave the list, so the list only ever shrinks."""
     seen = set()

@@ -27,6 +27,7 @@ async def block_status_above(
     length: int,
     *,
     include_base: bool = False,
+    want_zero: bool = True,
 ) -> Extent:
     """Status of the range as seen through ``top``, down to (excluding) ``base``.
 
@@ -35,7 +36,7 @@ async def block_status_above(
     """
     if not include_base and top is base:
         return Extent(length, BlockStatus.NONE, 0)
-    ext = await top.block_status(offset, length)
+    ext = await top.block_status(offset, length, want_zero)
     depth = 1
     if ext.status & BlockStatus.ALLOCATED or top is base:
         return Extent(ext.length, ext.status, depth, ext.map_offset, ext.map_node)
@@ -50,7 +51,7 @@ async def block_status_above(
             # the layer is short: zeroes beyond its end count as allocated here
             result = Extent(n, BlockStatus.ZERO | BlockStatus.ALLOCATED, depth)
             break
-        pe = await p.block_status(offset, min(n, plen - offset))
+        pe = await p.block_status(offset, min(n, plen - offset), want_zero)
         if pe.status & BlockStatus.ALLOCATED:
             result = Extent(pe.length, pe.status & ~BlockStatus.EOF, depth, pe.map_offset,
                             pe.map_node)
@@ -80,7 +81,8 @@ async def is_allocated_above(
 
     cf. bdrv_co_is_allocated_above; the mirror's sync=top seeds its bitmap with it.
     """
-    ext = await block_status_above(top, base_overlay, offset, length, include_base=include_base)
+    ext = await block_status_above(top, base_overlay, offset, length, include_base=include_base,
+                                   want_zero=False)
     return bool(ext.status & BlockStatus.ALLOCATED), ext.length
 
 

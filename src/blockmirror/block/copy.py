@@ -25,7 +25,7 @@ from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from blockmirror.block import threadio
+from blockmirror.block import io, threadio
 from blockmirror.block.driver import WriteFlags
 from blockmirror.block.drivers.file import FileDriver
 from blockmirror.block.io import check_request, check_writable
@@ -102,6 +102,40 @@ def _leave(nodes: Sequence[BlockNode], written: bool) -> None:
             ev.set()
 
 
+async def read_host(node: BlockNode, ranges: list[tuple[int, int]]) -> list[bytes] | None:
+    """Read ranges of a node that maps onto a host file in one worker call (zero-padded past
+    the file's end), or None when it does not (or the ranges do not fit O_DIRECT)."""
+    hf = host_file(node, for_write=False)
+    if hf is None or not _aligned(hf, ranges):
+        return None
+    _enter(hf.nodes)
+    try:
+        return await threadio.run(threadio.read_batch_sync, hf.fd,
+                                  [(hf.base + o, n) for o, n in ranges], hf.direct)
+    except OSError as e:
+        raise BlockIOError(e.errno or errno.EIO) from e
+    finally:
+        _leave(hf.nodes, False)
+
+
+async def write_host(node: BlockNode, pieces: list[tuple[int, bytes | memoryview]]) -> bool:
+    """Write pieces to a node that maps onto a host file in one worker call; False when it
+    does not, or when something on the way must see each write (nothing was written)."""
+    hf = host_file(node, for_write=True)
+    if hf is None or not _aligned(hf, [(o, len(d)) for o, d in pieces]) or any(
+            n.read_only or n.corrupt for n in hf.nodes):
+        return False
+    _enter(hf.nodes)
+    try:
+        await threadio.run(threadio.write_batch_sync, hf.fd,
+                           [(hf.base + o, d) for o, d in pieces], hf.direct)
+    except OSError as e:
+        raise BlockIOError(e.errno or errno.EIO) from e
+    finally:
+        _leave(hf.nodes, True)
+    return True
+
+
 def _batch_error(e: OSError) -> CopyError:
     is_read = e.is_read if isinstance(e, threadio.BatchError) else False
     return CopyError(e.errno or errno.EIO, is_read)
@@ -166,39 +200,41 @@ async def _copy_host_to_node(
         raise _batch_error(e) from e
     finally:
         _leave(src.nodes, False)
-    await _write_all(dst, [(o, data) for (o, _n), data in zip(extents, parts, strict=True)])
+    pieces: list[tuple[int, bytes | memoryview]] = [
+        (o, data) for (o, _n), data in zip(extents, parts, strict=True)]
+    await _write_all(dst, pieces)
 
 
-async def _write_all(dst: BlockNode, pieces: list[tuple[int, bytes]]) -> None:
-    async def one(offset: int, data: bytes) -> None:
-        try:
-            await dst.write(offset, data)
-        except BlockIOError as e:
-            raise CopyError(e.errno, False, str(e)) from e
-
-    if len(pieces) == 1:
-        await one(*pieces[0])
-        return
-    await _gather(one(o, d) for o, d in pieces)
+async def _write_all(dst: BlockNode, pieces: list[tuple[int, bytes | memoryview]]) -> None:
+    try:
+        if len(pieces) == 1:
+            await dst.write(*pieces[0])
+        else:
+            await io.write_many(dst, pieces)
+    except BlockIOError as e:
+        raise CopyError(e.errno, False, str(e)) from e
 
 
 async def _copy_generic(
     src: BlockNode, dst: BlockNode, extents: Sequence[tuple[int, int]]
 ) -> None:
-    async def one(offset: int, length: int) -> None:
+    try:
+        if len(extents) == 1:
+            parts = [await src.read(*extents[0])]
+        else:
+            parts = await io.read_many(src, list(extents))
+    except BlockIOError as e:
+        raise CopyError(e.errno, True, str(e)) from e
+    dst_hf = host_file(dst, for_write=True)
+    pieces: list[tuple[int, bytes | memoryview]] = [
+        (o, d) for (o, _n), d in zip(extents, parts, strict=True)]
+    if dst_hf is not None and len(pieces) > 1:
         try:
-            data = await src.read(offset, length)
-        except BlockIOError as e:
-            raise CopyError(e.errno, True, str(e)) from e
-        try:
-            await dst.write(offset, data)
+            if await write_host(dst, pieces):
+                return
         except BlockIOError as e:
             raise CopyError(e.errno, False, str(e)) from e
-
-    if len(extents) == 1:
-        await one(*extents[0])
-        return
-    await _gather(one(o, n) for o, n in extents)
+    await _write_all(dst, pieces)
 
 
 async def zero_extents(
@@ -270,4 +306,5 @@ async def _gather(coros: Iterable[Coroutine[Any, Any, None]]) -> None:
             raise r
 
 
-__all__ = ["CopyError", "HostFile", "copy_extents", "host_file", "map_data", "zero_extents"]
+__all__ = ["CopyError", "HostFile", "copy_extents", "host_file", "map_data", "read_host",
+           "write_host", "zero_extents"]

@@ -5,10 +5,15 @@ the generic request path (``block/io.py``) marks every written range. Jobs read 
 ``next_dirty``/``runs``/``dirty_count`` and clear what they copy. All scans use bitarray's
 search primitives; nothing loops over single bits in Python. Memory is about one bit per granule.
 The small ``BitmapStore`` interface is what a future persistent (resumable) bitmap implements.
+
+Bits are kept little-endian within bytes: granule ``i`` is bit ``i % 8`` of byte ``i // 8``,
+the layout QEMU serialises (qcow2 bitmap data clusters) and hashes
+(x-debug-block-dirty-bitmap-sha256), so ``to_bytes``/``load_bytes`` need no conversion.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -50,7 +55,7 @@ class DirtyBitmap:
         self.granularity = granularity
         self.size = size
         self._shift = granularity.bit_length() - 1
-        self._bits = bitarray(self._nbits(size))
+        self._bits = bitarray(self._nbits(size), endian="little")
         self._bits.setall(0)
         #: False stops mark() from recording anything (cf. a disabled bitmap)
         self.enabled = True
@@ -97,7 +102,7 @@ class DirtyBitmap:
         n = self._nbits(size)
         old = len(self._bits)
         if n > old:
-            self._bits.extend(bitarray(n - old))
+            self._bits.extend(bitarray(n - old, endian="little"))
             self._bits[old:] = 0
         else:
             del self._bits[n:]
@@ -160,6 +165,59 @@ class DirtyBitmap:
     def copy_bits(self) -> bitarray:
         """A snapshot of the raw bits (tests, persistence)."""
         return self._bits.copy()
+
+    @property
+    def granules(self) -> int:
+        """How many granules the bitmap has (bits)."""
+        return len(self._bits)
+
+    # --- serialisation and merging -------------------------------------------------------
+
+    def to_bytes(self, first_granule: int = 0, count: int | None = None) -> bytes:
+        """Granules ``[first, first + count)`` packed 8 per byte, lowest granule in the least
+        significant bit (qcow2 bitmap data; ``first`` must be a multiple of 8)."""
+        end = len(self._bits) if count is None else min(len(self._bits), first_granule + count)
+        return self._bits[first_granule:end].tobytes()
+
+    def load_bytes(self, data: bytes, first_granule: int = 0) -> None:
+        """Set granules from ``first`` on from packed bytes (the inverse of ``to_bytes``);
+        bits past the end of the bitmap are ignored."""
+        chunk = bitarray(endian="little")
+        chunk.frombytes(data)
+        end = min(len(self._bits), first_granule + len(chunk))
+        if end > first_granule:
+            self._bits[first_granule:end] = chunk[: end - first_granule]
+
+    def set_granules(self, first_granule: int, count: int) -> None:
+        end = min(len(self._bits), first_granule + count)
+        if end > first_granule:
+            self._bits[first_granule:end] = 1
+
+    def sha256(self) -> str:
+        """The digest QEMU's x-debug-block-dirty-bitmap-sha256 reports (cf. hbitmap_sha256):
+        the bits as an array of little-endian 64-bit words, at least one word."""
+        data = self._bits.tobytes()
+        words = max(1, -(-len(self._bits) // 64))
+        return hashlib.sha256(data.ljust(words * 8, b"\0")).hexdigest()
+
+    def merge_from(self, other: DirtyBitmap) -> None:
+        """Dirty every granule of ours that overlaps a dirty granule of ``other`` (cf.
+        hbitmap_merge; granularities may differ, sizes must be equal)."""
+        if other.granularity == self.granularity and len(other._bits) == len(self._bits):
+            self._bits |= other._bits
+            return
+        for offset, length in other.runs():
+            self.set_dirty(offset, length)
+
+    def copy(self) -> DirtyBitmap:
+        clone = DirtyBitmap(self.size, self.granularity)
+        clone._bits = self._bits.copy()
+        clone.enabled = self.enabled
+        return clone
+
+    def restore(self, saved: DirtyBitmap) -> None:
+        """Take the bits of a copy made earlier (transaction rollback)."""
+        self._bits = saved._bits.copy()
 
 
 __all__ = ["BitmapStore", "DirtyBitmap"]

@@ -151,6 +151,15 @@ class BlockDriver(ABC):
         """
         return None
 
+    async def read_extents(self, extents: list[tuple[int, int]]) -> list[bytes] | None:
+        """Read many ranges with fewer thread-pool hops than one ``preadv`` each, or None
+        (not supported: the caller reads them one by one). Ranges are checked and aligned."""
+        return None
+
+    async def write_extents(self, pieces: list[tuple[int, memoryview]]) -> bool:
+        """Write many ranges at once; False: not supported (nothing was written)."""
+        return False
+
     @abstractmethod
     async def preadv(self, offset: int, length: int) -> bytes:
         """Read exactly ``length`` bytes at ``offset`` (inside the node)."""

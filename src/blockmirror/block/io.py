@@ -180,6 +180,48 @@ async def read(node: BlockNode, offset: int, length: int) -> bytes:
         return await _driver_read(node, offset, length)
 
 
+def _aligned_all(node: BlockNode, ranges: list[tuple[int, int]]) -> bool:
+    align = node.driver.request_alignment
+    return align <= 1 or all(o % align == 0 and n % align == 0 for o, n in ranges)
+
+
+async def read_many(node: BlockNode, extents: list[tuple[int, int]]) -> list[bytes]:
+    """``read`` of every extent; one driver call for all of them where the driver can."""
+    for offset, length in extents:
+        check_request(node, offset, length)
+    if len(extents) > 1 and _aligned_all(node, extents):
+        async with _tracked(node):
+            parts = await node.driver.read_extents(extents)
+        if parts is not None:
+            return parts
+    return list(await asyncio.gather(*(read(node, o, n) for o, n in extents)))
+
+
+async def write_many(node: BlockNode, pieces: list[tuple[int, bytes | memoryview]]) -> None:
+    """``write`` of every piece; one driver call for all of them where nothing else on the
+    node needs to see each write (interceptors, trackers, zero detection) and the driver can.
+    On failure some pieces may have been written."""
+    views = [(o, memoryview(d)) for o, d in pieces]
+    for offset, view in views:
+        check_request(node, offset, len(view))
+    check_writable(node)
+    if (len(views) > 1 and not node.interceptors and not node.dirty_trackers
+            and node.detect_zeroes == "off"
+            and _aligned_all(node, [(o, len(v)) for o, v in views])):
+        try:
+            async with _tracked(node):
+                done = await node.driver.write_extents(views)
+        finally:
+            node.write_gen += 1
+        if done:
+            return
+    results = await asyncio.gather(*(write(node, o, v) for o, v in views),
+                                   return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+
+
 async def _run_chain(
     chain: list[WriteInterceptor], i: int, node: BlockNode, kind: str, offset: int,
     length: int, op: Callable[[], Awaitable[None]],

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from blockmirror.block import io
+from blockmirror.block.bitmaps import NodeBitmaps
 
 if TYPE_CHECKING:
     from blockmirror.block.driver import BlockDriver, DriverInfo, Extent
@@ -152,6 +153,11 @@ class BlockNode:
     corrupt: bool = False
     #: the graph the node belongs to (set by BlockGraph.add_node)
     graph: Any = field(default=None, repr=False)
+    #: named dirty bitmaps (block/bitmaps.py), each also one of ``dirty_trackers``
+    bitmaps: NodeBitmaps = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.bitmaps = NodeBitmaps(self)
 
     # --- structure ------------------------------------------------------------------------
 

@@ -60,6 +60,10 @@ def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
         BlockMirrorError: QEMU's text for the first problem.
     """
     tree = unflatten(options)
+    driver = tree.get("driver")
+    if isinstance(driver, str) and driver not in load_all():
+        # QEMU has it, blockmirror does not: its options are not declared either
+        raise BlockMirrorError(f"Parameter 'driver' does not accept value '{driver}'")
     _legacy_discard(tree)
     children: dict[str, dict[str, Any]] = {}
     for role in CHILD_KEYS:

@@ -163,7 +163,8 @@ async def block_device_info(node: BlockNode, *, flat: bool = False) -> dict[str,
         out["backing_file"] = info.backing_filename
     out.update(
         {
-            "backing_file_depth": backing_depth(node),
+            # QEMU counts the layers while it fills backing-image, which flat skips
+            "backing_file_depth": 0 if flat else backing_depth(node),
             "encrypted": False,
             "detect_zeroes": node.detect_zeroes,
             "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
@@ -176,6 +177,8 @@ async def block_device_info(node: BlockNode, *, flat: bool = False) -> dict[str,
             "image": await image_info(node, backing_image=not flat),
         }
     )
+    if len(node.bitmaps):
+        out["dirty-bitmaps"] = node.bitmaps.info()
     return out
 
 

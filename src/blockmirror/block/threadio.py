@@ -302,6 +302,15 @@ def read_batch_sync(fd: int, extents: list[tuple[int, int]], direct: bool) -> li
     return out
 
 
+def write_batch_sync(fd: int, pieces: list[tuple[int, bytes | memoryview]], direct: bool) -> None:
+    """Write every ``(offset, data)`` in one worker call."""
+    for index, (offset, data) in enumerate(pieces):
+        try:
+            _pwrite_all(fd, offset, data, direct)
+        except OSError as e:
+            raise BatchError(e, False, index) from e
+
+
 # --- the async API --------------------------------------------------------------------------
 
 
@@ -383,5 +392,6 @@ __all__ = [
     "run",
     "seek_extent",
     "seek_walk_sync",
+    "write_batch_sync",
     "zero_range",
 ]

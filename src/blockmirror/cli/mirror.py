@@ -41,6 +41,7 @@ from blockmirror.daemon import Daemon
 from blockmirror.errors import BlockMirrorError
 from blockmirror.jobs.job import Job
 from blockmirror.qapi import SchemaError, validate_command_args
+from blockmirror.qapi import checks as schema_checks
 from blockmirror.qmp.registry import Args, CommandContext, load_commands
 
 #: exit statuses (documented in --help and docs/cli.md)
@@ -203,7 +204,10 @@ async def execute(daemon: Daemon, name: str, arguments: dict[str, Any]) -> Any:
         args = validate_command_args(cmd.args, dict(arguments))
     except SchemaError as e:
         raise BlockMirrorError(e.desc) from e
-    return await cmd.handler(CommandContext(daemon), Args(args, cmd.defaults))
+    ret = await cmd.handler(CommandContext(daemon), Args(args, cmd.defaults))
+    if schema_checks.enabled():
+        schema_checks.check_return(name, ret)
+    return ret
 
 
 class CliDaemon(Daemon):

@@ -22,13 +22,22 @@ import ssl
 import stat
 from typing import Any
 
+from blockmirror.block.bitmaps import NamedBitmap, release_export_bitmaps
 from blockmirror.block.chain import block_status_above
 from blockmirror.block.driver import BlockStatus
 from blockmirror.block.graph import BlockGraph
 from blockmirror.block.node import BlockBackend, BlockNode, Perm
 from blockmirror.errors import BlockIOError, BlockMirrorError
 from blockmirror.events import EventBus
+from blockmirror.export.nbd_meta import (
+    MAX_CONTEXT_EXTENTS,
+    allocation_depth_extents,
+    bitmap_extents,
+)
 from blockmirror.nbd.constants import (
+    NBD_META_ID_ALLOCATION_DEPTH,
+    NBD_META_ID_BASE_ALLOCATION,
+    NBD_META_ID_DIRTY_BITMAP,
     Cmd,
     CmdFlag,
     ReplyType,
@@ -85,6 +94,10 @@ class NbdExport:
         #: False once deletion was requested (query-block-exports' shutting-down)
         self.user_owned = True
         self.clients: set[_Client] = set()
+        #: served as qemu:dirty-bitmap:NAME (held busy while exported), and whether
+        #: qemu:allocation-depth is served (block-export-add bitmaps / allocation-depth)
+        self.bitmaps: list[NamedBitmap] = []
+        self.allocation_depth = False
 
     @property
     def node(self) -> BlockNode:
@@ -104,7 +117,9 @@ class NbdExport:
             flags |= TransmissionFlag.READ_ONLY
         node = self.node
         return ExportInfo(self.name, node.length(), flags, self.description,
-                          min_block=max(1, node.driver.request_alignment))
+                          min_block=max(1, node.driver.request_alignment),
+                          allocation_depth=self.allocation_depth,
+                          bitmaps=tuple(b.name for b in self.bitmaps))
 
 
 class NbdServer:
@@ -229,6 +244,7 @@ class NbdServer:
         while exp.clients:
             await asyncio.gather(*(c.done.wait() for c in list(exp.clients)))
         self.exports.pop(exp.id, None)
+        release_export_bitmaps(exp.bitmaps)
         node = exp.blk.node
         if node is not None:
             with contextlib.suppress(BlockMirrorError):
@@ -469,8 +485,24 @@ class _Client:
                 extents.append((n, int(flags)))
             off += n
         ids = sorted(self.contexts)
-        await self._send(*(encode_block_status(req.cookie, cid, extents, done=i == len(ids) - 1)
-                           for i, cid in enumerate(ids)))
+        replies = []
+        for i, cid in enumerate(ids):
+            per_context = extents
+            if cid != NBD_META_ID_BASE_ALLOCATION:
+                per_context = await self._qemu_context_extents(node, cid, req)
+            replies.append(encode_block_status(req.cookie, cid, per_context,
+                                               done=i == len(ids) - 1))
+        await self._send(*replies)
+
+    async def _qemu_context_extents(self, node: BlockNode, context_id: int,
+                                    req: Request) -> list[tuple[int, int]]:
+        """Extents of qemu:allocation-depth or qemu:dirty-bitmap:NAME (export/nbd_meta.py)."""
+        limit = 1 if req.flags & CmdFlag.REQ_ONE else MAX_CONTEXT_EXTENTS
+        if context_id == NBD_META_ID_ALLOCATION_DEPTH:
+            return await allocation_depth_extents(node, req.offset, req.length, limit)
+        assert self.export is not None
+        named = self.export.bitmaps[context_id - NBD_META_ID_DIRTY_BITMAP]
+        return bitmap_extents(named, req.offset, req.length, limit)
 
     async def _send_error(self, cookie: int, err: int, message: str) -> None:
         wire = errno_to_wire(err)

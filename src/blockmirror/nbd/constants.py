@@ -31,6 +31,13 @@ NBD_PREFERRED_BLOCK_SIZE = 4096
 #: the context id QEMU gives base:allocation (any 32-bit value is valid on the wire)
 NBD_META_ID_BASE_ALLOCATION = 0
 BASE_ALLOCATION = "base:allocation"
+#: QEMU's ids for its own contexts: qemu:allocation-depth, then one per exported bitmap
+NBD_META_ID_ALLOCATION_DEPTH = 1
+NBD_META_ID_DIRTY_BITMAP = 2
+ALLOCATION_DEPTH = "qemu:allocation-depth"
+DIRTY_BITMAP_PREFIX = "qemu:dirty-bitmap:"
+#: qemu:dirty-bitmap:NAME status bit: the range is dirty
+NBD_STATE_DIRTY = 1
 
 
 class HandshakeFlag(enum.IntFlag):

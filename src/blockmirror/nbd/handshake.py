@@ -22,12 +22,16 @@ from typing import Protocol
 
 from blockmirror.errors import InternalError
 from blockmirror.nbd.constants import (
+    ALLOCATION_DEPTH,
     BASE_ALLOCATION,
+    DIRTY_BITMAP_PREFIX,
     NBD_INIT_MAGIC,
     NBD_MAX_BUFFER_SIZE,
     NBD_MAX_OPTION_SIZE,
     NBD_MAX_STRING_SIZE,
+    NBD_META_ID_ALLOCATION_DEPTH,
     NBD_META_ID_BASE_ALLOCATION,
+    NBD_META_ID_DIRTY_BITMAP,
     NBD_OPTS_MAGIC,
     NBD_PREFERRED_BLOCK_SIZE,
     NBD_REP_MAGIC,
@@ -61,6 +65,10 @@ class ExportInfo:
     min_block: int = 1
     pref_block: int = NBD_PREFERRED_BLOCK_SIZE
     max_block: int = NBD_MAX_BUFFER_SIZE
+    #: the export serves qemu:allocation-depth (block-export-add allocation-depth=true)
+    allocation_depth: bool = False
+    #: names of the bitmaps it serves as qemu:dirty-bitmap:NAME, in id order
+    bitmaps: tuple[str, ...] = ()
 
 
 class ExportCatalog(Protocol):
@@ -354,19 +362,15 @@ class ServerHandshake(SansIOEndpoint):
         if exp is None:
             self._reply(opt, Rep.ERR_UNKNOWN, f"export '{name}' not present".encode())
             return None
-        chosen = False
-        if opt == Opt.LIST_META_CONTEXT and not queries:
-            chosen = True
-        for q in queries:
-            if q in (BASE_ALLOCATION, "base:") if opt == Opt.LIST_META_CONTEXT else (
-                    q == BASE_ALLOCATION):
-                chosen = True
-        if chosen:
-            self._reply(opt, Rep.META_CONTEXT, struct.pack(">I", NBD_META_ID_BASE_ALLOCATION)
-                        + BASE_ALLOCATION.encode())
+        listing = opt == Opt.LIST_META_CONTEXT
+        selected = _select_contexts(exp, queries, listing)
+        for context_id, context in sorted(selected.items()):
+            # a LIST reply carries no meaningful id: QEMU sends 0
+            self._reply(opt, Rep.META_CONTEXT,
+                        struct.pack(">I", 0 if listing else context_id) + context.encode())
         if opt == Opt.SET_META_CONTEXT:
             self._meta_export = name
-            self._contexts = {NBD_META_ID_BASE_ALLOCATION: BASE_ALLOCATION} if chosen else {}
+            self._contexts = selected
         self._reply(opt, Rep.ACK)
         return None
 
@@ -388,6 +392,48 @@ class ServerHandshake(SansIOEndpoint):
         if new not in SERVER_TRANSITIONS[self.state]:
             raise InternalError(f"NBD server handshake: {self.state} -> {new} is not allowed")
         self.state = new
+
+
+def _select_contexts(exp: ExportInfo, queries: list[str], listing: bool) -> dict[int, str]:
+    """The contexts ``queries`` select on ``exp`` (cf. nbd_negotiate_meta_queries): by id.
+
+    base:allocation, then qemu:allocation-depth (if the export has it), then one
+    qemu:dirty-bitmap:NAME per exported bitmap. A LIST without queries, or a LIST of a bare
+    namespace ("base:", "qemu:", "qemu:dirty-bitmap:"), selects all of what it names.
+    Unknown namespaces and names select nothing.
+    """
+    base = depth = False
+    bitmaps: set[int] = set()
+    if listing and not queries:
+        base, depth, bitmaps = True, exp.allocation_depth, set(range(len(exp.bitmaps)))
+    for query in queries:
+        if query.startswith("base:"):
+            rest = query[len("base:"):]
+            if rest == "allocation" or (listing and not rest):
+                base = True
+        elif query.startswith("qemu:"):
+            rest = query[len("qemu:"):]
+            if not rest:
+                if listing:
+                    depth = depth or exp.allocation_depth
+                    bitmaps.update(range(len(exp.bitmaps)))
+            elif rest == "allocation-depth":
+                depth = depth or exp.allocation_depth
+            elif rest.startswith("dirty-bitmap:"):
+                wanted = rest[len("dirty-bitmap:"):]
+                if not wanted:
+                    if listing:
+                        bitmaps.update(range(len(exp.bitmaps)))
+                elif wanted in exp.bitmaps:
+                    bitmaps.add(exp.bitmaps.index(wanted))
+    selected: dict[int, str] = {}
+    if base:
+        selected[NBD_META_ID_BASE_ALLOCATION] = BASE_ALLOCATION
+    if depth:
+        selected[NBD_META_ID_ALLOCATION_DEPTH] = ALLOCATION_DEPTH
+    for index in sorted(bitmaps):
+        selected[NBD_META_ID_DIRTY_BITMAP + index] = DIRTY_BITMAP_PREFIX + exp.bitmaps[index]
+    return selected
 
 
 def _parse_meta_payload(payload: bytes) -> tuple[str, list[str]]:

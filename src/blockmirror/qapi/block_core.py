@@ -123,6 +123,36 @@ union("BlockdevCreateOptions", {"driver": "BlockdevDriver"}, "driver", {
     "file": "BlockdevCreateOptionsFile", "qcow2": "BlockdevCreateOptionsQcow2",
 })
 
+# --- dirty bitmaps (handlers: qmp/commands/bitmaps.py) ---------------------------------------
+
+struct("BlockDirtyInfo", {
+    "*name": "str", "count": "int", "granularity": "uint32", "recording": "bool",
+    "busy": "bool", "persistent": "bool", "*inconsistent": "bool",
+})
+struct("BlockDirtyBitmap", {"node": "str", "name": "str"})
+struct("BlockDirtyBitmapAdd", {
+    "*granularity": "uint32", "*persistent": "bool", "*disabled": "bool",
+}, base="BlockDirtyBitmap")
+alternate("BlockDirtyBitmapOrStr", {"local": "str", "external": "BlockDirtyBitmap"})
+struct("BlockDirtyBitmapMerge", {
+    "node": "str", "target": "str", "bitmaps": ["BlockDirtyBitmapOrStr"],
+})
+struct("BlockDirtyBitmapSha256", {"sha256": "str"})
+command("block-dirty-bitmap-add", "BlockDirtyBitmapAdd",
+        defaults={"persistent": False, "disabled": False},
+        doc="granularity defaults to the cluster size within [4k, 64k]; `persistent` bitmaps "
+            "live in the qcow2 bitmaps extension: loaded on open, marked in use while open, "
+            "stored on close; left in use by a crash they load as `inconsistent`")
+command("block-dirty-bitmap-remove", "BlockDirtyBitmap",
+        doc="a persistent bitmap leaves the image at once")
+command("block-dirty-bitmap-clear", "BlockDirtyBitmap")
+command("block-dirty-bitmap-enable", "BlockDirtyBitmap")
+command("block-dirty-bitmap-disable", "BlockDirtyBitmap")
+command("block-dirty-bitmap-merge", "BlockDirtyBitmapMerge",
+        doc="sources by name (on `node`) or `{node, name}`, any granularity, equal sizes")
+command("x-debug-block-dirty-bitmap-sha256", "BlockDirtyBitmap",
+        returns="BlockDirtyBitmapSha256")
+
 # --- queries ----------------------------------------------------------------------------------
 
 struct("BlockdevCacheInfo", {"writeback": "bool", "direct": "bool", "no-flush": "bool"})
@@ -138,6 +168,7 @@ struct("BlockDeviceInfo", {
     "backing_file_depth": "int", "encrypted": "bool", "detect_zeroes": "str", "bps": "int",
     "bps_rd": "int", "bps_wr": "int", "iops": "int", "iops_rd": "int", "iops_wr": "int",
     "image": "ImageInfo", "cache": "BlockdevCacheInfo", "write_threshold": "int",
+    "*dirty-bitmaps": ["BlockDirtyInfo"],
 })
 struct("BlockInfo", {"device": "str", "*qdev": "str", "type": "str", "removable": "bool",
                      "locked": "bool", "*inserted": "BlockDeviceInfo", "*tray_open": "bool"})

@@ -41,7 +41,9 @@ command("nbd-server-add", "NbdServerAddOptions", defaults={"writable": False},
 command("nbd-server-remove", {"name": "str", "*mode": "BlockExportRemoveMode"},
         defaults={"mode": BlockExportRemoveMode.SAFE})
 command("block-export-add", "BlockExportOptions", defaults={"writable": False},
-        doc="type `nbd`; an export follows its node through a mirror pivot")
+        doc="type `nbd`; an export follows its node through a mirror pivot; `bitmaps` serves "
+            "`qemu:dirty-bitmap:NAME` (held busy while exported), `allocation-depth` serves "
+            "`qemu:allocation-depth`")
 command("block-export-del", {"id": "str", "*mode": "BlockExportRemoveMode"},
         defaults={"mode": BlockExportRemoveMode.SAFE})
 command("query-block-exports", returns=["BlockExportInfo"])

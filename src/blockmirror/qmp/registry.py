@@ -152,7 +152,7 @@ def command(name: str) -> Callable[[H], H]:
     return deco
 
 
-_COMMAND_MODULES = ("control", "block", "query", "jobs", "mirror", "nbd", "hmp")
+_COMMAND_MODULES = ("control", "block", "query", "jobs", "mirror", "nbd", "hmp", "bitmaps")
 
 
 def load_commands() -> dict[str, CommandDef]:

@@ -11,6 +11,7 @@ data/hole walk of a linear source (``block/copy.map_data``) into the same kind o
 
 from __future__ import annotations
 
+from blockmirror.block.chain import block_status_above, is_allocated_above
 from blockmirror.block.driver import BlockStatus
 from blockmirror.block.node import BlockNode
 from blockmirror.jobs.mirror.params import ALLOC_BITS
@@ -37,38 +38,18 @@ class ChainStatus:
         return min(length, n), status
 
     async def _uncached(self, offset: int, length: int) -> tuple[int, BlockStatus]:
-        node: BlockNode | None = self.source
-        while node is not None:
-            if offset >= node.length():
-                return length, BlockStatus.ZERO
-            ext = await node.block_status(offset, min(length, node.length() - offset))
-            if ext.status & ALLOC_BITS or not node.driver.is_format:
-                return ext.length, ext.status
-            length = ext.length
-            nxt = node.backing
-            if nxt is None:
-                # an unallocated range of a format with no backing reads as zeroes
-                return length, ext.status | BlockStatus.ZERO
-            node = nxt
-        return length, BlockStatus.ZERO
+        ext = await block_status_above(self.source, None, offset, length)
+        if not ext.status & ALLOC_BITS:
+            # allocated nowhere in the whole chain: nothing below, so it reads as zeroes
+            return ext.length, ext.status | BlockStatus.ZERO
+        return ext.length, ext.status
 
     async def is_allocated_above(
         self, offset: int, length: int, top_only: bool
     ) -> tuple[bool, int]:
         """Allocated in the top layer (``top_only``) or anywhere in the chain."""
-        node: BlockNode | None = self.source
-        while node is not None:
-            if offset >= node.length():
-                return False, length
-            ext = await node.block_status(offset, min(length, node.length() - offset),
-                                          want_zero=False)
-            if ext.status & ALLOC_BITS or not node.driver.is_format:
-                return True, ext.length
-            length = ext.length
-            if top_only:
-                return False, length
-            node = node.backing
-        return False, length
+        base = self.source if top_only else None
+        return await is_allocated_above(self.source, base, top_only, offset, length)
 
 
 class MappedStatus:

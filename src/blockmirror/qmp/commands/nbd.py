@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from blockmirror.block.bitmaps import find_export_bitmaps
 from blockmirror.block.graph import id_wellformed
 from blockmirror.block.node import BlockNode
 from blockmirror.errors import BlockMirrorError
@@ -81,10 +82,12 @@ async def block_export_add(daemon: DaemonAPI, args: Mapping[str, Any]) -> None:
         raise BlockMirrorError(f"description '{description}' too long")
     if server.export_by_name(name) is not None:
         raise BlockMirrorError(f"NBD server already has export named '{name}'")
-    if args.get("bitmaps") or args.get("bitmap"):
-        bitmap = (args.get("bitmaps") or [args.get("bitmap")])[0]
-        raise BlockMirrorError(f"Bitmap '{bitmap}' is not found")
-    server.add_export(export_id, node, name=name, description=description, writable=writable)
+    names = args.get("bitmaps") or ([args["bitmap"]] if args.get("bitmap") else [])
+    bitmaps = find_export_bitmaps(node, [str(n) for n in names], writable)
+    exp = server.add_export(export_id, node, name=name, description=description,
+                            writable=writable)
+    exp.bitmaps = bitmaps
+    exp.allocation_depth = bool(args.get("allocation-depth", False))
 
 
 async def nbd_server_add(daemon: DaemonAPI, args: Mapping[str, Any]) -> None:

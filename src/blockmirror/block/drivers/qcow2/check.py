@@ -97,8 +97,10 @@ async def collect_references(
     image_file: ImageFile,
     l1: list[int],
     snapshots: SnapshotTable,
+    other_ranges: list[tuple[int, int]],
 ) -> dict[int, int]:
-    """Count every reference to every host cluster (cf. qemu-img check's walk)."""
+    """Count every reference to every host cluster (cf. qemu-img check's walk);
+    ``other_ranges`` are further (offset, length) references (the bitmaps extension)."""
     cluster_size = geometry.cluster_size
     references: dict[int, int] = {}
     limit = ceil_div(image_file.length, cluster_size)
@@ -137,6 +139,8 @@ async def collect_references(
                     add(entry & L2E_OFFSET_MASK, cluster_size)
                 elif kind == COMPRESSED:
                     add(*compress.descriptor(entry, geometry.cluster_bits))
+    for offset, length in other_ranges:
+        add(offset, length)
     return references
 
 

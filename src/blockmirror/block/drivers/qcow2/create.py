@@ -100,8 +100,8 @@ def _validate(
         raise BlockMirrorError(
             f"Could not assign backing file '{backing_file}': File name too long"
         )
-    cbits = cluster_size.bit_length() - 1
-    l1_entries = _ceil_div(size, cluster_size << (cbits - 3))
+    cluster_bits = cluster_size.bit_length() - 1
+    l1_entries = _ceil_div(size, cluster_size << (cluster_bits - 3))
     if size >= 1 << 61 or l1_entries * 8 > MAX_L1_BYTES:
         raise BlockMirrorError(
             "The image size is too large for file format 'qcow2' (try using a larger "
@@ -122,88 +122,90 @@ def build_image(
     preallocate: bool = False,
 ) -> tuple[list[tuple[int, bytes]], int]:
     """The metadata writes of a new image and its final file length (sans-IO)."""
-    cs = cluster_size
-    cbits = cs.bit_length() - 1
-    l2_entries = cs // 8
-    l1_size = _ceil_div(size, cs * l2_entries)
-    n_data = _ceil_div(size, cs) if preallocate else 0
-    n_l2 = _ceil_div(n_data, l2_entries)
-    l1_clusters = _ceil_div(l1_size * 8, cs)
-    epb = entries_per_block(cbits, refcount_order)
-    t, b = 1, 1
+    cluster_bits = cluster_size.bit_length() - 1
+    l2_entries = cluster_size // 8
+    l1_size = _ceil_div(size, cluster_size * l2_entries)
+    data_clusters = _ceil_div(size, cluster_size) if preallocate else 0
+    l2_tables = _ceil_div(data_clusters, l2_entries)
+    l1_clusters = _ceil_div(l1_size * 8, cluster_size)
+    refcount_block_size = entries_per_block(cluster_bits, refcount_order)
+    table_clusters, block_count = 1, 1
     while True:
-        total = 1 + t + b + l1_clusters + n_l2 + n_data
-        b2 = _ceil_div(total, epb)
-        t2 = _ceil_div(b2 * 8, cs)
-        if (t2, b2) == (t, b):
+        total = 1 + table_clusters + block_count + l1_clusters + l2_tables + data_clusters
+        new_block_count = _ceil_div(total, refcount_block_size)
+        new_table_clusters = _ceil_div(new_block_count * 8, cluster_size)
+        if (new_table_clusters, new_block_count) == (table_clusters, block_count):
             break
-        t, b = max(t, t2), max(b, b2)
-    reftable_off = cs
-    refblock_c = 1 + t
-    l1_c = refblock_c + b
-    l2_c = l1_c + l1_clusters
-    data_c = l2_c + n_l2
+        table_clusters = max(table_clusters, new_table_clusters)
+        block_count = max(block_count, new_block_count)
+    reftable_offset = cluster_size
+    first_refcount_block = 1 + table_clusters
+    first_l1_cluster = first_refcount_block + block_count
+    first_l2_cluster = first_l1_cluster + l1_clusters
+    first_data_cluster = first_l2_cluster + l2_tables
 
-    h = Header(
+    header = Header(
         version=version,
         backing_file_offset=0,
         backing_file_size=0,
-        cluster_bits=cbits,
+        cluster_bits=cluster_bits,
         size=size,
         crypt_method=0,
         l1_size=l1_size,
-        l1_table_offset=(l1_c * cs) if l1_size else 0,
-        refcount_table_offset=reftable_off,
-        refcount_table_clusters=t,
+        l1_table_offset=(first_l1_cluster * cluster_size) if l1_size else 0,
+        refcount_table_offset=reftable_offset,
+        refcount_table_clusters=table_clusters,
         nb_snapshots=0,
         snapshots_offset=0,
         refcount_order=refcount_order,
         header_length=V3_HEADER_LEN if version == 3 else V2_HEADER_LEN,
     )
     if lazy_refcounts:
-        h.compatible |= COMPAT_LAZY_REFCOUNTS
+        header.compatible |= COMPAT_LAZY_REFCOUNTS
     exts = b""
     if backing_fmt:
         exts += encode_extension(EXT_BACKING_FORMAT, backing_fmt.encode())
-    if version == 3 and cs > 4096:
+    if version == 3 and cluster_size > 4096:
         # qemu-img adds the feature name table only where it leaves room in the header cluster
         exts += encode_extension(EXT_FEATURE_TABLE, feature_table())
     exts += struct.pack(">II", EXT_END, 0)
     name = backing_file.encode() if backing_file else b""
     if name:
-        h.backing_file_offset = h.header_length + len(exts)
-        h.backing_file_size = len(name)
-        if h.backing_file_offset + len(name) > cs:
+        header.backing_file_offset = header.header_length + len(exts)
+        header.backing_file_size = len(name)
+        if header.backing_file_offset + len(name) > cluster_size:
             raise BlockMirrorError(
                 f"Could not assign backing file '{backing_file}': File name too long"
             )
-    header = encode_fixed(h) + exts + name
+    first_cluster = encode_fixed(header) + exts + name
 
-    writes: list[tuple[int, bytes]] = [(0, header)]
-    reftable = [(refblock_c + k) * cs for k in range(b)]
-    writes.append((reftable_off, struct.pack(f">{len(reftable)}Q", *reftable)))
-    total = 1 + t + b + l1_clusters + n_l2 + n_data
-    for k in range(b):
-        lo = k * epb
-        n = max(0, min(epb, total - lo))
-        blk = [1] * n + [0] * (epb - n)
-        raw = encode_block(blk, refcount_order)
+    writes: list[tuple[int, bytes]] = [(0, first_cluster)]
+    reftable = [(first_refcount_block + k) * cluster_size for k in range(block_count)]
+    writes.append((reftable_offset, struct.pack(f">{len(reftable)}Q", *reftable)))
+    total = 1 + table_clusters + block_count + l1_clusters + l2_tables + data_clusters
+    for k in range(block_count):
+        lo = k * refcount_block_size
+        n = max(0, min(refcount_block_size, total - lo))
+        block = [1] * n + [0] * (refcount_block_size - n)
+        raw = encode_block(block, refcount_order)
         # only the used prefix matters: the rest of a fresh file reads as zeroes
         used = _ceil_div(n << refcount_order, 8)
-        writes.append(((refblock_c + k) * cs, raw[:used]))
+        writes.append(((first_refcount_block + k) * cluster_size, raw[:used]))
     if l1_size:
         l1 = [0] * l1_size
-        for i in range(n_l2):
-            l1[i] = ((l2_c + i) * cs) | _COPIED
-        writes.append((l1_c * cs, struct.pack(f">{l1_size}Q", *l1)))
-    for i in range(n_l2):
+        for i in range(l2_tables):
+            l1[i] = ((first_l2_cluster + i) * cluster_size) | _COPIED
+        writes.append((first_l1_cluster * cluster_size, struct.pack(f">{l1_size}Q", *l1)))
+    for i in range(l2_tables):
         first = i * l2_entries
-        n = min(l2_entries, n_data - first)
-        entries = [((data_c + first + j) * cs) | _COPIED for j in range(n)]
+        n = min(l2_entries, data_clusters - first)
+        entries = [((first_data_cluster + first + j) * cluster_size) | _COPIED for j in range(n)]
         entries += [0] * (l2_entries - n)
-        writes.append(((l2_c + i) * cs, struct.pack(f">{l2_entries}Q", *entries)))
+        writes.append(
+            ((first_l2_cluster + i) * cluster_size, struct.pack(f">{l2_entries}Q", *entries))
+        )
     written_end = max(off + len(data) for off, data in writes)
-    end = (data_c + n_data) * cs if preallocate else written_end
+    end = (first_data_cluster + data_clusters) * cluster_size if preallocate else written_end
     return writes, end
 
 

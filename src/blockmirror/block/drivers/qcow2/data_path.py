@@ -136,6 +136,40 @@ class DataPath:
             self._file.release(token)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    async def read_many(self, extents: list[tuple[int, int]]) -> list[bytes]:
+        """``read`` of every extent: one mapping pass under the lock, one file hop for the
+        data clusters of all of them (the mirror's batches of small extents)."""
+        cluster_bits, cluster_size = self._geometry.cluster_bits, self._geometry.cluster_size
+        async with self._lock:
+            maps = [await self._map.map(o, n) for o, n in extents]
+            hosts = [(v, n) for segs in maps for k, _p, n, v in segs if k == NORMAL]
+            token = 0
+            if hosts:
+                token = self._file.register(
+                    min(v for v, _n in hosts) >> cluster_bits,
+                    ceil_div(max(v + n for v, n in hosts), cluster_size),
+                )
+        try:
+            data = iter(await self._file.read_many(hosts))
+            out: list[bytes] = []
+            for segments in maps:
+                parts: list[bytes] = []
+                for kind, pos, length, value in segments:
+                    if kind == NORMAL:
+                        parts.append(next(data))
+                    elif kind in (ZERO_PLAIN, ZERO_ALLOC):
+                        parts.append(bytes(length))
+                    elif kind == UNALLOCATED:
+                        parts.append(await self.read_backing(pos, length))
+                    else:
+                        whole = await self.read_compressed(value)
+                        in_cluster = pos & (cluster_size - 1)
+                        parts.append(whole[in_cluster : in_cluster + length])
+                out.append(parts[0] if len(parts) == 1 else b"".join(parts))
+            return out
+        finally:
+            self._file.release(token)
+
     async def _cluster_content(self, guest_cluster: int, entry: int) -> bytes:
         """The guest-visible content of a cluster before a partial overwrite."""
         kind = self._map.cluster_type(entry)
@@ -200,6 +234,73 @@ class DataPath:
                 for l1_index, l2_index, _entry in links:
                     self.allocations.pop((l1_index << l2_bits) | l2_index, None)
                 done.set()
+
+    async def write_many(self, writes: list[tuple[int, memoryview]]) -> None:
+        """``write`` of every piece: one allocation pass and one link pass under the lock,
+        and one file hop for all the data (the mirror's batches of small extents).
+
+        Pieces that overlap an allocation in flight (another writer's) are written one by
+        one through ``write`` afterwards, as is everything when one of them fails to plan.
+        """
+        l2_bits = self._geometry.l2_bits
+        cluster_bits = self._geometry.cluster_bits
+        tokens: list[int] = []
+        host_writes: list[tuple[int, bytes | memoryview]] = []
+        later: list[tuple[int, memoryview]] = []
+        planned: list[tuple[int, memoryview]] = []
+        for offset, data in writes:
+            pieces = self._in_place_pieces(offset, data)
+            if pieces is None:
+                planned.append((offset, data))
+                continue
+            # registered before any await: nothing can change these entries meanwhile
+            tokens.append(self._register(pieces))
+            host_writes += self._host_writes(data, pieces)
+        links: list[Link] = []
+        new_runs: list[tuple[int, int]] = []
+        done = asyncio.Event()
+        try:
+            if planned:
+                async with self._lock:
+                    for offset, data in planned:
+                        first = offset >> cluster_bits
+                        last = (offset + len(data) - 1) >> cluster_bits
+                        if self.allocation_in(first, last) is not None:
+                            later.append((offset, data))
+                            continue
+                        pieces, piece_links, new_first, new_count = await self._plan(offset,
+                                                                                     data)
+                        tokens.append(self._register(pieces))
+                        for l1_index, l2_index, _entry in piece_links:
+                            self.allocations[(l1_index << l2_bits) | l2_index] = done
+                        links += piece_links
+                        if new_count:
+                            new_runs.append((new_first, new_count))
+                        host_writes += self._host_writes(data, pieces)
+                    self._file.grow_ahead(self._allocator.end * self._geometry.cluster_size)
+            ok = False
+            try:
+                await self._file.write_many(host_writes)
+                ok = True
+            finally:
+                for token in tokens:
+                    self._file.release(token)
+                if links or new_runs:
+                    async with self._lock:
+                        if ok:
+                            await self._map.link(links)
+                            await self._write_back()
+                        else:
+                            # nothing points at them yet: give them back at the next flush
+                            for new_first, new_count in new_runs:
+                                self._allocator.free_later(range(new_first,
+                                                                 new_first + new_count))
+        finally:
+            for l1_index, l2_index, _entry in links:
+                self.allocations.pop((l1_index << l2_bits) | l2_index, None)
+            done.set()
+        for offset, data in later:
+            await self.write(offset, data)
 
     def _in_place_pieces(self, offset: int, data: memoryview) -> list[Piece] | None:
         """The host pieces of a write that touches only owned, cached, settled data clusters.
@@ -352,11 +453,19 @@ class DataPath:
         return pieces, links, new_first, need
 
     async def _issue(self, data: memoryview, pieces: list[Piece]) -> None:
-        """Write pieces, merging those contiguous on the host into single large writes.
+        """Write pieces, merging those contiguous on the host into single large writes."""
+        for host, out in self._host_writes(data, pieces):
+            await self._file.write(host, out)
+
+    def _host_writes(
+        self, data: memoryview, pieces: list[Piece]
+    ) -> list[tuple[int, bytes | memoryview]]:
+        """The file writes for pieces, those contiguous on the host merged into one.
 
         Runs of plain request slices that are also contiguous in the request go out as one
         memoryview slice, without copying.
         """
+        writes: list[tuple[int, bytes | memoryview]] = []
         i = 0
         while i < len(pieces):
             host, length, source, buf = pieces[i]
@@ -376,5 +485,6 @@ class DataPath:
                 out = b"".join(
                     b if b is not None else data[s : s + m] for _h, m, s, b in pieces[i:j]
                 )
-            await self._file.write(host, out)
+            writes.append((host, out))
             i = j
+        return writes

@@ -4,6 +4,7 @@
 - ``refcount_allocator.RefcountAllocator``: refcount table and blocks, cluster allocation;
 - ``cluster_map.ClusterMap``: L1 and L2 tables, guest-to-host mapping, zeroing, discard;
 - ``data_path.DataPath``: guest reads and writes (copy-on-write, in-place writes);
+- ``bitmaps.BitmapStore``: persistent dirty bitmaps (the bitmaps extension);
 - ``snapshots``, ``check`` (layout validation, repair), ``corruption.CorruptionGuard``.
 
 Metadata lives in memory while the image is open: the whole L1 table and refcount table, and
@@ -26,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import struct
+import sys
 from typing import TYPE_CHECKING, Any
 
 from blockmirror.block.driver import (
@@ -35,7 +37,7 @@ from blockmirror.block.driver import (
     Extent,
     WriteFlags,
 )
-from blockmirror.block.drivers.qcow2.bitmaps import read_bitmap_list
+from blockmirror.block.drivers.qcow2.bitmaps import BitmapStore
 from blockmirror.block.drivers.qcow2.check import (
     check_metadata_layout,
     collect_references,
@@ -67,7 +69,7 @@ from blockmirror.block.drivers.qcow2.layout import (
 from blockmirror.block.drivers.qcow2.refcount_allocator import RefcountAllocator
 from blockmirror.block.drivers.qcow2.snapshots import SnapshotTable, read_snapshot_table
 from blockmirror.block.query import allocated_size
-from blockmirror.errors import BlockIOError, ImageFormatError
+from blockmirror.errors import BlockIOError, BlockMirrorError, ImageFormatError
 
 if TYPE_CHECKING:
     from blockmirror.block.node import BlockNode
@@ -96,8 +98,7 @@ class Qcow2Driver(BlockDriver):
         self.cluster_map: ClusterMap
         self.data_path: DataPath
         self.snapshots = SnapshotTable()
-        #: persistent bitmaps as qemu-img info lists them (kept, never updated)
-        self.bitmap_list: list[dict[str, Any]] = []
+        self.bitmap_store: BitmapStore
         self._preallocation_checked = False
 
     # --- open -------------------------------------------------------------------------------
@@ -130,38 +131,55 @@ class Qcow2Driver(BlockDriver):
             self.node, geometry, header, image_file, self.allocator, self.cluster_map,
             self.corruption, self.lock, self._write_back,
         )
+        self.bitmap_store = BitmapStore(
+            self.node, geometry, header, image_file, self.allocator, self._flush_locked
+        )
         await self.cluster_map.load_l1()
         await self.allocator.load_table()
         self.snapshots = await read_snapshot_table(header, image_file, geometry.cluster_size)
-        self._check_metadata_layout()
-        self.bitmap_list = await read_bitmap_list(header, image_file)
+        stale_bitmaps = self.bitmap_store.read_extension()
+        await self.bitmap_store.read_directory()
+        await self._check_metadata_layout()
 
-        if not self.node.read_only:
+        writable = not self.node.read_only
+        if writable:
             changed = False
             if header.incompatible & INCOMPAT_DIRTY:
                 # refcounts may be stale (lazy refcounts, or a crash): rebuild them, as QEMU's
                 # automatic repair on read-write open does
                 references = await collect_references(
-                    geometry, header, image_file, self.cluster_map.l1, self.snapshots
+                    geometry, header, image_file, self.cluster_map.l1, self.snapshots,
+                    await self.bitmap_store.referenced_ranges(),
                 )
                 await rebuild_refcounts(geometry, header, image_file, self.allocator, references)
-                self._check_metadata_layout()
+                await self._check_metadata_layout()
                 header.incompatible &= ~INCOMPAT_DIRTY
                 changed = True
-            if header.version == 3 and header.autoclear:
-                # we maintain none of the autoclear extensions (e.g. bitmaps): clearing the bits
-                # tells other readers those extensions are stale
-                header.autoclear = 0
+            if header.version == 3 and header.autoclear & ~AUTOCLEAR_BITMAPS:
+                # the other autoclear extensions are not maintained here: clearing their
+                # bits tells other readers they are stale
+                header.autoclear &= AUTOCLEAR_BITMAPS
                 changed = True
-            if changed:
+            if stale_bitmaps:
+                await image_file.write_header_cluster(header, geometry.cluster_size)
+                await image_file.flush()
+            elif changed:
                 await image_file.write_header(header)
                 await image_file.flush()
+        # persistent bitmaps become the node's named bitmaps (marked in use on disk)
+        async with self.lock:
+            await self.bitmap_store.load(self.node.bitmaps, writable)
 
-    def _check_metadata_layout(self) -> None:
-        self.allocator.metadata_clusters = check_metadata_layout(
+    async def _check_metadata_layout(self) -> None:
+        clusters = check_metadata_layout(
             self.geometry, self.header, self.image_file.length, self.cluster_map.l1,
             self.allocator.table, self.snapshots,
         )
+        # bitmap clusters are not overlap-checked (QEMU checks only the directory), but guest
+        # data must never land there
+        for offset, length in await self.bitmap_store.referenced_ranges():
+            clusters.update(self.geometry.clusters(offset, length))
+        self.allocator.metadata_clusters = clusters
 
     # --- size and info ----------------------------------------------------------------------
 
@@ -174,8 +192,8 @@ class Qcow2Driver(BlockDriver):
         data["compression-type"] = "zlib"
         if header.version == 3:
             data["lazy-refcounts"] = bool(header.compatible & COMPAT_LAZY_REFCOUNTS)
-            if self.bitmap_list and header.autoclear & AUTOCLEAR_BITMAPS:
-                data["bitmaps"] = self.bitmap_list
+            if self.bitmap_store.entries and header.autoclear & AUTOCLEAR_BITMAPS:
+                data["bitmaps"] = self.bitmap_store.info()
         data["refcount-bits"] = 1 << header.refcount_order
         if header.version == 3:
             data["corrupt"] = (
@@ -216,6 +234,19 @@ class Qcow2Driver(BlockDriver):
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
         await self.data_path.write(offset, view)
+
+    async def read_extents(self, extents: list[tuple[int, int]]) -> list[bytes] | None:
+        self.corruption.check_usable()
+        return await self.data_path.read_many(extents)
+
+    async def write_extents(self, pieces: list[tuple[int, memoryview]]) -> bool:
+        self.corruption.check_usable()
+        views: list[tuple[int, memoryview]] = []
+        for offset, data in pieces:
+            view = data if data.format == "B" and data.ndim == 1 else data.cast("B")
+            views.append((offset, view))
+        await self.data_path.write_many(views)
+        return True
 
     async def _write_back(self) -> None:
         """Under the lock: bound the dirty metadata kept in memory between guest flushes."""
@@ -358,8 +389,26 @@ class Qcow2Driver(BlockDriver):
     async def close(self) -> None:
         await self.image_file.settle()
         if not self.node.read_only and not self.corruption.corrupt:
+            async with self.lock:
+                try:
+                    await self.bitmap_store.store(self.node.bitmaps)
+                except BlockMirrorError as e:
+                    print(
+                        "Lost persistent bitmaps during inactivation of node "
+                        f"'{self.node.name}': {e.desc}",
+                        file=sys.stderr, flush=True,
+                    )
             await self.flush()
             await self.image_file.trim(self.allocator.end * self.geometry.cluster_size)
+
+    # --- persistent bitmaps (block/bitmaps.PersistentBitmapStore) ---------------------------
+
+    def check_new_persistent_bitmap(self, name: str, granularity: int) -> None:
+        self.bitmap_store.check_new(self.node.bitmaps, name, granularity)
+
+    async def remove_persistent_bitmap(self, name: str) -> None:
+        async with self.lock:
+            await self.bitmap_store.remove(name)
 
     # --- block status -----------------------------------------------------------------------
 

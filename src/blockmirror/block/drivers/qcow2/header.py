@@ -116,122 +116,120 @@ def parse_header(buf: bytes, filename: str, file_length: int) -> Header:
     """
     if len(buf) < V2_HEADER_LEN or buf[:4] != MAGIC:
         raise _fail(filename, "Image is not in qcow2 format")
-    (
-        _magic, version, bf_off, bf_size, cbits, size, crypt, l1_size, l1_off, rt_off,
-        rt_clusters, nb_snap, snap_off,
-    ) = _FIXED.unpack_from(buf, 0)
+    header = Header(*_FIXED.unpack_from(buf, 0)[1:])
+    version, cluster_bits = header.version, header.cluster_bits
     if version not in (2, 3):
         raise _fail(filename, f"Unsupported qcow2 version {version}")
-    if cbits < MIN_CLUSTER_BITS or cbits > MAX_CLUSTER_BITS:
-        raise _fail(filename, f"Unsupported cluster size: 2^{cbits}")
-    h = Header(
-        version, bf_off, bf_size, cbits, size, crypt, l1_size, l1_off, rt_off, rt_clusters,
-        nb_snap, snap_off,
-    )
-    cs = h.cluster_size
+    if cluster_bits < MIN_CLUSTER_BITS or cluster_bits > MAX_CLUSTER_BITS:
+        raise _fail(filename, f"Unsupported cluster size: 2^{cluster_bits}")
+    cluster_size = header.cluster_size
     if version == 3:
         if len(buf) < V3_HEADER_MIN:
             raise _fail(filename, "qcow2 header too short")
-        h.incompatible, h.compatible, h.autoclear, h.refcount_order, h.header_length = (
-            _V3.unpack_from(buf, 72)
-        )
-        if h.header_length < V3_HEADER_MIN:
+        (
+            header.incompatible, header.compatible, header.autoclear, header.refcount_order,
+            header.header_length,
+        ) = _V3.unpack_from(buf, 72)
+        if header.header_length < V3_HEADER_MIN:
             raise _fail(filename, "qcow2 header too short")
-        if h.header_length > cs:
+        if header.header_length > cluster_size:
             raise _fail(filename, "qcow2 header exceeds cluster size")
-        if h.header_length > len(buf):
+        if header.header_length > len(buf):
             raise _fail(filename, "qcow2 header exceeds the end of the file")
-        if h.header_length > V3_HEADER_MIN:
-            h.compression_type = buf[104]
-    if h.backing_file_offset > cs:
+        if header.header_length > V3_HEADER_MIN:
+            header.compression_type = buf[104]
+    if header.backing_file_offset > cluster_size:
         raise _fail(filename, "Invalid backing file offset")
 
-    ext_end = _parse_extensions(h, buf, filename)
+    ext_end = _parse_extensions(header, buf, filename)
 
-    unknown = h.incompatible & ~INCOMPAT_KNOWN
+    unknown = header.incompatible & ~INCOMPAT_KNOWN
     if unknown:
         names = []
         for bit in range(64):
             if unknown & (1 << bit):
-                name = h.feature_names.get((0, bit))
+                name = header.feature_names.get((0, bit))
                 names.append(name if name else f"Unknown incompatible feature: {1 << bit:x}")
         raise _fail(filename, "Unsupported qcow2 feature(s): " + ", ".join(names))
-    if h.refcount_order > 6:
+    if header.refcount_order > 6:
         raise _fail(filename, "Reference count entry width too large; may not exceed 64 bits")
-    if h.crypt_method in (1, 2):
+    if header.crypt_method in (1, 2):
         raise _fail(
-            filename, f"Encrypted images are not supported (encryption method {h.crypt_method})"
+            filename,
+            f"Encrypted images are not supported (encryption method {header.crypt_method})",
         )
-    if h.crypt_method != 0:
-        raise _fail(filename, f"Unsupported encryption method {h.crypt_method}")
-    if h.incompatible & INCOMPAT_DATA_FILE:
+    if header.crypt_method != 0:
+        raise _fail(filename, f"Unsupported encryption method {header.crypt_method}")
+    if header.incompatible & INCOMPAT_DATA_FILE:
         raise _fail(filename, "Images with an external data file are not supported")
-    if h.incompatible & INCOMPAT_EXTL2:
+    if header.incompatible & INCOMPAT_EXTL2:
         raise _fail(filename, "Images with extended L2 entries (subclusters) are not supported")
-    if h.incompatible & INCOMPAT_COMPRESSION:
-        if h.compression_type == 0:
+    if header.incompatible & INCOMPAT_COMPRESSION:
+        if header.compression_type == 0:
             raise _fail(
                 filename, "qcow2: Compression type incompatible feature bit must not be set"
             )
-    elif h.compression_type != 0:
+    elif header.compression_type != 0:
         raise _fail(filename, "qcow2: Compression type incompatible feature bit must be set")
-    if h.compression_type == 1:
+    if header.compression_type == 1:
         raise _fail(filename, "Compression type 'zstd' is not supported")
-    if h.compression_type > 1:
-        raise _fail(filename, f"qcow2: unknown compression type: {h.compression_type}")
+    if header.compression_type > 1:
+        raise _fail(filename, f"qcow2: unknown compression type: {header.compression_type}")
 
     # the size and the tables
-    if h.size >= MAX_VIRTUAL_SIZE:
+    if header.size >= MAX_VIRTUAL_SIZE:
         raise _fail(filename, "Image is too big")
-    l2_bits = cbits - 3
-    l1_needed = -(-h.size // (1 << (cbits + l2_bits)))
-    if h.l1_size > MAX_L1_BYTES // 8:
+    l2_bits = cluster_bits - 3
+    l1_needed = -(-header.size // (1 << (cluster_bits + l2_bits)))
+    if header.l1_size > MAX_L1_BYTES // 8:
         raise _fail(filename, "Active L1 table too large")
-    if h.l1_size < l1_needed:
+    if header.l1_size < l1_needed:
         raise _fail(filename, "L1 table is too small")
-    if h.l1_size and (
-        not _table_ok(h.l1_table_offset, h.l1_size, 8, cs)
-        or h.l1_table_offset + h.l1_size * 8 > file_length
-        or h.l1_table_offset < cs
+    if header.l1_size and (
+        not _table_ok(header.l1_table_offset, header.l1_size, 8, cluster_size)
+        or header.l1_table_offset + header.l1_size * 8 > file_length
+        or header.l1_table_offset < cluster_size
     ):
         raise _fail(filename, "Active L1 table offset invalid")
-    if h.refcount_table_clusters > MAX_REFTABLE_BYTES // cs:
+    if header.refcount_table_clusters > MAX_REFTABLE_BYTES // cluster_size:
         raise _fail(filename, "Reference count table too large")
-    if h.refcount_table_clusters == 0:
+    if header.refcount_table_clusters == 0:
         raise _fail(filename, "Image does not contain a reference count table")
+    reftable_offset = header.refcount_table_offset
+    reftable_bytes = header.refcount_table_clusters * cluster_size
     if (
-        not _table_ok(h.refcount_table_offset, h.refcount_table_clusters, cs, cs)
-        or h.refcount_table_offset < cs
-        or h.refcount_table_offset + h.refcount_table_clusters * cs > file_length
+        not _table_ok(reftable_offset, header.refcount_table_clusters, cluster_size, cluster_size)
+        or reftable_offset < cluster_size
+        or reftable_offset + reftable_bytes > file_length
     ):
         raise _fail(filename, "Reference count table offset invalid")
-    if h.nb_snapshots > MAX_SNAPSHOTS:
+    if header.nb_snapshots > MAX_SNAPSHOTS:
         raise _fail(filename, "Snapshot table too large")
-    if h.nb_snapshots and (
-        not _table_ok(h.snapshots_offset, 1, 1, cs)
-        or h.snapshots_offset < cs
-        or h.snapshots_offset >= file_length
+    if header.nb_snapshots and (
+        not _table_ok(header.snapshots_offset, 1, 1, cluster_size)
+        or header.snapshots_offset < cluster_size
+        or header.snapshots_offset >= file_length
     ):
         raise _fail(filename, "Snapshot table offset invalid")
 
-    if h.backing_file_offset and h.backing_file_size:
-        if h.backing_file_size > MAX_BACKING_NAME or (
-            h.backing_file_size > cs - h.backing_file_offset
+    if header.backing_file_offset and header.backing_file_size:
+        if header.backing_file_size > MAX_BACKING_NAME or (
+            header.backing_file_size > cluster_size - header.backing_file_offset
         ):
             raise _fail(filename, "Backing file name too long")
-        if h.backing_file_offset < ext_end:
+        if header.backing_file_offset < ext_end:
             raise _fail(filename, "Invalid backing file offset")
-        end = h.backing_file_offset + h.backing_file_size
+        end = header.backing_file_offset + header.backing_file_size
         if end > len(buf):
             raise _fail(filename, "Backing file name exceeds the end of the file")
-        h.backing_file = buf[h.backing_file_offset : end].decode("utf-8", "replace")
-    return h
+        header.backing_file = buf[header.backing_file_offset : end].decode("utf-8", "replace")
+    return header
 
 
-def _parse_extensions(h: Header, buf: bytes, filename: str) -> int:
+def _parse_extensions(header: Header, buf: bytes, filename: str) -> int:
     """Read header extensions; return the offset just past the end marker."""
-    pos = h.header_length
-    limit = h.backing_file_offset if h.backing_file_offset else h.cluster_size
+    pos = header.header_length
+    limit = header.backing_file_offset if header.backing_file_offset else header.cluster_size
     limit = min(limit, len(buf))
     while pos + 8 <= limit:
         ext_type, ext_len = struct.unpack_from(">II", buf, pos)
@@ -245,35 +243,37 @@ def _parse_extensions(h: Header, buf: bytes, filename: str) -> int:
         if ext_type == EXT_BACKING_FORMAT:
             if ext_len > 1023:
                 raise _fail(filename, f"ERROR: ext_backing_format: len={ext_len} too large")
-            h.backing_format = data.decode("utf-8", "replace").rstrip("\0")
+            header.backing_format = data.decode("utf-8", "replace").rstrip("\0")
         elif ext_type == EXT_FEATURE_TABLE:
             for i in range(0, ext_len - 47, 48):
                 ftype, bit = data[i], data[i + 1]
                 name = data[i + 2 : i + 48].split(b"\0", 1)[0].decode("utf-8", "replace")
-                h.feature_names[(ftype, bit)] = name
+                header.feature_names[(ftype, bit)] = name
         elif ext_type == EXT_DATA_FILE:
-            h.incompatible |= INCOMPAT_DATA_FILE
-            h.other_extensions.append((ext_type, data))
+            header.incompatible |= INCOMPAT_DATA_FILE
+            header.other_extensions.append((ext_type, data))
         else:
             if ext_type == EXT_BITMAPS:
-                h.has_bitmaps_ext = True
-            h.other_extensions.append((ext_type, data))
+                header.has_bitmaps_ext = True
+            header.other_extensions.append((ext_type, data))
     return pos
 
 
-def encode_fixed(h: Header) -> bytes:
+def encode_fixed(header: Header) -> bytes:
     """The fixed header fields (72 bytes for v2, 104 + compression type for v3)."""
     out = _FIXED.pack(
-        MAGIC, h.version, h.backing_file_offset, h.backing_file_size, h.cluster_bits, h.size,
-        h.crypt_method, h.l1_size, h.l1_table_offset, h.refcount_table_offset,
-        h.refcount_table_clusters, h.nb_snapshots, h.snapshots_offset,
+        MAGIC, header.version, header.backing_file_offset, header.backing_file_size,
+        header.cluster_bits, header.size, header.crypt_method, header.l1_size,
+        header.l1_table_offset, header.refcount_table_offset, header.refcount_table_clusters,
+        header.nb_snapshots, header.snapshots_offset,
     )
-    if h.version == 3:
+    if header.version == 3:
         out += _V3.pack(
-            h.incompatible, h.compatible, h.autoclear, h.refcount_order, h.header_length
+            header.incompatible, header.compatible, header.autoclear, header.refcount_order,
+            header.header_length,
         )
-        if h.header_length > V3_HEADER_MIN:
-            out += bytes([h.compression_type]) + bytes(7)
+        if header.header_length > V3_HEADER_MIN:
+            out += bytes([header.compression_type]) + bytes(7)
     return out
 
 
@@ -286,3 +286,34 @@ def feature_table() -> bytes:
     return b"".join(
         bytes([t, b]) + name.encode().ljust(46, b"\0") for t, b, name in FEATURE_NAMES
     )
+
+
+def encode_header_cluster(header: Header, cluster_size: int) -> bytes:
+    """The whole first cluster as QEMU's qcow2_update_header lays it out: the fixed fields,
+    then the extensions (backing format, feature name table, bitmaps, any kept unknown ones),
+    the end marker, and the backing file name; ``header.backing_file_offset`` is updated to match.
+    """
+    # QEMU writes the header it knows, whatever length the file had
+    header.header_length = V3_HEADER_LEN if header.version == 3 else V2_HEADER_LEN
+    extensions = b""
+    if header.backing_format:
+        extensions += encode_extension(EXT_BACKING_FORMAT, header.backing_format.encode())
+    if header.version == 3 and header.feature_names:
+        extensions += encode_extension(EXT_FEATURE_TABLE, feature_table())
+    bitmaps = [data for kind, data in header.other_extensions if kind == EXT_BITMAPS]
+    others = [(kind, data) for kind, data in header.other_extensions if kind != EXT_BITMAPS]
+    if bitmaps and header.autoclear & AUTOCLEAR_BITMAPS:
+        extensions += encode_extension(EXT_BITMAPS, bitmaps[0])
+    for kind, data in others:
+        extensions += encode_extension(kind, data)
+    extensions += struct.pack(">II", EXT_END, 0)
+    name = header.backing_file.encode() if header.backing_file else b""
+    if name:
+        header.backing_file_offset = header.header_length + len(extensions)
+        header.backing_file_size = len(name)
+    else:
+        header.backing_file_offset = header.backing_file_size = 0
+    out = encode_fixed(header) + extensions + name
+    if len(out) > cluster_size:
+        raise ImageFormatError("qcow2 header exceeds cluster size")
+    return out + bytes(cluster_size - len(out))

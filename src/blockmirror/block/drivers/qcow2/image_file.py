@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from blockmirror.block.drivers.qcow2.header import Header, encode_fixed
+from blockmirror.block.copy import read_host, write_host
+from blockmirror.block.drivers.qcow2.header import Header, encode_fixed, encode_header_cluster
 from blockmirror.block.drivers.qcow2.layout import ceil_div
 from blockmirror.errors import BlockIOError, ImageFormatError
 
@@ -69,6 +70,31 @@ class ImageFile:
         if avail < length:
             data = bytes(data) + bytes(length - avail)
         return data
+
+    async def read_many(self, ranges: list[tuple[int, int]]) -> list[bytes]:
+        """``read`` of every range, in one thread-pool hop when the file node allows it."""
+        file_length = self.node.length()
+        inside = [(o, max(0, min(n, file_length - o))) for o, n in ranges]
+        wanted = [(o, a) for o, a in inside if a > 0]
+        got = await read_host(self.node, wanted) if len(wanted) > 1 else None
+        if got is None:
+            return [await self.read(o, n) for o, n in ranges]
+        it = iter(got)
+        out: list[bytes] = []
+        for (_o, n), (_o2, avail) in zip(ranges, inside, strict=True):
+            data = next(it) if avail > 0 else b""
+            out.append(data if avail == n else bytes(data) + bytes(n - avail))
+        return out
+
+    async def write_many(self, pieces: list[tuple[int, bytes | memoryview]]) -> None:
+        """``write`` of every piece, in one thread-pool hop when the file node allows it."""
+        if not pieces:
+            return
+        await self.ensure_size(max(o + len(d) for o, d in pieces))
+        if len(pieces) > 1 and await write_host(self.node, pieces):
+            return
+        for offset, data in pieces:
+            await self.write(offset, data)
 
     async def ensure_size(self, end: int, used: bool = True) -> None:
         """Grow the file to hold ``end``, in big steps."""
@@ -128,6 +154,10 @@ class ImageFile:
     async def write_header(self, header: Header) -> None:
         """Rewrite the fixed header fields in place (extensions are left as they are)."""
         await self.write(0, encode_fixed(header))
+
+    async def write_header_cluster(self, header: Header, cluster_size: int) -> None:
+        """Rewrite the whole first cluster: fixed fields, extensions, backing file name."""
+        await self.write(0, encode_header_cluster(header, cluster_size))
 
     async def discard_clusters(self, clusters: list[int], cluster_bits: int) -> None:
         """Pass freed clusters down to the file (cf. pass-discard-request), merged in runs.
