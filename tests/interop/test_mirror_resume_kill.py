@@ -177,7 +177,7 @@ def _bound(log: str) -> tuple[int, int]:
     bm = DirtyBitmap(SIZE, GRAN)
     g = rec.geometry.granularity
     for i in range(SIZE // g):
-        if rec.bitmap[i // 8] & (0x80 >> (i % 8)):
+        if rec.bitmap[i // 8] & (1 << (i % 8)):
             bm.set_dirty(i * g, g)
     for e in rec.hot:
         bm.set_dirty(e * rec.geometry.extent_size, rec.geometry.extent_size)

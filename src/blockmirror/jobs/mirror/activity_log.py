@@ -98,7 +98,8 @@ class Recovered:
 
     header: dict[str, Any]
     geometry: Geometry
-    #: the last checkpoint's bitmap (bytes, bit i = chunk i, bitarray's big-endian order)
+    #: the last checkpoint's bitmap: chunk i is bit i % 8 (least significant first) of byte
+    #: i // 8, the order of qcow2 bitmaps and ``DirtyBitmap.to_bytes``
     bitmap: bytes
     ckpt_seq: int
     meta: dict[str, Any]

@@ -127,18 +127,6 @@ def _compare_ids(role: str, was: dict[str, Any], now: dict[str, Any], closed: bo
 # --- planning (before the job) ---------------------------------------------------------------
 
 
-def _bits_to_bitmap(bits: bitarray, size: int, granularity: int) -> DirtyBitmap:
-    bm = DirtyBitmap(size, granularity)
-    pos = bits.find(1)
-    while pos >= 0:
-        end = bits.find(0, pos)
-        if end < 0:
-            end = len(bits)
-        bm.set_dirty(pos * granularity, (end - pos) * granularity)
-        pos = bits.find(1, end) if end < len(bits) else -1
-    return bm
-
-
 async def plan_resume(opts: ResumeOptions, source: BlockNode, target: BlockNode,
                       granularity: int) -> ResumePlan:
     """Read and check the sidecar; the plan says what to copy.
@@ -171,14 +159,11 @@ async def plan_resume(opts: ResumeOptions, source: BlockNode, target: BlockNode,
         # a closed checkpoint recorded the source's state after its last tracked write
         _compare_ids("source", rec.meta.get("source", {}), plan.source_id, True)
         _compare_ids("target", rec.meta.get("target", {}), plan.target_id, True)
-    bits = bitarray()
-    bits.frombytes(rec.bitmap)
-    del bits[(size + geo.granularity - 1) // geo.granularity:]
-    old = _bits_to_bitmap(bits, size, geo.granularity)
+    old = DirtyBitmap(size, geo.granularity)
+    old.load_bytes(rec.bitmap)  # granule i is bit i % 8 of byte i // 8 (as in qcow2)
     plan.checkpoint_dirty = old.dirty_count()
     bm = DirtyBitmap(size, granularity)
-    for o, n in old.runs():
-        bm.set_dirty(o, n)
+    bm.merge_from(old)
     hot = DirtyBitmap(size, granularity)
     for e in rec.hot:
         hot.set_dirty(e * geo.extent_size, geo.extent_size)
@@ -283,7 +268,7 @@ class ResumeCoordinator:
     def _bits(self, all_dirty: bool = False) -> bitarray:
         d = self.dirty
         if all_dirty:
-            bits = bitarray(len(d.bitmap.copy_bits()))
+            bits = bitarray(d.bitmap.granules, endian="little")
             bits.setall(1)
             return bits
         return d.bitmap.copy_bits() | d.in_flight.copy_bits()
