@@ -218,13 +218,16 @@ class ActivityLog:
     """
 
     def __init__(self, path: str, geometry: Geometry, *, log_seq: int, ckpt_seq: int,
-                 on_evict: Callable[[], Awaitable[None]]) -> None:
+                 on_evict: Callable[[], Awaitable[None]],
+                 is_clean: Callable[[int], bool] = lambda _e: True) -> None:
         self.path = path
         self.geo = geometry
         self._fd = os.open(path, os.O_RDWR)
         self._log_seq = log_seq
         self._ckpt_seq = ckpt_seq
         self._on_evict = on_evict
+        #: the extent has nothing left to copy (evicting it then adds nothing to a resume)
+        self._is_clean = is_clean
         #: extents listed in the last record on disk, least recently used first
         self._hot: dict[int, None] = {}
         #: writes in progress per extent (an extent with writes cannot be evicted)
@@ -315,7 +318,11 @@ class ActivityLog:
             return
         # evict an eighth of the list at once: one checkpoint serves many later misses
         want = max(excess, self.geo.capacity // 8)
-        victims = [e for e in self._hot if not self._busy.get(e)][:want]
+        idle = [e for e in self._hot if not self._busy.get(e)]
+        # least recently used first, but extents with nothing left to copy before others:
+        # the checkpoint then records them clean, so a resume does not recopy them
+        victims = ([e for e in idle if self._is_clean(e)]
+                   + [e for e in idle if not self._is_clean(e)])[:want]
         if not victims:
             return  # every hot extent is being written: the record grows past capacity
         # from here on a writer to a victim waits for a later record, so the checkpoint

@@ -266,7 +266,8 @@ class MirrorJob(BlockJob):
 
     async def _after_ready(self) -> None:
         if self.resume_log is not None:
-            await self.resume_log.tick(self.clock.now_ns(), self.progress.current, force=True)
+            await self.resume_log.tick(self.clock.now_ns(), self.progress.current,
+                                      ready=True, in_sync=True, force=True)
         if self.verifier is not None:
             self.verifier.start()
 
@@ -355,7 +356,9 @@ class MirrorJob(BlockJob):
             if self.is_cancelled:
                 return False
             if self.resume_log is not None:
-                await self.resume_log.tick(self.clock.now_ns(), self.progress.current)
+                await self.resume_log.tick(
+                    self.clock.now_ns(), self.progress.current, ready=self.is_ready,
+                    in_sync=dirty.dirty_bytes() == 0 and inflight.ops == 0)
             cnt = dirty.dirty_bytes()
             self.progress.set_remaining(inflight.bytes + cnt + inflight.active_bytes)
             delta = self.clock.now_ns() - last_pause

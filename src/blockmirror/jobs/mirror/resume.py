@@ -34,6 +34,8 @@ from blockmirror.jobs.mirror.dirty import DirtyState
 SAMPLES = 64
 #: the longest time between periodic checkpoints while the mirror copies
 CHECKPOINT_INTERVAL_NS = 1_000_000_000
+#: READY: a checkpoint this soon after the copy caught up, if the last one lists dirty chunks
+IN_SYNC_DELAY_NS = 250_000_000
 #: ... and a checkpoint after this share of the disk was copied (at least 1 MiB, at most 1 GiB)
 CHECKPOINT_SHARE = 16
 
@@ -230,6 +232,8 @@ class ResumeCoordinator:
         self._last_bits: bitarray | None = None
         self._last_ckpt_ns: int | None = None
         self._last_copied = 0
+        #: dirty chunks in the last checkpoint written
+        self._last_dirty = 1
         self.checkpoints = 0
         self.closed = False
 
@@ -262,7 +266,7 @@ class ResumeCoordinator:
                               f"{e.strerror}") from e
         self._last_bits = bits
         self.log = ActivityLog(plan.options.path, geo, log_seq=1, ckpt_seq=1,
-                               on_evict=self._on_evict)
+                               on_evict=self._on_evict, is_clean=self._extent_clean)
         self._started.set()
 
     def _bits(self, all_dirty: bool = False) -> bitarray:
@@ -314,22 +318,50 @@ class ResumeCoordinator:
                 meta["target"] = await identity(self.target)
             await log.write_checkpoint(bits.tobytes(), meta)
             self._last_bits = bits
+            self._last_dirty = self._dirty_outside_hot(bits)
             self.checkpoints += 1
             return ok
+
+    def _extent_clean(self, extent: int) -> bool:
+        es = self.plan.options.extent_size
+        return (self.dirty.bitmap.count_range(extent * es, es) == 0
+                and self.dirty.in_flight.count_range(extent * es, es) == 0)
+
+    def _dirty_outside_hot(self, bits: bitarray) -> int:
+        """Dirty chunks a resume would recopy only because of this checkpoint."""
+        n = bits.count()
+        log = self.log
+        if log is None:
+            return n
+        per = log.geo.extent_size // self.plan.granularity
+        for e in log.hot:
+            n -= bits.count(1, e * per, min((e + 1) * per, len(bits)))
+        return n
 
     async def _on_evict(self) -> None:
         if not self.seeded:
             return  # the sidecar's checkpoint says "all dirty": it covers every write
         await self.checkpoint()
 
-    async def tick(self, now_ns: int, copied: int, *, force: bool = False) -> None:
-        """The job's loop calls this each pass: a checkpoint once per interval, or once a
-        share of the disk was copied since the last one (``copied``: bytes so far)."""
+    async def tick(self, now_ns: int, copied: int, *, ready: bool, in_sync: bool,
+                   force: bool = False) -> None:
+        """The job's loop calls this each pass (``copied``: bytes so far).
+
+        Before READY: a checkpoint once per interval, or once a share of the disk was copied
+        since the last one. READY: only while the last checkpoint still lists dirty chunks
+        (the hot extents cover every later write): soon after the copy caught up, or once
+        per interval. Checkpoints flush both images: they are not taken for nothing.
+        """
         if self._last_ckpt_ns is None:
             self._last_ckpt_ns = now_ns
+        since = now_ns - self._last_ckpt_ns
         step = max(min(self.plan.size // CHECKPOINT_SHARE, 1 << 30), 1 << 20)
-        if (force or now_ns - self._last_ckpt_ns >= CHECKPOINT_INTERVAL_NS
-                or copied - self._last_copied >= step):
+        if ready:
+            due = self._last_dirty > 0 and (
+                since >= CHECKPOINT_INTERVAL_NS or (in_sync and since >= IN_SYNC_DELAY_NS))
+        else:
+            due = since >= CHECKPOINT_INTERVAL_NS or copied - self._last_copied >= step
+        if force or due:
             self._last_ckpt_ns = now_ns
             self._last_copied = copied
             await self.checkpoint()
