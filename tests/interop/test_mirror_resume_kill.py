@@ -11,8 +11,9 @@ clean ``qemu-img check``. The plan is also measured against the live state at th
 may exceed what was dirty or in flight then (QEMU's ``len - offset`` just before the kill)
 plus the hot extents only by the checkpoint's lag: one checkpoint step and one buffer of
 copy, and the chunks the writer wrote since the checkpoint before the last one (the test
-reads the sidecar's checkpoint sequence between writes). The write in flight at the kill is retried by the writer after the
-restart, as a guest retries a failed request, which makes the model exact.
+reads the sidecar's checkpoint sequence between writes). The write in flight at the kill is
+retried by the writer after the restart, as a guest retries a failed request, which makes
+the model exact.
 
 CI runs a seeded slice (``RESUME_KILL_CASES``, default 8 of the 24 kill points); set
 ``BLOCKMIRROR_RESUME_KILLS=full`` for all of them.
