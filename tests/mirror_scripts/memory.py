@@ -37,6 +37,8 @@ class MemoryDriver(BlockDriver):
         self.calls: dict[str, int] = {}
         #: seconds every flush takes (to hold a job in its final drain)
         self.flush_delay = 0.0
+        #: while set to an unset event, every flush waits for it (a test holds a drain open)
+        self.flush_gate: asyncio.Event | None = None
 
     def length(self) -> int:
         return self.size
@@ -124,6 +126,8 @@ class MemoryDriver(BlockDriver):
         self._maybe_fail("flush")
         if self.flush_delay:
             await asyncio.sleep(self.flush_delay)
+        if self.flush_gate is not None:
+            await self.flush_gate.wait()
 
     async def block_status(self, offset: int, length: int) -> Extent:
         idx = offset // self.cluster

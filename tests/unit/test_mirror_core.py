@@ -340,7 +340,8 @@ def test_writes_held_by_the_final_drain_follow_the_pivot() -> None:
         env.g.attach(late, env.src, "root", late.perm, late.shared)
         env.g.add_backend(late)
         await env.wait_status(job, "ready")
-        drv(env.tgt).flush_delay = 0.05  # keep the job drained for a while
+        gate = asyncio.Event()
+        drv(env.tgt).flush_gate = gate  # keep the job drained until the writes are held
         assert env.dev.node is not None
         await env.dev.node.write(8192, b"\xa0" * 512)  # so the final flush has work to do
         await env.wait_for(lambda: job.dirty.dirty_bytes() == 0 and job.progress.current
@@ -351,8 +352,10 @@ def test_writes_held_by_the_final_drain_follow_the_pivot() -> None:
         assert via_filter is not None and direct is not None
         w1 = asyncio.ensure_future(via_filter.write(0, b"\xa1" * 4096))
         w2 = asyncio.ensure_future(direct.write(65536, b"\xa2" * 4096))
-        await asyncio.sleep(0.01)
+        for _ in range(50):
+            await asyncio.sleep(0)
         assert not w1.done() and not w2.done()  # held at the barrier
+        gate.set()
         await completing
         await job.wait_finished()
         await asyncio.gather(w1, w2)

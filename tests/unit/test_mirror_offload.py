@@ -13,6 +13,7 @@ import asyncio
 import gc
 import os
 import random
+import threading
 import weakref
 from pathlib import Path
 from typing import Any
@@ -234,12 +235,15 @@ def test_written_buffer_freed_without_the_cyclic_gc(tmp_path: Path) -> None:
         d = Daemon()
         node = await _raw(d, "n", path)
         buf = Buf(b"z" * 65536)
-        ref = weakref.ref(buf)
+        # the worker thread drops its reference a moment after the write completes: wait
+        # for the object to go (not for the cyclic collector, which is off)
+        freed = threading.Event()
+        weakref.finalize(buf, freed.set)
         view = memoryview(buf)
         await node.write(0, view)
         view.release()
         del view, buf
-        assert ref() is None
+        assert freed.wait(5), "the written buffer is kept alive by a reference cycle"
 
     gc.disable()
     try:

@@ -37,6 +37,7 @@ class Control:
         self.is_cancelled = False
         self.failed = False
         self.guest_busy = False
+        self.slice_quota = 0.0
         self.charged = 0
 
     async def pause_point(self) -> None:

@@ -276,13 +276,14 @@ async def zero_extents(
 
 
 async def map_data(
-    node: BlockNode, ranges: Sequence[tuple[int, int]]
+    node: BlockNode, ranges: Sequence[tuple[int, int]], granularity: int = 1
 ) -> list[list[tuple[bool, int]]] | None:
     """Data and hole runs of each range, for a node that maps linearly onto a file.
 
     The same answer as ``block_status`` gives run by run (a raw image has no backing, so its
-    file's holes read as zeroes), in one worker call for all the ranges. None: ``node`` is not
-    such a node; ask ``block_status``.
+    file's holes read as zeroes), in one worker call for all the ranges; with a
+    ``granularity``, units holding both data and holes count as data (see
+    ``threadio.seek_walk_sync``). None: ``node`` is not such a node; ask ``block_status``.
     """
     hf = host_file(node, for_write=False)
     if hf is None:
@@ -292,7 +293,7 @@ async def map_data(
     _enter(hf.nodes)
     try:
         return await threadio.run(threadio.seek_walk_sync, hf.fd,
-                                  [(hf.base + o, n) for o, n in ranges])
+                                  [(hf.base + o, n) for o, n in ranges], granularity)
     finally:
         _leave(hf.nodes, False)
 

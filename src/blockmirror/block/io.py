@@ -339,12 +339,12 @@ async def discard(node: BlockNode, offset: int, length: int) -> None:
     """Discard is advisory: ignored unless the node was opened with discard=unmap."""
     check_request(node, offset, length)
     check_writable(node)
-    if length == 0:
+    if length == 0 or not node.discard_unmap:
+        # cf. bdrv_co_pdiscard: without discard=unmap nothing happens, and nothing (dirty
+        # bitmaps, a mirror) hears of it
         return
 
     async def op() -> None:
-        if not node.discard_unmap:
-            return
         drv = node.driver
         # discard is advisory: only whole aligned blocks reach the driver
         align = drv.request_alignment

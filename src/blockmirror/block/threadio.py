@@ -199,11 +199,16 @@ def blk_zeroout_sync(fd: int, offset: int, length: int) -> None:
     _ioctl_u64_pair(fd, BLKZEROOUT, offset, length)
 
 
-def seek_walk_sync(fd: int, ranges: list[tuple[int, int]]) -> list[list[tuple[bool, int]]]:
+def seek_walk_sync(
+    fd: int, ranges: list[tuple[int, int]], granularity: int = 1
+) -> list[list[tuple[bool, int]]]:
     """For each ``(offset, length)``, its data and hole runs as ``(is_data, length)`` pairs.
 
     The SEEK_DATA/SEEK_HOLE walk of many ranges in one worker call (cf. find_allocation).
-    Without SEEK_DATA support everything is data, as file-posix assumes.
+    Without SEEK_DATA support everything is data, as file-posix assumes. With a
+    ``granularity`` (ranges start aligned to it), a unit that holds both data and a hole
+    counts as data and the walk moves on to the next unit: a caller that copies whole units
+    needs no finer answer, and a disk of 4 KiB extents needs no 4 KiB steps.
     """
     out: list[list[tuple[bool, int]]] = []
     for offset, length in ranges:
@@ -216,12 +221,19 @@ def seek_walk_sync(fd: int, ranges: list[tuple[int, int]]) -> list[list[tuple[bo
                 is_data, stop = True, end
             if stop <= pos:
                 stop = end  # past EOF: a trailing hole
-            n = min(stop, end) - pos
+            stop = min(stop, end)
+            if stop - pos < granularity and stop < end:
+                # mixed unit: data, up to the next unit boundary
+                is_data = True
+                stop = min(end, pos + granularity - (pos - offset) % granularity)
+            elif stop < end and granularity > 1:
+                stop -= (stop - offset) % granularity
+            n = stop - pos
             if runs and runs[-1][0] == is_data:
                 runs[-1] = (is_data, runs[-1][1] + n)
             else:
                 runs.append((is_data, n))
-            pos += n
+            pos = stop
         out.append(runs)
     return out
 

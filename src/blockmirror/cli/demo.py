@@ -44,7 +44,7 @@ MiB = 1 << 20
 KiB = 1 << 10
 DISK_SIZE = 16 * MiB
 #: rate limit of the demo mirror: slow enough to watch the copy, fast enough to end in seconds
-DEMO_SPEED = 8 * MiB
+DEMO_SPEED = 3 * MiB
 #: seconds the guest keeps writing while READY, and after the pivot
 READY_HOLD = 1.5
 AFTER_PIVOT = 1.0

@@ -59,6 +59,11 @@ class JobControl(Protocol):
     @property
     def failed(self) -> bool: ...
 
+    @property
+    def slice_quota(self) -> float:
+        """Bytes the rate limit allows per slice; 0: no limit."""
+        ...
+
     async def pause_point(self) -> None: ...
 
     def ratelimit_processed(self, nbytes: int) -> None: ...
@@ -158,6 +163,9 @@ class Copier:
             return
         cow = dirty.cow is not None
         budget = self.config.buf_size
+        # with a speed limit, gather no more than a slice's quota (one run may still be
+        # longer, as in QEMU): a whole buffer at once would make the limit very bursty
+        gather = min(budget, int(self.control.slice_quota)) if self.control.slice_quota else budget
         runs: list[tuple[int, int]] = []
         total = 0
         pos: int | None = offset
@@ -167,7 +175,7 @@ class Copier:
             runs.append((pos, end - pos))
             total += end - pos
             self._iter_pos = end
-            if cow or total >= budget or len(runs) >= _MAX_RUNS:
+            if cow or total >= gather or len(runs) >= _MAX_RUNS:
                 break
             # more runs after this one go into the same iteration, unless one is being
             # copied right now (QEMU would wait for it; we take it next time)
@@ -181,7 +189,7 @@ class Copier:
         mapped: MappedStatus | None = None
         if self.dirty.cow is None:
             try:
-                walk = await map_data(self.source, runs)
+                walk = await map_data(self.source, runs, self.config.granularity)
             except BlockIOError:
                 walk = None
             if walk is not None:

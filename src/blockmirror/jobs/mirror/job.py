@@ -114,6 +114,10 @@ class MirrorJob(BlockJob):
                 and not self.is_cancelled and not self.wiring.exited)
 
     @property
+    def slice_quota(self) -> float:
+        return self.limit.slice_quota
+
+    @property
     def guest_busy(self) -> bool:
         return (self.inflight.writers > 0
                 or self.clock.now_ns() - self._guest_write_ns < SLICE_NS)
