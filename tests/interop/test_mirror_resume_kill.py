@@ -452,3 +452,57 @@ def test_resume_refused_when_the_source_changed_behind_our_back(tmp_path: Path) 
         assert m.job()["x-resumed"] == SIZE
     finally:
         d.kill()
+
+
+def test_lost_target_connection_resumes(tmp_path: Path) -> None:
+    """The NBD target server dies mid-copy: the job fails, its sidecar is closed (without
+    claiming copies it could not flush), and a new mirror to the restarted server resumes."""
+    require_tool("qemu-nbd")
+    src_path, tgt_path = tmp_path / "src.raw", tmp_path / "tgt.raw"
+    src_path.write_bytes(random.Random(9).randbytes(SIZE))
+    with tgt_path.open("wb") as f:
+        f.truncate(SIZE)
+    tsock = str(tmp_path / "target-nbd.sock")
+    src = _node("src", "raw", {"driver": "file", "filename": str(src_path)})
+    tgt = _node("tgt", "raw", {"driver": "nbd", "export": "tgt",
+                               "server": {"type": "unix", "path": tsock}})
+    log = str(tmp_path / "m.resume")
+
+    def serve() -> subprocess.Popen[bytes]:
+        p = subprocess.Popen(["qemu-nbd", "-t", "-f", "raw", "-k", tsock, "-x", "tgt",
+                              str(tgt_path)])
+        _wait_socket(tsock, p)
+        return p
+
+    srv = serve()
+    d, m = _start(tmp_path, 1, src, tgt)
+    try:
+        m.cmd("blockdev-mirror", _mirror_args(log, speed=8 * MiB, **{"buf-size": MiB}))
+        while m.job()["offset"] < SIZE // 2:
+            pass  # polling QEMU's offset (each query is a round trip to the daemon)
+        srv.kill()
+        srv.wait(10)
+        ev = m.wait_event("BLOCK_JOB_COMPLETED")
+        assert "error" in ev["data"], ev
+        rec = activity_log.load(log)
+        assert rec.meta["closed"] is True
+        dirty = sum(bin(b).count("1") for b in rec.bitmap) * GRAN
+        assert 0 < dirty < SIZE, dirty
+        srv = serve()
+        m.cmd("blockdev-del", {"node-name": "tgt"})
+        m.cmd("blockdev-add", tgt)
+        m.cmd("blockdev-mirror", _mirror_args(log))
+        resumed = m.job()["x-resumed"]
+        assert resumed == SIZE - dirty, (resumed, dirty)
+        m.wait_event("BLOCK_JOB_READY")
+        m.cmd("block-job-complete", {"device": "m"})
+        ev = m.wait_event("BLOCK_JOB_COMPLETED")
+        assert "error" not in ev["data"], ev
+        m.cmd("quit")
+        d.proc.wait(30)
+    finally:
+        d.kill()
+        srv.kill()
+        srv.wait(10)
+    assert tgt_path.read_bytes() == src_path.read_bytes()
+    print(f"lost target: {SIZE - resumed} of {SIZE} bytes recopied")
