@@ -85,7 +85,8 @@ class MirrorJob(BlockJob):
                        if params.resume is not None else None)
         #: x-verify: the compare pass between READY and the pivot
         self.verifier = (Verifier(source, target, self.dirty, self.inflight, self.progress,
-                                  lambda: self.is_cancelled or self.ret < 0)
+                                  lambda: self.is_cancelled or self.ret < 0,
+                                  self._verify_pause_point)
                          if params.verify else None)
         for observer in (self.resume_log, self.verifier):
             if observer is not None:
@@ -267,6 +268,11 @@ class MirrorJob(BlockJob):
             if v.digest is not None:
                 info["x-verify-digest"] = v.digest
         return info
+
+    async def _verify_pause_point(self) -> None:
+        """The verification pass stops while the job is paused."""
+        while self.paused and not self.is_cancelled:
+            await self.clock.sleep_ns(SLICE_NS)
 
     async def _after_ready(self) -> None:
         if self.resume_log is not None:

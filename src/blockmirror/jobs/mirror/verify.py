@@ -58,13 +58,16 @@ class Verifier:
 
     def __init__(self, source: BlockNode, target: BlockNode, dirty: DirtyState,
                  inflight: InFlight, progress: Progress,
-                 is_cancelled: Callable[[], bool]) -> None:
+                 is_cancelled: Callable[[], bool],
+                 pause_point: Callable[[], Awaitable[None]] | None = None) -> None:
         self.source = source
         self.target = target
         self.dirty = dirty
         self.inflight = inflight
         self.progress = progress
         self._is_cancelled = is_cancelled
+        #: waits while the job is paused (a paused job does no I/O of its own)
+        self._pause_point = pause_point
         gran = dirty.granularity
         self.touched = DirtyBitmap(dirty.size, gran)
         self._writing: Counter[int] = Counter()
@@ -125,6 +128,8 @@ class Verifier:
             size, gran = self.dirty.size, self.dirty.granularity
             step = gran * RUN_CHUNKS
             for pos in range(0, size, step):
+                if self._pause_point is not None:
+                    await self._pause_point()
                 if self._is_cancelled():
                     return
                 await self._verify_run(pos, min(step, size - pos))
