@@ -146,7 +146,13 @@ async def plan_resume(opts: ResumeOptions, source: BlockNode, target: BlockNode,
     plan.target_id = await identity(target)
     if opts.restart or not await asyncio.to_thread(os.path.exists, opts.path):
         return plan
-    rec = await asyncio.to_thread(activity_log.load, opts.path)
+    try:
+        rec = await asyncio.to_thread(activity_log.load, opts.path)
+    except ResumeError as e:
+        raise ResumeError(f"Cannot resume the mirror: {e}. Use a full restart instead") from e
+    except OSError as e:
+        raise ResumeError(f"Cannot resume the mirror: cannot read '{opts.path}': "
+                          f"{e.strerror}. Use a full restart instead") from e
     head = rec.header
     geo = rec.geometry
     closed = bool(rec.meta.get("closed"))
