@@ -173,9 +173,9 @@ async def plan_resume(opts: ResumeOptions, source: BlockNode, target: BlockNode,
     bm = DirtyBitmap(size, granularity)
     bm.merge_from(old)
     hot = DirtyBitmap(size, granularity)
-    for e in rec.hot:
-        hot.set_dirty(e * geo.extent_size, geo.extent_size)
-        bm.set_dirty(e * geo.extent_size, geo.extent_size)
+    for ext in rec.hot:
+        hot.set_dirty(ext * geo.extent_size, geo.extent_size)
+        bm.set_dirty(ext * geo.extent_size, geo.extent_size)
     plan.hot_bytes = hot.dirty_count()
     await _sample_compare(source, target, bm, head.get("nonce", 0), rec.ckpt_seq)
     if source.write_gen != plan.write_gen:
