@@ -43,7 +43,7 @@ def test_torn_records_fall_back_to_the_previous_slot(tmp_path: Path) -> None:
         log.end(5 << 20, 4096)
         await log.write_checkpoint(bytes(GEO.bitmap_bytes), {"closed": False, "n": 2})
         await log.write_checkpoint(bytes([1]) * GEO.bitmap_bytes, {"closed": False, "n": 3})
-        log.close()
+        await log.close()
 
     asyncio.run(main())
     rec = activity_log.load(str(p))
@@ -79,7 +79,7 @@ def test_concurrent_writers_share_one_log_record(tmp_path: Path) -> None:
         await asyncio.gather(*(log.begin(e << 20, 65536) for e in range(8)))
         assert set(log.hot) == set(range(8))
         n = log.records
-        log.close()
+        await log.close()
         return n
 
     # the first writer starts a record; the other seven wait and share the next one
@@ -109,7 +109,7 @@ def test_eviction_checkpoints_first_and_never_drops_a_busy_extent(tmp_path: Path
         order.append(f"after, on disk {sorted(activity_log.load(str(p)).hot)}")
         assert 0 in log.hot and 20 in log.hot
         log.end(0, 4096)
-        log.close()
+        await log.close()
 
     asyncio.run(main())
     assert order[0] == "checkpoint, on disk [0, 1, 2, 3, 4, 5, 6, 7]"

@@ -341,12 +341,18 @@ class ActivityLog:
             await asyncio.to_thread(_pwrite_sync, self._fd, rec,
                                     self.geo.ckpt_offset(self._ckpt_seq % 2))
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        """Stop logging: waiting writers go on; the descriptor closes once no record or
+        checkpoint write uses it (a worker thread must never write a reused fd number)."""
         if self.closed:
             return
         self.closed = True
         self._committed.set()
-        os.close(self._fd)
+        committer = self._committer
+        if committer is not None and not committer.done():
+            await asyncio.wait([committer])
+        async with self._ckpt_lock:
+            os.close(self._fd)
 
 
 __all__ = ["DEFAULT_CAPACITY", "DEFAULT_EXTENT_SIZE", "ActivityLog", "Geometry", "Recovered",

@@ -231,7 +231,7 @@ class MirrorJob(BlockJob):
                 # otherwise (the last one stays, with the crash-time checks)
                 self.resume_log.closed = True
                 if self.resume_log.log is not None:
-                    self.resume_log.log.close()
+                    await self.resume_log.log.close()
                 return
             await self.resume_log.finish(pivoted=False)
         elif not before_exit and pivot:

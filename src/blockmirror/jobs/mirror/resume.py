@@ -385,7 +385,7 @@ class ResumeCoordinator:
         finally:
             self.closed = True
             if log is not None:
-                log.close()
+                await log.close()
             if pivoted:
                 try:
                     os.unlink(self.plan.options.path)
