@@ -34,6 +34,7 @@ from blockmirror.cli.progress import (
     choose_mode,
     combine,
     final_phase,
+    format_bytes,
     phase_of,
     snapshot_of,
 )
@@ -74,6 +75,15 @@ Convergence: --converge (default none: forecast only) reports the ETA and a
 verdict (converging, not-converging, throttled-by-speed); auto or
 write-blocking switch a mirror that will not converge within
 --converge-deadline to write-blocking; throttle:RATE slows the guest's writes.
+
+Resuming: with --sync full the copy state is kept crash-safe in a resume log
+(--resume-log, default TARGET.blockmirror-resume, or SOURCE.blockmirror-resume
+for an NBD target; none by default for json: names). Running the same command
+again after a crash, a kill or a lost target resumes (the target is reused,
+only what may differ is recopied); --restart starts afresh. Resuming is
+refused if the source or target changed behind the mirror's back (see
+docs/resume.md). --verify compares source and target before the switch-over
+and repairs any difference.
 
 Signals: SIGINT (Ctrl-C) or SIGTERM force-cancel the job; the source is left
 untouched and nothing is pivoted. SIGUSR1 requests completion.
@@ -164,6 +174,14 @@ def build_parser(prog: str = "blockmirror mirror") -> argparse.ArgumentParser:
                         "(default none: only report the ETA and verdict)")
     j.add_argument("--converge-deadline", type=int, metavar="SECONDS",
                    help="an ETA beyond this counts as not converging (default 300)")
+    r = p.add_argument_group("resume and verification (extensions, docs/resume.md)")
+    r.add_argument("--resume-log", metavar="PATH",
+                   help="the crash-safe resume log (default: TARGET.blockmirror-resume)")
+    r.add_argument("--restart", action="store_true",
+                   help="start afresh even if a resume log says the copy can resume")
+    r.add_argument("--no-resume", action="store_true", help="keep no resume log")
+    r.add_argument("--verify", action="store_true",
+                   help="compare source and target before the switch-over; repair mismatches")
     o = p.add_argument_group("operation")
     o.add_argument("--wait", action="store_true",
                    help="stay in sync after READY until SIGUSR1 or QMP block-job-complete")
@@ -428,6 +446,37 @@ def mirror_arguments(opts: argparse.Namespace) -> dict[str, Any]:
     return args
 
 
+def resume_log_path(opts: argparse.Namespace) -> str | None:
+    """Where the resume log lives (None: none is kept)."""
+    if opts.no_resume or opts.sync != "full":
+        return None
+    if opts.resume_log:
+        return str(opts.resume_log)
+    # next to the target file, or the source file for an NBD target; never for json: names
+    image = opts.source if is_nbd_uri(opts.target) else opts.target
+    if is_nbd_uri(image) or image.startswith("json:"):
+        return None
+    return f"{image}.blockmirror-resume"
+
+
+def resume_arguments(opts: argparse.Namespace) -> tuple[dict[str, Any], bool]:
+    """The drive-mirror extension arguments, and whether an earlier mirror is resumed."""
+    args: dict[str, Any] = {}
+    if opts.verify:
+        args["x-verify"] = True
+    path = resume_log_path(opts)
+    if path is None:
+        return args, False
+    args["x-resume-log"] = path
+    target_exists = is_nbd_uri(opts.target) or os.path.exists(opts.target)
+    resuming = os.path.exists(path) and target_exists and not opts.restart
+    if not resuming:
+        args["x-resume-restart"] = True
+    elif opts.mode is None:
+        args["mode"] = "existing"  # the target holds the copy so far: keep it
+    return args, resuming
+
+
 async def open_source(daemon: Daemon, filename: str, fmt: str | None,
                       warn: Callable[[str], None], *, device: str = DEVICE,
                       node_name: str = SOURCE_NODE) -> BlockBackend:
@@ -484,7 +533,9 @@ async def _main(opts: argparse.Namespace, display: ProgressDisplay, prog: str) -
     try:
         try:
             device = await open_source(daemon, opts.source, opts.source_format, display.message)
-            if opts.export:
+            extra, resuming = resume_arguments(opts)
+            # resuming: the guest may write only once the mirror tracks the source again
+            if opts.export and not resuming:
                 uri = await start_export(daemon, parse_export(opts.export), opts.export_name)
                 display.message(f"exporting the disk at {uri}")
             if opts.qmp:
@@ -497,7 +548,17 @@ async def _main(opts: argparse.Namespace, display: ProgressDisplay, prog: str) -
             assert node is not None
             disk_size = node.length()
             args = mirror_arguments(opts)
+            args.update(extra)
             await execute(daemon, "drive-mirror", args)
+            job = daemon.jobs.find(args.get("job-id", DEVICE))
+            plan = getattr(getattr(job, "params", None), "resume", None)
+            if resuming and plan is not None and plan.resumed:
+                left = plan.recopy
+                display.message(f"resumed: {format_bytes(left)} to recopy of "
+                                f"{format_bytes(disk_size)}")
+            if opts.export and resuming:
+                uri = await start_export(daemon, parse_export(opts.export), opts.export_name)
+                display.message(f"exporting the disk at {uri}")
         except (BlockMirrorError, ValueError) as e:
             print(f"{prog}: {e}", file=sys.stderr, flush=True)
             hint = getattr(e, "hint", None)
@@ -511,6 +572,13 @@ async def _main(opts: argparse.Namespace, display: ProgressDisplay, prog: str) -
         if interrupted.is_set():
             watcher.request_cancel()
         outcome = await watcher.run()
+        for ev in daemon.events.history:
+            if ev["event"] == "X_BLOCK_JOB_VERIFIED":
+                v = ev["data"]
+                display.message(
+                    f"verified: {format_bytes(v['verified'])} compared, {v['mismatches']} "
+                    f"mismatching chunk(s), {v['repaired']} repaired, {v['unrepaired']} not; "
+                    f"target digest xxh3-128 {v['digest'] or '(incomplete)'}")
         display.finish(outcome.snapshot, outcome.text)
         return outcome.exit_code
     finally:

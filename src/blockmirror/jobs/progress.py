@@ -3,7 +3,8 @@
 ``current`` and ``total`` are what query-jobs (current-progress/total-progress) and
 query-block-jobs (offset/len) report; QEMU derives ``total`` as ``current + remaining``, so it
 may grow while a mirror keeps receiving writes (cf. util/qemu-progress-meter / job_progress_*).
-The itemised counters (copied, zeroed, discarded, re-dirtied) are for the operator CLI.
+The itemised counters (copied, zeroed, discarded, re-dirtied, verified, resumed,
+active-written) are for the operator CLI and the mirror's ``x-`` query-block-jobs members.
 """
 
 from __future__ import annotations
@@ -36,6 +37,12 @@ class Progress:
     redirtied: int = 0
     #: bytes skipped because they were already known to be zero on the target
     skipped: int = 0
+    #: bytes a verification found equal on source and target (re-verified chunks count again)
+    verified: int = 0
+    #: bytes a resumed mirror did not copy again (in sync according to its resume log)
+    resumed: int = 0
+    #: bytes of guest writes the write-blocking mode copied to the target itself
+    active_written: int = 0
 
     @property
     def current(self) -> int:

@@ -248,6 +248,11 @@ struct("BlockJobInfo", {
     "status": "JobStatus", "auto-finalize": "bool", "auto-dismiss": "bool", "*error": "str",
     # extensions (qapi/x_mirror.py), after QEMU's members: only for mirrors that use them
     "*x-convergence": "XMirrorConvergenceInfo", "*x-group": "str",
+    # extension (mirror jobs): itemised byte counters that never go backwards
+    "*x-copied": "int", "*x-zero-skipped": "int", "*x-redirtied": "int", "*x-verified": "int",
+    "*x-resumed": "int", "*x-active-written": "int",
+    # extension (mirror jobs with x-verify)
+    "*x-verify-mismatches": "int", "*x-verify-unrepaired": "int", "*x-verify-digest": "str",
 })
 
 # --- commands ---------------------------------------------------------------------------------
@@ -271,6 +276,17 @@ _MIRROR_COMMON = {
     "*speed": "int", "*granularity": "uint32", "*buf-size": "int",
     "*on-source-error": "BlockdevOnError", "*on-target-error": "BlockdevOnError",
 }
+#: extension arguments of both mirror commands (docs/resume.md); absent: QEMU's behaviour
+_MIRROR_EXTENSIONS = {
+    "*x-resume-log": "str", "*x-resume-restart": "bool", "*x-resume-extents": "int",
+    "*x-resume-extent-size": "int", "*x-verify": "bool",
+}
+_MIRROR_EXTENSIONS_DOC = (
+    "; extensions: `x-resume-log` (path of the crash-safe resume sidecar: an existing one is "
+    "resumed after identity checks, or refused), `x-resume-restart` (start afresh over it), "
+    "`x-resume-extents` / `x-resume-extent-size` (the activity log's bound, default 1024 x "
+    "4 MiB), `x-verify` (compare source and target after READY, repair, digest; see "
+    "docs/resume.md)")
 MIRROR_DEFAULTS: dict[str, object] = {
     "speed": 0,
     "granularity": 0,  # 0: the target's cluster size, clamped to [4K, 64K]
@@ -296,25 +312,29 @@ command("block-job-change", {"id": "str", "type": "JobType", "*copy-mode": "Mirr
                              **_X_CONVERGE},
         doc="(QEMU 8.2) `type: mirror`, `copy-mode`: only `background` -> `write-blocking`; "
             "extension: `x-converge*` as for blockdev-mirror")
-command("query-block-jobs", returns=["BlockJobInfo"],
-        doc="QEMU 7.2's members (`offset`/`len`)")
+command("query-block-jobs", {"*x-progress": "bool"}, returns=["BlockJobInfo"],
+        doc="QEMU 7.2's members (`offset`/`len`); extension `x-progress: true` adds a mirror's "
+            "monotonic byte counters after them (`x-copied`, `x-zero-skipped`, `x-redirtied`, "
+            "`x-verified`, `x-resumed`, `x-active-written`), shown anyway for mirrors started "
+            "with `x-resume-log` or `x-verify` (docs/resume.md)")
 command("blockdev-mirror", {
     "*job-id": "str", "device": "str", "target": "str", "*replaces": "str",
     "sync": "MirrorSyncMode", **_MIRROR_COMMON, "*filter-node-name": "str",
     "*copy-mode": "MirrorCopyMode", "*auto-finalize": "bool", "*auto-dismiss": "bool",
-    "*target-is-zero": "bool", **_X_CONVERGE,
+    "*target-is-zero": "bool", **_MIRROR_EXTENSIONS, **_X_CONVERGE,
 }, defaults={**MIRROR_DEFAULTS, "target-is-zero": False},
     doc="the drive-mirror job on an existing target node; plus `filter-node-name` and "
-        "`target-is-zero` (QEMU 10.1); extension `x-converge`: forecast and policy")
+        "`target-is-zero` (QEMU 10.1)" + _MIRROR_EXTENSIONS_DOC
+        + "; extension `x-converge`: forecast and policy")
 command("drive-mirror", {
     "*job-id": "str", "device": "str", "target": "str", "*format": "str", "*node-name": "str",
     "*replaces": "str", "sync": "MirrorSyncMode", "*mode": "NewImageMode", **_MIRROR_COMMON,
     "*unmap": "bool", "*copy-mode": "MirrorCopyMode", "*auto-finalize": "bool",
-    "*auto-dismiss": "bool", **_X_CONVERGE,
+    "*auto-dismiss": "bool", **_MIRROR_EXTENSIONS, **_X_CONVERGE,
 }, defaults={**MIRROR_DEFAULTS, "unmap": True, "mode": NewImageMode.ABSOLUTE_PATHS},
     doc="creates the target (prints `Formatting ...` on stdout) in `raw` or `qcow2`; `mode` "
         "`absolute-paths` or `existing`; `sync` `full`, `top`, `none` (`top` without a backing "
-        "becomes `full`); `replaces` needs `node-name`")
+        "becomes `full`); `replaces` needs `node-name`" + _MIRROR_EXTENSIONS_DOC)
 
 # --- events -------------------------------------------------------------------------------------
 
@@ -327,6 +347,11 @@ event("BLOCK_JOB_ERROR", {"device": "str", "operation": "IoOperationType",
 event("BLOCK_JOB_READY", {"type": "JobType", "device": "str", "len": "int", "offset": "int",
                           "speed": "int"})
 event("BLOCK_JOB_PENDING", {"type": "JobType", "id": "str"})
+event("X_BLOCK_JOB_VERIFIED", {"device": "str", "verified": "int", "mismatches": "int",
+                               "repaired": "int", "unrepaired": "int", "digest": "str"},
+      doc="extension: a mirror with `x-verify` finished its final verification, under the "
+          "drain just before the pivot; `digest` is XXH3-128 over the XXH3-64 digests of the "
+          "target's chunks ('' if not every chunk could be checked)")
 
 __all__ = ["BLOCKDEV_DRIVERS", "MIRROR_DEFAULTS", "BlockDeviceIoStatus", "BlockErrorAction",
            "BlockdevOnError", "MirrorCopyMode", "MirrorSyncMode", "NewImageMode"]

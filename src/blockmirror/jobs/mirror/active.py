@@ -29,6 +29,17 @@ class ActivePolicy(Protocol):
     def on_active_error(self, e: BlockIOError) -> None: ...
 
 
+class WriteObserver(Protocol):
+    """Told before a source write proceeds (it may wait there) and after it ended.
+
+    The resume log makes the write's extents hot; the verifier notes the chunks it touches.
+    """
+
+    async def write_begins(self, kind: str, offset: int, length: int) -> None: ...
+
+    def write_ends(self, kind: str, offset: int, length: int) -> None: ...
+
+
 class ActiveWriter:
     """The source node's WriteInterceptor for one mirror job."""
 
@@ -56,6 +67,8 @@ class ActiveWriter:
         self.target_needs_cow = False
         #: cf. bdrv_round_to_subclusters on the target (set once the job knows its clusters)
         self.cluster_aligned: Callable[[int, int], bool] = lambda _o, _n: True
+        #: see every write before it proceeds and after it ends (resume log, verifier)
+        self.observers: list[WriteObserver] = []
 
     async def around_write(
         self, node: BlockNode, kind: str, offset: int, length: int, proceed: Any
@@ -70,12 +83,18 @@ class ActiveWriter:
             return
         inflight = self.inflight
         inflight.writers += 1
+        told: list[WriteObserver] = []
         try:
+            for ob in self.observers:
+                await ob.write_begins(kind, offset, length)
+                told.append(ob)
             if self.policy.should_copy_to_target():
                 await self._write_blocking(kind, offset, length, proceed)
             else:
                 await proceed()
         finally:
+            for ob in told:
+                ob.write_ends(kind, offset, length)
             inflight.writers -= 1
             inflight.pulse()
 
@@ -139,6 +158,7 @@ class ActiveWriter:
             self.inflight.active_bytes -= n
         self.progress.update(n)
         self.progress.count("zeroed" if kind == "zero" else "copied", n)
+        self.progress.count("active_written", n)
         # the rest of the write (trimmed dirty padding) is dirty already; nothing to mark
         return True
 
@@ -152,4 +172,4 @@ class ActiveWriter:
             await target.write(offset, await self.source.read(offset, length))
 
 
-__all__ = ["ActivePolicy", "ActiveWriter"]
+__all__ = ["ActivePolicy", "ActiveWriter", "WriteObserver"]

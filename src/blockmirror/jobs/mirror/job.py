@@ -11,6 +11,8 @@
 * ``MirrorWiring`` (``wiring.py``): the filter, target handle, blockers, and the pivot;
 * ``ConvergenceMonitor`` (``converge.py``, extension ``x-converge``): the forecast and policy;
 * a ``SwitchGroup`` (``group.py``, extension): pivots with other mirrors at one instant.
+* ``ResumeCoordinator`` (``resume.py``, x-resume-log): the crash-safe sidecar;
+* ``Verifier`` (``verify.py``, x-verify): the compare pass after READY.
 
 ``run`` is QEMU's ``mirror_run``: seed, copy dirty chunks, go READY once a pass leaves
 nothing dirty or in flight and a target flush succeeds, and on complete (or soft cancel)
@@ -19,6 +21,7 @@ converge, drain, flush and exit. ``prepare``/``abort`` hand over to the wiring's
 
 from __future__ import annotations
 
+import errno
 from typing import TYPE_CHECKING, Any
 
 from blockmirror.block.node import BlockNode
@@ -39,7 +42,9 @@ from blockmirror.jobs.mirror.params import (
     align_up,
     default_granularity,
 )
+from blockmirror.jobs.mirror.resume import ResumeCoordinator
 from blockmirror.jobs.mirror.seeding import cow_setup, seed_dirty
+from blockmirror.jobs.mirror.verify import Verifier
 from blockmirror.jobs.mirror.wiring import MirrorWiring
 from blockmirror.jobs.ratelimit import SLICE_NS
 
@@ -82,6 +87,17 @@ class MirrorJob(BlockJob):
                              self, self._on_copy_error)
         self.active = ActiveWriter(source, target, self.dirty, self.inflight, self.gate,
                                    self.progress, self, unmap=params.unmap)
+        #: x-resume-log: the crash-safe sidecar (None without one)
+        self.resume_log = (ResumeCoordinator(params.resume, source, target, self.dirty)
+                       if params.resume is not None else None)
+        #: x-verify: the compare pass between READY and the pivot
+        self.verifier = (Verifier(source, target, self.dirty, self.inflight, self.progress,
+                                  lambda: self.is_cancelled or self.ret < 0,
+                                  self._verify_pause_point)
+                         if params.verify else None)
+        for observer in (self.resume_log, self.verifier):
+            if observer is not None:
+                self.active.observers.append(observer)
         self._holding_pause = False
         #: when the guest last wrote to the source (the clock's nanoseconds)
         self._guest_write_ns = -SLICE_NS
@@ -174,10 +190,16 @@ class MirrorJob(BlockJob):
         return True
 
     async def on_complete(self) -> None:
-        """cf. mirror_complete."""
+        """cf. mirror_complete; a verification that left a mismatch refuses."""
         if self.group is not None and not self.group.switching:
             raise BlockMirrorError(f"The block job '{self.id}' belongs to group "
                                    f"'{self.group.name}': complete the group")
+        v = self.verifier
+        if v is not None and (v.unrepaired or v.error):
+            raise BlockMirrorError(
+                f"Cannot complete job '{self.id}': verification found {v.unrepaired} "
+                f"mismatching chunk(s) between source and target that could not be repaired"
+                + (f" ({v.error})" if v.error else ""))
         self.wiring.block_replaced()
         self.should_complete = True
         if not self.paused:
@@ -201,16 +223,20 @@ class MirrorJob(BlockJob):
 
     async def prepare(self) -> None:
         self._stop_extensions()
+        await self._end_extras(pivot=self.should_complete, before_exit=True)
         if self.group is not None:
             if self.should_complete:
                 # the group pivots every member at one instant (or none: this raises)
                 await self.group.member_prepare(self)
+                await self._end_extras(pivot=True, before_exit=False)
                 return
             self.group.member_failed(self)  # a soft cancel leaves the group: none pivots
         await self.wiring.exit(pivot=self.should_complete, release=self._release_drain)
+        await self._end_extras(pivot=self.should_complete, before_exit=False)
 
     async def abort(self) -> None:
         self._stop_extensions()
+        await self._end_extras(pivot=False, before_exit=True)
         if self.group is not None:
             self.group.member_failed(self)
         await self.wiring.exit(pivot=False, release=self._release_drain)
@@ -246,13 +272,93 @@ class MirrorJob(BlockJob):
                       self.dirty.dirty_bytes() + inflight.bytes + inflight.active_bytes,
                       self.speed)
 
+    async def _end_extras(self, *, pivot: bool, before_exit: bool) -> None:
+        """Stop the verifier; the resume sidecar: closed checkpoint, or gone after a pivot.
+
+        The closed checkpoint is written while writes are still held (before the wiring
+        releases them): it records the source as of its last tracked write.
+        """
+        if before_exit and self.verifier is not None:
+            await self.verifier.stop()
+        if self.resume_log is None:
+            return
+        if before_exit and not pivot:
+            if self.wiring.exited:
+                # a failed pivot: writes went on untracked; no closed checkpoint may claim
+                # otherwise (the last one stays, with the crash-time checks)
+                self.resume_log.closed = True
+                if self.resume_log.log is not None:
+                    await self.resume_log.log.close()
+                return
+            await self.resume_log.finish(pivoted=False)
+        elif not before_exit and pivot:
+            await self.resume_log.finish(pivoted=True)
+
+    @property
+    def itemised(self) -> bool:
+        """The job was started with an extension: its query shows the ``x-`` members."""
+        return self.resume_log is not None or self.verifier is not None
+
     def query_block_job(self) -> dict[str, Any]:
+        """QEMU's members, then the extension members of the extensions in use."""
         info = super().query_block_job()
+        if self.itemised:
+            info.update(self.extension_info())
         if self.convergence is not None:
             info["x-convergence"] = self.convergence.info()
         if self.group is not None:
             info["x-group"] = self.group.name
         return info
+
+    def extension_info(self) -> dict[str, Any]:
+        """The itemised, monotonic ``x-`` counters (query-block-jobs ``x-progress``)."""
+        info: dict[str, Any] = {}
+        p = self.progress
+        info.update({
+            "x-copied": p.copied,
+            "x-zero-skipped": p.zeroed + p.discarded + p.skipped,
+            "x-redirtied": p.redirtied,
+            "x-verified": p.verified,
+            "x-resumed": p.resumed,
+            "x-active-written": p.active_written,
+        })
+        v = self.verifier
+        if v is not None:
+            info["x-verify-mismatches"] = v.mismatches
+            info["x-verify-unrepaired"] = v.unrepaired
+            if v.digest is not None:
+                info["x-verify-digest"] = v.digest
+        return info
+
+    async def _verify_pause_point(self) -> None:
+        """The verification pass stops while the job is paused."""
+        while self.paused and not self.is_cancelled:
+            await self.clock.sleep_ns(SLICE_NS)
+
+    async def _after_ready(self) -> None:
+        if self.resume_log is not None:
+            await self.resume_log.tick(self.clock.now_ns(), self.progress.current,
+                                      ready=True, in_sync=True, force=True)
+        if self.verifier is not None:
+            self.verifier.start()
+
+    async def _final_verify(self) -> bool:
+        """Under the drain, before the pivot: re-verify what changed since; False fails."""
+        v = self.verifier
+        if v is None or not self.should_complete or self.cancel_requested:
+            return True
+        await v.final_pass()
+        self.events.emit("X_BLOCK_JOB_VERIFIED", {
+            "device": self.id, "verified": self.progress.verified,
+            "mismatches": v.mismatches, "repaired": v.repaired,
+            "unrepaired": v.unrepaired, "digest": v.digest or ""})
+        if v.unrepaired or v.error or v.digest is None:
+            self._record_error(-errno.EIO, (
+                f"verification found {v.unrepaired} mismatching chunk(s) between source "
+                "and target that could not be repaired") if v.unrepaired else (
+                v.error or "verification could not check every chunk"))
+            return False
+        return True
 
     # --- the run ----------------------------------------------------------------------------------
 
@@ -277,13 +383,25 @@ class MirrorJob(BlockJob):
         self.active.target_needs_cow = needs_cow
         self.active.cluster_aligned = self.copier._cluster_aligned
         drained = False
+        resumed = False
+        if self.resume_log is not None:
+            try:
+                skipped = self.resume_log.apply()
+                resumed = self.resume_log.plan.resumed
+                self.progress.count("resumed", skipped)
+                self.resume_log.start()
+            except BlockMirrorError:
+                self.resume_log.release()
+                raise
         async with self.copier.running():
-            if self.params.sync != "none":
+            if self.params.sync != "none" and not resumed:
                 await seed_dirty(self.dirty, self.copier, self, sync=self.params.sync,
                                  target_is_zero=self.params.target_is_zero)
                 if self.is_cancelled or self.ret < 0:
                     self._hold_drain()
                     return
+            if self.resume_log is not None:
+                self.resume_log.seeded = True
             self.published = True
             drained = await self._loop()
         if not drained:
@@ -308,6 +426,10 @@ class MirrorJob(BlockJob):
             await self.pause_point()
             if self.is_cancelled:
                 return False
+            if self.resume_log is not None:
+                await self.resume_log.tick(
+                    self.clock.now_ns(), self.progress.current, ready=self.is_ready,
+                    in_sync=dirty.dirty_bytes() == 0 and inflight.ops == 0)
             cnt = dirty.dirty_bytes()
             self.progress.set_remaining(inflight.bytes + cnt + inflight.active_bytes)
             delta = self.clock.now_ns() - last_pause
@@ -325,16 +447,20 @@ class MirrorJob(BlockJob):
                         await self.ratelimit_sleep()
                         continue
                     self.transition_to_ready()
+                    await self._after_ready()
                 if self.copy_mode != "background":
                     self.actively_synced = True
                 should_complete = self.should_complete or self.cancel_requested
+                if (self.verifier is not None and not self.cancel_requested
+                        and not self.verifier.done):
+                    should_complete = False  # the verification pass comes first
                 cnt = dirty.dirty_bytes()
             if cnt == 0 and should_complete:
                 self._hold_drain()
                 await inflight.wait_no_writers()
                 if (dirty.dirty_bytes() == 0 and await self._flush_target()
                         and dirty.dirty_bytes() == 0 and not inflight.writers):
-                    return True
+                    return await self._final_verify()
                 self._release_drain()
                 continue
             if self.is_ready and not should_complete:

@@ -16,6 +16,7 @@ from blockmirror.errors import BlockMirrorError
 if TYPE_CHECKING:
     from blockmirror.block.node import BlockNode
     from blockmirror.jobs.mirror.converge import ConvergePolicy
+    from blockmirror.jobs.mirror.resume import ResumePlan
 
 
 #: cf. MAX_IN_FLIGHT, MAX_IO_BYTES, DEFAULT_MIRROR_BUF_SIZE
@@ -67,6 +68,10 @@ class MirrorParams:
     owns_target: bool = False
     #: extension x-converge: forecast (and a policy); None: QEMU's job, no forecast
     converge: ConvergePolicy | None = None
+    #: x-resume-log: the checked resume plan (None: no resume log)
+    resume: ResumePlan | None = None
+    #: x-verify: compare source and target after READY, before the pivot
+    verify: bool = False
 
 
 def default_granularity(target: BlockNode) -> int:

@@ -125,7 +125,15 @@ async def job_dismiss(ctx: CommandContext, args: Args) -> None:
 
 @command("query-block-jobs")
 async def query_block_jobs(ctx: CommandContext, args: Args) -> list[dict[str, Any]]:
-    return ctx.daemon.jobs.query_block_jobs()
+    infos = ctx.daemon.jobs.query_block_jobs()
+    if args.get_bool("x-progress", False):
+        # extension: every mirror's itemised counters, after QEMU's members
+        jobs = [j for j in ctx.daemon.jobs.jobs.values() if j.is_block_job]
+        for job, info in zip(jobs, infos, strict=True):
+            extra = getattr(job, "extension_info", None)
+            if extra is not None:
+                info.update(extra())
+    return infos
 
 
 @command("query-jobs")

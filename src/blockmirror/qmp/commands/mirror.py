@@ -16,7 +16,10 @@ from blockmirror.block.node import BlockBackend, BlockNode
 from blockmirror.block.options import close_node, open_image
 from blockmirror.errors import BlockMirrorError
 from blockmirror.jobs.mirror import BackingMode, MirrorParams, start_mirror
+from blockmirror.jobs.mirror.activity_log import DEFAULT_CAPACITY, DEFAULT_EXTENT_SIZE
 from blockmirror.jobs.mirror.converge import DEFAULT_DEADLINE_S, ConvergePolicy
+from blockmirror.jobs.mirror.params import default_granularity
+from blockmirror.jobs.mirror.resume import ResumeOptions, plan_resume
 from blockmirror.qapi.x_mirror import XConvergePolicy
 from blockmirror.qmp.hmp import hmp_command
 from blockmirror.qmp.registry import Args, CommandContext, command
@@ -90,7 +93,7 @@ def _default_job_id(source: BlockNode) -> str:
     return ""
 
 
-def _mirror_common(
+async def _mirror_common(
     ctx: CommandContext,
     args: Args,
     bs: BlockNode,
@@ -157,7 +160,26 @@ def _mirror_common(
     job_id = args.opt_str("job-id")
     if job_id is None:
         job_id = _default_job_id(bs)
+    await _mirror_extensions(args, bs, target, sync, params)
+    # nothing awaits between the resume checks and the job hooking the source
     start_mirror(ctx.daemon.jobs, job_id, bs, target, params, base=base)
+
+
+async def _mirror_extensions(args: Args, bs: BlockNode, target: BlockNode, sync: str,
+                             params: MirrorParams) -> None:
+    """x-verify and x-resume-log (docs/resume.md); absent, nothing changes."""
+    params.verify = args.get_bool("x-verify", False)
+    path = args.opt_str("x-resume-log")
+    if path is None:
+        return
+    if sync != "full":
+        raise BlockMirrorError("Parameter 'x-resume-log' requires sync mode 'full'")
+    opts = ResumeOptions(
+        path, restart=args.get_bool("x-resume-restart", False),
+        extents=args.get_int("x-resume-extents", DEFAULT_CAPACITY),
+        extent_size=args.get_int("x-resume-extent-size", DEFAULT_EXTENT_SIZE))
+    params.resume = await plan_resume(opts, bs, target,
+                                      params.granularity or default_granularity(target))
 
 
 @command("blockdev-mirror")
@@ -172,7 +194,7 @@ async def blockdev_mirror(ctx: CommandContext, args: Args) -> None:
         filter_node_name=args.opt_str("filter-node-name"),
         target_is_zero=args.get_bool("target-is-zero"),
     )
-    _mirror_common(ctx, args, bs, target, sync, params)
+    await _mirror_common(ctx, args, bs, target, sync, params)
 
 
 @command("drive-mirror")
@@ -223,7 +245,7 @@ async def drive_mirror(ctx: CommandContext, args: Args) -> None:
         owns_target=True,
     )
     try:
-        _mirror_common(ctx, args, bs, target, sync, params)
+        await _mirror_common(ctx, args, bs, target, sync, params)
     except BlockMirrorError:
         if not target.parents:
             await close_node(graph, target)

@@ -1,0 +1,359 @@
+"""The resume sidecar: an on-disk activity log of hot extents plus checkpoints of the bitmap.
+
+DRBD's design, for one mirror. Before a guest write reaches the source, every extent it
+touches must be *hot*: listed in the last activity-log record that reached the disk
+(``fdatasync``). The list is bounded (``capacity`` extents); writers that need new extents
+while a record is being written join the next record, so one log update serves them all.
+The copy progress (the dirty bitmap, with ranges in flight counted as dirty) is checkpointed
+separately. After a crash the chunks to recopy are: dirty in the last checkpoint, plus every
+chunk of every hot extent in the last log record. An extent leaves the hot list only after a
+checkpoint taken when no write to it was pending (``on_evict`` writes it), so every write that
+did not reach a checkpoint is covered by a hot extent.
+
+File layout (little-endian; every region 4 KiB-aligned)::
+
+    [0, 4K)            header: magic, JSON length, CRC-32, JSON (geometry and identities)
+    2 x log slot       magic, sequence, count, CRC-32, extent numbers (u32)
+    2 x checkpoint     4 KiB head (magic, sequence, bitmap length and CRC, JSON meta) + bitmap
+
+Two slots each, written alternately: a torn write leaves the other slot, an older but still
+valid state (the writer was not acknowledged, so the older record covers everything needed).
+This module knows the file and the hot list; the mirror side is ``resume.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import struct
+import zlib
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from blockmirror.errors import BlockMirrorError
+
+HEADER_MAGIC = b"BMRESUM1"
+LOG_MAGIC = b"BMACTLOG"
+CKPT_MAGIC = b"BMCKPT01"
+PAGE = 4096
+VERSION = 1
+#: DRBD's extent size: a hot extent costs at most this much recopy after a crash
+DEFAULT_EXTENT_SIZE = 4 << 20
+#: hot extents kept (cf. DRBD's al-extents, 1237 by default): 4 GiB of hot data
+DEFAULT_CAPACITY = 1024
+_LOG_HEAD = struct.Struct("<8sQII")  # magic, seq, count, crc
+_CKPT_HEAD = struct.Struct("<8sQQIII")  # magic, seq, bitmap len, bitmap crc, meta len, meta crc
+
+
+def _align(n: int) -> int:
+    return (n + PAGE - 1) // PAGE * PAGE
+
+
+class ResumeError(BlockMirrorError):
+    """The sidecar cannot be used (corrupt, or it does not describe this mirror)."""
+
+
+@dataclass
+class Geometry:
+    size: int
+    granularity: int
+    extent_size: int
+    capacity: int
+
+    @property
+    def bitmap_bytes(self) -> int:
+        return ((self.size + self.granularity - 1) // self.granularity + 7) // 8
+
+    @property
+    def log_slot(self) -> int:
+        # up to twice the capacity: extents still being written when the list is full
+        return _align(_LOG_HEAD.size + 16 * self.capacity)
+
+    @property
+    def ckpt_slot(self) -> int:
+        return PAGE + _align(self.bitmap_bytes)
+
+    def log_offset(self, slot: int) -> int:
+        return PAGE + slot * self.log_slot
+
+    def ckpt_offset(self, slot: int) -> int:
+        return PAGE + 2 * self.log_slot + slot * self.ckpt_slot
+
+    @property
+    def file_size(self) -> int:
+        return self.ckpt_offset(2)
+
+    def extents_of(self, offset: int, length: int) -> range:
+        es = self.extent_size
+        end = min(offset + max(length, 1), self.size)
+        return range(offset // es, max(end - 1, offset) // es + 1)
+
+
+@dataclass
+class Recovered:
+    """What a sidecar says about the mirror that wrote it."""
+
+    header: dict[str, Any]
+    geometry: Geometry
+    #: the last checkpoint's bitmap: chunk i is bit i % 8 (least significant first) of byte
+    #: i // 8, the order of qcow2 bitmaps and ``DirtyBitmap.to_bytes``
+    bitmap: bytes
+    ckpt_seq: int
+    meta: dict[str, Any]
+    hot: set[int] = field(default_factory=set)
+    log_seq: int = 0
+
+
+# --- the file ---------------------------------------------------------------------------------
+
+
+def _pwrite_sync(fd: int, data: bytes, offset: int) -> None:
+    os.pwrite(fd, data, offset)
+    os.fdatasync(fd)
+
+
+def create(path: str, geometry: Geometry, header: dict[str, Any], bitmap: bytes,
+           meta: dict[str, Any]) -> None:
+    """Write a fresh sidecar (with its first checkpoint) atomically: temp file + rename."""
+    body = dict(header)
+    body.update(version=VERSION, size=geometry.size, granularity=geometry.granularity,
+                extent_size=geometry.extent_size, capacity=geometry.capacity)
+    raw = json.dumps(body, sort_keys=True).encode()
+    if 16 + len(raw) > PAGE:
+        raise ResumeError("resume log header too large")
+    head = HEADER_MAGIC + struct.pack("<II", len(raw), zlib.crc32(raw)) + raw
+    tmp = f"{path}.tmp"
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.ftruncate(fd, geometry.file_size)
+        os.pwrite(fd, head.ljust(PAGE, b"\0"), 0)
+        os.pwrite(fd, _log_record(1, []), geometry.log_offset(1))
+        os.pwrite(fd, _ckpt_record(1, bitmap, meta), geometry.ckpt_offset(1))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _log_record(seq: int, extents: list[int]) -> bytes:
+    payload = struct.pack(f"<{len(extents)}Q", *extents)
+    return _LOG_HEAD.pack(LOG_MAGIC, seq, len(extents), zlib.crc32(payload)) + payload
+
+
+def _ckpt_record(seq: int, bitmap: bytes, meta: dict[str, Any]) -> bytes:
+    raw = json.dumps(meta, sort_keys=True).encode()
+    head = _CKPT_HEAD.pack(CKPT_MAGIC, seq, len(bitmap), zlib.crc32(bitmap), len(raw),
+                           zlib.crc32(raw)) + raw
+    if len(head) > PAGE:
+        raise ResumeError("resume checkpoint metadata too large")
+    return head.ljust(PAGE, b"\0") + bitmap
+
+
+def load(path: str) -> Recovered:
+    """Read a sidecar: its header, newest valid checkpoint and newest valid log record.
+
+    Raises:
+        ResumeError: not a sidecar, or no valid checkpoint.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    if len(data) < PAGE or data[:8] != HEADER_MAGIC:
+        raise ResumeError(f"'{path}' is not a blockmirror resume log")
+    n, crc = struct.unpack_from("<II", data, 8)
+    raw = data[16:16 + n]
+    if len(raw) != n or zlib.crc32(raw) != crc:
+        raise ResumeError(f"resume log '{path}' has a corrupt header")
+    header = json.loads(raw)
+    if header.get("version") != VERSION:
+        raise ResumeError(f"resume log '{path}' has unsupported version {header.get('version')}")
+    geo = Geometry(header["size"], header["granularity"], header["extent_size"],
+                   header["capacity"])
+    best: Recovered | None = None
+    for slot in (0, 1):
+        off = geo.ckpt_offset(slot)
+        if off + _CKPT_HEAD.size > len(data):
+            continue
+        magic, seq, blen, bcrc, mlen, mcrc = _CKPT_HEAD.unpack_from(data, off)
+        if magic != CKPT_MAGIC or blen != geo.bitmap_bytes:
+            continue
+        mraw = data[off + _CKPT_HEAD.size: off + _CKPT_HEAD.size + mlen]
+        bits = data[off + PAGE: off + PAGE + blen]
+        if zlib.crc32(mraw) != mcrc or len(bits) != blen or zlib.crc32(bits) != bcrc:
+            continue
+        if best is None or seq > best.ckpt_seq:
+            best = Recovered(header, geo, bits, seq, json.loads(mraw))
+    if best is None:
+        raise ResumeError(f"resume log '{path}' has no valid checkpoint")
+    for slot in (0, 1):
+        off = geo.log_offset(slot)
+        magic, seq, count, crc = _LOG_HEAD.unpack_from(data, off)
+        if magic != LOG_MAGIC or count > 2 * geo.capacity:
+            continue
+        payload = data[off + _LOG_HEAD.size: off + _LOG_HEAD.size + 8 * count]
+        if len(payload) != 8 * count or zlib.crc32(payload) != crc:
+            continue
+        if seq > best.log_seq:
+            best.log_seq = seq
+            best.hot = set(struct.unpack(f"<{count}Q", payload))
+    return best
+
+
+# --- the live log -----------------------------------------------------------------------------
+
+
+class ActivityLog:
+    """The hot-extent list of a running mirror, and its sidecar file descriptor.
+
+    ``begin`` before a write proceeds (waits until its extents are on disk as hot), ``end``
+    after it. ``on_evict`` is the mirror's checkpoint: it must make durable the dirty state
+    of every chunk written so far (the log calls it before dropping extents from the list).
+    """
+
+    def __init__(self, path: str, geometry: Geometry, *, log_seq: int, ckpt_seq: int,
+                 on_evict: Callable[[], Awaitable[None]],
+                 is_clean: Callable[[int], bool] = lambda _e: True) -> None:
+        self.path = path
+        self.geo = geometry
+        self._fd = os.open(path, os.O_RDWR)
+        self._log_seq = log_seq
+        self._ckpt_seq = ckpt_seq
+        self._on_evict = on_evict
+        #: the extent has nothing left to copy (evicting it then adds nothing to a resume)
+        self._is_clean = is_clean
+        #: extents listed in the last record on disk, least recently used first
+        self._hot: dict[int, None] = {}
+        #: writes in progress per extent (an extent with writes cannot be evicted)
+        self._busy: Counter[int] = Counter()
+        #: extents wanted by waiting writers, for the next record
+        self._pending: set[int] = set()
+        self._committed = asyncio.Event()
+        self._committer: asyncio.Task[None] | None = None
+        self._error: BaseException | None = None
+        self._ckpt_lock = asyncio.Lock()
+        self.closed = False
+        #: statistics: log records written, and checkpoints forced by evictions
+        self.records = 0
+        self.evictions = 0
+
+    @property
+    def hot(self) -> list[int]:
+        return list(self._hot)
+
+    # --- the write path -----------------------------------------------------------------------
+
+    async def begin(self, offset: int, length: int) -> None:
+        """Make the extents of a write hot on disk before the write proceeds.
+
+        Raises:
+            BlockIOError-like OSError wrapped as ResumeError: the log could not be written.
+        """
+        exts = self.geo.extents_of(offset, length)
+        for e in exts:
+            self._busy[e] += 1
+        try:
+            while True:
+                missing = [e for e in exts if e not in self._hot]
+                if not missing:
+                    for e in exts:  # most recently used last
+                        self._hot.pop(e)
+                        self._hot[e] = None
+                    return
+                if self._error is not None:
+                    raise ResumeError(f"activity log write failed: {self._error}")
+                if self.closed:
+                    return  # the mirror ended: nothing to protect any more
+                self._pending.update(missing)
+                waiter = self._committed
+                if self._committer is None or self._committer.done():
+                    self._committer = asyncio.ensure_future(self._commit_loop())
+                await waiter.wait()
+        except BaseException:
+            self.end(offset, length)
+            raise
+
+    def end(self, offset: int, length: int) -> None:
+        for e in self.geo.extents_of(offset, length):
+            self._busy[e] -= 1
+            if self._busy[e] <= 0:
+                del self._busy[e]
+
+    async def _commit_loop(self) -> None:
+        """Write records while writers wait: each record carries every extent asked so far."""
+        while self._pending and not self.closed:
+            want = self._pending
+            self._pending = set()
+            try:
+                await self._make_room(len(want))
+                new = [e for e in self._hot if e not in want] + sorted(want)
+                if len(new) > 2 * self.geo.capacity:
+                    raise ResumeError("more extents written at once than the log can hold")
+                self._log_seq += 1
+                rec = _log_record(self._log_seq, new)
+                await asyncio.to_thread(_pwrite_sync, self._fd, rec,
+                                        self.geo.log_offset(self._log_seq % 2))
+                self.records += 1
+                for e in want:
+                    self._hot.pop(e, None)
+                    self._hot[e] = None
+            except BaseException as e:  # handed to every waiting writer
+                self._error = e
+            finally:
+                done, self._committed = self._committed, asyncio.Event()
+                done.set()
+            if self._error is not None:
+                return
+
+    async def _make_room(self, incoming: int) -> None:
+        """Evict idle extents (after a checkpoint) until ``incoming`` more fit."""
+        excess = len(self._hot) + incoming - self.geo.capacity
+        if excess <= 0:
+            return
+        # evict an eighth of the list at once: one checkpoint serves many later misses
+        want = max(excess, self.geo.capacity // 8)
+        idle = [e for e in self._hot if not self._busy.get(e)]
+        # least recently used first, but extents with nothing left to copy before others:
+        # the checkpoint then records them clean, so a resume does not recopy them
+        victims = ([e for e in idle if self._is_clean(e)]
+                   + [e for e in idle if not self._is_clean(e)])[:want]
+        if not victims:
+            return  # every hot extent is being written: the record grows past capacity
+        # from here on a writer to a victim waits for a later record, so the checkpoint
+        # below covers every write the victims ever saw
+        for e in victims:
+            del self._hot[e]
+        self.evictions += 1
+        await self._on_evict()
+
+    # --- checkpoints ------------------------------------------------------------------------
+
+    async def write_checkpoint(self, bitmap: bytes, meta: dict[str, Any]) -> None:
+        async with self._ckpt_lock:
+            self._ckpt_seq += 1
+            rec = _ckpt_record(self._ckpt_seq, bitmap, meta)
+            await asyncio.to_thread(_pwrite_sync, self._fd, rec,
+                                    self.geo.ckpt_offset(self._ckpt_seq % 2))
+
+    async def close(self) -> None:
+        """Stop logging: waiting writers go on; the descriptor closes once no record or
+        checkpoint write uses it (a worker thread must never write a reused fd number)."""
+        if self.closed:
+            return
+        self.closed = True
+        self._committed.set()
+        committer = self._committer
+        if committer is not None and not committer.done():
+            await asyncio.wait([committer])
+        async with self._ckpt_lock:
+            os.close(self._fd)
+
+
+__all__ = ["DEFAULT_CAPACITY", "DEFAULT_EXTENT_SIZE", "ActivityLog", "Geometry", "Recovered",
+           "ResumeError", "create", "load"]

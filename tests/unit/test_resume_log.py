@@ -1,0 +1,118 @@
+"""The resume sidecar (issue 12): record format, torn writes, batching and eviction order."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from blockmirror.jobs.mirror import activity_log
+from blockmirror.jobs.mirror.activity_log import ActivityLog, Geometry, ResumeError
+
+GEO = Geometry(size=64 << 20, granularity=65536, extent_size=1 << 20, capacity=8)
+
+
+def _make(path: Path, bits: bytes | None = None) -> None:
+    bitmap = bits if bits is not None else bytes([0xFF]) * GEO.bitmap_bytes
+    activity_log.create(str(path), GEO, {"source": {}, "target": {}}, bitmap, {"closed": False})
+
+
+def test_fresh_sidecar_loads_with_its_checkpoint_and_no_hot_extents(tmp_path: Path) -> None:
+    p = tmp_path / "s"
+    _make(p)
+    rec = activity_log.load(str(p))
+    assert rec.geometry == GEO
+    assert rec.bitmap == bytes([0xFF]) * GEO.bitmap_bytes
+    assert rec.hot == set()
+
+
+def test_torn_records_fall_back_to_the_previous_slot(tmp_path: Path) -> None:
+    p = tmp_path / "s"
+    _make(p)
+
+    async def main() -> None:
+        async def no_ckpt() -> None:
+            pass
+
+        log = ActivityLog(str(p), GEO, log_seq=1, ckpt_seq=1, on_evict=no_ckpt)
+        await log.begin(0, 4096)
+        log.end(0, 4096)
+        await log.begin(5 << 20, 4096)  # second record: extents {0, 5}
+        log.end(5 << 20, 4096)
+        await log.write_checkpoint(bytes(GEO.bitmap_bytes), {"closed": False, "n": 2})
+        await log.write_checkpoint(bytes([1]) * GEO.bitmap_bytes, {"closed": False, "n": 3})
+        await log.close()
+
+    asyncio.run(main())
+    rec = activity_log.load(str(p))
+    assert rec.hot == {0, 5} and rec.meta["n"] == 3
+    # tear the newest log record and the newest checkpoint (a crash in mid-write)
+    with open(p, "r+b") as f:
+        f.seek(GEO.log_offset(rec.log_seq % 2) + 30)
+        f.write(b"\xde\xad")
+        f.seek(GEO.ckpt_offset(rec.ckpt_seq % 2) + 4096 + 7)
+        f.write(b"\xbe\xef")
+    rec2 = activity_log.load(str(p))
+    assert rec2.hot == {0} and rec2.log_seq == rec.log_seq - 1
+    assert rec2.meta["n"] == 2 and rec2.bitmap == bytes(GEO.bitmap_bytes)
+
+
+def test_not_a_sidecar_is_refused(tmp_path: Path) -> None:
+    p = tmp_path / "s"
+    p.write_bytes(b"hello" * 2000)
+    with pytest.raises(ResumeError, match="is not a blockmirror resume log"):
+        activity_log.load(str(p))
+
+
+def test_concurrent_writers_share_one_log_record(tmp_path: Path) -> None:
+    p = tmp_path / "s"
+    _make(p)
+
+    async def main() -> int:
+        async def no_ckpt() -> None:
+            pass
+
+        log = ActivityLog(str(p), GEO, log_seq=1, ckpt_seq=1, on_evict=no_ckpt)
+        # 8 writers to 8 different extents, all before the first record is written
+        await asyncio.gather(*(log.begin(e << 20, 65536) for e in range(8)))
+        assert set(log.hot) == set(range(8))
+        n = log.records
+        await log.close()
+        return n
+
+    # the first writer starts a record; the other seven wait and share the next one
+    assert asyncio.run(main()) <= 2
+    assert activity_log.load(str(p)).hot == set(range(8))
+
+
+def test_eviction_checkpoints_first_and_never_drops_a_busy_extent(tmp_path: Path) -> None:
+    p = tmp_path / "s"
+    _make(p)
+    order: list[str] = []
+
+    async def main() -> None:
+        log: ActivityLog
+
+        async def ckpt() -> None:
+            # the record without the victims must not be on disk yet
+            order.append(f"checkpoint, on disk {sorted(activity_log.load(str(p)).hot)}")
+
+        log = ActivityLog(str(p), GEO, log_seq=1, ckpt_seq=1, on_evict=ckpt)
+        await log.begin(0, 4096)  # extent 0 stays busy (a write in progress)
+        for e in range(1, 8):
+            await log.begin(e << 20, 4096)
+            log.end(e << 20, 4096)
+        await log.begin(20 << 20, 4096)  # the list is full: evict
+        log.end(20 << 20, 4096)
+        order.append(f"after, on disk {sorted(activity_log.load(str(p)).hot)}")
+        assert 0 in log.hot and 20 in log.hot
+        log.end(0, 4096)
+        await log.close()
+
+    asyncio.run(main())
+    assert order[0] == "checkpoint, on disk [0, 1, 2, 3, 4, 5, 6, 7]"
+    # the least recently used idle extent (1) went; the busy one (0) stayed
+    assert order[1] == "after, on disk [0, 2, 3, 4, 5, 6, 7, 20]"
+    assert os.path.getsize(p) == GEO.file_size
