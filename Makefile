@@ -59,7 +59,7 @@ demo: $(STAMP) tools
 	$(BIN)/blockmirror demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks fuzz examples
 
 typecheck: $(STAMP)
 	$(BIN)/mypy src

@@ -40,9 +40,12 @@ def test_qemu_writes_we_read_we_write_qemu_reads(ceph_cluster: Cluster, tmp_path
         from blockmirror.block.driver import BlockStatus, WriteFlags
         from blockmirror.block.graph import BlockGraph
         from blockmirror.block.options import close_all, open_blockdev
+        from blockmirror.objects import ObjectRegistry
+        from blockmirror.objects.secret import Secret
 
-        graph = BlockGraph(objects={
-            "key0": ("secret", {"data": cluster.user_key, "format": "base64"})})
+        objects = ObjectRegistry()
+        objects.add(Secret("key0", objects, data=cluster.user_key, format="base64"))
+        graph = BlockGraph(objects=objects)
         try:
             # the rbd-profile user, its key from a secret object (cf. key-secret)
             node = await open_blockdev(graph, cluster.blockdev(

@@ -23,6 +23,9 @@ from blockmirror.block.drivers.rbd import (
 from blockmirror.block.graph import BlockGraph
 from blockmirror.block.optsyntax import child_keys, parse_filename
 from blockmirror.errors import BlockMirrorError
+from blockmirror.objects import ObjectRegistry
+from blockmirror.objects.authz import AuthzSimple
+from blockmirror.objects.secret import Secret
 
 
 def test_pool_image() -> None:
@@ -98,12 +101,12 @@ def test_location_from_blockdev_options_and_filename() -> None:
 def test_secrets(tmp_path: Path) -> None:
     key = base64.b64encode(b"sixteen byte key").decode()
     (tmp_path / "k").write_text(key + "\n")
-    graph = BlockGraph(objects={
-        "b64": ("secret", {"data": key, "format": "base64"}),
-        "raw": ("secret", {"data": "plain"}),
-        "file": ("secret", {"file": str(tmp_path / "k"), "format": "base64"}),
-        "tls": ("tls-creds-x509", {"dir": "/x"}),
-    })
+    objects = ObjectRegistry()
+    objects.add(Secret("b64", objects, data=key, format="base64"))
+    objects.add(Secret("raw", objects, data="plain"))
+    objects.add(Secret("file", objects, file=str(tmp_path / "k"), format="base64"))
+    objects.add(AuthzSimple("tls", "CN=x"))  # any object that is not a secret
+    graph = BlockGraph(objects=objects)
     assert _lookup_secret(graph, "b64") == b"sixteen byte key"
     assert _lookup_secret(graph, "file") == b"sixteen byte key"
     assert _lookup_secret(graph, "raw") == b"plain"
