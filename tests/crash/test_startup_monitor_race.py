@@ -101,10 +101,5 @@ def test_qsd_does_not_answer_during_startup(tmp_path: Path) -> None:
     assert _early_answer("qsd", tmp_path) is None
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (cli/daemon.py startup): the QMP monitor is "
-                   "served while --blockdev options are still opening, so queries see "
-                   "half-open nodes (here an nbd node with size 0 and no filename; in the "
-                   "crash matrix a qcow2 node raised \"internal error: 'Qcow2Driver' object "
-                   "has no attribute 'h'\"). QSD answers only once the command line is done")
 def test_ours_does_not_answer_during_startup(tmp_path: Path) -> None:
     assert _early_answer("ours", tmp_path) is None

@@ -40,7 +40,8 @@ class TlsCreds(UserObject):
             if required:
                 raise BlockMirrorError("Missing 'dir' property value")
             return None
-        path = os.path.join(self.dir, name)
+        # a C string in QEMU: a NUL ends the directory name
+        path = os.path.join(self.dir.split("\0", 1)[0], name)
         if os.access(path, os.R_OK):
             return path
         if required:
