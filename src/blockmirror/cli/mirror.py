@@ -78,7 +78,7 @@ write-blocking switch a mirror that will not converge within
 
 Resuming: with --sync full the copy state is kept crash-safe in a resume log
 (--resume-log, default TARGET.blockmirror-resume, or SOURCE.blockmirror-resume
-for an NBD target; none by default for json: names). Running the same command
+for an NBD or rbd: target; none by default for json: names). Running the same command
 again after a crash, a kill or a lost target resumes (the target is reused,
 only what may differ is recopied); --restart starts afresh. Resuming is
 refused if the source or target changed behind the mirror's back (see
@@ -452,11 +452,20 @@ def resume_log_path(opts: argparse.Namespace) -> str | None:
         return None
     if opts.resume_log:
         return str(opts.resume_log)
-    # next to the target file, or the source file for an NBD target; never for json: names
-    image = opts.source if is_nbd_uri(opts.target) else opts.target
-    if is_nbd_uri(image) or image.startswith("json:"):
+    # next to the target file, or the source file for a target that is not a local file
+    # (NBD, rbd:, ...); never next to json: names or protocol filenames
+    image = opts.source if _not_a_local_file(opts.target) else opts.target
+    if _not_a_local_file(image):
         return None
     return f"{image}.blockmirror-resume"
+
+
+def _not_a_local_file(name: str) -> bool:
+    """An NBD URI, a json: name or a protocol filename (rbd:pool/image, ...)."""
+    if is_nbd_uri(name) or name.startswith("json:"):
+        return True
+    prefix, sep, _rest = name.partition(":")
+    return bool(sep) and "/" not in prefix and prefix.isidentifier()
 
 
 def resume_arguments(opts: argparse.Namespace) -> tuple[dict[str, Any], bool]:
