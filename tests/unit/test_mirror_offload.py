@@ -174,14 +174,24 @@ def test_concurrent_writes_during_batched_copies(tmp_path: Path, batches: list[i
                                                                buf_size=MiB))
         rng = random.Random(9)
         writes = 0
-        # writes race the copy ops (before READY) and follow it (after READY)
-        while not job.is_ready or writes < 60:
+
+        async def write() -> None:
             off = rng.randrange(0, size - 200_000)
             n = rng.randrange(1, 200_000)
             if rng.random() < 0.2:
                 await src.write_zeroes(off, n)
             else:
                 await src.write(off, bytes([rng.randrange(1, 255)]) * n)
+
+        # writes race the copy ops (before READY) and follow it (after READY); a writer
+        # that never pauses would outrun a background mirror for ever, as in QEMU
+        while not job.is_ready and writes < 300:
+            await write()
+            writes += 1
+            await asyncio.sleep(0)
+        await _until(lambda: job.is_ready)
+        for _ in range(60):
+            await write()
             writes += 1
             await asyncio.sleep(0)
         assert batches
