@@ -221,17 +221,14 @@ async def _drive(sock: str, mode: str, pid: int) -> tuple[float, int]:
     await qmp.connect(sock)
     try:
         t0 = time.monotonic()
-        ready = asyncio.ensure_future(_wait_event(qmp, "BLOCK_JOB_READY"))
+        # one consumer of the event queue: two would steal each other's events
+        first = asyncio.ensure_future(_wait_event(qmp, "BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED"))
         args: dict[str, Any] = {"job-id": "m", "device": "src", "target": "tgt", "sync": "full"}
         if mode != "background":
             args["copy-mode"] = mode
         await qmp.execute("blockdev-mirror", args)
-        failed = asyncio.ensure_future(_wait_event(qmp, "BLOCK_JOB_COMPLETED"))
-        finished, _ = await asyncio.wait({ready, failed}, timeout=3600,
-                                         return_when=asyncio.FIRST_COMPLETED)
-        if ready not in finished:
-            raise SystemExit(f"no READY from {sock}: the job ended or hung")
-        failed.cancel()
+        if await asyncio.wait_for(first, 3600) != "BLOCK_JOB_READY":
+            raise SystemExit(f"no READY from {sock}: the job ended first")
         ready_s = time.monotonic() - t0
         done = asyncio.ensure_future(_wait_event(qmp, "BLOCK_JOB_COMPLETED"))
         await qmp.execute("block-job-cancel", {"device": "m"})
@@ -245,10 +242,11 @@ async def _drive(sock: str, mode: str, pid: int) -> tuple[float, int]:
     return ready_s, hwm
 
 
-async def _wait_event(qmp: Any, name: str) -> None:
+async def _wait_event(qmp: Any, *names: str) -> str:
     async for ev in qmp.events:
-        if ev["event"] == name:
-            return
+        if ev["event"] in names:
+            return str(ev["event"])
+    raise EOFError("the daemon went away")
 
 
 def _median(rs: list[Result]) -> Result:
