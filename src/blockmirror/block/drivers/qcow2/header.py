@@ -223,8 +223,8 @@ def parse_header(buf: bytes, filename: str, file_length: int) -> Header:
         if end > len(buf):
             raise _fail(filename, "Backing file name exceeds the end of the file")
         # a C string in QEMU: the name ends at a NUL
-        name = buf[header.backing_file_offset : end].split(b"\0", 1)[0]
-        header.backing_file = name.decode("utf-8", "replace")
+        raw = buf[header.backing_file_offset : end].split(b"\0", 1)[0]
+        header.backing_file = raw.decode("utf-8", "replace")
     return header
 
 
