@@ -1,7 +1,6 @@
 """Regression tests for what the fuzzers found (see fuzz/known.py and fuzz/README.md).
 
-Bugs in files this helper does not own are strict xfails naming the bug: they fail loudly
-(XPASS) once fixed, so the marker must then go.
+Each found input that broke us is pinned here as a plain test of QEMU 7.2's behaviour.
 """
 
 from __future__ import annotations
