@@ -199,16 +199,14 @@ class DaemonProcess:
                 self.kill()
                 raise TimeoutError(f"{argv[0]} did not create {sock_path}")
             time.sleep(0.005)
-        # the path exists from bind() on; wait for listen() too, so callers can connect at once
-        while True:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-                try:
-                    probe.connect(sock_path)
-                    break
-                except ConnectionRefusedError:
-                    if time.monotonic() > deadline:
-                        self.kill()
-                        raise
+        # the path exists from bind() on; wait for listen() too, so callers can connect at
+        # once. Not by connecting: a probe client is a real monitor session to the daemon,
+        # and qemu-storage-daemon tearing it down under load reset the next client (seen as
+        # ConnectionResetError in test_qmp_quit); the kernel's socket table says it instead.
+        while not _listening(sock_path):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise TimeoutError(f"{argv[0]} did not listen on {sock_path}")
             time.sleep(0.005)
 
     @property
@@ -237,6 +235,21 @@ class DaemonProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.kill()
+
+
+def _listening(path: str) -> bool:
+    """Whether a unix socket bound at ``path`` listens (/proc/net/unix: the ACCEPTCON flag)."""
+    real = os.path.realpath(path)
+    try:
+        with open("/proc/net/unix") as f:
+            rows = f.read().splitlines()[1:]
+    except OSError:
+        return os.path.exists(path)
+    for row in rows:
+        cols = row.split(None, 7)
+        if len(cols) >= 8 and cols[7] in (path, real) and int(cols[3], 16) & 0x10000:
+            return True
+    return False
 
 
 class SyncQMP:
