@@ -40,7 +40,8 @@ class CopyBeforeWriteDriver(BlockDriver):
         return child.length() if child is not None else 0
 
     def info(self) -> DriverInfo:
-        return self._child().info()
+        # a filter: the child's cluster size, nothing format-specific (as QEMU reports it)
+        return DriverInfo(cluster_size=self._child().info().cluster_size)
 
     def has_zero_init(self) -> bool:
         return self._child().driver.has_zero_init()
