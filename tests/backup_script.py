@@ -4,8 +4,8 @@ A step is one of:
 
 * ``("qmp", name, args)``: a command; the events that arrived before its reply are kept;
 * ``("job", name, args, job_ids[, status])``: a command that starts or ends jobs: the events
-  until every job named reaches ``status`` (default ``null``) are kept with the reply, so the
-  outcome does not depend on when events cross the reply;
+  after its reply until every job named reaches ``status`` (default ``null``) are kept too,
+  so the outcome does not depend on how fast the job runs;
 * ``("nbd", export, [qemu-io commands])``: guest I/O through the daemon's NBD server.
 
 Each step's outcome is a JSON string (with the temporary directory replaced by ``T`` and
@@ -39,16 +39,20 @@ def nbd_io(sock: Path, export: str, *commands: str) -> str:
 
 
 def _wait_jobs(conn: SyncQMP, job_ids: list[str], until: str,
-               events: list[dict[str, Any]]) -> None:
+               before: list[dict[str, Any]], later: list[dict[str, Any]]) -> None:
+    """Read events into ``later`` until the latest status of every job named (counting the
+    events ``before`` the reply too) is ``until`` or ``null``."""
     while True:
-        reached = {e["data"]["id"] for e in events
-                   if e["event"] == "JOB_STATUS_CHANGE" and e["data"]["status"] in (until, "null")}
-        if reached >= set(job_ids):
+        last: dict[str, str] = {}
+        for e in (*before, *later):
+            if e["event"] == "JOB_STATUS_CHANGE":
+                last[e["data"]["id"]] = e["data"]["status"]
+        if all(last.get(j) in (until, "null") for j in job_ids):
             return
         msg = json.loads(conn.read_message())
         if "event" in msg:
             msg.pop("timestamp", None)
-            events.append(msg)
+            later.append(msg)
 
 
 def run(kind: str, tmp: Path, nodes: list[str], steps: list[Step]) -> list[str]:
@@ -69,7 +73,10 @@ def run(kind: str, tmp: Path, nodes: list[str], steps: list[Step]) -> list[str]:
             name, args = step[1], step[2]
             events, reply = command(conn, name, args)
             if step[0] == "job" and "error" not in reply:
-                _wait_jobs(conn, list(step[3]), step[4] if len(step) > 4 else "null", events)
+                later: list[dict[str, Any]] = []
+                _wait_jobs(conn, list(step[3]), step[4] if len(step) > 4 else "null", events,
+                           later)
+                events = [*events, {"reply": "here"}, *later]
             if name == "query-named-block-nodes" and "return" in reply:
                 # the graph and the bitmaps (file sizes differ: our qcow2 lays clusters out
                 # differently; qemu-img compares the images themselves)

@@ -264,3 +264,69 @@ def test_internal_snapshots_restore_with_qemu_img(tmp_path: Path) -> None:
     assert check.startswith("rc=0 No errors"), check
     assert _qemu_io(src, "qcow2", "read -P 0x11 0 1M", "read -P 0x22 1M 1M") == "rc=0 "
     _ = nbd_io  # (the helper also serves the differential script)
+
+
+def _error_nodes(d: Path) -> list[str]:
+    d.mkdir()
+    src = d / "src.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(src), "4M"], check=True)
+    _qemu_io(src, "qcow2", "write -P 0x42 0 4M")
+    nodes = ["--blockdev", f"driver=file,node-name=src-f,filename={src}",
+             "--blockdev", "driver=qcow2,node-name=src,file=src-f"]
+    raw = d / "src.raw"
+    raw.write_bytes(b"\x24" * (4 * M))
+    nodes += ["--blockdev", "driver=raw,node-name=rsrc,file.driver=blkdebug,"
+              "file.node-name=rsrc-dbg,file.inject-error.0.event=read_aio,"
+              "file.inject-error.0.once=on,file.inject-error.0.iotype=read,"
+              f"file.image.driver=file,file.image.filename={raw}"]
+    for name, errno_, once in (("report", 5, False), ("stop", 5, True), ("ignore", 5, True),
+                               ("enospc", 28, True)):
+        path = d / f"bad_{name}.raw"
+        path.write_bytes(bytes(4 * M))
+        rule = (f"file.inject-error.0.event=write_aio,file.inject-error.0.errno={errno_}"
+                + (",file.inject-error.0.once=on" if once else ""))
+        nodes += ["--blockdev", f"driver=raw,node-name=bad_{name},file.driver=blkdebug,"
+                  f"file.node-name=dbg_{name},{rule},file.image.driver=file,"
+                  f"file.image.filename={path}"]
+    plain = d / "plain.raw"
+    plain.write_bytes(bytes(4 * M))
+    nodes += ["--blockdev", f"driver=raw,node-name=plain,file.driver=file,"
+              f"file.filename={plain}"]
+    return nodes
+
+
+def _error_steps() -> list[tuple[Any, ...]]:
+    def bb(job: str, target: str, **extra: Any) -> dict[str, Any]:
+        return {"device": "src", "target": target, "sync": "full", "job-id": job, **extra}
+
+    return [
+        ("job", "blockdev-backup", bb("r", "bad_report"), ["r"]),
+        ("job", "blockdev-backup", bb("i", "bad_ignore", **{"on-target-error": "ignore"}),
+         ["i"]),
+        ("job", "blockdev-backup", bb("s", "bad_stop", **{"on-target-error": "stop"}), ["s"],
+         "paused"),
+        ("qmp", "query-jobs", {}),
+        ("job", "block-job-resume", {"device": "s"}, ["s"]),
+        ("job", "blockdev-backup", bb("n", "bad_enospc", **{"on-target-error": "enospc"}),
+         ["n"], "paused"),
+        ("job", "block-job-cancel", {"device": "n"}, ["n"]),
+        ("job", "blockdev-backup", {"device": "rsrc", "target": "plain", "sync": "full",
+                                    "job-id": "rs", "on-source-error": "ignore"}, ["rs"]),
+    ]
+
+
+def test_backup_error_policies_match_qsd(tmp_path: Path) -> None:
+    """on-source-error / on-target-error: BLOCK_JOB_ERROR, pauses, io-status, outcomes."""
+    require_tool("qemu-storage-daemon", "qemu-img", "qemu-io")
+    results = {}
+    for kind in ("qsd", "ours"):
+        d = tmp_path / kind
+        results[kind] = run(kind, d, _error_nodes(d), _error_steps())
+    problem = compare(results["qsd"], results["ours"])
+    assert not problem, problem
+    # what the ignore and stop policies retried reached the targets in full
+    for name in ("ignore", "stop"):
+        r = subprocess.run(["qemu-io", "-f", "raw", "-c", "read -P 0x42 0 4M",
+                            str(tmp_path / "ours" / f"bad_{name}.raw")], capture_output=True,
+                           text=True)
+        assert "Pattern verification failed" not in r.stdout, name

@@ -22,12 +22,15 @@ from blockmirror.block.driver import BlockStatus
 from blockmirror.block.node import BlockNode
 from blockmirror.errors import BlockIOError
 from blockmirror.jobs.backup.cbw import CopyBeforeWrite
-from blockmirror.jobs.backup.copy_state import DEFAULT_MAX_CHUNK, BlockCopyState
+from blockmirror.jobs.backup.copy_state import DEFAULT_MAX_CHUNK, BlockCopyState, Claim
 from blockmirror.jobs.backup.sync_bitmap import SyncBitmap
 from blockmirror.jobs.backup.wiring import BackupWiring
 from blockmirror.jobs.blockjob import BlockJob
 from blockmirror.jobs.manager import JobManager
 from blockmirror.jobs.status import JobStatus, JobVerb
+
+#: how long block-job-cancel waits for a backup to end before replying anyway
+CANCEL_WAIT_S = 10.0
 
 
 @dataclass
@@ -40,8 +43,9 @@ class BackupParams:
     auto_dismiss: bool = True
     compress: bool = False
     filter_node_name: str | None = None
-    #: x-perf max-chunk (0: no limit beyond our own run size)
+    #: x-perf max-chunk (0: no limit beyond our own run size) and max-workers
     max_chunk: int = 0
+    max_workers: int = 64
     #: the sync bitmap, frozen (None without ``bitmap``)
     bitmap: SyncBitmap | None = None
     #: drive-backup: the target is the job's to close when nobody else uses it
@@ -132,7 +136,9 @@ class BackupJob(BlockJob):
         return True
 
     async def _loop(self) -> None:
-        """cf. backup_loop: copy what is left, with the error policies."""
+        """cf. backup_loop over block_copy_dirty_clusters: up to ``workers`` runs copy at
+        once (one at a time under a speed limit); after a failure the others finish, then
+        the error policy decides (a new pass takes what is still dirty)."""
         st = self.copy
         while True:
             if self.is_cancelled or self.ret < 0:
@@ -140,20 +146,29 @@ class BackupJob(BlockJob):
             await self.pause_point()
             if self.is_cancelled:
                 return
-            claim = st.claim_next(self.chunk)
-            if claim is None:
+            workers = 1 if self.speed else self.params.max_workers
+            claims: list[Claim] = []
+            while len(claims) < workers:
+                claim = st.claim_next(self.chunk)
+                if claim is None:
+                    break
+                claims.append(claim)
+            if not claims:
                 if st.busy:  # guest writes are still copying their clusters
                     await st.wait_changed()
                     continue
                 break
-            nbytes = (claim.end - claim.first) * st.cluster_size
-            try:
-                await st.copy(claim)
-            except CopyError as e:
-                policy = (self.params.on_source_error if e.is_read
+            nbytes = sum((c.end - c.first) * st.cluster_size for c in claims)
+            results = await asyncio.gather(*(st.copy(c) for c in claims),
+                                           return_exceptions=True)
+            failure = next((r for r in results if isinstance(r, BaseException)), None)
+            if failure is not None:
+                if not isinstance(failure, CopyError):
+                    raise failure
+                policy = (self.params.on_source_error if failure.is_read
                           else self.params.on_target_error)
-                if self.error_action(policy, e.is_read, e.errno) == "report":
-                    self._record_error(-e.errno)
+                if self.error_action(policy, failure.is_read, failure.errno) == "report":
+                    self._record_error(-failure.errno)
                     return
                 continue
             self.ratelimit_processed(nbytes)
@@ -182,6 +197,40 @@ class BackupJob(BlockJob):
         self.wiring.detach()
         if self.params.owns_target:
             await self.wiring.close_target_if_unused()
+
+    # --- resuming: a job leaves PAUSED within the command that resumes it -------------------
+
+    def _transition(self, new: JobStatus) -> None:
+        if new == self.status == JobStatus.RUNNING:
+            return  # the pause point's own transition, made early by _resume_now()
+        super()._transition(new)
+
+    def _resume_now(self) -> None:
+        """cf. job_resume -> job_enter, which runs the job up to its next yield at once:
+        the ``running`` event comes before the command's reply, as QEMU's does."""
+        if self.paused and self.pause_count == 0 and self.status == JobStatus.PAUSED:
+            self._transition(JobStatus.RUNNING)
+
+    def resume(self) -> None:
+        super().resume()
+        self._resume_now()
+
+    def pause(self) -> None:
+        super().pause()
+        if self.paused and self.status == JobStatus.RUNNING:
+            # resumed early but still at its pause point: it stays there
+            self._transition(JobStatus.PAUSED)
+
+    async def user_cancel(self, force: bool) -> None:
+        """A backup's cancel is always forced and ends within the command: QEMU's events
+        (aborting, BLOCK_JOB_CANCELLED, concluded, null) come before the reply (bounded, in
+        case the job's I/O hangs)."""
+        await super().user_cancel(force)
+        if self.started and not self.is_completed:
+            waiter = asyncio.ensure_future(self.wait_finished())
+            _done, pending = await asyncio.wait({waiter}, timeout=CANCEL_WAIT_S)
+            for w in pending:
+                w.cancel()
 
     def _emit_final_event(self) -> None:
         # cf. job_finalize_single: events only for jobs that started

@@ -152,7 +152,7 @@ def _do_backup_common(ctx: CommandContext, data: dict[str, Any], bs: BlockNode,
         auto_finalize=bool(data.get("auto-finalize", True)),
         auto_dismiss=bool(data.get("auto-dismiss", True)),
         compress=compress, filter_node_name=data.get("filter-node-name"),
-        max_chunk=max_chunk, bitmap=sync_bitmap, owns_target=owns_target,
+        max_chunk=max_chunk, max_workers=max_workers, bitmap=sync_bitmap, owns_target=owns_target,
     )
     job = create_backup(ctx.daemon.jobs, data.get("job-id"), bs, target, params)
     if txn is not None:
