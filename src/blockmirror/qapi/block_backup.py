@@ -37,8 +37,9 @@ _BACKUP_DOC = (
     "a `backup` job: point in time (guest writes copy the old data to the target first, "
     "through a `copy-before-write` filter named by `filter-node-name`); `sync` `full`, `top`, "
     "`none`, `bitmap`, `incremental` with `bitmap`/`bitmap-mode` (QEMU's checks and bitmap "
-    "hand-over); `compress` needs a qcow2 target; `x-perf` `max-chunk`/`max-workers` are "
-    "checked (`use-copy-range` is accepted and ignored)")
+    "hand-over); `compress` is refused for non-qcow2 targets as QEMU does, but the data is "
+    "written uncompressed; `x-perf` `max-chunk`/`max-workers` are used (`use-copy-range` "
+    "is accepted and ignored)")
 command("blockdev-backup", "BlockdevBackup", doc=_BACKUP_DOC)
 command("drive-backup", "DriveBackup",
         doc="creates the target (prints `Formatting ...`) in the source's format unless "
