@@ -192,6 +192,27 @@ def _steps(d: Path) -> list[tuple[Any, ...]]:
         ("qmp", "blockdev-snapshot-internal-sync", {"device": "src", "name": "s5"}),
         ("qmp", "blockdev-snapshot-delete-internal-sync", {"device": "src", "name": "s4"}),
         ("qmp", "block-export-del", {"id": "e0"}),
+        # x-blockdev-amend: an amend job kept until dismissed
+        ("qmp", "x-blockdev-amend", {"job-id": "am", "node-name": "src",
+                                     "options": {"driver": "qcow2"}}),
+        ("qmp", "query-jobs", {}),
+        ("qmp", "job-dismiss", {"id": "am"}),
+        ("qmp", "x-blockdev-amend", {"job-id": "am", "node-name": "src", "force": True,
+                                     "options": {"driver": "qcow2", "encrypt": {
+                                         "format": "luks", "state": "active",
+                                         "new-secret": "s"}}}),
+        ("qmp", "query-jobs", {}),
+        ("qmp", "job-dismiss", {"id": "am"}),
+        ("qmp", "x-blockdev-amend", {"job-id": "am", "node-name": "t_raw",
+                                     "options": {"driver": "raw"}}),
+        ("qmp", "x-blockdev-amend", {"job-id": "am", "node-name": "t_raw",
+                                     "options": {"driver": "qcow2"}}),
+        ("qmp", "x-blockdev-amend", {"job-id": "am", "node-name": "src",
+                                     "options": {"driver": "luks"}}),
+        ("qmp", "x-blockdev-amend", {"job-id": "am", "node-name": "nope",
+                                     "options": {"driver": "qcow2"}}),
+        ("qmp", "x-blockdev-amend", {"job-id": "9", "node-name": "src",
+                                     "options": {"driver": "qcow2"}}),
     ]
 
 

@@ -3,15 +3,15 @@
 ``blockdev-backup`` / ``drive-backup`` (handlers: ``qmp/commands/backup.py``, the job:
 ``jobs/backup/``) and ``blockdev-snapshot-internal-sync`` /
 ``blockdev-snapshot-delete-internal-sync`` (``qmp/commands/snapshot_internal.py``, the qcow2
-side: ``block/drivers/qcow2/snapshot_write.py``), with QEMU 7.2's members. Their transaction
-actions have branches in ``qapi/transaction.py``.
+side: ``block/drivers/qcow2/snapshot_write.py``), and ``x-blockdev-amend``, with QEMU 7.2's
+members. Their transaction actions have branches in ``qapi/transaction.py``.
 """
 
 from __future__ import annotations
 
 from enum import StrEnum
 
-from blockmirror.qapi.schema import command, qapi_enum, struct
+from blockmirror.qapi.schema import command, enum, qapi_enum, struct, union
 
 
 @qapi_enum
@@ -57,5 +57,26 @@ command("blockdev-snapshot-internal-sync", "BlockdevSnapshotInternal",
 command("blockdev-snapshot-delete-internal-sync", {"device": "str", "*id": "str", "*name": "str"},
         returns="SnapshotInfo",
         doc="by `id`, `name` or both; the clusters only the snapshot used are freed")
+
+# --- x-blockdev-amend (qmp/commands/amend.py; the job: jobs/amend.py) ------------------------
+
+enum("QCryptoBlockFormat", ["qcow", "luks"])
+enum("QCryptoBlockLUKSKeyslotState", ["active", "inactive"])
+struct("QCryptoBlockAmendOptionsLUKS", {
+    "state": "QCryptoBlockLUKSKeyslotState", "*new-secret": "str", "*old-secret": "str",
+    "*keyslot": "int", "*iter-time": "int", "*secret": "str",
+})
+union("QCryptoBlockAmendOptions", {"format": "QCryptoBlockFormat"}, "format",
+      {"luks": "QCryptoBlockAmendOptionsLUKS"})
+struct("BlockdevAmendOptionsLUKS", {}, base="QCryptoBlockAmendOptionsLUKS")
+struct("BlockdevAmendOptionsQcow2", {"*encrypt": "QCryptoBlockAmendOptions"})
+union("BlockdevAmendOptions", {"driver": "BlockdevDriver"}, "driver", {
+    "luks": "BlockdevAmendOptionsLUKS", "qcow2": "BlockdevAmendOptionsQcow2",
+})
+command("x-blockdev-amend", {"job-id": "str", "node-name": "str",
+                             "options": "BlockdevAmendOptions", "*force": "bool"},
+        doc="an `amend` job (kept until dismissed, as QEMU's); qcow2 only, whose 7.2 "
+            "options are only `encrypt`, refused as QEMU refuses it on an unencrypted image "
+            "(`image is not encrypted, can't amend`; blockmirror opens no encrypted image)")
 
 __all__ = ["BitmapSyncMode"]
