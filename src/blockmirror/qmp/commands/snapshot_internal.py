@@ -22,7 +22,7 @@ from blockmirror.block.drivers.qcow2.snapshot_write import (
     list_snapshots,
 )
 from blockmirror.block.node import BlockNode
-from blockmirror.block.write_hold import WriteHold
+from blockmirror.block.write_hold import hold_writes
 from blockmirror.errors import BlockIOError, BlockMirrorError
 from blockmirror.qmp.commands.mirror import get_root_node
 from blockmirror.qmp.commands.transaction import (
@@ -46,7 +46,7 @@ async def _prepare_internal(ctx: CommandContext, data: dict[str, Any],
     """cf. internal_snapshot_prepare: the snapshot is taken here; abort deletes it."""
     device, name = str(data["device"]), str(data["name"])
     bs = get_root_node(ctx.daemon.graph, device)
-    hold = WriteHold(bs)
+    hold = hold_writes(bs)
     await hold.__aenter__()
     try:
         _check_blocked(bs, "internal-snapshot", device)
@@ -109,7 +109,7 @@ async def blockdev_snapshot_delete_internal_sync(ctx: CommandContext,
     drv = bs.driver
     if not isinstance(drv, Qcow2Driver):
         raise BlockMirrorError("Failed to get a snapshot list: Operation not supported")
-    async with WriteHold(bs):
+    async with hold_writes(bs):
         entries = await list_snapshots(drv)
         index = find(entries, snap_id, name)
         if index is None:
