@@ -152,6 +152,17 @@ def _steps(d: Path) -> list[tuple[Any, ...]]:
             {"type": "block-dirty-bitmap-add", "data": {"node": "src", "name": "b9"}},
             {"type": "blockdev-backup", "data": _bb("a1", "t_full2", "full")}],
             "properties": {"completion-mode": "grouped"}}),
+        # the completion mode is checked as each action prepares; abort accepts any
+        ("qmp", "transaction", {"actions": [
+            {"type": "blockdev-backup", "data": _bb("a2", "t_full2", "full")},
+            {"type": "block-dirty-bitmap-add", "data": {"node": "src", "name": "b9"}}],
+            "properties": {"completion-mode": "grouped"}}),
+        ("qmp", "transaction", {"actions": [{"type": "abort", "data": {}}],
+                                "properties": {"completion-mode": "grouped"}}),
+        ("qmp", "transaction", {"actions": [
+            {"type": "blockdev-snapshot-internal-sync", "data": {"device": "src",
+                                                                 "name": "g"}}],
+            "properties": {"completion-mode": "grouped"}}),
         # drive-backup: creates its target
         ("job", "drive-backup", {"device": "src", "target": str(d / "d_full.qcow2"),
                                  "sync": "full", "job-id": "d1"}, ["d1"]),

@@ -163,3 +163,62 @@ def test_drive_backup_sync_none_overlays_the_source_and_quit_ends_the_job(
             assert ov_node.name not in td.daemon.graph.nodes  # drive-backup's target closed
 
     asyncio.run(main())
+
+
+def test_a_grouped_transaction_aborted_before_its_jobs_start(tmp_path: Path) -> None:
+    """(qemu-storage-daemon 7.2 hangs on this one; ours rolls everything back.)"""
+    async def main() -> None:
+        async with qmp_daemon(tmp_path) as td:
+            qmp = await td.client()
+            for name in ("src", "t1", "t2"):
+                await _qcow2(qmp, tmp_path, name)
+            from qemu.qmp import ExecuteError
+            with pytest.raises(ExecuteError, match="Transaction aborted using Abort action"):
+                await qmp.execute("transaction", {"actions": [
+                    {"type": "blockdev-backup", "data": {"job-id": "a", "device": "src",
+                                                         "target": "t1", "sync": "full"}},
+                    {"type": "blockdev-backup", "data": {"job-id": "b", "device": "src",
+                                                         "target": "t2", "sync": "full"}},
+                    {"type": "abort", "data": {}}],
+                    "properties": {"completion-mode": "grouped"}})
+            assert td.daemon.jobs.jobs == {}
+            assert not td.daemon.graph.find_node("src").interceptors
+            assert [n for n in td.daemon.graph.nodes if n.startswith("#")] == []
+            assert not td.daemon.graph.find_node("t1").blockers
+            changes = [(d["id"], d["status"]) for _n, d in _history(td, "JOB_STATUS_CHANGE")]
+            for j in "ab":
+                assert [s for i, s in changes if i == j] == [
+                    "created", "aborting", "concluded", "null"]
+            assert not _history(td, "BLOCK_JOB_CANCELLED", "BLOCK_JOB_COMPLETED")
+            # a later group works (nothing of the failed one is left behind)
+            await qmp.execute("transaction", {"actions": [
+                {"type": "blockdev-backup", "data": {"job-id": "c", "device": "src",
+                                                     "target": "t1", "sync": "full"}}],
+                "properties": {"completion-mode": "grouped"}})
+            await _done(td, qmp, "c")
+
+    asyncio.run(main())
+
+
+def test_cancelling_a_waiting_member_cancels_its_group(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with qmp_daemon(tmp_path) as td:
+            qmp = await td.client()
+            for name in ("src", "t1", "t2"):
+                await _qcow2(qmp, tmp_path, name)
+            await qmp.execute("transaction", {"actions": [
+                {"type": "blockdev-backup", "data": {"job-id": "a", "device": "src",
+                                                     "target": "t1", "sync": "none"}},
+                {"type": "blockdev-backup", "data": {"job-id": "b", "device": "src",
+                                                     "target": "t2", "sync": "full"}},
+            ], "properties": {"completion-mode": "grouped"}})
+            while td.daemon.jobs.get_job("b").status.value != "waiting":
+                await td.next_event(qmp, "JOB_STATUS_CHANGE")
+            await qmp.execute("job-cancel", {"id": "b"})
+            while td.daemon.jobs.jobs:
+                await td.next_event(qmp, "JOB_STATUS_CHANGE")
+            final = _history(td, "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")
+            assert sorted((n, d["device"]) for n, d in final) == [
+                ("BLOCK_JOB_CANCELLED", "a"), ("BLOCK_JOB_CANCELLED", "b")]
+
+    asyncio.run(main())

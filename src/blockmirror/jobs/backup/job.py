@@ -249,6 +249,8 @@ class BackupJob(BlockJob):
         if txn is None:
             await super()._completed()
             return
+        if self.status.value in ("concluded", "null"):
+            return  # the group finished it already
         if self.ret == 0 and self.is_cancelled:
             self._record_error(-errno.ECANCELED)
         if self.ret != 0:
@@ -258,6 +260,22 @@ class BackupJob(BlockJob):
             return
         self._transition(JobStatus.WAITING)
         await txn.job_succeeded()
+
+    async def cancel(self, force: bool) -> None:
+        """A grouped job that already finished its run takes its group down with it (cf.
+        job_cancel_locked -> job_completed_txn_abort)."""
+        txn = self.txn
+        if (txn is not None and not txn.aborting and self.started
+                and self.status.value in ("waiting", "pending")):
+            self.cancelled = self.force_cancel = True
+            self._awaiting_finalize = False
+            self._record_error(-errno.ECANCELED)
+            self._transition(JobStatus.ABORTING)
+            await txn.abort(self)
+            return
+        if self.status.value == "null":
+            return
+        await super().cancel(force)
 
     async def finalize(self) -> None:
         txn = self.txn

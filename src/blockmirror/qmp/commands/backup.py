@@ -172,13 +172,21 @@ def _group(props: TransactionProperties) -> BackupTxn | None:
     return _GROUPS.setdefault(id(props), BackupTxn())
 
 
+def _forget_empty_group(props: TransactionProperties) -> None:
+    """A prepare failed: a group with no job yet has no clean step to drop it."""
+    txn = _GROUPS.get(id(props))
+    if txn is not None and not txn.jobs:
+        del _GROUPS[id(props)]
+
+
 def _action(bs: BlockNode, job: BackupJob, props: TransactionProperties) -> Action:
     async def commit() -> None:
         job.start()
         await job.wait_quiet()  # at its first pause point (the drain holds it)
 
     async def abort() -> None:
-        await job.cancel(True)
+        if not job.is_completed:  # a grouped job may have gone with another one
+            await job.cancel(True)
 
     async def clean() -> None:
         _GROUPS.pop(id(props), None)
@@ -197,6 +205,7 @@ async def _prepare_blockdev_backup(ctx: CommandContext, data: dict[str, Any],
     try:
         job = _do_backup_common(ctx, data, bs, target, _group(props))
     except BaseException:
+        _forget_empty_group(props)
         await _drained_end(bs)
         raise
     _drain_adopt(bs, job)
@@ -213,6 +222,7 @@ async def _prepare_drive_backup(ctx: CommandContext, data: dict[str, Any],
     try:
         job = await _drive_backup(ctx, data, bs, props)
     except BaseException:
+        _forget_empty_group(props)
         await _drained_end(bs)
         raise
     _drain_adopt(bs, job)
