@@ -50,6 +50,7 @@ def _setup(d: Path) -> list[str]:
     for t in TARGETS[:-1]:
         create(f"{t}.qcow2")
     create("t_top.qcow2", "-b", str(d / "base.qcow2"), "-F", "qcow2")
+    create("d_exist.qcow2", "-b", str(d / "base.qcow2"), "-F", "qcow2")
     create("small.qcow2", size="4M")
     (d / "t_raw.raw").write_bytes(bytes(8 * M))
     nodes = [
@@ -170,6 +171,9 @@ def _steps(d: Path) -> list[tuple[Any, ...]]:
                                  "sync": "top", "job-id": "d2", "format": "qcow2"}, ["d2"]),
         ("job", "drive-backup", {"device": "src", "target": str(d / "d_full.qcow2"),
                                  "sync": "full", "job-id": "d3", "mode": "existing"}, ["d3"]),
+        ("job", "drive-backup", {"device": "src", "target": str(d / "d_exist.qcow2"),
+                                 "sync": "full", "job-id": "d4", "mode": "existing",
+                                 "format": "qcow2"}, ["d4"]),
         ("qmp", "query-named-block-nodes", {"flat": True}),
         # internal snapshots
         ("qmp", "blockdev-snapshot-internal-sync", {"device": "src", "name": "s1"}),
@@ -239,7 +243,7 @@ def test_backup_and_snapshot_script_matches_qsd(tmp_path: Path) -> None:
     q, o = dirs["qsd"], dirs["ours"]
     # every image the jobs and snapshots wrote: same contents, clean, same snapshots
     for name in ("t_full", "t_bm", "t_top", "t_none", "t_none2", "t_full2", "d_full",
-                 "d_top", "src"):
+                 "d_top", "d_exist", "src"):
         path = f"{name}.qcow2"
         assert img("compare", str(q / path), str(o / path)).startswith(
             "rc=0 Images are identical."), name

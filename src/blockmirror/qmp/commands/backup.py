@@ -261,8 +261,9 @@ async def _drive_backup(ctx: CommandContext, data: dict[str, Any], bs: BlockNode
                              printer=daemon.print_stdout)
         else:
             await img_create(filename, fmt, size, printer=daemon.print_stdout)
-    target = await open_image(graph, filename, fmt, read_only=False,
-                              backing=sync not in ("none",) and source is not None,
+    # the target's backing chain is opened from its header, but with sync=none, where the
+    # source itself becomes its backing (cf. BDRV_O_NO_BACKING and bdrv_set_backing_hd)
+    target = await open_image(graph, filename, fmt, read_only=False, backing=sync != "none",
                               options={"discard": "unmap", "detect-zeroes": "unmap"})
     try:
         if sync == "none":
