@@ -283,6 +283,35 @@ def _copy_buffer() -> memoryview:
     return memoryview(buf)
 
 
+#: sync_file_range(2)'s flag: start writing dirty pages back, do not wait
+_SYNC_FILE_RANGE_WRITE = 2
+_libc_sync_file_range: Any = None
+
+
+def _write_behind(fd: int, start: int, end: int) -> None:
+    """Start the write-back of what a batch just wrote, without waiting for it.
+
+    A mirror's target flush before READY (and before the pivot) otherwise waits for all of
+    the copy's dirty pages at once: measured 0.2-0.4 s per GiB copied, most of the tail
+    between "all copied" and READY. Started batch by batch, the write-back overlaps the copy.
+    Advisory: any failure is left to the flush that must follow.
+    """
+    global _libc_sync_file_range
+    if end <= start:
+        return
+    if _libc_sync_file_range is None:
+        try:
+            import ctypes
+
+            fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+            fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+            _libc_sync_file_range = fn
+        except (OSError, AttributeError):
+            _libc_sync_file_range = False
+    if _libc_sync_file_range:
+        _libc_sync_file_range(fd, start, end - start, _SYNC_FILE_RANGE_WRITE)
+
+
 class BatchError(OSError):
     """A batched copy failed; ``is_read`` says which side (and ``index`` which extent)."""
 
@@ -323,6 +352,8 @@ def copy_batch_sync(src_fd: int, dst_fd: int, plan: list[tuple[int, int, int]]) 
             total += length
     finally:
         view.release()
+    if plan:
+        _write_behind(dst_fd, min(d for _s, d, _n in plan), max(d + n for _s, d, n in plan))
     return total
 
 
@@ -344,6 +375,8 @@ def write_batch_sync(fd: int, pieces: list[tuple[int, bytes | memoryview]], dire
             _pwrite_all(fd, offset, data, direct)
         except OSError as e:
             raise BatchError(e, False, index) from e
+    if pieces and not direct:
+        _write_behind(fd, min(o for o, _d in pieces), max(o + len(d) for o, d in pieces))
 
 
 # --- the async API --------------------------------------------------------------------------
