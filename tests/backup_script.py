@@ -42,6 +42,11 @@ def nbd_io(sock: Path, export: str, *commands: str) -> str:
     return f"rc={r.returncode} " + " | ".join(lines)
 
 
+def _masked(info: dict[str, Any]) -> dict[str, Any]:
+    """A SnapshotInfo without its time stamps (they differ by nature)."""
+    return {k: ("N" if k.startswith(("date", "vm-clock")) else v) for k, v in info.items()}
+
+
 def _wait_jobs(conn: SyncQMP, job_ids: list[str], until: str,
                before: list[dict[str, Any]], later: list[dict[str, Any]]) -> None:
     """Read events into ``later`` until the latest status of every job named (counting the
@@ -89,11 +94,11 @@ def run(kind: str, tmp: Path, nodes: list[str], steps: list[Step]) -> list[str]:
                 # the graph and the bitmaps (file sizes differ: our qcow2 lays clusters out
                 # differently; qemu-img compares the images themselves)
                 reply = {"return": [[n["node-name"], n["drv"], n["ro"], n.get("backing_file"),
-                                     n.get("dirty-bitmaps")] for n in reply["return"]]}
+                                     n.get("dirty-bitmaps"),
+                                     [_masked(i) for i in n["image"].get("snapshots", [])]]
+                                    for n in reply["return"]]}
             if name == "blockdev-snapshot-delete-internal-sync" and "return" in reply:
-                # the snapshot's time stamps differ by nature
-                reply = {"return": {k: ("N" if k.startswith(("date", "vm-clock")) else v)
-                                    for k, v in reply["return"].items()}}
+                reply = {"return": _masked(reply["return"])}
             out.append(json.dumps({"cmd": name, "args": args, "events": events,
                                    "reply": reply}, sort_keys=True))
         events, reply = command(conn, "quit")

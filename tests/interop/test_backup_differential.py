@@ -206,6 +206,7 @@ def _steps(d: Path) -> list[tuple[Any, ...]]:
         ("nbd", "src", ["write -P 0xaa 64k 64k"]),
         ("qmp", "blockdev-snapshot-internal-sync", {"device": "src", "name": "s5"}),
         ("qmp", "blockdev-snapshot-delete-internal-sync", {"device": "src", "name": "s4"}),
+        ("qmp", "query-named-block-nodes", {"flat": True}),
         ("qmp", "block-export-del", {"id": "e0"}),
         # x-blockdev-amend: an amend job kept until dismissed
         ("qmp", "x-blockdev-amend", {"job-id": "am", "node-name": "src",

@@ -158,6 +158,12 @@ async def image_info(node: BlockNode, *, backing_image: bool = True) -> dict[str
                 out["full-backing-filename"] = os.path.join(directory, name)
         if info.backing_format:
             out["backing-filename-format"] = info.backing_format
+    snapshots = getattr(node.driver, "snapshot_infos", None)
+    if snapshots is not None:
+        # cf. bdrv_query_snapshot_info_list: only when the image has some
+        listed = await snapshots()
+        if listed:
+            out["snapshots"] = listed
     spec = _format_specific(node.format_name, info.format_specific)
     if spec is not None:
         out["format-specific"] = spec

@@ -175,8 +175,8 @@ struct("ImageInfo", {
     "filename": "str", "format": "str", "*dirty-flag": "bool", "*actual-size": "int",
     "virtual-size": "int", "*cluster-size": "int", "*encrypted": "bool",
     "*compressed": "bool", "*backing-filename": "str", "*full-backing-filename": "str",
-    "*backing-filename-format": "str", "*format-specific": "any",
-    "*backing-image": "ImageInfo",
+    "*backing-filename-format": "str", "*snapshots": ["SnapshotInfo"],
+    "*format-specific": "any", "*backing-image": "ImageInfo",
 })
 struct("BlockDeviceInfo", {
     "file": "str", "*node-name": "str", "ro": "bool", "drv": "str", "*backing_file": "str",

@@ -69,6 +69,7 @@ from blockmirror.block.drivers.qcow2.layout import (
     ceil_div,
 )
 from blockmirror.block.drivers.qcow2.refcount_allocator import RefcountAllocator
+from blockmirror.block.drivers.qcow2.snapshot_write import list_snapshots
 from blockmirror.block.drivers.qcow2.snapshots import SnapshotTable, read_snapshot_table
 from blockmirror.block.query import allocated_size
 from blockmirror.errors import BlockIOError, BlockMirrorError, ImageFormatError
@@ -476,6 +477,12 @@ class Qcow2Driver(BlockDriver):
     async def remove_persistent_bitmap(self, name: str) -> None:
         async with self.lock:
             await self.bitmap_store.remove(name)
+
+    # --- internal snapshots (written by snapshot_write.py) ------------------------------------
+
+    async def snapshot_infos(self) -> list[dict[str, Any]]:
+        """QEMU's SnapshotInfo of every internal snapshot, for ImageInfo's ``snapshots``."""
+        return [entry.info() for entry in await list_snapshots(self)]
 
     # --- block status -----------------------------------------------------------------------
 
