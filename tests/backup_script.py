@@ -122,11 +122,12 @@ def snapshot_list(path: Path) -> list[tuple[str, ...]]:
     """``qemu-img snapshot -l`` rows as (id, tag, vm size, icount): the date and clock
     columns differ by nature."""
     r = subprocess.run(["qemu-img", "snapshot", "-l", str(path)], capture_output=True,
-                       text=True, check=True)
+                       text=True, errors="replace", check=True)
     rows = []
     for line in r.stdout.splitlines()[2:]:
+        # id, tag, size and unit, date, time (run into the clock when it is wide), icount
         parts = line.split()
-        rows.append((parts[0], parts[1], " ".join(parts[2:4]), line[79:].strip()))
+        rows.append((parts[0], parts[1], " ".join(parts[2:4]), " ".join(parts[6:])))
     return rows
 
 

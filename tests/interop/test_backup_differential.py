@@ -52,6 +52,7 @@ def _setup(d: Path) -> list[str]:
     create("t_top.qcow2", "-b", str(d / "base.qcow2"), "-F", "qcow2")
     create("d_exist.qcow2", "-b", str(d / "base.qcow2"), "-F", "qcow2")
     create("small.qcow2", size="4M")
+    create("ro.qcow2")
     (d / "t_raw.raw").write_bytes(bytes(8 * M))
     nodes = [
         "--blockdev", f"driver=file,node-name=base-f,filename={d / 'base.qcow2'}",
@@ -62,6 +63,8 @@ def _setup(d: Path) -> list[str]:
         "--blockdev", "driver=qcow2,node-name=t_top,file=t_top-f,backing=base",
         "--blockdev", f"driver=file,node-name=t_raw-f,filename={d / 't_raw.raw'}",
         "--blockdev", "driver=raw,node-name=t_raw,file=t_raw-f",
+        "--blockdev", f"driver=file,node-name=ro-f,filename={d / 'ro.qcow2'},read-only=on",
+        "--blockdev", "driver=qcow2,node-name=ro,file=ro-f,read-only=on",
         "--blockdev", f"driver=file,node-name=small-f,filename={d / 'small.qcow2'}",
         "--blockdev", "driver=qcow2,node-name=small,file=small-f",
     ]
@@ -186,6 +189,12 @@ def _steps(d: Path) -> list[tuple[Any, ...]]:
         ("qmp", "blockdev-snapshot-internal-sync", {"device": "src-f", "name": "x"}),
         ("qmp", "blockdev-snapshot-internal-sync", {"device": "base", "name": "x"}),
         ("qmp", "blockdev-snapshot-internal-sync", {"device": "nope", "name": "x"}),
+        ("qmp", "blockdev-snapshot-internal-sync", {"device": "ro", "name": "x"}),
+        ("qmp", "blockdev-snapshot-internal-sync", {"device": "t_full2", "name": "L" * 300}),
+        ("qmp", "blockdev-snapshot-internal-sync", {"device": "t_full2", "name": "L" * 300}),
+        ("qmp", "blockdev-snapshot-internal-sync", {"device": "t_full2", "name": "L" * 255}),
+        ("qmp", "blockdev-snapshot-internal-sync", {"device": "t_full2", "name": "é" * 200}),
+        ("qmp", "blockdev-snapshot-delete-internal-sync", {"device": "ro", "name": "x"}),
         ("qmp", "transaction", {"actions": [
             {"type": "blockdev-snapshot-internal-sync", "data": {"device": "src",
                                                                  "name": "s3"}},
@@ -244,7 +253,7 @@ def test_backup_and_snapshot_script_matches_qsd(tmp_path: Path) -> None:
     q, o = dirs["qsd"], dirs["ours"]
     # every image the jobs and snapshots wrote: same contents, clean, same snapshots
     for name in ("t_full", "t_bm", "t_top", "t_none", "t_none2", "t_full2", "d_full",
-                 "d_top", "d_exist", "src"):
+                 "d_top", "d_exist", "src", "ro"):
         path = f"{name}.qcow2"
         assert img("compare", str(q / path), str(o / path)).startswith(
             "rc=0 Images are identical."), name

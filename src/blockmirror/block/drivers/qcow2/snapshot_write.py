@@ -74,7 +74,7 @@ class SnapshotEntry:
         return None if value == NO_ICOUNT else value
 
     def encode(self) -> bytes:
-        ident, name = self.id_str.encode(), self.name.encode()
+        ident, name = self.id_str.encode(), self.name.encode("utf-8", "surrogateescape")
         out = _ENTRY.pack(self.l1_table_offset, self.l1_size, len(ident), len(name),
                           self.date_sec, self.date_nsec, self.vm_clock_nsec,
                           self.vm_state_size, len(self.extra)) + self.extra + ident + name
@@ -82,8 +82,10 @@ class SnapshotEntry:
 
     def info(self) -> dict[str, int | str]:
         """QEMU's SnapshotInfo."""
+        # a name cut inside a character shows the replacement character, as in QEMU's JSON
+        name = self.name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         out: dict[str, int | str] = {
-            "id": self.id_str, "name": self.name, "vm-state-size": self.vm_state_size,
+            "id": self.id_str, "name": name, "vm-state-size": self.vm_state_size,
             "date-sec": self.date_sec, "date-nsec": self.date_nsec,
             "vm-clock-sec": self.vm_clock_nsec // 1_000_000_000,
             "vm-clock-nsec": self.vm_clock_nsec % 1_000_000_000,
@@ -111,7 +113,7 @@ def parse_entries(raw: bytes, count: int) -> list[SnapshotEntry]:
         pos += extra_size
         ident = raw[pos:pos + id_size].decode("utf-8", "replace")
         pos += id_size
-        name = raw[pos:pos + name_size].decode("utf-8", "replace")
+        name = raw[pos:pos + name_size].decode("utf-8", "surrogateescape")
         pos = (end + 7) & ~7
         entries.append(SnapshotEntry(l1_off, l1_size, ident, name, sec, nsec, clock, vm_size,
                                      bytes(extra)))
@@ -120,6 +122,15 @@ def parse_entries(raw: bytes, count: int) -> list[SnapshotEntry]:
 
 def encode_table(entries: list[SnapshotEntry]) -> bytes:
     return b"".join(e.encode() for e in entries)
+
+
+#: cf. QEMUSnapshotInfo.name (char[256]): a longer name is cut to 255 bytes when stored
+MAX_NAME_BYTES = 255
+
+
+def stored_name(name: str) -> str:
+    """The name as QEMU stores it (pstrcpy into 256 bytes), possibly cut inside a character."""
+    return name.encode()[:MAX_NAME_BYTES].decode("utf-8", "surrogateescape")
 
 
 def new_id(entries: list[SnapshotEntry]) -> str:
@@ -298,7 +309,8 @@ async def create_snapshot(drv: Qcow2Driver, name: str, date_sec: int, date_nsec:
         await _update_copied(drv)
         await drv._flush_locked()
         entry = SnapshotEntry(
-            l1_offset, len(l1), new_id(entries), name, date_sec, date_nsec, vm_clock_nsec, 0,
+            l1_offset, len(l1), new_id(entries), stored_name(name), date_sec, date_nsec,
+            vm_clock_nsec, 0,
             _EXTRA.pack(0, drv.header.size, NO_ICOUNT))
         await _write_table(drv, [*entries, entry])
         await drv._flush_locked()
@@ -336,5 +348,5 @@ async def list_snapshots(drv: Qcow2Driver) -> list[SnapshotEntry]:
         return await read_entries(drv)
 
 
-__all__ = ["SnapshotEntry", "create_snapshot", "delete_snapshot", "encode_table", "find",
-           "list_snapshots", "new_id", "parse_entries"]
+__all__ = ["MAX_NAME_BYTES", "SnapshotEntry", "create_snapshot", "delete_snapshot",
+           "encode_table", "find", "list_snapshots", "new_id", "parse_entries", "stored_name"]
