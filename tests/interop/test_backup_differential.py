@@ -278,6 +278,8 @@ def test_internal_snapshots_restore_with_qemu_img(tmp_path: Path) -> None:
     require_tool("qemu-img", "qemu-io")
     d = tmp_path / "ours"
     nodes = _setup(d)
+    # a snapshot QEMU wrote: ours must keep it, and can delete it
+    subprocess.run(["qemu-img", "snapshot", "-c", "q", str(d / "src.qcow2")], check=True)
     steps: list[tuple[Any, ...]] = [
         ("qmp", "block-export-add", {"type": "nbd", "id": "e0", "node-name": "src",
                                      "name": "src", "writable": True}),
@@ -300,8 +302,10 @@ def test_internal_snapshots_restore_with_qemu_img(tmp_path: Path) -> None:
                     "read -P 0x33 5M 512k") == "rc=0 "
     assert img("check", str(src)).startswith("rc=0 No errors")
     # our delete of every snapshot, then QEMU's check: no leaks, no errors
+    assert [r[:2] for r in snapshot_list(src)] == [("1", "q"), ("2", "a"), ("3", "b")]
     out = run("ours", d, nodes, [
         ("qmp", "blockdev-snapshot-delete-internal-sync", {"device": "src", "name": "a"}),
+        ("qmp", "blockdev-snapshot-delete-internal-sync", {"device": "src", "id": "1"}),
         ("qmp", "blockdev-snapshot-delete-internal-sync", {"device": "src", "name": "b"}),
     ])
     assert all('"return"' in line for line in out), out
