@@ -10,8 +10,9 @@ from typing import Any
 from blockmirror.qmp.testing import qmp_daemon
 
 MiB = 1 << 20
+#: QEMU 7.2's members, then QEMU 8.2's mirror member, in QDict wire order
 QEMU_MEMBERS = ["auto-finalize", "io-status", "device", "auto-dismiss", "busy", "len", "offset",
-                "status", "paused", "speed", "ready", "type"]
+                "status", "paused", "speed", "ready", "type", "actively-synced"]
 
 
 async def _nodes(raw: Any, *names: str) -> None:
