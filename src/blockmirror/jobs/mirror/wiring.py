@@ -219,8 +219,9 @@ class MirrorWiring:
 
     async def _drop_unused(self, pivoted: bool) -> None:
         """Close what nobody references any more: a drive-mirror target left behind, or a
-        source whose every parent moved to the target."""
-        candidates = [self.source] if pivoted else []
+        source (or the ``replaces`` node, e.g. a format node below a throttle filter) whose
+        every parent moved to the target."""
+        candidates = [self.to_replace or self.source] if pivoted else []
         if self.params.owns_target:
             # drive-mirror's reference goes with the job (cf. bdrv_unref(target_bs)): a
             # target no parent adopted is closed, pivot or not
