@@ -336,7 +336,8 @@ command("block-job-change", {"id": "str", "type": "JobType", "*copy-mode": "Mirr
         doc="(QEMU 8.2) `type: mirror`, `copy-mode`: only `background` -> `write-blocking`; "
             "extension: `x-converge*` as for blockdev-mirror")
 command("query-block-jobs", {"*x-progress": "bool"}, returns=["BlockJobInfo"],
-        doc="QEMU 7.2's members (`offset`/`len`); extension `x-progress: true` adds a mirror's "
+        doc="QEMU 7.2's members (`offset`/`len`), and QEMU 8.2's `actively-synced` for mirror "
+            "jobs; extension `x-progress: true` adds a mirror's "
             "monotonic byte counters after them (`x-copied`, `x-zero-skipped`, `x-redirtied`, "
             "`x-verified`, `x-resumed`, `x-active-written`), shown anyway for mirrors started "
             "with `x-resume-log` or `x-verify` (docs/resume.md)")
