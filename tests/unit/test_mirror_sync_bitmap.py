@@ -258,3 +258,32 @@ def test_actively_synced_after_block_job_change(tmp_path: Path) -> None:
             assert (tmp_path / "t.raw").read_bytes()[:MiB] == b"\x11" * MiB
 
     asyncio.run(main())
+
+
+def test_drive_mirror_incremental_to_existing(tmp_path: Path) -> None:
+    """Proxmox VE's older path (qemu_drive_mirror): drive-mirror, mode existing, a format,
+    sync incremental with the bitmap; the target file is not re-created."""
+
+    async def main() -> None:
+        async with qmp_daemon(tmp_path) as td:
+            raw = await td.raw(negotiate=True)
+            await _raw_node(raw, tmp_path / "s.raw", "s", b"\x11" * MiB)
+            src = td.daemon.graph.find_node("s")
+            assert src is not None
+            await _ok(raw, "block-dirty-bitmap-add", {"node": "s", "name": "repl"})
+            await src.write(3 * MiB, b"\x22" * 4096)
+            tgt = tmp_path / "t.raw"
+            _make_file(tgt, b"\x11" * MiB)  # the replica
+            await _ok(raw, "drive-mirror", {"job-id": "drive-scsi0", "device": "s",
+                                            "target": str(tgt), "format": "raw",
+                                            "mode": "existing", "sync": "incremental",
+                                            BM: "repl", "auto-dismiss": False})
+            info = await _wait_status(raw, "drive-scsi0", ("ready",))
+            assert info["len"] == 65536, info
+            await _ok(raw, "block-job-complete", {"device": "drive-scsi0"})
+            await _wait_status(raw, "drive-scsi0", ("concluded",))
+            await _ok(raw, "job-dismiss", {"id": "drive-scsi0"})
+            assert (await _bitmap(raw, "s", "repl"))["count"] == 0
+            assert tgt.read_bytes() == (tmp_path / "s.raw").read_bytes()
+
+    asyncio.run(main())
