@@ -19,11 +19,10 @@ Errors come back as ``CopyError``, which says whether the read or the write side
 
 from __future__ import annotations
 
-import asyncio
 import errno
-from collections.abc import Coroutine, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from blockmirror.block import io, threadio
 from blockmirror.block.driver import WriteFlags
@@ -271,42 +270,37 @@ async def zero_extents(
         finally:
             _leave(hf.nodes, True)
 
-    async def one(offset: int, length: int) -> None:
-        await dst.write_zeroes(offset, length, may_unmap=may_unmap)
-
-    await _gather(one(o, n) for o, n in extents)
+    await io.write_zeroes_many(dst, list(extents), may_unmap=may_unmap)
 
 
 async def map_data(
     node: BlockNode, ranges: Sequence[tuple[int, int]], granularity: int = 1
 ) -> list[list[tuple[bool, int]]] | None:
-    """Data and hole runs of each range, for a node that maps linearly onto a file.
+    """Data and hole runs of each range, in one pass for all of them.
 
-    The same answer as ``block_status`` gives run by run (a raw image has no backing, so its
-    file's holes read as zeroes), in one worker call for all the ranges; with a
-    ``granularity``, units holding both data and holes count as data (see
-    ``threadio.seek_walk_sync``). None: ``node`` is not such a node; ask ``block_status``.
+    The same answer as ``block_status`` gives run by run: for a node that maps linearly onto
+    a file (a raw image has no backing, so its file's holes read as zeroes), one worker call
+    that seeks; with a ``granularity``, units holding both data and holes count as data (see
+    ``threadio.seek_walk_sync``). Otherwise the driver's ``data_runs`` (a qcow2 image without
+    backing walks its L2 tables once). None: neither applies; ask ``block_status``.
     """
     hf = host_file(node, for_write=False)
-    if hf is None:
-        return None
     for offset, length in ranges:
         check_request(node, offset, length)
+    if hf is None:
+        if node.fault_rules:
+            return None  # block-status rules must see each request
+        _enter((node,))
+        try:
+            return await node.driver.data_runs(list(ranges))
+        finally:
+            _leave((node,), False)
     _enter(hf.nodes)
     try:
         return await threadio.run(threadio.seek_walk_sync, hf.fd,
                                   [(hf.base + o, n) for o, n in ranges], granularity)
     finally:
         _leave(hf.nodes, False)
-
-
-async def _gather(coros: Iterable[Coroutine[Any, Any, None]]) -> None:
-    """Run every coroutine; all of them finish before the first error is raised."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    results = await asyncio.gather(*tasks, return_exceptions=True)
-    for r in results:
-        if isinstance(r, BaseException):
-            raise r
 
 
 __all__ = ["CopyError", "HostFile", "copy_extents", "host_file", "map_data", "read_host",

@@ -160,6 +160,17 @@ class BlockDriver(ABC):
         """Write many ranges at once; False: not supported (nothing was written)."""
         return False
 
+    async def zero_extents(self, extents: list[tuple[int, int]], flags: WriteFlags) -> bool:
+        """``pwrite_zeroes`` of many ranges in one pass; False: not supported for these
+        ranges (the caller zeroes them one by one; any already zeroed stay so)."""
+        return False
+
+    async def data_runs(self, ranges: list[tuple[int, int]]) -> list[list[tuple[bool, int]]] | None:
+        """The data and zero runs of each range, for a node whose ranges read as zeroes
+        wherever it holds no data (no backing), in one pass: what ``block_status`` would
+        answer run by run, as ``(is_data, length)``. None: ask ``block_status``."""
+        return None
+
     @abstractmethod
     async def preadv(self, offset: int, length: int) -> bytes:
         """Read exactly ``length`` bytes at ``offset`` (inside the node)."""

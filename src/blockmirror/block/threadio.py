@@ -44,11 +44,34 @@ _executor: ThreadPoolExecutor | None = None
 _executor_lock = threading.Lock()
 
 
+#: glibc's mallopt parameter and the size from which buffers get their own mapping
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD = 256 * 1024
+
+
+def _tune_malloc() -> None:
+    """Give request-sized buffers back to the system when they are freed.
+
+    glibc raises its mmap threshold each time a mapped block is freed, so after the first
+    megabyte-sized buffers every later one comes from the heap, whose freed middle is kept:
+    a mirror's peak RSS grew by 8 to 20 MiB that way (measured). A fixed threshold keeps
+    big buffers mapped and returned on free; small ones stay on the heap.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+    except (OSError, AttributeError):  # not glibc: its allocator decides
+        pass
+
+
 def executor() -> ThreadPoolExecutor:
     """The process-wide I/O pool (created on first use; threads are cheap to share)."""
     global _executor
     with _executor_lock:
         if _executor is None:
+            _tune_malloc()
             _executor = ThreadPoolExecutor(_MAX_WORKERS, thread_name_prefix="blockmirror-io")
         return _executor
 
