@@ -287,3 +287,36 @@ def test_drive_mirror_incremental_to_existing(tmp_path: Path) -> None:
             assert tgt.read_bytes() == (tmp_path / "s.raw").read_bytes()
 
     asyncio.run(main())
+
+
+def test_mode_never_leaves_the_bitmap_alone(tmp_path: Path) -> None:
+    """A disabled bitmap keeps its exact bits through a mirror with mode never (its digest is
+    unchanged though the guest wrote meanwhile); an enabled one goes on recording."""
+
+    async def main() -> None:
+        async with qmp_daemon(tmp_path) as td:
+            raw = await td.raw(negotiate=True)
+            await _raw_node(raw, tmp_path / "s.raw", "s")
+            src = td.daemon.graph.find_node("s")
+            assert src is not None
+            for name in ("off", "on"):
+                await _ok(raw, "block-dirty-bitmap-add", {"node": "s", "name": name})
+            await src.write(MiB, b"\x01" * 4096)
+            await _ok(raw, "block-dirty-bitmap-disable", {"node": "s", "name": "off"})
+            digest = await _ok(raw, "x-debug-block-dirty-bitmap-sha256",
+                               {"node": "s", "name": "off"})
+            for name in ("off", "on"):
+                await _raw_node(raw, tmp_path / f"t-{name}.raw", f"t-{name}")
+                await _ok(raw, "blockdev-mirror", {"job-id": name, "device": "s",
+                                                   "target": f"t-{name}", "sync": "bitmap",
+                                                   BM: name, MODE: "never"})
+                await _wait_status(raw, name, ("ready",))
+                await src.write(3 * MiB, b"\x02" * 4096)  # copied: the job is in sync
+                await _ok(raw, "block-job-complete", {"device": name})
+                await _wait_status(raw, name, ("absent",))
+            assert await _ok(raw, "x-debug-block-dirty-bitmap-sha256",
+                             {"node": "s", "name": "off"}) == digest
+            assert (await _bitmap(raw, "s", "off"))["count"] == 65536
+            assert (await _bitmap(raw, "s", "on"))["count"] == 2 * 65536
+
+    asyncio.run(main())
