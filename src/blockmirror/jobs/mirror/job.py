@@ -182,6 +182,9 @@ class MirrorJob(BlockJob):
             self.pause()
 
     def _release_drain(self, redirect: BlockNode | None = None) -> None:
+        if self.wiring.exited:
+            # still drained: the sync bitmap's end state first (cf. mirror_exit_common)
+            self._finish_sync_bitmap()
         self.gate.redirect = redirect
         if self._holding_pause:
             self._holding_pause = False
@@ -249,13 +252,20 @@ class MirrorJob(BlockJob):
             self.group.member_failed(self)
         await self.wiring.exit(pivot=False, release=self._release_drain)
 
-    async def clean(self) -> None:
-        """cf. mirror_exit_common's bitmap-mode step and mirror_clean: after the pivot (or
-        its failure), the sync bitmap gets what is still dirty, then is no longer busy."""
+    def _finish_sync_bitmap(self) -> None:
+        """cf. mirror_exit_common's bitmap-mode step: after the pivot (or its failure), while
+        guest writes are still held, the sync bitmap gets what is still dirty."""
         sb = self.sync_bitmap
         if sb is not None:
             sb.finish([self.dirty.bitmap, self.dirty.in_flight],
-                      success=self.ret == 0 and not self.is_cancelled)
+                      success=(self.ret == 0 and not self.is_cancelled
+                               and not self.wiring.exit_failed))
+
+    async def clean(self) -> None:
+        """cf. mirror_clean: the sync bitmap is no longer busy."""
+        sb = self.sync_bitmap
+        if sb is not None:
+            self._finish_sync_bitmap()  # nothing left to do if the exit did it
             sb.release()
 
     # --- extensions (x-converge, switch-over groups) -----------------------------------------

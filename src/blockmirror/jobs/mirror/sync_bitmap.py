@@ -10,8 +10,9 @@ when the job ends its ``bitmap-mode`` decides what the named bitmap holds:
   cancelled mirror resumes from it later);
 * ``on-success``: the same, but only if the job succeeded (then: nothing left to copy).
 
-The job calls ``seed`` when it is created, ``hold`` once it is wired into the graph, and
-``finish`` then ``release`` in its clean-up (cf. mirror_exit_common and mirror_clean).
+The job calls ``seed`` when it is created, ``hold`` once it is wired into the graph,
+``finish`` when it leaves the graph, before held guest writes go on (cf. mirror_exit_common,
+which does it drained), and ``release`` in its clean-up (cf. mirror_clean).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class SyncBitmap:
         self.named = named
         self.mode = mode
         self._held = False
+        self._finished = False
 
     def seed(self, job_bitmap: DirtyBitmap) -> None:
         """The job's dirty bitmap starts with the named bitmap's bits (same granularity)."""
@@ -39,7 +41,11 @@ class SyncBitmap:
             self.named.users += 1
 
     def finish(self, remaining: list[DirtyBitmap], success: bool) -> None:
-        """Apply the bitmap mode; ``remaining`` is what the job had not (surely) copied."""
+        """Apply the bitmap mode, once; ``remaining`` is what the job had not (surely)
+        copied."""
+        if self._finished:
+            return
+        self._finished = True
         if self.mode == "always" or (self.mode == "on-success" and success):
             bits = self.named.bitmap
             bits.clear_all()

@@ -55,6 +55,8 @@ class MirrorWiring:
         #: the node block-job-complete named in ``replaces``
         self.to_replace: BlockNode | None = None
         self.exited = False
+        #: the backing fix-up or the pivot failed (known when ``exit`` calls ``release``)
+        self.exit_failed = False
 
     # --- setup --------------------------------------------------------------------------------
 
@@ -186,6 +188,7 @@ class MirrorWiring:
             self._blocked.clear()
             if self.to_replace is not None:
                 self.to_replace.unblock("all", _REPLACE_REASON)
+            self.exit_failed = failure is not None
             release(redirect)
         await self._drop_unused(pivoted)
         if failure is not None:
