@@ -170,14 +170,20 @@ async def copy_extents(
         await _copy_host_to_host(src_hf, dst_hf, extents)
     elif src_hf is not None:
         await _copy_host_to_node(src_hf, dst, extents)
-    else:
+    elif not await _copy_via_data_files(src, dst, extents):
         await _copy_generic(src, dst, extents)
 
 
 async def _copy_host_to_host(
     src: HostFile, dst: HostFile, extents: Sequence[tuple[int, int]]
 ) -> None:
-    plan = [(src.base + o, dst.base + o, n) for o, n in extents]
+    await _copy_host_to_host_plan(src, dst, [(src.base + o, dst.base + o, n) for o, n in extents])
+
+
+async def _copy_host_to_host_plan(
+    src: HostFile, dst: HostFile, plan: list[tuple[int, int, int]]
+) -> None:
+    """``copy_batch_sync`` of ``(src_offset, dst_offset, length)`` in the files themselves."""
     _enter(src.nodes)
     _enter(dst.nodes)
     try:
@@ -188,6 +194,78 @@ async def _copy_host_to_host(
         _leave(src.nodes, False)
         # bytes may have reached the target even on failure: the next flush must run
         _leave(dst.nodes, True)
+
+
+async def _copy_via_data_files(
+    src: BlockNode, dst: BlockNode, extents: Sequence[tuple[int, int]]
+) -> bool:
+    """Copy between formats that keep data at host offsets of a plain file (qcow2 to qcow2)
+    in one worker call: the source says where each extent lies in its file, the target
+    allocates clusters for them, and ``copy_batch_sync`` moves the bytes file to file
+    through one reused buffer; the target maps the clusters once they are written.
+
+    False, with nothing copied: the pair cannot (an extent is not plain data clusters on the
+    source or whole clusters on the target, something on the target must see each write,
+    a file is not a plain host file).
+    """
+    if (src.fault_rules or dst.fault_rules or dst.interceptors or dst.dirty_trackers
+            or dst.detect_zeroes != "off" or dst.corrupt):
+        return False
+    src_file, dst_file = src.driver.data_file_node(), dst.driver.data_file_node()
+    if src_file is None or dst_file is None:
+        return False
+    src_hf = host_file(src_file, for_write=False)
+    dst_hf = host_file(dst_file, for_write=True)
+    if src_hf is None or dst_hf is None or any(n.read_only or n.corrupt for n in dst_hf.nodes):
+        return False
+    if src_hf.align > 1 or dst_hf.align > 1:
+        return False  # O_DIRECT: the generic path knows how to align
+    wanted = list(extents)
+    try:
+        pinned = await src.driver.host_segments(wanted)
+    except BlockIOError as e:
+        raise CopyError(e.errno, True, str(e)) from e
+    if pinned is None:
+        return False
+    runs, token = pinned
+    # guest offset -> source host offset, in guest order
+    source: list[tuple[int, int, int]] = []
+    for (offset, _length), host_runs in zip(wanted, runs, strict=True):
+        pos = offset
+        for host, n in host_runs:
+            source.append((pos, host, n))
+            pos += n
+
+    async def fill(plan: list[tuple[int, int, int]]) -> None:
+        moves: list[tuple[int, int, int]] = []
+        i = 0
+        for guest, dst_host, length in plan:
+            while length > 0:
+                while source[i][0] + source[i][2] <= guest:
+                    i += 1
+                g, h, n = source[i]
+                take = min(length, g + n - guest)
+                moves.append((src_hf.base + h + (guest - g), dst_hf.base + dst_host, take))
+                guest += take
+                dst_host += take
+                length -= take
+        await _copy_host_to_host_plan(src_hf, dst_hf, moves)
+
+    _enter((src, dst))
+    try:
+        done = await dst.driver.write_via(wanted, fill)
+    except CopyError:
+        raise
+    except BlockIOError as e:
+        raise CopyError(e.errno, False, str(e)) from e
+    finally:
+        src.driver.release_host(token)
+        _leave((src,), False)
+        _leave((dst,), True)
+    if done:
+        src.stats.record_batch("read", wanted)
+        dst.stats.record_batch("write", wanted)
+    return done
 
 
 async def _copy_host_to_node(

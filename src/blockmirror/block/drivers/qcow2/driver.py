@@ -28,6 +28,7 @@ import asyncio
 import errno
 import struct
 import sys
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from blockmirror.block.driver import (
@@ -248,6 +249,26 @@ class Qcow2Driver(BlockDriver):
             views.append((offset, view))
         await self.data_path.write_many(views)
         return True
+
+    def data_file_node(self) -> BlockNode | None:
+        return self.image_file.node  # (external data files are refused at open)
+
+    async def host_segments(
+        self, extents: list[tuple[int, int]]
+    ) -> tuple[list[list[tuple[int, int]]], int] | None:
+        self.corruption.check_usable()
+        return await self.data_path.host_segments(extents)
+
+    def release_host(self, token: int) -> None:
+        self.data_path.release_host(token)
+
+    async def write_via(
+        self,
+        extents: list[tuple[int, int]],
+        fill: Callable[[list[tuple[int, int, int]]], Awaitable[None]],
+    ) -> bool:
+        self.corruption.check_usable()
+        return await self.data_path.write_via(extents, fill)
 
     async def zero_extents(self, extents: list[tuple[int, int]], flags: WriteFlags) -> bool:
         # whole clusters only, and none with an allocation in flight: the mirror's zero
