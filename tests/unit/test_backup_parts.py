@@ -21,7 +21,7 @@ from blockmirror.block.drivers.qcow2.snapshot_write import (
 )
 from blockmirror.jobs.backup.copy_state import BlockCopyState
 from blockmirror.jobs.backup.sync_bitmap import SyncBitmap
-from blockmirror.qapi.block_backup import BitmapSyncMode
+from blockmirror.qapi.block_core import BitmapSyncMode
 
 K = 1024
 CS = 64 * K

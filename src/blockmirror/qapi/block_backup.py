@@ -9,18 +9,9 @@ members. Their transaction actions have branches in ``qapi/transaction.py``.
 
 from __future__ import annotations
 
-from enum import StrEnum
+from blockmirror.qapi.schema import command, enum, struct, union
 
-from blockmirror.qapi.schema import command, enum, qapi_enum, struct, union
-
-
-@qapi_enum
-class BitmapSyncMode(StrEnum):
-    ON_SUCCESS = "on-success"
-    NEVER = "never"
-    ALWAYS = "always"
-
-
+# BitmapSyncMode is declared with the mirror's bitmap arguments (qapi/block_core.py)
 struct("BackupPerf", {"*use-copy-range": "bool", "*max-workers": "int", "*max-chunk": "int"})
 struct("BackupCommon", {
     "*job-id": "str", "device": "str", "sync": "MirrorSyncMode", "*speed": "int",
@@ -79,4 +70,4 @@ command("x-blockdev-amend", {"job-id": "str", "node-name": "str",
             "options are only `encrypt`, refused as QEMU refuses it on an unencrypted image "
             "(`image is not encrypted, can't amend`; blockmirror opens no encrypted image)")
 
-__all__ = ["BitmapSyncMode"]
+__all__: list[str] = []

@@ -15,7 +15,7 @@ from __future__ import annotations
 from blockmirror.block.bitmaps import NamedBitmap
 from blockmirror.block.dirty_bitmap import DirtyBitmap
 from blockmirror.block.node import BlockNode
-from blockmirror.qapi.block_backup import BitmapSyncMode
+from blockmirror.qapi.block_core import BitmapSyncMode
 
 
 class SyncBitmap:

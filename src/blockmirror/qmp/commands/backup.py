@@ -21,7 +21,7 @@ from blockmirror.block.node import BlockNode, Perm
 from blockmirror.block.options import close_node, open_image
 from blockmirror.errors import BlockMirrorError
 from blockmirror.jobs.backup import BackupJob, BackupParams, BackupTxn, SyncBitmap, create_backup
-from blockmirror.qapi.block_backup import BitmapSyncMode
+from blockmirror.qapi.block_core import BitmapSyncMode
 from blockmirror.qmp.commands.transaction import (
     Action,
     TransactionProperties,
