@@ -216,7 +216,10 @@ async def _open_chardev(st: _State, text: str) -> None:
     backend = opts.get("backend", "")
     if "id" not in opts:
         raise OptionError("chardev: no id specified")
-    backend = ALIASES.get(backend, backend)
+    if backend in ALIASES:
+        print(f"{st.prog}: --chardev {text}: warning: The alias '{backend}' is deprecated, "
+              f"use '{ALIASES[backend]}' instead", file=sys.stderr, flush=True)
+        backend = ALIASES[backend]
     if backend not in BACKENDS:
         raise OptionError(f"'{backend}' is not a valid char driver name")
     cid = opts["id"]
