@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/python -m compileall -q src >/dev/null
 	touch $(STAMP)
 
 # Install the QEMU / NBD peers the interop tests compare against (Debian), when missing and root.
@@ -67,7 +68,10 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit tests/property
 
+# bytecode as an installed package has it (pip compiles wheels at install): with
+# PYTHONDONTWRITEBYTECODE set, every daemon a test spawns would compile every module again
 test: $(STAMP) tools lint typecheck
+	$(BIN)/python -m compileall -q src >/dev/null
 	$(BIN)/pytest -q
 
 bench: $(STAMP) tools

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import functools
@@ -67,6 +66,9 @@ _libc: ctypes.CDLL | None = None
 def _fallocate_fn() -> Any:
     global _libc
     if _libc is None:
+        # ctypes.util pulls in subprocess, tempfile and shutil: only on first use (start-up)
+        import ctypes.util
+
         _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
     fn = getattr(_libc, "fallocate", None)
     if fn is None:
