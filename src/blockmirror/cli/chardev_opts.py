@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from blockmirror.block.create import parse_size
 from blockmirror.errors import BlockMirrorError
+from blockmirror.qapi import SchemaError, validate
 
 #: every key qemu_chardev_opts knows ("id" is the options' id)
 KNOWN_KEYS = frozenset({
@@ -62,8 +62,9 @@ def backend_of(kind: str, opts: dict[str, str]) -> dict[str, Any]:
         data = _common(opts)
         if "size" in opts:
             try:
-                size = parse_size(opts["size"])
-            except ValueError:
+                # QemuOpts' size syntax (k/M/G/T/P/E suffixes); the text is QemuOpts' own
+                size = validate("size", opts["size"], None, "size", keyval=True)
+            except SchemaError:
                 err = BlockMirrorError(
                     "Parameter 'size' expects a non-negative number below 2^64")
                 err.hint = _SIZE_HINT
