@@ -13,7 +13,8 @@ In qemu-storage-daemon the greeting comes from the main loop, after every option
 a client that has it may rely on the NBD server, the exports and the nodes of the command line
 (and their image locks) being there. So the early path is taken only when the command line
 holds nothing else a client could see without a QMP command: monitors, ``--pidfile`` (written
-after start-up anyway), ``--object``, ``--trace``, ``--clock``. Any ``--blockdev``,
+after start-up anyway), ``--object``, ``--trace``, ``--clock``, and ``ringbuf``, ``memory``
+and ``null`` chardevs. Any ``--blockdev``,
 ``--nbd-server``, ``--export`` or ``--daemonize``, and anything unusual (``pretty``, other
 chardev backends or keys), leaves the greeting to the event loop after start-up, as in QSD.
 This module imports nothing heavy: that is its whole point.
@@ -126,6 +127,8 @@ def _opts(text: str) -> dict[str, str] | None:
 
 #: options with an argument whose effect no client sees before it can send commands
 _INVISIBLE = ("pidfile", "object", "trace", "clock")
+#: chardev backends that leave no trace outside the daemon (no file, port or pty)
+_INVISIBLE_CHARDEVS = ("ringbuf", "memory", "null")
 
 
 def _monitor_options(argv: list[str]) -> list[tuple[str, str]] | None:
@@ -156,6 +159,14 @@ def _monitor_options(argv: list[str]) -> list[tuple[str, str]] | None:
     return out
 
 
+def _discard(listeners: dict[str, _Listener]) -> None:
+    for lst in listeners.values():
+        if lst.sock is not None:
+            lst.sock.close()
+            with contextlib.suppress(OSError):
+                os.unlink(lst.path)
+
+
 def start(argv: list[str]) -> None:
     """Bind the monitor sockets of ``blockmirror daemon ARGV`` and greet clients (when the
     command line allows it; see the module docstring)."""
@@ -169,7 +180,13 @@ def start(argv: list[str]) -> None:
         if o is None:
             break
         if name == "chardev":
-            if (o.get("") != "socket" or set(o) - {"", "id", "path", "server", "wait"}
+            if o.get("") in _INVISIBLE_CHARDEVS and "id" in o and set(o) <= {"", "id", "size"}:
+                continue  # only QMP can see it: no reason to hold the greeting back
+            if o.get("") != "socket":
+                # a file, a pty, a port...: seen before QSD would greet; no early path
+                _discard(listeners)
+                return
+            if (set(o) - {"", "id", "path", "server", "wait"}
                     or "id" not in o or "path" not in o or o["id"] in listeners
                     or o.get("server") not in ("on",) or o.get("wait") != "off"):
                 break
