@@ -41,7 +41,9 @@ class ChardevRegistry:
         #: QEMU closes fds 0 and 1 when a stdio chardev goes, so no later one can open
         self._stdio_in_use = False
         self._stdio_closed = False
-        self._report = report or (lambda text: None)
+        #: where a chardev reports what QEMU's error_report() prints (a client socket
+        #: chardev with ``reconnect`` that cannot connect); the command line sets stderr
+        self.report: Callable[[str], None] = report or (lambda text: None)
 
     def __iter__(self) -> Iterator[Chardev]:
         return iter(list(self._devs.values()))
@@ -93,7 +95,7 @@ class ChardevRegistry:
             return self._open_stdio(label)
         if kind == "mux":
             return self._open_mux(label, str(data["chardev"]))
-        sock = SocketChardev(label, data, self._objects, self._report)
+        sock = SocketChardev(label, data, self._objects, self.report)
         sock.open()
         return sock
 

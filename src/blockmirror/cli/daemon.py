@@ -21,7 +21,12 @@ from typing import Any
 from blockmirror import QEMU_COMPAT_PACKAGE, QEMU_COMPAT_VERSION
 from blockmirror.block.options import open_blockdev
 from blockmirror.chardev import BACKENDS
-from blockmirror.chardev.backends import CommandLineSocket, PtyChardev, connection_name
+from blockmirror.chardev.backends import (
+    CommandLineSocket,
+    PtyChardev,
+    connection_name,
+    report_stderr,
+)
 from blockmirror.cli import early
 from blockmirror.cli.chardev_opts import ALIASES, KNOWN_KEYS, backend_of
 from blockmirror.cli.keyval import parse_option, split_qemuopts
@@ -417,6 +422,8 @@ async def _main(prog: str, opts: list[tuple[str, str | None]], ready_fd: int | N
                 return 1
             clock = value
     daemon = Daemon(clock)
+    daemon.chardevs.report = report_stderr(prog)
+    daemon.chardevs.daemonized = ready_fd is not None
     st = _State(prog, daemon)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
