@@ -159,12 +159,15 @@ def _monitor_options(argv: list[str]) -> list[tuple[str, str]] | None:
     return out
 
 
-def _discard(listeners: dict[str, _Listener]) -> None:
-    for lst in listeners.values():
-        if lst.sock is not None:
-            lst.sock.close()
-            with contextlib.suppress(OSError):
-                os.unlink(lst.path)
+def _visible_chardev(opts: list[tuple[str, str]]) -> bool:
+    """A chardev other than a socket that is seen without QMP (a file, a pty, a port)."""
+    for name, text in opts:
+        if name != "chardev":
+            continue
+        o = _opts(text)  # None: syntax this module does not parse; assume the worst
+        if o is None or o.get("") not in ("socket", *_INVISIBLE_CHARDEVS):
+            return True
+    return False
 
 
 def start(argv: list[str]) -> None:
@@ -172,8 +175,8 @@ def start(argv: list[str]) -> None:
     command line allows it; see the module docstring)."""
     global _greeter
     opts = _monitor_options(argv)
-    if not opts:
-        return
+    if not opts or _visible_chardev(opts):
+        return  # decided before anything is bound: no socket appears and goes again
     listeners: dict[str, _Listener] = {}
     for name, text in opts:
         o = _opts(text)
@@ -183,9 +186,7 @@ def start(argv: list[str]) -> None:
             if o.get("") in _INVISIBLE_CHARDEVS and "id" in o and set(o) <= {"", "id", "size"}:
                 continue  # only QMP can see it: no reason to hold the greeting back
             if o.get("") != "socket":
-                # a file, a pty, a port...: seen before QSD would greet; no early path
-                _discard(listeners)
-                return
+                break  # not reached: _visible_chardev() said no to the whole command line
             if (set(o) - {"", "id", "path", "server", "wait"}
                     or "id" not in o or "path" not in o or o["id"] in listeners
                     or o.get("server") not in ("on",) or o.get("wait") != "off"):
