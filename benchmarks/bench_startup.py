@@ -32,12 +32,19 @@ import tempfile
 import time
 
 
+def _blockmirror() -> list[str]:
+    """The installed ``blockmirror`` command (what users run; ``python -m`` would add runpy's
+    imports), else ``python -m``."""
+    script = os.path.join(os.path.dirname(sys.executable), "blockmirror")
+    return [script] if os.access(script, os.X_OK) else [sys.executable, "-m",
+                                                         "blockmirror.cli.main"]
+
+
 def argv_for(kind: str, sock: str) -> list[str]:
     """``kind``: "qsd", "ours" (monitor only), "ours+blockdev" (a node on the command line:
     the greeting then waits for start-up, as QSD's does)."""
     chardev = f"socket,id=qmp0,path={sock},server=on,wait=off"
-    base = (["qemu-storage-daemon"] if kind == "qsd"
-            else [sys.executable, "-m", "blockmirror.cli.main", "daemon"])
+    base = (["qemu-storage-daemon"] if kind == "qsd" else [*_blockmirror(), "daemon"])
     extra = ["--blockdev", "driver=null-co,node-name=n0"] if kind == "ours+blockdev" else []
     return [*base, "--chardev", chardev, "--monitor", "chardev=qmp0", *extra]
 

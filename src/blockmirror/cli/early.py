@@ -22,11 +22,11 @@ This module imports nothing heavy: that is its whole point.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import os
 import select
 import socket
-import threading
 
 from blockmirror import QEMU_COMPAT_PACKAGE, QEMU_COMPAT_VERSION
 from blockmirror.unixsock import listen_unix
@@ -54,13 +54,23 @@ class _Greeter:
     def __init__(self, listeners: list[_Listener]) -> None:
         self.listeners = listeners
         self._wake_r, self._wake_w = os.pipe()
-        self._thread = threading.Thread(target=self._run, name="qmp-early-greeter",
-                                        daemon=True)
+        # _thread, not threading: one import less on the way to the greeting; the lock is
+        # held while the thread runs, so acquiring it joins the thread
+        self._done = _thread.allocate_lock()
+        self._started = False
         self._greeting = greeting_bytes()
         self.stopped = False
 
     def start(self) -> None:
-        self._thread.start()
+        self._done.acquire()
+        self._started = True
+        _thread.start_new_thread(self._main, ())
+
+    def _main(self) -> None:
+        try:
+            self._run()
+        finally:
+            self._done.release()
 
     def _run(self) -> None:
         poller = select.poll()
@@ -97,7 +107,9 @@ class _Greeter:
             return
         self.stopped = True
         os.write(self._wake_w, b"x")
-        self._thread.join()
+        if self._started:
+            with self._done:  # waits until the thread has left _run()
+                pass
         os.close(self._wake_r)
         os.close(self._wake_w)
 
