@@ -349,3 +349,55 @@ def test_command_line_chardevs(tmp_path: Path) -> None:
                            capture_output=True, text=True, timeout=60)
         assert (r.returncode, r.stderr.split(": ", 2)[-1]) == (
             1, "attempt to add duplicate property 'a' to object (type 'container')\n")
+
+
+NEW_COMMANDS = ["chardev-add", "chardev-change", "chardev-remove", "chardev-send-break",
+                "query-chardev", "query-chardev-backends", "ringbuf-read", "ringbuf-write",
+                "x-blockdev-change", "x-blockdev-set-iothread", "VSERPORT_CHANGE"]
+
+
+def _shape(schema: dict[str, Any], name: str, seen: tuple[str, ...] = ()) -> Any:
+    """A query-qmp-schema entry with its (masked) type names resolved, for comparing."""
+    t = schema[name]
+    kind = t["meta-type"]
+    if kind == "builtin":
+        return t["json-type"]
+    if kind == "enum":
+        return ["enum", sorted(t["values"])]
+    if kind == "array":
+        return ["array", _shape(schema, t["element-type"], seen)]
+    if name in seen:
+        return "<recursive>"
+    seen = (*seen, name)
+    if kind in ("command", "event"):
+        out = {"arg": _shape(schema, t["arg-type"], seen)}
+        if kind == "command":
+            out["ret"] = _shape(schema, t["ret-type"], seen)
+        return out
+    if kind == "alternate":
+        return ["alternate", sorted(json.dumps(_shape(schema, m["type"], seen), sort_keys=True)
+                                    for m in t["members"])]
+    obj: dict[str, Any] = {"members": {
+        m["name"]: ["optional" if "default" in m else "required", _shape(schema, m["type"], seen)]
+        for m in t["members"]}}
+    if "variants" in t:
+        obj["tag"] = t["tag"]
+        obj["variants"] = {v["case"]: _shape(schema, v["type"], seen) for v in t["variants"]}
+    return obj
+
+
+def test_schema_of_the_new_commands_is_qsds(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """query-qmp-schema describes the new commands and VSERPORT_CHANGE as QSD's does."""
+    # query-qmp-schema's own return type is under-declared (a known bug, xfail'ed in
+    # tests/fuzz/test_fuzz_regressions.py): the daemons run without the result checks here
+    from blockmirror.qapi import checks as schema_checks
+
+    monkeypatch.delenv(schema_checks.ENV_SWITCH)
+    steps: list[Step] = [("query-qmp-schema", {})]
+    want, got = _both(tmp_path, steps)
+    shapes = []
+    for entries in (want, got):
+        schema = {e["name"]: e for e in entries[0]["reply"]["return"]}
+        shapes.append({c: _shape(schema, c) for c in NEW_COMMANDS})
+    assert shapes[0] == shapes[1]

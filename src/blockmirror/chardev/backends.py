@@ -240,6 +240,8 @@ class SocketChardev(Chardev):
         self._conn: socket.socket | None = None
         self._connected_name = ""
         self._tasks: set[asyncio.Task[None]] = set()
+        #: set when the connection ends: a listener then takes the next client
+        self._disconnected = asyncio.Event()
         self._closed = False
         self._check_tls(opts, objects)
         self._validate(opts)
@@ -501,13 +503,6 @@ class SocketChardev(Chardev):
                 self._attach(conn)
                 await self._disconnected.wait()
             await asyncio.sleep(self.reconnect)
-
-    @property
-    def _disconnected(self) -> asyncio.Event:
-        ev: asyncio.Event | None = getattr(self, "_disc_event", None)
-        if ev is None:
-            ev = self._disc_event = asyncio.Event()
-        return ev
 
     def close(self) -> None:
         self._closed = True
