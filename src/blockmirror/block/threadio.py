@@ -67,9 +67,9 @@ def _fallocate_fn() -> Any:
     global _libc
     if _libc is None:
         # ctypes.util pulls in subprocess, tempfile and shutil: only on first use (start-up)
-        import ctypes.util
+        from ctypes import util as ctypes_util  # binds no local "ctypes"
 
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        _libc = ctypes.CDLL(ctypes_util.find_library("c") or None, use_errno=True)
     fn = getattr(_libc, "fallocate", None)
     if fn is None:
         return None
