@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from blockmirror.chardev.text import encode_qmp_string
 from blockmirror.errors import BlockMirrorError
 from blockmirror.objects import ObjectRegistry
 from blockmirror.objects.tls import TlsCreds
@@ -35,10 +36,45 @@ def _strerror(e: OSError) -> str:
     return os.strerror(e.errno or errno.EIO)
 
 
+def os_path(text: str) -> str:
+    """The path QEMU hands the OS for a QMP string: its modified UTF-8 bytes (so a NUL, C0 80
+    there, neither ends nor breaks the path), as a str the os module turns back into them."""
+    return os.fsdecode(encode_qmp_string(text))
+
+
+def _sun_path(path: str) -> str:
+    """A unix socket path as the OS gets it; QEMU's text when sun_path cannot hold it."""
+    if len(encode_qmp_string(path)) >= 108:
+        raise BlockMirrorError(f"UNIX socket path '{path}' is too long")
+    return os_path(path)
+
+
+def _getaddrinfo(host: str | None, port: str | None, *args: Any, **kwargs: Any) -> Any:
+    """socket.getaddrinfo, where a name Python cannot even encode is one that is not known
+    (what the C library says of QEMU's bytes)."""
+    try:
+        return socket.getaddrinfo(host, port, *args, **kwargs)
+    except (UnicodeError, ValueError):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known") from None
+
+
+def _temporary_socket_path() -> str:
+    import tempfile
+
+    fd, path = tempfile.mkstemp(prefix="qemu-socket-")
+    os.close(fd)
+    os.unlink(path)
+    return path
+
+
+def _number(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
+
 def open_file_source(path: str, flags: int) -> int:
     """``qmp_chardev_open_file_source``: QEMU's "Could not open" text on failure."""
     try:
-        return os.open(path, flags | os.O_CLOEXEC, 0o666)
+        return os.open(os_path(path), flags | os.O_CLOEXEC, 0o666)
     except OSError as e:
         raise BlockMirrorError(f"Could not open '{path}': {_strerror(e)}") from e
 
@@ -77,7 +113,7 @@ class Chardev:
         flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
         flags |= os.O_APPEND if common.get("logappend") else os.O_TRUNC
         try:
-            self.logfd = os.open(path, flags, 0o666)
+            self.logfd = os.open(os_path(path), flags, 0o666)
         except OSError as e:
             raise BlockMirrorError(f"Could not create '{path}': {_strerror(e)}") from e
 
@@ -338,11 +374,16 @@ class SocketChardev(Chardev):
         a = self.addr
         if self.addr_type == "unix":
             path = str(a["path"])
+            if not path:
+                # cf. unix_listen_saddr: no path, a fresh one in the temporary directory
+                path = _temporary_socket_path()
+                self.addr = {**a, "path": path}
+            where = _sun_path(path)
             with contextlib.suppress(OSError):
-                if os.path.exists(path) and not os.path.isdir(path):
-                    os.unlink(path)  # cf. unix_listen_saddr: a stale socket is replaced
+                if os.path.exists(where) and not os.path.isdir(where):
+                    os.unlink(where)  # cf. unix_listen_saddr: a stale socket is replaced
             try:
-                sock = bind_unix(path)  # mode 0600, see unixsock.py
+                sock = bind_unix(where)  # mode 0600, see unixsock.py
                 sock.listen(1)
             except OSError as e:
                 raise BlockMirrorError(
@@ -359,7 +400,7 @@ class SocketChardev(Chardev):
     @staticmethod
     def _inet_listen(host: str, port: str) -> socket.socket:
         try:
-            infos = socket.getaddrinfo(host or None, port or None, type=socket.SOCK_STREAM,
+            infos = _getaddrinfo(host or None, port or None, type=socket.SOCK_STREAM,
                                        flags=socket.AI_PASSIVE)
         except socket.gaierror as e:
             raise BlockMirrorError(
@@ -387,21 +428,20 @@ class SocketChardev(Chardev):
 
     @staticmethod
     def _fd_socket(text: str) -> socket.socket:
-        # a QMP monitor cannot pass descriptors to a storage daemon (QEMU's stub says so)
-        if not text.isdigit():
-            raise BlockMirrorError("only QEMU supports file descriptor passing")
-        try:
-            return socket.socket(fileno=int(text))
-        except OSError:
-            raise BlockMirrorError(f"File descriptor '{text}' is not a socket") from None
+        # within a QMP command QEMU asks the monitor for the descriptor, and a storage
+        # daemon's monitor has none to give (its stub says so, for numbers too)
+        raise BlockMirrorError("only QEMU supports file descriptor passing")
 
     def _connect(self) -> socket.socket:
         a = self.addr
         if self.addr_type == "unix":
             path = str(a["path"])
+            where: str | bytes = _sun_path(path)
+            if not path:
+                where = bytes(108)  # QEMU passes the whole (empty) sun_path: abstract zeros
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                sock.connect(path)
+                sock.connect(where)
             except OSError as e:
                 sock.close()
                 raise BlockMirrorError(
@@ -410,7 +450,7 @@ class SocketChardev(Chardev):
         if self.addr_type == "inet":
             host, port = str(a["host"]), str(a["port"])
             try:
-                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                infos = _getaddrinfo(host, port, type=socket.SOCK_STREAM)
             except socket.gaierror as e:
                 raise BlockMirrorError(
                     f"address resolution failed for {host}:{port}: {e.strerror}") from e
@@ -429,9 +469,9 @@ class SocketChardev(Chardev):
         if self.addr_type == "fd":
             return self._fd_socket(str(a["str"]))
         cid, port = str(a["cid"]), str(a["port"])
-        if not cid.isdigit():
+        if not _number(cid):
             raise BlockMirrorError(f"Failed to parse cid '{cid}'")
-        if not port.isdigit():
+        if not _number(port):
             raise BlockMirrorError(f"Failed to parse port '{port}'")
         vsock_family = getattr(socket, "AF_VSOCK", None)
         if vsock_family is None:
@@ -516,7 +556,7 @@ class SocketChardev(Chardev):
             self._listener = None
             if self.addr_type == "unix":
                 with contextlib.suppress(OSError):
-                    os.unlink(str(self.addr["path"]))
+                    os.unlink(os_path(str(self.addr["path"])))
         super().close()
 
 
@@ -535,14 +575,14 @@ def open_udp(label: str, opts: dict[str, Any]) -> UdpChardev:
     if not port:
         raise BlockMirrorError("remote port not specified")
     try:
-        peer = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+        peer = _getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
     except socket.gaierror as e:
         raise BlockMirrorError(f"address resolution failed for {host}:{port}: "
                                f"{e.strerror}") from e
     lhost = str(local.get("host") or "") or None
     lport = str(local.get("port") or "") or "0"
     try:
-        mine = socket.getaddrinfo(lhost, lport, peer[0], socket.SOCK_DGRAM,
+        mine = _getaddrinfo(lhost, lport, peer[0], socket.SOCK_DGRAM,
                                   flags=socket.AI_PASSIVE)[0]
     except socket.gaierror as e:
         raise BlockMirrorError(f"address resolution failed for {lhost}:{lport}: "
@@ -591,7 +631,7 @@ def open_pipe(label: str, device: str) -> FdChardev:
     fds = []
     for suffix in (".in", ".out"):
         try:
-            fds.append(os.open(device + suffix, os.O_RDWR | os.O_CLOEXEC))
+            fds.append(os.open(os_path(device + suffix), os.O_RDWR | os.O_CLOEXEC))
         except OSError:
             break
     if len(fds) == 2:
