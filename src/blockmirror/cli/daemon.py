@@ -77,7 +77,12 @@ QEMU storage daemon (blockmirror)
   --chardev socket,id=<id>,path=<path>|host=<host>,port=<port>|fd=<n>
             [,server=on|off][,wait=on|off]
   --chardev stdio,id=<id>[,signal=on|off]
-                         configure a character device backend
+  --chardev ringbuf|memory|null|pty,id=<id>[,size=<n>]
+  --chardev file|pipe|serial|parallel,id=<id>,path=<path>
+  --chardev udp,id=<id>,host=<host>,port=<port>[,localaddr=..][,localport=..]
+  --chardev mux,id=<id>,chardev=<id>
+                         configure a character device backend (monitors: socket
+                         and stdio)
 
   --daemonize            daemonize the process, and have the parent exit
                          once startup is complete
