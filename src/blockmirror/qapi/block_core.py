@@ -443,3 +443,14 @@ command("blockdev-reopen", {"options": ["BlockdevOptions"]},
             "are stored; another `file` child is refused")
 event("BLOCK_WRITE_THRESHOLD", {"node-name": "str", "amount-exceeded": "uint64",
                                 "write-threshold": "uint64"})
+
+# the x-blockdev family (qmp/commands/x_blockdev.py)
+alternate("StrOrNull", {"s": "str", "n": "null"})
+command("x-blockdev-change", {"parent": "str", "*child": "str", "*node": "str"},
+        doc="QEMU's checks and texts; no driver here takes or gives up children at run time "
+            "(QEMU: quorum), so the last step always refuses, as QEMU does for other drivers")
+command("x-blockdev-set-iothread", {"node-name": "str", "iothread": "StrOrNull",
+                                    "*force": "bool"},
+        defaults={"force": False},
+        doc="an `--object iothread` id or null, with QEMU's checks; blockmirror runs every "
+            "node in its one event loop, so a node changes nothing else")
