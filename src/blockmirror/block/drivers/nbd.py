@@ -415,6 +415,24 @@ async def nbd_connect(
         raise
 
 
+async def _cancel(task: asyncio.Future[Any]) -> None:
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+
+
+async def _first(work: asyncio.Future[Any], deadline: asyncio.Future[Any]) -> bool:
+    """Wait for ``work`` or ``deadline``; True when ``work`` finished (it wins a tie), else
+    ``work`` is cancelled."""
+    try:
+        await asyncio.wait({work, deadline}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not work.done():
+            await _cancel(work)
+    return not work.cancelled()
+
+
 @register
 class NbdDriver(BlockDriver):
     """cf. bdrv_nbd: every request goes to the server; nothing is cached locally."""
@@ -488,35 +506,26 @@ class NbdDriver(BlockDriver):
         the clock have passed; then the last attempt's error, or QEMU's text when the first
         attempt is still under way (cf. open_timer_cb, nbd_co_establish_connection)."""
         clock = self._clock
-        deadline = clock.now_ns() + limit_ns
+        timer = asyncio.ensure_future(clock.sleep_ns(limit_ns))
         last: BlockMirrorError | None = None
         pause_s = _RETRY_FIRST_S
-        while True:
-            attempt = asyncio.ensure_future(self._attempt(_HANDSHAKE_GUARD_S))
-            timer = asyncio.ensure_future(clock.sleep_ns(deadline - clock.now_ns()))
-            try:
-                await asyncio.wait({attempt, timer}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for t in (attempt, timer):
-                    if not t.done():
-                        t.cancel()
-                        with contextlib.suppress(BaseException):
-                            await t
-            if attempt.cancelled():
-                raise last or BlockMirrorError("Connection attempt cancelled by timeout")
-            error = attempt.exception()
-            if error is None:
-                return attempt.result()
-            if not isinstance(error, BlockMirrorError):
-                raise error
-            last = error
-            remaining = deadline - clock.now_ns()
-            if remaining <= 0:
-                raise last
-            await clock.sleep_ns(min(pause_s * _NS, remaining))
-            if clock.now_ns() >= deadline:
-                raise last
-            pause_s = min(pause_s * 2, _RETRY_MAX_S)
+        try:
+            while True:
+                attempt = asyncio.ensure_future(self._attempt(_HANDSHAKE_GUARD_S))
+                if not await _first(attempt, timer):
+                    raise last or BlockMirrorError("Connection attempt cancelled by timeout")
+                error = attempt.exception()
+                if error is None:
+                    return attempt.result()
+                if not isinstance(error, BlockMirrorError):
+                    raise error
+                last = error
+                if not await _first(asyncio.ensure_future(
+                        clock.sleep_ns(pause_s * _NS)), timer):
+                    raise last
+                pause_s = min(pause_s * 2, _RETRY_MAX_S)
+        finally:
+            await _cancel(timer)
 
     def _install(self, conn: _Connection) -> None:
         self._conn = conn
@@ -590,16 +599,11 @@ class NbdDriver(BlockDriver):
 
     async def _wait_connected(self, limit_ns: int) -> None:
         """Until connected or ``limit_ns`` of the clock have passed, whichever comes first."""
-        waiter = asyncio.ensure_future(self._connected.wait())
         timer = asyncio.ensure_future(self._clock.sleep_ns(limit_ns))
         try:
-            await asyncio.wait({waiter, timer}, return_when=asyncio.FIRST_COMPLETED)
+            await _first(asyncio.ensure_future(self._connected.wait()), timer)
         finally:
-            for t in (waiter, timer):
-                if not t.done():
-                    t.cancel()
-                    with contextlib.suppress(BaseException):
-                        await t
+            await _cancel(timer)
 
     async def _live(self) -> _Connection:
         """The current connection, or one a reconnect brings within the delay (cf.
