@@ -146,26 +146,38 @@ class _Link:
 
     async def _client_to_server(self) -> None:
         r = self.creader
+        pushback = b""
+
+        async def read(n: int) -> bytes:
+            nonlocal pushback
+            have, pushback = pushback[:n], pushback[n:]
+            return have + (await r.readexactly(n - len(have)) if n > len(have) else b"")
+
         await self._send(self.swriter, await r.readexactly(4))  # client flags
         while not self.transmission.is_set():
             # options until the server acknowledges GO; the client sends nothing after GO
-            # until the reply, so the phase cannot change under a half-read frame
+            # until the reply, so the phase cannot change under a half-read option
             head_task = asyncio.ensure_future(r.readexactly(16))
             phase_task = asyncio.ensure_future(self.transmission.wait())
             await asyncio.wait({head_task, phase_task}, return_when=asyncio.FIRST_COMPLETED)
+            phase_task.cancel()
             if not head_task.done():
                 head_task.cancel()
                 with contextlib.suppress(BaseException):
                     await head_task
                 break
-            phase_task.cancel()
+            if self.transmission.is_set():
+                # the client read the ACK and sent its first request already: these 16
+                # bytes are the start of that request
+                pushback = head_task.result()
+                break
             head = head_task.result()
             _, _, length = struct.unpack(">QII", head)
             await self._send(self.swriter, head + await r.readexactly(length))
         while True:
-            head = await r.readexactly(_REQ.size)
+            head = await read(_REQ.size)
             _magic, _flags, cmd, cookie, offset, length = _REQ.unpack(head)
-            payload = await r.readexactly(length) if cmd == CMD_WRITE else b""
+            payload = await read(length) if cmd == CMD_WRITE else b""
             self.proxy.stats["requests"] += 1
             if cmd != CMD_DISC:
                 self.outstanding[cookie] = (cmd, offset, length)
@@ -333,12 +345,12 @@ class FaultProxy:
             yield self
         finally:
             self._server.close()
-            for link in self.links:
+            for link in list(self.links):
                 link.drop()
-            for t in list(self._tasks):
-                t.cancel()
-                with contextlib.suppress(BaseException):
-                    await t
+            # the handlers end on their own once their sockets are gone (cancelling a
+            # stream handler task makes asyncio log a spurious error)
+            if self._tasks:
+                await asyncio.wait(set(self._tasks), timeout=10)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 5)
 
