@@ -296,7 +296,8 @@ class FaultProxy:
              "truncations", "reorders", "garbage"), 0)
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self.connected = asyncio.Condition()
+        #: notified whenever a connection is proxied or refused
+        self.changed = asyncio.Condition()
 
     # --- control --------------------------------------------------------------------------
 
@@ -328,11 +329,16 @@ class FaultProxy:
     def slow(self, bytes_per_s: int) -> None:
         self.bytes_per_s = bytes_per_s
 
-    async def wait_connections(self, n: int, limit_s: float = 60.0) -> None:
-        """Until ``n`` connections in all have been proxied (refused ones do not count)."""
-        async with self.connected:
+    async def wait_stat(self, name: str, n: int, limit_s: float = 60.0) -> None:
+        """Until ``stats[name]`` (``connections`` or ``refused``) reaches ``n``."""
+        async with self.changed:
             await asyncio.wait_for(
-                self.connected.wait_for(lambda: self.stats["connections"] >= n), limit_s)
+                self.changed.wait_for(lambda: self.stats[name] >= n), limit_s)
+
+    async def _count(self, name: str) -> None:
+        async with self.changed:
+            self.stats[name] += 1
+            self.changed.notify_all()
 
     # --- life cycle -----------------------------------------------------------------------
 
@@ -358,8 +364,8 @@ class FaultProxy:
                       cwriter: asyncio.StreamWriter) -> None:
         if self.is_down or self.refusing > 0:
             self.refusing = max(0, self.refusing - 1)
-            self.stats["refused"] += 1
             cwriter.transport.abort()
+            await self._count("refused")
             return
         try:
             if isinstance(self.upstream, str):
@@ -367,14 +373,12 @@ class FaultProxy:
             else:
                 sreader, swriter = await asyncio.open_connection(*self.upstream)
         except OSError:
-            self.stats["refused"] += 1
             cwriter.transport.abort()
+            await self._count("refused")
             return
         link = _Link(self, creader, cwriter, sreader, swriter)
         self.links.append(link)
-        async with self.connected:
-            self.stats["connections"] += 1
-            self.connected.notify_all()
+        await self._count("connections")
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)  # type: ignore[arg-type]

@@ -89,7 +89,7 @@ class Rig:
         try:
             return {"return": await self.cmd(name, args)}
         except ExecuteError as e:
-            return {"error": {"class": e.error.class_, "desc": e.error.desc}}
+            return {"error": {"class": e.error.error.class_, "desc": e.error.error.desc}}
 
     async def _pump(self) -> None:
         async for ev in self.qmp.events:
@@ -112,6 +112,18 @@ class Rig:
         except TimeoutError:
             raise AssertionError(f"{self.kind}: no {name} in {limit_s} s; events: "
                                  f"{json.dumps(self.events[after:])}") from None
+
+    async def event_any(self, names: tuple[str, ...], after: int = 0) -> dict[str, Any]:
+        """The first of any of ``names`` at index ``after`` or later."""
+        async def find() -> dict[str, Any]:
+            while True:
+                for ev in self.events[after:]:
+                    if ev["event"] in names:
+                        return ev
+                self._new_event.clear()
+                await self._new_event.wait()
+
+        return await asyncio.wait_for(find(), LIMIT_S)
 
     def job_events(self, after: int = 0) -> list[Any]:
         """The job's events from ``after`` on, in QEMU's terms (no timestamps)."""
@@ -268,7 +280,7 @@ def test_drops_within_reconnect_delay_do_not_fail_the_mirror(tmp_path: Path, kin
             await finish(rig, writer)
             assert rig.proxy.stats["drops"] == 3
             assert rig.proxy.stats["connections"] >= 4  # reconnected after each drop
-        for _ in drops + [late]:
+        for _ in [*drops, late]:
             count(f"{kind}: drop within reconnect-delay", True)
 
     arun(main())
@@ -284,7 +296,9 @@ def test_reply_faults_within_reconnect_delay(tmp_path: Path, fault: str) -> None
         rig = Rig(tmp_path, "ours")
         async with rig.running(pattern(2)):
             assert await rig.add_target(**{"reconnect-delay": 10}) == {"return": {}}
-            writer = NbdWriter(rig.export_sock, SIZE, seed=11, pace_s=0.002)
+            # under the bandwidth cap the writer must dirty less than the cap copies
+            writer = NbdWriter(rig.export_sock, SIZE, seed=11,
+                               pace_s=0.02 if fault == "slow" else 0.002)
             writer.start()
             await asyncio.to_thread(writer.started_writing.wait, 30)
             faults: list[Any] = []
@@ -296,7 +310,7 @@ def test_reply_faults_within_reconnect_delay(tmp_path: Path, fault: str) -> None
             elif fault == "stall":
                 faults = [rig.proxy.arm(Stall(after=4, cmd=CMD_WRITE))]
             else:
-                rig.proxy.slow(8 * MiB)
+                rig.proxy.slow(16 * MiB)
             await rig.mirror()
             for f in faults:
                 await rig.fired(f)
@@ -335,8 +349,9 @@ def test_a_truncated_read_reply_from_an_nbd_source_is_read_again(tmp_path: Path)
             await run("qemu-img", "create", "-f", "raw", str(out), str(SIZE))
             await rig.cmd("blockdev-add", {"driver": "raw", "node-name": "copy", "file": {
                 "driver": "file", "filename": str(out)}})
-            cuts = [rig.proxy.arm(Truncate(after=n, cmd=CMD_READ, keep=keep))
-                    for n, keep in ((1, 20 + 8 + 100), (4, 20 + 8 + 30000), (6, 3))]
+            # one read reply after the other is cut: the first read, then its resends
+            cuts = [rig.proxy.arm(Truncate(cmd=CMD_READ, keep=keep))
+                    for keep in (20 + 8 + 100, 20 + 8 + 30000, 3)]
             await rig.cmd("blockdev-mirror", {"job-id": "m0", "device": "tgt",
                                               "target": "copy", "sync": "full"})
             for c in cuts:
@@ -401,23 +416,20 @@ async def policy_run(tmp: Path, kind: str, delay: int, policy: str) -> tuple[lis
         return rig.job_events(), rig
 
 
-async def _event_any(self: Rig, names: tuple[str, ...], after: int = 0) -> dict[str, Any]:
-    async def find() -> dict[str, Any]:
-        while True:
-            for ev in self.events[after:]:
-                if ev["event"] in names:
-                    return ev
-            self._new_event.clear()
-            await self._new_event.wait()
-
-    return await asyncio.wait_for(find(), LIMIT_S)
-
-
-Rig.event_any = _event_any  # type: ignore[attr-defined]
+def collapse(events: list[Any]) -> list[Any]:
+    """Repeats of one BLOCK_JOB_ERROR in a row as one: each failed operation in flight
+    reports, and how many are in flight at a drop is the mirror's business, not the nbd
+    client's (QEMU 7.2 had 2 at 4 MiB/s here, ours more)."""
+    out: list[Any] = []
+    for e in events:
+        if not out or e != out[-1] or e[0] != "BLOCK_JOB_ERROR":
+            out.append(e)
+    return out
 
 
 def first_error_outcome(events: list[Any]) -> list[Any]:
     """The events from the first BLOCK_JOB_ERROR to the job's next status change."""
+    events = collapse(events)
     i = next(i for i, e in enumerate(events) if e[0] == "BLOCK_JOB_ERROR")
     j = next((k for k in range(i + 1, len(events)) if events[k][0] == "status"), len(events))
     return events[i:j + 1]
@@ -434,7 +446,7 @@ def test_a_target_gone_for_good_follows_the_error_policy_as_qemu(
         w_err, g_err = first_error_outcome(want), first_error_outcome(got)
         assert g_err == w_err, (w_err, g_err)
         if policy == "report":
-            assert got == want, (want, got)
+            assert collapse(got) == collapse(want), (want, got)
             done = [e for e in got if e[0] == "BLOCK_JOB_COMPLETED"]
             assert done and done[0][1]["error"] == "Input/output error", done
         for r in (qsd, ours):
@@ -461,7 +473,7 @@ def test_garbage_from_the_target_fails_the_job_cleanly(tmp_path: Path, kind: str
             async with rig.running(data):
                 assert await rig.add_target(**{"reconnect-delay": 10}) == {"return": {}}
                 bad = rig.proxy.arm(Garbage(after=2, cmd=CMD_WRITE, kind=kind))
-                await rig.mirror(**{"speed": 4 * MiB})
+                await rig.mirror(speed=4 * MiB)
                 await rig.fired(bad)
                 done = await rig.event("BLOCK_JOB_COMPLETED")
                 assert done["data"].get("error"), done
@@ -488,8 +500,7 @@ def test_open_timeout_against_a_late_and_a_missing_target(tmp_path: Path, kind: 
             # late: the proxy refuses the first attempt, then lets the next one through
             rig.proxy.down()
             adding = asyncio.ensure_future(rig.add_target(**{"open-timeout": 30}))
-            while rig.proxy.stats["refused"] < 1:
-                await asyncio.sleep(0.01)
+            await rig.proxy.wait_stat("refused", 1)
             rig.proxy.up()
             assert await asyncio.wait_for(adding, LIMIT_S) == {"return": {}}
             assert rig.proxy.stats["connections"] == 1
@@ -519,7 +530,6 @@ def test_open_timeout_texts_match_qemu(tmp_path: Path) -> None:
                 rig.proxy.down()
                 refused = await rig.add_target(**{"open-timeout": 1})
                 rig.proxy.up()
-                rig.proxy.arm(Stall(after=1))  # never used: the handshake has no replies
                 mute = str(tmp_path / kind / "mute.sock")
                 accepted: list[asyncio.StreamWriter] = []
 
