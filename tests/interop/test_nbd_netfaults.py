@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -56,10 +57,14 @@ def _tally() -> Iterator[None]:
         print("\nnetwork fault scenarios (run / survived):\n" + "\n".join(lines))
 
 
-def count(name: str, survived: bool) -> None:
-    SCENARIOS[f"{name} run"] += 1
-    if survived:
-        SCENARIOS[f"{name} survived"] += 1
+def ran(name: str, n: int = 1) -> None:
+    """Count ``n`` fault scenarios as run (before running them)."""
+    SCENARIOS[f"{name} run"] += n
+
+
+def survived(name: str, n: int = 1) -> None:
+    """... and as survived, once every check of them passed."""
+    SCENARIOS[f"{name} survived"] += n
 
 
 class Rig:
@@ -260,6 +265,8 @@ def test_drops_within_reconnect_delay_do_not_fail_the_mirror(tmp_path: Path, kin
     require()
 
     async def main() -> None:
+        name = f"{kind}: drop within reconnect-delay"
+        ran(name, 3)
         rig = Rig(tmp_path, kind)
         async with rig.running(pattern(1)):
             assert await rig.add_target(**{"reconnect-delay": 10}) == {"return": {}}
@@ -280,8 +287,7 @@ def test_drops_within_reconnect_delay_do_not_fail_the_mirror(tmp_path: Path, kin
             await finish(rig, writer)
             assert rig.proxy.stats["drops"] == 3
             assert rig.proxy.stats["connections"] >= 4  # reconnected after each drop
-        for _ in [*drops, late]:
-            count(f"{kind}: drop within reconnect-delay", True)
+        survived(name, 3)
 
     arun(main())
 
@@ -293,6 +299,9 @@ def test_reply_faults_within_reconnect_delay(tmp_path: Path, fault: str) -> None
     require()
 
     async def main() -> None:
+        name = f"ours: {fault} within reconnect-delay"
+        n = {"truncate": 2, "reorder": 3}.get(fault, 1)
+        ran(name, n)
         rig = Rig(tmp_path, "ours")
         async with rig.running(pattern(2)):
             assert await rig.add_target(**{"reconnect-delay": 10}) == {"return": {}}
@@ -328,8 +337,55 @@ def test_reply_faults_within_reconnect_delay(tmp_path: Path, fault: str) -> None
                 assert rig.proxy.stats["connections"] == 3
             if fault == "reorder":
                 assert rig.proxy.stats["connections"] == 1
-        for _ in faults or [None]:
-            count(f"ours: {fault} within reconnect-delay", True)
+            assert len(faults or [None]) == n
+        survived(name, n)
+
+    arun(main())
+
+
+STORM_FAULTS = 16
+
+
+@pytest.mark.parametrize(("kind", "seed"), [("ours", 1), ("ours", 2), ("ours", 3),
+                                            ("qsd", 1)])
+def test_a_storm_of_faults_within_reconnect_delay(tmp_path: Path, kind: str, seed: int) -> None:
+    """One live mirror through a seeded series of faults, one after the other (drops with and
+    without the request reaching the server, truncated, reordered and stalled replies), in the
+    copy phase and while READY; the target ends identical to the source."""
+    require()
+    rng = random.Random(seed)
+    plan = [(rng.choice(["drop", "drop-lost", "truncate", "reorder", "stall"]),
+             rng.randint(1, 4)) for _ in range(STORM_FAULTS)]
+
+    async def main() -> None:
+        name = f"{kind}: storm of faults within reconnect-delay (seed {seed})"
+        ran(name, len(plan))
+        rig = Rig(tmp_path, kind)
+        async with rig.running(pattern(10 + seed)):
+            assert await rig.add_target(**{"reconnect-delay": 10}) == {"return": {}}
+            writer = NbdWriter(rig.export_sock, SIZE, seed=seed, pace_s=0.002)
+            writer.start()
+            await asyncio.to_thread(writer.started_writing.wait, 30)
+            await rig.mirror()
+            for what, after in plan:
+                if what == "drop":
+                    f: Any = Drop(after=after, cmd=CMD_WRITE)
+                elif what == "drop-lost":
+                    f = Drop(after=after, cmd=CMD_WRITE, forward=False)
+                elif what == "truncate":
+                    f = Truncate(after=after, cmd=CMD_WRITE, keep=rng.randint(1, 15))
+                elif what == "reorder":
+                    f = Reorder(after=after, cmd=CMD_WRITE)
+                else:
+                    f = Stall(after=after, cmd=CMD_WRITE)
+                rig.proxy.arm(f)
+                await rig.fired(f)
+                if isinstance(f, Stall):
+                    f.release()
+            assert not [e for e in rig.events if e["event"] == "BLOCK_JOB_ERROR"]
+            await drive_to_ready(rig)
+            await finish(rig, writer)
+        survived(name, len(plan))
 
     arun(main())
 
@@ -339,6 +395,8 @@ def test_a_truncated_read_reply_from_an_nbd_source_is_read_again(tmp_path: Path)
     require()
 
     async def main() -> None:
+        name = "ours: read reply truncated mid-payload (nbd source)"
+        ran(name, 3)
         rig = Rig(tmp_path, "ours")
         data = pattern(3)
         async with rig.running(data):
@@ -362,8 +420,7 @@ def test_a_truncated_read_reply_from_an_nbd_source_is_read_again(tmp_path: Path)
             done = await rig.event("BLOCK_JOB_COMPLETED", after=n)
             assert "error" not in done["data"], done
             assert await asyncio.to_thread(out.read_bytes) == data
-        for _ in cuts:
-            count("ours: read reply truncated mid-payload (nbd source)", True)
+        survived(name, len(cuts))
 
     arun(main())
 
@@ -441,6 +498,9 @@ def test_a_target_gone_for_good_follows_the_error_policy_as_qemu(
     require()
 
     async def main() -> None:
+        name = f"target lost, reconnect-delay={delay}, on-target-error={policy}"
+        ran(f"qsd: {name}")
+        ran(f"ours: {name}")
         want, qsd = await policy_run(tmp_path / "q", "qsd", delay, policy)
         got, ours = await policy_run(tmp_path / "o", "ours", delay, policy)
         w_err, g_err = first_error_outcome(want), first_error_outcome(got)
@@ -450,8 +510,7 @@ def test_a_target_gone_for_good_follows_the_error_policy_as_qemu(
             done = [e for e in got if e[0] == "BLOCK_JOB_COMPLETED"]
             assert done and done[0][1]["error"] == "Input/output error", done
         for r in (qsd, ours):
-            count(f"{r.kind}: target lost, reconnect-delay={delay}, on-target-error={policy}",
-                  True)
+            survived(f"{r.kind}: {name}")
 
     (tmp_path / "q").mkdir()
     (tmp_path / "o").mkdir()
@@ -468,6 +527,7 @@ def test_garbage_from_the_target_fails_the_job_cleanly(tmp_path: Path, kind: str
         outcomes = {}
         for daemon in ("qsd", "ours"):
             (tmp_path / daemon).mkdir()
+            ran(f"{daemon}: garbage reply ({kind})")
             rig = Rig(tmp_path / daemon, daemon)
             data = pattern(5)
             async with rig.running(data):
@@ -481,7 +541,7 @@ def test_garbage_from_the_target_fails_the_job_cleanly(tmp_path: Path, kind: str
                 assert rig.proxy.stats["connections"] == 1  # no reconnect to a broken server
                 not_corrupt(data, await rig.target_bytes())
                 outcomes[daemon] = first_error_outcome(rig.job_events())
-            count(f"{daemon}: garbage reply ({kind})", True)
+            survived(f"{daemon}: garbage reply ({kind})")
         assert outcomes["ours"] == outcomes["qsd"], outcomes
 
     arun(main())
@@ -496,6 +556,8 @@ def test_open_timeout_against_a_late_and_a_missing_target(tmp_path: Path, kind: 
 
     async def main() -> None:
         rig = Rig(tmp_path, kind)
+        ran(f"{kind}: open-timeout, target late")
+        ran(f"{kind}: open-timeout, target missing")
         async with rig.running(pattern(6)):
             # late: the proxy refuses the first attempt, then lets the next one through
             rig.proxy.down()
@@ -505,14 +567,14 @@ def test_open_timeout_against_a_late_and_a_missing_target(tmp_path: Path, kind: 
             assert await asyncio.wait_for(adding, LIMIT_S) == {"return": {}}
             assert rig.proxy.stats["connections"] == 1
             await rig.cmd("blockdev-del", {"node-name": "tgt"})
-            count(f"{kind}: open-timeout, target late", True)
+            survived(f"{kind}: open-timeout, target late")
             # missing for longer than the timeout: the last attempt's error
             os.unlink(rig.proxy.listen)
             reply = await rig.add_target(**{"open-timeout": 1})
             assert reply == {"error": {"class": "GenericError", "desc": (
                 f"Failed to connect to '{rig.proxy.listen}': No such file or directory")}}
             await rig.alive()
-            count(f"{kind}: open-timeout, target missing", True)
+            survived(f"{kind}: open-timeout, target missing")
 
     arun(main())
 
@@ -525,6 +587,7 @@ def test_open_timeout_texts_match_qemu(tmp_path: Path) -> None:
         replies: dict[str, list[Any]] = {}
         for kind in ("qsd", "ours"):
             (tmp_path / kind).mkdir()
+            ran(f"{kind}: open-timeout against refusing and silent servers")
             rig = Rig(tmp_path / kind, kind)
             async with rig.running(pattern(7)):
                 rig.proxy.down()
@@ -546,7 +609,7 @@ def test_open_timeout_texts_match_qemu(tmp_path: Path) -> None:
                 server.close()
                 await rig.alive()
                 replies[kind] = [refused, silent]
-            count(f"{kind}: open-timeout against refusing and silent servers", True)
+            survived(f"{kind}: open-timeout against refusing and silent servers")
         assert replies["ours"] == replies["qsd"], replies
         assert replies["ours"][1]["error"]["desc"] == "Connection attempt cancelled by timeout"
 

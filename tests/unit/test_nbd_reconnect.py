@@ -340,3 +340,32 @@ def test_open_timeout_cancels_a_handshake_that_never_ends(tmp_path: Path) -> Non
         server.close()
 
     run(main())
+
+
+def test_cancel_in_flight_and_close_end_the_wait_for_a_reconnect(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with setup(tmp_path, **{"reconnect-delay": 300}) as (proxy, node, clock, _ram):
+            d = drv(node)
+            proxy.down()
+            waiting = asyncio.ensure_future(node.read(0, 512))
+            await until(lambda: d.state == "connecting-wait" and len(clock.pending()) == 2,
+                        "the wait for a reconnect (the delay timer and the first pause)")
+            d.cancel_in_flight()  # what QEMU's mirror does on a forced cancel
+            with pytest.raises(BlockIOError):
+                await asyncio.wait_for(waiting, LIMIT_S)
+            assert d.state == "connecting-nowait"
+            # a reconnect, a new loss, a new wait: close ends it too
+            proxy.up()
+            await until(lambda: len(clock.pending()) == 1, "the delay timer gone")
+            assert clock.pending() == [clock.now_ns() + 1 * S]
+            await clock.advance(1 * S)
+            await until(lambda: d.state == "connected", "the reconnect")
+            proxy.down()
+            waiting = asyncio.ensure_future(node.read(0, 512))
+            await until(lambda: d.state == "connecting-wait", "the second wait")
+            await d.close()
+            with pytest.raises(BlockIOError):
+                await asyncio.wait_for(waiting, LIMIT_S)
+            assert d.state == "quit"
+
+    run(main())

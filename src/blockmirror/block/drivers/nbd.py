@@ -453,8 +453,9 @@ class NbdDriver(BlockDriver):
         self._clock: Clock = MonotonicClock()
         self._state = _State.CONNECTING_WAIT
         self._reconnect_task: asyncio.Task[None] | None = None
-        #: set while CONNECTED (requests waiting for a reconnect wait on it)
-        self._connected = asyncio.Event()
+        #: wakes requests waiting for a reconnect: set while CONNECTED, and when waiting is
+        #: over for another reason (close, cancel_in_flight); they look at the state then
+        self._wake = asyncio.Event()
         #: clock time (ns) at which waiting for a reconnect ends (cf. reconnect_delay_timer);
         #: armed by the first request that finds the connection lost
         self._delay_deadline: int | None = None
@@ -539,11 +540,20 @@ class NbdDriver(BlockDriver):
         self._state = _State.CONNECTED
         self._delay_deadline = None
         self.connects += 1
-        self._connected.set()
+        self._wake.set()
+
+    def cancel_in_flight(self) -> None:
+        """Stop waiting for a reconnect: requests waiting fail now, as after the delay (cf.
+        nbd_cancel_in_flight, which QEMU's mirror calls on a forced cancel). The background
+        attempts go on."""
+        if self._state is _State.CONNECTING_WAIT:
+            self._state = _State.CONNECTING_NOWAIT
+            self._wake.set()
 
     async def close(self) -> None:
         self._closing = True
         self._state = _State.QUIT
+        self._wake.set()  # requests waiting for a reconnect fail now
         if self._reconnect_task is not None:
             self._reconnect_task.cancel()
             with contextlib.suppress(BaseException):
@@ -563,7 +573,7 @@ class NbdDriver(BlockDriver):
         """cf. nbd_channel_error: a lost connection reconnects, a broken server does not."""
         if conn is not self._conn or self._closing:
             return
-        self._connected.clear()
+        self._wake.clear()
         if fatal:
             self._state = _State.QUIT
         elif self._state is _State.CONNECTED:
@@ -598,10 +608,11 @@ class NbdDriver(BlockDriver):
             return
 
     async def _wait_connected(self, limit_ns: int) -> None:
-        """Until connected or ``limit_ns`` of the clock have passed, whichever comes first."""
+        """Until connected (or told to stop waiting) or ``limit_ns`` of the clock have
+        passed, whichever comes first."""
         timer = asyncio.ensure_future(self._clock.sleep_ns(limit_ns))
         try:
-            await _first(asyncio.ensure_future(self._connected.wait()), timer)
+            await _first(asyncio.ensure_future(self._wake.wait()), timer)
         finally:
             await _cancel(timer)
 
