@@ -14,6 +14,7 @@ from blockmirror.block.driver import BlockStatus
 from blockmirror.errors import BlockMirrorError
 
 if TYPE_CHECKING:
+    from blockmirror.block.bitmaps import NamedBitmap
     from blockmirror.block.node import BlockNode
     from blockmirror.jobs.mirror.converge import ConvergePolicy
     from blockmirror.jobs.mirror.resume import ResumePlan
@@ -72,6 +73,11 @@ class MirrorParams:
     resume: ResumePlan | None = None
     #: x-verify: compare source and target after READY, before the pivot
     verify: bool = False
+    #: __org.blockmirror_bitmap (sync=bitmap): the named bitmap that seeds the job, already
+    #: checked and looked up on the source (None: QEMU's job)
+    sync_bitmap: NamedBitmap | None = None
+    #: __org.blockmirror_bitmap-mode: what the sync bitmap holds after the job (BitmapSyncMode)
+    bitmap_mode: str | None = None
 
 
 def default_granularity(target: BlockNode) -> int:
