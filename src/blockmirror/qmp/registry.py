@@ -155,7 +155,7 @@ def command(name: str) -> Callable[[H], H]:
 
 
 _COMMAND_MODULES = ("control", "block", "query", "jobs", "mirror", "mirror_group", "nbd", "hmp",
-                    "bitmaps", "objects", "block_graph", "transaction", "testkit")
+                    "bitmaps", "objects", "block_graph", "transaction", "testkit", "commit")
 
 
 def load_commands() -> dict[str, CommandDef]:
