@@ -25,7 +25,12 @@ from blockmirror.block.reopen import set_read_only
 from blockmirror.errors import BlockIOError, BlockMirrorError
 from blockmirror.jobs.blockjob import BlockJob
 from blockmirror.jobs.commit.chain import CHUNK, close_unused, update_backing_name
-from blockmirror.jobs.commit.filters import CopyOnReadDriver, insert_filter, remove_filter
+from blockmirror.jobs.commit.filters import (
+    CopyOnReadDriver,
+    check_node_name,
+    insert_filter,
+    remove_filter,
+)
 from blockmirror.jobs.commit.links import JobLinks, filter_or_cow, find_overlay
 from blockmirror.jobs.commit.serialise import RangeGuard
 from blockmirror.jobs.manager import JobManager
@@ -240,6 +245,11 @@ async def start_stream(manager: JobManager, job_id: str | None, *, top: BlockNod
     job: StreamJob | None = None
     try:
         opts: dict[str, object] = {"file": top.name, "bottom": base_overlay.name}
+        if filter_node_name is not None:
+            try:
+                check_node_name(graph, filter_node_name)
+            except BlockMirrorError as e:
+                raise BlockMirrorError(f"Could not create node: {e}") from e
         filt, _link = insert_filter(graph, CopyOnReadDriver, top, filter_node_name, opts)
         jid = job_id if job_id is not None else default_id
         manager.check_new_id(jid)
