@@ -193,11 +193,89 @@ def busy_nodes(p: dict[str, str]) -> list[Step]:
             *END]
 
 
+def _export(p: dict[str, str], node: str) -> list[Step]:
+    sock = os.path.join(os.path.dirname(p["top"]), "nbd.sock")
+    return [("cmd", "nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}}),
+            ("cmd", "block-export-add", {"type": "nbd", "id": "e", "node-name": node,
+                                         "name": "disk", "writable": True})]
+
+
+def _guest_write(p: dict[str, str], pattern: int, offset: int, length: int) -> Step:
+    """A write through the NBD export (run between QMP steps)."""
+    sock = os.path.join(os.path.dirname(p["top"]), "nbd.sock")
+    return ("io", ["qemu-io", "-f", "raw", "-c",
+                   f"write -P {pattern:#x} {offset} {length}",
+                   f"nbd+unix:///disk?socket={sock}"])
+
+
+def stream_next_to_export(p: dict[str, str]) -> list[Step]:
+    """iotests qsd-jobs' second case: the export writes a node the stream must freeze."""
+    return [*open_chain(p), *_export(p, "base"),
+            ("cmd", "block-stream", {"job-id": "s", "device": "top"}),
+            ("cmd", "block-stream", {"job-id": "s", "device": "top", "base-node": "mid"}),
+            ("wait", "BLOCK_JOB_COMPLETED"),
+            ("cmd", "block-commit", {"job-id": "c", "device": "top", "top-node": "mid"}),
+            # active commit shares writes on its base: the export may stay
+            ("cmd", "block-commit", {"job-id": "a", "device": "top"}),
+            ("wait", "BLOCK_JOB_READY"), ("cmd", "block-job-complete", {"device": "a"}),
+            ("wait", "BLOCK_JOB_COMPLETED", 2),
+            ("cmd", "block-export-del", {"id": "e"}), ("wait", "BLOCK_EXPORT_DELETED"),
+            *END]
+
+
+def active_commit_with_guest(p: dict[str, str]) -> list[Step]:
+    """libvirt's active commit under a writing guest: writes before the pivot reach the
+    base through the mirror, writes after it go to the base directly."""
+    return [*open_chain(p), *_export(p, "top"),
+            ("cmd", "block-commit", {"job-id": "a", "device": "top"}),
+            ("wait", "BLOCK_JOB_READY"),
+            _guest_write(p, 0x77, 1 * MiB + 4096, 64 * 1024),
+            Q, ("cmd", "block-job-complete", {"device": "a"}),
+            ("wait", "BLOCK_JOB_COMPLETED"), *END, ("cmd", "query-block-exports"),
+            _guest_write(p, 0x78, 2 * MiB, 64 * 1024),
+            ("cmd", "block-export-del", {"id": "e"}), ("wait", "BLOCK_EXPORT_DELETED")]
+
+
+def stream_with_guest(p: dict[str, str]) -> list[Step]:
+    """A guest write lands in the streamed node while the job is asleep in its rate limit:
+    the stream must not overwrite it with the older data from below."""
+    return [*open_chain(p), *_export(p, "top"),
+            ("cmd", "block-stream", {"job-id": "s", "device": "top", "speed": 1}),
+            ("progress", "s", 1),
+            _guest_write(p, 0x79, 3 * MiB + 256 * 1024, 4096),
+            _guest_write(p, 0x7a, 1 * MiB + 512 * 1024, 4096),
+            ("cmd", "block-job-set-speed", {"device": "s", "speed": 0}),
+            ("wait", "BLOCK_JOB_COMPLETED"), *END,
+            ("cmd", "block-export-del", {"id": "e"}), ("wait", "BLOCK_EXPORT_DELETED")]
+
+
 SCRIPTS: list[Callable[[dict[str, str]], list[Step]]] = [
     intermediate_commit, intermediate_commit_manual, active_commit_complete,
     active_commit_to_mid, active_commit_cancel, stream_to_base, stream_whole_chain,
-    stream_bottom, bad_arguments, busy_nodes,
+    stream_bottom, bad_arguments, busy_nodes, stream_next_to_export, active_commit_with_guest,
+    stream_with_guest,
 ]
+
+
+async def run_phases(qmp: Any, steps: list[Step], workdir: str) -> Transcript:
+    """``run_script`` with ("io", argv) steps: a command run between two QMP phases."""
+    out = Transcript()
+    phase: list[Step] = []
+    for step in [*steps, ("io", None)]:
+        if step[0] != "io":
+            phase.append(step)
+            continue
+        if phase:
+            tr = await run_script(qmp, phase, limit_s=60, workdir=workdir)
+            out.replies += tr.replies
+            out.events += tr.events
+            phase = []
+        if step[1] is not None:
+            r = await asyncio.create_subprocess_exec(*step[1], stdout=asyncio.subprocess.PIPE,
+                                                     stderr=asyncio.subprocess.STDOUT)
+            text, _ = await r.communicate()
+            assert r.returncode == 0, text
+    return out
 
 
 def _img(*args: str) -> subprocess.CompletedProcess[str]:
@@ -257,7 +335,7 @@ def test_commit_stream_like_qsd(script: Callable[[dict[str, str]], list[Step]],
         paths = make_chain(str(work))
         async with factory(str(work)) as qmp:
             steps = [*script(paths), ("cmd", "quit")]
-            return await run_script(qmp, steps, limit_s=60, workdir=str(work)), paths
+            return await run_phases(qmp, steps, str(work)), paths
 
     async def main() -> None:
         (theirs, tp), (ours, op) = await asyncio.gather(one("qsd", qsd_client),

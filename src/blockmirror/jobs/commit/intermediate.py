@@ -28,6 +28,9 @@ from blockmirror.jobs.manager import JobManager
 
 log = logging.getLogger(__name__)
 
+#: how QEMU names an anonymous BlockBackend in permission conflicts (the job's handles)
+_UNNAMED = "an unnamed block device"
+
 
 class CommitJob(BlockJob):
     job_type = "commit"
@@ -85,11 +88,11 @@ class CommitJob(BlockJob):
             self._dropped.append(node)
             node = filter_or_cow(node)
         self.links.add("base", base, Perm.NONE, Perm.all())
-        blk = BlockBackend("", f"commit job '{self.id}'", base_perms,
+        blk = BlockBackend("", _UNNAMED, base_perms,
                            Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED)
         graph.attach(blk, base, "root", blk.perm, blk.shared)
         self._base_blk = blk
-        top_blk = BlockBackend("", f"commit job '{self.id}'", Perm.NONE, Perm.all())
+        top_blk = BlockBackend("", _UNNAMED, Perm.NONE, Perm.all())
         graph.attach(top_blk, top, "root", top_blk.perm, top_blk.shared)
         self._top_blk = top_blk
 

@@ -61,6 +61,7 @@ class ChainPerms:
     def __init__(self, graph: BlockGraph) -> None:
         self.graph = graph
         self._relaxed: list[Child] = []
+        self._unshared: list[Child] = []
 
     def relax(self, top: BlockNode, base: BlockNode | None) -> None:
         node: BlockNode | None = top
@@ -74,13 +75,38 @@ class ChainPerms:
                 self.graph.refresh_perms(link.node, best_effort=True)
             node = link.node
 
+    def unshare_writes_below(self, node: BlockNode) -> None:
+        """``node``'s users no longer share WRITE: its backing link (and so on down) stops
+        sharing WRITE and RESIZE, as QEMU derives it (cf. bdrv_default_perms_for_cow).
+
+        Raises:
+            BlockMirrorError: someone writes a node below (QEMU's text names the backing
+                link, "node 'mid' (uses node 'base' as 'backing' child)").
+        """
+        cur: BlockNode | None = node
+        while cur is not None:
+            _perm, shared = self.graph.cumulative_perms(cur)
+            link = cur.children.get("backing")
+            if link is None or shared & Perm.WRITE or not link.shared & Perm.WRITE \
+                    or link.passthrough:
+                return
+            link.shared &= ~(Perm.WRITE | Perm.RESIZE)
+            self._unshared.append(link)
+            self.graph.check_perms(link.node)
+            cur = link.node
+
     def restore(self) -> None:
-        """Give the links that still exist their consistent read back."""
+        """Give the links that still exist their permissions back."""
         for link in reversed(self._relaxed):
             if link in link.node.parents:
                 link.perm |= Perm.CONSISTENT_READ
                 self.graph.refresh_perms(link.node, best_effort=True)
         self._relaxed.clear()
+        for link in reversed(self._unshared):
+            link.shared |= Perm.WRITE | Perm.RESIZE
+            if link in link.node.parents:
+                self.graph.refresh_perms(link.node, best_effort=True)
+        self._unshared.clear()
 
 
 def _filter_link(node: BlockNode) -> Child | None:

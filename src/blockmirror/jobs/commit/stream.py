@@ -31,7 +31,7 @@ from blockmirror.jobs.commit.filters import (
     insert_filter,
     remove_filter,
 )
-from blockmirror.jobs.commit.links import JobLinks, filter_or_cow, find_overlay
+from blockmirror.jobs.commit.links import ChainPerms, JobLinks, filter_or_cow, find_overlay
 from blockmirror.jobs.commit.serialise import RangeGuard
 from blockmirror.jobs.manager import JobManager
 
@@ -58,6 +58,7 @@ class StreamJob(BlockJob):
         self.backing_file = backing_file
         self.top_read_only = top_read_only
         self.links = JobLinks(self.graph, self.job_type, job_id)
+        self.chain_perms = ChainPerms(self.graph)
         self.guard = RangeGuard()
         self._blk: BlockBackend | None = None
         self._dropped: list[BlockNode] = []
@@ -71,7 +72,7 @@ class StreamJob(BlockJob):
         graph, filt = self.graph, self.filter
         assert filt is not None
         self.links.add("main node", filt, Perm.NONE, Perm.all())
-        blk = BlockBackend("", f"stream job '{self.id}'", Perm.CONSISTENT_READ,
+        blk = BlockBackend("", "an unnamed block device", Perm.CONSISTENT_READ,
                            _BASIC | Perm.WRITE)
         graph.attach(blk, filt, "root", blk.perm, blk.shared)
         self._blk = blk
@@ -80,6 +81,9 @@ class StreamJob(BlockJob):
         node = filter_or_cow(self.top)
         while node is not None and node is not base:
             self.links.add("intermediate node", node, Perm.NONE, _BASIC)
+            # nobody may write it now, so its backing link no longer lets others write
+            # what lies below (cf. bdrv_default_perms_for_cow)
+            self.chain_perms.unshare_writes_below(node)
             self._dropped.append(node)
             node = filter_or_cow(node)
         self.top.interceptors.append(self.guard)
@@ -173,6 +177,7 @@ class StreamJob(BlockJob):
         unfiltered = self.top.skip_filters()
         base = filter_or_cow(self.above_base)
         self.links.remove_all()
+        self.chain_perms.restore()
         if unfiltered.backing is None:
             return
         ubase = base.skip_filters() if base is not None else None
@@ -199,6 +204,7 @@ class StreamJob(BlockJob):
         self._release()
         self._drop_filter()
         self.links.remove_all()
+        self.chain_perms.restore()
         await close_unused(self.graph, self._dropped)
         if self.top_read_only:
             try:
@@ -266,6 +272,7 @@ async def start_stream(manager: JobManager, job_id: str | None, *, top: BlockNod
         if job is not None:
             job._release()
             job.links.remove_all()
+            job.chain_perms.restore()
             job.dispose_unstarted()
         if filt is not None and filt.name in graph.nodes:
             remove_filter(graph, filt)
