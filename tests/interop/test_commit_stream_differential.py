@@ -56,13 +56,18 @@ def make_chain(workdir: str) -> dict[str, str]:
     return paths
 
 
-def open_chain(p: dict[str, str]) -> list[Step]:
+def open_chain(p: dict[str, str], faults: dict[str, dict[str, Any]] | None = None
+               ) -> list[Step]:
+    """blockdev-add of the chain; ``faults``: a blkdebug rule under a layer's qcow2."""
     steps: list[Step] = []
     below = None
     for name in LAYERS:
-        opts: dict[str, Any] = {"driver": "qcow2", "node-name": name,
-                                "file": {"driver": "file", "filename": p[name],
-                                         "node-name": f"{name}-file"}}
+        file: dict[str, Any] = {"driver": "file", "filename": p[name],
+                                "node-name": f"{name}-file"}
+        if faults and name in faults:
+            file = {"driver": "blkdebug", "node-name": f"{name}-dbg",
+                    "inject-error": [faults[name]], "image": file}
+        opts: dict[str, Any] = {"driver": "qcow2", "node-name": name, "file": file}
         opts["backing"] = below
         steps.append(("cmd", "blockdev-add", opts))
         below = name
@@ -193,6 +198,52 @@ def busy_nodes(p: dict[str, str]) -> list[Step]:
             *END]
 
 
+#: the first write to reach the layer's file fails (blkdebug's generic write event: QEMU's
+#: qcow2 raises write_aio/read_aio for its data, ours does not)
+EIO_WRITE = {"event": "pwritev", "errno": 5, "once": True}
+
+
+def commit_write_error_report(p: dict[str, str]) -> list[Step]:
+    return [*open_chain(p, {"base": {**EIO_WRITE, "once": False}}),
+            ("cmd", "block-commit", {"job-id": "c", "device": "top", "top-node": "mid"}),
+            ("wait", "BLOCK_JOB_COMPLETED"), ("settle",), Q, QJ]
+
+
+def commit_write_error_stop(p: dict[str, str]) -> list[Step]:
+    # an explicit backing-file: the default is the base's filename, here a json:{...}
+    # (blkdebug) whose spelling differs between QEMU and us
+    return [*open_chain(p, {"base": EIO_WRITE}),
+            ("cmd", "block-commit", {"job-id": "c", "device": "top", "top-node": "mid",
+                                     "on-error": "stop", "backing-file": "base.qcow2"}),
+            ("wait", "BLOCK_JOB_ERROR"), ("status", "c", ["paused"]), Q,
+            ("cmd", "block-job-resume", {"device": "c"}),
+            ("wait", "BLOCK_JOB_COMPLETED"), ("settle",), Q, QJ]
+
+
+def active_commit_write_error_stop(p: dict[str, str]) -> list[Step]:
+    return [*open_chain(p, {"base": EIO_WRITE}),
+            ("cmd", "block-commit", {"job-id": "a", "device": "top", "on-error": "stop"}),
+            ("wait", "BLOCK_JOB_ERROR"), ("status", "a", ["paused"]), Q,
+            ("cmd", "block-job-resume", {"device": "a"}),
+            ("wait", "BLOCK_JOB_READY"), ("cmd", "block-job-complete", {"device": "a"}),
+            ("wait", "BLOCK_JOB_COMPLETED"), ("settle",), Q, QJ]
+
+
+def stream_write_error_stop(p: dict[str, str]) -> list[Step]:
+    return [*open_chain(p, {"top": EIO_WRITE}),
+            ("cmd", "block-stream", {"job-id": "s", "device": "top", "on-error": "stop"}),
+            ("wait", "BLOCK_JOB_ERROR"), ("status", "s", ["paused"]), Q,
+            ("cmd", "block-job-resume", {"device": "s"}),
+            ("wait", "BLOCK_JOB_COMPLETED"), ("settle",), Q, QJ]
+
+
+def stream_write_error_ignore(p: dict[str, str]) -> list[Step]:
+    """An ignored error still fails the job at its end, and the backing stays."""
+    return [*open_chain(p, {"top": EIO_WRITE}),
+            ("cmd", "block-stream", {"job-id": "s", "device": "top", "on-error": "ignore"}),
+            ("wait", "BLOCK_JOB_COMPLETED"), ("settle",), Q, QJ]
+
+
 def _export(p: dict[str, str], node: str) -> list[Step]:
     sock = os.path.join(os.path.dirname(p["top"]), "nbd.sock")
     return [("cmd", "nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}}),
@@ -253,7 +304,8 @@ SCRIPTS: list[Callable[[dict[str, str]], list[Step]]] = [
     intermediate_commit, intermediate_commit_manual, active_commit_complete,
     active_commit_to_mid, active_commit_cancel, stream_to_base, stream_whole_chain,
     stream_bottom, bad_arguments, busy_nodes, stream_next_to_export, active_commit_with_guest,
-    stream_with_guest,
+    stream_with_guest, commit_write_error_report, commit_write_error_stop,
+    active_commit_write_error_stop, stream_write_error_stop, stream_write_error_ignore,
 ]
 
 
@@ -283,22 +335,18 @@ def _img(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def image_state(workdir: str, paths: dict[str, str]) -> dict[str, Any]:
-    """What each image holds, relative to ``workdir``: the backing chain qemu-img sees, the
-    check verdict, and a digest of the guest-visible contents."""
+    """What each image holds, with ``workdir`` written as ``$W``: the backing chain qemu-img
+    sees (names, formats, sizes) and the check verdict."""
     out: dict[str, Any] = {}
     for name, path in paths.items():
         info = _img("info", "--output=json", "--backing-chain", "-U", path)
-        chain = [{"filename": os.path.relpath(i["filename"], workdir),
-                  "backing": i.get("backing-filename"),
+        text = (info.stdout or "[]").replace(workdir, "$W")
+        chain = [{"filename": i["filename"], "backing": i.get("backing-filename"),
                   "backing-format": i.get("backing-filename-format"),
                   "virtual-size": i["virtual-size"]}
-                 for i in json.loads(info.stdout or "[]")]
-        for entry in chain:
-            b = entry["backing"]
-            if b:
-                entry["backing"] = os.path.relpath(b, workdir) if os.path.isabs(b) else b
+                 for i in json.loads(text)]
         check = _img("check", "-U", path)
-        out[name] = {"chain": chain, "check": check.returncode}
+        out[name] = {"chain": chain, "check": check.returncode, "info": info.returncode}
     return out
 
 
