@@ -56,9 +56,10 @@ def make_chain(workdir: str) -> dict[str, str]:
     return paths
 
 
-def open_chain(p: dict[str, str], faults: dict[str, dict[str, Any]] | None = None
-               ) -> list[Step]:
-    """blockdev-add of the chain; ``faults``: a blkdebug rule under a layer's qcow2."""
+def open_chain(p: dict[str, str], faults: dict[str, dict[str, Any]] | None = None,
+               read_only: tuple[str, ...] = ()) -> list[Step]:
+    """blockdev-add of the chain; ``faults``: a blkdebug rule under a layer's qcow2;
+    ``read_only``: layers opened read-only (as libvirt opens backing files)."""
     steps: list[Step] = []
     below = None
     for name in LAYERS:
@@ -68,6 +69,8 @@ def open_chain(p: dict[str, str], faults: dict[str, dict[str, Any]] | None = Non
             file = {"driver": "blkdebug", "node-name": f"{name}-dbg",
                     "inject-error": [faults[name]], "image": file}
         opts: dict[str, Any] = {"driver": "qcow2", "node-name": name, "file": file}
+        if name in read_only:
+            opts["read-only"] = True
         opts["backing"] = below
         steps.append(("cmd", "blockdev-add", opts))
         below = name
@@ -142,6 +145,42 @@ def stream_bottom(p: dict[str, str]) -> list[Step]:
             ("cmd", "block-stream", {"job-id": "s", "device": "top", "bottom": "mid",
                                      "auto-finalize": False}),
             ("wait", "BLOCK_JOB_PENDING"), ("cmd", "job-finalize", {"id": "s"}),
+            ("wait", "BLOCK_JOB_COMPLETED"), *END]
+
+
+def read_only_backing(p: dict[str, str]) -> list[Step]:
+    """Read-only backing files are reopened read-write for the commit, and back."""
+    return [*open_chain(p, read_only=("base", "mid")),
+            ("cmd", "block-commit", {"job-id": "c", "device": "top", "top-node": "mid"}),
+            ("wait", "BLOCK_JOB_COMPLETED"), ("settle",), GRAPH,
+            # (no graph while the job runs: QEMU lists its implicit filter, ours hides it)
+            ("cmd", "block-commit", {"job-id": "a", "device": "top"}),
+            ("wait", "BLOCK_JOB_READY"), ("cmd", "block-job-complete", {"device": "a"}),
+            ("wait", "BLOCK_JOB_COMPLETED", 2), *END]
+
+
+def read_only_stream(p: dict[str, str]) -> list[Step]:
+    return [*open_chain(p, read_only=("base", "mid", "top")),
+            ("cmd", "block-stream", {"job-id": "s", "device": "mid"}),
+            ("wait", "BLOCK_JOB_COMPLETED"), *END]
+
+
+def stream_cancel(p: dict[str, str]) -> list[Step]:
+    return [*open_chain(p),
+            ("cmd", "block-stream", {"job-id": "s", "device": "top", "speed": 1,
+                                     "filter-node-name": "cor"}),
+            ("progress", "s", 1), Q, GRAPH, ("cmd", "block-job-pause", {"device": "s"}),
+            ("status", "s", ["paused"]), ("cmd", "block-job-resume", {"device": "s"}),
+            ("cmd", "block-job-cancel", {"device": "s"}), ("wait", "BLOCK_JOB_CANCELLED"),
+            *END]
+
+
+def commit_filter_named(p: dict[str, str]) -> list[Step]:
+    return [*open_chain(p),
+            ("cmd", "block-commit", {"job-id": "c", "device": "top", "top-node": "mid",
+                                     "speed": 1, "filter-node-name": "ctop"}),
+            ("progress", "c", 1), Q, GRAPH,
+            ("cmd", "block-job-set-speed", {"device": "c", "speed": 0}),
             ("wait", "BLOCK_JOB_COMPLETED"), *END]
 
 
@@ -306,6 +345,7 @@ SCRIPTS: list[Callable[[dict[str, str]], list[Step]]] = [
     stream_bottom, bad_arguments, busy_nodes, stream_next_to_export, active_commit_with_guest,
     stream_with_guest, commit_write_error_report, commit_write_error_stop,
     active_commit_write_error_stop, stream_write_error_stop, stream_write_error_ignore,
+    read_only_backing, read_only_stream, stream_cancel, commit_filter_named,
 ]
 
 

@@ -13,11 +13,13 @@ These drivers are not registered: blockdev-add cannot open them, as in QEMU's 7.
 from __future__ import annotations
 
 import errno
-from typing import ClassVar
+import json
+from typing import Any, ClassVar
 
 from blockmirror.block.driver import BlockDriver, DriverInfo, Extent, WriteFlags
 from blockmirror.block.graph import BlockGraph, id_wellformed
 from blockmirror.block.node import BlockNode, Child, Perm
+from blockmirror.block.query import qemu_json
 from blockmirror.errors import BlockIOError, BlockMirrorError
 
 
@@ -42,7 +44,9 @@ class _PassThrough(BlockDriver):
         return child.length() if child is not None else 0
 
     def info(self) -> DriverInfo:
-        return self._child().info()
+        # a filter has no header of its own: only the cluster size comes from below
+        # (cf. bdrv_co_get_info's filter fallback); no backing file name, no format data
+        return DriverInfo(cluster_size=self._child().info().cluster_size)
 
     def has_zero_init(self) -> bool:
         return self._child().driver.has_zero_init()
@@ -108,8 +112,13 @@ def insert_filter(graph: BlockGraph, driver: type[_PassThrough], below: BlockNod
     if name is not None:
         check_node_name(graph, name)
     node_name = name or graph.new_auto_name()
-    node = BlockNode(name=node_name, implicit=name is None, read_only=below.read_only,
-                     discard_unmap=True, filename=below.filename,
+    # commit_top is opened without BDRV_O_RDWR (it is never written through); copy-on-read
+    # names itself by its options, as QEMU 7.2 reports it
+    read_only = True if driver is CommitTopDriver else below.read_only
+    filename = below.filename if driver is CommitTopDriver else "json:" + qemu_json(
+        {"driver": driver.format_name, driver.role: _spec(below)})
+    node = BlockNode(name=node_name, implicit=name is None, read_only=read_only,
+                     discard_unmap=True, filename=filename,
                      options={"driver": driver.format_name, "node-name": node_name, **options})
     node.driver = driver(node)
     graph.add_node(node)
@@ -126,6 +135,15 @@ def insert_filter(graph: BlockGraph, driver: type[_PassThrough], below: BlockNod
         graph.forget_node(node)
         raise
     return node, link
+
+
+def _spec(node: BlockNode) -> Any:
+    """A node as a json: filename spells it: its own json, or driver and filename/file."""
+    if node.filename.startswith("json:"):
+        return json.loads(node.filename[5:])
+    if node.file is None or node.format_name in ("file", "host_device"):
+        return {"driver": node.format_name, "filename": node.filename}
+    return {"driver": node.format_name, "file": _spec(node.file)}
 
 
 def remove_filter(graph: BlockGraph, node: BlockNode) -> None:
