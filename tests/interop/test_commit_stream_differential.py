@@ -349,6 +349,16 @@ SCRIPTS: list[Callable[[dict[str, str]], list[Step]]] = [
 ]
 
 
+#: scripts whose guest writes change what the top reads
+GUEST_WRITES = {active_commit_with_guest, stream_with_guest}
+#: the nodes an active commit made the active layer: they now read as the top did
+ACTIVE_TARGETS: dict[Callable[[dict[str, str]], list[Step]], tuple[str, ...]] = {
+    active_commit_complete: ("base",), active_commit_to_mid: ("mid",),
+    active_commit_write_error_stop: ("base",), read_only_backing: ("base",),
+    stream_next_to_export: ("base",),
+}
+
+
 async def run_phases(qmp: Any, steps: list[Step], workdir: str) -> Transcript:
     """``run_script`` with ("io", argv) steps: a command run between two QMP phases."""
     out = Transcript()
@@ -435,5 +445,14 @@ def test_commit_stream_like_qsd(script: Callable[[dict[str, str]], list[Step]],
             image_state(str(tmp_path / "qsd"), tp)
         for name in LAYERS:
             assert same_contents(op[name], tp[name]), name
+        # and against the chain as it was: what the guest sees through the top never changes
+        # (unless the script wrote), and an active commit's base now reads as the top did
+        ref = tmp_path / "ref"
+        ref.mkdir()
+        rp = make_chain(str(ref))
+        if script not in GUEST_WRITES:
+            assert same_contents(op["top"], rp["top"])
+        for node in ACTIVE_TARGETS.get(script, ()):
+            assert same_contents(op[node], rp["top"]), node
 
     asyncio.run(main())
