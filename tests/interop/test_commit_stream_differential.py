@@ -184,6 +184,20 @@ def commit_filter_named(p: dict[str, str]) -> list[Step]:
             ("wait", "BLOCK_JOB_COMPLETED"), *END]
 
 
+def commit_grows_base(p: dict[str, str]) -> list[Step]:
+    """A base shorter than what is committed into it is grown first (both kinds)."""
+    # (QEMU refuses block_resize on a backing node: the images grow before they are opened)
+    grow: list[Step] = [("io", ["qemu-img", "resize", "-q", p[n], str(6 * MiB)])
+                        for n in ("mid", "top")]
+    return [*grow, *open_chain(p),
+            ("cmd", "block-commit", {"job-id": "c", "device": "top", "top-node": "mid"}),
+            ("wait", "BLOCK_JOB_COMPLETED"), ("settle",), GRAPH,
+            ("cmd", "block_resize", {"node-name": "top", "size": 8 * MiB}),
+            ("cmd", "block-commit", {"job-id": "a", "device": "top"}),
+            ("wait", "BLOCK_JOB_READY"), ("cmd", "block-job-complete", {"device": "a"}),
+            ("wait", "BLOCK_JOB_COMPLETED", 2), *END]
+
+
 def bad_arguments(p: dict[str, str]) -> list[Step]:
     c, s = "block-commit", "block-stream"
     return [*open_chain(p),
@@ -345,12 +359,12 @@ SCRIPTS: list[Callable[[dict[str, str]], list[Step]]] = [
     stream_bottom, bad_arguments, busy_nodes, stream_next_to_export, active_commit_with_guest,
     stream_with_guest, commit_write_error_report, commit_write_error_stop,
     active_commit_write_error_stop, stream_write_error_stop, stream_write_error_ignore,
-    read_only_backing, read_only_stream, stream_cancel, commit_filter_named,
+    read_only_backing, read_only_stream, stream_cancel, commit_filter_named, commit_grows_base,
 ]
 
 
 #: scripts whose guest writes change what the top reads
-GUEST_WRITES = {active_commit_with_guest, stream_with_guest}
+GUEST_WRITES = {active_commit_with_guest, stream_with_guest, commit_grows_base}
 #: the nodes an active commit made the active layer: they now read as the top did
 ACTIVE_TARGETS: dict[Callable[[dict[str, str]], list[Step]], tuple[str, ...]] = {
     active_commit_complete: ("base",), active_commit_to_mid: ("mid",),
