@@ -198,6 +198,28 @@ def commit_grows_base(p: dict[str, str]) -> list[Step]:
             ("wait", "BLOCK_JOB_COMPLETED", 2), *END]
 
 
+def quit_during_commit(p: dict[str, str]) -> list[Step]:
+    """iotests qsd-jobs' first case with an intermediate commit asleep in its rate limit at
+    ``quit`` (every script ends with it): it is cancelled, with all its events before quit's
+    reply."""
+    return [*open_chain(p),
+            ("cmd", "block-commit", {"job-id": "c", "device": "top", "top-node": "mid",
+                                     "speed": 1}),
+            ("progress", "c", 1)]
+
+
+def quit_during_active_commit(p: dict[str, str]) -> list[Step]:
+    return [*open_chain(p),
+            ("cmd", "block-commit", {"job-id": "a", "device": "top", "speed": 1}),
+            ("progress", "a", 1), Q]
+
+
+def quit_during_stream(p: dict[str, str]) -> list[Step]:
+    return [*open_chain(p),
+            ("cmd", "block-stream", {"job-id": "s", "device": "top", "speed": 1}),
+            ("progress", "s", 1)]
+
+
 def bad_arguments(p: dict[str, str]) -> list[Step]:
     c, s = "block-commit", "block-stream"
     return [*open_chain(p),
@@ -360,6 +382,7 @@ SCRIPTS: list[Callable[[dict[str, str]], list[Step]]] = [
     stream_with_guest, commit_write_error_report, commit_write_error_stop,
     active_commit_write_error_stop, stream_write_error_stop, stream_write_error_ignore,
     read_only_backing, read_only_stream, stream_cancel, commit_filter_named, commit_grows_base,
+    quit_during_commit, quit_during_active_commit, quit_during_stream,
 ]
 
 
