@@ -227,6 +227,33 @@ async def write_many(node: BlockNode, pieces: list[tuple[int, bytes | memoryview
             raise r
 
 
+async def write_zeroes_many(
+    node: BlockNode, extents: list[tuple[int, int]], *, may_unmap: bool = False
+) -> None:
+    """``write_zeroes`` of every extent; one driver call for all of them where nothing else
+    on the node needs to see each request and the driver can (a mirror's zero ops on a
+    fragmented disk). On failure some extents may have been zeroed."""
+    for offset, length in extents:
+        check_request(node, offset, length)
+    check_writable(node)
+    if (len(extents) > 1 and not node.interceptors and not node.dirty_trackers
+            and not node.fault_rules and _aligned_all(node, extents)):
+        flags = WriteFlags.MAY_UNMAP if may_unmap and node.discard_unmap else WriteFlags.NONE
+        try:
+            async with _tracked(node):
+                done = await node.driver.zero_extents(extents, flags)
+        finally:
+            node.write_gen += 1
+        if done:
+            node.stats.record_batch("zero", extents)
+            return
+    results = await asyncio.gather(*(write_zeroes(node, o, n, may_unmap=may_unmap)
+                                     for o, n in extents), return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+
+
 async def _run_chain(
     chain: list[WriteInterceptor], i: int, node: BlockNode, kind: str, offset: int,
     length: int, op: Callable[[], Awaitable[None]],
