@@ -243,6 +243,23 @@ def stream_by_filename(p: dict[str, str]) -> list[Step]:
             ("wait", "BLOCK_JOB_COMPLETED"), ("settle",), Q, QJ]
 
 
+def relative_names(p: dict[str, str]) -> list[Step]:
+    """Headers that name their backing files relatively, looked up by either spelling."""
+    rel: list[Step] = [("io", ["qemu-img", "rebase", "-u", "-F", "qcow2", "-b", f"{below}.qcow2",
+                               p[name]]) for name, below in (("mid", "base"), ("top", "mid"))]
+    c, s = "block-commit", "block-stream"
+    return [*rel, _open_top_only(p),
+            ("cmd", s, {"job-id": "s", "device": "top", "base": "nosuch.qcow2"}),
+            ("cmd", c, {"job-id": "c", "device": "top", "top": "mid.qcow2", "base": "x"}),
+            ("cmd", c, {"job-id": "c", "device": "top", "top": "nosuch", "base": "x"}),
+            ("cmd", c, {"job-id": "c", "device": "top", "top": p["mid"], "base": p["top"]}),
+            ("cmd", c, {"job-id": "c", "device": "top", "top": p["top"]}),
+            ("wait", "BLOCK_JOB_READY"), ("cmd", "block-job-cancel", {"device": "c"}),
+            ("wait", "BLOCK_JOB_COMPLETED"), ("settle",),
+            ("cmd", s, {"job-id": "s", "device": "top", "base": "base.qcow2"}),
+            ("wait", "BLOCK_JOB_COMPLETED", 2), *END]
+
+
 def bad_arguments(p: dict[str, str]) -> list[Step]:
     c, s = "block-commit", "block-stream"
     return [*open_chain(p),
@@ -406,7 +423,7 @@ SCRIPTS: list[Callable[[dict[str, str]], list[Step]]] = [
     active_commit_write_error_stop, stream_write_error_stop, stream_write_error_ignore,
     read_only_backing, read_only_stream, stream_cancel, commit_filter_named, commit_grows_base,
     quit_during_commit, quit_during_active_commit, quit_during_stream, commit_by_filename,
-    stream_by_filename,
+    stream_by_filename, relative_names,
 ]
 
 
