@@ -43,6 +43,11 @@ def check_op(node: BlockNode, op: str) -> None:
             raise BlockMirrorError(f"Node '{name}' is busy: {reasons[0]}")
 
 
+def c_string(value: str | None) -> str | None:
+    """QEMU's C code sees a QMP string up to its first NUL byte."""
+    return value.split("\0", 1)[0] if value is not None else None
+
+
 def _same_file(a: str, b: str) -> bool:
     if a == b:
         return True
@@ -90,7 +95,7 @@ async def block_commit(ctx: CommandContext, args: Args) -> None:
         raise
     check_op(bs, "commit-source")
     top = bs
-    top_node, top_name = args.opt_str("top-node"), args.opt_str("top")
+    top_node, top_name = args.opt_str("top-node"), c_string(args.opt_str("top"))
     found: BlockNode | None = top
     if top_node is not None and top_name is not None:
         raise BlockMirrorError("'top-node' and 'top' are mutually exclusive")
@@ -103,7 +108,7 @@ async def block_commit(ctx: CommandContext, args: Args) -> None:
     if found is None:
         raise BlockMirrorError(f"Top image file {top_name or 'NULL'} not found")
     top = found
-    base_node, base_name = args.opt_str("base-node"), args.opt_str("base")
+    base_node, base_name = args.opt_str("base-node"), c_string(args.opt_str("base"))
     base: BlockNode | None
     if base_node is not None and base_name is not None:
         raise BlockMirrorError("'base-node' and 'base' are mutually exclusive")
@@ -128,7 +133,7 @@ async def block_commit(ctx: CommandContext, args: Args) -> None:
         raise BlockMirrorError("cannot commit an image into itself")
     jobs = daemon.jobs
     job_id = args.opt_str("job-id")
-    backing_file = args.opt_str("backing-file")
+    backing_file = c_string(args.opt_str("backing-file"))
     speed, on_error = args.get_int("speed"), args.get_str("on-error")
     filter_name = args.opt_str("filter-node-name")
     auto_finalize, auto_dismiss = args.get_bool("auto-finalize"), args.get_bool("auto-dismiss")
@@ -157,7 +162,7 @@ async def block_commit(ctx: CommandContext, args: Args) -> None:
 async def block_stream(ctx: CommandContext, args: Args) -> None:
     """cf. qmp_block_stream."""
     graph = ctx.daemon.graph
-    base_name, base_node = args.opt_str("base"), args.opt_str("base-node")
+    base_name, base_node = c_string(args.opt_str("base")), args.opt_str("base-node")
     bottom_name = args.opt_str("bottom")
     if base_name is not None and base_node is not None:
         raise BlockMirrorError("'base' and 'base-node' cannot be specified at the same time")
@@ -190,7 +195,7 @@ async def block_stream(ctx: CommandContext, args: Args) -> None:
     while node is not None and node is not end:
         check_op(node, "stream")
         node = filter_or_cow(node)
-    backing_file = args.opt_str("backing-file")
+    backing_file = c_string(args.opt_str("backing-file"))
     if base is None and backing_file is not None:
         raise BlockMirrorError("backing file specified, but streaming the entire chain")
     await start_stream(
