@@ -187,6 +187,32 @@ def test_active_writer_copies_write_blocking_writes_itself() -> None:
     asyncio.run(main())
 
 
+def test_active_writer_sends_the_guests_bytes_without_reading_the_source() -> None:
+    """Write-blocking copies the request's own payload (unaligned head and tail trimmed to
+    what the dirty bitmap allows), not a read of the source."""
+    async def main() -> None:
+        _g, src, tgt = _pair()
+        _active_writer, dirty, _gate, _changes = _active(src, tgt)
+        reads: list[tuple[int, int]] = []
+        real_read = src.driver.preadv
+
+        async def spy(offset: int, length: int) -> bytes:
+            reads.append((offset, length))
+            return await real_read(offset, length)
+
+        src.driver.preadv = spy  # type: ignore[method-assign]
+        payload = bytes(range(256)) * (3 * GRAN // 256)
+        await src.write(2 * GRAN, payload)
+        dirty.bitmap.set_dirty(6 * GRAN, GRAN)  # a dirty tail chunk: left to the copy
+        await src.write(5 * GRAN + 100, payload[: GRAN + 50])
+        assert reads == []
+        assert await tgt.read(2 * GRAN, 3 * GRAN) == payload
+        assert await tgt.read(5 * GRAN + 100, GRAN - 100) == payload[: GRAN - 100]
+        assert dirty.is_dirty(6 * GRAN)
+
+    asyncio.run(main())
+
+
 def test_drain_gate_holds_writes_until_it_opens() -> None:
     async def main() -> None:
         _g, src, tgt = _pair()

@@ -170,7 +170,7 @@ async def copy_extents(
         await _copy_host_to_host(src_hf, dst_hf, extents)
     elif src_hf is not None:
         await _copy_host_to_node(src_hf, dst, extents)
-    elif not (len(extents) > 1 and await _copy_via_data_files(src, dst, extents)):
+    elif not await _copy_via_data_files(src, dst, extents):
         await _copy_generic(src, dst, extents)
 
 

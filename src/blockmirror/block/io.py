@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import functools
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
@@ -254,21 +253,36 @@ async def write_zeroes_many(
             raise r
 
 
-async def _run_chain(
-    chain: list[WriteInterceptor], i: int, node: BlockNode, kind: str, offset: int,
-    length: int, op: Callable[[], Awaitable[None]],
-) -> None:
-    # a module-level step (not a closure that calls itself): a self-referencing closure is a
-    # reference cycle that would keep the request's data buffer alive until the cyclic GC runs
-    if i == len(chain):
-        await op()
-        return
-    await chain[i].around_write(node, kind, offset, length, functools.partial(
-        _run_chain, chain, i + 1, node, kind, offset, length, op))
+class Proceed:
+    """What an interceptor awaits (exactly once) to let a write go on down the chain.
+
+    ``data`` is the write's payload (None for zeroes and discards): an active mirror copies
+    it to its target without reading the source back. A plain object, not a closure that
+    calls itself: a self-referencing closure is a reference cycle that would keep the
+    request's data buffer alive until the cyclic GC runs.
+    """
+
+    __slots__ = ("_chain", "_i", "_kind", "_length", "_node", "_offset", "_op", "data")
+
+    def __init__(self, chain: list[WriteInterceptor], i: int, node: BlockNode, kind: str,
+                 offset: int, length: int, op: Callable[[], Awaitable[None]],
+                 data: bytes | memoryview | None) -> None:
+        self._chain, self._i, self._node, self._kind = chain, i, node, kind
+        self._offset, self._length, self._op, self.data = offset, length, op, data
+
+    async def __call__(self) -> None:
+        chain, i = self._chain, self._i
+        if i == len(chain):
+            await self._op()
+            return
+        await chain[i].around_write(self._node, self._kind, self._offset, self._length, Proceed(
+            chain, i + 1, self._node, self._kind, self._offset, self._length, self._op,
+            self.data))
 
 
 async def _intercepted(
-    node: BlockNode, kind: str, offset: int, length: int, op: Callable[[], Awaitable[None]]
+    node: BlockNode, kind: str, offset: int, length: int, op: Callable[[], Awaitable[None]],
+    data: bytes | memoryview | None = None,
 ) -> None:
     """Run ``op`` through the node's interceptors (outermost first), then mark trackers."""
 
@@ -277,7 +291,7 @@ async def _intercepted(
     chain = list(node.interceptors)
     try:
         async with _tracked(node), node.stats.account(kind, offset, length):
-            await _run_chain(chain, 0, node, kind, offset, length, op)
+            await Proceed(chain, 0, node, kind, offset, length, op, data)()
     finally:
         # failed writes count too: the range may be half-written (cf. write_req_finish)
         node.write_gen += 1
@@ -304,7 +318,7 @@ async def write(node: BlockNode, offset: int, data: bytes | memoryview, fua: boo
         if fua and not drv.supports_fua:
             await drv.flush()
 
-    await _intercepted(node, "write", offset, length, op)
+    await _intercepted(node, "write", offset, length, op, data)
 
 
 async def write_zeroes(

@@ -137,9 +137,16 @@ class Copier:
         return max(cfg.granularity, min(cfg.buf_size // 4, 4 * MAX_IO_BYTES))
 
     def _buffered(self) -> bool:
-        """The copy's data passes through Python buffers (not one host file to another)."""
-        return (host_file(self.source, for_write=False) is None
-                or host_file(self.target, for_write=True) is None)
+        """The copy's data passes through Python buffers (not one host file to another,
+        either directly or between the data files of two formats such as qcow2)."""
+        if (host_file(self.source, for_write=False) is not None
+                and host_file(self.target, for_write=True) is not None):
+            return False
+        src_file = self.source.driver.data_file_node()
+        dst_file = self.target.driver.data_file_node()
+        return (src_file is None or dst_file is None
+                or host_file(src_file, for_write=False) is None
+                or host_file(dst_file, for_write=True) is None)
 
     def budget(self) -> int:
         """Bytes that may be in flight. Buffered copies hold their data in fresh objects;

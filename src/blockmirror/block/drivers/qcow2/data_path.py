@@ -250,22 +250,27 @@ class DataPath:
                 await fill(plan)
                 ok = True
             finally:
-                for token in tokens:
-                    self._file.release(token)
-                if links or new_runs:
-                    async with self._lock:
-                        if ok:
-                            await self._map.link(links)
-                            await self._write_back()
-                        else:
-                            for new_first, new_count in new_runs:
-                                self._allocator.free_later(range(new_first,
-                                                                 new_first + new_count))
+                await self._settle(tokens, links, new_runs, ok)
         finally:
             for l1_index, l2_index, _entry in links:
                 self.allocations.pop((l1_index << l2_bits) | l2_index, None)
             done.set()
         return True
+
+    async def _settle(self, tokens: list[int], links: list[Link],
+                      new_runs: list[tuple[int, int]], ok: bool) -> None:
+        """After a batch's data I/O: end its host pins, then link its clusters (their data
+        is written) or give the new ones back at the next flush (nothing points at them)."""
+        for token in tokens:
+            self._file.release(token)
+        if links or new_runs:
+            async with self._lock:
+                if ok:
+                    await self._map.link(links)
+                    await self._write_back()
+                else:
+                    for new_first, new_count in new_runs:
+                        self._allocator.free_later(range(new_first, new_first + new_count))
 
     async def _cluster_content(self, guest_cluster: int, entry: int) -> bytes:
         """The guest-visible content of a cluster before a partial overwrite."""
@@ -381,18 +386,7 @@ class DataPath:
                 await self._file.write_many(host_writes)
                 ok = True
             finally:
-                for token in tokens:
-                    self._file.release(token)
-                if links or new_runs:
-                    async with self._lock:
-                        if ok:
-                            await self._map.link(links)
-                            await self._write_back()
-                        else:
-                            # nothing points at them yet: give them back at the next flush
-                            for new_first, new_count in new_runs:
-                                self._allocator.free_later(range(new_first,
-                                                                 new_first + new_count))
+                await self._settle(tokens, links, new_runs, ok)
         finally:
             for l1_index, l2_index, _entry in links:
                 self.allocations.pop((l1_index << l2_bits) | l2_index, None)
