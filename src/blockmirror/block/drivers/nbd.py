@@ -18,7 +18,6 @@ import os
 import ssl
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlparse
 
 from blockmirror.block.driver import BlockDriver, BlockStatus, DriverInfo, Extent, WriteFlags
 from blockmirror.block.drivers import register
@@ -85,6 +84,9 @@ def parse_nbd_uri(uri: str) -> dict[str, Any]:
         if export is not None:
             opts["export"] = export
         return opts
+    # urllib.parse (and ipaddress under it) only when an nbd:// filename is parsed (start-up)
+    from urllib.parse import parse_qs, unquote, urlparse
+
     u = urlparse(uri)
     if u.scheme not in ("nbd", "nbd+tcp", "nbd+unix"):
         raise BlockMirrorError("No valid URL specified")

@@ -58,6 +58,8 @@ class MirrorWiring:
         #: the op blocker's text names the job type (cf. block_job_create)
         self.blocker_reason = (BLOCKER_REASON if params.job_type == "mirror" else
                                f"block device is in use by block job: {params.job_type}")
+        #: the backing fix-up or the pivot failed (known when ``exit`` calls ``release``)
+        self.exit_failed = False
 
     # --- setup --------------------------------------------------------------------------------
 
@@ -195,6 +197,7 @@ class MirrorWiring:
             self._blocked.clear()
             if self.to_replace is not None:
                 self.to_replace.unblock("all", _REPLACE_REASON)
+            self.exit_failed = failure is not None
             release(redirect)
         await self._drop_unused(pivoted)
         if failure is not None:
@@ -228,8 +231,9 @@ class MirrorWiring:
 
     async def _drop_unused(self, pivoted: bool) -> None:
         """Close what nobody references any more: a drive-mirror target left behind, or a
-        source whose every parent moved to the target."""
-        candidates = [self.source] if pivoted else []
+        source (or the ``replaces`` node, e.g. a format node below a throttle filter) whose
+        every parent moved to the target."""
+        candidates = [self.to_replace or self.source] if pivoted else []
         if self.params.owns_target:
             # drive-mirror's reference goes with the job (cf. bdrv_unref(target_bs)): a
             # target no parent adopted is closed, pivot or not
