@@ -403,7 +403,7 @@ class MirrorJob(BlockJob):
 
     async def run(self) -> None:
         """cf. mirror_run."""
-        if self.target.length() != self.bdev_length:
+        if self.target.length() != self.bdev_length and not self.params.target_is_backing:
             raise BlockMirrorError("Source and target image have different sizes")
         if self.bdev_length == 0:
             self.published = True
