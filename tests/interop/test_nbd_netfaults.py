@@ -659,3 +659,35 @@ def test_open_timeout_texts_match_qemu(tmp_path: Path) -> None:
         assert replies["ours"][1]["error"]["desc"] == "Connection attempt cancelled by timeout"
 
     arun(main())
+
+
+@pytest.mark.parametrize("kind", ["qsd", "ours"])
+def test_a_forced_cancel_does_not_wait_out_reconnect_delay(tmp_path: Path, kind: str) -> None:
+    """A mirror whose NBD target is gone, with a reconnect-delay far longer than the test,
+    is force-cancelled at once: mirror_cancel stops the target's wait (cf.
+    bdrv_cancel_in_flight), and the job ends with BLOCK_JOB_CANCELLED."""
+    require()
+
+    async def main() -> None:
+        name = "forced cancel while waiting for a reconnect (reconnect-delay=300)"
+        ran(f"{kind}: {name}")
+        rig = Rig(tmp_path, kind)
+        data = pattern(6)
+        async with rig.running(data):
+            assert await rig.add_target(**{"reconnect-delay": 300}) == {"return": {}}
+            drop = rig.proxy.arm(Drop(after=3, cmd=CMD_WRITE))
+            await rig.mirror(speed=4 * MiB)
+            await rig.fired(drop)
+            rig.proxy.down()
+            await rig.cmd("block-job-set-speed", {"device": "m0", "speed": 0})
+            n = len(rig.events)
+            await rig.cmd("block-job-cancel", {"device": "m0", "force": True})
+            # far below the 300 s delay: waiting it out would fail here
+            ev = await asyncio.wait_for(rig.event_any(
+                ("BLOCK_JOB_CANCELLED", "BLOCK_JOB_COMPLETED"), after=n), 30)
+            assert ev["event"] == "BLOCK_JOB_CANCELLED", ev
+            await rig.alive()
+            not_corrupt(data, await rig.target_bytes())
+        survived(f"{kind}: {name}")
+
+    arun(main())
