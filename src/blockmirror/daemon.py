@@ -36,7 +36,7 @@ class Daemon:
         #: --object / object-add objects by id (secrets, TLS credentials, authz, throttle
         #: groups); the graph looks them up for its drivers, the NBD server through the graph
         self.objects = ObjectRegistry()
-        self.graph = BlockGraph(objects=self.objects)
+        self.graph = BlockGraph(objects=self.objects, clock=clock)
         #: --chardev and chardev-add chardevs by label
         self.chardevs = ChardevRegistry(self.objects)
         self.events = EventBus(check=schema_checks.report_event if schema_checks.enabled()

@@ -361,6 +361,30 @@ command("drive-mirror", {
         "becomes `full`); `replaces` needs `node-name`" + _MIRROR_EXTENSIONS_DOC
         + _MIRROR_BITMAP_DOC)
 
+# --- commit and stream (qmp/commands/commit.py, jobs/commit/) ------------------------------------
+
+command("block-commit", {
+    "*job-id": "str", "device": "str", "*base-node": "str", "*base": "str",
+    "*top-node": "str", "*top": "str", "*backing-file": "str", "*speed": "int",
+    "*on-error": "BlockdevOnError", "*filter-node-name": "str", "*auto-finalize": "bool",
+    "*auto-dismiss": "bool",
+}, defaults={"speed": 0, "on-error": BlockdevOnError.REPORT, "auto-finalize": True,
+             "auto-dismiss": True},
+    doc="(QEMU 7.2) `top` below the active layer: a `commit` job that copies `top`..`base` "
+        "into `base` and drops the nodes in between, writing `backing-file` (or the base's "
+        "filename) into the overlay's header; `top` the active layer (or written by "
+        "someone): active commit, a mirror job of type `commit` that goes READY and pivots "
+        "to `base` on block-job-complete; `base`/`top` by filename (deprecated in QEMU)")
+command("block-stream", {
+    "*job-id": "str", "device": "str", "*base": "str", "*base-node": "str",
+    "*backing-file": "str", "*bottom": "str", "*speed": "int", "*on-error": "BlockdevOnError",
+    "*filter-node-name": "str", "*auto-finalize": "bool", "*auto-dismiss": "bool",
+}, defaults={"speed": 0, "on-error": BlockdevOnError.REPORT, "auto-finalize": True,
+             "auto-dismiss": True},
+    doc="(QEMU 7.2) copies what the backing chain above `base` (or down to `bottom`) holds "
+        "into `device` through a `copy-on-read` filter, then makes `base` its backing and "
+        "writes `backing-file` (or the base's filename) into its header")
+
 # --- events -------------------------------------------------------------------------------------
 
 event("BLOCK_JOB_COMPLETED", {"type": "JobType", "device": "str", "len": "int", "offset": "int",

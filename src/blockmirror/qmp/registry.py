@@ -159,7 +159,7 @@ def command(name: str) -> Callable[[H], H]:
 
 _COMMAND_MODULES = ("control", "block", "query", "jobs", "mirror", "mirror_group", "nbd", "hmp",
                     "bitmaps", "objects", "block_graph", "transaction", "testkit",
-                    "backup", "snapshot_internal", "amend", "chardev", "x_blockdev")
+                    "backup", "snapshot_internal", "amend", "chardev", "x_blockdev", "commit")
 
 
 def load_commands() -> dict[str, CommandDef]:

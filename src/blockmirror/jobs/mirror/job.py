@@ -194,8 +194,17 @@ class MirrorJob(BlockJob):
     # --- job hooks ------------------------------------------------------------------------------
 
     def on_cancel(self, force: bool) -> bool:
-        """cf. mirror_cancel: before READY every cancel is forced."""
-        return force or not self.is_ready
+        """cf. mirror_cancel: before READY every cancel is forced, and a forced one stops
+        the target's waits (an NBD target within its reconnect-delay fails at once)."""
+        force = force or not self.is_ready
+        if force:
+            node: BlockNode | None = self.target
+            for _ in range(8):  # the format node, its file, a filter's child
+                if node is None:
+                    break
+                node.driver.cancel_in_flight()
+                node = node.filtered_child() or node.child("file")
+        return force
 
     def supports_complete(self) -> bool:
         return True
@@ -394,7 +403,7 @@ class MirrorJob(BlockJob):
 
     async def run(self) -> None:
         """cf. mirror_run."""
-        if self.target.length() != self.bdev_length:
+        if self.target.length() != self.bdev_length and not self.params.target_is_backing:
             raise BlockMirrorError("Source and target image have different sizes")
         if self.bdev_length == 0:
             self.published = True
