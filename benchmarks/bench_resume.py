@@ -47,6 +47,8 @@ MiB = 1 << 20
 GiB = 1 << 30
 BLOCK = 64 * KiB
 EXTENT = 4 * MiB
+#: slices of each phase, run alternately by every configuration
+SLICES = 4
 
 
 def make_sparse(path: Path, size: int, data_mib: int = 0) -> None:
@@ -160,25 +162,32 @@ def paired_rounds(tmp: Path, size: int, writes: int, configs: list[tuple[str, di
             ft = first_touch_offsets(size, rng)
             steady = random_offsets(writes, size, rng)
             qd1 = random_offsets(writes // 4, size, rng)
-            order = configs if r % 2 == 0 else configs[::-1]
-            for name, _ in order:
-                dt = qemu_io(uris[name], [f"aio_write -q -P 7 {o} {BLOCK}" for o in ft]
-                             + ["aio_flush"])
-                res[name]["first"] = len(ft) * BLOCK / MiB / max(dt - startup, 1e-6)
-                wait_in_sync(q, jobs)
-            for name, _ in order[::-1]:
-                dt = qemu_io(uris[name], [f"aio_write -q -P 8 {o} {BLOCK}" for o in steady]
-                             + ["aio_flush"])
-                res[name]["steady"] = writes * BLOCK / MiB / max(dt - startup, 1e-6)
-                wait_in_sync(q, jobs)
-            for name, _ in order:
-                dt = qemu_io(uris[name], [f"write -q -P 9 {o} {BLOCK}" for o in qd1])
-                res[name]["qd1"] = (dt - startup) / len(qd1) * 1000
-                wait_in_sync(q, jobs)
+            # each phase in SLICES slices, the configurations alternating slice by slice
+            # (ABBA...), so that the load of a shared machine drifts the same for all
+            spent: dict[tuple[str, str], float] = {}
+            phases = (("first", "aio_write -q -P 7 {} " + str(BLOCK), ft, True),
+                      ("steady", "aio_write -q -P 8 {} " + str(BLOCK), steady, True),
+                      ("qd1", "write -q -P 9 {} " + str(BLOCK), qd1, False))
+            k = 0
+            for phase, fmt, offs, flush in phases:
+                for part in range(SLICES):
+                    piece = offs[part::SLICES]
+                    order = configs if (k + r) % 2 == 0 else configs[::-1]
+                    k += 1
+                    for name, _ in order:
+                        script = [fmt.format(o) for o in piece] + (["aio_flush"] if flush
+                                                                   else [])
+                        dt = max(qemu_io(uris[name], script) - startup, 1e-6)
+                        spent[name, phase] = spent.get((name, phase), 0.0) + dt
+                        wait_in_sync(q, jobs)
+            for name, _ in configs:
+                res[name]["first"] = len(ft) * BLOCK / MiB / spent[name, "first"]
+                res[name]["steady"] = len(steady) * BLOCK / MiB / spent[name, "steady"]
+                res[name]["qd1"] = spent[name, "qd1"] / len(qd1) * 1000
             for i, (name, _) in enumerate(configs):
                 runs[name].append(res[name])
                 print(f"  round {r} {name}: " + "  ".join(
-                    f"{k} {v:.2f}" for k, v in res[name].items()), file=sys.stderr)
+                    f"{key} {v:.2f}" for key, v in res[name].items()), file=sys.stderr)
                 cmd(q, "block-export-del", {"id": f"e{i}"})
                 cmd(q, "block-job-cancel", {"device": f"m{i}"})
                 wait_event(q, "BLOCK_JOB_COMPLETED")
