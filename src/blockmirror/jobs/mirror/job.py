@@ -434,7 +434,7 @@ class MirrorJob(BlockJob):
             self.progress.set_remaining(inflight.bytes + cnt + inflight.active_bytes)
             delta = self.clock.now_ns() - last_pause
             if delta < SLICE_NS and self.io_status == "ok":
-                if (inflight.ops >= MAX_IN_FLIGHT or inflight.buf_used >= self.buf_size
+                if (inflight.ops >= MAX_IN_FLIGHT or inflight.buf_used >= self.copier.budget()
                         or (cnt == 0 and inflight.ops > 0)):
                     await inflight.wait_pulse()
                     continue
