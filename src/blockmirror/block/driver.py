@@ -166,6 +166,10 @@ class BlockDriver(ABC):
         ranges (the caller zeroes them one by one; any already zeroed stay so)."""
         return False
 
+    def cancel_in_flight(self) -> None:
+        """Fail requests that wait for something that may never come (an NBD reconnect);
+        cf. bdrv_cancel_in_flight, which a force-cancelled mirror calls on its target."""
+
     def data_file_node(self) -> BlockNode | None:
         """The node that holds this format's data clusters at host offsets (qcow2's
         ``file``), for copies that move them file to file; None: no such node."""

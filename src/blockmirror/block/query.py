@@ -180,7 +180,8 @@ async def block_device_info(node: BlockNode, *, flat: bool = False) -> dict[str,
         "drv": node.format_name,
     }
     backing = node.backing
-    if backing is not None:
+    if backing is not None and not node.driver.is_filter:
+        # a filter's backing (mirror_top, commit_top) is no backing file (cf. bs->backing_file)
         out["backing_file"] = backing.filename
     elif info.backing_filename:
         out["backing_file"] = info.backing_filename

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import functools
@@ -91,7 +90,10 @@ _libc: ctypes.CDLL | None = None
 def _fallocate_fn() -> Any:
     global _libc
     if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        # ctypes.util pulls in subprocess, tempfile and shutil: only on first use (start-up)
+        from ctypes import util as ctypes_util  # binds no local "ctypes"
+
+        _libc = ctypes.CDLL(ctypes_util.find_library("c") or None, use_errno=True)
     fn = getattr(_libc, "fallocate", None)
     if fn is None:
         return None

@@ -188,7 +188,7 @@ class Copier:
         if self.control.is_cancelled or not dirty.is_dirty(offset):
             return
         cow = dirty.cow is not None
-        budget = self.budget()
+        budget = self.config.buf_size  # whole target clusters fit (a 4 MiB rbd object)
         # with a speed limit, gather no more than a slice's quota (one run may still be
         # longer, as in QEMU): a whole buffer at once would make the limit very bursty
         gather = min(budget, int(self.control.slice_quota)) if self.control.slice_quota else budget
