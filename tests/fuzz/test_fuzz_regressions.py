@@ -1,28 +1,26 @@
 """Regression tests for what the fuzzers found (see fuzz/known.py and fuzz/README.md).
 
-Bugs in files this helper does not own are strict xfails naming the bug: they fail loudly
-(XPASS) once fixed, so the marker must then go.
+Each found input that broke us is pinned here as a plain test of QEMU 7.2's behaviour.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import struct
 import subprocess
 from pathlib import Path
-
-import pytest
 
 from blockmirror.block.graph import BlockGraph
 from blockmirror.block.options import close_all, open_blockdev
 from conftest import require_tool
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (block/options.py, qcow2 backing name): a NUL "
-                   "byte in the qcow2 backing file name raises ValueError from realpath; "
-                   "QEMU ends the name at the NUL (found by fuzz/h_qcow2.py)")
 def test_qcow2_backing_name_with_nul_ends_at_the_nul(tmp_path: Path) -> None:
+    """Found by fuzz/h_qcow2.py: a NUL in the backing file name raised ValueError from
+    realpath; QEMU reads the name as a C string, so it ends at the NUL (qemu-img info shows
+    the cut name and qemu-io reads through it)."""
     require_tool("qemu-img")
     base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "1M"], check=True)
@@ -34,16 +32,18 @@ def test_qcow2_backing_name_with_nul_ends_at_the_nul(tmp_path: Path) -> None:
     top.write_bytes(img)
     # qemu-img info reports backing file: .../base.qcow2 and qemu-io reads through it
 
-    async def main() -> str | None:
+    async def main() -> tuple[str | None, str | None]:
         graph = BlockGraph()
         try:
             node = await open_blockdev(graph, {"driver": "qcow2", "node-name": "t", "file": {
                 "driver": "file", "filename": str(top)}})
-            return node.backing.node.filename if node.backing else None
+            return (node.backing.filename if node.backing else None,
+                    node.info().backing_filename)
         finally:
             await close_all(graph)
 
-    assert asyncio.run(main()) == str(base)
+    # the name as qemu-img info --output=json shows it in backing-filename
+    assert asyncio.run(main()) == (str(base), str(base))
 
 
 def _qmp_run(tmp_path: Path, cmds: list[tuple[str, dict[str, object]]]) -> list[object]:
@@ -73,22 +73,26 @@ def test_nbd_server_start_path_ends_at_a_nul(tmp_path: Path) -> None:
     assert out[1] == {"return": {}}, out
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (qmp/commands/mirror.py or block/create.py): "
-                   "drive-mirror with a NUL in 'target' answers 'internal error: embedded "
-                   "null byte'; QEMU's C code ends the file name at the NUL (found by "
-                   "fuzz/h_qmp.py)")
 def test_drive_mirror_target_with_a_nul_is_not_an_internal_error(tmp_path: Path) -> None:
+    """Found by fuzz/h_qmp.py: drive-mirror with a NUL in 'target' answered 'internal error:
+    embedded null byte'. qemu-storage-daemon 7.2 keeps U+0000 from JSON as the bytes C0 80
+    (its parser's modified UTF-8): it creates 't.qcow2<C0 80>x', starts the job and shows the
+    name back with \\u0000; opening a missing such name is a plain 'Could not open'."""
+    target = str(tmp_path / "t.qcow2") + "\0x"
     out = _qmp_run(tmp_path, [
         ("blockdev-add", {"driver": "null-co", "node-name": "n0", "size": 1 << 20}),
-        ("drive-mirror", {"device": "n0", "target": str(tmp_path / "t.qcow2") + "\0x",
-                          "format": "qcow2", "sync": "full", "job-id": "j"})])
-    assert "internal error" not in json.dumps(out[1]), out
+        ("drive-mirror", {"device": "n0", "target": target, "node-name": "t0",
+                          "format": "qcow2", "sync": "full", "job-id": "j"}),
+        ("query-named-block-nodes", {"flat": True}),
+        ("blockdev-add", {"driver": "file", "node-name": "f", "filename": target + "y"})])
+    assert out[1] == {"return": {}}, out[1]
+    assert b"t.qcow2\xc0\x80x" in os.listdir(bytes(tmp_path))
+    names = {n["node-name"]: n["file"] for n in out[2]["return"]}  # type: ignore[index]
+    assert names["t0"] == target
+    assert out[3] == {"error": {"class": "GenericError", "desc":
+                      f"Could not open '{target}y': No such file or directory"}}, out[3]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (qmp/commands/block_graph.py or block/create.py): "
-                   "blockdev-snapshot-sync with a NUL in 'snapshot-file' answers 'internal "
-                   "error: embedded null byte'; QEMU's C code ends the file name at the NUL "
-                   "(found by fuzz/h_qmp.py)")
 def test_snapshot_sync_file_with_a_nul_is_not_an_internal_error(tmp_path: Path) -> None:
     out = _qmp_run(tmp_path, [
         ("blockdev-add", {"driver": "null-co", "node-name": "q0", "size": 1 << 20}),
@@ -97,10 +101,15 @@ def test_snapshot_sync_file_with_a_nul_is_not_an_internal_error(tmp_path: Path) 
     assert "internal error" not in json.dumps(out[1]), out
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (qapi schema of query-qmp-schema): with "
-                   "BLOCKMIRROR_SCHEMA_CHECKS=1 (set for every test) query-qmp-schema's return "
-                   "value fails its declared type: 'return[0].ret-type' is unexpected "
-                   "(found by fuzz/h_qmp.py; present on main)")
 def test_query_qmp_schema_conforms_to_its_declared_return_type(tmp_path: Path) -> None:
+    """Found by fuzz/h_qmp.py: with BLOCKMIRROR_SCHEMA_CHECKS=1 (set for every test) the
+    reply failed its declared type ('return[0].ret-type' is unexpected): SchemaInfo was a
+    two-member struct; now the flat union of qapi/introspect.json, as in QEMU 7.2."""
     out = _qmp_run(tmp_path, [("query-qmp-schema", {})])
     assert "return" in out[0], str(out[0])[:300]
+    infos = {i["name"]: i for i in out[0]["return"]}  # type: ignore[index]
+    # the reply describes its own type as QEMU's does: the union tagged by meta-type
+    ret = infos[infos[infos["query-qmp-schema"]["ret-type"]]["element-type"]]
+    assert ret["tag"] == "meta-type"
+    assert {v["case"] for v in ret["variants"]} == {
+        "builtin", "enum", "array", "object", "alternate", "command", "event"}

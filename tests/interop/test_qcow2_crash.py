@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import select
 import signal
 import subprocess
 import sys
@@ -93,6 +94,21 @@ def _replay(seed: int, upto: int, cs: int, initial: bytes) -> tuple[bytearray, b
     return model, touched
 
 
+def _until_first_flush(proc: subprocess.Popen[bytes], deadline_s: float = 120.0) -> bytes:
+    """What the child printed up to its first completed flush (or its exit, or the deadline)."""
+    assert proc.stdout is not None
+    got = b""
+    end = time.monotonic() + deadline_s
+    while b"F " not in got and time.monotonic() < end:
+        ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+        if ready:
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            if not chunk:
+                break
+            got += chunk
+    return got
+
+
 @pytest.mark.parametrize(("cs", "snapshot"), [(512, False), (65536, False), (4096, True)])
 def test_sigkill_keeps_image_consistent(tmp_path: Path, cs: int, snapshot: bool) -> None:
     """With ``snapshot``, every cluster starts shared with an internal snapshot, so the
@@ -110,15 +126,21 @@ def test_sigkill_keeps_image_consistent(tmp_path: Path, cs: int, snapshot: bool)
             subprocess.run(["qemu-img", "snapshot", "-c", "before", str(img)], check=True)
             initial = b"\x3c" * SIZE
         seed = cs * 1000 + r + (7 if snapshot else 0)
+        # unbuffered: what the first-flush wait reads is not lost to communicate()
         proc = subprocess.Popen(
             [sys.executable, "-c", CHILD, str(img), str(seed), str(cs), here, WORKLOAD_SRC],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
         )
+        head = b""
         try:
-            time.sleep(random.Random(seed).uniform(0.4, 1.0))
+            head = _until_first_flush(proc)
+            # the kill point: a random moment after the child got going (a loaded machine
+            # may take seconds to start it, so the wait above is on its output, not a clock)
+            time.sleep(random.Random(seed).uniform(0.0, 0.6))
         finally:
             proc.send_signal(signal.SIGKILL)
-            out, err = proc.communicate(timeout=30)
+            rest, errb = proc.communicate(timeout=60)
+        out, err = (head + rest).decode(), errb.decode()
         flushed = [int(line.split()[1]) for line in out.splitlines() if line.startswith("F ")]
         assert proc.returncode == -signal.SIGKILL, err
         assert_clean(img, allow_leaks=True)

@@ -56,11 +56,6 @@ JUSTIFIED = {
 }
 #: a generated case we refuse while qemu-img info opens it is justified by QEMU failing it
 GENERATED_REASON = "QEMU fails the image itself at first use (check or the qemu-io read)"
-#: known leniencies (bugs outside the tests, reported; each has a strict xfail below)
-KNOWN_LENIENT = {
-    "Snapshot table offset invalid": "BUG (qcow2/header.py): the snapshot table offset is "
-    "not validated when nb_snapshots is 0; QEMU refuses an unaligned one",
-}
 
 
 def _qemu(img: Path) -> dict[str, Any]:
@@ -177,8 +172,6 @@ def test_generated_cases_cross_checked(tmp_path: Path) -> None:
                 f.seek(off)
                 f.write(struct.pack(fmt, value))
         verdict, why = _verdict(name, img, GENERATED_REASON)
-        if verdict == "LENIENT" and any(t in why for t in KNOWN_LENIENT):
-            verdict = "known-bug"
         tally[verdict] = tally.get(verdict, 0) + 1
         if verdict in ("LENIENT", "UNJUSTIFIED"):
             problems.append(f"{why} edits={edits}")
@@ -187,8 +180,9 @@ def test_generated_cases_cross_checked(tmp_path: Path) -> None:
     assert tally.get("agree-refuse", 0) and tally.get("agree-accept", 0), tally
 
 
-@pytest.mark.xfail(strict=True, reason=KNOWN_LENIENT["Snapshot table offset invalid"])
 def test_unaligned_snapshot_table_offset_refused_like_qemu(tmp_path: Path) -> None:
+    """QEMU validates the snapshot table offset (aligned, below INT64_MAX) even when
+    nb_snapshots is 0; we once checked it only with snapshots (a leniency found here)."""
     require_tool("qemu-img", "qemu-io")
     img = _base(tmp_path)
     with img.open("r+b") as f:

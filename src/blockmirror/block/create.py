@@ -24,6 +24,7 @@ from blockmirror.block.drivers.rbd import (
     parse_rbd_filename,
 )
 from blockmirror.block.graph import BlockGraph
+from blockmirror.block.hostpath import host_path
 from blockmirror.block.options import close_all, open_image
 from blockmirror.block.optsyntax import probe_format_async
 from blockmirror.errors import BlockMirrorError
@@ -303,7 +304,7 @@ def _check_device_sync(filename: str, size: int) -> None:
     fail = "Protocol driver 'host_device' does not support image creation, and opening the " \
         "image failed: "
     try:
-        fd = os.open(filename, os.O_RDWR | os.O_CLOEXEC)
+        fd = os.open(host_path(filename), os.O_RDWR | os.O_CLOEXEC)
     except OSError as e:
         raise BlockMirrorError(
             f"{fail}Could not open '{filename}': {os.strerror(e.errno or errno.EIO)}") from e
@@ -344,7 +345,7 @@ async def _create_qcow2(filename: str, size: int, opts: Mapping[str, Any]) -> No
         "refcount_bits": int(opts.get("refcount_bits") or 16),
         "nocow": _parse_bool("nocow", opts.get("nocow", False)),
     }
-    await create_qcow2(filename, size, **normalized)
+    await create_qcow2(host_path(filename), size, **normalized)
 
 
 class _TooLarge(Exception):
@@ -353,7 +354,7 @@ class _TooLarge(Exception):
 
 def _create_sync(filename: str, size: int, preallocation: str, nocow: bool) -> None:
     try:
-        fd = os.open(filename, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(host_path(filename), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as e:
         raise BlockMirrorError(
             f"Could not create '{filename}': {os.strerror(e.errno or errno.EIO)}"

@@ -22,6 +22,7 @@ from blockmirror.block.drivers.raw import PROBED_RAW_WARNING, RawDriver
 from blockmirror.block.drivers.rbd import location_from_options
 from blockmirror.block.drivers.rbd import probe_format as probe_rbd_format
 from blockmirror.block.graph import BlockGraph, node_name_valid
+from blockmirror.block.hostpath import host_path
 from blockmirror.block.node import BlockBackend, BlockNode, Perm
 from blockmirror.block.optsyntax import (
     child_keys,
@@ -230,7 +231,7 @@ async def open_image(
 
 
 def _real(path: str) -> str:
-    return os.path.realpath(path)
+    return os.path.realpath(host_path(path))
 
 
 async def _open_node(

@@ -17,6 +17,7 @@ from typing import Any
 from blockmirror.block import threadio
 from blockmirror.block.drivers.nbd import nbd_filename
 from blockmirror.block.drivers.rbd import parse_rbd_filename
+from blockmirror.block.hostpath import host_path
 from blockmirror.block.node import BlockNode
 from blockmirror.block.query import qemu_json
 from blockmirror.errors import BlockMirrorError
@@ -157,7 +158,7 @@ def _nbd_options(uri: str) -> dict[str, Any]:
 def protocol_for(filename: str) -> str:
     """cf. protocol probing (hdev_probe_device): devices get host_device, the rest file."""
     try:
-        mode = os.stat(filename).st_mode
+        mode = os.stat(host_path(filename)).st_mode
     except OSError:
         return "file"
     return "host_device" if stat.S_ISBLK(mode) or stat.S_ISCHR(mode) else "file"
@@ -166,7 +167,7 @@ def protocol_for(filename: str) -> str:
 def probe_format(filename: str) -> str:
     """cf. bdrv_probe_all, reduced to what we implement: qcow2 magic, else raw."""
     try:
-        with open(filename, "rb") as f:
+        with open(host_path(filename), "rb") as f:
             head = f.read(4)
     except OSError:
         return "raw"

@@ -20,6 +20,7 @@ from typing import Any
 from blockmirror.block import threadio
 from blockmirror.block.driver import BlockDriver, BlockStatus, Extent, WriteFlags
 from blockmirror.block.drivers import register
+from blockmirror.block.hostpath import host_path
 from blockmirror.block.node import BlockNode, Perm
 from blockmirror.errors import BlockIOError, BlockMirrorError
 
@@ -70,13 +71,13 @@ def _open_file(
     """open(2) + fstat in a worker: (fd, stat, opened read-only by auto-read-only)."""
     read_only = False
     try:
-        fd = os.open(filename, flags)
+        fd = os.open(host_path(filename), flags)
     except OSError as e:
         err = e.errno or errno.EIO
         if auto_read_only and err in (errno.EACCES, errno.EROFS, errno.EPERM):
             read_only = True
             try:
-                fd = os.open(filename, (flags & ~os.O_RDWR) | os.O_RDONLY)
+                fd = os.open(host_path(filename), (flags & ~os.O_RDWR) | os.O_RDONLY)
             except OSError as e2:
                 err2 = e2.errno or errno.EIO
                 raise BlockMirrorError(f"Could not open '{filename}': {os.strerror(err2)}") from e2

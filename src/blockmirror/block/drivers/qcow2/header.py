@@ -205,10 +205,10 @@ def parse_header(buf: bytes, filename: str, file_length: int) -> Header:
         raise _fail(filename, "Reference count table offset invalid")
     if header.nb_snapshots > MAX_SNAPSHOTS:
         raise _fail(filename, "Snapshot table too large")
-    if header.nb_snapshots and (
-        not _table_ok(header.snapshots_offset, 1, 1, cluster_size)
-        or header.snapshots_offset < cluster_size
-        or header.snapshots_offset >= file_length
+    # aligned even with no snapshots, as QEMU checks it (40: the fixed part of an entry)
+    if not _table_ok(header.snapshots_offset, header.nb_snapshots, 40, cluster_size) or (
+        header.nb_snapshots
+        and (header.snapshots_offset < cluster_size or header.snapshots_offset >= file_length)
     ):
         raise _fail(filename, "Snapshot table offset invalid")
 
@@ -222,7 +222,9 @@ def parse_header(buf: bytes, filename: str, file_length: int) -> Header:
         end = header.backing_file_offset + header.backing_file_size
         if end > len(buf):
             raise _fail(filename, "Backing file name exceeds the end of the file")
-        header.backing_file = buf[header.backing_file_offset : end].decode("utf-8", "replace")
+        # a C string in QEMU: the name ends at a NUL
+        raw = buf[header.backing_file_offset : end].split(b"\0", 1)[0]
+        header.backing_file = raw.decode("utf-8", "replace")
     return header
 
 
