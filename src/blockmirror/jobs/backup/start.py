@@ -8,6 +8,8 @@ created, so ``created``/``null`` events) the speed and the target's permissions.
 
 from __future__ import annotations
 
+import functools
+
 from blockmirror.block.graph import node_name_valid
 from blockmirror.block.node import BlockBackend, BlockNode
 from blockmirror.errors import BlockMirrorError
@@ -69,15 +71,7 @@ def create_backup(manager: JobManager, job_id: str | None, source: BlockNode,
     wiring.job_id = job_id
     job = BackupJob(manager, job_id, source, target, params, wiring, cluster_size)
     manager.add(job)
-    try:
-        if params.speed < 0:
-            raise BlockMirrorError("Parameter 'speed' expects a non-negative value")
-        job.limit.set_speed(params.speed)
-        job.attach()
-    except BlockMirrorError:
-        release_unstarted(job)
-        job.dispose_unstarted()
-        raise
+    job.attach_at_speed(params.speed, functools.partial(release_unstarted, job))
     return job
 
 

@@ -124,14 +124,7 @@ async def _start(manager: JobManager, job_id: str, top: BlockNode, base: BlockNo
     manager.check_new_id(job_id)
     job = ActiveCommitJob(manager, job_id, top, base, params)
     manager.add(job)
-    try:
-        if params.speed < 0:
-            raise BlockMirrorError("Parameter 'speed' expects a non-negative value")
-        job.limit.set_speed(params.speed)
-        job.attach()
-    except BlockMirrorError:
-        job.dispose_unstarted()
-        raise
+    job.attach_at_speed(params.speed)
     try:
         job.add_intermediate_links()
     except BlockMirrorError:

@@ -537,14 +537,7 @@ def start_mirror(
     manager.check_new_id(job_id)
     job = MirrorJob(manager, job_id, source, target, params, base=base)
     manager.add(job)
-    try:
-        if params.speed < 0:
-            raise BlockMirrorError("Parameter 'speed' expects a non-negative value")
-        job.limit.set_speed(params.speed)
-        job.attach()
-    except BlockMirrorError:
-        job.dispose_unstarted()
-        raise
+    job.attach_at_speed(params.speed)
     if job.sync_bitmap is not None:
         job.sync_bitmap.hold()
     job.start()
