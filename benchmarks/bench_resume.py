@@ -1,17 +1,29 @@
 """The cost of resumable mirrors and of the verified switch-over (issue 12).
 
-1. Activity log: ``blockmirror daemon`` mirrors a raw image (READY, background mode) to a
-   raw file and exports the source over NBD (unix socket). ``qemu-io`` writes 64 KiB at random
-   offsets through the export:
-   * throughput: N ``aio_write`` (queue depth up to N, one connection) then ``aio_flush``;
-   * latency: N sequential ``write`` commands (queue depth 1), mean per write.
-   Three configurations: no resume log, the default log (1024 x 4 MiB extents, the whole
-   disk fits in it, so only first touches write the log), and a small log (``--small-extents``
-   extents: most writes miss and force evictions and checkpoints, the worst case).
-2. Verify pass: the seconds per GiB of the x-verify pass over an in-sync pair (READY to the
-   pass's end, no guest writes), in-process, on files in the page cache.
+1. Activity log. ``blockmirror daemon`` mirrors a raw image (READY, background mode) to a
+   raw file and exports the source over NBD (unix socket); ``qemu-io`` writes 64 KiB blocks
+   through the export. The disk is a sparse ``--size-gib`` image, so the default log
+   (1024 x 4 MiB extents = 4 GiB) covers it at 4 GiB. Three writer phases per daemon:
 
-    .venv/bin/python benchmarks/bench_resume.py [--size-mib 512] [--writes 4000] [--repeat 3]
+   * first touch: one write per extent, the extents in random order, each write at a random
+     64 KiB block of its extent: every write needs a new activity-log entry (the worst case
+     short of evictions);
+   * steady: ``--writes`` writes at random offsets of the whole disk, every extent now hot;
+   * QD1: ``--writes // 4`` sequential writes (queue depth 1), the mean latency per write.
+
+   Throughput phases issue every write with ``aio_write`` (the NBD client keeps up to 16 in
+   flight) and end with ``aio_flush``. A qemu-io that only connects and quits is timed in
+   the same daemon and subtracted. Configurations: no resume log, the default log, and
+   (``--small-extents N``) a log of N extents that forces evictions and checkpoints.
+
+   Runs are interleaved (config order alternates per round) and the report gives medians
+   and the median of the per-round ratios (with log / without), which cancels most of the
+   drift of a shared machine.
+2. Verify pass: seconds per GiB of the x-verify pass over an in-sync pair (READY to the
+   pass's end), in-process, on files in the page cache: with no writer, and with a
+   concurrent writer (random 64 KiB writes through the job's source at ``--verify-qd``).
+
+    .venv/bin/python benchmarks/bench_resume.py [--size-gib 4] [--writes 4000] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -20,6 +32,7 @@ import argparse
 import asyncio
 import json
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,16 +42,33 @@ from typing import Any
 
 from blockmirror.qmp.testing import DaemonProcess, SyncQMP, daemon_argv
 
+KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
-BLOCK = 64 * 1024
+BLOCK = 64 * KiB
+EXTENT = 4 * MiB
+#: slices of each phase, run alternately by every configuration
+SLICES = 4
 
 
-def make_image(path: Path, size: int) -> None:
+def make_sparse(path: Path, size: int, data_mib: int = 0) -> None:
+    """A sparse image of ``size`` bytes; its first ``data_mib`` MiB hold a pattern."""
     chunk = bytes((i * 37 + 11) & 0xFF or 1 for i in range(MiB))
     with path.open("wb") as f:
-        for _ in range(size // MiB):
+        for _ in range(data_mib):
             f.write(chunk)
+        f.truncate(size)
+
+
+#: events read while waiting for a command's return, per connection
+_events: dict[int, list[dict[str, Any]]] = {}
+
+
+def _read(q: SyncQMP) -> dict[str, Any]:
+    msg: dict[str, Any] = json.loads(q.read_message())
+    if "event" in msg:
+        _events.setdefault(id(q), []).append(msg)
+    return msg
 
 
 def cmd(q: SyncQMP, name: str, args: dict[str, Any] | None = None) -> Any:
@@ -47,16 +77,22 @@ def cmd(q: SyncQMP, name: str, args: dict[str, Any] | None = None) -> Any:
         req["arguments"] = args
     q.send(json.dumps(req).encode() + b"\n")
     while True:
-        msg = json.loads(q.read_message())
+        msg = _read(q)
         if "return" in msg:
             return msg["return"]
         if "error" in msg:
             raise RuntimeError(f"{name}: {msg['error']}")
 
 
-def wait_event(q: SyncQMP, name: str) -> None:
-    while json.loads(q.read_message()).get("event") != name:
-        pass
+def wait_event(q: SyncQMP, name: str) -> dict[str, Any]:
+    """The oldest unconsumed event ``name`` (read before or after this call)."""
+    seen = _events.setdefault(id(q), [])
+    while True:
+        for ev in seen:
+            if ev["event"] == name:
+                seen.remove(ev)
+                return ev
+        _read(q)
 
 
 def qemu_io(uri: str, commands: list[str]) -> float:
@@ -71,57 +107,113 @@ def qemu_io(uri: str, commands: list[str]) -> float:
     return dt
 
 
-def offsets(n: int, size: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(0, size // BLOCK) * BLOCK for _ in range(n)]
+def first_touch_offsets(size: int, rng: random.Random) -> list[int]:
+    """One 64 KiB-aligned offset in every extent, extents in random order."""
+    exts = list(range(size // EXTENT))
+    rng.shuffle(exts)
+    return [e * EXTENT + rng.randrange(EXTENT // BLOCK) * BLOCK for e in exts]
 
 
-def writer_run(tmp: Path, size: int, writes: int, log: dict[str, Any] | None,
-               seed: int) -> tuple[float, float, float]:
-    """(cold MiB/s, warm MiB/s at queue depth N, mean ms per write at queue depth 1).
+def random_offsets(n: int, size: int, rng: random.Random) -> list[int]:
+    return [rng.randrange(size // BLOCK) * BLOCK for _ in range(n)]
 
-    Cold: the first pass, in which every extent is touched for the first time (each needs
-    a log record); warm: a second pass over the same disk, the steady state."""
-    src, tgt = tmp / "src.raw", tmp / "tgt.raw"
+
+def wait_in_sync(q: SyncQMP, jobs: list[str]) -> None:
+    """Until every named job has copied everything the last writes made dirty."""
+    while True:
+        infos = {j["device"]: j for j in cmd(q, "query-block-jobs")}
+        if all(infos[j]["offset"] == infos[j]["len"] for j in jobs):
+            return
+        time.sleep(0.01)  # polling a peer process, not synchronising our own code
+
+
+def paired_rounds(tmp: Path, size: int, writes: int, configs: list[tuple[str, dict[str, Any]]],
+                  rounds: int) -> dict[str, list[dict[str, float]]]:
+    """Every configuration mirrors its own disk in one daemon; each phase runs on every disk
+    back to back (the order alternates per round), the others idle and in sync meanwhile."""
     sock, nbd = str(tmp / "qmp.sock"), str(tmp / "nbd.sock")
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name, _ in configs}
     with DaemonProcess(daemon_argv("ours", sock), sock) as d:
         q = d.connect(limit_s=600)
         cmd(q, "qmp_capabilities")
-        for name, path in (("src", src), ("tgt", tgt)):
-            cmd(q, "blockdev-add", {"driver": "raw", "node-name": name,
-                                    "file": {"driver": "file", "filename": str(path)}})
-        args: dict[str, Any] = {"job-id": "m", "device": "src", "target": "tgt", "sync": "full"}
-        if log is not None:
-            args.update(log)
-        cmd(q, "blockdev-mirror", args)
-        wait_event(q, "BLOCK_JOB_READY")
         cmd(q, "nbd-server-start", {"addr": {"type": "unix", "data": {"path": nbd}}})
-        cmd(q, "block-export-add", {"type": "nbd", "id": "e", "node-name": "src",
-                                    "name": "src", "writable": True})
-        uri = f"nbd+unix:///src?socket={nbd}"
-        offs = offsets(writes, size, seed)
-        dt = qemu_io(uri, [f"aio_write -q -P 7 {o} {BLOCK}" for o in offs] + ["aio_flush"])
-        cold = writes * BLOCK / MiB / dt
-        offs = offsets(writes, size, seed + 2)
-        dt = qemu_io(uri, [f"aio_write -q -P 8 {o} {BLOCK}" for o in offs] + ["aio_flush"])
-        tput = writes * BLOCK / MiB / dt
-        lat_offs = offsets(writes // 4, size, seed + 1)
-        dt = qemu_io(uri, [f"write -q -P 9 {o} {BLOCK}" for o in lat_offs])
-        lat = dt / len(lat_offs) * 1000
-        cmd(q, "block-job-cancel", {"device": "m"})
-        wait_event(q, "BLOCK_JOB_COMPLETED")
+        for r in range(rounds):
+            rng = random.Random(r)
+            uris: dict[str, str] = {}
+            for i, (name, extra) in enumerate(configs):
+                src, tgt = tmp / f"src{i}.raw", tmp / f"tgt{i}.raw"
+                make_sparse(src, size)
+                make_sparse(tgt, size)
+                for node, path in ((f"s{i}", src), (f"t{i}", tgt)):
+                    cmd(q, "blockdev-add", {"driver": "raw", "node-name": node,
+                                            "file": {"driver": "file", "filename": str(path)}})
+                args = {"job-id": f"m{i}", "device": f"s{i}", "target": f"t{i}",
+                        "sync": "full", **extra}
+                cmd(q, "blockdev-mirror", args)
+                cmd(q, "block-export-add", {"type": "nbd", "id": f"e{i}", "node-name": f"s{i}",
+                                            "name": f"s{i}", "writable": True})
+                uris[name] = f"nbd+unix:///s{i}?socket={nbd}"
+            jobs = [f"m{i}" for i in range(len(configs))]
+            for _ in jobs:
+                wait_event(q, "BLOCK_JOB_READY")
+            wait_in_sync(q, jobs)
+            startup = min(qemu_io(uris[name], []) for name, _ in configs for _ in range(2))
+            res: dict[str, dict[str, float]] = {name: {} for name, _ in configs}
+            ft = first_touch_offsets(size, rng)
+            steady = random_offsets(writes, size, rng)
+            qd1 = random_offsets(writes // 4, size, rng)
+            # each phase in SLICES slices, the configurations alternating slice by slice
+            # (ABBA...), so that the load of a shared machine drifts the same for all
+            spent: dict[tuple[str, str], float] = {}
+            phases = (("first", "aio_write -q -P 7 {} " + str(BLOCK), ft, True),
+                      ("steady", "aio_write -q -P 8 {} " + str(BLOCK), steady, True),
+                      ("qd1", "write -q -P 9 {} " + str(BLOCK), qd1, False))
+            k = 0
+            for phase, fmt, offs, flush in phases:
+                for part in range(SLICES):
+                    piece = offs[part::SLICES]
+                    order = configs if (k + r) % 2 == 0 else configs[::-1]
+                    k += 1
+                    for name, _ in order:
+                        script = [fmt.format(o) for o in piece] + (["aio_flush"] if flush
+                                                                   else [])
+                        dt = max(qemu_io(uris[name], script) - startup, 1e-6)
+                        spent[name, phase] = spent.get((name, phase), 0.0) + dt
+                        wait_in_sync(q, jobs)
+            for name, _ in configs:
+                res[name]["first"] = len(ft) * BLOCK / MiB / spent[name, "first"]
+                res[name]["steady"] = len(steady) * BLOCK / MiB / spent[name, "steady"]
+                res[name]["qd1"] = spent[name, "qd1"] / len(qd1) * 1000
+            for i, (name, _) in enumerate(configs):
+                runs[name].append(res[name])
+                print(f"  round {r} {name}: " + "  ".join(
+                    f"{key} {v:.2f}" for key, v in res[name].items()), file=sys.stderr)
+                cmd(q, "block-export-del", {"id": f"e{i}"})
+                cmd(q, "block-job-cancel", {"device": f"m{i}"})
+                wait_event(q, "BLOCK_JOB_COMPLETED")
+            for i in range(len(configs)):
+                while True:  # the export lets go of its node once its last client left
+                    try:
+                        cmd(q, "blockdev-del", {"node-name": f"s{i}"})
+                        break
+                    except RuntimeError:
+                        time.sleep(0.05)
+                cmd(q, "blockdev-del", {"node-name": f"t{i}"})
         q.close()
-    return cold, tput, lat
+    return runs
 
 
-async def verify_run(tmp: Path, size: int) -> float:
-    """Seconds per GiB of the first verification pass over an in-sync pair."""
+async def verify_run(tmp: Path, size: int, writer_qd: int) -> float:
+    """Seconds per GiB of the first verification pass; ``writer_qd`` > 0 adds a writer."""
     from blockmirror.cli.mirror import execute
     from blockmirror.daemon import Daemon
     from blockmirror.jobs.mirror import MirrorJob
 
+    src, tgt = tmp / "vsrc.raw", tmp / "vtgt.raw"
+    make_sparse(src, size, size // MiB)
+    make_sparse(tgt, size)
     d = Daemon()
-    for name, path in (("src", tmp / "src.raw"), ("tgt", tmp / "tgt.raw")):
+    for name, path in (("src", src), ("tgt", tgt)):
         await execute(d, "blockdev-add", {"driver": "raw", "node-name": name,
                                           "file": {"driver": "file", "filename": str(path)}})
     await execute(d, "blockdev-mirror", {"job-id": "v", "device": "src", "target": "tgt",
@@ -137,9 +229,23 @@ async def verify_run(tmp: Path, size: int) -> float:
     t0 = time.perf_counter()
     job.verifier.start()  # already started at READY: this only returns the same task
     assert job.verifier.task is not None
+    stop = asyncio.Event()
+    rng = random.Random(size)
+    source = job.source
+    data = b"\x5a" * BLOCK
+
+    async def writer() -> None:
+        while not stop.is_set():
+            await source.write(rng.randrange(size // BLOCK) * BLOCK, data)
+
+    writers = [asyncio.ensure_future(writer()) for _ in range(writer_qd)]
     await job.verifier.task
     dt = time.perf_counter() - t0
-    assert job.verifier.mismatches == 0 and job.progress.verified >= size
+    stop.set()
+    await asyncio.gather(*writers)
+    assert job.verifier.unrepaired == 0 and job.progress.verified > 0
+    if not writer_qd:
+        assert job.verifier.mismatches == 0 and job.progress.verified >= size
     await job.user_cancel(True)
     await job.wait_finished()
     await d.shutdown()
@@ -149,43 +255,53 @@ async def verify_run(tmp: Path, size: int) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size-mib", type=int, default=512)
+    ap.add_argument("--size-gib", type=int, default=4)
     ap.add_argument("--writes", type=int, default=4000)
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--small-extents", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--small-extents", type=int, default=0,
+                    help="also measure a log of this many extents (evictions); 0: no")
+    ap.add_argument("--verify-mib", type=int, default=1024)
+    ap.add_argument("--verify-qd", type=int, default=4)
+    ap.add_argument("--skip-log", action="store_true")
+    ap.add_argument("--skip-verify", action="store_true")
     opts = ap.parse_args()
-    size = opts.size_mib * MiB
+    size = opts.size_gib * GiB
     with tempfile.TemporaryDirectory(prefix="bench-resume-") as t:
         tmp = Path(t)
-        make_image(tmp / "src.raw", size)
-        (tmp / "tgt.raw").write_bytes(b"")
-        subprocess.run(["truncate", "-s", str(size), str(tmp / "tgt.raw")], check=True)
-        configs: list[tuple[str, dict[str, Any] | None]] = [
-            ("no resume log", None),
-            ("resume log, 1024 x 4 MiB extents", {"x-resume-log": str(tmp / "a.resume")}),
-            (f"resume log, {opts.small_extents} x 4 MiB extents (evictions)",
-             {"x-resume-log": str(tmp / "b.resume"),
-              "x-resume-extents": opts.small_extents}),
-        ]
-        results: dict[str, tuple[float, float, float]] = {}
-        for r in range(opts.repeat):
-            for name, log in configs:
-                if log is not None:
-                    log = {**log, "x-resume-restart": True}
-                cold, tput, lat = writer_run(tmp, size, opts.writes, log, seed=r)
-                best = results.get(name)
-                results[name] = (max(cold, best[0]) if best else cold,
-                                 max(tput, best[1]) if best else tput,
-                                 min(lat, best[2]) if best else lat)
-        base_c, base_t, base_l = results["no resume log"]
-        print(f"64 KiB random writes through NBD, {opts.size_mib} MiB disk, mirror READY "
-              f"(best of {opts.repeat}):")
-        for name, (cold, tput, lat) in results.items():
-            print(f"  {name:45s} cold {cold:6.1f} MiB/s ({cold / base_c:6.1%})  warm "
-                  f"{tput:6.1f} MiB/s ({tput / base_t:6.1%})  QD1 {lat:6.3f} ms/write "
-                  f"({lat / base_l:6.1%})")
-        best_v = min(asyncio.run(verify_run(tmp, size)) for _ in range(opts.repeat))
-        print(f"verify pass: {best_v:.2f} s per GiB ({opts.size_mib} MiB in sync, page cache)")
+        if not opts.skip_log:
+            configs: list[tuple[str, dict[str, Any]]] = [
+                ("no resume log", {}),
+                ("resume log (1024 x 4 MiB)", {"x-resume-log": str(tmp / "a.resume"),
+                                               "x-resume-restart": True}),
+            ]
+            if opts.small_extents:
+                configs.append((f"resume log ({opts.small_extents} x 4 MiB, evictions)",
+                                {"x-resume-log": str(tmp / "b.resume"),
+                                 "x-resume-restart": True,
+                                 "x-resume-extents": opts.small_extents}))
+            runs = paired_rounds(tmp, size, opts.writes, configs, opts.rounds)
+            base = runs["no resume log"]
+            print(f"64 KiB writes through NBD, {opts.size_gib} GiB sparse raw disk, mirror "
+                  f"READY, {opts.rounds} interleaved rounds (medians; ratio = median of "
+                  "per-round ratios, with log / without):")
+            for name, rs in runs.items():
+                line = [f"  {name:34s}"]
+                for key, unit in (("first", "MiB/s"), ("steady", "MiB/s"), ("qd1", "ms")):
+                    med = statistics.median(r[key] for r in rs)
+                    ratio = statistics.median(
+                        r[key] / b[key] for r, b in zip(rs, base, strict=True))
+                    line.append(f"{key} {med:7.2f} {unit} ({ratio:6.1%})")
+                print("  ".join(line))
+        if not opts.skip_verify:
+            vsize = opts.verify_mib * MiB
+            idle, busy = [], []
+            for _ in range(opts.rounds):
+                idle.append(asyncio.run(verify_run(tmp, vsize, 0)))
+                busy.append(asyncio.run(verify_run(tmp, vsize, opts.verify_qd)))
+            print(f"verify pass over {opts.verify_mib} MiB in sync (page cache), median of "
+                  f"{opts.rounds}: {statistics.median(idle):.2f} s/GiB without a writer, "
+                  f"{statistics.median(busy):.2f} s/GiB with {opts.verify_qd} concurrent "
+                  "64 KiB writers")
     return 0
 
 

@@ -13,6 +13,7 @@ import logging
 
 from blockmirror.block.graph import BlockGraph
 from blockmirror.block.options import close_all
+from blockmirror.chardev import ChardevRegistry
 from blockmirror.clock import Clock, make_clock
 from blockmirror.events import EventBus
 from blockmirror.export.nbd_server import NbdServer
@@ -35,7 +36,9 @@ class Daemon:
         #: --object / object-add objects by id (secrets, TLS credentials, authz, throttle
         #: groups); the graph looks them up for its drivers, the NBD server through the graph
         self.objects = ObjectRegistry()
-        self.graph = BlockGraph(objects=self.objects)
+        self.graph = BlockGraph(objects=self.objects, clock=clock)
+        #: --chardev and chardev-add chardevs by label
+        self.chardevs = ChardevRegistry(self.objects)
         self.events = EventBus(check=schema_checks.report_event if schema_checks.enabled()
                                else None)
         self.clock: Clock = clock
@@ -78,3 +81,4 @@ class Daemon:
             await self.nbd.stop()
             self.nbd = None
         await close_all(self.graph)
+        self.chardevs.close_all()

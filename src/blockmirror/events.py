@@ -23,7 +23,7 @@ class EventBus:
         self._check = check
         #: every event emitted, for tests and the CLI's progress display (bounded)
         self.history: list[Event] = []
-        self.history_limit = 10000
+        self.history_limit = 1000  # a long-running daemon keeps 1000 events, not 10000 (RSS)
 
     def subscribe(self, fn: Subscriber) -> Callable[[], None]:
         self._subscribers.append(fn)

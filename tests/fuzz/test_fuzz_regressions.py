@@ -6,6 +6,7 @@ Each found input that broke us is pinned here as a plain test of QEMU 7.2's beha
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import struct
 import subprocess
@@ -90,6 +91,14 @@ def test_drive_mirror_target_with_a_nul_is_not_an_internal_error(tmp_path: Path)
     assert names["t0"] == target
     assert out[3] == {"error": {"class": "GenericError", "desc":
                       f"Could not open '{target}y': No such file or directory"}}, out[3]
+
+
+def test_snapshot_sync_file_with_a_nul_is_not_an_internal_error(tmp_path: Path) -> None:
+    out = _qmp_run(tmp_path, [
+        ("blockdev-add", {"driver": "null-co", "node-name": "q0", "size": 1 << 20}),
+        ("blockdev-snapshot-sync", {"node-name": "q0", "snapshot-file": "\u00e9\0\n",
+                                    "snapshot-node-name": "off", "format": "qcow2"})])
+    assert "internal error" not in json.dumps(out[1]), out
 
 
 def test_query_qmp_schema_conforms_to_its_declared_return_type(tmp_path: Path) -> None:

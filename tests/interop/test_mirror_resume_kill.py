@@ -16,8 +16,9 @@ since READY (READY's checkpoint lists nothing dirty). The write in flight at the
 retried by the writer after the restart, as a guest retries a failed request, which makes
 the model exact.
 
-CI runs a seeded slice (``RESUME_KILL_CASES``, default 8 of the 24 kill points); set
-``BLOCKMIRROR_RESUME_KILLS=full`` for all of them.
+All 24 kill points run by default (about a minute): 2 seeds x {raw, qcow2} x {file, NBD
+target} x {copy, READY, write-blocking}. ``RESUME_KILL_CASES=N`` runs a seeded slice of N of
+them while developing.
 """
 
 from __future__ import annotations
@@ -50,9 +51,18 @@ ALL_CASES = [(fmt, tkind, phase, seed)
              for fmt in ("raw", "qcow2")
              for tkind in ("file", "nbd")
              for phase in PHASES]
-CI_CASES = int(os.environ.get("RESUME_KILL_CASES", "8"))
-CASES = (ALL_CASES if os.environ.get("BLOCKMIRROR_RESUME_KILLS") == "full"
-         else random.Random(12).sample(ALL_CASES, CI_CASES))
+SLICE = int(os.environ.get("RESUME_KILL_CASES", "0"))
+CASES = random.Random(12).sample(ALL_CASES, SLICE) if SLICE else ALL_CASES
+
+
+def test_the_kill_matrix_covers_the_acceptance() -> None:
+    """At least 20 kill points over copy, READY and write-blocking, raw and qcow2, file and
+    NBD targets (issue 12); a slice for development is reported, not hidden."""
+    if SLICE:
+        pytest.skip(f"RESUME_KILL_CASES={SLICE}: a development slice, not the acceptance run")
+    assert len(CASES) >= 20
+    assert {(f, t, p) for f, t, p, _ in CASES} == {
+        (f, t, p) for f in ("raw", "qcow2") for t in ("file", "nbd") for p in PHASES}
 
 
 class Monitor:

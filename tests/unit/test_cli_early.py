@@ -91,6 +91,9 @@ def test_greeted_early_then_served_by_the_loop() -> None:
     ["--export", "type=nbd,id=e,node-name=n"],
     ["-h"],
     ["stray"],
+    # a file chardev creates its file, a pty prints its name
+    ["--chardev", "file,id=f,path=/tmp/bm-early-never"],
+    ["--chardev", "pty,id=p"],
 ])
 def test_a_greeting_must_wait_for_visible_options(extra: list[str]) -> None:
     # QSD greets after start-up: a client may then rely on nodes, the NBD server, exports
@@ -100,6 +103,21 @@ def test_a_greeting_must_wait_for_visible_options(extra: list[str]) -> None:
                  "--monitor", "m0", *extra])
     assert early.take_greeted("m0") == []
     assert not os.path.exists(path)
+
+
+def test_chardevs_only_qmp_can_see_do_not_hold_the_greeting_back() -> None:
+    d = _short_dir()
+    path = os.path.join(d, "qmp.sock")
+    early.start(["--chardev", "ringbuf,id=r0,size=4k", "--chardev", "null,id=n0",
+                 "--chardev", f"socket,id=m0,path={path},server=on,wait=off",
+                 "--monitor", "m0"])
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+            c.settimeout(10)
+            c.connect(path)
+            assert c.recv(4096).startswith(b'{"QMP"')
+    finally:
+        early.close()
 
 
 def test_unusual_monitors_stay_on_the_normal_path() -> None:

@@ -28,6 +28,8 @@ LAYERS: dict[str, int] = {
     "blockmirror.block": 3,
     "blockmirror.jobs": 4,
     "blockmirror.export": 5,
+    # chardevs open sockets and files beside the NBD server; the monitor and the CLI use them
+    "blockmirror.chardev": 5,
     "blockmirror.qmp": 6,
     # a test harness that builds a Daemon and serves QMP for it: it wires the daemon layer
     "blockmirror.qmp.testing": 7,

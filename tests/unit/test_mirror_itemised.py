@@ -21,8 +21,9 @@ from mirror_scripts.memory import make_node
 from mirror_scripts.vclock import VirtualClock
 
 SIZE = 2 << 20
+#: QEMU 7.2's members, then QEMU 8.2's mirror member (wire order)
 QEMU_KEYS = ["auto-finalize", "io-status", "device", "auto-dismiss", "busy", "len", "offset",
-             "status", "paused", "speed", "ready", "type"]
+             "status", "paused", "speed", "ready", "type", "actively-synced"]
 X_KEYS = ["x-copied", "x-zero-skipped", "x-redirtied", "x-verified", "x-resumed",
           "x-active-written"]
 

@@ -13,6 +13,8 @@ import errno
 import random
 from typing import Any
 
+import pytest
+
 from blockmirror.block.graph import BlockGraph
 from blockmirror.block.node import BlockBackend, BlockNode, Perm
 from blockmirror.errors import BlockIOError
@@ -110,13 +112,19 @@ def test_copier_redirties_a_failed_batch_and_reports_the_side() -> None:
     asyncio.run(main())
 
 
-def test_copier_runs_one_copy_batch_at_a_time_while_the_guest_writes() -> None:
+@pytest.mark.parametrize(("buffered", "busy_cap"), [(False, 1), (True, 2)])
+def test_copier_runs_few_copy_batches_while_the_guest_writes(buffered: bool,
+                                                               busy_cap: int) -> None:
+    """While the guest writes: one kernel-side copy batch at a time, or two buffered ones (a
+    quarter the size: one reads while the other writes); idle, as many as the buffer holds."""
     async def main() -> None:
         _g, src, tgt = _pair()
         await src.write(0, random.Random(1).randbytes(SIZE))
         control, errors = Control(), []
         copier, dirty, _progress = _copier(src, tgt, control, errors)
-        copier.config.buf_size = 16 * GRAN  # batches of 4 chunks: many batches in a pass
+        copier._buffered = lambda: buffered  # type: ignore[method-assign]
+        # kernel-side: batches of 4 chunks (a quarter); buffered: 2 batches of 8 (a half)
+        copier.config.buf_size = 16 * GRAN
         dirty.bitmap.mark_all()
         peak = {True: 0, False: 0}
         real_launch = copier._launch
@@ -133,7 +141,8 @@ def test_copier_runs_one_copy_batch_at_a_time_while_the_guest_writes() -> None:
                 await copier.iteration()
             control.guest_busy = False
             await _drain(copier, dirty)
-        assert peak[True] == 1 and peak[False] > 1
+        assert peak[True] == busy_cap
+        assert peak[False] == (4 if not buffered else 2)
         assert await tgt.read(0, SIZE) == await src.read(0, SIZE)
 
     asyncio.run(main())
@@ -174,6 +183,32 @@ def test_active_writer_copies_write_blocking_writes_itself() -> None:
         active.policy.copy = False  # background mode: the tracker marks it instead
         await src.write(9 * GRAN, b"\x43" * GRAN)
         assert dirty.is_dirty(9 * GRAN) and await tgt.read(9 * GRAN, GRAN) == bytes(GRAN)
+
+    asyncio.run(main())
+
+
+def test_active_writer_sends_the_guests_bytes_without_reading_the_source() -> None:
+    """Write-blocking copies the request's own payload (unaligned head and tail trimmed to
+    what the dirty bitmap allows), not a read of the source."""
+    async def main() -> None:
+        _g, src, tgt = _pair()
+        _active_writer, dirty, _gate, _changes = _active(src, tgt)
+        reads: list[tuple[int, int]] = []
+        real_read = src.driver.preadv
+
+        async def spy(offset: int, length: int) -> bytes:
+            reads.append((offset, length))
+            return await real_read(offset, length)
+
+        src.driver.preadv = spy  # type: ignore[method-assign]
+        payload = bytes(range(256)) * (3 * GRAN // 256)
+        await src.write(2 * GRAN, payload)
+        dirty.bitmap.set_dirty(6 * GRAN, GRAN)  # a dirty tail chunk: left to the copy
+        await src.write(5 * GRAN + 100, payload[: GRAN + 50])
+        assert reads == []
+        assert await tgt.read(2 * GRAN, 3 * GRAN) == payload
+        assert await tgt.read(5 * GRAN + 100, GRAN - 100) == payload[: GRAN - 100]
+        assert dirty.is_dirty(6 * GRAN)
 
     asyncio.run(main())
 

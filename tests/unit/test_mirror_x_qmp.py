@@ -10,8 +10,9 @@ from typing import Any
 from blockmirror.qmp.testing import qmp_daemon
 
 MiB = 1 << 20
+#: QEMU 7.2's members, then QEMU 8.2's mirror member, in QDict wire order
 QEMU_MEMBERS = ["auto-finalize", "io-status", "device", "auto-dismiss", "busy", "len", "offset",
-                "status", "paused", "speed", "ready", "type"]
+                "status", "paused", "speed", "ready", "type", "actively-synced"]
 
 
 async def _nodes(raw: Any, *names: str) -> None:
@@ -50,6 +51,10 @@ def test_x_converge_arguments_and_errors(tmp_path: Path) -> None:
             assert (await raw.cmd("blockdev-mirror", _mirror("q", "s0", "t0")))["return"] == {}
             info = (await raw.cmd("query-block-jobs"))["return"][0]
             assert list(info) == QEMU_MEMBERS
+            # as in QEMU 8.2, the mirror branch needs copy-mode (unless an extension is given)
+            rsp = await raw.cmd("block-job-change", {"id": "q", "type": "mirror"})
+            assert rsp["error"] == {"class": "GenericError",
+                                    "desc": "Parameter 'copy-mode' is missing"}, rsp
             # block-job-change turns the forecast on; its members come after QEMU's
             rsp = await raw.cmd("block-job-change", {"id": "q", "type": "mirror",
                                                      "x-converge": "throttle",

@@ -71,7 +71,7 @@ def test_grouped_completion_mode_needs_grouped_actions(table: list[str]) -> None
     assert table == []
 
 
-def test_register_action_adds_a_union_branch() -> None:
+def test_register_action_adds_a_union_branch(monkeypatch: pytest.MonkeyPatch) -> None:
     decl = TYPES["TransactionAction"]
     assert isinstance(decl, UnionType)
     assert decl.branches["blockdev-snapshot-sync"] == "BlockdevSnapshotSyncWrapper"
@@ -79,6 +79,9 @@ def test_register_action_adds_a_union_branch() -> None:
         tx.register_action("abort", tx._prepare_abort)
     with pytest.raises(ValueError, match="not a TransactionActionKind"):
         tx.register_action("frobnicate", tx._prepare_abort)
+    # every kind QEMU 7.2 has is implemented now: take one branch away to see the check
+    monkeypatch.delitem(decl.branches, "drive-backup")
+    monkeypatch.delitem(tx.ACTIONS, "drive-backup", raising=False)
     with pytest.raises(ValueError, match="no branch for drive-backup"):
         tx.register_action("drive-backup", tx._prepare_abort)
 

@@ -19,11 +19,10 @@ Errors come back as ``CopyError``, which says whether the read or the write side
 
 from __future__ import annotations
 
-import asyncio
 import errno
-from collections.abc import Coroutine, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from blockmirror.block import io, threadio
 from blockmirror.block.driver import WriteFlags
@@ -171,14 +170,20 @@ async def copy_extents(
         await _copy_host_to_host(src_hf, dst_hf, extents)
     elif src_hf is not None:
         await _copy_host_to_node(src_hf, dst, extents)
-    else:
+    elif not await _copy_via_data_files(src, dst, extents):
         await _copy_generic(src, dst, extents)
 
 
 async def _copy_host_to_host(
     src: HostFile, dst: HostFile, extents: Sequence[tuple[int, int]]
 ) -> None:
-    plan = [(src.base + o, dst.base + o, n) for o, n in extents]
+    await _copy_host_to_host_plan(src, dst, [(src.base + o, dst.base + o, n) for o, n in extents])
+
+
+async def _copy_host_to_host_plan(
+    src: HostFile, dst: HostFile, plan: list[tuple[int, int, int]]
+) -> None:
+    """``copy_batch_sync`` of ``(src_offset, dst_offset, length)`` in the files themselves."""
     _enter(src.nodes)
     _enter(dst.nodes)
     try:
@@ -189,6 +194,78 @@ async def _copy_host_to_host(
         _leave(src.nodes, False)
         # bytes may have reached the target even on failure: the next flush must run
         _leave(dst.nodes, True)
+
+
+async def _copy_via_data_files(
+    src: BlockNode, dst: BlockNode, extents: Sequence[tuple[int, int]]
+) -> bool:
+    """Copy between formats that keep data at host offsets of a plain file (qcow2 to qcow2)
+    in one worker call: the source says where each extent lies in its file, the target
+    allocates clusters for them, and ``copy_batch_sync`` moves the bytes file to file
+    through one reused buffer; the target maps the clusters once they are written.
+
+    False, with nothing copied: the pair cannot (an extent is not plain data clusters on the
+    source or whole clusters on the target, something on the target must see each write,
+    a file is not a plain host file).
+    """
+    if (src.fault_rules or dst.fault_rules or dst.interceptors or dst.dirty_trackers
+            or dst.detect_zeroes != "off" or dst.corrupt):
+        return False
+    src_file, dst_file = src.driver.data_file_node(), dst.driver.data_file_node()
+    if src_file is None or dst_file is None:
+        return False
+    src_hf = host_file(src_file, for_write=False)
+    dst_hf = host_file(dst_file, for_write=True)
+    if src_hf is None or dst_hf is None or any(n.read_only or n.corrupt for n in dst_hf.nodes):
+        return False
+    if src_hf.align > 1 or dst_hf.align > 1:
+        return False  # O_DIRECT: the generic path knows how to align
+    wanted = list(extents)
+    try:
+        pinned = await src.driver.host_segments(wanted)
+    except BlockIOError as e:
+        raise CopyError(e.errno, True, str(e)) from e
+    if pinned is None:
+        return False
+    runs, token = pinned
+    # guest offset -> source host offset, in guest order
+    source: list[tuple[int, int, int]] = []
+    for (offset, _length), host_runs in zip(wanted, runs, strict=True):
+        pos = offset
+        for host, n in host_runs:
+            source.append((pos, host, n))
+            pos += n
+
+    async def fill(plan: list[tuple[int, int, int]]) -> None:
+        moves: list[tuple[int, int, int]] = []
+        i = 0
+        for guest, dst_host, length in plan:
+            while length > 0:
+                while source[i][0] + source[i][2] <= guest:
+                    i += 1
+                g, h, n = source[i]
+                take = min(length, g + n - guest)
+                moves.append((src_hf.base + h + (guest - g), dst_hf.base + dst_host, take))
+                guest += take
+                dst_host += take
+                length -= take
+        await _copy_host_to_host_plan(src_hf, dst_hf, moves)
+
+    _enter((src, dst))
+    try:
+        done = await dst.driver.write_via(wanted, fill)
+    except CopyError:
+        raise
+    except BlockIOError as e:
+        raise CopyError(e.errno, False, str(e)) from e
+    finally:
+        src.driver.release_host(token)
+        _leave((src,), False)
+        _leave((dst,), True)
+    if done:
+        src.stats.record_batch("read", wanted)
+        dst.stats.record_batch("write", wanted)
+    return done
 
 
 async def _copy_host_to_node(
@@ -271,42 +348,37 @@ async def zero_extents(
         finally:
             _leave(hf.nodes, True)
 
-    async def one(offset: int, length: int) -> None:
-        await dst.write_zeroes(offset, length, may_unmap=may_unmap)
-
-    await _gather(one(o, n) for o, n in extents)
+    await io.write_zeroes_many(dst, list(extents), may_unmap=may_unmap)
 
 
 async def map_data(
     node: BlockNode, ranges: Sequence[tuple[int, int]], granularity: int = 1
 ) -> list[list[tuple[bool, int]]] | None:
-    """Data and hole runs of each range, for a node that maps linearly onto a file.
+    """Data and hole runs of each range, in one pass for all of them.
 
-    The same answer as ``block_status`` gives run by run (a raw image has no backing, so its
-    file's holes read as zeroes), in one worker call for all the ranges; with a
-    ``granularity``, units holding both data and holes count as data (see
-    ``threadio.seek_walk_sync``). None: ``node`` is not such a node; ask ``block_status``.
+    The same answer as ``block_status`` gives run by run: for a node that maps linearly onto
+    a file (a raw image has no backing, so its file's holes read as zeroes), one worker call
+    that seeks; with a ``granularity``, units holding both data and holes count as data (see
+    ``threadio.seek_walk_sync``). Otherwise the driver's ``data_runs`` (a qcow2 image without
+    backing walks its L2 tables once). None: neither applies; ask ``block_status``.
     """
     hf = host_file(node, for_write=False)
-    if hf is None:
-        return None
     for offset, length in ranges:
         check_request(node, offset, length)
+    if hf is None:
+        if node.fault_rules:
+            return None  # block-status rules must see each request
+        _enter((node,))
+        try:
+            return await node.driver.data_runs(list(ranges))
+        finally:
+            _leave((node,), False)
     _enter(hf.nodes)
     try:
         return await threadio.run(threadio.seek_walk_sync, hf.fd,
                                   [(hf.base + o, n) for o, n in ranges], granularity)
     finally:
         _leave(hf.nodes, False)
-
-
-async def _gather(coros: Iterable[Coroutine[Any, Any, None]]) -> None:
-    """Run every coroutine; all of them finish before the first error is raised."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    results = await asyncio.gather(*tasks, return_exceptions=True)
-    for r in results:
-        if isinstance(r, BaseException):
-            raise r
 
 
 __all__ = ["CopyError", "HostFile", "copy_extents", "host_file", "map_data", "read_host",

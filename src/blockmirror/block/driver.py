@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import errno
 from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -159,6 +160,47 @@ class BlockDriver(ABC):
     async def write_extents(self, pieces: list[tuple[int, memoryview]]) -> bool:
         """Write many ranges at once; False: not supported (nothing was written)."""
         return False
+
+    async def zero_extents(self, extents: list[tuple[int, int]], flags: WriteFlags) -> bool:
+        """``pwrite_zeroes`` of many ranges in one pass; False: not supported for these
+        ranges (the caller zeroes them one by one; any already zeroed stay so)."""
+        return False
+
+    def cancel_in_flight(self) -> None:
+        """Fail requests that wait for something that may never come (an NBD reconnect);
+        cf. bdrv_cancel_in_flight, which a force-cancelled mirror calls on its target."""
+
+    def data_file_node(self) -> BlockNode | None:
+        """The node that holds this format's data clusters at host offsets (qcow2's
+        ``file``), for copies that move them file to file; None: no such node."""
+        return None
+
+    async def host_segments(
+        self, extents: list[tuple[int, int]]
+    ) -> tuple[list[list[tuple[int, int]]], int] | None:
+        """Where each extent's bytes lie in ``data_file_node``: ``(host_offset, length)``
+        runs in guest order, pinned until ``release_host(token)``; None: not all of them
+        lie there as plain data (read the bytes instead)."""
+        return None
+
+    def release_host(self, token: int) -> None:
+        """End the pin of ``host_segments``."""
+
+    async def write_via(
+        self,
+        extents: list[tuple[int, int]],
+        fill: Callable[[list[tuple[int, int, int]]], Awaitable[None]],
+    ) -> bool:
+        """Write extents whose bytes are not in memory: allocate, let ``fill`` put the data
+        at every ``(guest_offset, host_offset, length)`` of ``data_file_node``, then map
+        them. False, with nothing done: not supported for these extents."""
+        return False
+
+    async def data_runs(self, ranges: list[tuple[int, int]]) -> list[list[tuple[bool, int]]] | None:
+        """The data and zero runs of each range, for a node whose ranges read as zeroes
+        wherever it holds no data (no backing), in one pass: what ``block_status`` would
+        answer run by run, as ``(is_data, length)``. None: ask ``block_status``."""
+        return None
 
     @abstractmethod
     async def preadv(self, offset: int, length: int) -> bytes:

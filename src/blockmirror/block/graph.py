@@ -11,6 +11,7 @@ import re
 from collections.abc import Iterator
 
 from blockmirror.block.node import BlockBackend, BlockNode, Child, Perm
+from blockmirror.clock import Clock, MonotonicClock
 from blockmirror.errors import BlockMirrorError
 from blockmirror.objects import NO_OBJECTS, ObjectLookup
 
@@ -28,7 +29,7 @@ def id_wellformed(name: str) -> bool:
 
 
 class BlockGraph:
-    def __init__(self, *, objects: ObjectLookup = NO_OBJECTS) -> None:
+    def __init__(self, *, objects: ObjectLookup = NO_OBJECTS, clock: Clock | None = None) -> None:
         self.nodes: dict[str, BlockNode] = {}
         self.backends: list[BlockBackend] = []
         #: nodes created by blockdev-add / --blockdev (the monitor holds a reference)
@@ -37,6 +38,8 @@ class BlockGraph:
         #: the daemon's --object/object-add objects (a typed lookup: objects/__init__.py), so
         #: drivers (nbd: tls-creds, throttle: throttle-group) find them through ``node.graph``
         self.objects = objects
+        #: the daemon's clock, for drivers that wait (nbd: reconnect-delay, open-timeout)
+        self.clock: Clock = clock if clock is not None else MonotonicClock()
 
     # --- names and lookup ---------------------------------------------------------------
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import functools
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
@@ -227,21 +226,63 @@ async def write_many(node: BlockNode, pieces: list[tuple[int, bytes | memoryview
             raise r
 
 
-async def _run_chain(
-    chain: list[WriteInterceptor], i: int, node: BlockNode, kind: str, offset: int,
-    length: int, op: Callable[[], Awaitable[None]],
+async def write_zeroes_many(
+    node: BlockNode, extents: list[tuple[int, int]], *, may_unmap: bool = False
 ) -> None:
-    # a module-level step (not a closure that calls itself): a self-referencing closure is a
-    # reference cycle that would keep the request's data buffer alive until the cyclic GC runs
-    if i == len(chain):
-        await op()
-        return
-    await chain[i].around_write(node, kind, offset, length, functools.partial(
-        _run_chain, chain, i + 1, node, kind, offset, length, op))
+    """``write_zeroes`` of every extent; one driver call for all of them where nothing else
+    on the node needs to see each request and the driver can (a mirror's zero ops on a
+    fragmented disk). On failure some extents may have been zeroed."""
+    for offset, length in extents:
+        check_request(node, offset, length)
+    check_writable(node)
+    if (len(extents) > 1 and not node.interceptors and not node.dirty_trackers
+            and not node.fault_rules and _aligned_all(node, extents)):
+        flags = WriteFlags.MAY_UNMAP if may_unmap and node.discard_unmap else WriteFlags.NONE
+        try:
+            async with _tracked(node):
+                done = await node.driver.zero_extents(extents, flags)
+        finally:
+            node.write_gen += 1
+        if done:
+            node.stats.record_batch("zero", extents)
+            return
+    results = await asyncio.gather(*(write_zeroes(node, o, n, may_unmap=may_unmap)
+                                     for o, n in extents), return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+
+
+class Proceed:
+    """What an interceptor awaits (exactly once) to let a write go on down the chain.
+
+    ``data`` is the write's payload (None for zeroes and discards): an active mirror copies
+    it to its target without reading the source back. A plain object, not a closure that
+    calls itself: a self-referencing closure is a reference cycle that would keep the
+    request's data buffer alive until the cyclic GC runs.
+    """
+
+    __slots__ = ("_chain", "_i", "_kind", "_length", "_node", "_offset", "_op", "data")
+
+    def __init__(self, chain: list[WriteInterceptor], i: int, node: BlockNode, kind: str,
+                 offset: int, length: int, op: Callable[[], Awaitable[None]],
+                 data: bytes | memoryview | None) -> None:
+        self._chain, self._i, self._node, self._kind = chain, i, node, kind
+        self._offset, self._length, self._op, self.data = offset, length, op, data
+
+    async def __call__(self) -> None:
+        chain, i = self._chain, self._i
+        if i == len(chain):
+            await self._op()
+            return
+        await chain[i].around_write(self._node, self._kind, self._offset, self._length, Proceed(
+            chain, i + 1, self._node, self._kind, self._offset, self._length, self._op,
+            self.data))
 
 
 async def _intercepted(
-    node: BlockNode, kind: str, offset: int, length: int, op: Callable[[], Awaitable[None]]
+    node: BlockNode, kind: str, offset: int, length: int, op: Callable[[], Awaitable[None]],
+    data: bytes | memoryview | None = None,
 ) -> None:
     """Run ``op`` through the node's interceptors (outermost first), then mark trackers."""
 
@@ -250,7 +291,7 @@ async def _intercepted(
     chain = list(node.interceptors)
     try:
         async with _tracked(node), node.stats.account(kind, offset, length):
-            await _run_chain(chain, 0, node, kind, offset, length, op)
+            await Proceed(chain, 0, node, kind, offset, length, op, data)()
     finally:
         # failed writes count too: the range may be half-written (cf. write_req_finish)
         node.write_gen += 1
@@ -277,7 +318,7 @@ async def write(node: BlockNode, offset: int, data: bytes | memoryview, fua: boo
         if fua and not drv.supports_fua:
             await drv.flush()
 
-    await _intercepted(node, "write", offset, length, op)
+    await _intercepted(node, "write", offset, length, op, data)
 
 
 async def write_zeroes(

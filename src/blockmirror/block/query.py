@@ -158,6 +158,12 @@ async def image_info(node: BlockNode, *, backing_image: bool = True) -> dict[str
                 out["full-backing-filename"] = os.path.join(directory, name)
         if info.backing_format:
             out["backing-filename-format"] = info.backing_format
+    snapshots = getattr(node.driver, "snapshot_infos", None)
+    if snapshots is not None:
+        # cf. bdrv_query_snapshot_info_list: only when the image has some
+        listed = await snapshots()
+        if listed:
+            out["snapshots"] = listed
     spec = _format_specific(node.format_name, info.format_specific)
     if spec is not None:
         out["format-specific"] = spec
@@ -180,7 +186,8 @@ async def block_device_info(node: BlockNode, *, flat: bool = False) -> dict[str,
         "drv": node.format_name,
     }
     backing = node.backing
-    if backing is not None:
+    if backing is not None and not node.driver.is_filter:
+        # a filter's backing (mirror_top, commit_top) is no backing file (cf. bs->backing_file)
         out["backing_file"] = backing.filename
     elif info.backing_filename:
         out["backing_file"] = info.backing_filename

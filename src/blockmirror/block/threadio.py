@@ -10,8 +10,8 @@ Nothing here knows about nodes or QEMU semantics.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import functools
@@ -44,11 +44,34 @@ _executor: ThreadPoolExecutor | None = None
 _executor_lock = threading.Lock()
 
 
+#: glibc's mallopt parameter and the size from which buffers get their own mapping
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD = 256 * 1024
+
+
+def _tune_malloc() -> None:
+    """Give request-sized buffers back to the system when they are freed.
+
+    glibc raises its mmap threshold each time a mapped block is freed, so after the first
+    megabyte-sized buffers every later one comes from the heap, whose freed middle is kept:
+    a mirror's peak RSS grew by 8 to 20 MiB that way (measured). A fixed threshold keeps
+    big buffers mapped and returned on free; small ones stay on the heap.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+    except (OSError, AttributeError):  # not glibc: its allocator decides
+        pass
+
+
 def executor() -> ThreadPoolExecutor:
     """The process-wide I/O pool (created on first use; threads are cheap to share)."""
     global _executor
     with _executor_lock:
         if _executor is None:
+            _tune_malloc()
             _executor = ThreadPoolExecutor(_MAX_WORKERS, thread_name_prefix="blockmirror-io")
         return _executor
 
@@ -67,7 +90,10 @@ _libc: ctypes.CDLL | None = None
 def _fallocate_fn() -> Any:
     global _libc
     if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        # ctypes.util pulls in subprocess, tempfile and shutil: only on first use (start-up)
+        from ctypes import util as ctypes_util  # binds no local "ctypes"
+
+        _libc = ctypes.CDLL(ctypes_util.find_library("c") or None, use_errno=True)
     fn = getattr(_libc, "fallocate", None)
     if fn is None:
         return None
@@ -245,19 +271,64 @@ def _blk_size(fd: int) -> int:
 
 # --- batches: many extents in one worker hop ------------------------------------------------
 
-#: per worker thread, the buffer a batched copy moves its extents through
-_copy_buf = threading.local()
 #: the largest piece one preadv/pwritev pair of a batched copy moves
 _COPY_PIECE = 1024 * 1024
+#: buffers of batched copies not in use, shared by the worker threads (a buffer per thread
+#: would keep one for each of the pool's 24 threads that ever copied: 24 MiB of RSS)
+_copy_free: list[mmap.mmap] = []
+_copy_free_lock = threading.Lock()
+#: how many idle buffers are kept for the next copies
+_COPY_KEEP = 4
 
 
-def _copy_buffer() -> memoryview:
-    buf: mmap.mmap | None = getattr(_copy_buf, "buf", None)
+@contextmanager
+def _copy_buffer() -> Iterator[memoryview]:
+    with _copy_free_lock:
+        buf = _copy_free.pop() if _copy_free else None
     if buf is None:
         # an anonymous mapping is page aligned, so it serves O_DIRECT files too
         buf = aligned_buffer(_COPY_PIECE)
-        _copy_buf.buf = buf
-    return memoryview(buf)
+    view = memoryview(buf)
+    try:
+        yield view
+    finally:
+        view.release()
+        with _copy_free_lock:
+            if len(_copy_free) < _COPY_KEEP:
+                _copy_free.append(buf)
+                buf = None
+        if buf is not None:
+            with contextlib.suppress(BufferError):  # a slice still held by an error
+                buf.close()
+
+
+#: sync_file_range(2)'s flag: start writing dirty pages back, do not wait
+_SYNC_FILE_RANGE_WRITE = 2
+_libc_sync_file_range: Any = None
+
+
+def _write_behind(fd: int, start: int, end: int) -> None:
+    """Start the write-back of what a batch just wrote, without waiting for it.
+
+    A mirror's target flush before READY (and before the pivot) otherwise waits for all of
+    the copy's dirty pages at once: measured 0.2-0.4 s per GiB copied, most of the tail
+    between "all copied" and READY. Started batch by batch, the write-back overlaps the copy.
+    Advisory: any failure is left to the flush that must follow.
+    """
+    global _libc_sync_file_range
+    if end <= start:
+        return
+    if _libc_sync_file_range is None:
+        try:
+            import ctypes
+
+            fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+            fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+            _libc_sync_file_range = fn
+        except (OSError, AttributeError):
+            _libc_sync_file_range = False
+    if _libc_sync_file_range:
+        _libc_sync_file_range(fd, start, end - start, _SYNC_FILE_RANGE_WRITE)
 
 
 class BatchError(OSError):
@@ -275,9 +346,8 @@ def copy_batch_sync(src_fd: int, dst_fd: int, plan: list[tuple[int, int, int]]) 
     One worker call for the whole plan: the event loop pays one hand-off, not one per extent.
     A source read short of ``length`` (EOF of a file that shrank) is padded with zeroes.
     """
-    view = _copy_buffer()
     total = 0
-    try:
+    with _copy_buffer() as view:
         for index, (src_off, dst_off, length) in enumerate(plan):
             done = 0
             while done < length:
@@ -298,8 +368,8 @@ def copy_batch_sync(src_fd: int, dst_fd: int, plan: list[tuple[int, int, int]]) 
                 piece.release()
                 done += n
             total += length
-    finally:
-        view.release()
+    if plan:
+        _write_behind(dst_fd, min(d for _s, d, _n in plan), max(d + n for _s, d, n in plan))
     return total
 
 
@@ -321,6 +391,8 @@ def write_batch_sync(fd: int, pieces: list[tuple[int, bytes | memoryview]], dire
             _pwrite_all(fd, offset, data, direct)
         except OSError as e:
             raise BatchError(e, False, index) from e
+    if pieces and not direct:
+        _write_behind(fd, min(o for o, _d in pieces), max(o + len(d) for o, d in pieces))
 
 
 # --- the async API --------------------------------------------------------------------------

@@ -20,7 +20,15 @@ from typing import Any
 
 from blockmirror import QEMU_COMPAT_PACKAGE, QEMU_COMPAT_VERSION
 from blockmirror.block.options import open_blockdev
+from blockmirror.chardev import BACKENDS
+from blockmirror.chardev.backends import (
+    CommandLineSocket,
+    PtyChardev,
+    connection_name,
+    report_stderr,
+)
 from blockmirror.cli import early
+from blockmirror.cli.chardev_opts import ALIASES, KNOWN_KEYS, backend_of
 from blockmirror.cli.keyval import parse_option, split_qemuopts
 from blockmirror.daemon import Daemon
 from blockmirror.errors import BlockMirrorError
@@ -69,7 +77,12 @@ QEMU storage daemon (blockmirror)
   --chardev socket,id=<id>,path=<path>|host=<host>,port=<port>|fd=<n>
             [,server=on|off][,wait=on|off]
   --chardev stdio,id=<id>[,signal=on|off]
-                         configure a character device backend
+  --chardev ringbuf|memory|null|pty,id=<id>[,size=<n>]
+  --chardev file|pipe|serial|parallel,id=<id>,path=<path>
+  --chardev udp,id=<id>,host=<host>,port=<port>[,localaddr=..][,localport=..]
+  --chardev mux,id=<id>,chardev=<id>
+                         configure a character device backend (monitors: socket
+                         and stdio)
 
   --daemonize            daemonize the process, and have the parent exit
                          once startup is complete
@@ -207,20 +220,37 @@ def _onoff(opts: dict[str, str], key: str, default: bool) -> bool:
 
 async def _open_chardev(st: _State, text: str) -> None:
     opts = _qemuopts(text, "backend")
+    unknown = [k for k in opts if k not in KNOWN_KEYS]
+    if unknown:
+        raise OptionError(f"Invalid parameter '{unknown[0]}'")
     backend = opts.get("backend", "")
     if "id" not in opts:
         raise OptionError("chardev: no id specified")
-    if backend not in ("socket", "stdio"):
+    if backend in ALIASES:
+        print(f"{st.prog}: --chardev {text}: warning: The alias '{backend}' is deprecated, "
+              f"use '{ALIASES[backend]}' instead", file=sys.stderr, flush=True)
+        backend = ALIASES[backend]
+    if backend not in BACKENDS:
         raise OptionError(f"'{backend}' is not a valid char driver name")
     cid = opts["id"]
-    if cid in st.chardevs:
+    registry = st.daemon.chardevs
+    if cid in st.chardevs and backend == "socket" and st.chardevs[cid].sock is not None:
         raise OptionError("duplicate yank instance")
+    if registry.find(cid) is not None:
+        raise OptionError(f"attempt to add duplicate property '{cid}' to object "
+                          "(type 'container')")
+    if backend not in ("socket", "stdio"):
+        # every other backend through the registry, as chardev-add opens it
+        chr_ = registry.open_backend(cid, backend_of(backend, opts))
+        registry.register(chr_)
+        if isinstance(chr_, PtyChardev):
+            print(f"char device redirected to {chr_.pty_name} (label {cid})", flush=True)
+        return
     if backend == "stdio":
         # cf. chardev/char-stdio.c: one stdio chardev per process; 'signal' only
         # concerns terminals (^C), which the monitor does not read as a terminal anyway
-        if any(cd.sock is None for cd in st.chardevs.values()):
-            raise OptionError("cannot use stdio by multiple character devices")
         _onoff(opts, "signal", True)
+        registry.register(registry.open_backend(cid, {"type": "stdio", "data": {}}))
         st.chardevs[cid] = _Chardev(cid, None, False)
         return
     server = _onoff(opts, "server", False)
@@ -274,6 +304,7 @@ async def _open_chardev(st: _State, text: str) -> None:
     sock.setblocking(False)
     chardev = _Chardev(cid, sock, server, path if server else None)
     st.chardevs[cid] = chardev
+    registry.register(_registered_socket(cid, opts, sock, server))
     if server and wait and "fd" not in opts:
         # cf. tcp_chr_wait_connected: start-up blocks until the first client connects
         where = f"unix:{path}" if path is not None else f"tcp:{opts['host']}:{opts.get('port')}"
@@ -281,6 +312,23 @@ async def _open_chardev(st: _State, text: str) -> None:
               f"disconnected:{where},server=on", file=sys.stderr, flush=True)
         conn, _ = await asyncio.get_running_loop().sock_accept(sock)
         chardev.first_client = conn
+
+
+def _registered_socket(cid: str, opts: dict[str, str], sock: socket.socket,
+                       server: bool) -> CommandLineSocket:
+    """What query-chardev shows of a command-line socket chardev."""
+    listen = ",server=on" if server else ""
+    if "path" in opts:
+        address = f"unix:{opts['path']}{listen}"
+    elif "host" in opts:
+        address = f"tcp:{opts['host']}:{opts.get('port', '')}{listen}"
+    else:
+        address = f"fd:{opts.get('fd', '')}{listen}"
+    if not server:
+        connected: str | None = connection_name(sock, False)
+    else:
+        connected = address if "path" in opts else None
+    return CommandLineSocket(cid, address, connected)
 
 
 def _validated(type_name: str, text: str, implied: str | None) -> dict[str, Any]:
@@ -317,10 +365,18 @@ async def _apply(st: _State, opt: str, value: str) -> None:
     elif opt == "monitor":
         mon = _validated("MonitorOptions", value, "chardev")
         chardev = st.chardevs.get(mon["chardev"])
-        if chardev is None:
+        registered = d.chardevs.find(mon["chardev"])
+        if chardev is None and registered is None:
             raise OptionError(f'chardev "{mon["chardev"]}" not found')
         if mon.get("mode", "control") != "control":
             raise OptionError("Only QMP is supported")
+        if registered is not None:
+            d.chardevs.attach_frontend(registered, "monitor")
+            registered.frontend_open = True
+        if chardev is None:
+            # a monitor on a ring buffer, a file...: taken, but QMP is served on sockets
+            # and stdio only
+            return
         d.qmp_server()
         chardev.used = True
         st.monitors.append((chardev, bool(mon.get("pretty", False))))
@@ -371,6 +427,8 @@ async def _main(prog: str, opts: list[tuple[str, str | None]], ready_fd: int | N
                 return 1
             clock = value
     daemon = Daemon(clock)
+    daemon.chardevs.report = report_stderr(prog)
+    daemon.chardevs.daemonized = ready_fd is not None
     st = _State(prog, daemon)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):

@@ -13,7 +13,8 @@ In qemu-storage-daemon the greeting comes from the main loop, after every option
 a client that has it may rely on the NBD server, the exports and the nodes of the command line
 (and their image locks) being there. So the early path is taken only when the command line
 holds nothing else a client could see without a QMP command: monitors, ``--pidfile`` (written
-after start-up anyway), ``--object``, ``--trace``, ``--clock``. Any ``--blockdev``,
+after start-up anyway), ``--object``, ``--trace``, ``--clock``, and ``ringbuf``, ``memory``
+and ``null`` chardevs. Any ``--blockdev``,
 ``--nbd-server``, ``--export`` or ``--daemonize``, and anything unusual (``pretty``, other
 chardev backends or keys), leaves the greeting to the event loop after start-up, as in QSD.
 This module imports nothing heavy: that is its whole point.
@@ -21,11 +22,11 @@ This module imports nothing heavy: that is its whole point.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import os
 import select
 import socket
-import threading
 
 from blockmirror import QEMU_COMPAT_PACKAGE, QEMU_COMPAT_VERSION
 from blockmirror.unixsock import listen_unix
@@ -53,13 +54,23 @@ class _Greeter:
     def __init__(self, listeners: list[_Listener]) -> None:
         self.listeners = listeners
         self._wake_r, self._wake_w = os.pipe()
-        self._thread = threading.Thread(target=self._run, name="qmp-early-greeter",
-                                        daemon=True)
+        # _thread, not threading: one import less on the way to the greeting; the lock is
+        # held while the thread runs, so acquiring it joins the thread
+        self._done = _thread.allocate_lock()
+        self._started = False
         self._greeting = greeting_bytes()
         self.stopped = False
 
     def start(self) -> None:
-        self._thread.start()
+        self._done.acquire()
+        self._started = True
+        _thread.start_new_thread(self._main, ())
+
+    def _main(self) -> None:
+        try:
+            self._run()
+        finally:
+            self._done.release()
 
     def _run(self) -> None:
         poller = select.poll()
@@ -96,7 +107,9 @@ class _Greeter:
             return
         self.stopped = True
         os.write(self._wake_w, b"x")
-        self._thread.join()
+        if self._started:
+            with self._done:  # waits until the thread has left _run()
+                pass
         os.close(self._wake_r)
         os.close(self._wake_w)
 
@@ -126,6 +139,8 @@ def _opts(text: str) -> dict[str, str] | None:
 
 #: options with an argument whose effect no client sees before it can send commands
 _INVISIBLE = ("pidfile", "object", "trace", "clock")
+#: chardev backends that leave no trace outside the daemon (no file, port or pty)
+_INVISIBLE_CHARDEVS = ("ringbuf", "memory", "null")
 
 
 def _monitor_options(argv: list[str]) -> list[tuple[str, str]] | None:
@@ -156,20 +171,35 @@ def _monitor_options(argv: list[str]) -> list[tuple[str, str]] | None:
     return out
 
 
+def _visible_chardev(opts: list[tuple[str, str]]) -> bool:
+    """A chardev other than a socket that is seen without QMP (a file, a pty, a port)."""
+    for name, text in opts:
+        if name != "chardev":
+            continue
+        o = _opts(text)  # None: syntax this module does not parse; assume the worst
+        if o is None or o.get("") not in ("socket", *_INVISIBLE_CHARDEVS):
+            return True
+    return False
+
+
 def start(argv: list[str]) -> None:
     """Bind the monitor sockets of ``blockmirror daemon ARGV`` and greet clients (when the
     command line allows it; see the module docstring)."""
     global _greeter
     opts = _monitor_options(argv)
-    if not opts:
-        return
+    if not opts or _visible_chardev(opts):
+        return  # decided before anything is bound: no socket appears and goes again
     listeners: dict[str, _Listener] = {}
     for name, text in opts:
         o = _opts(text)
         if o is None:
             break
         if name == "chardev":
-            if (o.get("") != "socket" or set(o) - {"", "id", "path", "server", "wait"}
+            if o.get("") in _INVISIBLE_CHARDEVS and "id" in o and set(o) <= {"", "id", "size"}:
+                continue  # only QMP can see it: no reason to hold the greeting back
+            if o.get("") != "socket":
+                break  # not reached: _visible_chardev() said no to the whole command line
+            if (set(o) - {"", "id", "path", "server", "wait"}
                     or "id" not in o or "path" not in o or o["id"] in listeners
                     or o.get("server") not in ("on",) or o.get("wait") != "off"):
                 break

@@ -10,7 +10,9 @@ BLOCK_JOB_ERROR, and for ``stop`` pauses the job as a user pause with the I/O st
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 
+from blockmirror.errors import BlockMirrorError
 from blockmirror.jobs.job import Job
 
 
@@ -39,6 +41,23 @@ class BlockJob(Job):
                 self.user_paused = True
             self.iostatus_set_err(err)
         return action
+
+    def attach(self) -> None:
+        """Join the graph (filters, blockers, handles); ``dispose_unstarted`` undoes it."""
+
+    def attach_at_speed(self, speed: int, on_failure: Callable[[], None] | None = None) -> None:
+        """cf. the block job start functions: refuse a negative speed, set the limit and
+        attach; on failure the job is disposed unstarted (after ``on_failure``)."""
+        try:
+            if speed < 0:
+                raise BlockMirrorError("Parameter 'speed' expects a non-negative value")
+            self.limit.set_speed(speed)
+            self.attach()
+        except BlockMirrorError:
+            if on_failure is not None:
+                on_failure()
+            self.dispose_unstarted()
+            raise
 
 
 __all__ = ["BlockJob", "policy_action"]

@@ -212,8 +212,12 @@ class Job:
         await self.on_resume()
 
     async def sleep_ns(self, ns: int) -> None:
-        """Sleep (woken early by cancel/resume/speed changes), then a pause point."""
-        if not self.is_cancelled:
+        """Sleep (woken early by cancel/resume/speed changes), then a pause point.
+
+        A pause requested while the task was busy skips the sleep (cf. job_sleep_ns): the
+        task stops at once instead of sleeping out a long rate-limit delay first.
+        """
+        if not self.is_cancelled and not self._should_pause():
             await self._yield(ns)
         await self.pause_point()
 

@@ -10,8 +10,10 @@ declares all of them, so nothing needs to be loaded in a particular order.
 from __future__ import annotations
 
 from blockmirror.qapi import (  # noqa: F401  (declaring is importing)
+    block_backup,
     block_core,
     block_export,
+    char,
     control,
     job,
     misc,
@@ -45,7 +47,8 @@ from blockmirror.qapi.validate import (
 
 # monitor control first, then the block layer, as QEMU's qapi-schema.json includes them
 _in_module_order([f"blockmirror.qapi.{m}" for m in
-                  ("control", "job", "block_core", "block_export", "misc", "qom",
+                  ("control", "job", "block_core", "block_backup", "block_export", "char",
+                   "misc", "qom",
                    "transaction", "x_mirror")])
 
 __all__ = [

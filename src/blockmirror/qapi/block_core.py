@@ -175,8 +175,8 @@ struct("ImageInfo", {
     "filename": "str", "format": "str", "*dirty-flag": "bool", "*actual-size": "int",
     "virtual-size": "int", "*cluster-size": "int", "*encrypted": "bool",
     "*compressed": "bool", "*backing-filename": "str", "*full-backing-filename": "str",
-    "*backing-filename-format": "str", "*format-specific": "any",
-    "*backing-image": "ImageInfo",
+    "*backing-filename-format": "str", "*snapshots": ["SnapshotInfo"],
+    "*format-specific": "any", "*backing-image": "ImageInfo",
 })
 struct("BlockDeviceInfo", {
     "file": "str", "*node-name": "str", "ro": "bool", "drv": "str", "*backing_file": "str",
@@ -204,6 +204,15 @@ class MirrorSyncMode(StrEnum):
     NONE = "none"
     INCREMENTAL = "incremental"
     BITMAP = "bitmap"
+
+
+@qapi_enum
+class BitmapSyncMode(StrEnum):
+    """What a job's sync bitmap holds when the job ends (qapi/block-core.json)."""
+
+    ON_SUCCESS = "on-success"
+    NEVER = "never"
+    ALWAYS = "always"
 
 
 @qapi_enum
@@ -246,6 +255,9 @@ struct("BlockJobInfo", {
     "type": "JobType", "device": "str", "len": "int", "offset": "int", "busy": "bool",
     "paused": "bool", "speed": "int", "io-status": "BlockDeviceIoStatus", "ready": "bool",
     "status": "JobStatus", "auto-finalize": "bool", "auto-dismiss": "bool", "*error": "str",
+    # QEMU 8.2+ (BlockJobInfoMirror, the branch of mirror jobs): a write-blocking mirror is
+    # in sync and every guest write since reached the target
+    "*actively-synced": "bool",
     # extensions (qapi/x_mirror.py), after QEMU's members: only for mirrors that use them
     "*x-convergence": "XMirrorConvergenceInfo", "*x-group": "str",
     # extension (mirror jobs): itemised byte counters that never go backwards
@@ -281,6 +293,17 @@ _MIRROR_EXTENSIONS = {
     "*x-resume-log": "str", "*x-resume-restart": "bool", "*x-resume-extents": "int",
     "*x-resume-extent-size": "int", "*x-verify": "bool",
 }
+#: downstream extension (Proxmox VE's mirror bitmap arguments, under our prefix): the job
+#: starts from a named bitmap of the source (sync=bitmap, or incremental = bitmap + on-success)
+ORG_BITMAP = "__org.blockmirror_bitmap"
+ORG_BITMAP_MODE = "__org.blockmirror_bitmap-mode"
+_MIRROR_BITMAP = {"*" + ORG_BITMAP: "str", "*" + ORG_BITMAP_MODE: "BitmapSyncMode"}
+_MIRROR_BITMAP_DOC = (
+    "; downstream extension (Proxmox VE's `bitmap`/`bitmap-mode`): `__org.blockmirror_bitmap` "
+    "names a bitmap of the source that seeds the job (`sync` `bitmap`, or `incremental` = "
+    "`bitmap` with mode `on-success`), busy while the job runs; "
+    "`__org.blockmirror_bitmap-mode` (`never`, `on-success`, `always`) says what it holds "
+    "afterwards")
 _MIRROR_EXTENSIONS_DOC = (
     "; extensions: `x-resume-log` (path of the crash-safe resume sidecar: an existing one is "
     "resumed after identity checks, or refused), `x-resume-restart` (start afresh over it), "
@@ -313,7 +336,8 @@ command("block-job-change", {"id": "str", "type": "JobType", "*copy-mode": "Mirr
         doc="(QEMU 8.2) `type: mirror`, `copy-mode`: only `background` -> `write-blocking`; "
             "extension: `x-converge*` as for blockdev-mirror")
 command("query-block-jobs", {"*x-progress": "bool"}, returns=["BlockJobInfo"],
-        doc="QEMU 7.2's members (`offset`/`len`); extension `x-progress: true` adds a mirror's "
+        doc="QEMU 7.2's members (`offset`/`len`), and QEMU 8.2's `actively-synced` for mirror "
+            "jobs; extension `x-progress: true` adds a mirror's "
             "monotonic byte counters after them (`x-copied`, `x-zero-skipped`, `x-redirtied`, "
             "`x-verified`, `x-resumed`, `x-active-written`), shown anyway for mirrors started "
             "with `x-resume-log` or `x-verify` (docs/resume.md)")
@@ -321,20 +345,45 @@ command("blockdev-mirror", {
     "*job-id": "str", "device": "str", "target": "str", "*replaces": "str",
     "sync": "MirrorSyncMode", **_MIRROR_COMMON, "*filter-node-name": "str",
     "*copy-mode": "MirrorCopyMode", "*auto-finalize": "bool", "*auto-dismiss": "bool",
-    "*target-is-zero": "bool", **_MIRROR_EXTENSIONS, **_X_CONVERGE,
+    "*target-is-zero": "bool", **_MIRROR_EXTENSIONS, **_X_CONVERGE, **_MIRROR_BITMAP,
 }, defaults={**MIRROR_DEFAULTS, "target-is-zero": False},
     doc="the drive-mirror job on an existing target node; plus `filter-node-name` and "
         "`target-is-zero` (QEMU 10.1)" + _MIRROR_EXTENSIONS_DOC
-        + "; extension `x-converge`: forecast and policy")
+        + "; extension `x-converge`: forecast and policy" + _MIRROR_BITMAP_DOC)
 command("drive-mirror", {
     "*job-id": "str", "device": "str", "target": "str", "*format": "str", "*node-name": "str",
     "*replaces": "str", "sync": "MirrorSyncMode", "*mode": "NewImageMode", **_MIRROR_COMMON,
     "*unmap": "bool", "*copy-mode": "MirrorCopyMode", "*auto-finalize": "bool",
-    "*auto-dismiss": "bool", **_MIRROR_EXTENSIONS, **_X_CONVERGE,
+    "*auto-dismiss": "bool", **_MIRROR_EXTENSIONS, **_X_CONVERGE, **_MIRROR_BITMAP,
 }, defaults={**MIRROR_DEFAULTS, "unmap": True, "mode": NewImageMode.ABSOLUTE_PATHS},
     doc="creates the target (prints `Formatting ...` on stdout) in `raw` or `qcow2`; `mode` "
         "`absolute-paths` or `existing`; `sync` `full`, `top`, `none` (`top` without a backing "
-        "becomes `full`); `replaces` needs `node-name`" + _MIRROR_EXTENSIONS_DOC)
+        "becomes `full`); `replaces` needs `node-name`" + _MIRROR_EXTENSIONS_DOC
+        + _MIRROR_BITMAP_DOC)
+
+# --- commit and stream (qmp/commands/commit.py, jobs/commit/) ------------------------------------
+
+command("block-commit", {
+    "*job-id": "str", "device": "str", "*base-node": "str", "*base": "str",
+    "*top-node": "str", "*top": "str", "*backing-file": "str", "*speed": "int",
+    "*on-error": "BlockdevOnError", "*filter-node-name": "str", "*auto-finalize": "bool",
+    "*auto-dismiss": "bool",
+}, defaults={"speed": 0, "on-error": BlockdevOnError.REPORT, "auto-finalize": True,
+             "auto-dismiss": True},
+    doc="(QEMU 7.2) `top` below the active layer: a `commit` job that copies `top`..`base` "
+        "into `base` and drops the nodes in between, writing `backing-file` (or the base's "
+        "filename) into the overlay's header; `top` the active layer (or written by "
+        "someone): active commit, a mirror job of type `commit` that goes READY and pivots "
+        "to `base` on block-job-complete; `base`/`top` by filename (deprecated in QEMU)")
+command("block-stream", {
+    "*job-id": "str", "device": "str", "*base": "str", "*base-node": "str",
+    "*backing-file": "str", "*bottom": "str", "*speed": "int", "*on-error": "BlockdevOnError",
+    "*filter-node-name": "str", "*auto-finalize": "bool", "*auto-dismiss": "bool",
+}, defaults={"speed": 0, "on-error": BlockdevOnError.REPORT, "auto-finalize": True,
+             "auto-dismiss": True},
+    doc="(QEMU 7.2) copies what the backing chain above `base` (or down to `bottom`) holds "
+        "into `device` through a `copy-on-read` filter, then makes `base` its backing and "
+        "writes `backing-file` (or the base's filename) into its header")
 
 # --- events -------------------------------------------------------------------------------------
 
@@ -353,8 +402,9 @@ event("X_BLOCK_JOB_VERIFIED", {"device": "str", "verified": "int", "mismatches":
           "drain just before the pivot; `digest` is XXH3-128 over the XXH3-64 digests of the "
           "target's chunks ('' if not every chunk could be checked)")
 
-__all__ = ["BLOCKDEV_DRIVERS", "MIRROR_DEFAULTS", "BlockDeviceIoStatus", "BlockErrorAction",
-           "BlockdevOnError", "MirrorCopyMode", "MirrorSyncMode", "NewImageMode"]
+__all__ = ["BLOCKDEV_DRIVERS", "MIRROR_DEFAULTS", "ORG_BITMAP", "ORG_BITMAP_MODE",
+           "BitmapSyncMode", "BlockDeviceIoStatus", "BlockErrorAction", "BlockdevOnError",
+           "MirrorCopyMode", "MirrorSyncMode", "NewImageMode"]
 
 # --- graph edits, node commands, statistics (qmp/commands/block_graph.py) ---------------------
 
@@ -417,3 +467,14 @@ command("blockdev-reopen", {"options": ["BlockdevOptions"]},
             "are stored; another `file` child is refused")
 event("BLOCK_WRITE_THRESHOLD", {"node-name": "str", "amount-exceeded": "uint64",
                                 "write-threshold": "uint64"})
+
+# the x-blockdev family (qmp/commands/x_blockdev.py)
+alternate("StrOrNull", {"s": "str", "n": "null"})
+command("x-blockdev-change", {"parent": "str", "*child": "str", "*node": "str"},
+        doc="QEMU's checks and texts; no driver here takes or gives up children at run time "
+            "(QEMU: quorum), so the last step always refuses, as QEMU does for other drivers")
+command("x-blockdev-set-iothread", {"node-name": "str", "iothread": "StrOrNull",
+                                    "*force": "bool"},
+        defaults={"force": False},
+        doc="an `--object iothread` id or null, with QEMU's checks; blockmirror runs every "
+            "node in its one event loop, so a node changes nothing else")

@@ -26,6 +26,9 @@ struct("BlockdevSnapshotSyncWrapper", {"data": "BlockdevSnapshotSync"})
 struct("BlockDirtyBitmapAddWrapper", {"data": "BlockDirtyBitmapAdd"})
 struct("BlockDirtyBitmapWrapper", {"data": "BlockDirtyBitmap"})
 struct("BlockDirtyBitmapMergeWrapper", {"data": "BlockDirtyBitmapMerge"})
+struct("BlockdevBackupWrapper", {"data": "BlockdevBackup"})
+struct("DriveBackupWrapper", {"data": "DriveBackup"})
+struct("BlockdevSnapshotInternalWrapper", {"data": "BlockdevSnapshotInternal"})
 struct("TransactionProperties", {"*completion-mode": "ActionCompletionMode"})
 union("TransactionAction", {"type": "TransactionActionKind"}, "type", {
     "abort": "AbortWrapper",
@@ -37,6 +40,9 @@ union("TransactionAction", {"type": "TransactionActionKind"}, "type", {
     "block-dirty-bitmap-merge": "BlockDirtyBitmapMergeWrapper",
     "blockdev-snapshot": "BlockdevSnapshotWrapper",
     "blockdev-snapshot-sync": "BlockdevSnapshotSyncWrapper",
+    "blockdev-backup": "BlockdevBackupWrapper",
+    "drive-backup": "DriveBackupWrapper",
+    "blockdev-snapshot-internal-sync": "BlockdevSnapshotInternalWrapper",
 })
 
 command("transaction", {"actions": ["TransactionAction"],

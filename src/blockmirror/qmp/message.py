@@ -14,7 +14,6 @@ from __future__ import annotations
 import re
 import struct
 import sys
-import tempfile
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -56,6 +55,9 @@ class _Spool:
         if self._file is None:
             self._mem += data
             if len(self._mem) > SPOOL_MEMORY:
+                # tempfile (and shutil under it) only for huge values: not at start-up
+                import tempfile
+
                 # closed by close(), which every owner calls when the value is done
                 self._file = tempfile.TemporaryFile()  # noqa: SIM115
                 self._file.write(self._mem)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from blockmirror.block.graph import BlockGraph
+from blockmirror.chardev import ChardevRegistry
 from blockmirror.clock import Clock
 from blockmirror.events import EventBus
 from blockmirror.export.nbd_server import NbdServer
@@ -44,6 +45,8 @@ class DaemonAPI(Protocol):
 
     #: object-add/object-del change it; everything else only looks objects up
     objects: ObjectRegistry
+    #: --chardev and chardev-add chardevs
+    chardevs: ChardevRegistry
 
     def print_stdout(self, line: str) -> None: ...
 
@@ -155,7 +158,8 @@ def command(name: str) -> Callable[[H], H]:
 
 
 _COMMAND_MODULES = ("control", "block", "query", "jobs", "mirror", "mirror_group", "nbd", "hmp",
-                    "bitmaps", "objects", "block_graph", "transaction", "testkit")
+                    "bitmaps", "objects", "block_graph", "transaction", "testkit",
+                    "backup", "snapshot_internal", "amend", "chardev", "x_blockdev", "commit")
 
 
 def load_commands() -> dict[str, CommandDef]:

@@ -22,6 +22,9 @@ from blockmirror.errors import BlockIOError
 class MirrorTopDriver(BlockDriver):
     format_name = "mirror_top"
     is_filter = True
+    #: FUA passes through to the source, which honours it (cf. bdrv_mirror_top_open's
+    #: supported_write_flags); otherwise a writethrough guest's every write would flush twice
+    supports_fua = True
 
     def __init__(self, node: BlockNode) -> None:
         super().__init__(node)

@@ -3,25 +3,36 @@
 The driver owns one connection: a reader task routes replies to the requests in flight (up to
 ``MAX_IN_FLIGHT``, told apart by cookie), so reads, writes and block-status calls from many
 coroutines share the socket. Handshake and framing come from the sans-IO ``blockmirror.nbd``
-codec; this module only moves bytes, keeps the pending table, and reconnects when
-``reconnect-delay`` asks for it. ``parse_nbd_uri`` turns an NBD URI into options for this driver
-(drive-mirror targets). cf. QEMU's block/nbd.c.
+codec; this module only moves bytes, keeps the pending table, and reconnects.
+``parse_nbd_uri`` turns an NBD URI into options for this driver (drive-mirror targets).
+cf. QEMU's block/nbd.c and nbd/client-connection.c.
+
+Connection states follow QEMU's (``_State``): after an unexpected disconnect the driver is
+CONNECTING_WAIT when ``reconnect-delay`` is set (requests wait for a reconnect, those that were
+in flight are sent again on it) and CONNECTING_NOWAIT otherwise or once the delay has run out
+(requests fail with EIO at once); in both, reconnect attempts go on in the background, with
+QEMU's pauses of 1, 2, 4, 8 and then 16 seconds between them, until one succeeds. A server
+that breaks the protocol (bad magic, an unknown cookie, a malformed chunk) puts the driver in
+QUIT: no reconnect, every request fails. ``open-timeout`` retries the first connection the same
+way for that many seconds. Every wait is on the graph's clock, so tests can run it virtually.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import errno
 import logging
 import os
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlparse
 
 from blockmirror.block.driver import BlockDriver, BlockStatus, DriverInfo, Extent, WriteFlags
 from blockmirror.block.drivers import register
+from blockmirror.clock import Clock, MonotonicClock
 from blockmirror.errors import BlockIOError, BlockMirrorError
 from blockmirror.nbd.constants import (
     BASE_ALLOCATION,
@@ -55,6 +66,14 @@ MAX_IN_FLIGHT = 16
 _READ_CHUNK = 256 * 1024
 #: the largest block-status range asked at once (the wire length is 32 bits)
 _MAX_STATUS_LEN = 1 << 31
+#: pauses between connection attempts, in seconds: doubled after each failure up to the
+#: maximum (cf. connect_thread_func)
+_RETRY_FIRST_S = 1
+_RETRY_MAX_S = 16
+#: a bound on one handshake when nothing else bounds it (QEMU's connect thread would wait
+#: for ever on a server that accepts and then says nothing; a node should not)
+_HANDSHAKE_GUARD_S = 30.0
+_NS = 1_000_000_000
 
 
 def parse_nbd_uri(uri: str) -> dict[str, Any]:
@@ -85,6 +104,9 @@ def parse_nbd_uri(uri: str) -> dict[str, Any]:
         if export is not None:
             opts["export"] = export
         return opts
+    # urllib.parse (and ipaddress under it) only when an nbd:// filename is parsed (start-up)
+    from urllib.parse import parse_qs, unquote, urlparse
+
     u = urlparse(uri)
     if u.scheme not in ("nbd", "nbd+tcp", "nbd+unix"):
         raise BlockMirrorError("No valid URL specified")
@@ -146,11 +168,27 @@ class _Disconnected(Exception):
     """The connection ended with this request in flight (it may be retried after reconnect)."""
 
 
+class _State(enum.Enum):
+    """cf. NBDClientState."""
+
+    CONNECTING_WAIT = "connecting-wait"
+    CONNECTING_NOWAIT = "connecting-nowait"
+    CONNECTED = "connected"
+    QUIT = "quit"
+
+
+#: told when a connection ends on its own: (the connection, whether the server broke the
+#: protocol)
+LostHook = Callable[["_Connection", bool], None]
+
+
 class _Connection:
     """One negotiated connection and its reader task."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 negotiated: Negotiated, trailing: bytes) -> None:
+                 negotiated: Negotiated, trailing: bytes,
+                 on_lost: LostHook | None = None) -> None:
+        self.on_lost = on_lost
         self.reader = reader
         self.writer = writer
         self.info: ExportInfo = negotiated.export
@@ -173,30 +211,48 @@ class _Connection:
         return p.length if p.cmd == Cmd.READ else 0
 
     async def _read_loop(self) -> None:
-        reason: str = "Connection closed"
+        reason = "server dropped connection"
+        fatal = False
+        cancelled = False
         try:
             while True:
                 reply = self.decoder.next_reply()
                 if reply is None:
                     data = await self.reader.read(_READ_CHUNK)
                     if not data:
+                        if self.pending:
+                            log.warning("nbd: connection lost: %s", reason)
                         break
                     self.decoder.receive_data(data)
                     continue
                 self._route(reply)
         except asyncio.CancelledError:
             reason = "Connection closed by the client"
+            cancelled = True
             raise
-        except (NBDProtocolError, ConnectionError, ssl.SSLError, OSError) as e:
+        except NBDProtocolError as e:
+            # cf. nbd_channel_error with an error other than EIO: the server is broken
+            reason, fatal = str(e), True
+            log.warning("nbd: protocol error, giving up the connection: %s", e)
+        except (ConnectionError, ssl.SSLError, OSError) as e:
             reason = str(e)
             log.warning("nbd: connection lost: %s", e)
         finally:
-            self.alive = False
-            for p in self.pending.values():
-                if not p.future.done():
-                    p.future.set_exception(_Disconnected(reason))
-            self.pending.clear()
-            self.writer.close()
+            self._end(reason, fatal, tell=not cancelled)
+
+    def _end(self, reason: str, fatal: bool, *, tell: bool = True) -> None:
+        """The connection is over: tell the owner first (so that a request woken below sees
+        the new state), then fail every request in flight. Idempotent."""
+        if not self.alive:
+            return
+        self.alive = False
+        if tell and self.on_lost is not None:
+            self.on_lost(self, fatal)
+        for p in self.pending.values():
+            if not p.future.done():
+                p.future.set_exception(_Disconnected(reason))
+        self.pending.clear()
+        self.writer.close()
 
     def _route(self, reply: Any) -> None:
         p = self.pending[reply.cookie]
@@ -273,10 +329,12 @@ class _Connection:
                     await self.writer.drain()
             except (ConnectionError, ssl.SSLError, OSError) as e:
                 self.pending.pop(cookie, None)
+                self._end(str(e), False)
                 raise _Disconnected(str(e)) from e
             return await fut
 
     async def close(self) -> None:
+        self.on_lost = None  # a requested close is no loss
         if self.alive:
             with contextlib.suppress(Exception):
                 async with self.wlock:
@@ -359,6 +417,24 @@ async def nbd_connect(
         raise
 
 
+async def _cancel(task: asyncio.Future[Any]) -> None:
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+
+
+async def _first(work: asyncio.Future[Any], deadline: asyncio.Future[Any]) -> bool:
+    """Wait for ``work`` or ``deadline``; True when ``work`` finished (it wins a tie), else
+    ``work`` is cancelled."""
+    try:
+        await asyncio.wait({work, deadline}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not work.done():
+            await _cancel(work)
+    return not work.cancelled()
+
+
 @register
 class NbdDriver(BlockDriver):
     """cf. bdrv_nbd: every request goes to the server; nothing is cached locally."""
@@ -369,16 +445,25 @@ class NbdDriver(BlockDriver):
         super().__init__(node)
         self._conn: _Connection | None = None
         self._info: ExportInfo | None = None
+        self._base_allocation = False
         self._server: dict[str, Any] = {}
         self._export = ""
         self._tls: ssl.SSLContext | None = None
-        self._reconnect_delay = 0.0
-        self._open_timeout: float | None = None
+        #: seconds (QAPI uint32); 0: no waiting for a reconnect
+        self._reconnect_delay = 0
+        self._open_timeout = 0
+        self._clock: Clock = MonotonicClock()
+        self._state = _State.CONNECTING_WAIT
         self._reconnect_task: asyncio.Task[None] | None = None
-        self._connected = asyncio.Event()
-        #: loop time at which the connection was found lost (None while connected)
-        self._lost_at: float | None = None
+        #: wakes requests waiting for a reconnect: set while CONNECTED, and when waiting is
+        #: over for another reason (close, cancel_in_flight); they look at the state then
+        self._wake = asyncio.Event()
+        #: clock time (ns) at which waiting for a reconnect ends (cf. reconnect_delay_timer);
+        #: armed by the first request that finds the connection lost
+        self._delay_deadline: int | None = None
         self._closing = False
+        #: connections made, reconnects included (for tests and diagnostics)
+        self.connects = 0
 
     # --- life cycle -----------------------------------------------------------------------
 
@@ -386,9 +471,13 @@ class NbdDriver(BlockDriver):
         opts = self.node.options
         self._server = _server_options(opts)
         self._export = str(opts.get("export", ""))
-        self._reconnect_delay = float(opts.get("reconnect-delay", 0) or 0)
-        timeout = opts.get("open-timeout")
-        self._open_timeout = float(timeout) if timeout else None
+        # the schema checked both as uint32; 0 (the default) disables them
+        self._reconnect_delay = int(opts.get("reconnect-delay") or 0)
+        self._open_timeout = int(opts.get("open-timeout") or 0)
+        graph = self.node.graph
+        clock = getattr(graph, "clock", None) if graph is not None else None
+        if clock is not None:
+            self._clock = clock
         creds = opts.get("tls-creds")
         if creds:
             # the credentials (and the secret of an encrypted key, resolved when the object
@@ -396,30 +485,77 @@ class NbdDriver(BlockDriver):
             objects = self.node.graph.objects if self.node.graph else NO_OBJECTS
             host = self._server.get("host") if self._server.get("type") == "inet" else None
             self._tls = client_context(objects, str(creds), opts.get("tls-hostname") or host)
-        await self._connect()
+        if self._open_timeout:
+            conn = await self._connect_until(self._open_timeout * _NS)
+        else:
+            conn = await self._attempt(_HANDSHAKE_GUARD_S)
+        self._install(conn)
         if not self.node.filename:
             self.node.filename = nbd_filename(self._server, self._export)
 
-    async def _connect(self) -> None:
+    async def _attempt(self, guard_s: float | None) -> _Connection:
+        """One connection attempt: connect, negotiate, check the export (cf. nbd_connect)."""
         reader, writer, event, trailing = await nbd_connect(
-            self._server, self._export, tls=self._tls, open_timeout=self._open_timeout or 30.0)
+            self._server, self._export, tls=self._tls, open_timeout=guard_s)
         assert isinstance(event, Negotiated)
-        conn = _Connection(reader, writer, event, trailing)
+        conn = _Connection(reader, writer, event, trailing, on_lost=self._lost)
         if self._info is not None and conn.info.size != self._info.size:
             await conn.close()
             raise BlockMirrorError("Export size changed across a reconnect")
+        return conn
+
+    async def _connect_until(self, limit_ns: int) -> _Connection:
+        """open-timeout: attempts with QEMU's pauses until one succeeds or ``limit_ns`` of
+        the clock have passed; then the last attempt's error, or QEMU's text when the first
+        attempt is still under way (cf. open_timer_cb, nbd_co_establish_connection)."""
+        clock = self._clock
+        timer = asyncio.ensure_future(clock.sleep_ns(limit_ns))
+        last: BlockMirrorError | None = None
+        pause_s = _RETRY_FIRST_S
+        try:
+            while True:
+                attempt = asyncio.ensure_future(self._attempt(_HANDSHAKE_GUARD_S))
+                if not await _first(attempt, timer):
+                    raise last or BlockMirrorError("Connection attempt cancelled by timeout")
+                error = attempt.exception()
+                if error is None:
+                    return attempt.result()
+                if not isinstance(error, BlockMirrorError):
+                    raise error
+                last = error
+                if not await _first(asyncio.ensure_future(
+                        clock.sleep_ns(pause_s * _NS)), timer):
+                    raise last
+                pause_s = min(pause_s * 2, _RETRY_MAX_S)
+        finally:
+            await _cancel(timer)
+
+    def _install(self, conn: _Connection) -> None:
         self._conn = conn
         self._info = conn.info
+        self._base_allocation = conn.status_id is not None
         info = conn.info
         self.request_alignment = max(1, info.min_block)
         self.max_transfer = max(self.request_alignment, min(info.max_block, NBD_MAX_BUFFER_SIZE))
         self.supports_fua = bool(info.flags & TransmissionFlag.SEND_FUA)
         self.can_write_zeroes_with_unmap = bool(info.flags & TransmissionFlag.SEND_WRITE_ZEROES)
-        self._lost_at = None
-        self._connected.set()
+        self._state = _State.CONNECTED
+        self._delay_deadline = None
+        self.connects += 1
+        self._wake.set()
+
+    def cancel_in_flight(self) -> None:
+        """Stop waiting for a reconnect: requests waiting fail now, as after the delay (cf.
+        nbd_cancel_in_flight, which QEMU's mirror calls on a forced cancel). The background
+        attempts go on."""
+        if self._state is _State.CONNECTING_WAIT:
+            self._state = _State.CONNECTING_NOWAIT
+            self._wake.set()
 
     async def close(self) -> None:
         self._closing = True
+        self._state = _State.QUIT
+        self._wake.set()  # requests waiting for a reconnect fail now
         if self._reconnect_task is not None:
             self._reconnect_task.cancel()
             with contextlib.suppress(BaseException):
@@ -430,56 +566,99 @@ class NbdDriver(BlockDriver):
 
     # --- connection management ----------------------------------------------------------
 
-    async def _live(self) -> _Connection:
-        """The current connection, or wait for a reconnect (cf. block/nbd.c reconnect).
+    @property
+    def state(self) -> str:
+        """The connection state (QEMU's names, lower case): for tests and diagnostics."""
+        return self._state.value
 
-        After an unexpected disconnect the driver always reconnects in the background; requests
-        wait for it during the first ``reconnect-delay`` seconds after the loss and fail with
-        EIO after that (at once with the default delay of 0), until a reconnect succeeds.
-        """
-        conn = self._conn
-        if conn is not None and conn.alive:
-            return conn
-        if self._closing:
-            raise BlockIOError(errno.EIO)
-        loop = asyncio.get_running_loop()
-        if self._lost_at is None:
-            self._lost_at = loop.time()
-            self._connected.clear()
+    def _lost(self, conn: _Connection, fatal: bool) -> None:
+        """cf. nbd_channel_error: a lost connection reconnects, a broken server does not."""
+        if conn is not self._conn or self._closing:
+            return
+        self._wake.clear()
+        if fatal:
+            self._state = _State.QUIT
+        elif self._state is _State.CONNECTED:
+            self._state = (_State.CONNECTING_WAIT if self._reconnect_delay
+                           else _State.CONNECTING_NOWAIT)
+
+    def _kick_reconnect(self) -> None:
+        """Start the background attempts unless they run already (cf. the connect thread,
+        started by the first request after a loss and retrying until it succeeds)."""
         if self._reconnect_task is None or self._reconnect_task.done():
-            self._reconnect_task = loop.create_task(self._reconnect())
-        remaining = self._reconnect_delay - (loop.time() - self._lost_at)
-        if remaining <= 0:
-            raise BlockIOError(errno.EIO)
-        try:
-            await asyncio.wait_for(self._connected.wait(), remaining)
-        except TimeoutError:
-            raise BlockIOError(errno.EIO) from None
-        assert self._conn is not None
-        return self._conn
+            self._reconnect_task = asyncio.get_running_loop().create_task(
+                self._reconnect(), name=f"nbd-reconnect-{self.node.name}")
 
     async def _reconnect(self) -> None:
-        pause = 0.05
-        while not self._closing:
+        pause_s = _RETRY_FIRST_S
+        while self._state in (_State.CONNECTING_WAIT, _State.CONNECTING_NOWAIT):
             try:
-                await self._connect()
-                log.info("nbd: reconnected to %s", nbd_filename(self._server, self._export))
-                return
+                conn = await self._attempt(_HANDSHAKE_GUARD_S)
             except BlockMirrorError as e:
                 log.debug("nbd: reconnect failed: %s", e)
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 2.0)
+                await self._clock.sleep_ns(pause_s * _NS)
+                pause_s = min(pause_s * 2, _RETRY_MAX_S)
+                continue
+            if self._state not in (_State.CONNECTING_WAIT, _State.CONNECTING_NOWAIT):
+                await conn.close()  # closed (or given up) meanwhile
+                return
+            old = self._conn
+            self._install(conn)
+            if old is not None:
+                await old.close()
+            log.info("nbd: reconnected to %s", nbd_filename(self._server, self._export))
+            return
+
+    async def _wait_connected(self, limit_ns: int) -> None:
+        """Until connected (or told to stop waiting) or ``limit_ns`` of the clock have
+        passed, whichever comes first."""
+        timer = asyncio.ensure_future(self._clock.sleep_ns(limit_ns))
+        try:
+            await _first(asyncio.ensure_future(self._wake.wait()), timer)
+        finally:
+            await _cancel(timer)
+
+    async def _live(self) -> _Connection:
+        """The current connection, or one a reconnect brings within the delay (cf.
+        nbd_co_send_request, nbd_reconnect_attempt, reconnect_delay_timer_cb).
+
+        Raises:
+            BlockIOError: EIO, when not connected and not (or no longer) waiting.
+        """
+        conn = self._conn
+        if self._state is _State.CONNECTED and conn is not None and conn.alive:
+            return conn
+        if self._state is _State.QUIT or self._closing:
+            raise BlockIOError(errno.EIO)
+        self._kick_reconnect()
+        if self._state is _State.CONNECTING_WAIT:
+            now = self._clock.now_ns()
+            if self._delay_deadline is None:
+                self._delay_deadline = now + self._reconnect_delay * _NS
+            if self._delay_deadline > now:
+                await self._wait_connected(self._delay_deadline - now)
+            if self._state is _State.CONNECTING_WAIT and \
+                    self._clock.now_ns() >= self._delay_deadline:
+                log.warning("nbd: no reconnect within reconnect-delay=%d s; requests fail "
+                            "until one succeeds", self._reconnect_delay)
+                self._state = _State.CONNECTING_NOWAIT
+        conn = self._conn
+        if self._state is _State.CONNECTED and conn is not None and conn.alive:
+            return conn
+        raise BlockIOError(errno.EIO)
 
     async def _request(self, cmd: Cmd, offset: int = 0, length: int = 0,
                        flags: CmdFlag = CmdFlag(0), data: bytes | memoryview = b"") -> Any:
-        # a request cut by the disconnect is sent again once, after the reconnect
-        for _attempt in range(2 if self._reconnect_delay > 0 else 1):
+        # a request cut by a disconnect is sent again on the next connection as long as the
+        # driver waits for one (cf. nbd_co_request's loop on nbd_client_will_reconnect)
+        while True:
             conn = await self._live()
             try:
                 return await conn.request(cmd, offset, length, flags, data)
             except _Disconnected:
-                continue
-        raise BlockIOError(errno.EIO)
+                if self._state is _State.CONNECTING_WAIT:
+                    continue
+                raise BlockIOError(errno.EIO) from None
 
     def _flags(self) -> TransmissionFlag:
         return self._info.flags if self._info else TransmissionFlag(0)
@@ -527,8 +706,7 @@ class NbdDriver(BlockDriver):
             await self._request(Cmd.FLUSH)
 
     async def block_status(self, offset: int, length: int) -> Extent:
-        conn = self._conn
-        if conn is None or conn.status_id is None:
+        if not self._base_allocation:
             return Extent(length, BlockStatus.DATA | BlockStatus.ALLOCATED
                           | BlockStatus.OFFSET_VALID, map_offset=offset, map_node=self.node)
         ask = min(length, _MAX_STATUS_LEN)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import errno
+import importlib
 import json
 import logging
 import os
@@ -44,15 +45,32 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-try:  # Debian's python3-rbd / python3-rados (no type information)
-    import rados  # type: ignore[import-not-found,unused-ignore]
-    import rbd  # type: ignore[import-not-found,unused-ignore]
-except ImportError as _e:  # pragma: no cover - depends on the host
-    rados = None
-    rbd = None
-    _IMPORT_ERROR: str | None = str(_e)
-else:
-    _IMPORT_ERROR = None
+class _LazyModule:
+    """A binding imported on first use: librados and librbd add ~18 MiB to the RSS of
+    every daemon, and most daemons never open an rbd node."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._module: Any = None
+        self.error: str | None = None
+
+    def load(self) -> bool:
+        if self._module is None and self.error is None:
+            try:  # Debian's python3-rbd / python3-rados (no type information)
+                self._module = importlib.import_module(self._name)
+            except ImportError as e:  # pragma: no cover - depends on the host
+                self.error = str(e)
+        return self._module is not None
+
+    def __getattr__(self, attr: str) -> Any:
+        if not self.load():
+            raise AttributeError(f"{self._name} bindings unavailable: {self.error}")
+        return getattr(self._module, attr)
+
+
+rados = _LazyModule("rados")
+rbd = _LazyModule("rbd")
+
 
 #: the internal option that carries ``rbd:`` filename key=value pairs (cf. "=keyvalue-pairs")
 KEYVALUE_PAIRS = "=keyvalue-pairs"
@@ -65,14 +83,14 @@ _DIFF_ITERATE_FIXED = (1, 17, 0)
 
 def available() -> bool:
     """True when librbd's Python bindings could be imported."""
-    return rbd is not None
+    return rados.load() and rbd.load()
 
 
 def _require_bindings() -> None:
-    if rbd is None:
+    if not available():
         raise BlockMirrorError(
             f"Ceph's Python bindings (python3-rbd, python3-rados) cannot be imported: "
-            f"{_IMPORT_ERROR}; run 'make tools'")
+            f"{rados.error or rbd.error}; run 'make tools'")
 
 
 def _errno_of(e: BaseException) -> int:

@@ -28,11 +28,12 @@ import json
 import os
 import struct
 import zlib
-from collections import Counter
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from blockmirror.block import threadio
 from blockmirror.errors import BlockMirrorError
 
 HEADER_MAGIC = b"BMRESUM1"
@@ -209,12 +210,27 @@ def load(path: str) -> Recovered:
 # --- the live log -----------------------------------------------------------------------------
 
 
+class _Batch:
+    """The extents of one log record, and the event its writers wait for."""
+
+    __slots__ = ("done", "extents")
+
+    def __init__(self) -> None:
+        self.extents: set[int] = set()
+        self.done = asyncio.Event()
+
+
 class ActivityLog:
     """The hot-extent list of a running mirror, and its sidecar file descriptor.
 
     ``begin`` before a write proceeds (waits until its extents are on disk as hot), ``end``
     after it. ``on_evict`` is the mirror's checkpoint: it must make durable the dirty state
     of every chunk written so far (the log calls it before dropping extents from the list).
+
+    Group commit: a writer that needs a new extent adds it to the *next* batch and waits for
+    that batch's record; the committer writes one record (one ``pwrite`` + ``fdatasync``) per
+    batch, and every writer that arrived while the previous record was being written shares
+    it. A write whose extents are hot already costs two dict operations and no wait.
     """
 
     def __init__(self, path: str, geometry: Geometry, *, log_seq: int, ckpt_seq: int,
@@ -228,13 +244,15 @@ class ActivityLog:
         self._on_evict = on_evict
         #: the extent has nothing left to copy (evicting it then adds nothing to a resume)
         self._is_clean = is_clean
+        self._es = geometry.extent_size
+        self._last_extent = max(geometry.size - 1, 0) // geometry.extent_size
         #: extents listed in the last record on disk, least recently used first
-        self._hot: dict[int, None] = {}
+        self._hot: OrderedDict[int, None] = OrderedDict()
         #: writes in progress per extent (an extent with writes cannot be evicted)
-        self._busy: Counter[int] = Counter()
-        #: extents wanted by waiting writers, for the next record
-        self._pending: set[int] = set()
-        self._committed = asyncio.Event()
+        self._busy: dict[int, int] = {}
+        #: the record being written (its extents are not hot yet), and the next one
+        self._writing: _Batch | None = None
+        self._next = _Batch()
         self._committer: asyncio.Task[None] | None = None
         self._error: BaseException | None = None
         self._ckpt_lock = asyncio.Lock()
@@ -249,67 +267,100 @@ class ActivityLog:
 
     # --- the write path -----------------------------------------------------------------------
 
+    def _span(self, offset: int, length: int) -> tuple[int, int]:
+        es = self._es
+        first = offset // es
+        last = (offset + length - 1) // es if length > 1 else first
+        return first, min(max(last, first), max(self._last_extent, first))
+
     async def begin(self, offset: int, length: int) -> None:
         """Make the extents of a write hot on disk before the write proceeds.
 
         Raises:
-            BlockIOError-like OSError wrapped as ResumeError: the log could not be written.
+            ResumeError: the log could not be written.
         """
-        exts = self.geo.extents_of(offset, length)
-        for e in exts:
-            self._busy[e] += 1
+        first, last = self._span(offset, length)
+        busy, hot = self._busy, self._hot
+        if first == last:  # the common case, kept free of loops and allocations
+            busy[first] = busy.get(first, 0) + 1
+            if first in hot:
+                hot.move_to_end(first)  # most recently used last
+                return
+        else:
+            for e in range(first, last + 1):
+                busy[e] = busy.get(e, 0) + 1
         try:
-            while True:
-                missing = [e for e in exts if e not in self._hot]
-                if not missing:
-                    for e in exts:  # most recently used last
-                        self._hot.pop(e)
-                        self._hot[e] = None
-                    return
-                if self._error is not None:
-                    raise ResumeError(f"activity log write failed: {self._error}")
-                if self.closed:
-                    return  # the mirror ended: nothing to protect any more
-                self._pending.update(missing)
-                waiter = self._committed
-                if self._committer is None or self._committer.done():
-                    self._committer = asyncio.ensure_future(self._commit_loop())
-                await waiter.wait()
+            await self._wait_hot(first, last)
         except BaseException:
             self.end(offset, length)
             raise
 
+    async def _wait_hot(self, first: int, last: int) -> None:
+        hot = self._hot
+        while True:
+            missing = [e for e in range(first, last + 1) if e not in hot]
+            if not missing:
+                for e in range(first, last + 1):
+                    hot.move_to_end(e)
+                return
+            if self._error is not None:
+                raise ResumeError(f"activity log write failed: {self._error}")
+            if self.closed:
+                return  # the mirror ended: nothing to protect any more
+            writing = self._writing
+            if writing is not None and writing.extents.issuperset(missing):
+                batch = writing  # already on its way to the disk
+            else:
+                batch = self._next
+                batch.extents.update(missing)
+                if self._committer is None or self._committer.done():
+                    self._committer = asyncio.ensure_future(self._commit_loop())
+            # after the record, check again: an extent can be evicted as soon as it is
+            # idle, and a failed record leaves ``_error``
+            await batch.done.wait()
+
     def end(self, offset: int, length: int) -> None:
-        for e in self.geo.extents_of(offset, length):
-            self._busy[e] -= 1
-            if self._busy[e] <= 0:
-                del self._busy[e]
+        first, last = self._span(offset, length)
+        busy = self._busy
+        for e in range(first, last + 1):
+            n = busy.get(e, 0) - 1
+            if n > 0:
+                busy[e] = n
+            else:
+                busy.pop(e, None)
 
     async def _commit_loop(self) -> None:
         """Write records while writers wait: each record carries every extent asked so far."""
-        while self._pending and not self.closed:
-            want = self._pending
-            self._pending = set()
+        while self._next.extents and not self.closed:
+            batch, self._next = self._next, _Batch()
+            self._writing = batch
             try:
-                await self._make_room(len(want))
-                new = [e for e in self._hot if e not in want] + sorted(want)
-                if len(new) > 2 * self.geo.capacity:
-                    raise ResumeError("more extents written at once than the log can hold")
-                self._log_seq += 1
-                rec = _log_record(self._log_seq, new)
-                await asyncio.to_thread(_pwrite_sync, self._fd, rec,
-                                        self.geo.log_offset(self._log_seq % 2))
-                self.records += 1
-                for e in want:
-                    self._hot.pop(e, None)
-                    self._hot[e] = None
+                await self._commit(batch)
             except BaseException as e:  # handed to every waiting writer
                 self._error = e
             finally:
-                done, self._committed = self._committed, asyncio.Event()
-                done.set()
+                self._writing = None
+                batch.done.set()
             if self._error is not None:
+                self._next.done.set()
                 return
+
+    async def _commit(self, batch: _Batch) -> None:
+        hot = self._hot
+        want = [e for e in batch.extents if e not in hot]
+        if not want:
+            return
+        await self._make_room(len(want))
+        want = sorted(e for e in want if e not in hot)
+        new = [*hot, *want]
+        if len(new) > 2 * self.geo.capacity:
+            raise ResumeError("more extents written at once than the log can hold")
+        self._log_seq += 1
+        rec = _log_record(self._log_seq, new)
+        await threadio.run(_pwrite_sync, self._fd, rec, self.geo.log_offset(self._log_seq % 2))
+        self.records += 1
+        for e in want:
+            hot[e] = None
 
     async def _make_room(self, incoming: int) -> None:
         """Evict idle extents (after a checkpoint) until ``incoming`` more fit."""
@@ -338,8 +389,8 @@ class ActivityLog:
         async with self._ckpt_lock:
             self._ckpt_seq += 1
             rec = _ckpt_record(self._ckpt_seq, bitmap, meta)
-            await asyncio.to_thread(_pwrite_sync, self._fd, rec,
-                                    self.geo.ckpt_offset(self._ckpt_seq % 2))
+            await threadio.run(_pwrite_sync, self._fd, rec,
+                               self.geo.ckpt_offset(self._ckpt_seq % 2))
 
     async def close(self) -> None:
         """Stop logging: waiting writers go on; the descriptor closes once no record or
@@ -347,7 +398,7 @@ class ActivityLog:
         if self.closed:
             return
         self.closed = True
-        self._committed.set()
+        self._next.done.set()
         committer = self._committer
         if committer is not None and not committer.done():
             await asyncio.wait([committer])

@@ -13,6 +13,8 @@
 * a ``SwitchGroup`` (``group.py``, extension): pivots with other mirrors at one instant.
 * ``ResumeCoordinator`` (``resume.py``, x-resume-log): the crash-safe sidecar;
 * ``Verifier`` (``verify.py``, x-verify): the compare pass after READY.
+* ``SyncBitmap`` (``sync_bitmap.py``, __org.blockmirror_bitmap): the named bitmap it starts
+  from, busy while the job runs, and updated per bitmap-mode when it ends.
 
 ``run`` is QEMU's ``mirror_run``: seed, copy dirty chunks, go READY once a pass leaves
 nothing dirty or in flight and a target flush succeeds, and on complete (or soft cancel)
@@ -44,6 +46,7 @@ from blockmirror.jobs.mirror.params import (
 )
 from blockmirror.jobs.mirror.resume import ResumeCoordinator
 from blockmirror.jobs.mirror.seeding import cow_setup, seed_dirty
+from blockmirror.jobs.mirror.sync_bitmap import SyncBitmap
 from blockmirror.jobs.mirror.verify import Verifier
 from blockmirror.jobs.mirror.wiring import MirrorWiring
 from blockmirror.jobs.ratelimit import SLICE_NS
@@ -95,6 +98,11 @@ class MirrorJob(BlockJob):
                                   lambda: self.is_cancelled or self.ret < 0,
                                   self._verify_pause_point)
                          if params.verify else None)
+        #: __org.blockmirror_bitmap: the named bitmap the job starts from (sync=bitmap)
+        self.sync_bitmap = (SyncBitmap(params.sync_bitmap, params.bitmap_mode or "never")
+                            if params.sync_bitmap is not None else None)
+        if self.sync_bitmap is not None:
+            self.sync_bitmap.seed(self.dirty.bitmap)
         for observer in (self.resume_log, self.verifier):
             if observer is not None:
                 self.active.observers.append(observer)
@@ -174,6 +182,9 @@ class MirrorJob(BlockJob):
             self.pause()
 
     def _release_drain(self, redirect: BlockNode | None = None) -> None:
+        if self.wiring.exited:
+            # still drained: the sync bitmap's end state first (cf. mirror_exit_common)
+            self._finish_sync_bitmap()
         self.gate.redirect = redirect
         if self._holding_pause:
             self._holding_pause = False
@@ -183,8 +194,17 @@ class MirrorJob(BlockJob):
     # --- job hooks ------------------------------------------------------------------------------
 
     def on_cancel(self, force: bool) -> bool:
-        """cf. mirror_cancel: before READY every cancel is forced."""
-        return force or not self.is_ready
+        """cf. mirror_cancel: before READY every cancel is forced, and a forced one stops
+        the target's waits (an NBD target within its reconnect-delay fails at once)."""
+        force = force or not self.is_ready
+        if force:
+            node: BlockNode | None = self.target
+            for _ in range(8):  # the format node, its file, a filter's child
+                if node is None:
+                    break
+                node.driver.cancel_in_flight()
+                node = node.filtered_child() or node.child("file")
+        return force
 
     def supports_complete(self) -> bool:
         return True
@@ -240,6 +260,22 @@ class MirrorJob(BlockJob):
         if self.group is not None:
             self.group.member_failed(self)
         await self.wiring.exit(pivot=False, release=self._release_drain)
+
+    def _finish_sync_bitmap(self) -> None:
+        """cf. mirror_exit_common's bitmap-mode step: after the pivot (or its failure), while
+        guest writes are still held, the sync bitmap gets what is still dirty."""
+        sb = self.sync_bitmap
+        if sb is not None:
+            sb.finish([self.dirty.bitmap, self.dirty.in_flight],
+                      success=(self.ret == 0 and not self.is_cancelled
+                               and not self.wiring.exit_failed))
+
+    async def clean(self) -> None:
+        """cf. mirror_clean: the sync bitmap is no longer busy."""
+        sb = self.sync_bitmap
+        if sb is not None:
+            self._finish_sync_bitmap()  # nothing left to do if the exit did it
+            sb.release()
 
     # --- extensions (x-converge, switch-over groups) -----------------------------------------
 
@@ -302,6 +338,9 @@ class MirrorJob(BlockJob):
     def query_block_job(self) -> dict[str, Any]:
         """QEMU's members, then the extension members of the extensions in use."""
         info = super().query_block_job()
+        if self.job_type == "mirror":
+            # QEMU 8.2+: the mirror branch of BlockJobInfo, after the common members
+            info["actively-synced"] = self.actively_synced
         if self.itemised:
             info.update(self.extension_info())
         if self.convergence is not None:
@@ -364,7 +403,7 @@ class MirrorJob(BlockJob):
 
     async def run(self) -> None:
         """cf. mirror_run."""
-        if self.target.length() != self.bdev_length:
+        if self.target.length() != self.bdev_length and not self.params.target_is_backing:
             raise BlockMirrorError("Source and target image have different sizes")
         if self.bdev_length == 0:
             self.published = True
@@ -434,7 +473,7 @@ class MirrorJob(BlockJob):
             self.progress.set_remaining(inflight.bytes + cnt + inflight.active_bytes)
             delta = self.clock.now_ns() - last_pause
             if delta < SLICE_NS and self.io_status == "ok":
-                if (inflight.ops >= MAX_IN_FLIGHT or inflight.buf_used >= self.buf_size
+                if (inflight.ops >= MAX_IN_FLIGHT or inflight.buf_used >= self.copier.budget()
                         or (cnt == 0 and inflight.ops > 0)):
                     await inflight.wait_pulse()
                     continue
@@ -498,14 +537,9 @@ def start_mirror(
     manager.check_new_id(job_id)
     job = MirrorJob(manager, job_id, source, target, params, base=base)
     manager.add(job)
-    try:
-        if params.speed < 0:
-            raise BlockMirrorError("Parameter 'speed' expects a non-negative value")
-        job.limit.set_speed(params.speed)
-        job.attach()
-    except BlockMirrorError:
-        job.dispose_unstarted()
-        raise
+    job.attach_at_speed(params.speed)
+    if job.sync_bitmap is not None:
+        job.sync_bitmap.hold()
     job.start()
     return job
 

@@ -14,6 +14,7 @@ from blockmirror.block.driver import BlockStatus
 from blockmirror.errors import BlockMirrorError
 
 if TYPE_CHECKING:
+    from blockmirror.block.bitmaps import NamedBitmap
     from blockmirror.block.node import BlockNode
     from blockmirror.jobs.mirror.converge import ConvergePolicy
     from blockmirror.jobs.mirror.resume import ResumePlan
@@ -72,6 +73,16 @@ class MirrorParams:
     resume: ResumePlan | None = None
     #: x-verify: compare source and target after READY, before the pivot
     verify: bool = False
+    #: the JobType the job reports and names in its op blockers: "commit" for active commit
+    job_type: str = "mirror"
+    #: the target is in the source's backing chain (active commit, cf. target_is_backing):
+    #: others may keep reading and writing it, and a shorter target is grown to the source
+    target_is_backing: bool = False
+    #: __org.blockmirror_bitmap (sync=bitmap): the named bitmap that seeds the job, already
+    #: checked and looked up on the source (None: QEMU's job)
+    sync_bitmap: NamedBitmap | None = None
+    #: __org.blockmirror_bitmap-mode: what the sync bitmap holds after the job (BitmapSyncMode)
+    bitmap_mode: str | None = None
 
 
 def default_granularity(target: BlockNode) -> int:

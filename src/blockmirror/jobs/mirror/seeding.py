@@ -2,7 +2,9 @@
 
 sync=full pre-zeroes a target that can punch holes cheaply and otherwise marks everything
 dirty; then (full and top) every range allocated in the source (its top layer for top) is
-marked, so the copy loop only visits what must be copied.
+marked, so the copy loop only visits what must be copied. sync=bitmap (the extension
+``__org.blockmirror_bitmap``) was seeded from the named bitmap when the job was created
+(``sync_bitmap.py``) and needs nothing more here, as in Proxmox VE's QEMU.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ async def seed_dirty(
     target_is_zero: bool,
 ) -> None:
     """cf. mirror_dirty_init (QEMU 7.2's zero_target logic)."""
+    if sync not in ("full", "top"):
+        return
     length = dirty.size
     step = align_down(ZERO_INIT_STEP, dirty.granularity)
     target = copier.target

@@ -52,6 +52,10 @@ class ChainStatus:
         return await is_allocated_above(self.source, base, top_only, offset, length)
 
 
+_DATA = BlockStatus.DATA | BlockStatus.ALLOCATED
+_ZERO = BlockStatus.ZERO | BlockStatus.ALLOCATED
+
+
 class MappedStatus:
     """Answers for ranges whose data/hole runs were read in one batch (a linear source)."""
 
@@ -60,8 +64,7 @@ class MappedStatus:
         for (offset, _length), rlist in zip(ranges, runs, strict=True):
             pos = offset
             for is_data, n in rlist:
-                status = (BlockStatus.DATA if is_data else BlockStatus.ZERO) | BlockStatus.ALLOCATED
-                self._spans.append((pos, pos + n, status))
+                self._spans.append((pos, pos + n, _DATA if is_data else _ZERO))
                 pos += n
         self._i = 0
 
@@ -72,7 +75,7 @@ class MappedStatus:
             self._i += 1
         if self._i >= len(spans) or spans[self._i][0] > offset:
             # not covered (cannot happen for the ranges asked): copy it as data
-            return length, BlockStatus.DATA | BlockStatus.ALLOCATED
+            return length, _DATA
         _start, end, status = spans[self._i]
         return min(length, end - offset), status
 

@@ -55,6 +55,11 @@ class MirrorWiring:
         #: the node block-job-complete named in ``replaces``
         self.to_replace: BlockNode | None = None
         self.exited = False
+        #: the op blocker's text names the job type (cf. block_job_create)
+        self.blocker_reason = (BLOCKER_REASON if params.job_type == "mirror" else
+                               f"block device is in use by block job: {params.job_type}")
+        #: the backing fix-up or the pivot failed (known when ``exit`` calls ``release``)
+        self.exit_failed = False
 
     # --- setup --------------------------------------------------------------------------------
 
@@ -79,7 +84,13 @@ class MirrorWiring:
             graph.forget_node(filt)
             raise
         self.filter = filt
-        blk = BlockBackend("", f"block job '{self.job_id}'", Perm.WRITE, Perm.WRITE_UNCHANGED)
+        perm, shared = Perm.WRITE, Perm.WRITE_UNCHANGED
+        if self.params.target_is_backing:
+            # an active commit's target is a backing file in use (cf. mirror_start_job)
+            shared |= Perm.CONSISTENT_READ | Perm.WRITE
+            if self.target.length() < self.source.length():
+                perm |= Perm.RESIZE
+        blk = BlockBackend("", f"block job '{self.job_id}'", perm, shared)
         try:
             graph.attach(blk, self.target, "root", blk.perm, blk.shared)
         except BlockMirrorError:
@@ -88,7 +99,7 @@ class MirrorWiring:
         graph.add_backend(blk)
         self._target_blk = blk
         for node in (filt, self.source, self.target):
-            node.block("all", BLOCKER_REASON)
+            node.block("all", self.blocker_reason)
             self._blocked.append(node)
         self.source.dirty_trackers.append(tracker)
         self.source.interceptors.append(interceptor)
@@ -182,10 +193,11 @@ class MirrorWiring:
         finally:
             self.remove_filter()
             for node in self._blocked:
-                node.unblock("all", BLOCKER_REASON)
+                node.unblock("all", self.blocker_reason)
             self._blocked.clear()
             if self.to_replace is not None:
                 self.to_replace.unblock("all", _REPLACE_REASON)
+            self.exit_failed = failure is not None
             release(redirect)
         await self._drop_unused(pivoted)
         if failure is not None:
@@ -219,8 +231,9 @@ class MirrorWiring:
 
     async def _drop_unused(self, pivoted: bool) -> None:
         """Close what nobody references any more: a drive-mirror target left behind, or a
-        source whose every parent moved to the target."""
-        candidates = [self.source] if pivoted else []
+        source (or the ``replaces`` node, e.g. a format node below a throttle filter) whose
+        every parent moved to the target."""
+        candidates = [self.to_replace or self.source] if pivoted else []
         if self.params.owns_target:
             # drive-mirror's reference goes with the job (cf. bdrv_unref(target_bs)): a
             # target no parent adopted is closed, pivot or not

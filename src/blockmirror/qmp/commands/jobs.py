@@ -73,6 +73,9 @@ async def block_job_dismiss(ctx: CommandContext, args: Args) -> None:
 @command("block-job-change")
 async def block_job_change(ctx: CommandContext, args: Args) -> None:
     """cf. qmp_block_job_change (8.2+): only the mirror's copy-mode can change."""
+    if args.opt_str("copy-mode") is None and not any(k.startswith("x-converge") for k in args):
+        # QEMU's mirror branch requires it (checked with the arguments, before the job)
+        raise BlockMirrorError("Parameter 'copy-mode' is missing")
     job = _block_job(ctx, args.get_str("id"))
     job.apply_verb(JobVerb.CHANGE)
     if not isinstance(job, MirrorJob):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from blockmirror.block.bitmaps import Check, NamedBitmap
 from blockmirror.block.create import img_create
 from blockmirror.block.graph import id_wellformed
 from blockmirror.block.node import BlockBackend, BlockNode
@@ -20,6 +21,7 @@ from blockmirror.jobs.mirror.activity_log import DEFAULT_CAPACITY, DEFAULT_EXTEN
 from blockmirror.jobs.mirror.converge import DEFAULT_DEADLINE_S, ConvergePolicy
 from blockmirror.jobs.mirror.params import default_granularity
 from blockmirror.jobs.mirror.resume import ResumeOptions, plan_resume
+from blockmirror.qapi.block_core import ORG_BITMAP, ORG_BITMAP_MODE
 from blockmirror.qapi.x_mirror import XConvergePolicy
 from blockmirror.qmp.hmp import hmp_command
 from blockmirror.qmp.registry import Args, CommandContext, command
@@ -85,6 +87,47 @@ def converge_policy(args: Args) -> ConvergePolicy | None:
     return ConvergePolicy(policy, deadline or DEFAULT_DEADLINE_S, rate or 0)
 
 
+def _sync_bitmap(args: Args, bs: BlockNode, sync: str,
+                 gran: int) -> tuple[str, NamedBitmap | None, str | None]:
+    """The downstream extension ``__org.blockmirror_bitmap`` / ``-bitmap-mode``: Proxmox VE's
+    ``bitmap`` / ``bitmap-mode`` mirror arguments, their checks in their order and with their
+    texts; returns ``(sync, bitmap, mode)`` with ``incremental`` turned into ``bitmap`` +
+    ``on-success``. Neither given: nothing changes (QEMU 7.2 refuses sync bitmap/incremental).
+
+    Raises:
+        BlockMirrorError: a missing or superfluous bitmap or mode, a sync mode other than
+            bitmap, a granularity, an unknown, busy or inconsistent bitmap, or a read-only one
+            whose mode would change it.
+    """
+    name = args.opt_str(ORG_BITMAP)
+    mode = args.opt_str(ORG_BITMAP_MODE)
+    if name is None and mode is None:
+        return sync, None, None
+    if sync in ("bitmap", "incremental") and name is None:
+        raise BlockMirrorError(f"Must provide a valid bitmap name for '{sync}' sync mode")
+    if sync == "incremental":
+        if mode is not None and mode != "on-success":
+            raise BlockMirrorError("Bitmap sync mode must be 'on-success' when using sync "
+                                   "mode 'incremental'")
+        sync, mode = "bitmap", "on-success"
+    if name is None:
+        raise BlockMirrorError("Cannot specify bitmap sync mode without a bitmap")
+    if sync != "bitmap":
+        raise BlockMirrorError(f"Sync mode '{sync}' not supported with bitmap.")
+    if gran:
+        raise BlockMirrorError("Granularity and bitmap cannot both be set")
+    if mode is None:
+        raise BlockMirrorError("bitmap-mode must be specified if a bitmap is provided")
+    named = bs.bitmaps.get(name)
+    if named is None:
+        raise BlockMirrorError(f"Dirty bitmap '{name}' not found")
+    named.check(Check.ALLOW_READONLY)
+    # cf. mirror_start_job: a mode that rewrites the bitmap needs it writable too
+    if mode != "never":
+        named.check(Check.DEFAULT)
+    return sync, named, mode
+
+
 def _default_job_id(source: BlockNode) -> str:
     """cf. bdrv_get_device_name of the filter: the name of a BlockBackend using the source."""
     for c in source.parents:
@@ -112,6 +155,9 @@ async def _mirror_common(
         raise BlockMirrorError("Parameter 'granularity' expects a power of 2")
     _check_blocked(bs)
     _check_blocked(target)
+    sync, sync_bitmap, bitmap_mode = _sync_bitmap(args, bs, sync, gran)
+    if sync_bitmap is not None:
+        gran = sync_bitmap.granularity
     replaces = args.opt_str("replaces")
     if replaces is None:
         inner = bs
@@ -137,7 +183,7 @@ async def _mirror_common(
             )
         if bs.length() != to_replace.length():
             raise BlockMirrorError("cannot replace image with a mirror image of different size")
-    if sync in ("incremental", "bitmap"):
+    if sync in ("incremental", "bitmap") and sync_bitmap is None:
         raise BlockMirrorError(f"Sync mode '{sync}' not supported")
     base = bs.skip_filters().backing if sync == "top" else None
     params.sync = sync
@@ -150,6 +196,8 @@ async def _mirror_common(
     params.replaces = replaces
     params.auto_finalize = args.get_bool("auto-finalize")
     params.auto_dismiss = args.get_bool("auto-dismiss")
+    params.sync_bitmap = sync_bitmap
+    params.bitmap_mode = bitmap_mode
     fname = params.filter_node_name
     if fname is not None:
         if not id_wellformed(fname) or len(fname) > 31:

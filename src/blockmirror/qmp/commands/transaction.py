@@ -90,17 +90,17 @@ async def run_transaction(ctx: CommandContext, actions: list[dict[str, Any]],
         kind = act["type"]
         if kind not in ACTIONS:
             raise BlockMirrorError(f"Action '{kind}' is not supported by blockmirror")
-    if props.completion_mode != "individual":
-        for act in actions:
-            if not ACTIONS[act["type"]].grouped:
-                raise BlockMirrorError(
-                    f"Action '{act['type']}' does not support Transaction property "
-                    f"completion-mode = {props.completion_mode}")
     prepared: list[Action] = []
     # the failed action is aborted too (QEMU queues its state before preparing it), so each
     # prepare function must leave nothing behind when it raises: its abort step is not known
     try:
         for act in actions:
+            # checked as each action prepares (cf. action_check_completion_mode): the
+            # actions before it are rolled back
+            if props.completion_mode != "individual" and not ACTIONS[act["type"]].grouped:
+                raise BlockMirrorError(
+                    f"Action '{act['type']}' does not support Transaction property "
+                    f"completion-mode = {props.completion_mode}")
             prepared.append(await ACTIONS[act["type"]].prepare(ctx, act.get("data", {}),
                                                                  props))
     except BaseException:
@@ -211,7 +211,8 @@ async def _prepare_bitmap_merge(ctx: CommandContext, data: dict[str, Any],
                                                 merge_sources(data["bitmaps"])))
 
 
-register_action("abort", _prepare_abort)
+# QEMU's abort action does not check the completion mode: it fails in any mode
+register_action("abort", _prepare_abort, grouped=True)
 register_action("block-dirty-bitmap-add", _prepare_bitmap_add)
 register_action("block-dirty-bitmap-remove", _prepare_bitmap_remove)
 register_action("block-dirty-bitmap-clear", _prepare_bitmap_clear)

@@ -170,6 +170,108 @@ class DataPath:
         finally:
             self._file.release(token)
 
+    async def host_segments(
+        self, extents: list[tuple[int, int]]
+    ) -> tuple[list[list[tuple[int, int]]], int] | None:
+        """The host ranges that hold each extent, for a copy that moves them file to file:
+        ``(host_offset, length)`` runs in guest order, when every cluster involved is a
+        plain data cluster. The ranges are registered as under I/O (they must not be freed
+        and reused meanwhile); ``release_host(token)`` ends that. None: something else is
+        involved (zeroes, the backing file, compressed data); read the bytes instead."""
+        cluster_bits, cluster_size = self._geometry.cluster_bits, self._geometry.cluster_size
+        out: list[list[tuple[int, int]]] = []
+        async with self._lock:
+            for offset, length in extents:
+                segments = await self._map.map(offset, length)
+                if any(kind != NORMAL for kind, _p, _n, _v in segments):
+                    return None
+                out.append([(value, n) for _k, _p, n, value in segments])
+            hosts = [h for runs in out for h in runs]
+            if not hosts:
+                return None
+            token = self._file.register(
+                min(v for v, _n in hosts) >> cluster_bits,
+                ceil_div(max(v + n for v, n in hosts), cluster_size),
+            )
+        return out, token
+
+    def release_host(self, token: int) -> None:
+        self._file.release(token)
+
+    async def write_via(
+        self,
+        extents: list[tuple[int, int]],
+        fill: Callable[[list[tuple[int, int, int]]], Awaitable[None]],
+    ) -> bool:
+        """Write whole-cluster extents whose bytes are not in memory (a file-to-file copy).
+
+        Clusters are planned and allocated as ``write_many`` does; ``fill`` gets every
+        ``(guest_offset, host_offset, length)`` to put data at, in one call, and the L2
+        entries are linked once it returned. False, with nothing done: an extent is not whole
+        clusters, or overlaps another writer's allocation in flight.
+        """
+        geometry = self._geometry
+        cluster_size, cluster_bits, l2_bits = (
+            geometry.cluster_size, geometry.cluster_bits, geometry.l2_bits)
+        if any(o % cluster_size or n % cluster_size or n <= 0 for o, n in extents):
+            return False
+        tokens: list[int] = []
+        plan: list[tuple[int, int, int]] = []
+        links: list[Link] = []
+        new_runs: list[tuple[int, int]] = []
+        done = asyncio.Event()
+        async with self._lock:
+            if any(self.allocation_in(o >> cluster_bits, (o + n - 1) >> cluster_bits)
+                   is not None for o, n in extents):
+                return False
+            for offset, length in extents:
+                pieces = self._in_place_pieces(offset, length)
+                if pieces is None:
+                    pieces, piece_links, new_first, new_count = await self._plan(
+                        offset, length, None)
+                    for l1_index, l2_index, _entry in piece_links:
+                        self.allocations[(l1_index << l2_bits) | l2_index] = done
+                    links += piece_links
+                    if new_count:
+                        new_runs.append((new_first, new_count))
+                tokens.append(self._register(pieces))
+                for host, n, source, _buf in pieces:
+                    if plan and plan[-1][1] + plan[-1][2] == host and (
+                            plan[-1][0] + plan[-1][2] == offset + source):
+                        g, h, m = plan[-1]
+                        plan[-1] = (g, h, m + n)
+                    else:
+                        plan.append((offset + source, host, n))
+            self._file.grow_ahead(self._allocator.end * cluster_size)
+        try:
+            await self._file.ensure_size(max(h + n for _g, h, n in plan))
+            ok = False
+            try:
+                await fill(plan)
+                ok = True
+            finally:
+                await self._settle(tokens, links, new_runs, ok)
+        finally:
+            for l1_index, l2_index, _entry in links:
+                self.allocations.pop((l1_index << l2_bits) | l2_index, None)
+            done.set()
+        return True
+
+    async def _settle(self, tokens: list[int], links: list[Link],
+                      new_runs: list[tuple[int, int]], ok: bool) -> None:
+        """After a batch's data I/O: end its host pins, then link its clusters (their data
+        is written) or give the new ones back at the next flush (nothing points at them)."""
+        for token in tokens:
+            self._file.release(token)
+        if links or new_runs:
+            async with self._lock:
+                if ok:
+                    await self._map.link(links)
+                    await self._write_back()
+                else:
+                    for new_first, new_count in new_runs:
+                        self._allocator.free_later(range(new_first, new_first + new_count))
+
     async def _cluster_content(self, guest_cluster: int, entry: int) -> bytes:
         """The guest-visible content of a cluster before a partial overwrite."""
         kind = self._map.cluster_type(entry)
@@ -194,7 +296,7 @@ class DataPath:
         clusters are planned and allocated under the lock, the data is written without it,
         and the L2 entries are linked under the lock again.
         """
-        pieces = self._in_place_pieces(offset, data)
+        pieces = self._in_place_pieces(offset, len(data))
         if pieces is not None:
             token = self._register(pieces)
             try:
@@ -208,7 +310,8 @@ class DataPath:
             async with self._lock:
                 busy = self.allocation_in(first, last)
                 if busy is None:
-                    pieces, links, new_first, new_count = await self._plan(offset, data)
+                    pieces, links, new_first, new_count = await self._plan(offset, len(data),
+                                                                           data)
                     token = self._register(pieces)
                     done = asyncio.Event()
                     for l1_index, l2_index, _entry in links:
@@ -249,7 +352,7 @@ class DataPath:
         later: list[tuple[int, memoryview]] = []
         planned: list[tuple[int, memoryview]] = []
         for offset, data in writes:
-            pieces = self._in_place_pieces(offset, data)
+            pieces = self._in_place_pieces(offset, len(data))
             if pieces is None:
                 planned.append((offset, data))
                 continue
@@ -268,8 +371,8 @@ class DataPath:
                         if self.allocation_in(first, last) is not None:
                             later.append((offset, data))
                             continue
-                        pieces, piece_links, new_first, new_count = await self._plan(offset,
-                                                                                     data)
+                        pieces, piece_links, new_first, new_count = await self._plan(
+                            offset, len(data), data)
                         tokens.append(self._register(pieces))
                         for l1_index, l2_index, _entry in piece_links:
                             self.allocations[(l1_index << l2_bits) | l2_index] = done
@@ -283,18 +386,7 @@ class DataPath:
                 await self._file.write_many(host_writes)
                 ok = True
             finally:
-                for token in tokens:
-                    self._file.release(token)
-                if links or new_runs:
-                    async with self._lock:
-                        if ok:
-                            await self._map.link(links)
-                            await self._write_back()
-                        else:
-                            # nothing points at them yet: give them back at the next flush
-                            for new_first, new_count in new_runs:
-                                self._allocator.free_later(range(new_first,
-                                                                 new_first + new_count))
+                await self._settle(tokens, links, new_runs, ok)
         finally:
             for l1_index, l2_index, _entry in links:
                 self.allocations.pop((l1_index << l2_bits) | l2_index, None)
@@ -302,7 +394,7 @@ class DataPath:
         for offset, data in later:
             await self.write(offset, data)
 
-    def _in_place_pieces(self, offset: int, data: memoryview) -> list[Piece] | None:
+    def _in_place_pieces(self, offset: int, length: int) -> list[Piece] | None:
         """The host pieces of a write that touches only owned, cached, settled data clusters.
 
         Synchronous on purpose: nothing can change the entries between this check and the
@@ -310,7 +402,7 @@ class DataPath:
         """
         geometry = self._geometry
         cluster_bits, cluster_size = geometry.cluster_bits, geometry.cluster_size
-        end = offset + len(data)
+        end = offset + length
         first, last = offset >> cluster_bits, (end - 1) >> cluster_bits
         l2_bits, mask = geometry.l2_bits, geometry.l2_size - 1
         allocations = self.allocations
@@ -379,14 +471,15 @@ class DataPath:
         )
 
     async def _plan(
-        self, offset: int, data: memoryview
+        self, offset: int, length: int, data: memoryview | None
     ) -> tuple[list[Piece], list[Link], int, int]:
         """Under the lock: allocate what the write needs and lay out its data pieces.
 
         All clusters needing a new host cluster are allocated as one contiguous run. Partial
         clusters are completed from their old content (backing file, compressed data, a
         snapshot's shared cluster, or zeroes). Returns the pieces, the L2 entries to link
-        after the data is written, and the run of new clusters (first, count).
+        after the data is written, and the run of new clusters (first, count). ``data`` may
+        be None when the write covers whole clusters only (no completion needs it).
         """
         geometry = self._geometry
         cluster_size, cluster_bits, l2_bits = (
@@ -394,7 +487,7 @@ class DataPath:
         )
         mask = geometry.l2_size - 1
         cluster_map = self._map
-        end = offset + len(data)
+        end = offset + length
         first, last = offset >> cluster_bits, (end - 1) >> cluster_bits
         tables: dict[int, tuple[int, list[int]]] = {}
         for l1_index in range(first >> l2_bits, (last >> l2_bits) + 1):
@@ -447,6 +540,7 @@ class DataPath:
             if base is None:
                 pieces.append((host, cluster_size, lo - offset, None))
             else:
+                assert data is not None, "a partial cluster needs the request's bytes"
                 buf = bytearray(base)
                 buf[lo - guest_start : hi - guest_start] = data[lo - offset : hi - offset]
                 pieces.append((host, cluster_size, -1, bytes(buf)))

@@ -28,6 +28,7 @@ import asyncio
 import errno
 import struct
 import sys
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from blockmirror.block.driver import (
@@ -68,6 +69,7 @@ from blockmirror.block.drivers.qcow2.layout import (
     ceil_div,
 )
 from blockmirror.block.drivers.qcow2.refcount_allocator import RefcountAllocator
+from blockmirror.block.drivers.qcow2.snapshot_write import list_snapshots
 from blockmirror.block.drivers.qcow2.snapshots import SnapshotTable, read_snapshot_table
 from blockmirror.block.query import allocated_size
 from blockmirror.errors import BlockIOError, BlockMirrorError, ImageFormatError
@@ -249,6 +251,71 @@ class Qcow2Driver(BlockDriver):
         await self.data_path.write_many(views)
         return True
 
+    def data_file_node(self) -> BlockNode | None:
+        return self.image_file.node  # (external data files are refused at open)
+
+    async def host_segments(
+        self, extents: list[tuple[int, int]]
+    ) -> tuple[list[list[tuple[int, int]]], int] | None:
+        self.corruption.check_usable()
+        return await self.data_path.host_segments(extents)
+
+    def release_host(self, token: int) -> None:
+        self.data_path.release_host(token)
+
+    async def write_via(
+        self,
+        extents: list[tuple[int, int]],
+        fill: Callable[[list[tuple[int, int, int]]], Awaitable[None]],
+    ) -> bool:
+        self.corruption.check_usable()
+        return await self.data_path.write_via(extents, fill)
+
+    async def zero_extents(self, extents: list[tuple[int, int]], flags: WriteFlags) -> bool:
+        # whole clusters only, and none with an allocation in flight: the mirror's zero
+        # ops; anything else goes through pwrite_zeroes one range at a time
+        if self.header.version != 3 or flags & WriteFlags.NO_FALLBACK:
+            return False
+        self.corruption.check_usable()
+        cluster_size, size = self.geometry.cluster_size, self.header.size
+        spans: list[tuple[int, int]] = []
+        for offset, length in extents:
+            end = offset + length
+            if offset % cluster_size or (end % cluster_size and end != size):
+                return False
+            spans.append((offset // cluster_size, ceil_div(end, cluster_size)))
+        unmap = bool(flags & WriteFlags.MAY_UNMAP)
+        async with self.lock:
+            if any(self.data_path.allocation_in(first, stop - 1) is not None
+                   for first, stop in spans):
+                return False
+            for first, stop in spans:
+                await self.cluster_map.zero_clusters_v3(first, stop, unmap)
+            await self._write_back()
+        return True
+
+    async def data_runs(self, ranges: list[tuple[int, int]]) -> list[list[tuple[bool, int]]] | None:
+        if self.node.backing is not None:
+            return None
+        self.corruption.check_usable()
+        out: list[list[tuple[bool, int]]] = []
+        async with self.lock:
+            if not self._preallocation_checked:
+                self._preallocation_checked = True
+                self.recurse_block_status = await self._detect_metadata_preallocation()
+            if self.recurse_block_status:
+                return None  # data clusters may read as zeroes: block_status asks the file
+            for offset, length in ranges:
+                runs: list[tuple[bool, int]] = []
+                for kind, _pos, n, _value in await self.cluster_map.map(offset, length):
+                    is_data = kind in (NORMAL, COMPRESSED)
+                    if runs and runs[-1][0] == is_data:
+                        runs[-1] = (is_data, runs[-1][1] + n)
+                    else:
+                        runs.append((is_data, n))
+                out.append(runs)
+        return out
+
     async def _write_back(self) -> None:
         """Under the lock: bound the dirty metadata kept in memory between guest flushes."""
         dirty = len(self.cluster_map.l2_cache.dirty) + len(self.allocator.blocks.dirty)
@@ -410,6 +477,12 @@ class Qcow2Driver(BlockDriver):
     async def remove_persistent_bitmap(self, name: str) -> None:
         async with self.lock:
             await self.bitmap_store.remove(name)
+
+    # --- internal snapshots (written by snapshot_write.py) ------------------------------------
+
+    async def snapshot_infos(self) -> list[dict[str, Any]]:
+        """QEMU's SnapshotInfo of every internal snapshot, for ImageInfo's ``snapshots``."""
+        return [entry.info() for entry in await list_snapshots(self)]
 
     # --- block status -----------------------------------------------------------------------
 
