@@ -116,9 +116,30 @@ def _pwrite_sync(fd: int, data: bytes, offset: int) -> None:
     os.fdatasync(fd)
 
 
-def create(path: str, geometry: Geometry, header: dict[str, Any], bitmap: bytes,
-           meta: dict[str, Any]) -> None:
-    """Write a fresh sidecar (with its first checkpoint) atomically: temp file + rename."""
+class RecordFile:
+    """Where a log's records go: a descriptor it owns, and the offset of the log in it.
+
+    The sidecar is a file of its own (``base`` 0); a qcow2 source keeps the same bytes in
+    clusters of the image (``image_store.py``), at ``base``. Writes are plain overwrites of
+    bytes that exist already, each made durable before it counts.
+    """
+
+    def __init__(self, fd: int, base: int = 0) -> None:
+        self.fd = fd
+        self.base = base
+
+    def write(self, data: bytes, offset: int) -> None:
+        """(Blocking: run it in the I/O thread pool.)"""
+        _pwrite_sync(self.fd, data, self.base + offset)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def encode(geometry: Geometry, header: dict[str, Any], bitmap: bytes,
+           meta: dict[str, Any]) -> bytes:
+    """A whole fresh log (``geometry.file_size`` bytes): header, one empty log record, and
+    a first checkpoint; the other slots are zeroes (invalid)."""
     body = dict(header)
     body.update(version=VERSION, size=geometry.size, granularity=geometry.granularity,
                 extent_size=geometry.extent_size, capacity=geometry.capacity)
@@ -126,13 +147,23 @@ def create(path: str, geometry: Geometry, header: dict[str, Any], bitmap: bytes,
     if 16 + len(raw) > PAGE:
         raise ResumeError("resume log header too large")
     head = HEADER_MAGIC + struct.pack("<II", len(raw), zlib.crc32(raw)) + raw
+    out = bytearray(geometry.file_size)
+    out[0:len(head)] = head
+    rec = _log_record(1, [])
+    out[geometry.log_offset(1):geometry.log_offset(1) + len(rec)] = rec
+    rec = _ckpt_record(1, bitmap, meta)
+    out[geometry.ckpt_offset(1):geometry.ckpt_offset(1) + len(rec)] = rec
+    return bytes(out)
+
+
+def create(path: str, geometry: Geometry, header: dict[str, Any], bitmap: bytes,
+           meta: dict[str, Any]) -> None:
+    """Write a fresh sidecar (with its first checkpoint) atomically: temp file + rename."""
+    data = encode(geometry, header, bitmap, meta)
     tmp = f"{path}.tmp"
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.ftruncate(fd, geometry.file_size)
-        os.pwrite(fd, head.ljust(PAGE, b"\0"), 0)
-        os.pwrite(fd, _log_record(1, []), geometry.log_offset(1))
-        os.pwrite(fd, _ckpt_record(1, bitmap, meta), geometry.ckpt_offset(1))
+        os.pwrite(fd, data, 0)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -166,6 +197,15 @@ def load(path: str) -> Recovered:
     """
     with open(path, "rb") as f:
         data = f.read()
+    return parse(data, path)
+
+
+def parse(data: bytes, path: str) -> Recovered:
+    """``load`` of a log's bytes (``path`` names it in errors).
+
+    Raises:
+        ResumeError: not a resume log, or no valid checkpoint.
+    """
     if len(data) < PAGE or data[:8] != HEADER_MAGIC:
         raise ResumeError(f"'{path}' is not a blockmirror resume log")
     n, crc = struct.unpack_from("<II", data, 8)
@@ -233,12 +273,15 @@ class ActivityLog:
     it. A write whose extents are hot already costs two dict operations and no wait.
     """
 
-    def __init__(self, path: str, geometry: Geometry, *, log_seq: int, ckpt_seq: int,
+    def __init__(self, path: str | RecordFile, geometry: Geometry, *, log_seq: int,
+                 ckpt_seq: int,
                  on_evict: Callable[[], Awaitable[None]],
                  is_clean: Callable[[int], bool] = lambda _e: True) -> None:
-        self.path = path
+        # a sidecar path, or records kept elsewhere (in the qcow2 source: image_store.py)
+        self._file = path if isinstance(path, RecordFile) else RecordFile(
+            os.open(path, os.O_RDWR))
+        self.path = path if isinstance(path, str) else "(in the image)"
         self.geo = geometry
-        self._fd = os.open(path, os.O_RDWR)
         self._log_seq = log_seq
         self._ckpt_seq = ckpt_seq
         self._on_evict = on_evict
@@ -357,7 +400,7 @@ class ActivityLog:
             raise ResumeError("more extents written at once than the log can hold")
         self._log_seq += 1
         rec = _log_record(self._log_seq, new)
-        await threadio.run(_pwrite_sync, self._fd, rec, self.geo.log_offset(self._log_seq % 2))
+        await threadio.run(self._file.write, rec, self.geo.log_offset(self._log_seq % 2))
         self.records += 1
         for e in want:
             hot[e] = None
@@ -389,8 +432,7 @@ class ActivityLog:
         async with self._ckpt_lock:
             self._ckpt_seq += 1
             rec = _ckpt_record(self._ckpt_seq, bitmap, meta)
-            await threadio.run(_pwrite_sync, self._fd, rec,
-                               self.geo.ckpt_offset(self._ckpt_seq % 2))
+            await threadio.run(self._file.write, rec, self.geo.ckpt_offset(self._ckpt_seq % 2))
 
     async def close(self) -> None:
         """Stop logging: waiting writers go on; the descriptor closes once no record or
@@ -403,8 +445,8 @@ class ActivityLog:
         if committer is not None and not committer.done():
             await asyncio.wait([committer])
         async with self._ckpt_lock:
-            os.close(self._fd)
+            self._file.close()
 
 
-__all__ = ["DEFAULT_CAPACITY", "DEFAULT_EXTENT_SIZE", "ActivityLog", "Geometry", "Recovered",
-           "ResumeError", "create", "load"]
+__all__ = ["DEFAULT_CAPACITY", "DEFAULT_EXTENT_SIZE", "ActivityLog", "Geometry", "RecordFile",
+           "Recovered", "ResumeError", "create", "encode", "load", "parse"]

@@ -322,9 +322,7 @@ class MirrorJob(BlockJob):
             if self.wiring.exited:
                 # a failed pivot: writes went on untracked; no closed checkpoint may claim
                 # otherwise (the last one stays, with the crash-time checks)
-                self.resume_log.closed = True
-                if self.resume_log.log is not None:
-                    await self.resume_log.log.close()
+                await self.resume_log.abandon()
                 return
             await self.resume_log.finish(pivoted=False)
         elif not before_exit and pivot:
@@ -428,7 +426,7 @@ class MirrorJob(BlockJob):
                 skipped = self.resume_log.apply()
                 resumed = self.resume_log.plan.resumed
                 self.progress.count("resumed", skipped)
-                self.resume_log.start()
+                await self.resume_log.start()
             except BlockMirrorError:
                 self.resume_log.release()
                 raise

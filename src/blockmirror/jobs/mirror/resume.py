@@ -29,6 +29,7 @@ from blockmirror.errors import BlockIOError, BlockMirrorError
 from blockmirror.jobs.mirror import activity_log
 from blockmirror.jobs.mirror.activity_log import ActivityLog, Geometry, ResumeError
 from blockmirror.jobs.mirror.dirty import DirtyState
+from blockmirror.jobs.mirror.image_store import ImageStore
 
 #: chunks compared between source and target when resuming (clean and not hot in the log)
 SAMPLES = 64
@@ -48,6 +49,8 @@ class ResumeOptions:
     restart: bool = False
     extents: int = activity_log.DEFAULT_CAPACITY
     extent_size: int = activity_log.DEFAULT_EXTENT_SIZE
+    #: where the log lives: "file" (the sidecar at ``path``) or "image" (in the qcow2 source)
+    store: str = "file"
 
 
 @dataclass
@@ -64,6 +67,8 @@ class ResumePlan:
     target_id: dict[str, Any] = field(default_factory=dict)
     #: the source's write generation when checked (it must not move before the job starts)
     write_gen: int = 0
+    #: the log kept in the qcow2 source (``store == "image"``), instead of a sidecar
+    image: ImageStore | None = None
 
     @property
     def resumed(self) -> bool:
@@ -112,6 +117,16 @@ async def identity(node: BlockNode) -> dict[str, Any]:
     return ident
 
 
+def _in_image_id(ident: dict[str, Any]) -> dict[str, Any]:
+    """A source identity that our own area does not change: the area's writes move the
+    modification time (the autoclear bit stands in for it), and its header extension moves
+    the backing file name's offset."""
+    out = {k: v for k, v in ident.items() if k != "mtime_ns"}
+    if "qcow2" in out:
+        out["qcow2"] = [v if i != 1 else None for i, v in enumerate(out["qcow2"])]
+    return out
+
+
 def _compare_ids(role: str, was: dict[str, Any], now: dict[str, Any], closed: bool) -> None:
     keys = ["format", "length", "path", "dev", "ino", "filename", "qcow2"]
     if closed:
@@ -144,15 +159,24 @@ async def plan_resume(opts: ResumeOptions, source: BlockNode, target: BlockNode,
     plan = ResumePlan(opts, granularity, size, write_gen=source.write_gen)
     plan.source_id = await identity(source)
     plan.target_id = await identity(target)
-    if opts.restart or not await asyncio.to_thread(os.path.exists, opts.path):
+    if opts.store == "image":
+        plan.image = ImageStore.of(source)
+        plan.source_id = _in_image_id(plan.source_id)
+        found = None if opts.restart else await plan.image.load()
+        if found is None:
+            return plan
+        rec = found
+    elif opts.restart or not await asyncio.to_thread(os.path.exists, opts.path):
         return plan
-    try:
-        rec = await asyncio.to_thread(activity_log.load, opts.path)
-    except ResumeError as e:
-        raise ResumeError(f"Cannot resume the mirror: {e}. Use a full restart instead") from e
-    except OSError as e:
-        raise ResumeError(f"Cannot resume the mirror: cannot read '{opts.path}': "
-                          f"{e.strerror}. Use a full restart instead") from e
+    else:
+        try:
+            rec = await asyncio.to_thread(activity_log.load, opts.path)
+        except ResumeError as e:
+            raise ResumeError(f"Cannot resume the mirror: {e}. Use a full restart "
+                              "instead") from e
+        except OSError as e:
+            raise ResumeError(f"Cannot resume the mirror: cannot read '{opts.path}': "
+                              f"{e.strerror}. Use a full restart instead") from e
     head = rec.header
     geo = rec.geometry
     closed = bool(rec.meta.get("closed"))
@@ -252,8 +276,10 @@ class ResumeCoordinator:
             self.dirty.bitmap.set_dirty(o, n)
         return self.plan.skipped
 
-    def start(self) -> None:
+    async def start(self) -> None:
         """Write the fresh sidecar (the resumed bitmap, or everything dirty) and open the log.
+
+        Guest writes wait meanwhile (``write_begins``).
 
         Raises:
             ResumeError: the sidecar cannot be written.
@@ -264,14 +290,20 @@ class ResumeCoordinator:
         bits = self._bits(all_dirty=not plan.resumed)
         header = {"source": plan.source_id, "target": plan.target_id,
                   "nonce": random.getrandbits(48), "created": time.time()}
-        try:
-            activity_log.create(plan.options.path, geo, header, bits.tobytes(),
-                                {"closed": False})
-        except OSError as e:
-            raise ResumeError(f"Cannot write the resume log '{plan.options.path}': "
-                              f"{e.strerror}") from e
+        records: str | activity_log.RecordFile = plan.options.path
+        if plan.image is not None:
+            # the area is replaced by a fresh one; from here on this job tracks every write
+            records = await plan.image.create(geo, header, bits.tobytes(), {"closed": False},
+                                              owner=self)
+        else:
+            try:
+                activity_log.create(plan.options.path, geo, header, bits.tobytes(),
+                                    {"closed": False})
+            except OSError as e:
+                raise ResumeError(f"Cannot write the resume log '{plan.options.path}': "
+                                  f"{e.strerror}") from e
         self._last_bits = bits
-        self.log = ActivityLog(plan.options.path, geo, log_seq=1, ckpt_seq=1,
+        self.log = ActivityLog(records, geo, log_seq=1, ckpt_seq=1,
                                on_evict=self._on_evict, is_clean=self._extent_clean)
         self._started.set()
 
@@ -298,6 +330,8 @@ class ResumeCoordinator:
     def release(self) -> None:
         """The job could not start: writers stop waiting for the log."""
         self.closed = True
+        if self.plan.image is not None:
+            self.plan.image.detach(self)
         self._started.set()
 
     # --- checkpoints ------------------------------------------------------------------------
@@ -321,6 +355,8 @@ class ResumeCoordinator:
             meta: dict[str, Any] = {"closed": closed, "time": time.time()}
             if closed:
                 meta["source"] = await identity(self.source)
+                if self.plan.image is not None:
+                    meta["source"] = _in_image_id(meta["source"])
                 meta["target"] = await identity(self.target)
             await log.write_checkpoint(bits.tobytes(), meta)
             self._last_bits = bits
@@ -386,11 +422,29 @@ class ResumeCoordinator:
             self.closed = True
             if log is not None:
                 await log.close()
-            if pivoted:
+            image = self.plan.image
+            if image is not None:
+                # writes from now on are not tracked: the next one clears the bit
+                image.detach(self)
+                if pivoted:
+                    try:
+                        await image.drop()
+                    except (OSError, BlockMirrorError):
+                        pass  # a stale area: the next mirror of this source replaces it
+            elif pivoted:
                 try:
                     os.unlink(self.plan.options.path)
                 except FileNotFoundError:
                     pass
+
+    async def abandon(self) -> None:
+        """Writes went on without being tracked (a failed pivot): the log stops, and it
+        claims nothing it cannot know (an in-image area is marked stale at once)."""
+        self.closed = True
+        if self.log is not None:
+            await self.log.close()
+        if self.plan.image is not None:
+            await self.plan.image.disarm(self)
 
 
 __all__ = ["ResumeCoordinator", "ResumeOptions", "ResumePlan", "identity", "plan_resume"]
