@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_mirror_resume_kill import Monitor, Writer, _export, _node, _sh, _start
 
 from blockmirror.block.dirty_bitmap import DirtyBitmap
 from blockmirror.block.drivers.qcow2.resume_area import (
@@ -31,7 +32,6 @@ from blockmirror.block.drivers.qcow2.resume_area import (
 )
 from blockmirror.jobs.mirror.image_store import read_image_log
 from conftest import require_tool
-from test_mirror_resume_kill import Monitor, Writer, _export, _node, _sh, _start
 
 pytestmark = pytest.mark.interop
 
@@ -267,10 +267,10 @@ def _to_ready(m: Monitor) -> None:
 def test_resume_refused_after_a_foreign_read_write_open(tmp_path: Path) -> None:
     require_tool("qemu-io", "qemu-img")
     src_path, tgt_path, src, tgt = _setup(tmp_path)
-    stale = ("Cannot resume the mirror: the resume state in the qcow2 source '{}' is stale: "
-             "its autoclear bit is clear: the image was opened read-write by another "
-             "program, or written while no mirror tracked it, since the resume state was "
-             "written. Use a full restart instead").format(src_path)
+    stale = (f"Cannot resume the mirror: the resume state in the qcow2 source '{src_path}' "
+             "is stale: its autoclear bit is clear: the image was opened read-write by "
+             "another program, or written while no mirror tracked it, since the resume state "
+             "was written. Use a full restart instead")
     for run, end in ((1, "kill"), (3, "cancel")):
         d, m = _start(tmp_path, run, src, tgt)
         try:
@@ -318,7 +318,12 @@ def test_clean_stop_resumes_and_untracked_write_refuses(tmp_path: Path) -> None:
     """Cancelled cleanly, reopened by our daemon only: resumes with nothing to recopy. In
     the same daemon, a write while no mirror tracks the source clears the bit first."""
     require_tool("qemu-io", "qemu-img")
-    src_path, tgt_path, src, tgt = _setup(tmp_path)
+    src_path, _, src, _ = _setup(tmp_path)
+    # a raw target: closing a qcow2 target after the closed checkpoint moves its
+    # modification time (a limit of the sidecar's clean-stop check, not of this store)
+    raw = tmp_path / "tgt.raw"
+    raw.write_bytes(bytes(SIZE))
+    tgt = _node("tgt", "raw", {"driver": "file", "filename": str(raw)})
     d, m = _start(tmp_path, 1, src, tgt)
     try:
         _to_ready(m)
@@ -354,7 +359,7 @@ def test_clean_stop_resumes_and_untracked_write_refuses(tmp_path: Path) -> None:
 
 def test_image_store_argument_errors(tmp_path: Path) -> None:
     require_tool("qemu-img")
-    src_path, tgt_path, src, tgt = _setup(tmp_path)
+    src_path, _, src, tgt = _setup(tmp_path)
     raw = tmp_path / "r.raw"
     raw.write_bytes(bytes(SIZE))
     d, m = _start(tmp_path, 1, src, tgt)
