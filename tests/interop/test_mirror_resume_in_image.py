@@ -381,3 +381,47 @@ def test_image_store_argument_errors(tmp_path: Path) -> None:
     finally:
         d.kill()
     _check(src_path)
+
+
+def test_cli_resume_store_image(tmp_path: Path) -> None:
+    """``blockmirror mirror --resume-store image``: SIGKILLed mid-copy, the same command
+    resumes from the state in the qcow2 source and says so; afterwards the area is gone."""
+    require_tool("qemu-img")
+    import re
+    import sys
+
+    size = 32 * MiB
+    raw = tmp_path / "data.raw"
+    raw.write_bytes(random.Random(7).randbytes(size))
+    src, dst = str(tmp_path / "src.qcow2"), str(tmp_path / "dst.raw")
+    _sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), src)
+    cmd = [sys.executable, "-m", "blockmirror.cli.main", "mirror", "--source-format",
+           "qcow2", "--format", "raw", "--resume-store", "image"]
+    proc = subprocess.Popen([*cmd, "--speed", "16M", "--buf-size", "1M", "--json", src, dst],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            msg = json.loads(line)
+            if msg.get("type") == "progress" and msg["done"] >= size // 4:
+                break
+        else:
+            raise AssertionError(f"the mirror ended early: {proc.wait()}")
+        proc.kill()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+    assert proc.returncode == -9
+    assert _header(src)[0] & AUTOCLEAR_RESUME
+    assert not Path(f"{dst}.blockmirror-resume").exists()  # no sidecar
+    _check(src, leaks_ok=True)
+    p = subprocess.run([*cmd, src, dst], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    m = re.search(r"^resumed: (\d+\.\d) MiB to recopy of 32\.0 MiB$", p.stdout, re.M)
+    assert m is not None, p.stdout
+    assert float(m.group(1)) < 32 * 0.9
+    assert Path(dst).read_bytes() == raw.read_bytes()
+    assert _bitmaps(src) == []
+    autoclear, exts = _header(src)
+    assert not autoclear & AUTOCLEAR_RESUME and EXT_RESUME not in exts

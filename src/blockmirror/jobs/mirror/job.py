@@ -318,6 +318,8 @@ class MirrorJob(BlockJob):
             await self.verifier.stop()
         if self.resume_log is None:
             return
+        if before_exit and pivot:
+            await self.resume_log.before_pivot()  # (an in-image area only)
         if before_exit and not pivot:
             if self.wiring.exited:
                 # a failed pivot: writes went on untracked; no closed checkpoint may claim

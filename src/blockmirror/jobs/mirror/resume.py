@@ -13,6 +13,7 @@ See docs/resume.md for the guarantees.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import struct
@@ -436,6 +437,23 @@ class ResumeCoordinator:
                     os.unlink(self.plan.options.path)
                 except FileNotFoundError:
                     pass
+
+    async def before_pivot(self) -> None:
+        """Just before the pivot, writes held: an in-image area is removed now, while the
+        source is surely open (after a drive-mirror pivot it may be closed at once). If the
+        pivot then fails, there is simply nothing to resume from."""
+        image = self.plan.image
+        if image is None or self.closed:
+            return
+        self.closed = True
+        if self.log is not None:
+            await self.log.close()
+        image.detach(self)
+        try:
+            await image.drop()
+        except (OSError, BlockMirrorError):
+            with contextlib.suppress(OSError, BlockMirrorError):
+                await image.disarm(self)  # at least no claim survives
 
     async def abandon(self) -> None:
         """Writes went on without being tracked (a failed pivot): the log stops, and it
