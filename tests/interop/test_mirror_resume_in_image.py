@@ -22,7 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_mirror_resume_kill import Monitor, Writer, _export, _node, _sh, _start
+from test_mirror_resume_kill import (
+    Monitor,
+    Writer,
+    _export,
+    _node,
+    _sh,
+    _start,
+    _wait_socket,
+)
 
 from blockmirror.block.dirty_bitmap import DirtyBitmap
 from blockmirror.block.drivers.qcow2.resume_area import (
@@ -41,7 +49,9 @@ GRAN = 64 * 1024
 EXTENT = 1 * MiB
 EXTENTS = 4
 
-CASES = [(phase, seed) for seed in (1, 2) for phase in ("copy", "ready", "write-blocking")]
+CASES = [(phase, seed, "file") for seed in (1, 2)
+         for phase in ("copy", "ready", "write-blocking")]
+CASES += [("copy", 3, "nbd"), ("ready", 3, "nbd")]
 
 
 def _args(**extra: Any) -> dict[str, Any]:
@@ -123,7 +133,7 @@ def _wait_area(m: Monitor, path: str) -> None:
     raise AssertionError("the mirror did not write its resume state into the source")
 
 
-def _case(tmp: Path, phase: str, seed: int) -> dict[str, int]:
+def _case(tmp: Path, phase: str, seed: int, tkind: str) -> dict[str, int]:
     rng = random.Random(f"in-image{phase}{seed}")
     initial = bytearray(SIZE)
     for _ in range(24):
@@ -137,6 +147,26 @@ def _case(tmp: Path, phase: str, seed: int) -> dict[str, int]:
     _sh("qemu-img", "create", "-q", "-f", "qcow2", tgt_path, str(SIZE))
     src = _node("src", "qcow2", {"driver": "file", "filename": src_path})
     tgt = _node("tgt", "qcow2", {"driver": "file", "filename": tgt_path})
+    nbd_srv: subprocess.Popen[bytes] | None = None
+    if tkind == "nbd":
+        tsock = str(tmp / "target-nbd.sock")
+        nbd_srv = subprocess.Popen(["qemu-nbd", "-t", "-f", "qcow2", "-k", tsock, "-x", "tgt",
+                                    "--cache=writeback", tgt_path])
+        _wait_socket(tsock, nbd_srv)
+        tgt = _node("tgt", "raw", {"driver": "nbd", "export": "tgt",
+                                   "server": {"type": "unix", "path": tsock}})
+    try:
+        return _run_case(tmp, phase, rng, initial, src_path, tgt_path, src, tgt, nbd_srv)
+    finally:
+        if nbd_srv is not None:
+            nbd_srv.terminate()
+            nbd_srv.wait(10)
+
+
+def _run_case(tmp: Path, phase: str, rng: random.Random, initial: bytearray, src_path: str,
+              tgt_path: str, src: dict[str, Any], tgt: dict[str, Any],
+              nbd_srv: subprocess.Popen[bytes] | None) -> dict[str, int]:
+    model_path = tmp / "model.raw"
     model = bytearray(initial)
     # --- run 1: mirror, write, SIGKILL -----------------------------------------------------
     d, m = _start(tmp, 1, src, tgt)
@@ -192,9 +222,10 @@ def _case(tmp: Path, phase: str, seed: int) -> dict[str, int]:
     assert _bitmaps(src_path) == [
         {"name": RESUME_BITMAP, "granularity": GRAN, "flags": ["in-use"]}]
     bound, hot = _bound(src_path)
-    p = subprocess.run(["qemu-img", "check", "-q", "-r", "leaks", tgt_path],
-                       capture_output=True, text=True)
-    assert p.returncode == 0, p.stdout + p.stderr
+    if nbd_srv is None:
+        p = subprocess.run(["qemu-img", "check", "-q", "-r", "leaks", tgt_path],
+                           capture_output=True, text=True)
+        assert p.returncode == 0, p.stdout + p.stderr
     # --- run 2: resume ---------------------------------------------------------------------
     d, m = _start(tmp, 2, src, tgt)
     try:
@@ -230,6 +261,9 @@ def _case(tmp: Path, phase: str, seed: int) -> dict[str, int]:
     if killed_leaks:
         _sh("qemu-img", "check", "-q", "-r", "leaks", src_path)
     _check(src_path)
+    if nbd_srv is not None:
+        nbd_srv.terminate()
+        nbd_srv.wait(10)
     model_path.write_bytes(model)
     _sh("qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2", str(model_path), tgt_path)
     _check(tgt_path)
@@ -237,14 +271,16 @@ def _case(tmp: Path, phase: str, seed: int) -> dict[str, int]:
             "remaining_at_kill": remaining_at_kill, "leaks": killed_leaks}
 
 
-@pytest.mark.parametrize(("phase", "seed"), CASES, ids=[f"{p}-{s}" for p, s in CASES])
-def test_sigkill_then_resume_from_the_image(tmp_path: Path, phase: str, seed: int) -> None:
-    require_tool("qemu-io", "qemu-img")
-    stats = _case(tmp_path, phase, seed)
+@pytest.mark.parametrize(("phase", "seed", "tkind"), CASES,
+                         ids=[f"{p}-{s}-{t}" for p, s, t in CASES])
+def test_sigkill_then_resume_from_the_image(tmp_path: Path, phase: str, seed: int,
+                                            tkind: str) -> None:
+    require_tool("qemu-io", "qemu-img", "qemu-nbd")
+    stats = _case(tmp_path, phase, seed, tkind)
     assert stats["recopy"] < SIZE, stats
     lag = 2 * MiB + GRAN + stats["since"]
     assert stats["recopy"] <= stats["remaining_at_kill"] + stats["hot"] + lag, stats
-    print(f"in-image resume {phase}/{seed}: recopy {stats['recopy']} of {SIZE} (hot "
+    print(f"in-image resume {phase}/{seed}/{tkind}: recopy {stats['recopy']} of {SIZE} (hot "
           f"{stats['hot']}, remaining at kill {stats['remaining_at_kill']}, source leaks "
           f"after the kill {stats['leaks']})")
 
@@ -338,6 +374,10 @@ def test_clean_stop_resumes_and_untracked_write_refuses(tmp_path: Path) -> None:
     try:
         m.cmd("blockdev-mirror", _args())
         assert m.job()["x-resumed"] == SIZE
+        # the area's bitmap cannot be removed while the source is open
+        rsp = m.try_cmd("block-dirty-bitmap-remove", {"node": "src", "name": RESUME_BITMAP})
+        assert rsp["error"]["desc"] == (f"Bitmap '{RESUME_BITMAP}' is currently in use by "
+                                        "another operation and cannot be used"), rsp
         m.wait_event("BLOCK_JOB_READY")
         m.cmd("block-job-cancel", {"device": "m"})
         m.wait_event("BLOCK_JOB_COMPLETED")
@@ -425,3 +465,59 @@ def test_cli_resume_store_image(tmp_path: Path) -> None:
     assert _bitmaps(src) == []
     autoclear, exts = _header(src)
     assert not autoclear & AUTOCLEAR_RESUME and EXT_RESUME not in exts
+
+
+def _drop_extension(path: str) -> None:
+    """Rewrite the header's extensions without ours (the bit stays set)."""
+    with open(path, "r+b") as f:
+        data = bytearray(f.read(65536))
+        pos = start = struct.unpack_from(">I", data, 100)[0]
+        kept = b""
+        while True:
+            t, n = struct.unpack_from(">II", data, pos)
+            step = 8 + (n + 7) // 8 * 8
+            if t == 0:
+                break
+            if t != EXT_RESUME:
+                kept += bytes(data[pos:pos + step])
+            pos += step
+        assert not struct.unpack_from(">Q", data, 8)[0], "a backing file would move"
+        data[start:pos + 8] = (kept + bytes(8)).ljust(pos + 8 - start, b"\0")
+        f.seek(0)
+        f.write(data)
+
+
+def test_resume_refused_when_the_state_is_incomplete(tmp_path: Path) -> None:
+    """The bit without our extension (a tool rewrote the header): refused, and the bit is
+    cleared by our read-write open, as an unknown bit."""
+    require_tool("qemu-img")
+    src_path, tgt_path, src, tgt = _setup(tmp_path)
+    assert Path(tgt_path).exists()
+    d, m = _start(tmp_path, 1, src, tgt)
+    try:
+        _to_ready(m)
+    finally:
+        d.kill()
+    _drop_extension(src_path)
+    autoclear, exts = _header(src_path)
+    assert autoclear & AUTOCLEAR_RESUME and EXT_RESUME not in exts
+    d, m = _start(tmp_path, 2, src, tgt)
+    try:
+        assert not _header(src_path)[0] & AUTOCLEAR_RESUME
+        rsp = m.try_cmd("blockdev-mirror", _args())
+        assert rsp["error"]["desc"] == (
+            f"Cannot resume the mirror: the resume state in the qcow2 source '{src_path}' is "
+            f"stale: its resume state is incomplete (extension {EXT_RESUME:#x} and bitmap "
+            f"'{RESUME_BITMAP}' do not describe the same clusters). Use a full restart "
+            "instead"), rsp
+        m.cmd("blockdev-mirror", _args(**{"x-resume-restart": True}))
+        m.wait_event("BLOCK_JOB_READY")
+        m.cmd("block-job-complete", {"device": "m"})
+        ev = m.wait_event("BLOCK_JOB_COMPLETED")
+        assert "error" not in ev["data"], ev
+        m.cmd("quit")
+        d.proc.wait(30)
+    finally:
+        d.kill()
+    assert _bitmaps(src_path) == []
+    _check(src_path)
