@@ -151,6 +151,8 @@ class Qcow2Driver(BlockDriver):
         await self.bitmap_store.read_directory()
         await self._check_metadata_layout()
 
+        # a current resume area keeps its bit until a write nobody tracks
+        keep = AUTOCLEAR_BITMAPS | await self.resume_area.examine()
         writable = not self.node.read_only
         if writable:
             changed = False
@@ -165,8 +167,6 @@ class Qcow2Driver(BlockDriver):
                 await self._check_metadata_layout()
                 header.incompatible &= ~INCOMPAT_DIRTY
                 changed = True
-            # a current resume area keeps its bit until a write nobody tracks
-            keep = AUTOCLEAR_BITMAPS | await self.resume_area.examine()
             if header.version == 3 and header.autoclear & ~keep:
                 # the other autoclear extensions are not maintained here: clearing their
                 # bits tells other readers they are stale
@@ -181,7 +181,7 @@ class Qcow2Driver(BlockDriver):
         # persistent bitmaps become the node's named bitmaps (marked in use on disk)
         async with self.lock:
             await self.bitmap_store.load(self.node.bitmaps, writable)
-        self.resume_area.opened(writable)
+        self.resume_area.opened()
 
     async def _check_metadata_layout(self) -> None:
         clusters = check_metadata_layout(

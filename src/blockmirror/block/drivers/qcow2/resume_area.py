@@ -165,11 +165,12 @@ class ResumeArea:
         return all(value & TABLE_ENTRY_OFFSET_MASK == ext.offset + i * cluster_size
                    for i, value in enumerate(table))
 
-    def opened(self, writable: bool) -> None:
+    def opened(self) -> None:
         """After the bitmaps are loaded: a current area's bitmap may not be removed or used
-        while this node is open (cf. a bitmap held busy by a job)."""
-        if self.current is None or not writable:
-            return  # read-only: nothing is written, the bit stays as it is
+        while this node is open (cf. a bitmap held busy by a job), and the first write
+        clears the bit (also after a read-only node is switched to read-write)."""
+        if self.current is None:
+            return
         named = self._node.bitmaps.get(RESUME_BITMAP)
         if named is not None:
             named.users += 1
