@@ -405,6 +405,9 @@ def test_image_store_argument_errors(tmp_path: Path) -> None:
     d, m = _start(tmp_path, 1, src, tgt)
     try:
         m.cmd("blockdev-add", _node("r", "raw", {"driver": "file", "filename": str(raw)}))
+        v2 = str(tmp_path / "v2.qcow2")
+        _sh("qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=0.10", v2, str(SIZE))
+        m.cmd("blockdev-add", _node("v2", "qcow2", {"driver": "file", "filename": v2}))
         cases = [
             (_args(**{"x-resume-log": str(tmp_path / "x")}),
              "Parameter 'x-resume-log' cannot be used with 'x-resume-store': 'image'"),
@@ -413,6 +416,8 @@ def test_image_store_argument_errors(tmp_path: Path) -> None:
             (_args(**{"x-resume-store": "file"}), "Parameter 'x-resume-log' is missing"),
             (_args(device="r"),
              "Parameter 'x-resume-store': 'image' needs a qcow2 source in a local file"),
+            (_args(device="v2"),
+             "Parameter 'x-resume-store': 'image' needs a qcow2 v3 (compat=1.1) source"),
         ]
         for args, want in cases:
             rsp = m.try_cmd("blockdev-mirror", args)
