@@ -64,7 +64,7 @@ class BackupJob(BlockJob):
         self.params = params
         self.wiring = wiring
         self.copy = BlockCopyState(source, target, cluster_size, self._copied,
-                                   self.progress.set_remaining)
+                                   self.progress.set_remaining, compress=params.compress)
         self.cbw = CopyBeforeWrite(self.copy)
         chunk = params.max_chunk or DEFAULT_MAX_CHUNK
         self.chunk = max(chunk, cluster_size)

@@ -2,7 +2,10 @@
 
 A compressed L2 entry packs the host byte offset of the deflate stream and the number of
 512-byte sectors it spans; the stream is raw deflate (no zlib header), as written by
-``qemu-img convert -c``.
+``qemu-img convert -c``. ``compress_cluster`` makes the stream QEMU's compressed writes make
+(cf. qcow2_zlib_compress: default level, a 4 KiB window, memory level 9) and gives up, as
+QEMU does, when it would not fit in one byte less than a cluster: such a cluster is stored
+uncompressed.
 """
 
 from __future__ import annotations
@@ -38,9 +41,22 @@ def decompress(data: bytes, cluster_size: int) -> bytes | None:
     return out
 
 
-def compress(data: bytes) -> bytes:
-    c = zlib.compressobj(6, zlib.DEFLATED, -12, 9)
+def compress(data: bytes | memoryview) -> bytes:
+    c = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12, 9)
     return c.compress(data) + c.flush()
+
+
+def compress_cluster(data: bytes | memoryview, cluster_size: int) -> bytes | None:
+    """The deflate stream of one whole cluster, or None when it takes ``cluster_size - 1``
+    bytes or more (QEMU's output buffer is that big; a stream that does not fit means
+    "write it uncompressed")."""
+    out = compress(data)
+    return out if len(out) <= cluster_size - 1 else None
+
+
+def compress_clusters(clusters: list[bytes | memoryview], cluster_size: int) -> list[bytes | None]:
+    """``compress_cluster`` of each (one worker-thread call for a whole request)."""
+    return [compress_cluster(c, cluster_size) for c in clusters]
 
 
 def make_entry(host_offset: int, nbytes: int, cluster_bits: int) -> int:

@@ -46,6 +46,7 @@ from blockmirror.block.drivers.qcow2.check import (
     rebuild_refcounts,
 )
 from blockmirror.block.drivers.qcow2.cluster_map import ClusterMap
+from blockmirror.block.drivers.qcow2.compressed_write import CompressedWriter
 from blockmirror.block.drivers.qcow2.corruption import CorruptionGuard
 from blockmirror.block.drivers.qcow2.data_path import DataPath
 from blockmirror.block.drivers.qcow2.header import (
@@ -87,6 +88,7 @@ class Qcow2Driver(BlockDriver):
     supports_truncate = True
     supports_backing = True
     can_write_zeroes_with_unmap = True
+    supports_compressed_writes = True
     max_transfer = 16 * 1024 * 1024
 
     def __init__(self, node: BlockNode) -> None:
@@ -100,6 +102,7 @@ class Qcow2Driver(BlockDriver):
         self.allocator: RefcountAllocator
         self.cluster_map: ClusterMap
         self.data_path: DataPath
+        self.compressed: CompressedWriter
         self.snapshots = SnapshotTable()
         self.bitmap_store: BitmapStore
         self._preallocation_checked = False
@@ -133,6 +136,10 @@ class Qcow2Driver(BlockDriver):
         self.data_path = DataPath(
             self.node, geometry, header, image_file, self.allocator, self.cluster_map,
             self.corruption, self.lock, self._write_back,
+        )
+        self.compressed = CompressedWriter(
+            geometry, header, image_file, self.allocator, self.cluster_map, self.data_path,
+            self.lock, self._write_back,
         )
         self.bitmap_store = BitmapStore(
             self.node, geometry, header, image_file, self.allocator, self._flush_locked
@@ -237,6 +244,13 @@ class Qcow2Driver(BlockDriver):
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
         await self.data_path.write(offset, view)
+
+    async def pwritev_compressed(self, offset: int, data: bytes | memoryview) -> None:
+        self.corruption.check_usable()
+        view = memoryview(data)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        await self.compressed.write(offset, view)
 
     async def read_extents(self, extents: list[tuple[int, int]]) -> list[bytes] | None:
         self.corruption.check_usable()
