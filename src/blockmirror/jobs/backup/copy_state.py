@@ -185,6 +185,10 @@ class BlockCopyState:
             failed = False
         finally:
             self._release(claim, failed)
+        if skipped < length:
+            # progress counts whole clusters, the image's partial last one too, as the
+            # remaining work does (cf. progress_work_done of a block-copy task's bytes)
+            self._on_progress((claim.end - claim.first) * self.cluster_size - skipped)
         if skipped:
             self._on_remaining(self.remaining())
 
@@ -223,9 +227,6 @@ class BlockCopyState:
                 await self.target.write_zeroes(zo, zn)
             except BlockIOError as e:
                 raise CopyError(e.errno, False, str(e)) from e
-        copied = length - skipped
-        if copied:
-            self._on_progress(copied)
         return skipped
 
     def _whole_clusters(self, pos: int, n: int, end: int) -> int:
