@@ -120,6 +120,7 @@ class CompressedWriter:
             try:
                 async with self._lock:
                     if ok:
+                        self._data.forget_compressed()
                         await self._map.link([(l1_index, l2_index, entry)])
                         await self._write_back()
                     else:

@@ -88,6 +88,11 @@ class DataPath:
             data = bytes(data) + bytes(length - avail)
         return data
 
+    def forget_compressed(self) -> None:
+        """Drop the last inflated cluster: a new stream may get the very same descriptor
+        (same host bytes, same length) as a freed one."""
+        self._last_compressed = None
+
     async def read_compressed(self, entry: int) -> bytes:
         if self._last_compressed is not None and self._last_compressed[0] == entry:
             return self._last_compressed[1]
