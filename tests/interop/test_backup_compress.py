@@ -3,8 +3,9 @@
 The same script runs on both daemons over identical images: the refusals for targets that
 take no compressed writes (raw, a protocol node, null-co, drive-backup's raw target) with
 QEMU's text, a compressed backup to a qcow2 target whose size ends in a partial cluster,
-one through a throttle filter, and one to a target that already holds data (compression
-cannot overwrite: the job fails with EIO). Both daemons read the compressed targets back
+one through a throttle filter, one to an image whose compression type is zstd (zstd frames
+then), and one to a target that already holds data (compression cannot overwrite: the job
+fails with EIO). Both daemons read the compressed targets back
 through their NBD servers. Then the images each daemon wrote are checked with the QEMU tools:
 ``qemu-img check`` clean with the same share of compressed clusters, ``compare`` equal to the
 source, ``map`` showing the compressed clusters as data without a host offset while the
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import random
+import struct
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -48,9 +50,10 @@ def _source_bytes() -> bytes:
 def _setup(d: Path) -> list[str]:
     d.mkdir()
     (d / "src.raw").write_bytes(_source_bytes())
-    for name in ("t0", "t1", "t2", "t3"):
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(d / f"{name}.qcow2"),
-                        str(SIZE)], check=True)
+    for name in ("t0", "t1", "t2", "t3", "tz"):
+        zstd = ["-o", "compression_type=zstd"] if name == "tz" else []
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", *zstd,
+                        str(d / f"{name}.qcow2"), str(SIZE)], check=True)
     # t3 holds data already: a compressed write there must fail
     subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x99 64k 64k",
                     str(d / "t3.qcow2")], check=True, capture_output=True)
@@ -63,7 +66,7 @@ def _setup(d: Path) -> list[str]:
         "--blockdev", f"driver=null-co,node-name=t_null,size={SIZE}",
         "--object", "throttle-group,id=tg",
     ]
-    for name in ("t0", "t1", "t2", "t3"):
+    for name in ("t0", "t1", "t2", "t3", "tz"):
         nodes += ["--blockdev", f"driver=file,node-name={name}-f,filename={d / (name + '.qcow2')}",
                   "--blockdev", f"driver=qcow2,node-name={name},file={name}-f"]
     nodes += ["--blockdev", "driver=throttle,node-name=thr2,throttle-group=tg,file=t2",
@@ -95,6 +98,8 @@ def _steps(d: Path) -> list[tuple[Any, ...]]:
         ("job", "blockdev-backup", _bb("c1", "t1"), ["c1"]),
         ("job", "blockdev-backup", _bb("c2", "thr2", **{"x-perf": {"max-workers": 1}}),
          ["c2"]),
+        # an image whose compression type is zstd gets zstd streams
+        ("job", "blockdev-backup", _bb("cz", "tz"), ["cz"]),
         # compression cannot overwrite an allocated cluster
         # (one worker: which clusters QEMU copies before it stops is otherwise timing)
         ("job", "blockdev-backup", _bb("c3", "t3", **{"x-perf": {"max-workers": 1}}), ["c3"]),
@@ -107,6 +112,9 @@ def _steps(d: Path) -> list[tuple[Any, ...]]:
         ("qmp", "block-export-add", {"type": "nbd", "id": "x1", "node-name": "t1",
                                      "name": "t1", "writable": True}),
         ("nbd", "t1", _reads()),
+        ("qmp", "block-export-add", {"type": "nbd", "id": "xz", "node-name": "tz",
+                                     "name": "tz", "writable": True}),
+        ("nbd", "tz", _reads()),
     ]
 
 
@@ -117,6 +125,18 @@ def _check(path: Path) -> tuple[str, str]:
     frag = info.get("compressed-clusters", 0), info.get("allocated-clusters")
     return (f"rc={r.returncode} corruptions={info.get('corruptions', 0)} "
             f"leaks={info.get('leaks', 0)}", f"{frag}")
+
+
+def _first_stream(path: Path) -> bytes:
+    """The bytes of guest cluster 0's compressed stream, found through the L1 and L2
+    tables (64 KiB clusters)."""
+    raw = path.read_bytes()
+    l1_offset = struct.unpack_from(">Q", raw, 40)[0]
+    l2_offset = struct.unpack_from(">Q", raw, l1_offset)[0] & 0x00FFFFFFFFFFFE00
+    entry = struct.unpack_from(">Q", raw, l2_offset)[0]
+    assert entry & (1 << 62), hex(entry)
+    host = entry & ((1 << 54) - 1)  # 62 - (16 - 8) bits of offset
+    return raw[host : host + 16]
 
 
 def _map(path: Path) -> list[dict[str, Any]]:
@@ -134,16 +154,18 @@ def test_compressed_backup_matches_qemu(tmp_path: Path) -> None:
     # the transcript itself says what happened (not only that both did the same)
     text = "\n".join(got)
     assert text.count("Compression is not supported for this drive ") == 5, text
-    assert '"error": "Input/output error"' in text and text.count("BLOCK_JOB_COMPLETED") == 5
+    assert '"error": "Input/output error"' in text and text.count("BLOCK_JOB_COMPLETED") == 6
     # the uncompressed copy of the same data is bigger
     assert (tmp_path / "ours" / "t1.qcow2").stat().st_size < (
         tmp_path / "ours" / "t0.qcow2").stat().st_size
-    nbd = next(line for line in got if line.startswith("nbd "))
-    assert nbd.startswith("nbd ") and "rc=0" in nbd and "Pattern verification failed" not in nbd
+    reads = [line for line in got if line.startswith("nbd ")]
+    assert len(reads) == 2
+    for nbd in reads:
+        assert "rc=0" in nbd and "Pattern verification failed" not in nbd, nbd
     src = tmp_path / "ours" / "src.raw"
     for kind in ("qsd", "ours"):
         d = tmp_path / kind
-        for name in ("t1", "t2", "d1"):
+        for name in ("t1", "t2", "d1", "tz"):
             path = d / f"{name}.qcow2"
             verdict, counts = _check(path)
             assert verdict == "rc=0 corruptions=0 leaks=0", (kind, name, verdict)
@@ -163,9 +185,10 @@ def test_compressed_backup_matches_qemu(tmp_path: Path) -> None:
         argv = ["qemu-io", "-r", "-f", "qcow2"]
         for c in _reads()[:4]:
             argv += ["-c", c]
-        r = subprocess.run([*argv, str(d / "t1.qcow2")], capture_output=True, text=True,
-                           timeout=60)
-        assert r.returncode == 0 and "verification failed" not in r.stdout, r.stdout
+        for name in ("t1", "tz"):
+            r = subprocess.run([*argv, str(d / f"{name}.qcow2")], capture_output=True,
+                               text=True, timeout=60)
+            assert r.returncode == 0 and "verification failed" not in r.stdout, r.stdout
         # the target with data before: the failed job left it consistent
         verdict, _ = _check(d / "t3.qcow2")
         assert verdict == "rc=0 corruptions=0 leaks=0", (kind, verdict)
@@ -173,3 +196,8 @@ def test_compressed_backup_matches_qemu(tmp_path: Path) -> None:
     r = subprocess.run(["qemu-img", "info", "--output=json", str(tmp_path / "ours" / "t1.qcow2")],
                        capture_output=True, text=True, check=True, timeout=60)
     assert json.loads(r.stdout)["format-specific"]["data"]["compression-type"] == "zlib"
+    # the zstd target's streams are zstd frames (magic 28 b5 2f fd), not deflate
+    tz = tmp_path / "ours" / "tz.qcow2"
+    first = next(e for e in _map(tz) if e["data"])
+    assert first["start"] == 0 and "offset" not in first
+    assert _first_stream(tz)[:4] == b"\x28\xb5\x2f\xfd"

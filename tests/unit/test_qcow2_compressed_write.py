@@ -44,9 +44,11 @@ def _compressible(seed: int, n: int = CS) -> bytes:
     return bytes(out[:n])
 
 
-async def _qcow2(path: Path, size: int, body: Callable[[BlockNode], Awaitable[None]]) -> None:
+async def _qcow2(path: Path, size: int, body: Callable[[BlockNode], Awaitable[None]],
+                 compression: str = "zlib") -> None:
     if not path.exists():  # noqa: ASYNC240 (a test's own temporary file)
-        await img_create(str(path), "qcow2", size, options={"cluster_size": CS}, quiet=True)
+        await img_create(str(path), "qcow2", size, quiet=True, options={
+            "cluster_size": CS, "compression_type": compression})
     graph = BlockGraph()
     try:
         node = await open_blockdev(graph, {"driver": "qcow2", "node-name": "q",
@@ -80,8 +82,11 @@ async def _entry(node: BlockNode, guest_offset: int) -> int:
     return await drv.cluster_map.entry(guest_offset // CS)
 
 
-def test_streams_pack_into_shared_clusters_with_right_refcounts(tmp_path: Path) -> None:
+@pytest.mark.parametrize("compression", ["zlib", "zstd"])
+def test_streams_pack_into_shared_clusters_with_right_refcounts(
+        tmp_path: Path, compression: str) -> None:
     clusters = [_compressible(i) for i in range(64)]
+    kind = compress.ZSTD if compression == "zstd" else compress.ZLIB
 
     async def write(node: BlockNode) -> None:
         for i, data in enumerate(clusters):
@@ -94,6 +99,11 @@ def test_streams_pack_into_shared_clusters_with_right_refcounts(tmp_path: Path) 
             assert drv.cluster_map.cluster_type(entry) == COMPRESSED
             assert not entry & OFLAG_COPIED  # compressed clusters never have it
             spans.append(list(compress.host_clusters(entry, 12)))
+            # the stream is the image's kind (zstd frames start with their magic)
+            host, nbytes = compress.descriptor(entry, 12)
+            raw = await drv.image_file.read(host, nbytes)
+            assert (raw[:4] == b"\x28\xb5\x2f\xfd") == (kind == compress.ZSTD)
+            assert compress.decompress(raw, CS, kind) == clusters[i]
         # packed: far fewer host clusters than guest clusters, some streams run on into
         # the next host cluster, and such a cluster is referenced by several streams
         used = {c for s in spans for c in s}
@@ -110,7 +120,7 @@ def test_streams_pack_into_shared_clusters_with_right_refcounts(tmp_path: Path) 
         await _refcounts_match(node)
 
     path = tmp_path / "c.qcow2"
-    asyncio.run(_qcow2(path, 1 << 20, write))
+    asyncio.run(_qcow2(path, 1 << 20, write, compression))
     asyncio.run(_qcow2(path, 1 << 20, reread))
 
 

@@ -74,10 +74,12 @@ class CompressedWriter:
             clusters.append(chunk if len(chunk) == cluster_size
                             else bytes(chunk) + bytes(cluster_size - len(chunk)))
         # deflating is CPU work: off the event loop, one hand-off for the whole request
+        kind = self._header.compression_type
         if len(clusters) == 1 and cluster_size <= 4096:
-            streams = compress.compress_clusters(clusters, cluster_size)
+            streams = compress.compress_clusters(clusters, cluster_size, kind)
         else:
-            streams = await threadio.run(compress.compress_clusters, clusters, cluster_size)
+            streams = await threadio.run(compress.compress_clusters, clusters, cluster_size,
+                                         kind)
         for i, stream in enumerate(streams):
             pos = i * cluster_size
             guest = offset + pos

@@ -102,7 +102,8 @@ class DataPath:
                 f"Compressed cluster offset {offset:#x} past the end of the image file"
             )
         raw = await self._file.read(offset, length)
-        out = compress.decompress(raw, self._geometry.cluster_size)
+        out = compress.decompress(raw, self._geometry.cluster_size,
+                                  self._header.compression_type)
         if out is None:
             raise BlockIOError(errno.EIO, "Input/output error")
         self._last_compressed = (entry, out)

@@ -199,7 +199,7 @@ class Qcow2Driver(BlockDriver):
     def info(self) -> DriverInfo:
         header = self.header
         data: dict[str, Any] = {"compat": "1.1" if header.version == 3 else "0.10"}
-        data["compression-type"] = "zlib"
+        data["compression-type"] = "zstd" if header.compression_type == 1 else "zlib"
         if header.version == 3:
             data["lazy-refcounts"] = bool(header.compatible & COMPAT_LAZY_REFCOUNTS)
             if self.bitmap_store.entries and header.autoclear & AUTOCLEAR_BITMAPS:
