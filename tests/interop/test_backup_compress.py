@@ -50,7 +50,8 @@ def _source_bytes() -> bytes:
 def _setup(d: Path) -> list[str]:
     d.mkdir()
     (d / "src.raw").write_bytes(_source_bytes())
-    for name in ("t0", "t1", "t2", "t3", "tz"):
+    (d / "orig.raw").write_bytes(_source_bytes())  # the source changes at the end
+    for name in ("t0", "t1", "t2", "t3", "tz", "t4"):
         zstd = ["-o", "compression_type=zstd"] if name == "tz" else []
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", *zstd,
                         str(d / f"{name}.qcow2"), str(SIZE)], check=True)
@@ -66,7 +67,7 @@ def _setup(d: Path) -> list[str]:
         "--blockdev", f"driver=null-co,node-name=t_null,size={SIZE}",
         "--object", "throttle-group,id=tg",
     ]
-    for name in ("t0", "t1", "t2", "t3", "tz"):
+    for name in ("t0", "t1", "t2", "t3", "tz", "t4"):
         nodes += ["--blockdev", f"driver=file,node-name={name}-f,filename={d / (name + '.qcow2')}",
                   "--blockdev", f"driver=qcow2,node-name={name},file={name}-f"]
     nodes += ["--blockdev", "driver=throttle,node-name=thr2,throttle-group=tg,file=t2",
@@ -115,6 +116,14 @@ def _steps(d: Path) -> list[tuple[Any, ...]]:
         ("qmp", "block-export-add", {"type": "nbd", "id": "xz", "node-name": "tz",
                                      "name": "tz", "writable": True}),
         ("nbd", "tz", _reads()),
+        # sync=none: a guest write first copies the old data, compressed, to the target
+        # (the export first: QEMU refuses a writable one on a source under a backup filter)
+        ("qmp", "block-export-add", {"type": "nbd", "id": "xs", "node-name": "src",
+                                     "name": "src", "writable": True}),
+        ("qmp", "blockdev-backup", {"job-id": "n1", "device": "src", "target": "t4",
+                                    "sync": "none", "compress": True}),
+        ("nbd", "src", ["write -P 0x77 32k 64k"]),
+        ("job", "block-job-cancel", {"device": "n1"}, ["n1"]),
     ]
 
 
@@ -155,14 +164,15 @@ def test_compressed_backup_matches_qemu(tmp_path: Path) -> None:
     text = "\n".join(got)
     assert text.count("Compression is not supported for this drive ") == 5, text
     assert '"error": "Input/output error"' in text and text.count("BLOCK_JOB_COMPLETED") == 6
+    assert text.count("BLOCK_JOB_CANCELLED") == 1
     # the uncompressed copy of the same data is bigger
     assert (tmp_path / "ours" / "t1.qcow2").stat().st_size < (
         tmp_path / "ours" / "t0.qcow2").stat().st_size
     reads = [line for line in got if line.startswith("nbd ")]
-    assert len(reads) == 2
+    assert len(reads) == 3
     for nbd in reads:
         assert "rc=0" in nbd and "Pattern verification failed" not in nbd, nbd
-    src = tmp_path / "ours" / "src.raw"
+    src = tmp_path / "ours" / "orig.raw"
     for kind in ("qsd", "ours"):
         d = tmp_path / kind
         for name in ("t1", "t2", "d1", "tz"):
@@ -189,6 +199,17 @@ def test_compressed_backup_matches_qemu(tmp_path: Path) -> None:
             r = subprocess.run([*argv, str(d / f"{name}.qcow2")], capture_output=True,
                                text=True, timeout=60)
             assert r.returncode == 0 and "verification failed" not in r.stdout, r.stdout
+        # sync=none: the two clusters the guest write touched, as they were, compressed
+        t4 = d / "t4.qcow2"
+        assert _check(t4) == ("rc=0 corruptions=0 leaks=0", "(2, 2)"), (kind, _check(t4))
+        data = [e for e in _map(t4) if e["data"]]
+        assert data == [{"start": 0, "length": 128 * K, "depth": 0, "present": True,
+                         "zero": False, "data": True}], (kind, data)
+        assert img("compare", "-q", "-f", "raw", "-F", "qcow2", str(src), str(t4)).startswith(
+            "rc=1"), kind  # (the rest of t4 was never copied)
+        r = subprocess.run(["qemu-io", "-r", "-f", "qcow2", "-c", "read -P 0x41 0 128k",
+                            str(t4)], capture_output=True, text=True, timeout=60)
+        assert "verification failed" not in r.stdout, (kind, r.stdout)
         # the target with data before: the failed job left it consistent
         verdict, _ = _check(d / "t3.qcow2")
         assert verdict == "rc=0 corruptions=0 leaks=0", (kind, verdict)
