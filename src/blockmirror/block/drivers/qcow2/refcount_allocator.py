@@ -302,20 +302,13 @@ class RefcountAllocator:
         pieces = [(self.table[index] & REFT_OFFSET_MASK,
                    encode_block(self.blocks.peek(index), self._header.refcount_order))
                   for index in sorted(self.blocks.dirty)]
-        if durable:
-            await self._file.write_durable(pieces)
-        else:
-            for offset, raw in pieces:
-                await self._file.write(offset, raw)
+        await self._file.write_pieces(pieces, durable=durable)
         self.blocks.clean_all()
 
     async def write_table(self, *, durable: bool = False) -> None:
         table = self.table
         piece = (self._header.refcount_table_offset, struct.pack(f">{len(table)}Q", *table))
-        if durable:
-            await self._file.write_durable([piece])
-        else:
-            await self._file.write(*piece)
+        await self._file.write_pieces([piece], durable=durable)
         self.table_dirty = False
 
     # --- freeing -------------------------------------------------------------------------
