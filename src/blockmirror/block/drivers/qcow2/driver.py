@@ -259,6 +259,8 @@ class Qcow2Driver(BlockDriver):
 
     async def pwritev_compressed(self, offset: int, data: bytes | memoryview) -> None:
         self.corruption.check_usable()
+        if self.resume_area.needs_guard:
+            await self.resume_area.guard()
         view = memoryview(data)
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
