@@ -17,6 +17,7 @@ import os
 import random
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -225,8 +226,10 @@ class ResumeCoordinator:
     """The sidecar of one running mirror: the write observer, checkpoints and the end."""
 
     def __init__(self, plan: ResumePlan, source: BlockNode, target: BlockNode,
-                 dirty: DirtyState) -> None:
+                 dirty: DirtyState, *, done: Callable[[], int] = lambda: 0) -> None:
         self.plan = plan
+        #: the job's QEMU ``offset`` (bytes done); each checkpoint records it with its bitmap
+        self._done = done
         self.source = source
         self.target = target
         self.dirty = dirty
@@ -266,7 +269,7 @@ class ResumeCoordinator:
                   "nonce": random.getrandbits(48), "created": time.time()}
         try:
             activity_log.create(plan.options.path, geo, header, bits.tobytes(),
-                                {"closed": False})
+                                {"closed": False, "offset": self._done()})
         except OSError as e:
             raise ResumeError(f"Cannot write the resume log '{plan.options.path}': "
                               f"{e.strerror}") from e
@@ -308,7 +311,11 @@ class ResumeCoordinator:
         if log is None or log.closed or not self.seeded:
             return False
         async with self._lock:
+            # the bitmap and the offset together (no await between): the job's offset minus
+            # this one is what it copied after the snapshot, which this checkpoint still
+            # lists as dirty (the lag that docs/resume.md bounds a resume's recopy with)
             bits = self._bits()
+            offset = self._done()
             ok = True
             try:
                 await self.target.flush()
@@ -318,7 +325,7 @@ class ResumeCoordinator:
                 ok = False
                 if self._last_bits is not None:
                     bits |= self._last_bits
-            meta: dict[str, Any] = {"closed": closed, "time": time.time()}
+            meta: dict[str, Any] = {"closed": closed, "time": time.time(), "offset": offset}
             if closed:
                 meta["source"] = await identity(self.source)
                 meta["target"] = await identity(self.target)
