@@ -309,8 +309,6 @@ def durable_write_ms(tmp: Path, n: int = 200) -> tuple[float, float]:
     ``pwritev2(RWF_DSYNC)``) on the sidecar's filesystem, from the calling thread."""
     import os
 
-    from blockmirror.block import threadio
-
     path = tmp / "dsync.probe"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -319,7 +317,7 @@ def durable_write_ms(tmp: Path, n: int = 200) -> tuple[float, float]:
         rec, times = b"\x5a" * 8192, []
         for i in range(n):
             t0 = time.perf_counter()
-            threadio.pwrite_dsync_sync(fd, rec, 8192 * (i % 2))
+            os.pwritev(fd, [rec], 8192 * (i % 2), os.RWF_DSYNC)
             times.append((time.perf_counter() - t0) * 1000)
     finally:
         os.close(fd)
