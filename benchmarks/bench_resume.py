@@ -141,6 +141,21 @@ def phase_offsets(size: int, first: int, writes: int, rng: random.Random
 PHASES = ("first16", "first1", "steady16", "steady1", "random16", "random1")
 
 
+def wait_ready(q: SyncQMP, jobs: list[str]) -> None:
+    """Until every job is READY; a job that ended instead (an error) stops the benchmark
+    with its event, not with a read timeout."""
+    while True:
+        infos = {j["device"]: j for j in cmd(q, "query-block-jobs")}
+        for j in jobs:
+            if j not in infos:
+                ended = [e for e in _events.get(id(q), [])
+                         if e["event"] == "BLOCK_JOB_COMPLETED" and e["data"]["device"] == j]
+                raise RuntimeError(f"job {j} ended before READY: {ended}")
+        if all(infos[j]["ready"] for j in jobs):
+            return
+        time.sleep(0.05)  # polling a peer process, not synchronising our own code
+
+
 def wait_in_sync(q: SyncQMP, jobs: list[str]) -> None:
     """Until every named job has copied everything the last writes made dirty."""
     while True:
@@ -178,8 +193,7 @@ def paired_rounds(tmp: Path, size: int, first: int, writes: int,
                                             "name": f"s{i}", "writable": True})
                 uris[name] = f"nbd+unix:///s{i}?socket={nbd}"
             jobs = [f"m{i}" for i in range(len(configs))]
-            for _ in jobs:
-                wait_event(q, "BLOCK_JOB_READY")
+            wait_ready(q, jobs)
             wait_in_sync(q, jobs)
             startup = min(qemu_io(uris[name], []) for name, _ in configs for _ in range(2))
             res: dict[str, dict[str, float]] = {name: {} for name, _ in configs}
