@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -321,8 +322,6 @@ def hot_path_us(tmp: Path, n: int = 200_000) -> float:
 def durable_write_ms(tmp: Path, n: int = 200) -> tuple[float, float]:
     """Median and 90th percentile (ms) of one log record's durable write (8 KiB,
     ``pwritev2(RWF_DSYNC)``) on the sidecar's filesystem, from the calling thread."""
-    import os
-
     path = tmp / "dsync.probe"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -357,6 +356,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--dir", default=None,
                     help="where images and sidecars live (default: the system's temp dir)")
+    ap.add_argument("--log-dir", default=None,
+                    help="where the sidecars live, if not with the images (e.g. /dev/shm: "
+                         "a log without durable writes, to separate their cost)")
     ap.add_argument("--small-extents", type=int, default=0,
                     help="also measure a log of this many extents (evictions); 0: no")
     ap.add_argument("--verify-mib", type=int, default=1024)
@@ -368,23 +370,29 @@ def main() -> int:
     first = min(opts.first, size // EXTENT * 4 // 5)
     with tempfile.TemporaryDirectory(prefix="bench-resume-", dir=opts.dir) as t:
         tmp = Path(t)
+        logs = Path(opts.log_dir) if opts.log_dir else tmp
         if not opts.skip_log:
             configs: list[tuple[str, dict[str, Any]]] = [
                 ("no resume log", {}),
-                ("resume log (1024 x 4 MiB)", {"x-resume-log": str(tmp / "a.resume"),
+                ("resume log (1024 x 4 MiB)", {"x-resume-log": str(logs / f"a{os.getpid()}.resume"),
                                                "x-resume-restart": True}),
             ]
             if opts.small_extents:
                 configs.append((f"resume log ({opts.small_extents} x 4 MiB, evictions)",
-                                {"x-resume-log": str(tmp / "b.resume"),
+                                {"x-resume-log": str(logs / f"b{os.getpid()}.resume"),
                                  "x-resume-restart": True,
                                  "x-resume-extents": opts.small_extents}))
-            dsync = durable_write_ms(tmp)
-            runs = paired_rounds(tmp, size, first, opts.writes, configs, opts.rounds)
-            dsync2 = durable_write_ms(tmp)
+            dsync = durable_write_ms(logs)
+            try:
+                runs = paired_rounds(tmp, size, first, opts.writes, configs, opts.rounds)
+            finally:
+                for _name, extra in configs[1:]:  # a cancelled mirror leaves its sidecar
+                    Path(extra["x-resume-log"]).unlink(missing_ok=True)
+            dsync2 = durable_write_ms(logs)
             base = runs["no resume log"]
             print(f"64 KiB writes through NBD, {opts.size_gib} GiB sparse raw disk, mirror "
-                  f"READY, sidecar and images on {fs_type(tmp)}, {opts.rounds} interleaved "
+                  f"READY, images on {fs_type(tmp)}, sidecar on {fs_type(logs)}, "
+                  f"{opts.rounds} interleaved "
                   "rounds; MiB/s (median) and, in brackets, the median of the per-round "
                   "ratios with log / without:")
             for name, rs in runs.items():
@@ -396,7 +404,7 @@ def main() -> int:
                     line.append(f"{key} {med:6.1f} ({ratio:6.1%})")
                 print("  ".join(line))
             nolog = {key: statistics.median(r[key] for r in base) for key in PHASES}
-            print(f"  one log record's durable write on {fs_type(tmp)}: median "
+            print(f"  one log record's durable write on {fs_type(logs)}: median "
                   f"{dsync[0]:.3f} / {dsync2[0]:.3f} ms, p90 {dsync[1]:.3f} / {dsync2[1]:.3f} ms "
                   "(before / after the rounds); a write at depth 1 without the log: "
                   f"{BLOCK / MiB / nolog['first1'] * 1000:.2f} ms (first1), "
