@@ -300,7 +300,7 @@ def hot_path_us(tmp: Path, n: int = 200_000) -> float:
     al.create(str(path), geo, {}, bytes(geo.bitmap_bytes), {"closed": False})
 
     async def run() -> float:
-        async def no_ckpt() -> None:
+        async def no_ckpt(_victims: list[int]) -> None:
             pass
 
         log = al.ActivityLog(str(path), geo, log_seq=1, ckpt_seq=1, on_evict=no_ckpt)

@@ -33,7 +33,7 @@ def test_torn_records_fall_back_to_the_previous_slot(tmp_path: Path) -> None:
     _make(p)
 
     async def main() -> None:
-        async def no_ckpt() -> None:
+        async def no_ckpt(_victims: list[int]) -> None:
             pass
 
         log = ActivityLog(str(p), GEO, log_seq=1, ckpt_seq=1, on_evict=no_ckpt)
@@ -71,7 +71,7 @@ def test_concurrent_writers_share_one_log_record(tmp_path: Path) -> None:
     _make(p)
 
     async def main() -> int:
-        async def no_ckpt() -> None:
+        async def no_ckpt(_victims: list[int]) -> None:
             pass
 
         log = ActivityLog(str(p), GEO, log_seq=1, ckpt_seq=1, on_evict=no_ckpt)
@@ -95,7 +95,7 @@ def test_eviction_checkpoints_first_and_never_drops_a_busy_extent(tmp_path: Path
     async def main() -> None:
         log: ActivityLog
 
-        async def ckpt() -> None:
+        async def ckpt(_victims: list[int]) -> None:
             # the record without the victims must not be on disk yet
             order.append(f"checkpoint, on disk {sorted(activity_log.load(str(p)).hot)}")
 
@@ -133,7 +133,7 @@ def test_eviction_ahead_keeps_victims_listed_until_their_checkpoint(tmp_path: Pa
     async def main() -> None:
         in_ckpt, go = asyncio.Event(), asyncio.Event()
 
-        async def ckpt() -> None:
+        async def ckpt(_victims: list[int]) -> None:
             in_ckpt.set()
             await go.wait()
 
@@ -174,7 +174,7 @@ def test_a_failed_eviction_checkpoint_keeps_its_victims_listed(tmp_path: Path) -
                         bytes([0xFF]) * BIG.bitmap_bytes, {"closed": False})
 
     async def main() -> None:
-        async def ckpt() -> None:
+        async def ckpt(_victims: list[int]) -> None:
             raise OSError(5, "Input/output error")
 
         log = ActivityLog(str(p), BIG, log_seq=1, ckpt_seq=1, on_evict=ckpt)
@@ -213,3 +213,47 @@ def test_durable_write_falls_back_without_rwf_dsync(tmp_path: Path,
         os.close(fd)
     data = p.read_bytes()
     assert data[10:110] == b"a" * 100 and data[4096:4196] == b"b" * 100
+
+
+class _Node:
+    """What a checkpoint asks of the source and the target: a flush (here, one that fails,
+    as with a lost NBD target)."""
+
+    def __init__(self, fail: bool) -> None:
+        self.fail = fail
+
+    async def flush(self) -> None:
+        if self.fail:
+            from blockmirror.errors import BlockIOError
+
+            raise BlockIOError(5, "Input/output error")
+
+
+def test_an_eviction_whose_flush_failed_lists_the_victims_dirty(tmp_path: Path) -> None:
+    """Copies into a victim since the last checkpoint may not be durable when the target's
+    flush fails: the checkpoint that lets the log drop the victim lists all its chunks."""
+    from blockmirror.jobs.mirror.dirty import DirtyState
+    from blockmirror.jobs.mirror.resume import ResumeCoordinator, ResumeOptions, ResumePlan
+
+    es, gran = 1 << 20, 65536
+    plan = ResumePlan(ResumeOptions(str(tmp_path / "s"), extents=64, extent_size=es), gran,
+                      BIG.size)
+    dirty = DirtyState(BIG.size, gran)
+    target = _Node(fail=False)
+    coord = ResumeCoordinator(plan, _Node(fail=False), target,  # type: ignore[arg-type]
+                              dirty)
+
+    async def main() -> None:
+        coord.start()  # everything dirty in the sidecar's first checkpoint
+        coord.seeded = True
+        assert await coord.checkpoint()  # all copied (nothing dirty), flushed: all clean
+        target.fail = True
+        assert coord.log is not None
+        await coord._on_evict([3, 7])
+        await coord.log.close()
+
+    asyncio.run(main())
+    rec = activity_log.load(str(tmp_path / "s"))
+    per = es // gran
+    dirty_chunks = {i for i in range(BIG.size // gran) if rec.bitmap[i // 8] >> (i % 8) & 1}
+    assert dirty_chunks == set(range(3 * per, 4 * per)) | set(range(7 * per, 8 * per))

@@ -222,8 +222,9 @@ class ActivityLog:
     """The hot-extent list of a running mirror, and its sidecar file descriptor.
 
     ``begin`` before a write proceeds (waits until its extents are on disk as hot), ``end``
-    after it. ``on_evict`` is the mirror's checkpoint: it must make durable the dirty state
-    of every chunk written so far (the log calls it before dropping extents from the list).
+    after it. ``on_evict(victims)`` is the mirror's checkpoint: it must make durable the dirty
+    state of every chunk written so far, or, if it cannot (a flush failed), list every chunk
+    of the victims as dirty (the log calls it before dropping the victims from the list).
 
     Group commit: a writer that needs a new extent adds it to the *next* batch and waits for
     that batch's record; the committer writes one record (one durable ``pwritev2``) per
@@ -237,7 +238,7 @@ class ActivityLog:
     """
 
     def __init__(self, path: str, geometry: Geometry, *, log_seq: int, ckpt_seq: int,
-                 on_evict: Callable[[], Awaitable[object]],
+                 on_evict: Callable[[list[int]], Awaitable[object]],
                  is_clean: Callable[[int], bool] = lambda _e: True) -> None:
         self.path = path
         self.geo = geometry
@@ -438,7 +439,7 @@ class ActivityLog:
         self._evicting.update(victims)
         self.evictions += 1
         try:
-            await self._on_evict()
+            await self._on_evict(victims)
         except BaseException:
             self._reinstate(victims)  # the checkpoint may not exist: keep them listed
             raise

@@ -305,8 +305,14 @@ class ResumeCoordinator:
 
     # --- checkpoints ------------------------------------------------------------------------
 
-    async def checkpoint(self, *, closed: bool = False) -> bool:
-        """Snapshot the bitmap, make the copies durable, write it; False if flushes failed."""
+    async def checkpoint(self, *, closed: bool = False, evicting: list[int] | None = None
+                         ) -> bool:
+        """Snapshot the bitmap, make the copies durable, write it; False if flushes failed.
+
+        ``evicting``: extents the log drops once this checkpoint is durable. If the flushes
+        fail, their chunks are listed dirty: copies into them since the last checkpoint may
+        not be durable, and once dropped, no hot extent would cover them any more.
+        """
         log = self.log
         if log is None or log.closed or not self.seeded:
             return False
@@ -325,6 +331,9 @@ class ResumeCoordinator:
                 ok = False
                 if self._last_bits is not None:
                     bits |= self._last_bits
+                per = self.plan.options.extent_size // self.plan.granularity
+                for e in evicting or ():
+                    bits[e * per:min((e + 1) * per, len(bits))] = 1
             meta: dict[str, Any] = {"closed": closed, "time": time.time(), "offset": offset}
             if closed:
                 meta["source"] = await identity(self.source)
@@ -351,10 +360,10 @@ class ResumeCoordinator:
             n -= bits.count(1, e * per, min((e + 1) * per, len(bits)))
         return n
 
-    async def _on_evict(self) -> None:
+    async def _on_evict(self, victims: list[int]) -> None:
         if not self.seeded:
             return  # the sidecar's checkpoint says "all dirty": it covers every write
-        await self.checkpoint()
+        await self.checkpoint(evicting=victims)
 
     async def tick(self, now_ns: int, copied: int, *, ready: bool, in_sync: bool,
                    force: bool = False) -> None:
