@@ -1,9 +1,10 @@
 """The resume sidecar: an on-disk activity log of hot extents plus checkpoints of the bitmap.
 
 DRBD's design, for one mirror. Before a guest write reaches the source, every extent it
-touches must be *hot*: listed in the last activity-log record that reached the disk
-(``fdatasync``). The list is bounded (``capacity`` extents); writers that need new extents
-while a record is being written join the next record, so one log update serves them all.
+touches must be *hot*: listed in the last activity-log record that reached the disk (a
+``pwritev2`` with ``RWF_DSYNC``: durable when it returns). The list is bounded (``capacity``
+extents); writers that need new extents while a record is being written join the next
+record, so one log update serves them all.
 The copy progress (the dirty bitmap, with ranges in flight counted as dirty) is checkpointed
 separately. After a crash the chunks to recopy are: dirty in the last checkpoint, plus every
 chunk of every hot extent in the last log record. An extent leaves the hot list only after a
