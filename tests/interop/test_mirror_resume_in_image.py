@@ -66,6 +66,10 @@ class ImageWriter(Writer):
     def __init__(self, uri: str, model: bytearray, rng: random.Random, image: str) -> None:
         super().__init__(uri, model, rng)
         self.image = image
+        #: checkpoint sequence last seen, and chunk bytes written since it and the one before
+        self.ckpt_seq = -1
+        self.since_ckpt = 0
+        self.since_prev = 0
 
     def write(self, offset: int, length: int, value: int) -> None:
         super().write(offset, length, value)  # (``log`` stays None: no sidecar to read)

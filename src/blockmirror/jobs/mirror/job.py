@@ -91,8 +91,9 @@ class MirrorJob(BlockJob):
         self.active = ActiveWriter(source, target, self.dirty, self.inflight, self.gate,
                                    self.progress, self, unmap=params.unmap)
         #: x-resume-log: the crash-safe sidecar (None without one)
-        self.resume_log = (ResumeCoordinator(params.resume, source, target, self.dirty)
-                       if params.resume is not None else None)
+        self.resume_log = (ResumeCoordinator(params.resume, source, target, self.dirty,
+                                             done=lambda: self.progress.current)
+                           if params.resume is not None else None)
         #: x-verify: the compare pass between READY and the pivot
         self.verifier = (Verifier(source, target, self.dirty, self.inflight, self.progress,
                                   lambda: self.is_cancelled or self.ret < 0,

@@ -18,6 +18,7 @@ import os
 import random
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -250,8 +251,10 @@ class ResumeCoordinator:
     """The sidecar of one running mirror: the write observer, checkpoints and the end."""
 
     def __init__(self, plan: ResumePlan, source: BlockNode, target: BlockNode,
-                 dirty: DirtyState) -> None:
+                 dirty: DirtyState, *, done: Callable[[], int] = lambda: 0) -> None:
         self.plan = plan
+        #: the job's QEMU ``offset`` (bytes done); each checkpoint records it with its bitmap
+        self._done = done
         self.source = source
         self.target = target
         self.dirty = dirty
@@ -294,12 +297,13 @@ class ResumeCoordinator:
         records: str | activity_log.RecordFile = plan.options.path
         if plan.image is not None:
             # the area is replaced by a fresh one; from here on this job tracks every write
-            records = await plan.image.create(geo, header, bits.tobytes(), {"closed": False},
+            records = await plan.image.create(geo, header, bits.tobytes(),
+                                              {"closed": False, "offset": self._done()},
                                               owner=self)
         else:
             try:
                 activity_log.create(plan.options.path, geo, header, bits.tobytes(),
-                                    {"closed": False})
+                                    {"closed": False, "offset": self._done()})
             except OSError as e:
                 raise ResumeError(f"Cannot write the resume log '{plan.options.path}': "
                                   f"{e.strerror}") from e
@@ -337,13 +341,23 @@ class ResumeCoordinator:
 
     # --- checkpoints ------------------------------------------------------------------------
 
-    async def checkpoint(self, *, closed: bool = False) -> bool:
-        """Snapshot the bitmap, make the copies durable, write it; False if flushes failed."""
+    async def checkpoint(self, *, closed: bool = False, evicting: list[int] | None = None
+                         ) -> bool:
+        """Snapshot the bitmap, make the copies durable, write it; False if flushes failed.
+
+        ``evicting``: extents the log drops once this checkpoint is durable. If the flushes
+        fail, their chunks are listed dirty: copies into them since the last checkpoint may
+        not be durable, and once dropped, no hot extent would cover them any more.
+        """
         log = self.log
         if log is None or log.closed or not self.seeded:
             return False
         async with self._lock:
+            # the bitmap and the offset together (no await between): the job's offset minus
+            # this one is what it copied after the snapshot, which this checkpoint still
+            # lists as dirty (the lag that docs/resume.md bounds a resume's recopy with)
             bits = self._bits()
+            offset = self._done()
             ok = True
             try:
                 await self.target.flush()
@@ -353,7 +367,10 @@ class ResumeCoordinator:
                 ok = False
                 if self._last_bits is not None:
                     bits |= self._last_bits
-            meta: dict[str, Any] = {"closed": closed, "time": time.time()}
+                per = self.plan.options.extent_size // self.plan.granularity
+                for e in evicting or ():
+                    bits[e * per:min((e + 1) * per, len(bits))] = 1
+            meta: dict[str, Any] = {"closed": closed, "time": time.time(), "offset": offset}
             if closed:
                 meta["source"] = await identity(self.source)
                 if self.plan.image is not None:
@@ -381,10 +398,10 @@ class ResumeCoordinator:
             n -= bits.count(1, e * per, min((e + 1) * per, len(bits)))
         return n
 
-    async def _on_evict(self) -> None:
+    async def _on_evict(self, victims: list[int]) -> None:
         if not self.seeded:
             return  # the sidecar's checkpoint says "all dirty": it covers every write
-        await self.checkpoint()
+        await self.checkpoint(evicting=victims)
 
     async def tick(self, now_ns: int, copied: int, *, ready: bool, in_sync: bool,
                    force: bool = False) -> None:
