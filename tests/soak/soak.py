@@ -51,6 +51,8 @@ class Stats:
     writes: int = 0
     failures: list[str] = field(default_factory=list)
     rss: list[int] = field(default_factory=list)
+    #: (seconds since the start, RSS in MiB) every ``rss_every_s``
+    rss_samples: list[tuple[int, int]] = field(default_factory=list)
 
     def count(self, what: str) -> None:
         self.outcomes[what] = self.outcomes.get(what, 0) + 1
@@ -288,7 +290,7 @@ def one_round(qmp: QMP, work: Path, nbd_sock: str, n: int, rng: random.Random,
 
 
 def run_soak(duration_s: float, seed: int, work: Path, log: Any = print,
-             only_round: int | None = None) -> Stats:
+             only_round: int | None = None, rss_every_s: float = 60) -> Stats:
     stats = Stats()
     rng = random.Random(seed)
     work.mkdir(parents=True, exist_ok=True)
@@ -313,6 +315,10 @@ def run_soak(duration_s: float, seed: int, work: Path, log: Any = print,
                 qmp.events.clear()
             stats.rounds = n
             stats.rss.append(_rss(proc.pid))
+            elapsed = time.monotonic() - start
+            if not stats.rss_samples or elapsed >= stats.rss_samples[-1][0] + rss_every_s:
+                stats.rss_samples.append((int(elapsed), stats.rss[-1] >> 20))
+                log(f"RSS t={int(elapsed)}s round={n} rss_mib={stats.rss[-1] >> 20}")
             assert proc.proc.poll() is None, "the daemon died"
             if only_round is not None:
                 break
@@ -323,23 +329,28 @@ def run_soak(duration_s: float, seed: int, work: Path, log: Any = print,
                              "rounds": stats.rounds, "writes": stats.writes,
                              "outcomes": stats.outcomes, "failures": len(stats.failures),
                              "rss_first_mib": stats.rss[0] >> 20 if stats.rss else 0,
-                             "rss_last_mib": stats.rss[-1] >> 20 if stats.rss else 0}))
+                             "rss_last_mib": stats.rss[-1] >> 20 if stats.rss else 0,
+                             "rss_max_mib": max(stats.rss) >> 20 if stats.rss else 0,
+                             "rss_samples_mib": stats.rss_samples}))
     return stats
 
 
 def main() -> int:
     import argparse
+    import functools
 
     p = argparse.ArgumentParser(description="blockmirror soak (issue 15)")
     p.add_argument("--duration", type=float, default=600)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--workdir", default=None)
     p.add_argument("--round-seed", type=int, default=None, help="replay one round")
+    p.add_argument("--rss-every", type=float, default=60, help="RSS sample period (s)")
     a = p.parse_args()
     import tempfile
 
     work = Path(a.workdir or tempfile.mkdtemp(prefix="bm-soak-"))
-    stats = run_soak(a.duration, a.seed, work, only_round=a.round_seed)
+    stats = run_soak(a.duration, a.seed, work, log=functools.partial(print, flush=True),
+                     only_round=a.round_seed, rss_every_s=a.rss_every)
     return 1 if stats.failures else 0
 
 
