@@ -345,7 +345,16 @@ def main() -> int:
     p.add_argument("--workdir", default=None)
     p.add_argument("--round-seed", type=int, default=None, help="replay one round")
     p.add_argument("--rss-every", type=float, default=60, help="RSS sample period (s)")
+    p.add_argument("--probe", default=None, metavar="DIR",
+                   help="load memprobe/ into the daemon: dumps in DIR (see README.md)")
     a = p.parse_args()
+    if a.probe:
+        import os
+
+        os.makedirs(a.probe, exist_ok=True)
+        os.environ["BM_PROBE_DIR"] = os.path.abspath(a.probe)
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            [str(HERE / "memprobe"), *filter(None, [os.environ.get("PYTHONPATH")])])
     import tempfile
 
     work = Path(a.workdir or tempfile.mkdtemp(prefix="bm-soak-"))
