@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,11 +130,12 @@ class Round:
 
 def _image(work: Path, name: str, fmt: str, size: int, pattern: bool) -> Path:
     path = work / f"{name}.{fmt}"
-    assert sh("qemu-img", "create", "-q", "-f", fmt, str(path), str(size)).returncode == 0
+    r = sh("qemu-img", "create", "-q", "-f", fmt, str(path), str(size))
+    assert r.returncode == 0, f"qemu-img create {path.name}: {r.stderr}"
     if pattern:
         r = sh("qemu-io", "-f", fmt, "-c", "write -P 0x31 0 1M", "-c",
                f"write -P 0x32 {size // 2} 512k", str(path))
-        assert r.returncode == 0, r.stderr
+        assert r.returncode == 0, f"qemu-io {path.name}: {r.stdout}{r.stderr}"
     return path
 
 
@@ -146,7 +148,7 @@ def _node(name: str, path: Path, fmt: str, error: dict[str, Any] | None) -> dict
 
 def _read(path: Path, fmt: str, out: Path) -> bytes:
     r = sh("qemu-img", "convert", "-U", "-f", fmt, "-O", "raw", str(path), str(out))
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, f"qemu-img convert {path.name}: {r.stdout}{r.stderr}"
     return out.read_bytes()
 
 
@@ -309,7 +311,9 @@ def run_soak(duration_s: float, seed: int, work: Path, log: Any = print,
                 one_round(qmp, work, nbd_sock, n, random.Random(round_seed), stats)
             except AssertionError as e:
                 stats.failures.append(str(e))
-                log(f"FAILURE round {n} (--round-seed {round_seed}): {e}")
+                where = traceback.extract_tb(e.__traceback__)[-1]
+                log(f"FAILURE round {n} (--round-seed {round_seed}) at "
+                    f"{Path(where.filename).name}:{where.lineno}: {e}")
                 if proc.proc.poll() is not None or len(stats.failures) >= 5:
                     break
                 qmp.events.clear()
