@@ -109,6 +109,8 @@ class Rounds:
 def test_mirror_rounds_leave_no_live_objects_behind(tmp_path: Path) -> None:
     async def main() -> None:
         daemon = Daemon()
+        # far below the events of the rounds (about 9 each), so that the cap is exercised
+        daemon.events.history_limit = 40
         async with qmp_daemon(tmp_path, daemon=daemon) as td:
             qmp = await td.client()
             nbd_sock = str(tmp_path / "nbd.sock")
@@ -132,6 +134,7 @@ def test_mirror_rounds_leave_no_live_objects_behind(tmp_path: Path) -> None:
             assert tasks_after <= tasks_before + 2, (tasks_before, tasks_after)
             assert not daemon.jobs.jobs and not daemon.jobs._tasks
             assert not list(daemon.graph.all_nodes()), list(daemon.graph.nodes)
+            assert len(r.events) > 4 * daemon.events.history_limit
             assert len(daemon.events.history) <= daemon.events.history_limit
             assert gc.garbage == []
 
