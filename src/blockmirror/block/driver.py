@@ -87,6 +87,9 @@ class BlockDriver(ABC):
     #: True for formats that can have a ``backing`` child (qcow2): ranges they leave
     #: unallocated read from the backing, or as zeroes without one (cf. supports_backing)
     supports_backing: ClassVar[bool] = False
+    #: True when the driver implements pwritev_compressed (cf. block_driver_can_compress); a
+    #: filter with it forwards them, so its child decides (io.supports_compressed_writes)
+    supports_compressed_writes: ClassVar[bool] = False
 
     #: the smallest aligned unit requests must use (file with O_DIRECT: 512 or 4096)
     request_alignment: int = 1
@@ -94,6 +97,9 @@ class BlockDriver(ABC):
     max_transfer: int = 32 * 1024 * 1024
     #: FUA writes are native (else the generic path flushes after the write)
     supports_fua: bool = False
+    #: a FUA write also makes every earlier write durable (file: pwrite + fdatasync), so a
+    #: format's "write this, then flush" can be one FUA write
+    fua_is_flush: bool = False
     #: write_zeroes with MAY_UNMAP really deallocates and reads back as zero
     can_write_zeroes_with_unmap: bool = False
     #: DATA extents with a map offset are refined by asking the protocol node below whether
@@ -210,6 +216,10 @@ class BlockDriver(ABC):
         raise BlockIOError(errno.EPERM if self.node.read_only else errno.ENOTSUP)
 
     async def pwrite_zeroes(self, offset: int, length: int, flags: WriteFlags) -> None:
+        raise BlockIOError(errno.ENOTSUP)
+
+    async def pwritev_compressed(self, offset: int, data: bytes | memoryview) -> None:
+        """Write whole clusters compressed (cf. bdrv_co_pwritev_compressed_part)."""
         raise BlockIOError(errno.ENOTSUP)
 
     async def pdiscard(self, offset: int, length: int) -> None:

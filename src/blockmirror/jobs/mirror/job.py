@@ -108,7 +108,6 @@ class MirrorJob(BlockJob):
                 self.active.observers.append(observer)
         self._holding_pause = False
         #: when the guest last wrote to the source (the clock's nanoseconds)
-        self._guest_write_ns = -SLICE_NS
         #: extensions: the convergence forecast/policy, and the switch-over group
         self.convergence: ConvergenceMonitor | None = None
         self.group: SwitchGroup | None = None
@@ -138,14 +137,8 @@ class MirrorJob(BlockJob):
     def slice_quota(self) -> float:
         return self.limit.slice_quota
 
-    @property
-    def guest_busy(self) -> bool:
-        return (self.inflight.writers > 0
-                or self.clock.now_ns() - self._guest_write_ns < SLICE_NS)
-
     def _on_dirty(self, newly: int) -> None:
         """A write reached the source without being copied."""
-        self._guest_write_ns = self.clock.now_ns()
         if newly:
             self.progress.count("redirtied", newly)
         self.actively_synced = False

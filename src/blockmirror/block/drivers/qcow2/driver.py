@@ -46,6 +46,7 @@ from blockmirror.block.drivers.qcow2.check import (
     rebuild_refcounts,
 )
 from blockmirror.block.drivers.qcow2.cluster_map import ClusterMap
+from blockmirror.block.drivers.qcow2.compressed_write import CompressedWriter
 from blockmirror.block.drivers.qcow2.corruption import CorruptionGuard
 from blockmirror.block.drivers.qcow2.data_path import DataPath
 from blockmirror.block.drivers.qcow2.header import (
@@ -87,6 +88,7 @@ class Qcow2Driver(BlockDriver):
     supports_truncate = True
     supports_backing = True
     can_write_zeroes_with_unmap = True
+    supports_compressed_writes = True
     max_transfer = 16 * 1024 * 1024
 
     def __init__(self, node: BlockNode) -> None:
@@ -100,6 +102,7 @@ class Qcow2Driver(BlockDriver):
         self.allocator: RefcountAllocator
         self.cluster_map: ClusterMap
         self.data_path: DataPath
+        self.compressed: CompressedWriter
         self.snapshots = SnapshotTable()
         self.bitmap_store: BitmapStore
         self._preallocation_checked = False
@@ -133,6 +136,10 @@ class Qcow2Driver(BlockDriver):
         self.data_path = DataPath(
             self.node, geometry, header, image_file, self.allocator, self.cluster_map,
             self.corruption, self.lock, self._write_back,
+        )
+        self.compressed = CompressedWriter(
+            geometry, header, image_file, self.allocator, self.cluster_map, self.data_path,
+            self.lock, self._write_back,
         )
         self.bitmap_store = BitmapStore(
             self.node, geometry, header, image_file, self.allocator, self._flush_locked
@@ -192,7 +199,7 @@ class Qcow2Driver(BlockDriver):
     def info(self) -> DriverInfo:
         header = self.header
         data: dict[str, Any] = {"compat": "1.1" if header.version == 3 else "0.10"}
-        data["compression-type"] = "zlib"
+        data["compression-type"] = "zstd" if header.compression_type == 1 else "zlib"
         if header.version == 3:
             data["lazy-refcounts"] = bool(header.compatible & COMPAT_LAZY_REFCOUNTS)
             if self.bitmap_store.entries and header.autoclear & AUTOCLEAR_BITMAPS:
@@ -237,6 +244,13 @@ class Qcow2Driver(BlockDriver):
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
         await self.data_path.write(offset, view)
+
+    async def pwritev_compressed(self, offset: int, data: bytes | memoryview) -> None:
+        self.corruption.check_usable()
+        view = memoryview(data)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        await self.compressed.write(offset, view)
 
     async def read_extents(self, extents: list[tuple[int, int]]) -> list[bytes] | None:
         self.corruption.check_usable()
@@ -435,19 +449,15 @@ class Qcow2Driver(BlockDriver):
         await image_file.ensure_size(allocator.end * self.geometry.cluster_size)
         # 1. refcounts (and the data written so far) before anything that points at clusters
         if allocator.blocks.dirty:
-            await allocator.write_dirty_blocks()
-            await image_file.flush()
+            await allocator.write_dirty_blocks(durable=True)
         if allocator.table_dirty:
-            await allocator.write_table()
-            await image_file.flush()
+            await allocator.write_table(durable=True)
         # 2. L2 tables
         if cluster_map.l2_cache.dirty:
-            await cluster_map.write_dirty_l2()
-            await image_file.flush()
+            await cluster_map.write_dirty_l2(durable=True)
         # 3. L1 entries
         if cluster_map.l1_dirty:
-            await cluster_map.write_dirty_l1()
-            await image_file.flush()
+            await cluster_map.write_dirty_l1(durable=True)
         # 4. frees, now that nothing durable points at those clusters
         if allocator.pending_free:
             released = await allocator.release_pending()
