@@ -70,6 +70,7 @@ from blockmirror.block.drivers.qcow2.layout import (
     ceil_div,
 )
 from blockmirror.block.drivers.qcow2.refcount_allocator import RefcountAllocator
+from blockmirror.block.drivers.qcow2.resume_area import ResumeArea
 from blockmirror.block.drivers.qcow2.snapshot_write import list_snapshots
 from blockmirror.block.drivers.qcow2.snapshots import SnapshotTable, read_snapshot_table
 from blockmirror.block.query import allocated_size
@@ -105,6 +106,8 @@ class Qcow2Driver(BlockDriver):
         self.compressed: CompressedWriter
         self.snapshots = SnapshotTable()
         self.bitmap_store: BitmapStore
+        #: a mirror's resume state kept in the image (resume_area.py)
+        self.resume_area: ResumeArea
         self._preallocation_checked = False
 
     # --- open -------------------------------------------------------------------------------
@@ -144,6 +147,10 @@ class Qcow2Driver(BlockDriver):
         self.bitmap_store = BitmapStore(
             self.node, geometry, header, image_file, self.allocator, self._flush_locked
         )
+        self.resume_area = ResumeArea(
+            self.node, geometry, header, image_file, self.allocator, self.bitmap_store,
+            self.lock, self._flush_locked,
+        )
         await self.cluster_map.load_l1()
         await self.allocator.load_table()
         self.snapshots = await read_snapshot_table(header, image_file, geometry.cluster_size)
@@ -151,6 +158,8 @@ class Qcow2Driver(BlockDriver):
         await self.bitmap_store.read_directory()
         await self._check_metadata_layout()
 
+        # a current resume area keeps its bit until a write nobody tracks
+        keep = AUTOCLEAR_BITMAPS | await self.resume_area.examine()
         writable = not self.node.read_only
         if writable:
             changed = False
@@ -165,10 +174,10 @@ class Qcow2Driver(BlockDriver):
                 await self._check_metadata_layout()
                 header.incompatible &= ~INCOMPAT_DIRTY
                 changed = True
-            if header.version == 3 and header.autoclear & ~AUTOCLEAR_BITMAPS:
+            if header.version == 3 and header.autoclear & ~keep:
                 # the other autoclear extensions are not maintained here: clearing their
                 # bits tells other readers they are stale
-                header.autoclear &= AUTOCLEAR_BITMAPS
+                header.autoclear &= keep
                 changed = True
             if stale_bitmaps:
                 await image_file.write_header_cluster(header, geometry.cluster_size)
@@ -179,6 +188,7 @@ class Qcow2Driver(BlockDriver):
         # persistent bitmaps become the node's named bitmaps (marked in use on disk)
         async with self.lock:
             await self.bitmap_store.load(self.node.bitmaps, writable)
+        self.resume_area.opened()
 
     async def _check_metadata_layout(self) -> None:
         clusters = check_metadata_layout(
@@ -240,6 +250,8 @@ class Qcow2Driver(BlockDriver):
         self.corruption.check_usable()
         if not data:
             return
+        if self.resume_area.needs_guard:
+            await self.resume_area.guard()
         view = memoryview(data)
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
@@ -247,6 +259,8 @@ class Qcow2Driver(BlockDriver):
 
     async def pwritev_compressed(self, offset: int, data: bytes | memoryview) -> None:
         self.corruption.check_usable()
+        if self.resume_area.needs_guard:
+            await self.resume_area.guard()
         view = memoryview(data)
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
@@ -258,6 +272,8 @@ class Qcow2Driver(BlockDriver):
 
     async def write_extents(self, pieces: list[tuple[int, memoryview]]) -> bool:
         self.corruption.check_usable()
+        if self.resume_area.needs_guard:
+            await self.resume_area.guard()
         views: list[tuple[int, memoryview]] = []
         for offset, data in pieces:
             view = data if data.format == "B" and data.ndim == 1 else data.cast("B")
@@ -283,6 +299,8 @@ class Qcow2Driver(BlockDriver):
         fill: Callable[[list[tuple[int, int, int]]], Awaitable[None]],
     ) -> bool:
         self.corruption.check_usable()
+        if self.resume_area.needs_guard:
+            await self.resume_area.guard()
         return await self.data_path.write_via(extents, fill)
 
     async def zero_extents(self, extents: list[tuple[int, int]], flags: WriteFlags) -> bool:
@@ -291,6 +309,8 @@ class Qcow2Driver(BlockDriver):
         if self.header.version != 3 or flags & WriteFlags.NO_FALLBACK:
             return False
         self.corruption.check_usable()
+        if self.resume_area.needs_guard:
+            await self.resume_area.guard()
         cluster_size, size = self.geometry.cluster_size, self.header.size
         spans: list[tuple[int, int]] = []
         for offset, length in extents:
@@ -338,6 +358,8 @@ class Qcow2Driver(BlockDriver):
 
     async def pwrite_zeroes(self, offset: int, length: int, flags: WriteFlags) -> None:
         self.corruption.check_usable()
+        if self.resume_area.needs_guard:
+            await self.resume_area.guard()
         unmap = bool(flags & WriteFlags.MAY_UNMAP)
         cluster_size, cluster_bits = self.geometry.cluster_size, self.geometry.cluster_bits
         end = offset + length
@@ -411,6 +433,8 @@ class Qcow2Driver(BlockDriver):
 
     async def pdiscard(self, offset: int, length: int) -> None:
         self.corruption.check_usable()
+        if self.resume_area.needs_guard:
+            await self.resume_area.guard()
         cluster_size, cluster_bits = self.geometry.cluster_size, self.geometry.cluster_bits
         end = offset + length
         first = ceil_div(offset, cluster_size)
@@ -569,6 +593,8 @@ class Qcow2Driver(BlockDriver):
         if preallocation != "off":
             raise BlockIOError(errno.ENOTSUP, f"Unsupported preallocation mode '{preallocation}'")
         header = self.header
+        if self.resume_area.needs_guard:
+            await self.resume_area.guard()
         if length < header.size:
             await self._shrink(length)
             return
