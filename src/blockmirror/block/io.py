@@ -319,15 +319,25 @@ async def _intercepted(
         tracker.mark(offset, length)
 
 
-async def write(node: BlockNode, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
+async def _write_handled_early(node: BlockNode, offset: int, data: bytes | memoryview,
+                               fua: bool) -> bool:
+    """The head every data write shares: the checks, then an empty write (nothing to do) or
+    an all-zero one under detect-zeroes (a zero write instead). True: nothing left to do."""
     length = len(data)
     check_request(node, offset, length)
     check_writable(node)
     if length == 0:
-        return
+        return True
     if node.detect_zeroes != "off" and not any(data):
         await write_zeroes(node, offset, length, may_unmap=node.detect_zeroes == "unmap", fua=fua)
+        return True
+    return False
+
+
+async def write(node: BlockNode, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
+    if await _write_handled_early(node, offset, data, fua):
         return
+    length = len(data)
 
     async def op() -> None:
         if node.fault_rules:
@@ -354,14 +364,9 @@ async def write_compressed(node: BlockNode, offset: int, data: bytes | memoryvie
     """A write of whole clusters that the driver stores compressed (cf. a write with
     BDRV_REQ_WRITE_COMPRESSED): the same checks, interceptors and dirty tracking as ``write``;
     zero detection still turns an all-zero request into a zero write, as in QEMU."""
+    if await _write_handled_early(node, offset, data, False):
+        return
     length = len(data)
-    check_request(node, offset, length)
-    check_writable(node)
-    if length == 0:
-        return
-    if node.detect_zeroes != "off" and not any(data):
-        await write_zeroes(node, offset, length, may_unmap=node.detect_zeroes == "unmap")
-        return
 
     async def op() -> None:
         if node.fault_rules:
