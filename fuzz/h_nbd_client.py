@@ -123,13 +123,20 @@ async def _hostile(stream: bytes) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
 
+    handlers: list[asyncio.Task[None]] = []
+
     async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.append(task)
         try:
             w.write(stream)
             await w.drain()
-            # hang up once the client is done or after 0.2 s, whichever comes first
-            with contextlib.suppress(TimeoutError, ConnectionError):
-                await asyncio.wait_for(r.read(), 0.2)
+            # hang up at once: the client reads the stream, then end-of-file (a half-close,
+            # so its requests can still be written and the connection ends cleanly when it
+            # closes its side)
+            w.write_eof()
+            await r.read()
         except ConnectionError:
             pass
         finally:
@@ -140,6 +147,9 @@ async def _hostile(stream: bytes) -> None:
         await _ops(path)
     finally:
         srv.close()
+        for task in handlers:  # a client that never closed its side: the test is over
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
 
 
 def one_input(data: bytes) -> None:
