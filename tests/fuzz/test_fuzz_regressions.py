@@ -46,12 +46,14 @@ def test_qcow2_backing_name_with_nul_ends_at_the_nul(tmp_path: Path) -> None:
     assert asyncio.run(main()) == (str(base), str(base))
 
 
-def _qmp_run(tmp_path: Path, cmds: list[tuple[str, dict[str, object]]]) -> list[object]:
+def _qmp_run(tmp_path: Path, cmds: list[tuple[str, dict[str, object]]],
+             clock: str | None = None) -> list[object]:
+    from blockmirror.daemon import Daemon
     from blockmirror.qmp.testing import qmp_daemon
 
     async def main() -> list[object]:
         out: list[object] = []
-        async with qmp_daemon(tmp_path) as td:
+        async with qmp_daemon(tmp_path, Daemon(clock) if clock else None) as td:
             raw = await td.raw()
             await raw.cmd("qmp_capabilities")
             for name, args in cmds:
@@ -113,3 +115,36 @@ def test_query_qmp_schema_conforms_to_its_declared_return_type(tmp_path: Path) -
     assert ret["tag"] == "meta-type"
     assert {v["case"] for v in ret["variants"]} == {
         "builtin", "enum", "array", "object", "alternate", "command", "event"}
+
+
+INT64_MAX = (1 << 63) - 1
+
+
+def test_x_clock_advance_saturates_at_int64(tmp_path: Path) -> None:
+    """Found by fuzz/h_qmp.py (once its daemon ran on the virtual clock): x-clock-advance
+    with ns=2^63-1 moved the clock past int64, so its reply failed its declared type
+    ('return.now-ns' expects an integer, QMP's int64) and came back as an internal error.
+    Virtual time now stops at the largest int64, as QEMU's int64_t nanoseconds do."""
+    out = _qmp_run(tmp_path, [("x-clock-advance", {"ns": INT64_MAX}),
+                              ("x-clock-advance", {"ns": 5}),
+                              ("x-query-clock", {})], clock="virtual")
+    assert out[0] == {"return": {"now-ns": INT64_MAX, "fired": 0}}, out
+    assert out[1] == {"return": {"now-ns": INT64_MAX, "fired": 0}}, out
+    assert out[2]["return"]["now-ns"] == INT64_MAX, out  # type: ignore[index]
+
+
+def test_virtual_timer_past_int64_fires_at_int64() -> None:
+    """The same overflow through a timer: a fault rule's delay-ns of 2^63-1 put the deadline
+    past int64 (x-query-clock's next-deadline-ns, then now-ns, out of their type)."""
+    from blockmirror.clock import MAX_NS, VirtualClock
+
+    async def main() -> tuple[int | None, int, bool]:
+        clock = VirtualClock()
+        sleeper = asyncio.ensure_future(clock.sleep_ns(INT64_MAX))
+        await clock.settle()
+        deadline = clock.next_deadline()
+        await clock.run_to_next_timer()
+        return deadline, clock.now_ns(), sleeper.done()
+
+    assert MAX_NS == INT64_MAX
+    assert asyncio.run(main()) == (INT64_MAX, INT64_MAX, True)
