@@ -104,6 +104,9 @@ def child(name: str, engine: str, inputs: int, seconds: float, seed: int, worker
     import signal
 
     logging.disable(logging.CRITICAL)
+    # what the daemon emits is checked against the schema, as in the test suite: a reply or
+    # event that fails its declared type is an internal error (a Finding) here
+    os.environ.setdefault("BLOCKMIRROR_SCHEMA_CHECKS", "1")
     _limit_memory()
     sys.path.insert(0, str(ROOT))
     from fuzz.common import Finding, sandbox
