@@ -11,8 +11,14 @@ over QMP, and we measure the time to BLOCK_JOB_READY, the daemon's CPU seconds a
   (``qemu-img compare``);
 * ``paced``: qemu-io writes 64 KiB at random offsets through the NBD export, 10 ms apart;
 * ``max``: qemu-io writes 64 KiB at random offsets through the NBD export as fast as it can.
-  We also report the writer's throughput (acknowledged bytes per second until READY) and
-  whether READY came while the writer was still running.
+  We also report the writer's throughput (acknowledged bytes per second from the mirror's
+  start until READY, or over ``BENCH_MIRROR_WINDOW`` seconds, default 2, if READY comes
+  sooner) and whether READY came while the writer was still running.
+
+CPU is reported twice: ``cpu`` is the daemon's whole life (start-up, the writer's warm-up,
+the job, cancel, quit: wait4's rusage) and ``jcpu`` only the job's window, from
+``blockdev-mirror`` to READY (``/proc/PID/stat``; start-up is one Python interpreter
+against one C binary, paid once per daemon, not per mirror).
 
 Runs are interleaved (QSD, ours, QSD, ours, ...) so drifting page cache and writeback hit both
 alike, and the medians and the ratios ours/QSD are printed for every case.
@@ -49,10 +55,12 @@ class Result:
     ready_s: float
     cpu_s: float
     rss_mib: float
-    #: the writer's acknowledged bytes per second until READY (0 without a writer)
+    #: the writer's acknowledged bytes per second in the job's window (0 without a writer)
     writer_mbps: float = 0.0
     #: READY arrived while the writer was still writing
     ready_under_load: bool = True
+    #: CPU seconds from blockdev-mirror to READY
+    job_cpu_s: float = 0.0
 
 
 def _parse_size(text: str) -> int:
@@ -128,7 +136,9 @@ def _writer(work: str, which: str, size: int, paced: bool) -> subprocess.Popen[b
         f.write("\n".join(c for c in cmds if c != "-c") + "\nquit\n")
     url = f"nbd+unix:///src?socket={work}/{which}-nbd.sock"
     out = open(os.path.join(work, f"writer-{which}.log"), "wb")  # noqa: SIM115 - closed by caller
-    return subprocess.Popen(["qemu-io", "-f", "raw", url], stdin=open(script, "rb"),
+    # line-buffered: a block-buffered log is counted 40 writes at a time
+    return subprocess.Popen(["stdbuf", "-oL", "qemu-io", "-f", "raw", url],
+                            stdin=open(script, "rb"),
                             stdout=out, stderr=subprocess.STDOUT)
 
 
@@ -169,15 +179,13 @@ def run_one(which: str, work: str, src: str, fmt: str, size: int, load: str) -> 
         if load != "idle":
             writer = _writer(work, which, size, paced=load == "paced")
             time.sleep(0.3)
-        t_writer = time.monotonic()
         log = os.path.join(work, f"writer-{which}.log")
-        base = _acknowledged(log)
-        ready_s, hwm_kib = asyncio.run(_drive(os.path.join(work, f"{which}.sock"), mode,
-                                              proc.pid))
+        window = float(os.environ.get("BENCH_MIRROR_WINDOW", "2")) if writer else 0.0
+        d = asyncio.run(_drive(os.path.join(work, f"{which}.sock"), mode, proc.pid,
+                               lambda: _acknowledged(log), window))
         if writer is not None:
             under_load = writer.poll() is None
-            elapsed = time.monotonic() - t_writer
-            writer_mbps = (_acknowledged(log) - base) * 64 * KiB / max(elapsed, 1e-6) / MiB
+            writer_mbps = d.acked * 64 * KiB / max(d.window_s, 1e-6) / MiB
     finally:
         if writer is not None:
             writer.kill()
@@ -200,7 +208,8 @@ def run_one(which: str, work: str, src: str, fmt: str, size: int, load: str) -> 
             raise SystemExit(f"{which}: target differs from source: {out.stdout}{out.stderr}")
     os.unlink(tgt)
     # not ru_maxrss: after fork+exec it starts at the forking parent's peak (ours, here)
-    return Result(ready_s, ru.ru_utime + ru.ru_stime, hwm_kib / 1024, writer_mbps, under_load)
+    return Result(d.ready_s, ru.ru_utime + ru.ru_stime, d.hwm_kib / 1024, writer_mbps,
+                  under_load, d.job_cpu_s)
 
 
 def _peak_rss_kib(pid: int) -> int:
@@ -212,14 +221,32 @@ def _peak_rss_kib(pid: int) -> int:
     raise RuntimeError("no VmHWM")
 
 
-async def _drive(sock: str, mode: str, pid: int) -> tuple[float, int]:
-    """blockdev-mirror, time to READY, soft cancel, quit; returns the seconds to READY and
-    the daemon's peak RSS (KiB) before quitting."""
+def _cpu_s(pid: int) -> float:
+    """utime + stime of a live process, from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Drive:
+    ready_s: float
+    hwm_kib: int
+    job_cpu_s: float
+    #: writes acknowledged in the window and the window's length
+    acked: int
+    window_s: float
+
+
+async def _drive(sock: str, mode: str, pid: int, acked: Any, window: float) -> Drive:
+    """blockdev-mirror, time to READY, soft cancel, quit. The writer's acknowledged writes
+    are counted from the job's start until READY or ``window`` seconds, whichever is later."""
     from qemu.qmp import QMPClient
 
     qmp = QMPClient("bench")
     await qmp.connect(sock)
     try:
+        a0, cpu0 = acked(), _cpu_s(pid)
         t0 = time.monotonic()
         # one consumer of the event queue: two would steal each other's events
         first = asyncio.ensure_future(_wait_event(qmp, "BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED"))
@@ -230,6 +257,10 @@ async def _drive(sock: str, mode: str, pid: int) -> tuple[float, int]:
         if await asyncio.wait_for(first, 3600) != "BLOCK_JOB_READY":
             raise SystemExit(f"no READY from {sock}: the job ended first")
         ready_s = time.monotonic() - t0
+        job_cpu = _cpu_s(pid) - cpu0
+        await asyncio.sleep(max(0.0, t0 + window - time.monotonic()))
+        window_s = time.monotonic() - t0
+        n_acked = acked() - a0
         done = asyncio.ensure_future(_wait_event(qmp, "BLOCK_JOB_COMPLETED"))
         await qmp.execute("block-job-cancel", {"device": "m"})
         await done
@@ -239,7 +270,7 @@ async def _drive(sock: str, mode: str, pid: int) -> tuple[float, int]:
     finally:
         with contextlib.suppress(Exception):
             await qmp.disconnect()
-    return ready_s, hwm
+    return Drive(ready_s, hwm, job_cpu, n_acked, window_s)
 
 
 async def _wait_event(qmp: Any, *names: str) -> str:
@@ -253,12 +284,13 @@ def _median(rs: list[Result]) -> Result:
     return Result(statistics.median(r.ready_s for r in rs), statistics.median(r.cpu_s for r in rs),
                   statistics.median(r.rss_mib for r in rs),
                   statistics.median(r.writer_mbps for r in rs),
-                  all(r.ready_under_load for r in rs))
+                  all(r.ready_under_load for r in rs),
+                  statistics.median(r.job_cpu_s for r in rs))
 
 
 HEADER = (f"{'size':>5} {'fmt':>5} {'lay':>4} {'load':>5} | {'QSD rdy':>7} {'cpu':>5} {'rss':>4} "
-          f"{'wMB/s':>5} | {'ours rdy':>8} {'cpu':>5} {'rss':>4} {'wMB/s':>5} | "
-          f"{'ready':>5} {'cpu':>5} {'rss':>5} {'wthr':>5}")
+          f"{'jcpu':>5} {'wMB/s':>5} | {'ours rdy':>8} {'cpu':>5} {'rss':>4} {'jcpu':>5} "
+          f"{'wMB/s':>5} | {'ready':>5} {'cpu':>5} {'jcpu':>5} {'rss':>5} {'wthr':>5}")
 
 
 def _row(size: int, fmt: str, layout: str, load: str, q: Result, o: Result, tag: str) -> None:
@@ -267,9 +299,12 @@ def _row(size: int, fmt: str, layout: str, load: str, q: Result, o: Result, tag:
 
     flag = "" if o.ready_under_load or load == "idle" else " (READY only after the writer)"
     print(f"{size // MiB:>4}M {fmt:>5} {layout:>4} {load:>5} | "
-          f"{q.ready_s:>6.2f}s {q.cpu_s:>4.1f}s {q.rss_mib:>3.0f}M {q.writer_mbps:>5.1f} | "
-          f"{o.ready_s:>7.2f}s {o.cpu_s:>4.1f}s {o.rss_mib:>3.0f}M {o.writer_mbps:>5.1f} | "
+          f"{q.ready_s:>6.2f}s {q.cpu_s:>4.1f}s {q.rss_mib:>3.0f}M {q.job_cpu_s:>4.2f}s "
+          f"{q.writer_mbps:>5.1f} | "
+          f"{o.ready_s:>7.2f}s {o.cpu_s:>4.1f}s {o.rss_mib:>3.0f}M {o.job_cpu_s:>4.2f}s "
+          f"{o.writer_mbps:>5.1f} | "
           f"{ratio(o.ready_s, q.ready_s):>4.2f}x {ratio(o.cpu_s, q.cpu_s):>4.2f}x "
+          f"{ratio(o.job_cpu_s, q.job_cpu_s):>4.2f}x "
           f"{ratio(o.rss_mib, q.rss_mib):>4.2f}x "
           f"{ratio(o.writer_mbps, q.writer_mbps) if load != 'idle' else 0:>4.2f}x{tag}{flag}",
           flush=True)

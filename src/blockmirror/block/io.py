@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
@@ -48,10 +49,15 @@ async def _tracked(node: BlockNode) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        node.in_flight -= 1
-        if node.in_flight == 0 and node.drain_event is not None:
-            ev, node.drain_event = node.drain_event, None
-            ev.set()
+        _untrack(node)
+
+
+def _untrack(node: BlockNode) -> None:
+    """The end of ``_tracked`` (the request path inlines its start: one ``+= 1``)."""
+    node.in_flight -= 1
+    if node.in_flight == 0 and node.drain_event is not None:
+        ev, node.drain_event = node.drain_event, None
+        ev.set()
 
 
 async def drain(node: BlockNode) -> None:
@@ -176,10 +182,17 @@ async def read(node: BlockNode, offset: int, length: int) -> bytes:
     check_request(node, offset, length)
     if length == 0:
         return b""
-    async with _tracked(node), node.stats.account("read", offset, length):
+    node.in_flight += 1
+    start, ok = time.monotonic_ns(), False
+    try:
         if node.fault_rules:
             await faults.check(node, "read", offset, length)
-        return await _driver_read(node, offset, length)
+        data = await _driver_read(node, offset, length)
+        ok = True
+        return data
+    finally:
+        node.stats.done("read", offset, length, start, ok)
+        _untrack(node)
 
 
 def _aligned_all(node: BlockNode, ranges: list[tuple[int, int]]) -> bool:
@@ -289,10 +302,17 @@ async def _intercepted(
     # the chain this request sees: an interceptor removed meanwhile (a job ending) must still
     # be able to proceed into the rest of it
     chain = list(node.interceptors)
+    node.in_flight += 1
+    start, ok = time.monotonic_ns(), False
     try:
-        async with _tracked(node), node.stats.account(kind, offset, length):
+        if chain:
             await Proceed(chain, 0, node, kind, offset, length, op, data)()
+        else:
+            await op()
+        ok = True
     finally:
+        node.stats.done(kind, offset, length, start, ok)
+        _untrack(node)
         # failed writes count too: the range may be half-written (cf. write_req_finish)
         node.write_gen += 1
     for tracker in list(node.dirty_trackers):
@@ -353,10 +373,11 @@ async def write_zeroes(
             # unaligned edges are written as data (RMW); the driver sees only aligned zeroing
             head_end = min(end, -(-start // align) * align)
             tail_start = max(head_end, end - end % align)
+            edge = flags & WriteFlags.FUA  # a native FUA covers the edges too
             if head_end > start:
-                await _driver_write(node, start, bytes(head_end - start), WriteFlags.NONE)
+                await _driver_write(node, start, bytes(head_end - start), edge)
             if end > tail_start:
-                await _driver_write(node, tail_start, bytes(end - tail_start), WriteFlags.NONE)
+                await _driver_write(node, tail_start, bytes(end - tail_start), edge)
             start, end = head_end, tail_start
         if end > start:
             await _zero_aligned(node, start, end - start, flags, no_fallback)
@@ -377,12 +398,13 @@ async def _zero_aligned(
         if e.errno != errno.ENOTSUP or no_fallback:
             raise
         zeroes = bytes(min(length, _ZERO_CHUNK, drv.max_transfer))
-        await _fallback_zero_writes(node, offset, length, zeroes)
+        await _fallback_zero_writes(node, offset, length, zeroes, flags & WriteFlags.FUA)
 
 
-async def _fallback_zero_writes(node: BlockNode, offset: int, length: int, zeroes: bytes) -> None:
+async def _fallback_zero_writes(node: BlockNode, offset: int, length: int, zeroes: bytes,
+                                flags: WriteFlags = WriteFlags.NONE) -> None:
     for o, n in _chunks(offset, length, len(zeroes)):
-        await _driver_write(node, o, memoryview(zeroes)[:n], WriteFlags.NONE)
+        await _driver_write(node, o, memoryview(zeroes)[:n], flags)
 
 
 async def discard(node: BlockNode, offset: int, length: int) -> None:
@@ -450,8 +472,14 @@ async def flush(node: BlockNode) -> None:
         return
     if primary is not None:
         primary.debug_event("flush_to_disk")
-    async with _tracked(node), node.stats.account("flush", 0, 0):
+    node.in_flight += 1
+    start, ok = time.monotonic_ns(), False
+    try:
         await node.driver.flush()
+        ok = True
+    finally:
+        node.stats.done("flush", 0, 0, start, ok)
+        _untrack(node)
     node.flushed_gen = max(node.flushed_gen, current)
 
 

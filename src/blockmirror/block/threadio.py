@@ -402,8 +402,15 @@ async def pread(fd: int, offset: int, length: int, *, direct: bool = False) -> b
     return await run(_pread_all, fd, offset, length, direct)
 
 
-async def pwrite(fd: int, offset: int, data: bytes | memoryview, *, direct: bool = False) -> None:
-    await run(_pwrite_all, fd, offset, data, direct)
+async def pwrite(fd: int, offset: int, data: bytes | memoryview, *, direct: bool = False,
+                 sync: bool = False) -> None:
+    """``sync``: fdatasync in the same worker call (a FUA write: one hop, not two)."""
+    await run(_pwrite_sync if sync else _pwrite_all, fd, offset, data, direct)
+
+
+def _pwrite_sync(fd: int, offset: int, data: bytes | memoryview, direct: bool) -> None:
+    _pwrite_all(fd, offset, data, direct)
+    os.fdatasync(fd)
 
 
 async def fallocate(fd: int, mode: int, offset: int, length: int) -> None:

@@ -9,6 +9,7 @@ recorded as synced so the dirty tracker does not mark it.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -107,19 +108,45 @@ class ActiveWriter:
         await self.inflight.wait_no_conflict(self.dirty, start, end - start)
         self.dirty.in_flight.set_dirty(start, end - start)
         try:
-            await proceed()
-            if kind == "discard" or not self.policy.should_copy_to_target():
-                return  # left to the tracker: a discard's content is not defined
-            if self.target_needs_cow and not self.cluster_aligned(offset, length):
-                # a partial cluster would be completed from a backing the target cannot
-                # read yet: leave it to the background copy, which copies whole clusters
-                return
             payload = getattr(proceed, "data", None)
+            # a partial cluster would be completed from a backing the target cannot read
+            # yet: leave it to the background copy, which copies whole clusters
+            cow_left = self.target_needs_cow and not self.cluster_aligned(offset, length)
+            if not cow_left and (kind == "zero" or (kind == "write" and payload is not None
+                                                    and len(payload) == length)):
+                await self._write_both(kind, offset, length, proceed, payload)
+                return
+            await proceed()
+            if kind == "discard" or not self.policy.should_copy_to_target() or cow_left:
+                return  # left to the tracker: a discard's content is not defined
             if await self._sync_target_write(kind, offset, length, payload):
                 self.dirty.expect_synced(offset, length)
         finally:
             self.dirty.in_flight.clear(start, end - start)
             self.inflight.pulse()
+
+    async def _write_both(self, kind: str, offset: int, length: int,
+                          proceed: Callable[[], Awaitable[None]],
+                          payload: bytes | memoryview | None) -> None:
+        """The guest's bytes are at hand (or it writes zeroes): write the source and the
+        target at once, where QEMU writes the target only after the source. The write's
+        latency is then one write, not two in a row (a write-blocking guest measured 0.6x
+        qemu-storage-daemon's throughput with them in series). Safe because the range is in
+        flight (no copy and no other guest write touches it meanwhile) and a source write
+        that fails is still marked dirty by the tracker (nothing is ``expect_synced``), so
+        a target that got bytes the source did not is copied over again from the source."""
+        target_write = asyncio.ensure_future(
+            self._sync_target_write(kind, offset, length, payload))
+        try:
+            await proceed()
+        except BaseException:
+            # never leave the target write running unobserved; its result no longer matters
+            await asyncio.wait([target_write])
+            if not target_write.cancelled():
+                target_write.exception()
+            raise
+        if await target_write:
+            self.dirty.expect_synced(offset, length)
 
     async def _sync_target_write(
         self, kind: str, offset: int, length: int, payload: bytes | memoryview | None = None

@@ -308,18 +308,27 @@ class ClusterMap:
 
     # --- write-back (steps 2 and 3 of the driver's ordered flush) ---------------------------
 
-    async def write_dirty_l2(self) -> None:
-        for offset in sorted(self.l2_cache.dirty):
-            table = self.l2_cache.peek(offset)
-            await self._file.write(offset, struct.pack(f">{self._geometry.l2_size}Q", *table))
+    async def write_dirty_l2(self, *, durable: bool = False) -> None:
+        """Write the changed L2 tables; ``durable``: and flush (with what came before)."""
+        pieces = [(offset, struct.pack(f">{self._geometry.l2_size}Q", *self.l2_cache.peek(offset)))
+                  for offset in sorted(self.l2_cache.dirty)]
+        if durable:
+            await self._file.write_durable(pieces)
+        else:
+            for offset, raw in pieces:
+                await self._file.write(offset, raw)
         self.l2_cache.clean_all()
 
-    async def write_dirty_l1(self) -> None:
+    async def write_dirty_l1(self, *, durable: bool = False) -> None:
         """Changed L1 entries, in whole 512-byte sectors."""
+        pieces = []
         for sector in sorted({i // 64 for i in self.l1_dirty}):
             chunk = self.l1[sector * 64 : sector * 64 + 64]
-            await self._file.write(
-                self._header.l1_table_offset + sector * 512,
-                struct.pack(f">{len(chunk)}Q", *chunk),
-            )
+            pieces.append((self._header.l1_table_offset + sector * 512,
+                           struct.pack(f">{len(chunk)}Q", *chunk)))
+        if durable:
+            await self._file.write_durable(pieces)
+        else:
+            for offset, raw in pieces:
+                await self._file.write(offset, raw)
         self.l1_dirty.clear()

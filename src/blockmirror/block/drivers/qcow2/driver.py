@@ -435,19 +435,15 @@ class Qcow2Driver(BlockDriver):
         await image_file.ensure_size(allocator.end * self.geometry.cluster_size)
         # 1. refcounts (and the data written so far) before anything that points at clusters
         if allocator.blocks.dirty:
-            await allocator.write_dirty_blocks()
-            await image_file.flush()
+            await allocator.write_dirty_blocks(durable=True)
         if allocator.table_dirty:
-            await allocator.write_table()
-            await image_file.flush()
+            await allocator.write_table(durable=True)
         # 2. L2 tables
         if cluster_map.l2_cache.dirty:
-            await cluster_map.write_dirty_l2()
-            await image_file.flush()
+            await cluster_map.write_dirty_l2(durable=True)
         # 3. L1 entries
         if cluster_map.l1_dirty:
-            await cluster_map.write_dirty_l1()
-            await image_file.flush()
+            await cluster_map.write_dirty_l1(durable=True)
         # 4. frees, now that nothing durable points at those clusters
         if allocator.pending_free:
             released = await allocator.release_pending()

@@ -262,17 +262,25 @@ class RefcountAllocator:
         self.table_dirty = False
         self.pending_free.extend(geometry.clusters(old_offset, old_clusters * cluster_size))
 
-    async def write_dirty_blocks(self) -> None:
-        for index in sorted(self.blocks.dirty):
-            raw = encode_block(self.blocks.peek(index), self._header.refcount_order)
-            await self._file.write(self.table[index] & REFT_OFFSET_MASK, raw)
+    async def write_dirty_blocks(self, *, durable: bool = False) -> None:
+        """Write the changed refcount blocks; ``durable``: and flush (with what came before)."""
+        pieces = [(self.table[index] & REFT_OFFSET_MASK,
+                   encode_block(self.blocks.peek(index), self._header.refcount_order))
+                  for index in sorted(self.blocks.dirty)]
+        if durable:
+            await self._file.write_durable(pieces)
+        else:
+            for offset, raw in pieces:
+                await self._file.write(offset, raw)
         self.blocks.clean_all()
 
-    async def write_table(self) -> None:
+    async def write_table(self, *, durable: bool = False) -> None:
         table = self.table
-        await self._file.write(
-            self._header.refcount_table_offset, struct.pack(f">{len(table)}Q", *table)
-        )
+        piece = (self._header.refcount_table_offset, struct.pack(f">{len(table)}Q", *table))
+        if durable:
+            await self._file.write_durable([piece])
+        else:
+            await self._file.write(*piece)
         self.table_dirty = False
 
     # --- freeing -------------------------------------------------------------------------
