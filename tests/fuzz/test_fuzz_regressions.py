@@ -148,3 +148,34 @@ def test_virtual_timer_past_int64_fires_at_int64() -> None:
 
     assert MAX_NS == INT64_MAX
     assert asyncio.run(main()) == (INT64_MAX, INT64_MAX, True)
+
+
+def test_nbd_connection_closed_before_its_reader_ran_hangs_up() -> None:
+    """Found by fuzz/h_nbd_client.py (with its check that closing a node hangs up every
+    connection it made): a reconnect installed a connection and the node was closed before
+    the connection's reader task had run a step. Cancelling a task that never started skips
+    its ``finally``, so the socket was never closed (a leaked fd the server saw as a live
+    client) and close() sat out wait_closed's 1 s. QEMU's nbd_client_close always shuts the
+    channel down. Minimized input: fuzz/crashes/nbd_client-66e44135b448b3ec."""
+    import socket
+
+    from blockmirror.block.drivers.nbd import _Connection
+    from blockmirror.nbd.handshake import ExportInfo, Negotiated, TransmissionFlag
+
+    async def main() -> tuple[bytes, bool]:
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        reader, writer = await asyncio.open_unix_connection(sock=ours)
+        conn = _Connection(reader, writer, Negotiated(
+            ExportInfo("disk", 1 << 20, TransmissionFlag.HAS_FLAGS), structured=True), b"")
+        await conn.close()  # at once: the reader task has not started
+        loop = asyncio.get_running_loop()
+        got = b""
+        while chunk := await asyncio.wait_for(loop.sock_recv(theirs, 4096), 10):
+            got += chunk  # until end-of-file: the peer sees the hang-up
+        theirs.close()
+        return got, writer.transport.is_closing()
+
+    got, closing = asyncio.run(main())
+    assert closing
+    assert got[4:8] == b"\x00\x00\x00\x02"  # the NBD_CMD_DISC request, then end-of-file
