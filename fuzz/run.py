@@ -257,6 +257,10 @@ def _run_harness(name: str, engine: str, a: argparse.Namespace) -> int:
     old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     parts: list[dict[str, Any]] = []
     tails: dict[int, list[str]] = {id(p): [] for p in procs}
+    summarized: set[int] = set()
+    findings: dict[int, int] = {}
+    #: libFuzzer ends its process itself after -runs (our summary never prints): its count
+    done_runs: dict[int, int] = {}
     failed = 0
     try:
         sel = selectors.DefaultSelector()
@@ -277,10 +281,14 @@ def _run_harness(name: str, engine: str, a: argparse.Namespace) -> int:
                 del tail[:-30]
                 if line.startswith("RESULT "):
                     parts.append(json.loads(line.split(" ", 1)[1]))
+                    summarized.add(id(p))
+                if line.startswith("FINDING "):
+                    findings[id(p)] = findings.get(id(p), 0) + 1
                 if line.startswith(("RESULT", "FINDING", "PROGRESS")):
                     print(line, end="", flush=True)
                 m = re.search(r"Done (\d+) runs in (\d+) second", line)
                 if m:
+                    done_runs[id(p)] = int(m.group(1))
                     print(f"libFuzzer: {name}: {m.group(1)} runs in {m.group(2)} s",
                           flush=True)
         for p in procs:
@@ -291,6 +299,10 @@ def _run_harness(name: str, engine: str, a: argparse.Namespace) -> int:
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
+    for k, p in enumerate(procs):
+        if id(p) not in summarized and id(p) in done_runs:
+            parts.append({"worker": k, "inputs": done_runs[id(p)],
+                          "new": findings.get(id(p), 0), "known": 0})
     total = _combine(name, engine, a.seed, len(procs), parts, time.monotonic() - start)
     print("TOTAL " + json.dumps(total), flush=True)
     if a.log:
