@@ -130,12 +130,27 @@ def child(name: str, engine: str, inputs: int, seconds: float, seed: int, worker
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
+    def on_alarm(signum: int, frame: object) -> None:
+        # the harnesses' own limits are asyncio timeouts, which a loop that never yields
+        # to the event loop (a spin in synchronous code) never lets fire
+        raise Finding(f"hang: one input ran {WATCHDOG_S:.0f} s (a loop that never yields)")
+
+    signal.signal(signal.SIGALRM, on_alarm)
+
     def test_one(data: bytes) -> None:
         counts["inputs"] += 1
         t0 = time.perf_counter()
         try:
-            mod.one_input(data)  # type: ignore[attr-defined]
+            signal.setitimer(signal.ITIMER_REAL, WATCHDOG_S)
+            try:
+                mod.one_input(data)  # type: ignore[attr-defined]
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
         except Finding as e:
+            if str(e).startswith("hang: one input ran"):
+                from fuzz import common
+
+                common._LOOP = None  # interrupted anywhere: the next input gets a new loop
             bug = None if strict else known(name, str(e))
             if bug is not None:
                 counts["known"] += 1
@@ -204,6 +219,8 @@ def child(name: str, engine: str, inputs: int, seconds: float, seed: int, worker
 
 #: how many of the slowest inputs a summary lists
 SLOWEST = 5
+#: one input running longer than this (real time) is a hang, whatever it is doing
+WATCHDOG_S = 120.0
 
 
 def _summary(report: object, name: str, engine: str, counts: dict[str, int], elapsed: float,

@@ -179,3 +179,70 @@ def test_nbd_connection_closed_before_its_reader_ran_hangs_up() -> None:
     got, closing = asyncio.run(main())
     assert closing
     assert got[4:8] == b"\x00\x00\x00\x02"  # the NBD_CMD_DISC request, then end-of-file
+
+
+_REFTABLE_HOLE_WRITE = """
+import asyncio, sys
+from blockmirror.block.graph import BlockGraph
+from blockmirror.block.options import close_all, open_blockdev
+from blockmirror.errors import BlockMirrorError
+
+async def main() -> str:
+    graph = BlockGraph()
+    node = await open_blockdev(graph, {"driver": "qcow2", "node-name": "q", "file": {
+        "driver": "file", "filename": sys.argv[1]}})
+    try:
+        await node.write(3 << 20, b"Z" * 4096)
+        return "written"
+    except BlockMirrorError as e:
+        return f"refused: {e}"
+    finally:
+        try:
+            await close_all(graph)
+        except BlockMirrorError:
+            pass
+
+print(asyncio.run(main()))
+"""
+
+
+def test_qcow2_write_with_a_refcount_table_hole_over_metadata_fails_not_spins(
+        tmp_path: Path) -> None:
+    """Found by fuzz/h_qcow2.py (its worker stuck for 10 minutes, then the watchdog in
+    fuzz/run.py): refcount table entry 0 with only a reserved bit set (0x1) leaves the
+    clusters of the header, refcount table and L1 without a refcount block, so they look free.
+    A write needing a cluster took cluster 0 (the header) for a new refcount block, stored
+    offset 0 in the table (= "no block") and allocated again, forever, in code that never
+    yields. qemu-io's write fails with EIO and marks the image corrupt ("Preventing invalid
+    write on metadata (overlaps with refcount table)"); ours now refuses the allocation the
+    same way (the overlapped structure QEMU names differs: its allocator starts elsewhere).
+    Minimized input: fuzz/crashes/qcow2-e9d8274a5421c91b."""
+    import sys
+
+    require_tool("qemu-img", "qemu-io")
+    base = tmp_path / "b.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o",
+                    "cluster_size=4096,refcount_bits=1", str(base), "4M"], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 64k", str(base)],
+                   check=True, capture_output=True)
+    img = bytearray(base.read_bytes())
+    reftable = struct.unpack_from(">Q", img, 48)[0]
+    struct.pack_into(">Q", img, reftable, 1)  # entry 0: a reserved bit, no offset
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    ours.write_bytes(img)
+    theirs.write_bytes(img)
+
+    q = subprocess.run(["qemu-io", "-c", f"write -P 0x5a {3 << 20} 4096", str(theirs)],
+                       capture_output=True, text=True, timeout=60)
+    assert "write failed: Input/output error" in q.stdout + q.stderr, q
+    assert "Preventing invalid write on metadata" in q.stderr, q.stderr
+
+    # a subprocess: without the fix this spins without yielding (no asyncio timeout fires)
+    r = subprocess.run([sys.executable, "-c", _REFTABLE_HOLE_WRITE, str(ours)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.stdout.startswith("refused: Preventing invalid write on metadata"), r
+    for path in (ours, theirs):  # both marked corrupt in the header
+        info = json.loads(subprocess.run(
+            ["qemu-img", "info", "--output=json", str(path)], check=True,
+            capture_output=True, text=True).stdout)
+        assert info["format-specific"]["data"]["corrupt"] is True, (path, info)
