@@ -197,6 +197,13 @@ async def _graph(d: Daemon) -> None:
 MAX_TIMERS = 10_000
 #: real time a command may take beyond its timers (sockets, files: not virtual)
 REAL_LIMIT_S = 20.0
+#: MAX_TIMERS fired over at least this much virtual time is a long wait, not a hang (a tight
+#: loop of short timers stays a Finding)
+LONG_WAIT_NS = 3600 * 10**9
+
+
+class _LongWait(Exception):
+    """A command waits longer in virtual time than an input is worth; the input ends."""
 
 
 async def _execute(d: Daemon, clock: VirtualClock, session: QMPSession, req: Execute) -> bytes:
@@ -218,6 +225,7 @@ async def _execute(d: Daemon, clock: VirtualClock, session: QMPSession, req: Exe
     task = asyncio.ensure_future(run_command(d, session, req))
     fired = 0
     started = asyncio.get_running_loop().time()
+    virtual_start = clock.now_ns()
     while not task.done():
         await clock.settle()
         if task.done():
@@ -226,6 +234,13 @@ async def _execute(d: Daemon, clock: VirtualClock, session: QMPSession, req: Exe
             await clock.run_to_next_timer()
             fired += 1
             continue
+        if clock.next_deadline() is not None and \
+                clock.now_ns() - virtual_start >= LONG_WAIT_NS:
+            # still waiting on timers after hours of virtual time: a long wait the input
+            # asked for (an nbd open-timeout of days retrying a missing socket, as QEMU
+            # would), not a hang; the input ends here (shutdown releases the timers)
+            task.cancel()
+            raise _LongWait(req.name)
         # no timer to jump to: real I/O (a socket peer), bounded in real time
         left = REAL_LIMIT_S - (asyncio.get_running_loop().time() - started)
         done, _ = await asyncio.wait({task}, timeout=max(left, 0))
@@ -243,6 +258,7 @@ async def _session(data: bytes) -> None:
     try:
         await _graph(d)
         session = QMPSession(COMMANDS, oob_offered=True)
+        long_wait = False
         chunks: list[bytes] = []
         if inp.below(8) != 0:
             chunks.append(b'{"execute":"qmp_capabilities"}')
@@ -253,12 +269,18 @@ async def _session(data: bytes) -> None:
                 chunks.append(command(inp))
         for chunk in chunks:
             session.receive_data(chunk)
+            if long_wait:
+                break
             while (req := session.next_request()) is not None:
                 if isinstance(req, Reply):
                     out = req.data
                 else:
                     assert isinstance(req, Execute)
-                    out = await _execute(d, clock, session, req)
+                    try:
+                        out = await _execute(d, clock, session, req)
+                    except _LongWait:
+                        long_wait = True
+                        break
                 reply = json.loads(out)
                 if not isinstance(reply, dict):
                     raise Finding(f"reply is not an object: {out!r}")

@@ -246,3 +246,22 @@ def test_qcow2_write_with_a_refcount_table_hole_over_metadata_fails_not_spins(
             ["qemu-img", "info", "--output=json", str(path)], check=True,
             capture_output=True, text=True).stdout)
         assert info["format-specific"]["data"]["corrupt"] is True, (path, info)
+
+
+def test_write_threshold_past_int64_shows_as_qemu_shows_it(tmp_path: Path) -> None:
+    """Found by fuzz/h_qmp.py: block-set-write-threshold takes a uint64 and (as QEMU's input
+    visitor does) accepts -1 as 2^64-1; query-named-block-nodes then returned 2^64-1 for
+    write_threshold, an 'int' (int64) in BlockDeviceInfo, so the reply failed its type (an
+    internal error under the schema checks). qemu-storage-daemon 7.2 shows -1 (and -5 for -5):
+    the uint64 read back as int64."""
+    out = _qmp_run(tmp_path, [
+        ("blockdev-add", {"driver": "null-co", "node-name": "n0", "size": 1 << 20}),
+        ("block-set-write-threshold", {"node-name": "n0", "write-threshold": -1}),
+        ("query-named-block-nodes", {}),
+        ("block-set-write-threshold", {"node-name": "n0", "write-threshold": -5}),
+        ("query-named-block-nodes", {}),
+        ("block-set-write-threshold", {"node-name": "n0", "write-threshold": 1 << 30}),
+        ("query-named-block-nodes", {})])
+    assert out[1] == {"return": {}}, out
+    shown = [o["return"][0]["write_threshold"] for o in (out[2], out[4], out[6])]  # type: ignore[index]
+    assert shown == [-1, -5, 1 << 30], out
