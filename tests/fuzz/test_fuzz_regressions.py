@@ -12,6 +12,8 @@ import struct
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from blockmirror.block.graph import BlockGraph
 from blockmirror.block.options import close_all, open_blockdev
 from conftest import require_tool
@@ -95,7 +97,9 @@ def test_drive_mirror_target_with_a_nul_is_not_an_internal_error(tmp_path: Path)
                       f"Could not open '{target}y': No such file or directory"}}, out[3]
 
 
-def test_snapshot_sync_file_with_a_nul_is_not_an_internal_error(tmp_path: Path) -> None:
+def test_snapshot_sync_file_with_a_nul_is_not_an_internal_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the relative snapshot-file is created in the cwd
     out = _qmp_run(tmp_path, [
         ("blockdev-add", {"driver": "null-co", "node-name": "q0", "size": 1 << 20}),
         ("blockdev-snapshot-sync", {"node-name": "q0", "snapshot-file": "\u00e9\0\n",
@@ -265,3 +269,22 @@ def test_write_threshold_past_int64_shows_as_qemu_shows_it(tmp_path: Path) -> No
     assert out[1] == {"return": {}}, out
     shown = [o["return"][0]["write_threshold"] for o in (out[2], out[4], out[6])]  # type: ignore[index]
     assert shown == [-1, -5, 1 << 30], out
+
+
+def test_secret_file_with_a_nul_is_not_an_internal_error(tmp_path: Path) -> None:
+    """Found by fuzz/h_qmp.py: object-add secret with a NUL in 'file' answered 'internal
+    error: embedded null byte'. qemu-storage-daemon 7.2 opens the name with the NUL as the
+    bytes C0 80 and quotes glib: 'Unable to read é\\u0000\\n: Failed to open file
+    “é\\ufffd\\ufffd\\n”: No such file or directory'; a file by that name is read."""
+    d = str(tmp_path)
+    out = _qmp_run(tmp_path, [
+        ("object-add", {"qom-type": "secret", "id": "s0", "file": f"{d}/\u00e9\0\n"}),
+        ("object-add", {"qom-type": "secret", "id": "s1", "file": f"{d}/k\0y"})])
+    assert out[0] == {"error": {"class": "GenericError", "desc":
+                      f"Unable to read {d}/\u00e9\0\n: Failed to open file "
+                      f"\u201c{d}/\u00e9\ufffd\ufffd\n\u201d: No such file or directory"}}, out
+    assert "internal error" not in json.dumps(out[1]), out
+    os.close(os.open(bytes(tmp_path) + b"/k\xc0\x80y", os.O_CREAT | os.O_WRONLY))
+    out = _qmp_run(tmp_path, [
+        ("object-add", {"qom-type": "secret", "id": "s2", "file": f"{tmp_path}/k\0y"})])
+    assert out[0] == {"return": {}}, out
