@@ -1,5 +1,14 @@
 """Issue 14: a speed-limited 1 GiB mirror stepped through every state on the virtual clock,
-over QMP (x-clock-*), in well under a second of wall time."""
+over QMP (x-clock-*), in well under a second.
+
+Where the time of the first test goes (measured, idle machine, pytest, PYTHONDONTWRITEBYTECODE=1
+as on the development machines): about 0.04 s of CPU for the 64 timer firings and 128 QMP round
+trips that step the mirror (the null-co source reports neither data nor zeroes, so the mirror
+discards 1 GiB on the target in 64 runs of 16 MiB, one per rate-limit wake, and moves no bytes),
+and about 0.2 s for the first command, which imports the command modules: pytest rewrites the
+asserts of every ``blockmirror`` module (the ``pytest11`` entry point marks the package) and
+cannot cache the result without bytecode writing. Run after other tests, the imports are done.
+"""
 
 from __future__ import annotations
 
@@ -24,9 +33,21 @@ def _events(history: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return out
 
 
-def test_speed_limited_mirror_steps_through_every_state_on_virtual_time() -> None:
+#: the acceptance bound (issue 14): the whole run, from daemon start to the job's dismissal
+BUDGET_S = 1.0
+
+
+def test_speed_limited_mirror_steps_through_every_state_on_virtual_time(
+        record_property: Any) -> None:
+    # The bound is asserted on the CPU time of this process (every thread: the event loop,
+    # the QMP client, any pool thread), which measures what the virtual clock saves and is
+    # insensitive to other load: a real clock would make the run last 10.24 s whatever the
+    # CPU. Wall time is reported, not asserted: on a shared 2-core machine at load 10+ (and
+    # under `nice`) the scheduler alone can stretch 0.1 s of CPU past a second, so a wall bound
+    # would test the neighbours, not the daemon.
+    wall0, cpu0 = time.monotonic(), time.process_time()
+
     async def main() -> None:
-        wall0 = time.monotonic()
         async with qmp_daemon(daemon=Daemon(clock="virtual")) as td:
             qmp = await td.client()
             for n in ("src", "tgt"):
@@ -79,11 +100,13 @@ def test_speed_limited_mirror_steps_through_every_state_on_virtual_time() -> Non
                 ("JOB_STATUS_CHANGE", "concluded"),
                 ("JOB_STATUS_CHANGE", "null"),
             ]
-        # paced by the real clock it could not take less than the 10.24 s it covers; on
-        # the virtual clock it takes well under that even on a loaded machine
-        assert time.monotonic() - wall0 < GIB / SPEED
 
     asyncio.run(main())
+    cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+    record_property("cpu_s", round(cpu, 3))
+    record_property("wall_s", round(wall, 3))
+    print(f"1 GiB mirror stepped on the virtual clock: {cpu:.3f} s CPU, {wall:.3f} s wall")
+    assert cpu < BUDGET_S, f"{cpu:.3f} s of CPU ({wall:.3f} s wall)"
 
 
 def test_advance_fires_the_job_timers_of_a_window_in_one_command() -> None:

@@ -112,11 +112,11 @@ def test_copier_redirties_a_failed_batch_and_reports_the_side() -> None:
     asyncio.run(main())
 
 
-@pytest.mark.parametrize(("buffered", "busy_cap"), [(False, 1), (True, 2)])
-def test_copier_runs_few_copy_batches_while_the_guest_writes(buffered: bool,
-                                                               busy_cap: int) -> None:
-    """While the guest writes: one kernel-side copy batch at a time, or two buffered ones (a
-    quarter the size: one reads while the other writes); idle, as many as the buffer holds."""
+@pytest.mark.parametrize(("buffered", "cap"), [(False, 4), (True, 2)])
+def test_copier_batches_in_flight_do_not_depend_on_the_guest(buffered: bool, cap: int) -> None:
+    """As many copy batches as the buffer holds, the guest writing or not: kernel-side
+    batches are a quarter of it, buffered ones half of a 2 MiB budget (one reads while the
+    other writes). Fewer while the guest wrote measured slower for both (copier.py)."""
     async def main() -> None:
         _g, src, tgt = _pair()
         await src.write(0, random.Random(1).randbytes(SIZE))
@@ -141,8 +141,8 @@ def test_copier_runs_few_copy_batches_while_the_guest_writes(buffered: bool,
                 await copier.iteration()
             control.guest_busy = False
             await _drain(copier, dirty)
-        assert peak[True] == busy_cap
-        assert peak[False] == (4 if not buffered else 2)
+        assert peak[True] == cap
+        assert peak[False] == cap
         assert await tgt.read(0, SIZE) == await src.read(0, SIZE)
 
     asyncio.run(main())

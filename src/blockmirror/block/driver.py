@@ -87,6 +87,9 @@ class BlockDriver(ABC):
     #: True for formats that can have a ``backing`` child (qcow2): ranges they leave
     #: unallocated read from the backing, or as zeroes without one (cf. supports_backing)
     supports_backing: ClassVar[bool] = False
+    #: True when the driver implements pwritev_compressed (cf. block_driver_can_compress); a
+    #: filter with it forwards them, so its child decides (io.supports_compressed_writes)
+    supports_compressed_writes: ClassVar[bool] = False
 
     #: the smallest aligned unit requests must use (file with O_DIRECT: 512 or 4096)
     request_alignment: int = 1
@@ -213,6 +216,10 @@ class BlockDriver(ABC):
         raise BlockIOError(errno.EPERM if self.node.read_only else errno.ENOTSUP)
 
     async def pwrite_zeroes(self, offset: int, length: int, flags: WriteFlags) -> None:
+        raise BlockIOError(errno.ENOTSUP)
+
+    async def pwritev_compressed(self, offset: int, data: bytes | memoryview) -> None:
+        """Write whole clusters compressed (cf. bdrv_co_pwritev_compressed_part)."""
         raise BlockIOError(errno.ENOTSUP)
 
     async def pdiscard(self, offset: int, length: int) -> None:

@@ -341,6 +341,36 @@ async def write(node: BlockNode, offset: int, data: bytes | memoryview, fua: boo
     await _intercepted(node, "write", offset, length, op, data)
 
 
+def supports_compressed_writes(node: BlockNode) -> bool:
+    """cf. bdrv_supports_compressed_writes: the driver takes compressed writes and, for a
+    filter, so does the node below it."""
+    if not node.driver.supports_compressed_writes:
+        return False
+    child = node.filtered_child()
+    return child is None or supports_compressed_writes(child)
+
+
+async def write_compressed(node: BlockNode, offset: int, data: bytes | memoryview) -> None:
+    """A write of whole clusters that the driver stores compressed (cf. a write with
+    BDRV_REQ_WRITE_COMPRESSED): the same checks, interceptors and dirty tracking as ``write``;
+    zero detection still turns an all-zero request into a zero write, as in QEMU."""
+    length = len(data)
+    check_request(node, offset, length)
+    check_writable(node)
+    if length == 0:
+        return
+    if node.detect_zeroes != "off" and not any(data):
+        await write_zeroes(node, offset, length, may_unmap=node.detect_zeroes == "unmap")
+        return
+
+    async def op() -> None:
+        if node.fault_rules:
+            await faults.check(node, "write", offset, length)
+        await node.driver.pwritev_compressed(offset, data)
+
+    await _intercepted(node, "write", offset, length, op, data)
+
+
 async def write_zeroes(
     node: BlockNode,
     offset: int,

@@ -253,6 +253,9 @@ class BlockNode:
     async def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
         await io.write(self, offset, data, fua=fua)
 
+    async def write_compressed(self, offset: int, data: bytes | memoryview) -> None:
+        await io.write_compressed(self, offset, data)
+
     async def write_zeroes(
         self, offset: int, length: int, *, may_unmap: bool = False, fua: bool = False,
         no_fallback: bool = False,

@@ -41,6 +41,7 @@ from blockmirror.cli.progress import (
 from blockmirror.daemon import Daemon
 from blockmirror.errors import BlockMirrorError
 from blockmirror.jobs.job import Job
+from blockmirror.jobs.mirror.image_store import read_image_log
 from blockmirror.qapi import SchemaError, validate_command_args
 from blockmirror.qapi import checks as schema_checks
 from blockmirror.qmp.registry import Args, CommandContext, load_commands
@@ -82,7 +83,8 @@ for an NBD or rbd: target; none by default for json: names). Running the same co
 again after a crash, a kill or a lost target resumes (the target is reused,
 only what may differ is recopied); --restart starts afresh. Resuming is
 refused if the source or target changed behind the mirror's back (see
-docs/resume.md). --verify compares source and target before the switch-over
+docs/resume.md). --resume-store image keeps the resume state inside a qcow2
+source instead of a sidecar file. --verify compares source and target before the switch-over
 and repairs any difference.
 
 Signals: SIGINT (Ctrl-C) or SIGTERM force-cancel the job; the source is left
@@ -180,6 +182,9 @@ def build_parser(prog: str = "blockmirror mirror") -> argparse.ArgumentParser:
     r.add_argument("--restart", action="store_true",
                    help="start afresh even if a resume log says the copy can resume")
     r.add_argument("--no-resume", action="store_true", help="keep no resume log")
+    r.add_argument("--resume-store", choices=("file", "image"), default="file",
+                   help="where the resume state lives: a sidecar file (default), or inside "
+                        "the qcow2 source (image)")
     r.add_argument("--verify", action="store_true",
                    help="compare source and target before the switch-over; repair mismatches")
     o = p.add_argument_group("operation")
@@ -473,6 +478,8 @@ def resume_arguments(opts: argparse.Namespace) -> tuple[dict[str, Any], bool]:
     args: dict[str, Any] = {}
     if opts.verify:
         args["x-verify"] = True
+    if getattr(opts, "resume_store", "file") == "image":
+        return _in_image_arguments(opts, args)
     path = resume_log_path(opts)
     if path is None:
         return args, False
@@ -483,6 +490,28 @@ def resume_arguments(opts: argparse.Namespace) -> tuple[dict[str, Any], bool]:
         args["x-resume-restart"] = True
     elif opts.mode is None:
         args["mode"] = "existing"  # the target holds the copy so far: keep it
+    return args, resuming
+
+
+def _in_image_arguments(opts: argparse.Namespace, args: dict[str, Any]
+                        ) -> tuple[dict[str, Any], bool]:
+    """--resume-store image: the state is in the qcow2 source (a stale one is refused by
+    the mirror, with the reason, unless --restart)."""
+    if opts.no_resume or opts.sync != "full":
+        return args, False
+    args["x-resume-store"] = "image"
+    found = None
+    if not _not_a_local_file(opts.source) and os.path.exists(opts.source):
+        try:
+            found = read_image_log(opts.source)
+        except (OSError, ValueError, BlockMirrorError):
+            found = None  # not a qcow2 file with a readable area: nothing to resume
+    target_exists = is_nbd_uri(opts.target) or os.path.exists(opts.target)
+    resuming = found is not None and target_exists and not opts.restart
+    if not resuming:
+        args["x-resume-restart"] = True
+    elif opts.mode is None:
+        args["mode"] = "existing"
     return args, resuming
 
 

@@ -28,9 +28,9 @@ _BACKUP_DOC = (
     "a `backup` job: point in time (guest writes copy the old data to the target first, "
     "through a `copy-before-write` filter named by `filter-node-name`); `sync` `full`, `top`, "
     "`none`, `bitmap`, `incremental` with `bitmap`/`bitmap-mode` (QEMU's checks and bitmap "
-    "hand-over); `compress` is refused for non-qcow2 targets as QEMU does, but the data is "
-    "written uncompressed; `x-perf` `max-chunk`/`max-workers` are used (`use-copy-range` "
-    "is accepted and ignored)")
+    "hand-over); `compress` writes data clusters compressed (qcow2; refused as QEMU refuses it "
+    "for targets without compressed writes); `x-perf` `max-chunk`/`max-workers` are used "
+    "(`use-copy-range` is accepted and ignored)")
 command("blockdev-backup", "BlockdevBackup", doc=_BACKUP_DOC)
 command("drive-backup", "DriveBackup",
         doc="creates the target (prints `Formatting ...`) in the source's format unless "

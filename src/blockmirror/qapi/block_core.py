@@ -291,7 +291,7 @@ _MIRROR_COMMON = {
 #: extension arguments of both mirror commands (docs/resume.md); absent: QEMU's behaviour
 _MIRROR_EXTENSIONS = {
     "*x-resume-log": "str", "*x-resume-restart": "bool", "*x-resume-extents": "int",
-    "*x-resume-extent-size": "int", "*x-verify": "bool",
+    "*x-resume-extent-size": "int", "*x-verify": "bool", "*x-resume-store": "str",
 }
 #: downstream extension (Proxmox VE's mirror bitmap arguments, under our prefix): the job
 #: starts from a named bitmap of the source (sync=bitmap, or incremental = bitmap + on-success)
@@ -306,7 +306,9 @@ _MIRROR_BITMAP_DOC = (
     "afterwards")
 _MIRROR_EXTENSIONS_DOC = (
     "; extensions: `x-resume-log` (path of the crash-safe resume sidecar: an existing one is "
-    "resumed after identity checks, or refused), `x-resume-restart` (start afresh over it), "
+    "resumed after identity checks, or refused), `x-resume-store` (`file`, the default: the "
+    "sidecar at `x-resume-log`; `image`: kept inside the qcow2 source, without "
+    "`x-resume-log`), `x-resume-restart` (start afresh over it), "
     "`x-resume-extents` / `x-resume-extent-size` (the activity log's bound, default 1024 x "
     "4 MiB), `x-verify` (compare source and target after READY, repair, digest; see "
     "docs/resume.md)")

@@ -21,6 +21,7 @@ from blockmirror.objects.throttle import ThrottleGroup
 class ThrottleDriver(BlockDriver):
     format_name = "throttle"
     is_filter = True
+    supports_compressed_writes = True  # forwarded (cf. throttle_co_pwritev_compressed)
     supports_fua = True
 
     def __init__(self, node: BlockNode) -> None:
@@ -80,6 +81,10 @@ class ThrottleDriver(BlockDriver):
     async def pwritev(self, offset: int, data: bytes | memoryview, flags: WriteFlags) -> None:
         await self._limit(True, len(data))
         await self._child().write(offset, data, fua=WriteFlags.FUA in flags)
+
+    async def pwritev_compressed(self, offset: int, data: bytes | memoryview) -> None:
+        await self._limit(True, len(data))
+        await self._child().write_compressed(offset, data)
 
     async def pwrite_zeroes(self, offset: int, length: int, flags: WriteFlags) -> None:
         await self._limit(True, length)

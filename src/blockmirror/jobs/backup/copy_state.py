@@ -11,6 +11,11 @@ clusters being copied right now. Two users share it:
 A cluster's bit is cleared when it is claimed, before any I/O, and set again if the copy
 fails, so each cluster is copied at most once successfully and nobody copies it twice at the
 same time. Zero ranges of the source (block status) become zero writes on the target.
+
+With ``compress`` (backup's ``compress: true``) the data goes to the target as compressed
+writes, which take whole clusters only: as QEMU's block-copy does then, block status is asked
+in whole backup clusters (a cluster that is only partly zero is copied as data) and zero
+clusters are still zero writes, not compressed ones.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from dataclasses import dataclass, field
 
 from blockmirror.block.copy import CopyError, copy_extents
 from blockmirror.block.dirty_bitmap import DirtyBitmap
-from blockmirror.block.driver import BlockStatus
+from blockmirror.block.driver import BlockStatus, Extent
 from blockmirror.block.node import BlockNode
 from blockmirror.errors import BlockIOError, BlockMirrorError
 
@@ -54,7 +59,7 @@ class BlockCopyState:
 
     def __init__(self, source: BlockNode, target: BlockNode, cluster_size: int,
                  on_progress: Callable[[int], None],
-                 on_remaining: Callable[[int], None]) -> None:
+                 on_remaining: Callable[[int], None], *, compress: bool = False) -> None:
         self.source = source
         self.target = target
         self.cluster_size = cluster_size
@@ -67,6 +72,8 @@ class BlockCopyState:
         self._on_remaining = on_remaining
         #: sync=top before its allocation walk is done: unallocated clusters are not copied
         self.skip_unallocated = False
+        #: write data clusters compressed (cf. BDRV_REQ_WRITE_COMPRESSED in block-copy)
+        self.compress = compress
         #: woken whenever a claim ends (the background loop waits for the hook's copies)
         self._changed = asyncio.Event()
 
@@ -178,6 +185,10 @@ class BlockCopyState:
             failed = False
         finally:
             self._release(claim, failed)
+        if skipped < length:
+            # progress counts whole clusters, the image's partial last one too, as the
+            # remaining work does (cf. progress_work_done of a block-copy task's bytes)
+            self._on_progress((claim.end - claim.first) * self.cluster_size - skipped)
         if skipped:
             self._on_remaining(self.remaining())
 
@@ -194,6 +205,10 @@ class BlockCopyState:
             except BlockIOError as e:
                 raise CopyError(e.errno, True, str(e)) from e
             n = min(ext.length, end - pos)
+            if self.compress:
+                n = self._whole_clusters(pos, n, end)
+                if n != min(ext.length, end - pos):
+                    ext = Extent(n, BlockStatus.DATA | BlockStatus.ALLOCATED)
             allocated = bool(ext.status & (BlockStatus.ALLOCATED | BlockStatus.DATA
                                            | BlockStatus.ZERO))
             if self.skip_unallocated and not allocated:
@@ -203,17 +218,38 @@ class BlockCopyState:
             else:
                 data.append((pos, n))
             pos += n
-        if data:
+        if data and self.compress:
+            await self._copy_compressed(data)
+        elif data:
             await copy_extents(src, self.target, data)
         for zo, zn in zero:
             try:
                 await self.target.write_zeroes(zo, zn)
             except BlockIOError as e:
                 raise CopyError(e.errno, False, str(e)) from e
-        copied = length - skipped
-        if copied:
-            self._on_progress(copied)
         return skipped
+
+    def _whole_clusters(self, pos: int, n: int, end: int) -> int:
+        """cf. block_copy_block_status: a status shorter than a cluster covers the cluster
+        (as data); a longer one is cut to whole clusters (the source's end is one)."""
+        cs = self.cluster_size
+        if pos + n >= end or n % cs == 0:
+            return n
+        if n < cs:
+            return min(cs, end - pos)
+        return n - n % cs
+
+    async def _copy_compressed(self, data: list[tuple[int, int]]) -> None:
+        """Read each data run and write it to the target compressed."""
+        for offset, n in data:
+            try:
+                buf = await self.source.read(offset, n)
+            except BlockIOError as e:
+                raise CopyError(e.errno, True, str(e)) from e
+            try:
+                await self.target.write_compressed(offset, buf)
+            except BlockIOError as e:
+                raise CopyError(e.errno, False, str(e)) from e
 
 
 __all__ = ["DEFAULT_CLUSTER_SIZE", "DEFAULT_MAX_CHUNK", "BlockCopyState", "Claim",

@@ -64,10 +64,11 @@ class BackupJob(BlockJob):
         self.params = params
         self.wiring = wiring
         self.copy = BlockCopyState(source, target, cluster_size, self._copied,
-                                   self.progress.set_remaining)
+                                   self.progress.set_remaining, compress=params.compress)
         self.cbw = CopyBeforeWrite(self.copy)
         chunk = params.max_chunk or DEFAULT_MAX_CHUNK
-        self.chunk = max(chunk, cluster_size)
+        # compressed writes go cluster by cluster (cf. COPY_READ_WRITE_CLUSTER's chunk size)
+        self.chunk = cluster_size if params.compress else max(chunk, cluster_size)
         #: completion-mode=grouped: the jobs this one completes with
         self.txn: BackupTxn | None = None
         self._init_bitmap()

@@ -1,9 +1,10 @@
 """The resume sidecar: an on-disk activity log of hot extents plus checkpoints of the bitmap.
 
 DRBD's design, for one mirror. Before a guest write reaches the source, every extent it
-touches must be *hot*: listed in the last activity-log record that reached the disk
-(``fdatasync``). The list is bounded (``capacity`` extents); writers that need new extents
-while a record is being written join the next record, so one log update serves them all.
+touches must be *hot*: listed in the last activity-log record that reached the disk (a
+``pwritev2`` with ``RWF_DSYNC``: durable when it returns). The list is bounded (``capacity``
+extents); writers that need new extents while a record is being written join the next
+record, so one log update serves them all.
 The copy progress (the dirty bitmap, with ranges in flight counted as dirty) is checkpointed
 separately. After a crash the chunks to recopy are: dirty in the last checkpoint, plus every
 chunk of every hot extent in the last log record. An extent leaves the hot list only after a
@@ -29,7 +30,7 @@ import os
 import struct
 import zlib
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,14 +112,32 @@ class Recovered:
 # --- the file ---------------------------------------------------------------------------------
 
 
-def _pwrite_sync(fd: int, data: bytes, offset: int) -> None:
-    os.pwrite(fd, data, offset)
-    os.fdatasync(fd)
+class RecordFile:
+    """Where a log's records go: a descriptor it owns, and the offset of the log in it.
+
+    The sidecar is a file of its own (``base`` 0); a qcow2 source keeps the same bytes in
+    clusters of the image (``image_store.py``), at ``base``. Writes are plain overwrites of
+    bytes that exist already, each made durable before it counts.
+    """
+
+    def __init__(self, fd: int, base: int = 0) -> None:
+        self.fd = fd
+        self.base = base
+
+    def write(self, data: bytes, offset: int) -> None:
+        """(Blocking: run it in the I/O thread pool.)"""
+        threadio.pwrite_dsync_sync(self.fd, data, self.base + offset)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
-def create(path: str, geometry: Geometry, header: dict[str, Any], bitmap: bytes,
-           meta: dict[str, Any]) -> None:
-    """Write a fresh sidecar (with its first checkpoint) atomically: temp file + rename."""
+def encode(geometry: Geometry, header: dict[str, Any], bitmap: bytes,
+           meta: dict[str, Any]) -> bytes:
+    """A whole fresh log (``geometry.file_size`` bytes): header, one empty log record, and
+    a first checkpoint; the other slots are zeroes (invalid)."""
     body = dict(header)
     body.update(version=VERSION, size=geometry.size, granularity=geometry.granularity,
                 extent_size=geometry.extent_size, capacity=geometry.capacity)
@@ -126,13 +145,23 @@ def create(path: str, geometry: Geometry, header: dict[str, Any], bitmap: bytes,
     if 16 + len(raw) > PAGE:
         raise ResumeError("resume log header too large")
     head = HEADER_MAGIC + struct.pack("<II", len(raw), zlib.crc32(raw)) + raw
+    out = bytearray(geometry.file_size)
+    out[0:len(head)] = head
+    rec = _log_record(1, [])
+    out[geometry.log_offset(1):geometry.log_offset(1) + len(rec)] = rec
+    rec = _ckpt_record(1, bitmap, meta)
+    out[geometry.ckpt_offset(1):geometry.ckpt_offset(1) + len(rec)] = rec
+    return bytes(out)
+
+
+def create(path: str, geometry: Geometry, header: dict[str, Any], bitmap: bytes,
+           meta: dict[str, Any]) -> None:
+    """Write a fresh sidecar (with its first checkpoint) atomically: temp file + rename."""
+    data = encode(geometry, header, bitmap, meta)
     tmp = f"{path}.tmp"
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.ftruncate(fd, geometry.file_size)
-        os.pwrite(fd, head.ljust(PAGE, b"\0"), 0)
-        os.pwrite(fd, _log_record(1, []), geometry.log_offset(1))
-        os.pwrite(fd, _ckpt_record(1, bitmap, meta), geometry.ckpt_offset(1))
+        os.pwrite(fd, data, 0)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -166,6 +195,15 @@ def load(path: str) -> Recovered:
     """
     with open(path, "rb") as f:
         data = f.read()
+    return parse(data, path)
+
+
+def parse(data: bytes, path: str) -> Recovered:
+    """``load`` of a log's bytes (``path`` names it in errors).
+
+    Raises:
+        ResumeError: not a resume log, or no valid checkpoint.
+    """
     if len(data) < PAGE or data[:8] != HEADER_MAGIC:
         raise ResumeError(f"'{path}' is not a blockmirror resume log")
     n, crc = struct.unpack_from("<II", data, 8)
@@ -224,21 +262,30 @@ class ActivityLog:
     """The hot-extent list of a running mirror, and its sidecar file descriptor.
 
     ``begin`` before a write proceeds (waits until its extents are on disk as hot), ``end``
-    after it. ``on_evict`` is the mirror's checkpoint: it must make durable the dirty state
-    of every chunk written so far (the log calls it before dropping extents from the list).
+    after it. ``on_evict(victims)`` is the mirror's checkpoint: it must make durable the dirty
+    state of every chunk written so far, or, if it cannot (a flush failed), list every chunk
+    of the victims as dirty (the log calls it before dropping the victims from the list).
 
     Group commit: a writer that needs a new extent adds it to the *next* batch and waits for
-    that batch's record; the committer writes one record (one ``pwrite`` + ``fdatasync``) per
+    that batch's record; the committer writes one record (one durable ``pwritev2``) per
     batch, and every writer that arrived while the previous record was being written shares
     it. A write whose extents are hot already costs two dict operations and no wait.
+
+    Eviction ahead: once the list is 7/8 full, idle extents are evicted in the background
+    (their checkpoint runs off the writers' path) while the last eighth of the capacity
+    still takes new extents. An extent being evicted stays in every record until its
+    checkpoint is durable, and a writer that comes back to it takes it back at once.
     """
 
-    def __init__(self, path: str, geometry: Geometry, *, log_seq: int, ckpt_seq: int,
-                 on_evict: Callable[[], Awaitable[None]],
+    def __init__(self, path: str | RecordFile, geometry: Geometry, *, log_seq: int,
+                 ckpt_seq: int,
+                 on_evict: Callable[[list[int]], Awaitable[object]],
                  is_clean: Callable[[int], bool] = lambda _e: True) -> None:
-        self.path = path
+        # a sidecar path, or records kept elsewhere (in the qcow2 source: image_store.py)
+        self._file = path if isinstance(path, RecordFile) else RecordFile(
+            os.open(path, os.O_RDWR))
+        self.path = path if isinstance(path, str) else "(in the image)"
         self.geo = geometry
-        self._fd = os.open(path, os.O_RDWR)
         self._log_seq = log_seq
         self._ckpt_seq = ckpt_seq
         self._on_evict = on_evict
@@ -248,6 +295,13 @@ class ActivityLog:
         self._last_extent = max(geometry.size - 1, 0) // geometry.extent_size
         #: extents listed in the last record on disk, least recently used first
         self._hot: OrderedDict[int, None] = OrderedDict()
+        #: extents taken off ``_hot`` whose eviction checkpoint is not durable yet: every
+        #: record still lists them (the last durable record does too)
+        self._evicting: set[int] = set()
+        self._evictor: asyncio.Task[None] | None = None
+        #: evict ahead in the background when this many slots are left (0: only when full;
+        #: a small log keeps every extent it can)
+        self._ahead = geometry.capacity // 8 if geometry.capacity >= 64 else 0
         #: writes in progress per extent (an extent with writes cannot be evicted)
         self._busy: dict[int, int] = {}
         #: the record being written (its extents are not hot yet), and the next one
@@ -256,6 +310,8 @@ class ActivityLog:
         self._committer: asyncio.Task[None] | None = None
         self._error: BaseException | None = None
         self._ckpt_lock = asyncio.Lock()
+        #: records go through a thread of their own, not behind the pool's queue of copies
+        self._lane = threadio.Lane("blockmirror-alog")
         self.closed = False
         #: statistics: log records written, and checkpoints forced by evictions
         self.records = 0
@@ -263,6 +319,7 @@ class ActivityLog:
 
     @property
     def hot(self) -> list[int]:
+        """The extents that stay listed (records also list those being evicted)."""
         return list(self._hot)
 
     # --- the write path -----------------------------------------------------------------------
@@ -295,9 +352,20 @@ class ActivityLog:
             self.end(offset, length)
             raise
 
+    def _reinstate(self, extents: Iterable[int]) -> None:
+        """Extents being evicted go back to the hot list: every record since (and the one
+        before) lists them, so they are hot on disk; their eviction is called off."""
+        evicting = self._evicting
+        if evicting:
+            for e in extents:
+                if e in evicting:
+                    evicting.discard(e)
+                    self._hot[e] = None
+
     async def _wait_hot(self, first: int, last: int) -> None:
         hot = self._hot
         while True:
+            self._reinstate(range(first, last + 1))
             missing = [e for e in range(first, last + 1) if e not in hot]
             if not missing:
                 for e in range(first, last + 1):
@@ -347,50 +415,89 @@ class ActivityLog:
 
     async def _commit(self, batch: _Batch) -> None:
         hot = self._hot
-        want = [e for e in batch.extents if e not in hot]
+        self._reinstate(batch.extents)
+        if all(e in hot for e in batch.extents):
+            return
+        await self._make_room(sum(1 for e in batch.extents if e not in hot))
+        self._reinstate(batch.extents)
+        want = sorted(e for e in batch.extents if e not in hot)
         if not want:
             return
-        await self._make_room(len(want))
-        want = sorted(e for e in want if e not in hot)
-        new = [*hot, *want]
+        new = [*hot, *self._evicting, *want]
         if len(new) > 2 * self.geo.capacity:
             raise ResumeError("more extents written at once than the log can hold")
         self._log_seq += 1
         rec = _log_record(self._log_seq, new)
-        await threadio.run(_pwrite_sync, self._fd, rec, self.geo.log_offset(self._log_seq % 2))
+        await self._lane.run(self._file.write, rec, self.geo.log_offset(self._log_seq % 2))
         self.records += 1
         for e in want:
             hot[e] = None
+        self._evict_ahead()
+
+    def _listed(self) -> int:
+        return len(self._hot) + len(self._evicting)
 
     async def _make_room(self, incoming: int) -> None:
-        """Evict idle extents (after a checkpoint) until ``incoming`` more fit."""
-        excess = len(self._hot) + incoming - self.geo.capacity
-        if excess <= 0:
-            return
-        # evict an eighth of the list at once: one checkpoint serves many later misses
-        want = max(excess, self.geo.capacity // 8)
+        """Wait for (or run) evictions until ``incoming`` more extents fit."""
+        cap = self.geo.capacity
+        while self._listed() + incoming > cap:
+            evictor = self._evictor
+            if evictor is not None and not evictor.done():
+                await asyncio.wait([evictor])  # its checkpoint frees room for us too
+                if self._error is not None:
+                    raise ResumeError(f"activity log eviction failed: {self._error}")
+                continue
+            excess = self._listed() + incoming - cap
+            # evict an eighth of the list at once: one checkpoint serves many later misses
+            if not await self._evict(max(excess, cap // 8)):
+                return  # every hot extent is being written: the record grows past capacity
+
+    def _evict_ahead(self) -> None:
+        """Start a background eviction once the list is 7/8 full (capacity >= 64)."""
+        ahead = self._ahead
+        if (ahead and not self.closed and self._listed() >= self.geo.capacity - ahead
+                and (self._evictor is None or self._evictor.done())):
+            self._evictor = asyncio.ensure_future(self._evict_in_background(ahead))
+
+    async def _evict_in_background(self, count: int) -> None:
+        try:
+            await self._evict(count)
+        except Exception as e:  # the next writer that needs room reports it
+            self._error = e
+
+    async def _evict(self, want: int) -> bool:
+        """Evict up to ``want`` idle extents after a checkpoint; False if none was idle."""
         idle = [e for e in self._hot if not self._busy.get(e)]
         # least recently used first, but extents with nothing left to copy before others:
         # the checkpoint then records them clean, so a resume does not recopy them
         victims = ([e for e in idle if self._is_clean(e)]
                    + [e for e in idle if not self._is_clean(e)])[:want]
         if not victims:
-            return  # every hot extent is being written: the record grows past capacity
-        # from here on a writer to a victim waits for a later record, so the checkpoint
-        # below covers every write the victims ever saw
+            return False
+        # from here on a writer to a victim takes it back (``_reinstate``), so the
+        # checkpoint below covers every write the victims that stay evicted ever saw
         for e in victims:
             del self._hot[e]
+        self._evicting.update(victims)
         self.evictions += 1
-        await self._on_evict()
+        try:
+            await self._on_evict(victims)
+        except BaseException:
+            self._reinstate(victims)  # the checkpoint may not exist: keep them listed
+            raise
+        # the checkpoint is durable: the next record may leave the victims out
+        self._evicting.difference_update(victims)
+        return True
 
     # --- checkpoints ------------------------------------------------------------------------
 
     async def write_checkpoint(self, bitmap: bytes, meta: dict[str, Any]) -> None:
         async with self._ckpt_lock:
+            if self._file.fd < 0:
+                raise ResumeError("the resume log is closed")
             self._ckpt_seq += 1
             rec = _ckpt_record(self._ckpt_seq, bitmap, meta)
-            await threadio.run(_pwrite_sync, self._fd, rec,
-                               self.geo.ckpt_offset(self._ckpt_seq % 2))
+            await threadio.run(self._file.write, rec, self.geo.ckpt_offset(self._ckpt_seq % 2))
 
     async def close(self) -> None:
         """Stop logging: waiting writers go on; the descriptor closes once no record or
@@ -399,12 +506,13 @@ class ActivityLog:
             return
         self.closed = True
         self._next.done.set()
-        committer = self._committer
-        if committer is not None and not committer.done():
-            await asyncio.wait([committer])
+        tasks = [t for t in (self._committer, self._evictor) if t is not None and not t.done()]
+        if tasks:
+            await asyncio.wait(tasks)
         async with self._ckpt_lock:
-            os.close(self._fd)
+            self._file.close()
+        self._lane.close()
 
 
-__all__ = ["DEFAULT_CAPACITY", "DEFAULT_EXTENT_SIZE", "ActivityLog", "Geometry", "Recovered",
-           "ResumeError", "create", "load"]
+__all__ = ["DEFAULT_CAPACITY", "DEFAULT_EXTENT_SIZE", "ActivityLog", "Geometry", "RecordFile",
+           "Recovered", "ResumeError", "create", "encode", "load", "parse"]

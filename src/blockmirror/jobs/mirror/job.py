@@ -91,8 +91,9 @@ class MirrorJob(BlockJob):
         self.active = ActiveWriter(source, target, self.dirty, self.inflight, self.gate,
                                    self.progress, self, unmap=params.unmap)
         #: x-resume-log: the crash-safe sidecar (None without one)
-        self.resume_log = (ResumeCoordinator(params.resume, source, target, self.dirty)
-                       if params.resume is not None else None)
+        self.resume_log = (ResumeCoordinator(params.resume, source, target, self.dirty,
+                                             done=lambda: self.progress.current)
+                           if params.resume is not None else None)
         #: x-verify: the compare pass between READY and the pivot
         self.verifier = (Verifier(source, target, self.dirty, self.inflight, self.progress,
                                   lambda: self.is_cancelled or self.ret < 0,
@@ -108,7 +109,6 @@ class MirrorJob(BlockJob):
                 self.active.observers.append(observer)
         self._holding_pause = False
         #: when the guest last wrote to the source (the clock's nanoseconds)
-        self._guest_write_ns = -SLICE_NS
         #: extensions: the convergence forecast/policy, and the switch-over group
         self.convergence: ConvergenceMonitor | None = None
         self.group: SwitchGroup | None = None
@@ -138,14 +138,8 @@ class MirrorJob(BlockJob):
     def slice_quota(self) -> float:
         return self.limit.slice_quota
 
-    @property
-    def guest_busy(self) -> bool:
-        return (self.inflight.writers > 0
-                or self.clock.now_ns() - self._guest_write_ns < SLICE_NS)
-
     def _on_dirty(self, newly: int) -> None:
         """A write reached the source without being copied."""
-        self._guest_write_ns = self.clock.now_ns()
         if newly:
             self.progress.count("redirtied", newly)
         self.actively_synced = False
@@ -318,13 +312,13 @@ class MirrorJob(BlockJob):
             await self.verifier.stop()
         if self.resume_log is None:
             return
+        if before_exit and pivot:
+            await self.resume_log.before_pivot()  # (an in-image area only)
         if before_exit and not pivot:
             if self.wiring.exited:
                 # a failed pivot: writes went on untracked; no closed checkpoint may claim
                 # otherwise (the last one stays, with the crash-time checks)
-                self.resume_log.closed = True
-                if self.resume_log.log is not None:
-                    await self.resume_log.log.close()
+                await self.resume_log.abandon()
                 return
             await self.resume_log.finish(pivoted=False)
         elif not before_exit and pivot:
@@ -428,7 +422,7 @@ class MirrorJob(BlockJob):
                 skipped = self.resume_log.apply()
                 resumed = self.resume_log.plan.resumed
                 self.progress.count("resumed", skipped)
-                self.resume_log.start()
+                await self.resume_log.start()
             except BlockMirrorError:
                 self.resume_log.release()
                 raise

@@ -13,10 +13,12 @@ See docs/resume.md for the guarantees.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +31,7 @@ from blockmirror.errors import BlockIOError, BlockMirrorError
 from blockmirror.jobs.mirror import activity_log
 from blockmirror.jobs.mirror.activity_log import ActivityLog, Geometry, ResumeError
 from blockmirror.jobs.mirror.dirty import DirtyState
+from blockmirror.jobs.mirror.image_store import ImageStore
 
 #: chunks compared between source and target when resuming (clean and not hot in the log)
 SAMPLES = 64
@@ -48,6 +51,8 @@ class ResumeOptions:
     restart: bool = False
     extents: int = activity_log.DEFAULT_CAPACITY
     extent_size: int = activity_log.DEFAULT_EXTENT_SIZE
+    #: where the log lives: "file" (the sidecar at ``path``) or "image" (in the qcow2 source)
+    store: str = "file"
 
 
 @dataclass
@@ -64,6 +69,8 @@ class ResumePlan:
     target_id: dict[str, Any] = field(default_factory=dict)
     #: the source's write generation when checked (it must not move before the job starts)
     write_gen: int = 0
+    #: the log kept in the qcow2 source (``store == "image"``), instead of a sidecar
+    image: ImageStore | None = None
 
     @property
     def resumed(self) -> bool:
@@ -112,6 +119,16 @@ async def identity(node: BlockNode) -> dict[str, Any]:
     return ident
 
 
+def _in_image_id(ident: dict[str, Any]) -> dict[str, Any]:
+    """A source identity that our own area does not change: the area's writes move the
+    modification time (the autoclear bit stands in for it), and its header extension moves
+    the backing file name's offset."""
+    out = {k: v for k, v in ident.items() if k != "mtime_ns"}
+    if "qcow2" in out:
+        out["qcow2"] = [v if i != 1 else None for i, v in enumerate(out["qcow2"])]
+    return out
+
+
 def _compare_ids(role: str, was: dict[str, Any], now: dict[str, Any], closed: bool) -> None:
     keys = ["format", "length", "path", "dev", "ino", "filename", "qcow2"]
     if closed:
@@ -144,15 +161,24 @@ async def plan_resume(opts: ResumeOptions, source: BlockNode, target: BlockNode,
     plan = ResumePlan(opts, granularity, size, write_gen=source.write_gen)
     plan.source_id = await identity(source)
     plan.target_id = await identity(target)
-    if opts.restart or not await asyncio.to_thread(os.path.exists, opts.path):
+    if opts.store == "image":
+        plan.image = ImageStore.of(source)
+        plan.source_id = _in_image_id(plan.source_id)
+        found = None if opts.restart else await plan.image.load()
+        if found is None:
+            return plan
+        rec = found
+    elif opts.restart or not await asyncio.to_thread(os.path.exists, opts.path):
         return plan
-    try:
-        rec = await asyncio.to_thread(activity_log.load, opts.path)
-    except ResumeError as e:
-        raise ResumeError(f"Cannot resume the mirror: {e}. Use a full restart instead") from e
-    except OSError as e:
-        raise ResumeError(f"Cannot resume the mirror: cannot read '{opts.path}': "
-                          f"{e.strerror}. Use a full restart instead") from e
+    else:
+        try:
+            rec = await asyncio.to_thread(activity_log.load, opts.path)
+        except ResumeError as e:
+            raise ResumeError(f"Cannot resume the mirror: {e}. Use a full restart "
+                              "instead") from e
+        except OSError as e:
+            raise ResumeError(f"Cannot resume the mirror: cannot read '{opts.path}': "
+                              f"{e.strerror}. Use a full restart instead") from e
     head = rec.header
     geo = rec.geometry
     closed = bool(rec.meta.get("closed"))
@@ -225,8 +251,10 @@ class ResumeCoordinator:
     """The sidecar of one running mirror: the write observer, checkpoints and the end."""
 
     def __init__(self, plan: ResumePlan, source: BlockNode, target: BlockNode,
-                 dirty: DirtyState) -> None:
+                 dirty: DirtyState, *, done: Callable[[], int] = lambda: 0) -> None:
         self.plan = plan
+        #: the job's QEMU ``offset`` (bytes done); each checkpoint records it with its bitmap
+        self._done = done
         self.source = source
         self.target = target
         self.dirty = dirty
@@ -252,8 +280,10 @@ class ResumeCoordinator:
             self.dirty.bitmap.set_dirty(o, n)
         return self.plan.skipped
 
-    def start(self) -> None:
+    async def start(self) -> None:
         """Write the fresh sidecar (the resumed bitmap, or everything dirty) and open the log.
+
+        Guest writes wait meanwhile (``write_begins``).
 
         Raises:
             ResumeError: the sidecar cannot be written.
@@ -264,14 +294,21 @@ class ResumeCoordinator:
         bits = self._bits(all_dirty=not plan.resumed)
         header = {"source": plan.source_id, "target": plan.target_id,
                   "nonce": random.getrandbits(48), "created": time.time()}
-        try:
-            activity_log.create(plan.options.path, geo, header, bits.tobytes(),
-                                {"closed": False})
-        except OSError as e:
-            raise ResumeError(f"Cannot write the resume log '{plan.options.path}': "
-                              f"{e.strerror}") from e
+        records: str | activity_log.RecordFile = plan.options.path
+        if plan.image is not None:
+            # the area is replaced by a fresh one; from here on this job tracks every write
+            records = await plan.image.create(geo, header, bits.tobytes(),
+                                              {"closed": False, "offset": self._done()},
+                                              owner=self)
+        else:
+            try:
+                activity_log.create(plan.options.path, geo, header, bits.tobytes(),
+                                    {"closed": False, "offset": self._done()})
+            except OSError as e:
+                raise ResumeError(f"Cannot write the resume log '{plan.options.path}': "
+                                  f"{e.strerror}") from e
         self._last_bits = bits
-        self.log = ActivityLog(plan.options.path, geo, log_seq=1, ckpt_seq=1,
+        self.log = ActivityLog(records, geo, log_seq=1, ckpt_seq=1,
                                on_evict=self._on_evict, is_clean=self._extent_clean)
         self._started.set()
 
@@ -298,17 +335,29 @@ class ResumeCoordinator:
     def release(self) -> None:
         """The job could not start: writers stop waiting for the log."""
         self.closed = True
+        if self.plan.image is not None:
+            self.plan.image.detach(self)
         self._started.set()
 
     # --- checkpoints ------------------------------------------------------------------------
 
-    async def checkpoint(self, *, closed: bool = False) -> bool:
-        """Snapshot the bitmap, make the copies durable, write it; False if flushes failed."""
+    async def checkpoint(self, *, closed: bool = False, evicting: list[int] | None = None
+                         ) -> bool:
+        """Snapshot the bitmap, make the copies durable, write it; False if flushes failed.
+
+        ``evicting``: extents the log drops once this checkpoint is durable. If the flushes
+        fail, their chunks are listed dirty: copies into them since the last checkpoint may
+        not be durable, and once dropped, no hot extent would cover them any more.
+        """
         log = self.log
         if log is None or log.closed or not self.seeded:
             return False
         async with self._lock:
+            # the bitmap and the offset together (no await between): the job's offset minus
+            # this one is what it copied after the snapshot, which this checkpoint still
+            # lists as dirty (the lag that docs/resume.md bounds a resume's recopy with)
             bits = self._bits()
+            offset = self._done()
             ok = True
             try:
                 await self.target.flush()
@@ -318,9 +367,14 @@ class ResumeCoordinator:
                 ok = False
                 if self._last_bits is not None:
                     bits |= self._last_bits
-            meta: dict[str, Any] = {"closed": closed, "time": time.time()}
+                per = self.plan.options.extent_size // self.plan.granularity
+                for e in evicting or ():
+                    bits[e * per:min((e + 1) * per, len(bits))] = 1
+            meta: dict[str, Any] = {"closed": closed, "time": time.time(), "offset": offset}
             if closed:
                 meta["source"] = await identity(self.source)
+                if self.plan.image is not None:
+                    meta["source"] = _in_image_id(meta["source"])
                 meta["target"] = await identity(self.target)
             await log.write_checkpoint(bits.tobytes(), meta)
             self._last_bits = bits
@@ -344,10 +398,10 @@ class ResumeCoordinator:
             n -= bits.count(1, e * per, min((e + 1) * per, len(bits)))
         return n
 
-    async def _on_evict(self) -> None:
+    async def _on_evict(self, victims: list[int]) -> None:
         if not self.seeded:
             return  # the sidecar's checkpoint says "all dirty": it covers every write
-        await self.checkpoint()
+        await self.checkpoint(evicting=victims)
 
     async def tick(self, now_ns: int, copied: int, *, ready: bool, in_sync: bool,
                    force: bool = False) -> None:
@@ -386,11 +440,46 @@ class ResumeCoordinator:
             self.closed = True
             if log is not None:
                 await log.close()
-            if pivoted:
+            image = self.plan.image
+            if image is not None:
+                # writes from now on are not tracked: the next one clears the bit
+                image.detach(self)
+                if pivoted:
+                    try:
+                        await image.drop()
+                    except (OSError, BlockMirrorError):
+                        pass  # a stale area: the next mirror of this source replaces it
+            elif pivoted:
                 try:
                     os.unlink(self.plan.options.path)
                 except FileNotFoundError:
                     pass
+
+    async def before_pivot(self) -> None:
+        """Just before the pivot, writes held: an in-image area is removed now, while the
+        source is surely open (after a drive-mirror pivot it may be closed at once). If the
+        pivot then fails, there is simply nothing to resume from."""
+        image = self.plan.image
+        if image is None or self.closed:
+            return
+        self.closed = True
+        if self.log is not None:
+            await self.log.close()
+        image.detach(self)
+        try:
+            await image.drop()
+        except (OSError, BlockMirrorError):
+            with contextlib.suppress(OSError, BlockMirrorError):
+                await image.disarm(self)  # at least no claim survives
+
+    async def abandon(self) -> None:
+        """Writes went on without being tracked (a failed pivot): the log stops, and it
+        claims nothing it cannot know (an in-image area is marked stale at once)."""
+        self.closed = True
+        if self.log is not None:
+            await self.log.close()
+        if self.plan.image is not None:
+            await self.plan.image.disarm(self)
 
 
 __all__ = ["ResumeCoordinator", "ResumeOptions", "ResumePlan", "identity", "plan_resume"]

@@ -15,7 +15,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-from blockmirror.block import bitmaps
+from blockmirror.block import bitmaps, io
 from blockmirror.block.create import img_create
 from blockmirror.block.node import BlockNode, Perm
 from blockmirror.block.options import close_node, open_image
@@ -130,7 +130,7 @@ def _do_backup_common(ctx: CommandContext, data: dict[str, Any], bs: BlockNode,
     if bs is target:
         raise BlockMirrorError("Source and target cannot be the same")
     compress = bool(data.get("compress", False))
-    if compress and target.format_name != "qcow2":
+    if compress and not io.supports_compressed_writes(target):
         # cf. bdrv_supports_compressed_writes; the name is the target's device name ('')
         raise BlockMirrorError("Compression is not supported for this drive ")
     _check_blocked(bs, "backup-source")

@@ -218,12 +218,23 @@ async def _mirror_extensions(args: Args, bs: BlockNode, target: BlockNode, sync:
     """x-verify and x-resume-log (docs/resume.md); absent, nothing changes."""
     params.verify = args.get_bool("x-verify", False)
     path = args.opt_str("x-resume-log")
-    if path is None:
+    store = args.opt_str("x-resume-store")
+    if path is None and store is None:
         return
+    if store not in (None, "file", "image"):
+        raise BlockMirrorError(f"Parameter 'x-resume-store' does not accept value '{store}'")
+    if store == "image":
+        if path is not None:
+            raise BlockMirrorError("Parameter 'x-resume-log' cannot be used with "
+                                   "'x-resume-store': 'image'")
+        path = ""
+    elif path is None:
+        raise BlockMirrorError("Parameter 'x-resume-log' is missing")
     if sync != "full":
-        raise BlockMirrorError("Parameter 'x-resume-log' requires sync mode 'full'")
+        what = "x-resume-store" if store == "image" else "x-resume-log"
+        raise BlockMirrorError(f"Parameter '{what}' requires sync mode 'full'")
     opts = ResumeOptions(
-        path, restart=args.get_bool("x-resume-restart", False),
+        path, store=store or "file", restart=args.get_bool("x-resume-restart", False),
         extents=args.get_int("x-resume-extents", DEFAULT_CAPACITY),
         extent_size=args.get_int("x-resume-extent-size", DEFAULT_EXTENT_SIZE))
     params.resume = await plan_resume(opts, bs, target,

@@ -338,7 +338,19 @@ class BitmapStore:
         header.autoclear |= AUTOCLEAR_BITMAPS
         await self._write_header()
 
-    async def _replace_directory(self, entries: list[DirectoryEntry]) -> None:
+    async def replace_entries(self, entries: list[DirectoryEntry],
+                              before_header: Callable[[], None]) -> None:
+        """A new directory of ``entries`` (under the driver's lock); ``before_header``
+        changes the in-memory header just before the one header write that switches to it,
+        so that other header fields change in the same write (``resume_area.py``)."""
+        await self._replace_directory(entries, before_header)
+
+    async def free_table(self, entry: DirectoryEntry) -> None:
+        """Free a bitmap's table and data clusters (an entry no longer in the directory)."""
+        await self._free_table(entry)
+
+    async def _replace_directory(self, entries: list[DirectoryEntry],
+                                 before_header: Callable[[], None] | None = None) -> None:
         """cf. update_ext_header_and_dir: write a new directory, point the header at it, free
         the old one. Runs under the driver's lock."""
         old_offset, old_size = self.directory_offset, self.directory_size
@@ -352,6 +364,8 @@ class BitmapStore:
             self._set_extension(len(entries), len(raw), offset)
         else:
             self._set_extension(0, 0, 0)
+        if before_header is not None:
+            before_header()
         await self._write_header()
         self.entries = entries
         if old_size:

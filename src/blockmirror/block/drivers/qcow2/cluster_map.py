@@ -312,11 +312,7 @@ class ClusterMap:
         """Write the changed L2 tables; ``durable``: and flush (with what came before)."""
         pieces = [(offset, struct.pack(f">{self._geometry.l2_size}Q", *self.l2_cache.peek(offset)))
                   for offset in sorted(self.l2_cache.dirty)]
-        if durable:
-            await self._file.write_durable(pieces)
-        else:
-            for offset, raw in pieces:
-                await self._file.write(offset, raw)
+        await self._file.write_pieces(pieces, durable=durable)
         self.l2_cache.clean_all()
 
     async def write_dirty_l1(self, *, durable: bool = False) -> None:
@@ -326,9 +322,5 @@ class ClusterMap:
             chunk = self.l1[sector * 64 : sector * 64 + 64]
             pieces.append((self._header.l1_table_offset + sector * 512,
                            struct.pack(f">{len(chunk)}Q", *chunk)))
-        if durable:
-            await self._file.write_durable(pieces)
-        else:
-            for offset, raw in pieces:
-                await self._file.write(offset, raw)
+        await self._file.write_pieces(pieces, durable=durable)
         self.l1_dirty.clear()

@@ -18,6 +18,7 @@ from blockmirror.block.drivers.qcow2.header import (
     EXT_BACKING_FORMAT,
     EXT_END,
     EXT_FEATURE_TABLE,
+    INCOMPAT_COMPRESSION,
     MAX_BACKING_NAME,
     MAX_L1_BYTES,
     V2_HEADER_LEN,
@@ -92,8 +93,11 @@ def _validate(
         )
     if extended_l2:
         raise BlockMirrorError("Extended L2 entries are not supported by this qcow2 driver")
-    if compression_type != "zlib":
-        raise BlockMirrorError(f"Compression type '{compression_type}' is not supported")
+    if compression_type != "zlib" and ver < 3:
+        raise BlockMirrorError(
+            "Non-zlib compression type is only supported with compatibility level 1.1 and "
+            "above (use version=v3 or greater)"
+        )
     if data_file:
         raise BlockMirrorError("External data files are not supported by this qcow2 driver")
     if backing_file is not None and len(backing_file.encode()) > MAX_BACKING_NAME:
@@ -120,6 +124,7 @@ def build_image(
     backing_fmt: str | None = None,
     lazy_refcounts: bool = False,
     preallocate: bool = False,
+    compression_type: int = 0,
 ) -> tuple[list[tuple[int, bytes]], int]:
     """The metadata writes of a new image and its final file length (sans-IO)."""
     cluster_bits = cluster_size.bit_length() - 1
@@ -162,6 +167,9 @@ def build_image(
     )
     if lazy_refcounts:
         header.compatible |= COMPAT_LAZY_REFCOUNTS
+    if compression_type:
+        header.compression_type = compression_type
+        header.incompatible |= INCOMPAT_COMPRESSION
     exts = b""
     if backing_fmt:
         exts += encode_extension(EXT_BACKING_FORMAT, backing_fmt.encode())
@@ -278,6 +286,7 @@ async def create_qcow2(
         backing_fmt=backing_fmt,
         lazy_refcounts=lazy_refcounts,
         preallocate=preallocation != "off",
+        compression_type=1 if compression_type == "zstd" else 0,
     )
     data_start = max(off + len(data) for off, data in writes)
     data_start = _ceil_div(data_start, cluster_size) * cluster_size

@@ -88,6 +88,11 @@ class DataPath:
             data = bytes(data) + bytes(length - avail)
         return data
 
+    def forget_compressed(self) -> None:
+        """Drop the last inflated cluster: a new stream may get the very same descriptor
+        (same host bytes, same length) as a freed one."""
+        self._last_compressed = None
+
     async def read_compressed(self, entry: int) -> bytes:
         if self._last_compressed is not None and self._last_compressed[0] == entry:
             return self._last_compressed[1]
@@ -97,7 +102,8 @@ class DataPath:
                 f"Compressed cluster offset {offset:#x} past the end of the image file"
             )
         raw = await self._file.read(offset, length)
-        out = compress.decompress(raw, self._geometry.cluster_size)
+        out = compress.decompress(raw, self._geometry.cluster_size,
+                                  self._header.compression_type)
         if out is None:
             raise BlockIOError(errno.EIO, "Input/output error")
         self._last_compressed = (entry, out)

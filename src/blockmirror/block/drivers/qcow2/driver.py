@@ -46,6 +46,7 @@ from blockmirror.block.drivers.qcow2.check import (
     rebuild_refcounts,
 )
 from blockmirror.block.drivers.qcow2.cluster_map import ClusterMap
+from blockmirror.block.drivers.qcow2.compressed_write import CompressedWriter
 from blockmirror.block.drivers.qcow2.corruption import CorruptionGuard
 from blockmirror.block.drivers.qcow2.data_path import DataPath
 from blockmirror.block.drivers.qcow2.header import (
@@ -69,6 +70,7 @@ from blockmirror.block.drivers.qcow2.layout import (
     ceil_div,
 )
 from blockmirror.block.drivers.qcow2.refcount_allocator import RefcountAllocator
+from blockmirror.block.drivers.qcow2.resume_area import ResumeArea
 from blockmirror.block.drivers.qcow2.snapshot_write import list_snapshots
 from blockmirror.block.drivers.qcow2.snapshots import SnapshotTable, read_snapshot_table
 from blockmirror.block.query import allocated_size
@@ -87,6 +89,7 @@ class Qcow2Driver(BlockDriver):
     supports_truncate = True
     supports_backing = True
     can_write_zeroes_with_unmap = True
+    supports_compressed_writes = True
     max_transfer = 16 * 1024 * 1024
 
     def __init__(self, node: BlockNode) -> None:
@@ -100,8 +103,11 @@ class Qcow2Driver(BlockDriver):
         self.allocator: RefcountAllocator
         self.cluster_map: ClusterMap
         self.data_path: DataPath
+        self.compressed: CompressedWriter
         self.snapshots = SnapshotTable()
         self.bitmap_store: BitmapStore
+        #: a mirror's resume state kept in the image (resume_area.py)
+        self.resume_area: ResumeArea
         self._preallocation_checked = False
 
     # --- open -------------------------------------------------------------------------------
@@ -134,8 +140,16 @@ class Qcow2Driver(BlockDriver):
             self.node, geometry, header, image_file, self.allocator, self.cluster_map,
             self.corruption, self.lock, self._write_back,
         )
+        self.compressed = CompressedWriter(
+            geometry, header, image_file, self.allocator, self.cluster_map, self.data_path,
+            self.lock, self._write_back,
+        )
         self.bitmap_store = BitmapStore(
             self.node, geometry, header, image_file, self.allocator, self._flush_locked
+        )
+        self.resume_area = ResumeArea(
+            self.node, geometry, header, image_file, self.allocator, self.bitmap_store,
+            self.lock, self._flush_locked,
         )
         await self.cluster_map.load_l1()
         await self.allocator.load_table()
@@ -144,6 +158,8 @@ class Qcow2Driver(BlockDriver):
         await self.bitmap_store.read_directory()
         await self._check_metadata_layout()
 
+        # a current resume area keeps its bit until a write nobody tracks
+        keep = AUTOCLEAR_BITMAPS | await self.resume_area.examine()
         writable = not self.node.read_only
         if writable:
             changed = False
@@ -158,10 +174,10 @@ class Qcow2Driver(BlockDriver):
                 await self._check_metadata_layout()
                 header.incompatible &= ~INCOMPAT_DIRTY
                 changed = True
-            if header.version == 3 and header.autoclear & ~AUTOCLEAR_BITMAPS:
+            if header.version == 3 and header.autoclear & ~keep:
                 # the other autoclear extensions are not maintained here: clearing their
                 # bits tells other readers they are stale
-                header.autoclear &= AUTOCLEAR_BITMAPS
+                header.autoclear &= keep
                 changed = True
             if stale_bitmaps:
                 await image_file.write_header_cluster(header, geometry.cluster_size)
@@ -172,6 +188,7 @@ class Qcow2Driver(BlockDriver):
         # persistent bitmaps become the node's named bitmaps (marked in use on disk)
         async with self.lock:
             await self.bitmap_store.load(self.node.bitmaps, writable)
+        self.resume_area.opened()
 
     async def _check_metadata_layout(self) -> None:
         clusters = check_metadata_layout(
@@ -192,7 +209,7 @@ class Qcow2Driver(BlockDriver):
     def info(self) -> DriverInfo:
         header = self.header
         data: dict[str, Any] = {"compat": "1.1" if header.version == 3 else "0.10"}
-        data["compression-type"] = "zlib"
+        data["compression-type"] = "zstd" if header.compression_type == 1 else "zlib"
         if header.version == 3:
             data["lazy-refcounts"] = bool(header.compatible & COMPAT_LAZY_REFCOUNTS)
             if self.bitmap_store.entries and header.autoclear & AUTOCLEAR_BITMAPS:
@@ -233,10 +250,21 @@ class Qcow2Driver(BlockDriver):
         self.corruption.check_usable()
         if not data:
             return
+        if self.resume_area.needs_guard:
+            await self.resume_area.guard()
         view = memoryview(data)
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
         await self.data_path.write(offset, view)
+
+    async def pwritev_compressed(self, offset: int, data: bytes | memoryview) -> None:
+        self.corruption.check_usable()
+        if self.resume_area.needs_guard:
+            await self.resume_area.guard()
+        view = memoryview(data)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        await self.compressed.write(offset, view)
 
     async def read_extents(self, extents: list[tuple[int, int]]) -> list[bytes] | None:
         self.corruption.check_usable()
@@ -244,6 +272,8 @@ class Qcow2Driver(BlockDriver):
 
     async def write_extents(self, pieces: list[tuple[int, memoryview]]) -> bool:
         self.corruption.check_usable()
+        if self.resume_area.needs_guard:
+            await self.resume_area.guard()
         views: list[tuple[int, memoryview]] = []
         for offset, data in pieces:
             view = data if data.format == "B" and data.ndim == 1 else data.cast("B")
@@ -269,6 +299,8 @@ class Qcow2Driver(BlockDriver):
         fill: Callable[[list[tuple[int, int, int]]], Awaitable[None]],
     ) -> bool:
         self.corruption.check_usable()
+        if self.resume_area.needs_guard:
+            await self.resume_area.guard()
         return await self.data_path.write_via(extents, fill)
 
     async def zero_extents(self, extents: list[tuple[int, int]], flags: WriteFlags) -> bool:
@@ -277,6 +309,8 @@ class Qcow2Driver(BlockDriver):
         if self.header.version != 3 or flags & WriteFlags.NO_FALLBACK:
             return False
         self.corruption.check_usable()
+        if self.resume_area.needs_guard:
+            await self.resume_area.guard()
         cluster_size, size = self.geometry.cluster_size, self.header.size
         spans: list[tuple[int, int]] = []
         for offset, length in extents:
@@ -324,6 +358,8 @@ class Qcow2Driver(BlockDriver):
 
     async def pwrite_zeroes(self, offset: int, length: int, flags: WriteFlags) -> None:
         self.corruption.check_usable()
+        if self.resume_area.needs_guard:
+            await self.resume_area.guard()
         unmap = bool(flags & WriteFlags.MAY_UNMAP)
         cluster_size, cluster_bits = self.geometry.cluster_size, self.geometry.cluster_bits
         end = offset + length
@@ -397,6 +433,8 @@ class Qcow2Driver(BlockDriver):
 
     async def pdiscard(self, offset: int, length: int) -> None:
         self.corruption.check_usable()
+        if self.resume_area.needs_guard:
+            await self.resume_area.guard()
         cluster_size, cluster_bits = self.geometry.cluster_size, self.geometry.cluster_bits
         end = offset + length
         first = ceil_div(offset, cluster_size)
@@ -555,6 +593,8 @@ class Qcow2Driver(BlockDriver):
         if preallocation != "off":
             raise BlockIOError(errno.ENOTSUP, f"Unsupported preallocation mode '{preallocation}'")
         header = self.header
+        if self.resume_area.needs_guard:
+            await self.resume_area.guard()
         if length < header.size:
             await self._shrink(length)
             return

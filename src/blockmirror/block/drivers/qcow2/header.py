@@ -171,8 +171,6 @@ def parse_header(buf: bytes, filename: str, file_length: int) -> Header:
             )
     elif header.compression_type != 0:
         raise _fail(filename, "qcow2: Compression type incompatible feature bit must be set")
-    if header.compression_type == 1:
-        raise _fail(filename, "Compression type 'zstd' is not supported")
     if header.compression_type > 1:
         raise _fail(filename, f"qcow2: unknown compression type: {header.compression_type}")
 

@@ -151,6 +151,14 @@ class ImageFile:
     async def flush(self) -> None:
         await self.node.flush()
 
+    async def write_pieces(self, pieces: list[tuple[int, bytes]], *, durable: bool) -> None:
+        """Write metadata ``pieces`` in order; ``durable``: see ``write_durable``."""
+        if durable:
+            await self.write_durable(pieces)
+            return
+        for offset, data in pieces:
+            await self.write(offset, data)
+
     async def write_durable(self, pieces: list[tuple[int, bytes]]) -> None:
         """Write ``pieces``, then make them and every earlier write durable.
 

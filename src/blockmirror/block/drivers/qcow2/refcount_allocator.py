@@ -57,6 +57,9 @@ class RefcountAllocator:
         #: one past the highest cluster that is in the file or allocated
         self.end = 0
         self.free_hint = 0
+        #: where the next compressed stream may go: the free tail of the host cluster the
+        #: last one ended in (0: none; never cluster-aligned otherwise), cf. free_byte_offset
+        self.free_byte_offset = 0
 
     async def load_table(self) -> None:
         header = self._header
@@ -71,6 +74,7 @@ class RefcountAllocator:
         self.table_dirty = False
         self.blocks = TableCache(self.blocks.budget)
         self.end = end
+        self.free_byte_offset = 0
 
     @property
     def dirty(self) -> bool:
@@ -238,6 +242,37 @@ class RefcountAllocator:
             return "active L1 table"
         return "qcow2 metadata"
 
+    async def allocate_bytes(self, size: int) -> int:
+        """Room for a compressed stream of ``size`` bytes (0 < size < a cluster): the host
+        byte offset, with one more reference on every host cluster the stream touches (cf.
+        qcow2_alloc_bytes). Streams are packed back to back: one goes after the previous one
+        in the same cluster, or runs on into the next cluster when that is the one allocated
+        next; otherwise it starts a fresh cluster and the old tail stays unused."""
+        geometry = self._geometry
+        bits, cluster_size = geometry.cluster_bits, geometry.cluster_size
+        assert 0 < size <= cluster_size
+        offset = self.free_byte_offset
+        if offset:
+            cluster = offset >> bits
+            # a tail whose cluster was freed meanwhile (or is full of references) is gone
+            if cluster >= self.end or await self.refcount(cluster) in (0, geometry.refcount_max):
+                offset = 0
+        free_in_cluster = cluster_size - (offset & (cluster_size - 1))
+        if not offset or free_in_cluster < size:
+            new_cluster = await self.allocate(1)  # its reference is the stream's
+            if new_cluster == 0:
+                raise await self._signal_corruption(
+                    "Preventing invalid allocation of compressed cluster at offset 0")
+            if offset and ((offset >> bits) + 1) == new_cluster:
+                await self.add(offset >> bits, 1)  # the stream starts in the old tail
+            else:
+                offset = new_cluster << bits
+        else:
+            await self.add(offset >> bits, 1)
+        end = offset + size
+        self.free_byte_offset = end if end & (cluster_size - 1) else 0
+        return offset
+
     async def _grow_table(self, index_needed: int) -> None:
         """Move the refcount table to a bigger one at the end of the image."""
         geometry = self._geometry
@@ -291,20 +326,13 @@ class RefcountAllocator:
         pieces = [(self.table[index] & REFT_OFFSET_MASK,
                    encode_block(self.blocks.peek(index), self._header.refcount_order))
                   for index in sorted(self.blocks.dirty)]
-        if durable:
-            await self._file.write_durable(pieces)
-        else:
-            for offset, raw in pieces:
-                await self._file.write(offset, raw)
+        await self._file.write_pieces(pieces, durable=durable)
         self.blocks.clean_all()
 
     async def write_table(self, *, durable: bool = False) -> None:
         table = self.table
         piece = (self._header.refcount_table_offset, struct.pack(f">{len(table)}Q", *table))
-        if durable:
-            await self._file.write_durable([piece])
-        else:
-            await self._file.write(*piece)
+        await self._file.write_pieces([piece], durable=durable)
         self.table_dirty = False
 
     # --- freeing -------------------------------------------------------------------------
@@ -331,6 +359,8 @@ class RefcountAllocator:
                 self.pending_free.append(cluster)
                 continue
             if await self.add(cluster, -1) == 0:
+                if self.free_byte_offset >> self._geometry.cluster_bits == cluster:
+                    self.free_byte_offset = 0  # its tail must not take streams any more
                 self.metadata_clusters.discard(cluster)
                 self.free_hint = min(self.free_hint, cluster)
                 released.append(cluster)

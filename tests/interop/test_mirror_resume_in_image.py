@@ -1,0 +1,532 @@
+"""The resume log kept inside the qcow2 source (``x-resume-store: "image"``, issue 12).
+
+* SIGKILL of a live mirror with a writer at seeded moments (copy, READY, write-blocking):
+  the restarted mirror resumes from the state in the source, plans exactly what that state
+  says (checkpoint dirty + hot extents), within the live state at the kill plus the
+  checkpoint's lag, and ends with a target equal to the writer's model. ``qemu-img check``
+  of the source after each kill finds no corruption and does not count the area as leaked;
+  after the pivot the area is gone and both images check clean.
+* A read-write open by QEMU in between (``qemu-io``, even one that only reads) clears our
+  autoclear bit: the resume is refused, and the error says why. So is a write through our own
+  daemon while no mirror tracks the source.
+* ``qemu-img info`` shows the area's bitmap (in use) while it exists, and nothing after.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import struct
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_mirror_resume_kill import (
+    Monitor,
+    Writer,
+    _export,
+    _node,
+    _sh,
+    _start,
+    _wait_socket,
+)
+
+from blockmirror.block.dirty_bitmap import DirtyBitmap
+from blockmirror.block.drivers.qcow2.resume_area import (
+    AUTOCLEAR_RESUME,
+    EXT_RESUME,
+    RESUME_BITMAP,
+)
+from blockmirror.jobs.mirror.image_store import read_image_log
+from conftest import require_tool
+
+pytestmark = pytest.mark.interop
+
+MiB = 1 << 20
+SIZE = 16 * MiB
+GRAN = 64 * 1024
+EXTENT = 1 * MiB
+EXTENTS = 4
+
+CASES = [(phase, seed, "file") for seed in (1, 2)
+         for phase in ("copy", "ready", "write-blocking")]
+CASES += [("copy", 3, "nbd"), ("ready", 3, "nbd")]
+
+
+def _args(**extra: Any) -> dict[str, Any]:
+    return {"job-id": "m", "device": "src", "target": "tgt", "sync": "full",
+            "granularity": GRAN, "x-resume-store": "image", "x-resume-extents": EXTENTS,
+            "x-resume-extent-size": EXTENT, **extra}
+
+
+class ImageWriter(Writer):
+    """``Writer``, reading the checkpoint sequence from the source image between writes."""
+
+    def __init__(self, uri: str, model: bytearray, rng: random.Random, image: str) -> None:
+        super().__init__(uri, model, rng)
+        self.image = image
+        #: checkpoint sequence last seen, and chunk bytes written since it and the one before
+        self.ckpt_seq = -1
+        self.since_ckpt = 0
+        self.since_prev = 0
+
+    def write(self, offset: int, length: int, value: int) -> None:
+        super().write(offset, length, value)  # (``log`` stays None: no sidecar to read)
+        span = (-(-(offset + length) // GRAN) - offset // GRAN) * GRAN
+        try:
+            found = read_image_log(self.image)
+            seq = found[0].ckpt_seq if found else -1
+        except (OSError, ValueError):
+            seq = -1
+        if seq != self.ckpt_seq:
+            self.ckpt_seq, self.since_prev, self.since_ckpt = seq, self.since_ckpt, 0
+        self.since_ckpt += span
+
+
+def _bound(image: str) -> tuple[int, int]:
+    found = read_image_log(image)
+    assert found is not None, "no resume state in the source"
+    rec, current = found
+    assert current, "the resume state's autoclear bit is clear"
+    bm = DirtyBitmap(SIZE, GRAN)
+    g = rec.geometry.granularity
+    for i in range(SIZE // g):
+        if rec.bitmap[i // 8] & (1 << (i % 8)):
+            bm.set_dirty(i * g, g)
+    for e in rec.hot:
+        bm.set_dirty(e * rec.geometry.extent_size, rec.geometry.extent_size)
+    return bm.dirty_count(), len(rec.hot) * rec.geometry.extent_size
+
+
+def _header(path: str) -> tuple[int, list[int]]:
+    """(autoclear bits, header extension types) of a qcow2 file."""
+    data = Path(path).read_bytes()[:65536]
+    autoclear = struct.unpack_from(">Q", data, 88)[0]
+    pos = struct.unpack_from(">I", data, 100)[0]
+    types = []
+    while True:
+        t, n = struct.unpack_from(">II", data, pos)
+        if t == 0:
+            return autoclear, types
+        types.append(t)
+        pos += 8 + (n + 7) // 8 * 8
+
+
+def _check(path: str, *, leaks_ok: bool = False) -> dict[str, Any]:
+    p = subprocess.run(["qemu-img", "check", "--output=json", path], capture_output=True,
+                       text=True)
+    out: dict[str, Any] = json.loads(p.stdout)
+    assert out.get("corruptions", 0) == 0 and out.get("check-errors", 0) == 0, out
+    assert p.returncode in ((0, 3) if leaks_ok else (0,)), (p.returncode, out)
+    return out
+
+
+def _bitmaps(path: str, *extra: str) -> list[dict[str, Any]]:
+    info = json.loads(_sh("qemu-img", "info", *extra, "--output=json", path))
+    data = info["format-specific"]["data"]
+    return list(data.get("bitmaps", []))
+
+
+def _wait_area(m: Monitor, path: str) -> None:
+    """The job writes its area when it starts, just after blockdev-mirror returned."""
+    for _ in range(10000):
+        if _header(path)[0] & AUTOCLEAR_RESUME:
+            return
+        m.job()  # a round trip to the daemon between looks
+    raise AssertionError("the mirror did not write its resume state into the source")
+
+
+def _case(tmp: Path, phase: str, seed: int, tkind: str) -> dict[str, int]:
+    rng = random.Random(f"in-image{phase}{seed}")
+    initial = bytearray(SIZE)
+    for _ in range(24):
+        o = rng.randrange(0, SIZE - MiB) // GRAN * GRAN
+        n = rng.randrange(1, 16) * GRAN
+        initial[o:o + n] = rng.randbytes(n)
+    model_path = tmp / "model.raw"
+    model_path.write_bytes(initial)
+    src_path, tgt_path = str(tmp / "src.qcow2"), str(tmp / "tgt.qcow2")
+    _sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(model_path), src_path)
+    _sh("qemu-img", "create", "-q", "-f", "qcow2", tgt_path, str(SIZE))
+    src = _node("src", "qcow2", {"driver": "file", "filename": src_path})
+    tgt = _node("tgt", "qcow2", {"driver": "file", "filename": tgt_path})
+    nbd_srv: subprocess.Popen[bytes] | None = None
+    if tkind == "nbd":
+        tsock = str(tmp / "target-nbd.sock")
+        nbd_srv = subprocess.Popen(["qemu-nbd", "-t", "-f", "qcow2", "-k", tsock, "-x", "tgt",
+                                    "--cache=writeback", tgt_path])
+        _wait_socket(tsock, nbd_srv)
+        tgt = _node("tgt", "raw", {"driver": "nbd", "export": "tgt",
+                                   "server": {"type": "unix", "path": tsock}})
+    try:
+        return _run_case(tmp, phase, rng, initial, src_path, tgt_path, src, tgt, nbd_srv)
+    finally:
+        if nbd_srv is not None:
+            nbd_srv.terminate()
+            nbd_srv.wait(10)
+
+
+def _run_case(tmp: Path, phase: str, rng: random.Random, initial: bytearray, src_path: str,
+              tgt_path: str, src: dict[str, Any], tgt: dict[str, Any],
+              nbd_srv: subprocess.Popen[bytes] | None) -> dict[str, int]:
+    model_path = tmp / "model.raw"
+    model = bytearray(initial)
+    # --- run 1: mirror, write, SIGKILL -----------------------------------------------------
+    d, m = _start(tmp, 1, src, tgt)
+    try:
+        extra: dict[str, Any] = {}
+        if phase == "copy":
+            extra = {"speed": 8 * MiB, "buf-size": MiB}
+        if phase == "write-blocking":
+            extra["copy-mode"] = "write-blocking"
+        m.cmd("blockdev-mirror", _args(**extra))
+        _wait_area(m, src_path)
+        # mid-mirror, QEMU shows the area's bitmap, in use (-U: the daemon holds the lock)
+        assert _bitmaps(src_path, "-U") == [
+            {"name": RESUME_BITMAP, "granularity": GRAN, "flags": ["in-use"]}]
+        autoclear, exts = _header(src_path)
+        assert autoclear & AUTOCLEAR_RESUME and EXT_RESUME in exts, (autoclear, exts)
+        w = ImageWriter(_export(m, tmp, 1), model, rng, src_path)
+        ready_mark: int | None = None
+        try:
+            if phase == "copy":
+                frac = rng.uniform(0.3, 0.85)
+                while m.job()["offset"] < frac * SIZE:
+                    w.random_write()
+                assert not m.job()["ready"]
+            else:
+                kill_in_copy = phase == "write-blocking" and rng.random() < 0.5
+                before_last = w.chunk_bytes
+                while not kill_in_copy and not m.job()["ready"]:
+                    before_last = w.chunk_bytes
+                    w.random_write()
+                if not kill_in_copy:
+                    ready_mark = before_last
+                for _ in range(rng.randrange(2, 40)):
+                    w.random_write()
+            done = m.job()
+            remaining_at_kill = done["len"] - done["offset"]
+            if rng.random() < 0.5:
+                w.send_unacked()
+            d.kill()
+        finally:
+            w.close()
+    finally:
+        d.kill()
+    pending = w.pending
+    unacked = 65536 + GRAN if pending else 0
+    since_ckpt = w.since_prev + w.since_ckpt + unacked
+    if ready_mark is not None:
+        since_ckpt = w.chunk_bytes - ready_mark + unacked
+    # after the kill: no corruption; leaks only from the guest's last allocations (a
+    # read-write repair would clear our bit, so it waits until after the pivot)
+    check = _check(src_path, leaks_ok=True)
+    killed_leaks = check.get("leaks", 0)
+    assert _bitmaps(src_path) == [
+        {"name": RESUME_BITMAP, "granularity": GRAN, "flags": ["in-use"]}]
+    bound, hot = _bound(src_path)
+    if nbd_srv is None:
+        p = subprocess.run(["qemu-img", "check", "-q", "-r", "leaks", tgt_path],
+                           capture_output=True, text=True)
+        assert p.returncode == 0, p.stdout + p.stderr
+    # --- run 2: resume ---------------------------------------------------------------------
+    d, m = _start(tmp, 2, src, tgt)
+    try:
+        m.cmd("blockdev-mirror", _args())
+        info = m.job()
+        recopy = SIZE - info["x-resumed"]
+        assert recopy == bound, (recopy, bound)
+        w = ImageWriter(_export(m, tmp, 2), model, rng, src_path)
+        try:
+            if pending is not None:
+                w.write(*pending, rng.randrange(1, 256))
+            for _ in range(rng.randrange(0, 10)):
+                w.random_write()
+            m.wait_event("BLOCK_JOB_READY")
+            info = m.job()
+            moved = info["x-copied"] + info["x-zero-skipped"]
+            assert moved <= recopy + w.chunk_bytes, (moved, recopy, w.chunk_bytes)
+            m.cmd("block-job-complete", {"device": "m"})
+            ev = m.wait_event("BLOCK_JOB_COMPLETED")
+            assert "error" not in ev["data"], ev
+            w.random_write()
+        finally:
+            w.close()
+        # the area is gone from the source, which is still open
+        assert _bitmaps(src_path, "-U") == []
+        m.cmd("quit")
+        d.proc.wait(30)
+    finally:
+        d.kill()
+    autoclear, exts = _header(src_path)
+    assert not autoclear & AUTOCLEAR_RESUME and EXT_RESUME not in exts, (autoclear, exts)
+    assert read_image_log(src_path) is None
+    if killed_leaks:
+        _sh("qemu-img", "check", "-q", "-r", "leaks", src_path)
+    _check(src_path)
+    if nbd_srv is not None:
+        nbd_srv.terminate()
+        nbd_srv.wait(10)
+    model_path.write_bytes(model)
+    _sh("qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2", str(model_path), tgt_path)
+    _check(tgt_path)
+    return {"recopy": recopy, "bound": bound, "hot": hot, "since": since_ckpt,
+            "remaining_at_kill": remaining_at_kill, "leaks": killed_leaks}
+
+
+@pytest.mark.parametrize(("phase", "seed", "tkind"), CASES,
+                         ids=[f"{p}-{s}-{t}" for p, s, t in CASES])
+def test_sigkill_then_resume_from_the_image(tmp_path: Path, phase: str, seed: int,
+                                            tkind: str) -> None:
+    require_tool("qemu-io", "qemu-img", "qemu-nbd")
+    stats = _case(tmp_path, phase, seed, tkind)
+    assert stats["recopy"] < SIZE, stats
+    lag = 2 * MiB + GRAN + stats["since"]
+    assert stats["recopy"] <= stats["remaining_at_kill"] + stats["hot"] + lag, stats
+    print(f"in-image resume {phase}/{seed}/{tkind}: recopy {stats['recopy']} of {SIZE} (hot "
+          f"{stats['hot']}, remaining at kill {stats['remaining_at_kill']}, source leaks "
+          f"after the kill {stats['leaks']})")
+
+
+def _setup(tmp: Path) -> tuple[str, str, dict[str, Any], dict[str, Any]]:
+    src_path, tgt_path = str(tmp / "src.qcow2"), str(tmp / "tgt.qcow2")
+    raw = tmp / "data.raw"
+    raw.write_bytes(random.Random(5).randbytes(SIZE))
+    _sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), src_path)
+    _sh("qemu-img", "create", "-q", "-f", "qcow2", tgt_path, str(SIZE))
+    return (src_path, tgt_path, _node("src", "qcow2", {"driver": "file", "filename": src_path}),
+            _node("tgt", "qcow2", {"driver": "file", "filename": tgt_path}))
+
+
+def _to_ready(m: Monitor) -> None:
+    m.cmd("blockdev-mirror", _args())
+    m.wait_event("BLOCK_JOB_READY")
+
+
+def test_resume_refused_after_a_foreign_read_write_open(tmp_path: Path) -> None:
+    require_tool("qemu-io", "qemu-img")
+    src_path, tgt_path, src, tgt = _setup(tmp_path)
+    stale = (f"Cannot resume the mirror: the resume state in the qcow2 source '{src_path}' "
+             "is stale: its autoclear bit is clear: the image was opened read-write by "
+             "another program, or written while no mirror tracked it, since the resume state "
+             "was written. Use a full restart instead")
+    for run, end in ((1, "kill"), (3, "cancel")):
+        d, m = _start(tmp_path, run, src, tgt)
+        try:
+            _to_ready(m)
+            if end == "cancel":
+                m.cmd("block-job-cancel", {"device": "m"})
+                m.wait_event("BLOCK_JOB_COMPLETED")
+                m.cmd("quit")
+                d.proc.wait(30)
+        finally:
+            d.kill()
+        assert _header(src_path)[0] & AUTOCLEAR_RESUME
+        # QEMU opens it read-write and only reads: that clears our bit, keeps the rest
+        _sh("qemu-io", "-c", "read 0 512", src_path)
+        autoclear, exts = _header(src_path)
+        assert not autoclear & AUTOCLEAR_RESUME and EXT_RESUME in exts, (autoclear, exts)
+        assert _bitmaps(src_path) == [
+            {"name": RESUME_BITMAP, "granularity": GRAN, "flags": ["in-use"]}]
+        _check(src_path)
+        d, m = _start(tmp_path, run + 1, src, tgt)
+        try:
+            rsp = m.try_cmd("blockdev-mirror", _args())
+            assert rsp["error"]["class"] == "GenericError", rsp
+            assert rsp["error"]["desc"] == stale, rsp
+            assert m.cmd("query-block-jobs") == []
+            # the full restart the error offers replaces the stale area
+            m.cmd("blockdev-mirror", _args(**{"x-resume-restart": True}))
+            assert m.job()["x-resumed"] == 0
+            m.wait_event("BLOCK_JOB_READY")
+            m.cmd("block-job-complete", {"device": "m"})
+            ev = m.wait_event("BLOCK_JOB_COMPLETED")
+            assert "error" not in ev["data"], ev
+            m.cmd("quit")
+            d.proc.wait(30)
+        finally:
+            d.kill()
+        assert _bitmaps(src_path) == []
+        autoclear, exts = _header(src_path)
+        assert not autoclear & AUTOCLEAR_RESUME and EXT_RESUME not in exts, (autoclear, exts)
+        _check(src_path)
+        _check(tgt_path)
+
+
+def test_clean_stop_resumes_and_untracked_write_refuses(tmp_path: Path) -> None:
+    """Cancelled cleanly, reopened by our daemon only: resumes with nothing to recopy. In
+    the same daemon, a write while no mirror tracks the source clears the bit first."""
+    require_tool("qemu-io", "qemu-img")
+    src_path, _, src, _ = _setup(tmp_path)
+    # a raw target: closing a qcow2 target after the closed checkpoint moves its
+    # modification time (a limit of the sidecar's clean-stop check, not of this store)
+    raw = tmp_path / "tgt.raw"
+    raw.write_bytes(bytes(SIZE))
+    tgt = _node("tgt", "raw", {"driver": "file", "filename": str(raw)})
+    d, m = _start(tmp_path, 1, src, tgt)
+    try:
+        _to_ready(m)
+        m.cmd("block-job-cancel", {"device": "m"})
+        m.wait_event("BLOCK_JOB_COMPLETED")
+        m.cmd("quit")
+        d.proc.wait(30)
+    finally:
+        d.kill()
+    _check(src_path)
+    d, m = _start(tmp_path, 2, src, tgt)
+    try:
+        m.cmd("blockdev-mirror", _args())
+        assert m.job()["x-resumed"] == SIZE
+        # the area's bitmap cannot be removed while the source is open
+        rsp = m.try_cmd("block-dirty-bitmap-remove", {"node": "src", "name": RESUME_BITMAP})
+        assert rsp["error"]["desc"] == (f"Bitmap '{RESUME_BITMAP}' is currently in use by "
+                                        "another operation and cannot be used"), rsp
+        m.wait_event("BLOCK_JOB_READY")
+        m.cmd("block-job-cancel", {"device": "m"})
+        m.wait_event("BLOCK_JOB_COMPLETED")
+        assert _header(src_path)[0] & AUTOCLEAR_RESUME
+        uri = _export(m, tmp_path, 2)
+        _sh("qemu-io", "-f", "raw", "-c", "write -P 7 4096 512", uri)
+        assert not _header(src_path)[0] & AUTOCLEAR_RESUME
+        rsp = m.try_cmd("blockdev-mirror", _args())
+        assert rsp["error"]["desc"] == (
+            f"Cannot resume the mirror: the resume state in the qcow2 source '{src_path}' is "
+            "stale: it was written while no mirror tracked it. Use a full restart instead"), rsp
+        m.cmd("block-export-del", {"id": "e0"})
+        m.cmd("quit")
+        d.proc.wait(30)
+    finally:
+        d.kill()
+    _check(src_path)
+
+
+def test_image_store_argument_errors(tmp_path: Path) -> None:
+    require_tool("qemu-img")
+    src_path, _, src, tgt = _setup(tmp_path)
+    raw = tmp_path / "r.raw"
+    raw.write_bytes(bytes(SIZE))
+    d, m = _start(tmp_path, 1, src, tgt)
+    try:
+        m.cmd("blockdev-add", _node("r", "raw", {"driver": "file", "filename": str(raw)}))
+        v2 = str(tmp_path / "v2.qcow2")
+        _sh("qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=0.10", v2, str(SIZE))
+        m.cmd("blockdev-add", _node("v2", "qcow2", {"driver": "file", "filename": v2}))
+        cases = [
+            (_args(**{"x-resume-log": str(tmp_path / "x")}),
+             "Parameter 'x-resume-log' cannot be used with 'x-resume-store': 'image'"),
+            (_args(**{"x-resume-store": "disk"}),
+             "Parameter 'x-resume-store' does not accept value 'disk'"),
+            (_args(**{"x-resume-store": "file"}), "Parameter 'x-resume-log' is missing"),
+            (_args(device="r"),
+             "Parameter 'x-resume-store': 'image' needs a qcow2 source in a local file"),
+            (_args(device="v2"),
+             "Parameter 'x-resume-store': 'image' needs a qcow2 v3 (compat=1.1) source"),
+        ]
+        for args, want in cases:
+            rsp = m.try_cmd("blockdev-mirror", args)
+            assert rsp["error"]["desc"] == want, rsp
+        assert m.cmd("query-block-jobs") == []
+    finally:
+        d.kill()
+    _check(src_path)
+
+
+def test_cli_resume_store_image(tmp_path: Path) -> None:
+    """``blockmirror mirror --resume-store image``: SIGKILLed mid-copy, the same command
+    resumes from the state in the qcow2 source and says so; afterwards the area is gone."""
+    require_tool("qemu-img")
+    import re
+    import sys
+
+    size = 32 * MiB
+    raw = tmp_path / "data.raw"
+    raw.write_bytes(random.Random(7).randbytes(size))
+    src, dst = str(tmp_path / "src.qcow2"), str(tmp_path / "dst.raw")
+    _sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), src)
+    cmd = [sys.executable, "-m", "blockmirror.cli.main", "mirror", "--source-format",
+           "qcow2", "--format", "raw", "--resume-store", "image"]
+    proc = subprocess.Popen([*cmd, "--speed", "16M", "--buf-size", "1M", "--json", src, dst],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            msg = json.loads(line)
+            if msg.get("type") == "progress" and msg["done"] >= size // 4:
+                break
+        else:
+            raise AssertionError(f"the mirror ended early: {proc.wait()}")
+        proc.kill()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+    assert proc.returncode == -9
+    assert _header(src)[0] & AUTOCLEAR_RESUME
+    assert not Path(f"{dst}.blockmirror-resume").exists()  # no sidecar
+    _check(src, leaks_ok=True)
+    p = subprocess.run([*cmd, src, dst], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    m = re.search(r"^resumed: (\d+\.\d) MiB to recopy of 32\.0 MiB$", p.stdout, re.M)
+    assert m is not None, p.stdout
+    assert float(m.group(1)) < 32 * 0.9
+    assert Path(dst).read_bytes() == raw.read_bytes()
+    assert _bitmaps(src) == []
+    autoclear, exts = _header(src)
+    assert not autoclear & AUTOCLEAR_RESUME and EXT_RESUME not in exts
+
+
+def _drop_extension(path: str) -> None:
+    """Rewrite the header's extensions without ours (the bit stays set)."""
+    with open(path, "r+b") as f:
+        data = bytearray(f.read(65536))
+        pos = start = struct.unpack_from(">I", data, 100)[0]
+        kept = b""
+        while True:
+            t, n = struct.unpack_from(">II", data, pos)
+            step = 8 + (n + 7) // 8 * 8
+            if t == 0:
+                break
+            if t != EXT_RESUME:
+                kept += bytes(data[pos:pos + step])
+            pos += step
+        assert not struct.unpack_from(">Q", data, 8)[0], "a backing file would move"
+        data[start:pos + 8] = (kept + bytes(8)).ljust(pos + 8 - start, b"\0")
+        f.seek(0)
+        f.write(data)
+
+
+def test_resume_refused_when_the_state_is_incomplete(tmp_path: Path) -> None:
+    """The bit without our extension (a tool rewrote the header): refused, and the bit is
+    cleared by our read-write open, as an unknown bit."""
+    require_tool("qemu-img")
+    src_path, tgt_path, src, tgt = _setup(tmp_path)
+    assert Path(tgt_path).exists()
+    d, m = _start(tmp_path, 1, src, tgt)
+    try:
+        _to_ready(m)
+    finally:
+        d.kill()
+    _drop_extension(src_path)
+    autoclear, exts = _header(src_path)
+    assert autoclear & AUTOCLEAR_RESUME and EXT_RESUME not in exts
+    d, m = _start(tmp_path, 2, src, tgt)
+    try:
+        assert not _header(src_path)[0] & AUTOCLEAR_RESUME
+        rsp = m.try_cmd("blockdev-mirror", _args())
+        assert rsp["error"]["desc"] == (
+            f"Cannot resume the mirror: the resume state in the qcow2 source '{src_path}' is "
+            f"stale: its resume state is incomplete (extension {EXT_RESUME:#x} and bitmap "
+            f"'{RESUME_BITMAP}' do not describe the same clusters). Use a full restart "
+            "instead"), rsp
+        m.cmd("blockdev-mirror", _args(**{"x-resume-restart": True}))
+        m.wait_event("BLOCK_JOB_READY")
+        m.cmd("block-job-complete", {"device": "m"})
+        ev = m.wait_event("BLOCK_JOB_COMPLETED")
+        assert "error" not in ev["data"], ev
+        m.cmd("quit")
+        d.proc.wait(30)
+    finally:
+        d.kill()
+    assert _bitmaps(src_path) == []
+    _check(src_path)
