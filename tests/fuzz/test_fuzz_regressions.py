@@ -288,3 +288,22 @@ def test_secret_file_with_a_nul_is_not_an_internal_error(tmp_path: Path) -> None
     out = _qmp_run(tmp_path, [
         ("object-add", {"qom-type": "secret", "id": "s2", "file": f"{tmp_path}/k\0y"})])
     assert out[0] == {"return": {}}, out
+
+
+def test_authz_listfile_with_a_nul_is_not_an_internal_error(tmp_path: Path) -> None:
+    """Found by fuzz/h_qmp.py: object-add authz-listfile with a NUL in 'filename' answered
+    'internal error: embedded null byte'. As for every file name QEMU takes from JSON, the
+    NUL is the bytes C0 80 on the host (the qsd here lacks authz-listfile to compare the
+    text; glib's g_file_get_contents message shows C0 80 as two U+FFFD, as in the secret
+    case above)."""
+    d = str(tmp_path)
+    os.close(os.open(bytes(tmp_path) + b"/a\xc0\x80l", os.O_CREAT | os.O_WRONLY))
+    out = _qmp_run(tmp_path, [
+        ("object-add", {"qom-type": "authz-listfile", "id": "z0",
+                        "filename": f"{d}/\u00e9\0\n", "refresh": True}),
+        ("object-add", {"qom-type": "authz-listfile", "id": "z1",
+                        "filename": f"{d}/a\0l", "refresh": True})])
+    assert out[0] == {"error": {"class": "GenericError", "desc":
+                      f"Failed to open file \u201c{d}/\u00e9\ufffd\ufffd\n\u201d: "
+                      "No such file or directory"}}, out
+    assert out[1] == {"return": {}}, out  # an empty list file, by its C0 80 name
