@@ -21,7 +21,8 @@ and the proxy counts what it did (``stats``), so a test can wait for a fault and
 - ``Reorder``: hold the reply back and send it after the next reply (only where another request
   is outstanding, so that the reorder can happen at all; it waits for such a reply otherwise).
 - ``Garbage``: corrupt the reply: ``kind="magic"`` (a bad reply magic) or ``kind="cookie"``
-  (a cookie never asked for) or ``kind="duplicate"`` (the reply is sent twice).
+  (a cookie never asked for) or ``kind="duplicate"`` (the reply is sent twice); with
+  ``then_silent=True`` no reply follows it on that connection.
 - ``slow(bytes_per_s)``: a bandwidth cap on both directions (this one is timed by nature).
 
 All state lives on one event loop: run the proxy in the test's loop.
@@ -99,6 +100,10 @@ class Reorder(Fault):
 @dataclass(eq=False)
 class Garbage(Fault):
     kind: str = "magic"
+    #: the server says nothing more on that connection after the broken frame (its later
+    #: replies are read and dropped): the client's verdict then rests on the broken frame
+    #: alone, not on how many good replies happen to be queued behind it
+    then_silent: bool = False
 
 
 class _Link:
@@ -115,6 +120,8 @@ class _Link:
         self.outstanding: dict[int, tuple[int, int, int]] = {}
         self.held: list[bytes] = []
         self.closed = False
+        #: a Garbage(then_silent=True) fired here: later replies are dropped
+        self.silent = False
 
     def drop(self) -> None:
         if self.closed:
@@ -232,6 +239,8 @@ class _Link:
     async def _deliver(self, frame: bytes, req: tuple[int, int, int]) -> bool:
         """Send one reply frame through the armed faults; False once the link is dropped."""
         proxy = self.proxy
+        if self.silent:
+            return True
         stall = proxy._take(Stall, req[0])
         if isinstance(stall, Stall):
             stall.hit = req
@@ -261,6 +270,7 @@ class _Link:
             else:  # duplicate
                 frame = frame + frame
             proxy.stats["garbage"] += 1
+            self.silent = bad.then_silent
             bad.fired.set()
         # a reply held back goes out after this one (the reorder)
         held, self.held = self.held, []

@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,8 @@ class Stats:
     writes: int = 0
     failures: list[str] = field(default_factory=list)
     rss: list[int] = field(default_factory=list)
+    #: (seconds since the start, RSS in MiB) every ``rss_every_s``
+    rss_samples: list[tuple[int, int]] = field(default_factory=list)
 
     def count(self, what: str) -> None:
         self.outcomes[what] = self.outcomes.get(what, 0) + 1
@@ -127,11 +130,12 @@ class Round:
 
 def _image(work: Path, name: str, fmt: str, size: int, pattern: bool) -> Path:
     path = work / f"{name}.{fmt}"
-    assert sh("qemu-img", "create", "-q", "-f", fmt, str(path), str(size)).returncode == 0
+    r = sh("qemu-img", "create", "-q", "-f", fmt, str(path), str(size))
+    assert r.returncode == 0, f"qemu-img create {path.name}: {r.stderr}"
     if pattern:
         r = sh("qemu-io", "-f", fmt, "-c", "write -P 0x31 0 1M", "-c",
                f"write -P 0x32 {size // 2} 512k", str(path))
-        assert r.returncode == 0, r.stderr
+        assert r.returncode == 0, f"qemu-io {path.name}: {r.stdout}{r.stderr}"
     return path
 
 
@@ -144,7 +148,7 @@ def _node(name: str, path: Path, fmt: str, error: dict[str, Any] | None) -> dict
 
 def _read(path: Path, fmt: str, out: Path) -> bytes:
     r = sh("qemu-img", "convert", "-U", "-f", fmt, "-O", "raw", str(path), str(out))
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, f"qemu-img convert {path.name}: {r.stdout}{r.stderr}"
     return out.read_bytes()
 
 
@@ -288,7 +292,7 @@ def one_round(qmp: QMP, work: Path, nbd_sock: str, n: int, rng: random.Random,
 
 
 def run_soak(duration_s: float, seed: int, work: Path, log: Any = print,
-             only_round: int | None = None) -> Stats:
+             only_round: int | None = None, rss_every_s: float = 60) -> Stats:
     stats = Stats()
     rng = random.Random(seed)
     work.mkdir(parents=True, exist_ok=True)
@@ -307,12 +311,18 @@ def run_soak(duration_s: float, seed: int, work: Path, log: Any = print,
                 one_round(qmp, work, nbd_sock, n, random.Random(round_seed), stats)
             except AssertionError as e:
                 stats.failures.append(str(e))
-                log(f"FAILURE round {n} (--round-seed {round_seed}): {e}")
+                where = traceback.extract_tb(e.__traceback__)[-1]
+                log(f"FAILURE round {n} (--round-seed {round_seed}) at "
+                    f"{Path(where.filename).name}:{where.lineno}: {e}")
                 if proc.proc.poll() is not None or len(stats.failures) >= 5:
                     break
                 qmp.events.clear()
             stats.rounds = n
             stats.rss.append(_rss(proc.pid))
+            elapsed = time.monotonic() - start
+            if not stats.rss_samples or elapsed >= stats.rss_samples[-1][0] + rss_every_s:
+                stats.rss_samples.append((int(elapsed), stats.rss[-1] >> 20))
+                log(f"RSS t={int(elapsed)}s round={n} rss_mib={stats.rss[-1] >> 20}")
             assert proc.proc.poll() is None, "the daemon died"
             if only_round is not None:
                 break
@@ -323,23 +333,37 @@ def run_soak(duration_s: float, seed: int, work: Path, log: Any = print,
                              "rounds": stats.rounds, "writes": stats.writes,
                              "outcomes": stats.outcomes, "failures": len(stats.failures),
                              "rss_first_mib": stats.rss[0] >> 20 if stats.rss else 0,
-                             "rss_last_mib": stats.rss[-1] >> 20 if stats.rss else 0}))
+                             "rss_last_mib": stats.rss[-1] >> 20 if stats.rss else 0,
+                             "rss_max_mib": max(stats.rss) >> 20 if stats.rss else 0,
+                             "rss_samples_mib": stats.rss_samples}))
     return stats
 
 
 def main() -> int:
     import argparse
+    import functools
 
     p = argparse.ArgumentParser(description="blockmirror soak (issue 15)")
     p.add_argument("--duration", type=float, default=600)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--workdir", default=None)
     p.add_argument("--round-seed", type=int, default=None, help="replay one round")
+    p.add_argument("--rss-every", type=float, default=60, help="RSS sample period (s)")
+    p.add_argument("--probe", default=None, metavar="DIR",
+                   help="load memprobe/ into the daemon: dumps in DIR (see README.md)")
     a = p.parse_args()
+    if a.probe:
+        import os
+
+        os.makedirs(a.probe, exist_ok=True)
+        os.environ["BM_PROBE_DIR"] = os.path.abspath(a.probe)
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            [str(HERE / "memprobe"), *filter(None, [os.environ.get("PYTHONPATH")])])
     import tempfile
 
     work = Path(a.workdir or tempfile.mkdtemp(prefix="bm-soak-"))
-    stats = run_soak(a.duration, a.seed, work, only_round=a.round_seed)
+    stats = run_soak(a.duration, a.seed, work, log=functools.partial(print, flush=True),
+                     only_round=a.round_seed, rss_every_s=a.rss_every)
     return 1 if stats.failures else 0
 
 

@@ -86,7 +86,8 @@ def test_cancel_before_ready_is_forced() -> None:
         env = Env()
         await env.src.write(0, b"\x11" * MiB)
         job = env.start(speed=1, buf_size=65536, granularity=65536)
-        await asyncio.sleep(0.05)
+        # copying: the first chunk is done and the rate limit holds the job (not a timed wait)
+        await env.wait_for(lambda: job.progress.current > 0 and not job.busy)
         await job.user_cancel(False)
         await job.wait_finished()
         assert env.names() == ["created", "running", "aborting", "BLOCK_JOB_CANCELLED",
@@ -250,8 +251,8 @@ def test_shutdown_force_cancels_with_qemus_events() -> None:
     async def main() -> None:
         env = Env()
         await env.src.write(0, b"\x77" * MiB)
-        env.start(speed=1, buf_size=65536, granularity=65536)
-        await asyncio.sleep(0.05)
+        job = env.start(speed=1, buf_size=65536, granularity=65536)
+        await env.wait_for(lambda: job.progress.current > 0 and not job.busy)
         await env.d.jobs.cancel_all_for_shutdown()
         assert env.names() == ["created", "running", "paused", "running", "aborting",
                                "BLOCK_JOB_CANCELLED", "concluded", "null"]

@@ -176,6 +176,10 @@ class BlockDriver(ABC):
         """Fail requests that wait for something that may never come (an NBD reconnect);
         cf. bdrv_cancel_in_flight, which a force-cancelled mirror calls on its target."""
 
+    async def trim_headroom(self) -> None:
+        """Give back file space grown ahead of use now rather than at close (a format that
+        grows its file in steps); nothing for the others."""
+
     def data_file_node(self) -> BlockNode | None:
         """The node that holds this format's data clusters at host offsets (qcow2's
         ``file``), for copies that move them file to file; None: no such node."""

@@ -488,6 +488,14 @@ class Qcow2Driver(BlockDriver):
             await image_file.flush()
             await image_file.discard_clusters(released, self.geometry.cluster_bits)
 
+    async def trim_headroom(self) -> None:
+        # close trims too; done here first, the trim at close has nothing left to cut and
+        # the file's mtime (part of a resume log's identity of the image) stays as recorded
+        if self.corruption.corrupt or self.node.read_only:
+            return
+        async with self.lock:
+            await self.image_file.trim(self.allocator.end * self.geometry.cluster_size)
+
     async def close(self) -> None:
         await self.image_file.settle()
         if not self.node.read_only and not self.corruption.corrupt:
