@@ -100,15 +100,19 @@ clean:
 # make fuzz                       each harness for FUZZ_SECONDS (coverage-guided with atheris)
 # make fuzz FUZZ_INPUTS=1000000   a million inputs per harness instead
 # make fuzz FUZZ_HARNESSES=qmp    only some harnesses (keyval qmp nbd_server nbd_client qcow2)
+# make fuzz FUZZ_JOBS=2           worker processes per harness (disjoint seeded streams)
+# make fuzz FUZZ_ENGINE=random    the seeded random engine even where atheris is installed
 FUZZ_SECONDS ?= 60
 FUZZ_INPUTS ?= 0
 FUZZ_SEED ?= 1
 FUZZ_HARNESSES ?=
+FUZZ_JOBS ?= 1
+FUZZ_ENGINE ?= auto
 .PHONY: fuzz soak
 fuzz: $(STAMP) tools
 	@$(BIN)/python -c 'import atheris' 2>/dev/null || $(BIN)/pip install -q -e '.[fuzz]' \
 	  || echo "atheris is not installable here: the seeded random engine runs instead"
-	$(BIN)/python -m fuzz.run --seed $(FUZZ_SEED) \
+	$(BIN)/python -m fuzz.run --seed $(FUZZ_SEED) --jobs $(FUZZ_JOBS) --engine $(FUZZ_ENGINE) \
 	  $(if $(filter-out 0,$(FUZZ_INPUTS)),--inputs $(FUZZ_INPUTS),--seconds $(FUZZ_SECONDS)) \
 	  $(FUZZ_HARNESSES)
 

@@ -9,7 +9,7 @@ server that hangs up after sending it, while a fresh driver repeats the same ope
 
 Invariants: opening fails with a BlockMirrorError or succeeds; every operation ends with a
 result or a BlockMirrorError (never another exception), and none hangs once the server has
-hung up; closing works.
+hung up; closing works and hangs up every connection the driver made (reconnects included).
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ SIZE = 1 << 20
 DICT = [b"\x67\x44\x66\x98", b"\x66\x8e\x33\xef", b"\x00\x03\xe8\x89\x04\x55\x65\xa9",
         b"\xff\xff\xff\xff", b"\0\0\0\0"]
 _RECORDING: list[bytes] = []
+#: how long after close_all the client's connections may take to reach the server as hang-ups
+CLOSE_LIMIT_S = 5.0
 
 
 async def _ops(path: str) -> None:
@@ -123,13 +125,20 @@ async def _hostile(stream: bytes) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
 
+    handlers: list[asyncio.Task[None]] = []
+
     async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.append(task)
         try:
             w.write(stream)
             await w.drain()
-            # hang up once the client is done or after 0.2 s, whichever comes first
-            with contextlib.suppress(TimeoutError, ConnectionError):
-                await asyncio.wait_for(r.read(), 0.2)
+            # hang up at once: the client reads the stream, then end-of-file (a half-close,
+            # so its requests can still be written and the connection ends cleanly when it
+            # closes its side)
+            w.write_eof()
+            await r.read()
         except ConnectionError:
             pass
         finally:
@@ -138,8 +147,18 @@ async def _hostile(stream: bytes) -> None:
     srv = await asyncio.start_unix_server(serve, path)
     try:
         await _ops(path)
+        # the node is closed: every connection it made must be hung up by now (a socket left
+        # open is a leak; the server side sees it as a read that never ends)
+        if handlers:
+            _, still_open = await asyncio.wait(list(handlers), timeout=CLOSE_LIMIT_S)
+            if still_open:
+                raise Finding(f"{len(still_open)} of {len(handlers)} connections still open "
+                              f"{CLOSE_LIMIT_S} s after the node was closed")
     finally:
         srv.close()
+        for task in handlers:  # a client that never closed its side: the test is over
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
 
 
 def one_input(data: bytes) -> None:

@@ -54,9 +54,14 @@ def _make_bases() -> None:
                            options={"cluster_size": cs}))
         with open(path, "rb") as f:
             raw = f.read()
+        # magic, version, backing_file_offset, backing_file_size, cluster_bits, size,
+        # crypt_method, l1_size, l1_table_offset, refcount_table_offset,
+        # refcount_table_clusters (the fields were read one place off before: the "aimed"
+        # edits missed the L1 and refcount tables)
         hdr = struct.unpack_from(">4sIQIIQIIQQI", raw, 0)
-        layout = {"cluster_bits": hdr[3], "l1_size": hdr[6], "l1_off": hdr[7],
-                  "rt_off": hdr[8], "rt_clusters": hdr[9]}
+        layout = {"cluster_bits": hdr[4], "l1_size": hdr[7], "l1_off": hdr[8],
+                  "rt_off": hdr[9], "rt_clusters": hdr[10]}
+        assert hdr[0] == b"QFI\xfb" and 9 <= layout["cluster_bits"] <= 21, layout
         _BASES.append((raw, layout))
 
 

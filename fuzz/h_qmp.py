@@ -10,17 +10,23 @@ Execute runs ``run_command`` exactly as the server does.
 Invariants: every reply is one JSON object; no handler fails with an unexpected exception
 (run_command turns those into "internal error: ..."); the daemon shuts down cleanly within
 its time limit afterwards. String values never name paths outside the scratch directory.
+
+The daemon runs on a virtual clock (``--clock virtual``): a command waiting on a timer (a
+fault rule's delay, a job's pause) has time jump to that timer instead of sleeping, and the
+fuzzer's ``x-clock-*`` commands work; shutdown releases every timer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 from typing import Any
 
 from blockmirror.block.create import img_create
 from blockmirror.block.options import open_blockdev
+from blockmirror.clock import VirtualClock
 from blockmirror.daemon import Daemon
 from blockmirror.qapi.schema import TYPES, AlternateType, EnumType, StructType, UnionType
 from blockmirror.qmp.registry import load_commands
@@ -158,11 +164,24 @@ def command(inp: Input) -> bytes:
     return raw
 
 
+#: q0.qcow2 as img_create made it
+_PRISTINE: list[bytes] = []
+
+
 async def _graph(d: Daemon) -> None:
     base = scratch()
     f0, q0 = os.path.join(base, "f0.raw"), os.path.join(base, "q0.qcow2")
-    if not os.path.exists(q0):  # noqa: ASYNC240 - once per process
+    if not _PRISTINE:  # made once per process; every input starts from these bytes
         await img_create(q0, "qcow2", 1 << 20, quiet=True)
+        with open(q0, "rb") as f:  # noqa: ASYNC230 - once per process, on tmpfs
+            _PRISTINE.append(f.read())
+    else:  # an input may have written to it (a mirror, qemu-io, blockdev-create on q0-file)
+        # a new inode: a daemon left over by a hang keeps its locks on the old one
+        os.unlink(q0)
+        with open(q0, "wb") as f:  # noqa: ASYNC230 - a few hundred KiB on tmpfs
+            f.write(_PRISTINE[0])
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(f0)
     with open(f0, "wb") as f:  # noqa: ASYNC230 - 1 MiB on tmpfs
         f.truncate(1 << 20)
     await open_blockdev(d.graph, {"driver": "null-co", "node-name": "n0", "size": 1 << 20,
@@ -174,12 +193,72 @@ async def _graph(d: Daemon) -> None:
         "driver": "file", "node-name": "q0-file", "filename": q0}})
 
 
+#: how many timers a command may wait through in virtual time before it counts as stuck
+MAX_TIMERS = 10_000
+#: real time a command may take beyond its timers (sockets, files: not virtual)
+REAL_LIMIT_S = 20.0
+#: MAX_TIMERS fired over at least this much virtual time is a long wait, not a hang (a tight
+#: loop of short timers stays a Finding)
+LONG_WAIT_NS = 3600 * 10**9
+
+
+class _LongWait(Exception):
+    """A command waits longer in virtual time than an input is worth; the input ends."""
+
+
+async def _execute(d: Daemon, clock: VirtualClock, session: QMPSession, req: Execute) -> bytes:
+    """run_command, with virtual time passing while the command waits on a timer.
+
+    A fault rule's delay (``x-fault-add delay-ns``) or a job's pause holds a command for
+    that long in QEMU too; here the clock jumps to the next timer whenever the loop has
+    nothing else to do, so a 68 s delay costs no real time. A command still not done after
+    MAX_TIMERS timers, or waiting on something that is not a timer for REAL_LIMIT_S of real
+    time, is a hang.
+    """
+    if req.name.startswith("x-clock-"):
+        # these move the clock themselves (settling the loop as they go): a second settler
+        # beside them would keep both busy until their pass limit
+        try:
+            return await asyncio.wait_for(run_command(d, session, req), REAL_LIMIT_S)
+        except TimeoutError as e:
+            raise Finding(f"command hung: {req.name} ({REAL_LIMIT_S} s of real time)") from e
+    task = asyncio.ensure_future(run_command(d, session, req))
+    fired = 0
+    started = asyncio.get_running_loop().time()
+    virtual_start = clock.now_ns()
+    while not task.done():
+        await clock.settle()
+        if task.done():
+            break
+        if clock.next_deadline() is not None and fired < MAX_TIMERS:
+            await clock.run_to_next_timer()
+            fired += 1
+            continue
+        if clock.next_deadline() is not None and \
+                clock.now_ns() - virtual_start >= LONG_WAIT_NS:
+            # still waiting on timers after hours of virtual time: a long wait the input
+            # asked for (an nbd open-timeout of days retrying a missing socket, as QEMU
+            # would), not a hang; the input ends here (shutdown releases the timers)
+            task.cancel()
+            raise _LongWait(req.name)
+        # no timer to jump to: real I/O (a socket peer), bounded in real time
+        left = REAL_LIMIT_S - (asyncio.get_running_loop().time() - started)
+        done, _ = await asyncio.wait({task}, timeout=max(left, 0))
+        if not done:
+            task.cancel()
+            raise Finding(f"command hung: {req.name} "
+                          f"({fired} timers fired, {REAL_LIMIT_S} s of real time)")
+    return task.result()
+
+
 async def _session(data: bytes) -> None:
     inp = Input(data)
-    d = Daemon()
+    clock = VirtualClock()
+    d = Daemon(clock)
     try:
         await _graph(d)
         session = QMPSession(COMMANDS, oob_offered=True)
+        long_wait = False
         chunks: list[bytes] = []
         if inp.below(8) != 0:
             chunks.append(b'{"execute":"qmp_capabilities"}')
@@ -190,12 +269,18 @@ async def _session(data: bytes) -> None:
                 chunks.append(command(inp))
         for chunk in chunks:
             session.receive_data(chunk)
+            if long_wait:
+                break
             while (req := session.next_request()) is not None:
                 if isinstance(req, Reply):
                     out = req.data
                 else:
                     assert isinstance(req, Execute)
-                    out = await asyncio.wait_for(run_command(d, session, req), 20)
+                    try:
+                        out = await _execute(d, clock, session, req)
+                    except _LongWait:
+                        long_wait = True
+                        break
                 reply = json.loads(out)
                 if not isinstance(reply, dict):
                     raise Finding(f"reply is not an object: {out!r}")
@@ -214,6 +299,8 @@ async def _session(data: bytes) -> None:
 def one_input(data: bytes) -> None:
     require_sandbox()
     try:
-        run(_session(data), 60)
+        # a fresh loop per input: each VirtualClock hooks the loop's run_in_executor once,
+        # and one loop for every input would stack a hook per input
+        run(_session(data), 60, fresh_loop=True)
     finally:
         clean_scratch({"q0.qcow2"})

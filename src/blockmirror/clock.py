@@ -63,6 +63,11 @@ class _Timer:
         return (self.deadline, self.seq) < (other.deadline, other.seq)
 
 
+#: virtual time stops at the largest int64 (QMP's ``int``, QEMU's int64_t nanoseconds): a
+#: fuzzed ``x-clock-advance ns=2^63-1`` or delay past it saturates instead of leaving the type
+MAX_NS = (1 << 63) - 1
+
+
 class VirtualClock:
     """A clock that moves only when told (see the module docstring)."""
 
@@ -104,11 +109,11 @@ class VirtualClock:
             await asyncio.sleep(0)
             return
         if self.released:
-            self.now += ns
+            self.now = min(self.now + ns, MAX_NS)
             await asyncio.sleep(0)
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._timers, _Timer(self.now + ns, next(self._seq), fut))
+        heapq.heappush(self._timers, _Timer(min(self.now + ns, MAX_NS), next(self._seq), fut))
         await fut  # a cancelled sleeper cancels fut; the heap drops it lazily
 
     # --- inspection ---------------------------------------------------------------------
@@ -189,7 +194,7 @@ class VirtualClock:
         deadline before time moves further."""
         if ns < 0:
             raise ValueError("time cannot go backwards")
-        end = self.now + ns
+        end = min(self.now + ns, MAX_NS)
         before = self.fired
         await self.settle()
         while self._fire_due(end):
@@ -221,7 +226,7 @@ class VirtualClock:
     async def advance_until(self, done: Callable[[], bool], limit_ns: int) -> bool:
         """Run virtual time, timer by timer, until ``done()`` or ``limit_ns`` later; returns
         ``done()``. Time stops at the last timer fired (not at the limit)."""
-        end = self.now + limit_ns
+        end = min(self.now + limit_ns, MAX_NS)
         while True:
             await self.settle()
             if done():

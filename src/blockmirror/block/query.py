@@ -204,7 +204,10 @@ async def block_device_info(node: BlockNode, *, flat: bool = False) -> dict[str,
                 "direct": node.cache_direct,
                 "no-flush": node.cache_no_flush,
             },
-            "write_threshold": node.write_threshold,
+            # a uint64 in QEMU's BlockDriverState, an int (int64) in BlockDeviceInfo: QEMU
+            # shows a threshold set with -1 (2^64-1) as -1
+            "write_threshold": node.write_threshold - (1 << 64)
+            if node.write_threshold >= 1 << 63 else node.write_threshold,
             "image": await image_info(node, backing_image=not flat),
         }
     )

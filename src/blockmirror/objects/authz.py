@@ -104,6 +104,9 @@ class AuthzListFile(Authz):
     def __init__(self, oid: str, filename: str, refresh: bool = True) -> None:
         super().__init__(oid)
         self.filename = filename
+        # QEMU's JSON parser keeps a NUL as the bytes C0 80 (block/hostpath.py, a layer up):
+        # the name opened; glib's messages show those bytes as U+FFFD each
+        self._host = filename.replace("\0", "\udcc0\udc80")
         self.refresh = refresh
         self._stamp: tuple[int, int, int] | None = None
         self._list = self._load()
@@ -111,12 +114,13 @@ class AuthzListFile(Authz):
     def _load(self) -> AuthzList:
         """cf. qauthz_list_file_load: the file holds an authz-list's properties as JSON."""
         try:
-            st = os.stat(self.filename)
-            with open(self.filename, "rb") as f:
+            st = os.stat(self._host)
+            with open(self._host, "rb") as f:
                 content = f.read()
         except OSError as e:
+            shown = self.filename.replace("\0", "\ufffd\ufffd")
             raise BlockMirrorError(
-                f"Failed to open file \u201c{self.filename}\u201d: {e.strerror}") from e
+                f"Failed to open file \u201c{shown}\u201d: {e.strerror}") from e
         if not content:
             self._stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
             return AuthzList(self.id)
@@ -140,7 +144,7 @@ class AuthzListFile(Authz):
         if not self.refresh:
             return
         try:
-            st = os.stat(self.filename)
+            st = os.stat(self._host)
         except OSError:
             return  # QEMU keeps the last good list when the file goes away
         if (st.st_ino, st.st_size, st.st_mtime_ns) != self._stamp:

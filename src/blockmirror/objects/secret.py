@@ -34,13 +34,17 @@ def decode_base64(text: str) -> bytes:
 
 
 def _read_file(path: str) -> bytes:
+    # QEMU's JSON parser keeps a NUL as the bytes C0 80 (see block/hostpath.py, a layer
+    # above this one): that is the name opened, and glib shows those two bytes as U+FFFD each
+    on_host = path.replace("\0", "\udcc0\udc80")
     try:
-        with open(path, "rb") as f:
+        with open(on_host, "rb") as f:
             return f.read()
     except OSError as e:
         # QEMU quotes glib's g_file_get_contents message
+        shown = path.replace("\0", "\ufffd\ufffd")
         raise BlockMirrorError(
-            f"Unable to read {path}: Failed to open file \u201c{path}\u201d: "
+            f"Unable to read {path}: Failed to open file \u201c{shown}\u201d: "
             f"{e.strerror or os.strerror(e.errno or 0)}") from e
 
 

@@ -343,6 +343,9 @@ class _Connection:
         self.task.cancel()
         with contextlib.suppress(BaseException):
             await self.task
+        # a reader task cancelled before its first step never ran its finally: end (and
+        # close the socket) here, or the socket stays open and wait_closed runs out its second
+        self._end("Connection closed by the client", False, tell=False)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.writer.wait_closed(), 1)
 

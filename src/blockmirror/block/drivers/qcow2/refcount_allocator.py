@@ -191,6 +191,16 @@ class RefcountAllocator:
         bits = geometry.refcount_block_bits
         while True:
             start, first_free = await self._find_free(count)
+            # refcounts of 0 on metadata (a refcount table entry without its block, a
+            # zeroed refcount) make metadata look free: QEMU's overlap check refuses the
+            # write and marks the image corrupt; here, too (the header cluster taken for a
+            # new refcount block re-read as "no block" and allocated forever)
+            overlap = next((c for c in range(start, start + count)
+                            if c in self.metadata_clusters), None)
+            if overlap is not None:
+                raise await self._signal_corruption(
+                    "Preventing invalid write on metadata (overlaps with "
+                    f"{self._metadata_name(overlap)})")
             missing = None
             for index in range(start >> bits, ((start + count - 1) >> bits) + 1):
                 if not self.has_block(index):
@@ -217,6 +227,20 @@ class RefcountAllocator:
                 await self.add(start, 1)
             self.metadata_clusters.add(start)
             self.end = max(self.end, start + 1)
+
+    def _metadata_name(self, cluster: int) -> str:
+        """QEMU's name for the metadata structure at ``cluster`` (its overlap-check texts)."""
+        header, cluster_size = self._header, self._geometry.cluster_size
+        offset = cluster * cluster_size
+        if cluster == 0:
+            return "qcow2_header"
+        reftable = header.refcount_table_offset
+        if reftable <= offset < reftable + header.refcount_table_clusters * cluster_size:
+            return "refcount table"
+        l1 = header.l1_table_offset
+        if l1 <= offset < l1 + max(header.l1_size * 8, 1):
+            return "active L1 table"
+        return "qcow2 metadata"
 
     async def allocate_bytes(self, size: int) -> int:
         """Room for a compressed stream of ``size`` bytes (0 < size < a cluster): the host
