@@ -22,19 +22,16 @@ What QEMU does, and so do we:
 from __future__ import annotations
 
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from blockmirror.block.bitmaps import NodeBitmaps
-from blockmirror.block.drivers.qcow2.header import AUTOCLEAR_BITMAPS, EXT_BITMAPS, Header
-from blockmirror.block.drivers.qcow2.image_file import ImageFile
-from blockmirror.block.drivers.qcow2.layout import Geometry, ceil_div
+from blockmirror.block.drivers.qcow2.header import AUTOCLEAR_BITMAPS, EXT_BITMAPS
+from blockmirror.block.drivers.qcow2.image_context import ImageContext
+from blockmirror.block.drivers.qcow2.layout import ceil_div
 from blockmirror.block.drivers.qcow2.refcount_allocator import RefcountAllocator
 from blockmirror.errors import BlockMirrorError, ImageFormatError
-
-if TYPE_CHECKING:
-    from blockmirror.block.node import BlockNode
 
 FLAG_IN_USE = 1 << 0
 FLAG_AUTO = 1 << 1
@@ -90,22 +87,9 @@ def table_size_for(length: int, granularity: int, cluster_size: int) -> int:
 class BitmapStore:
     """The bitmaps extension of one open image, and the node's persistent bitmaps."""
 
-    def __init__(
-        self,
-        owner: BlockNode,
-        geometry: Geometry,
-        header: Header,
-        image_file: ImageFile,
-        allocator: RefcountAllocator,
-        flush_metadata: Callable[[], Awaitable[None]],
-    ) -> None:
-        self._owner = owner
-        self._geometry = geometry
-        self._header = header
-        self._file = image_file
+    def __init__(self, ctx: ImageContext, allocator: RefcountAllocator) -> None:
+        self._ctx = ctx
         self._allocator = allocator
-        #: writes cached refcounts and tables (the driver's ordered flush, lock held)
-        self._flush_metadata = flush_metadata
         self.directory_offset = 0
         self.directory_size = 0
         #: the directory as it is on disk
@@ -120,7 +104,7 @@ class BitmapStore:
         Returns True when a stale extension was dropped: a read-write open then rewrites the
         header without it, as QEMU does (its clusters are leaked until a repair).
         """
-        header = self._header
+        header = self._ctx.header
         data = next((d for t, d in header.other_extensions if t == EXT_BITMAPS), None)
         if data is None:
             return False
@@ -140,7 +124,7 @@ class BitmapStore:
             )
         if count == 0:
             raise ImageFormatError("found bitmaps extension with zero bitmaps")
-        if offset % self._geometry.cluster_size:
+        if offset % self._ctx.geometry.cluster_size:
             raise ImageFormatError("bitmaps_ext: invalid bitmap directory offset")
         if size > MAX_DIRECTORY_SIZE:
             raise ImageFormatError(
@@ -152,18 +136,18 @@ class BitmapStore:
         return False
 
     def _drop_extension(self) -> None:
-        self._header.other_extensions = [
-            (t, d) for t, d in self._header.other_extensions if t != EXT_BITMAPS
+        self._ctx.header.other_extensions = [
+            (t, d) for t, d in self._ctx.header.other_extensions if t != EXT_BITMAPS
         ]
-        self._header.has_bitmaps_ext = False
-        self._header.autoclear &= ~AUTOCLEAR_BITMAPS
+        self._ctx.header.has_bitmaps_ext = False
+        self._ctx.header.autoclear &= ~AUTOCLEAR_BITMAPS
 
     async def read_directory(self) -> None:
         if not self.directory_size:
             return
-        if self.directory_offset + self.directory_size > self._file.length:
+        if self.directory_offset + self.directory_size > self._ctx.file.length:
             raise ImageFormatError("Failed to read bitmap directory")
-        raw = await self._file.read(self.directory_offset, self.directory_size)
+        raw = await self._ctx.file.read(self.directory_offset, self.directory_size)
         entries: list[DirectoryEntry] = []
         pos = 0
         while pos < len(raw):
@@ -190,7 +174,7 @@ class BitmapStore:
 
     def _entry_ok(self, entry: DirectoryEntry, kind: int, name_size: int) -> bool:
         """cf. check_dir_entry."""
-        cluster_size = self._geometry.cluster_size
+        cluster_size = self._ctx.geometry.cluster_size
         if (
             entry.table_size == 0
             or entry.table_offset == 0
@@ -206,12 +190,12 @@ class BitmapStore:
         if physical > MAX_PHYSICAL_SIZE:
             return False
         covered = (physical * 8) << entry.granularity_bits
-        return bool(entry.flags & FLAG_IN_USE) or self._header.size <= covered
+        return bool(entry.flags & FLAG_IN_USE) or self._ctx.header.size <= covered
 
     async def _read_table(self, entry: DirectoryEntry) -> list[int]:
-        raw = await self._file.read(entry.table_offset, entry.table_size * 8)
+        raw = await self._ctx.file.read(entry.table_offset, entry.table_size * 8)
         table = list(struct.unpack(f">{entry.table_size}Q", raw))
-        cluster_size = self._geometry.cluster_size
+        cluster_size = self._ctx.geometry.cluster_size
         for value in table:
             offset = value & TABLE_ENTRY_OFFSET_MASK
             if value & TABLE_ENTRY_RESERVED_MASK or (
@@ -243,7 +227,9 @@ class BitmapStore:
                 continue
             for value in table:
                 if value & TABLE_ENTRY_OFFSET_MASK:
-                    ranges.append((value & TABLE_ENTRY_OFFSET_MASK, self._geometry.cluster_size))
+                    ranges.append(
+                        (value & TABLE_ENTRY_OFFSET_MASK, self._ctx.geometry.cluster_size)
+                    )
         return ranges
 
     def info(self) -> list[dict[str, Any]]:
@@ -265,7 +251,7 @@ class BitmapStore:
         if not self.entries:
             return
         needs_update = False
-        length = self._owner.length()
+        length = self._ctx.node.length()
         for entry in self.entries:
             granularity = 1 << entry.granularity_bits
             named = bitmaps.create(entry.name, granularity, persistent=True)
@@ -290,7 +276,7 @@ class BitmapStore:
             await self._rewrite_directory_in_place()
 
     async def _load_bits(self, entry: DirectoryEntry, bitmap: Any, length: int) -> None:
-        cluster_size = self._geometry.cluster_size
+        cluster_size = self._ctx.geometry.cluster_size
         granularity = 1 << entry.granularity_bits
         if table_size_for(length, granularity, cluster_size) != entry.table_size:
             raise ImageFormatError(
@@ -302,18 +288,18 @@ class BitmapStore:
             first = index * per_cluster
             offset = value & TABLE_ENTRY_OFFSET_MASK
             if offset:
-                bitmap.load_bytes(await self._file.read(offset, cluster_size), first)
+                bitmap.load_bytes(await self._ctx.file.read(offset, cluster_size), first)
             elif value & TABLE_ENTRY_ALL_ONES:
                 bitmap.set_granules(first, per_cluster)
 
     # --- writing ------------------------------------------------------------------------
 
     async def _write_header(self) -> None:
-        await self._file.write_header_cluster(self._header, self._geometry.cluster_size)
-        await self._file.flush()
+        await self._ctx.file.write_header_cluster(self._ctx.header, self._ctx.geometry.cluster_size)
+        await self._ctx.file.flush()
 
     def _set_extension(self, count: int, size: int, offset: int) -> None:
-        header = self._header
+        header = self._ctx.header
         others = [(t, d) for t, d in header.other_extensions if t != EXT_BITMAPS]
         if count:
             others.insert(0, (EXT_BITMAPS, _EXTENSION.pack(count, 0, size, offset)))
@@ -330,10 +316,10 @@ class BitmapStore:
 
     async def _rewrite_directory_in_place(self) -> None:
         """cf. update_ext_header_and_dir_in_place: autoclear off, directory, autoclear on."""
-        header = self._header
+        header = self._ctx.header
         header.autoclear &= ~AUTOCLEAR_BITMAPS
         await self._write_header()
-        await self._file.write(self.directory_offset, self._encode_directory(self.entries))
+        await self._ctx.file.write(self.directory_offset, self._encode_directory(self.entries))
         await self._write_header()
         header.autoclear |= AUTOCLEAR_BITMAPS
         await self._write_header()
@@ -359,8 +345,8 @@ class BitmapStore:
             if len(raw) > MAX_DIRECTORY_SIZE or len(entries) > MAX_BITMAPS:
                 raise BlockMirrorError("Failed to update bitmap extension: Invalid argument")
             offset = await self._allocate(len(raw))
-            await self._file.write(offset, raw)
-            await self._flush_metadata()
+            await self._ctx.file.write(offset, raw)
+            await self._ctx.flush_metadata()
             self._set_extension(len(entries), len(raw), offset)
         else:
             self._set_extension(0, 0, 0)
@@ -372,13 +358,13 @@ class BitmapStore:
             self._free(old_offset, old_size)
 
     async def _allocate(self, length: int) -> int:
-        clusters = ceil_div(length, self._geometry.cluster_size)
+        clusters = ceil_div(length, self._ctx.geometry.cluster_size)
         first = await self._allocator.allocate(clusters)
         self._allocator.metadata_clusters.update(range(first, first + clusters))
-        return first << self._geometry.cluster_bits
+        return first << self._ctx.geometry.cluster_bits
 
     def _free(self, offset: int, length: int) -> None:
-        self._allocator.free_later(self._geometry.clusters(offset, length))
+        self._allocator.free_later(self._ctx.geometry.clusters(offset, length))
 
     async def _free_table(self, entry: DirectoryEntry) -> None:
         """cf. free_bitmap_clusters: the data clusters and the table itself (a table that
@@ -390,7 +376,7 @@ class BitmapStore:
         for value in table:
             offset = value & TABLE_ENTRY_OFFSET_MASK
             if offset:
-                self._free(offset, self._geometry.cluster_size)
+                self._free(offset, self._ctx.geometry.cluster_size)
         self._free(entry.table_offset, entry.table_size * 8)
 
     async def remove(self, name: str) -> None:
@@ -403,11 +389,11 @@ class BitmapStore:
         except BlockMirrorError as e:
             raise BlockMirrorError(f"Failed to update bitmap extension: {e.desc}") from None
         await self._free_table(entry)
-        await self._flush_metadata()
+        await self._ctx.flush_metadata()
 
     def check_new(self, bitmaps: NodeBitmaps, name: str, granularity: int) -> None:
         """cf. qcow2_co_can_store_new_dirty_bitmap, without the error prefix."""
-        if self._header.version < 3:
+        if self._ctx.header.version < 3:
             raise BlockMirrorError("Cannot store dirty bitmaps in qcow2 v2 files")
         self.check_constraints(name, granularity)
         count = 1
@@ -432,8 +418,8 @@ class BitmapStore:
             raise BlockMirrorError(
                 f"Granularity is under minimum ({1 << MIN_GRANULARITY_BITS} bytes)"
             )
-        needed = ceil_div(ceil_div(self._owner.length(), granularity), 8)
-        if needed > MAX_PHYSICAL_SIZE or needed > MAX_TABLE_SIZE * self._geometry.cluster_size:
+        needed = ceil_div(ceil_div(self._ctx.node.length(), granularity), 8)
+        if needed > MAX_PHYSICAL_SIZE or needed > MAX_TABLE_SIZE * self._ctx.geometry.cluster_size:
             raise BlockMirrorError(
                 "Too much space will be occupied by the bitmap. Use larger granularity"
             )
@@ -474,12 +460,12 @@ class BitmapStore:
         await self._replace_directory(entries)
         for entry in old_tables:
             await self._free_table(entry)
-        await self._flush_metadata()
+        await self._ctx.flush_metadata()
 
     async def _store_bits(self, bitmap: Any) -> tuple[int, int]:
         """cf. store_bitmap_data and store_bitmap: data clusters for every chunk with a dirty
         granule, then the table; returns (table offset, table size)."""
-        cluster_size = self._geometry.cluster_size
+        cluster_size = self._ctx.geometry.cluster_size
         size = table_size_for(bitmap.size, bitmap.granularity, cluster_size)
         if size > MAX_TABLE_SIZE or size * cluster_size > MAX_PHYSICAL_SIZE:
             raise BlockMirrorError("Bitmap is too big")
@@ -492,8 +478,8 @@ class BitmapStore:
                 continue
             data = bitmap.to_bytes(first, per_cluster)
             offset = await self._allocate(cluster_size)
-            await self._file.write(offset, data + bytes(cluster_size - len(data)))
+            await self._ctx.file.write(offset, data + bytes(cluster_size - len(data)))
             table[index] = offset
         table_offset = await self._allocate(size * 8)
-        await self._file.write(table_offset, struct.pack(f">{size}Q", *table))
+        await self._ctx.file.write(table_offset, struct.pack(f">{size}Q", *table))
         return table_offset, size

@@ -10,8 +10,7 @@ from __future__ import annotations
 import struct
 
 from blockmirror.block.drivers.qcow2.cache import TableCache
-from blockmirror.block.drivers.qcow2.header import Header
-from blockmirror.block.drivers.qcow2.image_file import ImageFile
+from blockmirror.block.drivers.qcow2.image_context import ImageContext
 from blockmirror.block.drivers.qcow2.layout import (
     COMPRESSED,
     L1E_OFFSET_MASK,
@@ -23,12 +22,10 @@ from blockmirror.block.drivers.qcow2.layout import (
     UNALLOCATED,
     ZERO_ALLOC,
     ZERO_PLAIN,
-    Geometry,
     cluster_type,
 )
 from blockmirror.block.drivers.qcow2.refcount_allocator import (
     RefcountAllocator,
-    SignalCorruption,
 )
 
 #: a run of guest clusters of one type: (type, guest offset, length, host offset or L2 entry)
@@ -38,27 +35,17 @@ Link = tuple[int, int, int]
 
 
 class ClusterMap:
-    def __init__(
-        self,
-        geometry: Geometry,
-        header: Header,
-        image_file: ImageFile,
-        allocator: RefcountAllocator,
-        signal_corruption: SignalCorruption,
-    ) -> None:
-        self._geometry = geometry
-        self._header = header
-        self._file = image_file
+    def __init__(self, ctx: ImageContext, allocator: RefcountAllocator) -> None:
+        self._ctx = ctx
         self._allocator = allocator
-        self._signal_corruption = signal_corruption
         self.l1: list[int] = []
         self.l1_dirty: set[int] = set()
-        self.l2_cache = TableCache(max(16, (32 * 1024 * 1024) // geometry.cluster_size))
+        self.l2_cache = TableCache(max(16, (32 * 1024 * 1024) // ctx.geometry.cluster_size))
 
     async def load_l1(self) -> None:
-        header = self._header
+        header = self._ctx.header
         size = header.l1_size
-        raw = await self._file.read(header.l1_table_offset, size * 8) if size else b""
+        raw = await self._ctx.file.read(header.l1_table_offset, size * 8) if size else b""
         self.l1 = list(struct.unpack(f">{size}Q", raw))
 
     @property
@@ -66,7 +53,7 @@ class ClusterMap:
         return bool(self.l2_cache.dirty or self.l1_dirty)
 
     def cluster_type(self, entry: int) -> int:
-        return cluster_type(entry, self._header.version)
+        return cluster_type(entry, self._ctx.header.version)
 
     # --- L2 tables -----------------------------------------------------------------------
 
@@ -74,18 +61,18 @@ class ClusterMap:
         table = self.l2_cache.get(offset)
         if table is not None:
             return table
-        cluster_size = self._geometry.cluster_size
+        cluster_size = self._ctx.geometry.cluster_size
         if offset % cluster_size:
-            raise await self._signal_corruption(
+            raise await self._ctx.signal_corruption(
                 f"L2 table offset {offset:#x} unaligned (L1 index: {l1_index:#x})"
             )
-        if offset + cluster_size > self._file.length:
-            raise await self._signal_corruption(
+        if offset + cluster_size > self._ctx.file.length:
+            raise await self._ctx.signal_corruption(
                 f"L2 table offset {offset:#x} past the end of the image (L1 index: "
                 f"{l1_index:#x})"
             )
-        raw = await self._file.read(offset, cluster_size)
-        table = list(struct.unpack(f">{self._geometry.l2_size}Q", raw))
+        raw = await self._ctx.file.read(offset, cluster_size)
+        table = list(struct.unpack(f">{self._ctx.geometry.l2_size}Q", raw))
         self.l2_cache.put(offset, table)
         return table
 
@@ -107,8 +94,8 @@ class ClusterMap:
             # shared with a snapshot: copy the table, drop our reference to the old one
             table = list(await self.load_l2(offset, l1_index))
         else:
-            table = [0] * self._geometry.l2_size
-        cluster_bits = self._geometry.cluster_bits
+            table = [0] * self._ctx.geometry.l2_size
+        cluster_bits = self._ctx.geometry.cluster_bits
         new = (await self._allocator.allocate(1)) << cluster_bits
         self._allocator.metadata_clusters.add(new >> cluster_bits)
         self.l2_cache.put(new, table, dirty=True)
@@ -121,18 +108,18 @@ class ClusterMap:
 
     async def entry(self, guest_cluster: int) -> int:
         """The L2 entry of a guest cluster (0 when its L2 table is unallocated)."""
-        table = await self.l2_for_read(guest_cluster >> self._geometry.l2_bits)
+        table = await self.l2_for_read(guest_cluster >> self._ctx.geometry.l2_bits)
         if table is None:
             return 0
-        return table[guest_cluster & (self._geometry.l2_size - 1)]
+        return table[guest_cluster & (self._ctx.geometry.l2_size - 1)]
 
     # --- data cluster validation -----------------------------------------------------------
 
     def data_cluster_ok(self, host: int, writing: bool) -> bool:
         """The cheap form of ``check_data_cluster``: True when plainly valid."""
-        cluster = host >> self._geometry.cluster_bits
+        cluster = host >> self._ctx.geometry.cluster_bits
         return (
-            not host & (self._geometry.cluster_size - 1)
+            not host & (self._ctx.geometry.cluster_size - 1)
             and cluster < self._allocator.end
             and not (writing and cluster in self._allocator.metadata_clusters)
         )
@@ -140,19 +127,19 @@ class ClusterMap:
     async def check_data_cluster(
         self, host: int, l2_offset: int, l2_index: int, writing: bool
     ) -> None:
-        if host % self._geometry.cluster_size:
-            raise await self._signal_corruption(
+        if host % self._ctx.geometry.cluster_size:
+            raise await self._ctx.signal_corruption(
                 f"Cluster allocation offset {host:#x} unaligned (L2 offset: {l2_offset:#x}, "
                 f"L2 index: {l2_index:#x})"
             )
-        cluster = host >> self._geometry.cluster_bits
+        cluster = host >> self._ctx.geometry.cluster_bits
         if cluster >= self._allocator.end:
-            raise await self._signal_corruption(
+            raise await self._ctx.signal_corruption(
                 f"Data cluster offset {host:#x} past the end of the image file "
                 f"(L2 offset: {l2_offset:#x}, L2 index: {l2_index:#x})"
             )
         if writing and cluster in self._allocator.metadata_clusters:
-            raise await self._signal_corruption(
+            raise await self._ctx.signal_corruption(
                 f"Preventing invalid write on metadata (data cluster {host:#x} overlaps "
                 "qcow2 metadata)"
             )
@@ -168,12 +155,12 @@ class ClusterMap:
         """
         segments: list[Segment] = []
         pos, end = offset, offset + length
-        geometry = self._geometry
+        geometry = self._ctx.geometry
         cluster_size, cluster_bits, l2_bits = (
             geometry.cluster_size, geometry.cluster_bits, geometry.l2_bits
         )
         mask = geometry.l2_size - 1
-        v3 = self._header.version == 3
+        v3 = self._ctx.header.version == 3
         l1 = self.l1
         current_l1 = -1
         table: list[int] | None = None
@@ -247,8 +234,8 @@ class ClusterMap:
 
     async def unmap_v2(self, guest_cluster: int) -> None:
         """Drop a cluster's mapping (version 2 images without a backing file)."""
-        l1_index = guest_cluster >> self._geometry.l2_bits
-        l2_index = guest_cluster & (self._geometry.l2_size - 1)
+        l1_index = guest_cluster >> self._ctx.geometry.l2_bits
+        l2_index = guest_cluster & (self._ctx.geometry.l2_size - 1)
         l2_offset, table = await self.l2_for_write(l1_index)
         self._allocator.free_entry_later(table[l2_index])
         table[l2_index] = 0
@@ -257,8 +244,8 @@ class ClusterMap:
     async def zero_clusters_v3(self, first: int, end: int, unmap: bool) -> None:
         """Set zero flags on guest clusters [first, end), one L2 table at a time (a mirror
         zeroes whole gigabytes at once)."""
-        l2_bits = self._geometry.l2_bits
-        mask = self._geometry.l2_size - 1
+        l2_bits = self._ctx.geometry.l2_bits
+        mask = self._ctx.geometry.l2_size - 1
         guest_cluster = first
         while guest_cluster < end:
             l1_index = guest_cluster >> l2_bits
@@ -289,8 +276,8 @@ class ClusterMap:
     async def discard(self, first: int, end: int, has_backing: bool) -> None:
         """Deallocate guest clusters [first, end): they read as zeroes afterwards, or from the
         backing file on version 2 images."""
-        v3 = self._header.version == 3
-        l2_bits, mask = self._geometry.l2_bits, self._geometry.l2_size - 1
+        v3 = self._ctx.header.version == 3
+        l2_bits, mask = self._ctx.geometry.l2_bits, self._ctx.geometry.l2_size - 1
         for guest_cluster in range(first, end):
             l1_index = guest_cluster >> l2_bits
             table = await self.l2_for_read(l1_index)
@@ -310,9 +297,10 @@ class ClusterMap:
 
     async def write_dirty_l2(self, *, durable: bool = False) -> None:
         """Write the changed L2 tables; ``durable``: and flush (with what came before)."""
-        pieces = [(offset, struct.pack(f">{self._geometry.l2_size}Q", *self.l2_cache.peek(offset)))
+        l2_format = f">{self._ctx.geometry.l2_size}Q"
+        pieces = [(offset, struct.pack(l2_format, *self.l2_cache.peek(offset)))
                   for offset in sorted(self.l2_cache.dirty)]
-        await self._file.write_pieces(pieces, durable=durable)
+        await self._ctx.file.write_pieces(pieces, durable=durable)
         self.l2_cache.clean_all()
 
     async def write_dirty_l1(self, *, durable: bool = False) -> None:
@@ -320,7 +308,7 @@ class ClusterMap:
         pieces = []
         for sector in sorted({i // 64 for i in self.l1_dirty}):
             chunk = self.l1[sector * 64 : sector * 64 + 64]
-            pieces.append((self._header.l1_table_offset + sector * 512,
+            pieces.append((self._ctx.header.l1_table_offset + sector * 512,
                            struct.pack(f">{len(chunk)}Q", *chunk)))
-        await self._file.write_pieces(pieces, durable=durable)
+        await self._ctx.file.write_pieces(pieces, durable=durable)
         self.l1_dirty.clear()

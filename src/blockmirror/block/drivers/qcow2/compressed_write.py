@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import errno
-from collections.abc import Awaitable, Callable
 
 from blockmirror.block import threadio
 from blockmirror.block.drivers.qcow2 import compress
 from blockmirror.block.drivers.qcow2.cluster_map import ClusterMap
 from blockmirror.block.drivers.qcow2.data_path import DataPath
-from blockmirror.block.drivers.qcow2.header import Header
-from blockmirror.block.drivers.qcow2.image_file import ImageFile
-from blockmirror.block.drivers.qcow2.layout import L2E_OFFSET_MASK, Geometry
+from blockmirror.block.drivers.qcow2.image_context import ImageContext
+from blockmirror.block.drivers.qcow2.layout import L2E_OFFSET_MASK
 from blockmirror.block.drivers.qcow2.refcount_allocator import RefcountAllocator
 from blockmirror.errors import BlockIOError
 
@@ -35,23 +33,15 @@ from blockmirror.errors import BlockIOError
 class CompressedWriter:
     def __init__(
         self,
-        geometry: Geometry,
-        header: Header,
-        image_file: ImageFile,
+        ctx: ImageContext,
         allocator: RefcountAllocator,
         cluster_map: ClusterMap,
         data_path: DataPath,
-        lock: asyncio.Lock,
-        write_back: Callable[[], Awaitable[None]],
     ) -> None:
-        self._geometry = geometry
-        self._header = header
-        self._file = image_file
+        self._ctx = ctx
         self._allocator = allocator
         self._map = cluster_map
         self._data = data_path
-        self._lock = lock
-        self._write_back = write_back
 
     async def write(self, offset: int, data: memoryview) -> None:
         """Write whole clusters compressed (see the module docstring).
@@ -60,12 +50,12 @@ class CompressedWriter:
             BlockIOError: EINVAL for a request that is not whole clusters, EIO for a cluster
                 that is allocated already, or the I/O error of the image file.
         """
-        cluster_size = self._geometry.cluster_size
+        cluster_size = self._ctx.geometry.cluster_size
         length = len(data)
         if length == 0:
             return
         if offset % cluster_size or (length % cluster_size
-                                     and offset + length != self._header.size):
+                                     and offset + length != self._ctx.header.size):
             raise BlockIOError(errno.EINVAL)
         clusters: list[bytes | memoryview] = []
         for pos in range(0, length, cluster_size):
@@ -74,7 +64,7 @@ class CompressedWriter:
             clusters.append(chunk if len(chunk) == cluster_size
                             else bytes(chunk) + bytes(cluster_size - len(chunk)))
         # deflating is CPU work: off the event loop, one hand-off for the whole request
-        kind = self._header.compression_type
+        kind = self._ctx.header.compression_type
         if len(clusters) == 1 and cluster_size <= 4096:
             streams = compress.compress_clusters(clusters, cluster_size, kind)
         else:
@@ -90,14 +80,14 @@ class CompressedWriter:
                 await self._write_stream(guest, stream)
 
     async def _write_stream(self, guest_offset: int, stream: bytes) -> None:
-        geometry = self._geometry
+        geometry = self._ctx.geometry
         cluster_bits = geometry.cluster_bits
         guest_cluster = guest_offset >> cluster_bits
         l1_index = guest_cluster >> geometry.l2_bits
         l2_index = guest_cluster & (geometry.l2_size - 1)
         allocations = self._data.allocations
         while True:
-            async with self._lock:
+            async with self._ctx.lock:
                 busy = self._data.allocation_in(guest_cluster, guest_cluster)
                 if busy is None:
                     _l2_offset, table = await self._map.l2_for_write(l1_index)
@@ -106,25 +96,25 @@ class CompressedWriter:
                         raise BlockIOError(errno.EIO)
                     host = await self._allocator.allocate_bytes(len(stream))
                     entry = compress.make_entry(host, len(stream), cluster_bits)
-                    token = self._file.register(
+                    token = self._ctx.file.register(
                         host >> cluster_bits, ((host + len(stream) - 1) >> cluster_bits) + 1)
                     done = asyncio.Event()
                     allocations[guest_cluster] = done
-                    self._file.grow_ahead(self._allocator.end * geometry.cluster_size)
+                    self._ctx.file.grow_ahead(self._allocator.end * geometry.cluster_size)
                     break
             await busy.wait()
         ok = False
         try:
-            await self._file.write(host, stream)
+            await self._ctx.file.write(host, stream)
             ok = True
         finally:
-            self._file.release(token)
+            self._ctx.file.release(token)
             try:
-                async with self._lock:
+                async with self._ctx.lock:
                     if ok:
                         self._data.forget_compressed()
                         await self._map.link([(l1_index, l2_index, entry)])
-                        await self._write_back()
+                        await self._ctx.write_back()
                     else:
                         # nothing points at the stream: its references go at the next flush
                         self._allocator.free_entry_later(entry)

@@ -14,13 +14,10 @@ from __future__ import annotations
 import asyncio
 import errno
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
 
 from blockmirror.block.drivers.qcow2 import compress
 from blockmirror.block.drivers.qcow2.cluster_map import ClusterMap, Link, Segment
-from blockmirror.block.drivers.qcow2.corruption import CorruptionGuard
-from blockmirror.block.drivers.qcow2.header import Header
-from blockmirror.block.drivers.qcow2.image_file import ImageFile
+from blockmirror.block.drivers.qcow2.image_context import ImageContext
 from blockmirror.block.drivers.qcow2.layout import (
     COMPRESSED,
     L1E_OFFSET_MASK,
@@ -32,14 +29,10 @@ from blockmirror.block.drivers.qcow2.layout import (
     UNALLOCATED,
     ZERO_ALLOC,
     ZERO_PLAIN,
-    Geometry,
     ceil_div,
 )
 from blockmirror.block.drivers.qcow2.refcount_allocator import RefcountAllocator
 from blockmirror.errors import BlockIOError
-
-if TYPE_CHECKING:
-    from blockmirror.block.node import BlockNode
 
 #: a planned data write: host offset, length, offset in the request buffer (when the prepared
 #: buffer is None, the bytes are that slice of the request) and a prepared buffer
@@ -49,27 +42,11 @@ Piece = tuple[int, int, int, "bytes | None"]
 
 class DataPath:
     def __init__(
-        self,
-        owner: BlockNode,
-        geometry: Geometry,
-        header: Header,
-        image_file: ImageFile,
-        allocator: RefcountAllocator,
-        cluster_map: ClusterMap,
-        corruption: CorruptionGuard,
-        lock: asyncio.Lock,
-        write_back: Callable[[], Awaitable[None]],
+        self, ctx: ImageContext, allocator: RefcountAllocator, cluster_map: ClusterMap
     ) -> None:
-        self._owner = owner
-        self._geometry = geometry
-        self._header = header
-        self._file = image_file
+        self._ctx = ctx
         self._allocator = allocator
         self._map = cluster_map
-        self._corruption = corruption
-        self._lock = lock
-        #: called under the lock after metadata changes: bounds the dirty metadata in memory
-        self._write_back = write_back
         #: guest cluster -> event set once the write allocating it has linked its L2 entry
         self.allocations: dict[int, asyncio.Event] = {}
         self._last_compressed: tuple[int, bytes] | None = None
@@ -77,7 +54,7 @@ class DataPath:
     # --- reading ---------------------------------------------------------------------------
 
     async def read_backing(self, offset: int, length: int) -> bytes:
-        backing = self._owner.backing
+        backing = self._ctx.node.backing
         if backing is None:
             return bytes(length)
         avail = max(0, min(length, backing.length() - offset))
@@ -96,14 +73,14 @@ class DataPath:
     async def read_compressed(self, entry: int) -> bytes:
         if self._last_compressed is not None and self._last_compressed[0] == entry:
             return self._last_compressed[1]
-        offset, length = compress.descriptor(entry, self._geometry.cluster_bits)
-        if offset >= self._file.length:
-            raise await self._corruption.signal(
+        offset, length = compress.descriptor(entry, self._ctx.geometry.cluster_bits)
+        if offset >= self._ctx.file.length:
+            raise await self._ctx.signal_corruption(
                 f"Compressed cluster offset {offset:#x} past the end of the image file"
             )
-        raw = await self._file.read(offset, length)
-        out = compress.decompress(raw, self._geometry.cluster_size,
-                                  self._header.compression_type)
+        raw = await self._ctx.file.read(offset, length)
+        out = compress.decompress(raw, self._ctx.geometry.cluster_size,
+                                  self._ctx.header.compression_type)
         if out is None:
             raise BlockIOError(errno.EIO, "Input/output error")
         self._last_compressed = (entry, out)
@@ -113,50 +90,51 @@ class DataPath:
         parts: list[bytes] = []
         for kind, pos, length, value in segments:
             if kind == NORMAL:
-                parts.append(await self._file.read(value, length))
+                parts.append(await self._ctx.file.read(value, length))
             elif kind in (ZERO_PLAIN, ZERO_ALLOC):
                 parts.append(bytes(length))
             elif kind == UNALLOCATED:
                 parts.append(await self.read_backing(pos, length))
             else:
                 data = await self.read_compressed(value)
-                in_cluster = pos & (self._geometry.cluster_size - 1)
+                in_cluster = pos & (self._ctx.geometry.cluster_size - 1)
                 parts.append(data[in_cluster : in_cluster + length])
         return parts
 
     async def read(self, offset: int, length: int) -> bytes:
-        cluster_bits = self._geometry.cluster_bits
-        async with self._lock:
+        cluster_bits = self._ctx.geometry.cluster_bits
+        async with self._ctx.lock:
             segments = await self._map.map(offset, length)
             # the clusters read must not be released and reused under us
             hosts = [(v, n) for k, _p, n, v in segments if k == NORMAL]
             token = 0
             if hosts:
-                token = self._file.register(
+                token = self._ctx.file.register(
                     min(v for v, _n in hosts) >> cluster_bits,
-                    ceil_div(max(v + n for v, n in hosts), self._geometry.cluster_size),
+                    ceil_div(max(v + n for v, n in hosts), self._ctx.geometry.cluster_size),
                 )
         try:
             parts = await self._read_segments(segments)
         finally:
-            self._file.release(token)
+            self._ctx.file.release(token)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def read_many(self, extents: list[tuple[int, int]]) -> list[bytes]:
         """``read`` of every extent: one mapping pass under the lock, one file hop for the
         data clusters of all of them (the mirror's batches of small extents)."""
-        cluster_bits, cluster_size = self._geometry.cluster_bits, self._geometry.cluster_size
-        async with self._lock:
+        geometry = self._ctx.geometry
+        cluster_bits, cluster_size = geometry.cluster_bits, geometry.cluster_size
+        async with self._ctx.lock:
             maps = [await self._map.map(o, n) for o, n in extents]
             hosts = [(v, n) for segs in maps for k, _p, n, v in segs if k == NORMAL]
             token = 0
             if hosts:
-                token = self._file.register(
+                token = self._ctx.file.register(
                     min(v for v, _n in hosts) >> cluster_bits,
                     ceil_div(max(v + n for v, n in hosts), cluster_size),
                 )
         try:
-            data = iter(await self._file.read_many(hosts))
+            data = iter(await self._ctx.file.read_many(hosts))
             out: list[bytes] = []
             for segments in maps:
                 parts: list[bytes] = []
@@ -174,7 +152,7 @@ class DataPath:
                 out.append(parts[0] if len(parts) == 1 else b"".join(parts))
             return out
         finally:
-            self._file.release(token)
+            self._ctx.file.release(token)
 
     async def host_segments(
         self, extents: list[tuple[int, int]]
@@ -184,9 +162,10 @@ class DataPath:
         plain data cluster. The ranges are registered as under I/O (they must not be freed
         and reused meanwhile); ``release_host(token)`` ends that. None: something else is
         involved (zeroes, the backing file, compressed data); read the bytes instead."""
-        cluster_bits, cluster_size = self._geometry.cluster_bits, self._geometry.cluster_size
+        geometry = self._ctx.geometry
+        cluster_bits, cluster_size = geometry.cluster_bits, geometry.cluster_size
         out: list[list[tuple[int, int]]] = []
-        async with self._lock:
+        async with self._ctx.lock:
             for offset, length in extents:
                 segments = await self._map.map(offset, length)
                 if any(kind != NORMAL for kind, _p, _n, _v in segments):
@@ -195,14 +174,14 @@ class DataPath:
             hosts = [h for runs in out for h in runs]
             if not hosts:
                 return None
-            token = self._file.register(
+            token = self._ctx.file.register(
                 min(v for v, _n in hosts) >> cluster_bits,
                 ceil_div(max(v + n for v, n in hosts), cluster_size),
             )
         return out, token
 
     def release_host(self, token: int) -> None:
-        self._file.release(token)
+        self._ctx.file.release(token)
 
     async def write_via(
         self,
@@ -216,7 +195,7 @@ class DataPath:
         entries are linked once it returned. False, with nothing done: an extent is not whole
         clusters, or overlaps another writer's allocation in flight.
         """
-        geometry = self._geometry
+        geometry = self._ctx.geometry
         cluster_size, cluster_bits, l2_bits = (
             geometry.cluster_size, geometry.cluster_bits, geometry.l2_bits)
         if any(o % cluster_size or n % cluster_size or n <= 0 for o, n in extents):
@@ -226,7 +205,7 @@ class DataPath:
         links: list[Link] = []
         new_runs: list[tuple[int, int]] = []
         done = asyncio.Event()
-        async with self._lock:
+        async with self._ctx.lock:
             if any(self.allocation_in(o >> cluster_bits, (o + n - 1) >> cluster_bits)
                    is not None for o, n in extents):
                 return False
@@ -248,9 +227,9 @@ class DataPath:
                         plan[-1] = (g, h, m + n)
                     else:
                         plan.append((offset + source, host, n))
-            self._file.grow_ahead(self._allocator.end * cluster_size)
+            self._ctx.file.grow_ahead(self._allocator.end * cluster_size)
         try:
-            await self._file.ensure_size(max(h + n for _g, h, n in plan))
+            await self._ctx.file.ensure_size(max(h + n for _g, h, n in plan))
             ok = False
             try:
                 await fill(plan)
@@ -268,12 +247,12 @@ class DataPath:
         """After a batch's data I/O: end its host pins, then link its clusters (their data
         is written) or give the new ones back at the next flush (nothing points at them)."""
         for token in tokens:
-            self._file.release(token)
+            self._ctx.file.release(token)
         if links or new_runs:
-            async with self._lock:
+            async with self._ctx.lock:
                 if ok:
                     await self._map.link(links)
-                    await self._write_back()
+                    await self._ctx.write_back()
                 else:
                     for new_first, new_count in new_runs:
                         self._allocator.free_later(range(new_first, new_first + new_count))
@@ -281,14 +260,14 @@ class DataPath:
     async def _cluster_content(self, guest_cluster: int, entry: int) -> bytes:
         """The guest-visible content of a cluster before a partial overwrite."""
         kind = self._map.cluster_type(entry)
-        base = guest_cluster << self._geometry.cluster_bits
-        size = self._geometry.cluster_size
+        base = guest_cluster << self._ctx.geometry.cluster_bits
+        size = self._ctx.geometry.cluster_size
         if kind == NORMAL:
-            return await self._file.read(entry & L2E_OFFSET_MASK, size)
+            return await self._ctx.file.read(entry & L2E_OFFSET_MASK, size)
         if kind == COMPRESSED:
             return await self.read_compressed(entry)
         if kind == UNALLOCATED:
-            inside = min(size, self._header.size - base)
+            inside = min(size, self._ctx.header.size - base)
             data = await self.read_backing(base, inside)
             return data + bytes(size - inside) if inside < size else data
         return bytes(size)
@@ -308,12 +287,12 @@ class DataPath:
             try:
                 await self._issue(data, pieces)
             finally:
-                self._file.release(token)
+                self._ctx.file.release(token)
             return
-        cluster_bits, l2_bits = self._geometry.cluster_bits, self._geometry.l2_bits
+        cluster_bits, l2_bits = self._ctx.geometry.cluster_bits, self._ctx.geometry.l2_bits
         first, last = offset >> cluster_bits, (offset + len(data) - 1) >> cluster_bits
         while True:
-            async with self._lock:
+            async with self._ctx.lock:
                 busy = self.allocation_in(first, last)
                 if busy is None:
                     pieces, links, new_first, new_count = await self._plan(offset, len(data),
@@ -322,7 +301,7 @@ class DataPath:
                     done = asyncio.Event()
                     for l1_index, l2_index, _entry in links:
                         self.allocations[(l1_index << l2_bits) | l2_index] = done
-                    self._file.grow_ahead(self._allocator.end * self._geometry.cluster_size)
+                    self._ctx.file.grow_ahead(self._allocator.end * self._ctx.geometry.cluster_size)
                     break
             await busy.wait()
         ok = False
@@ -330,12 +309,12 @@ class DataPath:
             await self._issue(data, pieces)
             ok = True
         finally:
-            self._file.release(token)
+            self._ctx.file.release(token)
             try:
-                async with self._lock:
+                async with self._ctx.lock:
                     if ok:
                         await self._map.link(links)
-                        await self._write_back()
+                        await self._ctx.write_back()
                     elif new_count:
                         # nothing points at them yet: give them back at the next flush
                         self._allocator.free_later(range(new_first, new_first + new_count))
@@ -351,8 +330,8 @@ class DataPath:
         Pieces that overlap an allocation in flight (another writer's) are written one by
         one through ``write`` afterwards, as is everything when one of them fails to plan.
         """
-        l2_bits = self._geometry.l2_bits
-        cluster_bits = self._geometry.cluster_bits
+        l2_bits = self._ctx.geometry.l2_bits
+        cluster_bits = self._ctx.geometry.cluster_bits
         tokens: list[int] = []
         host_writes: list[tuple[int, bytes | memoryview]] = []
         later: list[tuple[int, memoryview]] = []
@@ -370,7 +349,7 @@ class DataPath:
         done = asyncio.Event()
         try:
             if planned:
-                async with self._lock:
+                async with self._ctx.lock:
                     for offset, data in planned:
                         first = offset >> cluster_bits
                         last = (offset + len(data) - 1) >> cluster_bits
@@ -386,10 +365,10 @@ class DataPath:
                         if new_count:
                             new_runs.append((new_first, new_count))
                         host_writes += self._host_writes(data, pieces)
-                    self._file.grow_ahead(self._allocator.end * self._geometry.cluster_size)
+                    self._ctx.file.grow_ahead(self._allocator.end * self._ctx.geometry.cluster_size)
             ok = False
             try:
-                await self._file.write_many(host_writes)
+                await self._ctx.file.write_many(host_writes)
                 ok = True
             finally:
                 await self._settle(tokens, links, new_runs, ok)
@@ -406,7 +385,7 @@ class DataPath:
         Synchronous on purpose: nothing can change the entries between this check and the
         registration of the write as in flight. None sends the write down the locked path.
         """
-        geometry = self._geometry
+        geometry = self._ctx.geometry
         cluster_bits, cluster_size = geometry.cluster_bits, geometry.cluster_size
         end = offset + length
         first, last = offset >> cluster_bits, (end - 1) >> cluster_bits
@@ -470,10 +449,10 @@ class DataPath:
 
     def _register(self, pieces: list[Piece]) -> int:
         if not pieces:
-            return self._file.register(0, 0)
-        return self._file.register(
-            min(p[0] for p in pieces) >> self._geometry.cluster_bits,
-            ceil_div(max(p[0] + p[1] for p in pieces), self._geometry.cluster_size),
+            return self._ctx.file.register(0, 0)
+        return self._ctx.file.register(
+            min(p[0] for p in pieces) >> self._ctx.geometry.cluster_bits,
+            ceil_div(max(p[0] + p[1] for p in pieces), self._ctx.geometry.cluster_size),
         )
 
     async def _plan(
@@ -487,7 +466,7 @@ class DataPath:
         after the data is written, and the run of new clusters (first, count). ``data`` may
         be None when the write covers whole clusters only (no completion needs it).
         """
-        geometry = self._geometry
+        geometry = self._ctx.geometry
         cluster_size, cluster_bits, l2_bits = (
             geometry.cluster_size, geometry.cluster_bits, geometry.l2_bits
         )
@@ -555,7 +534,7 @@ class DataPath:
     async def _issue(self, data: memoryview, pieces: list[Piece]) -> None:
         """Write pieces, merging those contiguous on the host into single large writes."""
         for host, out in self._host_writes(data, pieces):
-            await self._file.write(host, out)
+            await self._ctx.file.write(host, out)
 
     def _host_writes(
         self, data: memoryview, pieces: list[Piece]

@@ -7,6 +7,9 @@
 - ``bitmaps.BitmapStore``: persistent dirty bitmaps (the bitmaps extension);
 - ``snapshots``, ``check`` (layout validation, repair), ``corruption.CorruptionGuard``.
 
+The parts share one ``image_context.ImageContext`` (node, header, geometry, image file, lock,
+the driver's flush callbacks), built in ``open`` once the header is known.
+
 Metadata lives in memory while the image is open: the whole L1 table and refcount table, and
 write-back LRU caches of L2 tables and refcount blocks (``cache.py``). Nothing but guest data
 reaches the file between flushes; ``flush`` writes metadata back in an order that keeps the
@@ -58,6 +61,7 @@ from blockmirror.block.drivers.qcow2.header import (
     Header,
     parse_header,
 )
+from blockmirror.block.drivers.qcow2.image_context import ImageContext
 from blockmirror.block.drivers.qcow2.image_file import ImageFile
 from blockmirror.block.drivers.qcow2.layout import (
     COMPRESSED,
@@ -130,27 +134,16 @@ class Qcow2Driver(BlockDriver):
         self.header = header
         self.geometry = geometry = Geometry.of(header)
         self.corruption = CorruptionGuard(self.node, header, image_file)
-        self.allocator = RefcountAllocator(
-            geometry, header, image_file, self.corruption.signal
+        ctx = ImageContext(
+            self.node, header, geometry, image_file, self.lock, self.corruption.signal,
+            write_back=self._write_back, flush_metadata=self._flush_locked,
         )
-        self.cluster_map = ClusterMap(
-            geometry, header, image_file, self.allocator, self.corruption.signal
-        )
-        self.data_path = DataPath(
-            self.node, geometry, header, image_file, self.allocator, self.cluster_map,
-            self.corruption, self.lock, self._write_back,
-        )
-        self.compressed = CompressedWriter(
-            geometry, header, image_file, self.allocator, self.cluster_map, self.data_path,
-            self.lock, self._write_back,
-        )
-        self.bitmap_store = BitmapStore(
-            self.node, geometry, header, image_file, self.allocator, self._flush_locked
-        )
-        self.resume_area = ResumeArea(
-            self.node, geometry, header, image_file, self.allocator, self.bitmap_store,
-            self.lock, self._flush_locked,
-        )
+        self.allocator = allocator = RefcountAllocator(ctx)
+        self.cluster_map = ClusterMap(ctx, allocator)
+        self.data_path = DataPath(ctx, allocator, self.cluster_map)
+        self.compressed = CompressedWriter(ctx, allocator, self.cluster_map, self.data_path)
+        self.bitmap_store = BitmapStore(ctx, allocator)
+        self.resume_area = ResumeArea(ctx, allocator, self.bitmap_store)
         await self.cluster_map.load_l1()
         await self.allocator.load_table()
         self.snapshots = await read_snapshot_table(header, image_file, geometry.cluster_size)

@@ -12,44 +12,30 @@ from __future__ import annotations
 
 import errno
 import struct
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 
 from blockmirror.block.drivers.qcow2 import compress
 from blockmirror.block.drivers.qcow2.cache import TableCache
-from blockmirror.block.drivers.qcow2.header import Header
-from blockmirror.block.drivers.qcow2.image_file import ImageFile
+from blockmirror.block.drivers.qcow2.image_context import ImageContext
 from blockmirror.block.drivers.qcow2.layout import (
     COMPRESSED,
     L2E_OFFSET_MASK,
     NORMAL,
     REFT_OFFSET_MASK,
     ZERO_ALLOC,
-    Geometry,
     ceil_div,
     cluster_type,
 )
 from blockmirror.block.drivers.qcow2.refcount import decode_block, encode_block
-from blockmirror.errors import BlockIOError, ImageCorruptError, InternalError
-
-#: reports a corruption and returns the error to raise (``CorruptionGuard.signal``)
-SignalCorruption = Callable[[str], Awaitable[ImageCorruptError]]
+from blockmirror.errors import BlockIOError, InternalError
 
 
 class RefcountAllocator:
-    def __init__(
-        self,
-        geometry: Geometry,
-        header: Header,
-        image_file: ImageFile,
-        signal_corruption: SignalCorruption,
-    ) -> None:
-        self._geometry = geometry
-        self._header = header
-        self._file = image_file
-        self._signal_corruption = signal_corruption
+    def __init__(self, ctx: ImageContext) -> None:
+        self._ctx = ctx
         self.table: list[int] = []
         self.table_dirty = False
-        self.blocks = TableCache(max(16, (8 * 1024 * 1024) // geometry.cluster_size))
+        self.blocks = TableCache(max(16, (8 * 1024 * 1024) // ctx.geometry.cluster_size))
         #: clusters freed since the last flush: decremented only after L2/L1 reach the disk
         self.pending_free: list[int] = []
         #: host clusters holding metadata; guest data must never be written there
@@ -62,11 +48,11 @@ class RefcountAllocator:
         self.free_byte_offset = 0
 
     async def load_table(self) -> None:
-        header = self._header
-        entries = header.refcount_table_clusters * self._geometry.cluster_size // 8
-        raw = await self._file.read(header.refcount_table_offset, entries * 8)
+        header = self._ctx.header
+        entries = header.refcount_table_clusters * self._ctx.geometry.cluster_size // 8
+        raw = await self._ctx.file.read(header.refcount_table_offset, entries * 8)
         self.table = list(struct.unpack(f">{entries}Q", raw))
-        self.end = ceil_div(self._file.length, self._geometry.cluster_size)
+        self.end = ceil_div(self._ctx.file.length, self._ctx.geometry.cluster_size)
 
     def replace_table(self, table: list[int], end: int) -> None:
         """Adopt a refcount structure written by a repair."""
@@ -90,13 +76,13 @@ class RefcountAllocator:
         offset = self.table[index] & REFT_OFFSET_MASK
         if not offset:
             raise InternalError(f"qcow2 refcount block {index} does not exist")
-        raw = await self._file.read(offset, self._geometry.cluster_size)
-        block = decode_block(raw, self._header.refcount_order)
+        raw = await self._ctx.file.read(offset, self._ctx.geometry.cluster_size)
+        block = decode_block(raw, self._ctx.header.refcount_order)
         self.blocks.put(index, block)
         return block
 
     async def refcount(self, cluster: int) -> int:
-        geometry = self._geometry
+        geometry = self._ctx.geometry
         index = cluster >> geometry.refcount_block_bits
         if not self.has_block(index):
             return 0
@@ -105,13 +91,13 @@ class RefcountAllocator:
 
     async def add(self, cluster: int, delta: int) -> int:
         """Change one refcount; returns the new value."""
-        geometry = self._geometry
+        geometry = self._ctx.geometry
         index = cluster >> geometry.refcount_block_bits
         block = await self.load_block(index)
         i = cluster & (geometry.refcount_block_size - 1)
         value = block[i] + delta
         if value < 0:
-            raise await self._signal_corruption(
+            raise await self._ctx.signal_corruption(
                 f"Preventing invalid free of cluster {cluster << geometry.cluster_bits:#x} "
                 "(refcount already 0)"
             )
@@ -123,7 +109,7 @@ class RefcountAllocator:
 
     async def _take(self, start: int, count: int) -> None:
         """Take a reference on ``count`` free clusters (their refcount blocks exist)."""
-        bits, size = self._geometry.refcount_block_bits, self._geometry.refcount_block_size
+        bits, size = self._ctx.geometry.refcount_block_bits, self._ctx.geometry.refcount_block_size
         cluster, end = start, start + count
         while cluster < end:
             index = cluster >> bits
@@ -141,7 +127,7 @@ class RefcountAllocator:
         Scans decoded refcount blocks with list primitives rather than cluster by cluster;
         everything at or past ``end`` and every range without a refcount block is free.
         """
-        bits, size = self._geometry.refcount_block_bits, self._geometry.refcount_block_size
+        bits, size = self._ctx.geometry.refcount_block_bits, self._ctx.geometry.refcount_block_size
         cluster = self.free_hint
         start = cluster
         run = 0
@@ -187,7 +173,7 @@ class RefcountAllocator:
 
     async def allocate(self, count: int) -> int:
         """Allocate ``count`` contiguous clusters (refcount 1 each); return the first index."""
-        geometry = self._geometry
+        geometry = self._ctx.geometry
         bits = geometry.refcount_block_bits
         while True:
             start, first_free = await self._find_free(count)
@@ -198,7 +184,7 @@ class RefcountAllocator:
             overlap = next((c for c in range(start, start + count)
                             if c in self.metadata_clusters), None)
             if overlap is not None:
-                raise await self._signal_corruption(
+                raise await self._ctx.signal_corruption(
                     "Preventing invalid write on metadata (overlaps with "
                     f"{self._metadata_name(overlap)})")
             missing = None
@@ -230,7 +216,7 @@ class RefcountAllocator:
 
     def _metadata_name(self, cluster: int) -> str:
         """QEMU's name for the metadata structure at ``cluster`` (its overlap-check texts)."""
-        header, cluster_size = self._header, self._geometry.cluster_size
+        header, cluster_size = self._ctx.header, self._ctx.geometry.cluster_size
         offset = cluster * cluster_size
         if cluster == 0:
             return "qcow2_header"
@@ -248,7 +234,7 @@ class RefcountAllocator:
         qcow2_alloc_bytes). Streams are packed back to back: one goes after the previous one
         in the same cluster, or runs on into the next cluster when that is the one allocated
         next; otherwise it starts a fresh cluster and the old tail stays unused."""
-        geometry = self._geometry
+        geometry = self._ctx.geometry
         bits, cluster_size = geometry.cluster_bits, geometry.cluster_size
         assert 0 < size <= cluster_size
         offset = self.free_byte_offset
@@ -261,7 +247,7 @@ class RefcountAllocator:
         if not offset or free_in_cluster < size:
             new_cluster = await self.allocate(1)  # its reference is the stream's
             if new_cluster == 0:
-                raise await self._signal_corruption(
+                raise await self._ctx.signal_corruption(
                     "Preventing invalid allocation of compressed cluster at offset 0")
             if offset and ((offset >> bits) + 1) == new_cluster:
                 await self.add(offset >> bits, 1)  # the stream starts in the old tail
@@ -275,7 +261,7 @@ class RefcountAllocator:
 
     async def _grow_table(self, index_needed: int) -> None:
         """Move the refcount table to a bigger one at the end of the image."""
-        geometry = self._geometry
+        geometry = self._ctx.geometry
         cluster_size = geometry.cluster_size
         old = list(self.table)
         old_entries = len(old)
@@ -306,33 +292,33 @@ class RefcountAllocator:
             self.metadata_clusters.add(cluster)
         self.end = area + block_count + table_clusters
         # new blocks first, then the table, then the header that points at it
-        await self._file.ensure_size(self.end * cluster_size)
+        await self._ctx.file.ensure_size(self.end * cluster_size)
         await self.write_dirty_blocks()
-        await self._file.flush()
+        await self._ctx.file.flush()
         table_offset = (area + block_count) << geometry.cluster_bits
-        await self._file.write(table_offset, struct.pack(f">{len(table)}Q", *table))
-        await self._file.flush()
-        header = self._header
+        await self._ctx.file.write(table_offset, struct.pack(f">{len(table)}Q", *table))
+        await self._ctx.file.flush()
+        header = self._ctx.header
         old_offset, old_clusters = header.refcount_table_offset, header.refcount_table_clusters
         header.refcount_table_offset = table_offset
         header.refcount_table_clusters = table_clusters
-        await self._file.write_header(header)
-        await self._file.flush()
+        await self._ctx.file.write_header(header)
+        await self._ctx.file.flush()
         self.table_dirty = False
         self.pending_free.extend(geometry.clusters(old_offset, old_clusters * cluster_size))
 
     async def write_dirty_blocks(self, *, durable: bool = False) -> None:
         """Write the changed refcount blocks; ``durable``: and flush (with what came before)."""
         pieces = [(self.table[index] & REFT_OFFSET_MASK,
-                   encode_block(self.blocks.peek(index), self._header.refcount_order))
+                   encode_block(self.blocks.peek(index), self._ctx.header.refcount_order))
                   for index in sorted(self.blocks.dirty)]
-        await self._file.write_pieces(pieces, durable=durable)
+        await self._ctx.file.write_pieces(pieces, durable=durable)
         self.blocks.clean_all()
 
     async def write_table(self, *, durable: bool = False) -> None:
         table = self.table
-        piece = (self._header.refcount_table_offset, struct.pack(f">{len(table)}Q", *table))
-        await self._file.write_pieces([piece], durable=durable)
+        piece = (self._ctx.header.refcount_table_offset, struct.pack(f">{len(table)}Q", *table))
+        await self._ctx.file.write_pieces([piece], durable=durable)
         self.table_dirty = False
 
     # --- freeing -------------------------------------------------------------------------
@@ -342,24 +328,24 @@ class RefcountAllocator:
 
     def free_entry_later(self, entry: int) -> None:
         """Drop, at the next flush, the references an L2 entry holds."""
-        kind = cluster_type(entry, self._header.version)
+        kind = cluster_type(entry, self._ctx.header.version)
         if kind == COMPRESSED:
-            self.pending_free.extend(compress.host_clusters(entry, self._geometry.cluster_bits))
+            self.pending_free.extend(compress.host_clusters(entry, self._ctx.geometry.cluster_bits))
         elif kind in (NORMAL, ZERO_ALLOC):
-            self.pending_free.append((entry & L2E_OFFSET_MASK) >> self._geometry.cluster_bits)
+            self.pending_free.append((entry & L2E_OFFSET_MASK) >> self._ctx.geometry.cluster_bits)
 
     async def release_pending(self) -> list[int]:
         """Apply the deferred decrements (flush step 4); returns the clusters now free."""
         frees, self.pending_free = self.pending_free, []
         released: list[int] = []
-        image_file = self._file
+        image_file = self._ctx.file
         for cluster in frees:
             if image_file.any_in_flight and image_file.in_flight(cluster):
                 # a request outside the lock still uses it: release it next time
                 self.pending_free.append(cluster)
                 continue
             if await self.add(cluster, -1) == 0:
-                if self.free_byte_offset >> self._geometry.cluster_bits == cluster:
+                if self.free_byte_offset >> self._ctx.geometry.cluster_bits == cluster:
                     self.free_byte_offset = 0  # its tail must not take streams any more
                 self.metadata_clusters.discard(cluster)
                 self.free_hint = min(self.free_hint, cluster)
@@ -369,7 +355,7 @@ class RefcountAllocator:
 
     async def used_clusters_exceed(self, end: int, threshold: int) -> bool:
         """Whether more than ``threshold`` clusters below ``end`` have a reference."""
-        geometry = self._geometry
+        geometry = self._ctx.geometry
         used = 0
         blocks = min(len(self.table), ceil_div(end, geometry.refcount_block_size))
         for index in range(blocks):

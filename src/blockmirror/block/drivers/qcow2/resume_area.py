@@ -24,12 +24,9 @@ through a descriptor of their own (``record_fd``): never a header write.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import struct
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from blockmirror.block.drivers.file import FileDriver
 from blockmirror.block.drivers.qcow2.bitmaps import (
@@ -39,13 +36,10 @@ from blockmirror.block.drivers.qcow2.bitmaps import (
     DirectoryEntry,
 )
 from blockmirror.block.drivers.qcow2.header import Header
-from blockmirror.block.drivers.qcow2.image_file import ImageFile
-from blockmirror.block.drivers.qcow2.layout import Geometry, ceil_div
+from blockmirror.block.drivers.qcow2.image_context import ImageContext
+from blockmirror.block.drivers.qcow2.layout import ceil_div
 from blockmirror.block.drivers.qcow2.refcount_allocator import RefcountAllocator
 from blockmirror.errors import BlockMirrorError
-
-if TYPE_CHECKING:
-    from blockmirror.block.node import BlockNode
 
 #: our header extension ("BMRS"): not a type the qcow2 specification assigns
 EXT_RESUME = 0x424D5253
@@ -94,24 +88,11 @@ class ResumeArea:
     """The resume area of one open qcow2 image (part of ``Qcow2Driver``)."""
 
     def __init__(
-        self,
-        node: BlockNode,
-        geometry: Geometry,
-        header: Header,
-        image_file: ImageFile,
-        allocator: RefcountAllocator,
-        bitmap_store: BitmapStore,
-        lock: asyncio.Lock,
-        flush_locked: Callable[[], Awaitable[None]],
+        self, ctx: ImageContext, allocator: RefcountAllocator, bitmap_store: BitmapStore
     ) -> None:
-        self._node = node
-        self._geometry = geometry
-        self._header = header
-        self._file = image_file
+        self._ctx = ctx
         self._allocator = allocator
         self._bitmaps = bitmap_store
-        self._lock = lock
-        self._flush_locked = flush_locked
         #: the area, while the header's bit says it is current (None: no usable area)
         self.current: AreaExtension | None = None
         #: why an area found in the image cannot be trusted (None: none found, or current)
@@ -128,7 +109,7 @@ class ResumeArea:
 
         Returns the autoclear bits to keep (ours, when the area is current).
         """
-        header = self._header
+        header = self._ctx.header
         ext = parse_extension(header)
         entry = self._entry()
         bit = bool(header.autoclear & AUTOCLEAR_RESUME) and header.version == 3
@@ -154,13 +135,13 @@ class ResumeArea:
         return next((e for e in self._bitmaps.entries if e.name == RESUME_BITMAP), None)
 
     async def _matches(self, ext: AreaExtension, entry: DirectoryEntry) -> bool:
-        cluster_size = self._geometry.cluster_size
+        cluster_size = self._ctx.geometry.cluster_size
         clusters = ceil_div(ext.length, cluster_size)
         if (not entry.flags & FLAG_IN_USE or entry.table_size != clusters
                 or ext.offset % cluster_size
-                or ext.offset + ext.length > self._file.length):
+                or ext.offset + ext.length > self._ctx.file.length):
             return False
-        raw = await self._file.read(entry.table_offset, entry.table_size * 8)
+        raw = await self._ctx.file.read(entry.table_offset, entry.table_size * 8)
         table = struct.unpack(f">{entry.table_size}Q", raw)
         return all(value & TABLE_ENTRY_OFFSET_MASK == ext.offset + i * cluster_size
                    for i, value in enumerate(table))
@@ -171,7 +152,7 @@ class ResumeArea:
         clears the bit (also after a read-only node is switched to read-write)."""
         if self.current is None:
             return
-        named = self._node.bitmaps.get(RESUME_BITMAP)
+        named = self._ctx.node.bitmaps.get(RESUME_BITMAP)
         if named is not None:
             named.users += 1
         self.needs_guard = True
@@ -182,12 +163,12 @@ class ResumeArea:
         ext = self.current
         if ext is None:
             raise BlockMirrorError("no current resume area")
-        return await self._file.read(ext.offset, ext.length)
+        return await self._ctx.file.read(ext.offset, ext.length)
 
     def record_fd(self) -> int:
         """A descriptor of the image file of its own, for record writes (the caller closes
         it). Not the driver's: that one may be O_DIRECT, and reopens replace it."""
-        proto = self._file.node.driver
+        proto = self._ctx.file.node.driver
         if not isinstance(proto, FileDriver) or proto.fd < 0:
             raise BlockMirrorError("the image is not in a local file")
         fd = os.open(proto.filename, os.O_RDWR | os.O_CLOEXEC)
@@ -198,7 +179,7 @@ class ResumeArea:
         return fd
 
     def local_file(self) -> bool:
-        proto = self._file.node.driver
+        proto = self._ctx.file.node.driver
         return isinstance(proto, FileDriver) and proto.fd >= 0
 
     # --- the owner, and the guard -------------------------------------------------------
@@ -217,7 +198,7 @@ class ResumeArea:
         """Before a write no mirror tracks: clear the bit on disk (the area goes stale)."""
         if not self.needs_guard or self.owner is not None:
             return
-        async with self._lock:
+        async with self._ctx.lock:
             if not self.needs_guard:
                 return
             await self._clear_bit()
@@ -229,18 +210,18 @@ class ResumeArea:
             self.owner = None
         if self.current is None:
             return
-        async with self._lock:
+        async with self._ctx.lock:
             await self._clear_bit()
             self.stale = "it was written while no mirror tracked it"
 
     async def _clear_bit(self) -> None:
-        header = self._header
+        header = self._ctx.header
         header.autoclear &= ~AUTOCLEAR_RESUME
-        await self._file.write_header(header)
-        await self._file.flush()
+        await self._ctx.file.write_header(header)
+        await self._ctx.file.flush()
         self.current = None
         self.needs_guard = False
-        named = self._node.bitmaps.get(RESUME_BITMAP)
+        named = self._ctx.node.bitmaps.get(RESUME_BITMAP)
         if named is not None and named.users:
             named.users -= 1
 
@@ -253,12 +234,12 @@ class ResumeArea:
         Raises:
             BlockMirrorError: the image cannot hold it (not qcow2 v3, I/O error).
         """
-        header, geometry = self._header, self._geometry
+        header, geometry = self._ctx.header, self._ctx.geometry
         if header.version != 3:
             raise BlockMirrorError("Cannot store a resume state in a qcow2 v2 image")
         cluster_size, cluster_bits = geometry.cluster_size, geometry.cluster_bits
         clusters = ceil_div(len(data), cluster_size)
-        async with self._lock:
+        async with self._ctx.lock:
             allocator = self._allocator
             first = await allocator.allocate(clusters)
             allocator.metadata_clusters.update(range(first, first + clusters))
@@ -266,13 +247,13 @@ class ResumeArea:
             table_first = await allocator.allocate(table_clusters)
             allocator.metadata_clusters.update(range(table_first, table_first + table_clusters))
             offset, table_offset = first << cluster_bits, table_first << cluster_bits
-            await self._file.ensure_size(allocator.end * cluster_size)
+            await self._ctx.file.ensure_size(allocator.end * cluster_size)
             # 1. the data and its table, then their refcounts, durable
-            await self._file.write(offset, data + bytes(clusters * cluster_size - len(data)))
+            await self._ctx.file.write(offset, data + bytes(clusters * cluster_size - len(data)))
             table = [offset + i * cluster_size for i in range(clusters)]
-            await self._file.write(table_offset, struct.pack(f">{clusters}Q", *table))
-            await self._flush_locked()
-            await self._file.flush()
+            await self._ctx.file.write(table_offset, struct.pack(f">{clusters}Q", *table))
+            await self._ctx.flush_metadata()
+            await self._ctx.file.flush()
             # 2. one header write switches the directory, our extension and our bit
             ext = AreaExtension(offset, len(data), nonce)
             old = self._entry()
@@ -287,13 +268,13 @@ class ResumeArea:
             # 3. the old area's clusters, now that nothing durable points at them
             if old is not None:
                 await self._bitmaps.free_table(old)
-            await self._flush_locked()
+            await self._ctx.flush_metadata()
             self._hold_bitmap(granularity)
 
     def _hold_bitmap(self, granularity: int) -> None:
         """The node shows the area's bitmap as QEMU would after a reopen: persistent,
         inconsistent, and (here) busy, so that it cannot be removed under the mirror."""
-        bitmaps = self._node.bitmaps
+        bitmaps = self._ctx.node.bitmaps
         bitmaps.release(RESUME_BITMAP)
         named = bitmaps.create(RESUME_BITMAP, granularity, persistent=True)
         named.inconsistent = True
@@ -302,8 +283,8 @@ class ResumeArea:
 
     async def remove(self) -> None:
         """Drop the area (current or stale): bit, extension, bitmap, clusters."""
-        async with self._lock:
-            header = self._header
+        async with self._ctx.lock:
+            header = self._ctx.header
             old = self._entry()
             if old is None and parse_extension(header) is None and not (
                     header.autoclear & AUTOCLEAR_RESUME):
@@ -314,8 +295,8 @@ class ResumeArea:
             self.current, self.stale, self.owner, self.needs_guard = None, None, None, False
             if old is not None:
                 await self._bitmaps.free_table(old)
-            await self._flush_locked()
-            self._node.bitmaps.release(RESUME_BITMAP)
+            await self._ctx.flush_metadata()
+            self._ctx.node.bitmaps.release(RESUME_BITMAP)
 
 
 __all__ = [
