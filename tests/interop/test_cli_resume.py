@@ -7,49 +7,22 @@ and ends with an identical target; ``--restart`` starts afresh instead.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import require_tool
+from resume_kill_helpers import BLOCKMIRROR, killed_cli_mirror
 
 pytestmark = pytest.mark.interop
 
 MiB = 1 << 20
 SIZE = 32 * MiB
-BLOCKMIRROR = [sys.executable, "-m", "blockmirror.cli.main", "mirror"]
 FORMATS = ["--format", "raw", "--source-format", "raw"]
-
-
-def _killed_mirror(src: Path, dst: Path, formats: list[str] = FORMATS, speed: str = "16M",
-                   sig: int = signal.SIGKILL) -> None:
-    """The mirror, stopped by ``sig`` once a quarter is copied (SIGKILL: a crash; SIGINT: a
-    clean stop, which leaves the resume log closed)."""
-    proc = subprocess.Popen([*BLOCKMIRROR, *formats, "--speed", speed, "--buf-size", "1M",
-                             "--json", str(src), str(dst)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            msg = json.loads(line)
-            if msg.get("type") == "progress" and msg["done"] >= SIZE // 4:
-                break
-        else:
-            raise AssertionError(f"the mirror ended early: {proc.wait()}")
-        proc.send_signal(sig)
-        proc.wait(60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
-    # a clean stop exits 130, as after Ctrl-C at a shell
-    assert proc.returncode == (-9 if sig == signal.SIGKILL else 130), proc.returncode
 
 
 def _run(*args: str) -> str:
@@ -65,7 +38,7 @@ def test_same_command_resumes_after_sigkill_and_restart_starts_afresh(tmp_path: 
     log = tmp_path / "dst.raw.blockmirror-resume"
     src.write_bytes(random.Random(7).randbytes(SIZE))
 
-    _killed_mirror(src, dst)
+    killed_cli_mirror(src, dst, SIZE, FORMATS)
     assert log.exists()
     out = _run(str(src), str(dst))
     m = re.search(r"^resumed: (\d+\.\d) MiB to recopy of 32\.0 MiB$", out, re.M)
@@ -75,7 +48,7 @@ def test_same_command_resumes_after_sigkill_and_restart_starts_afresh(tmp_path: 
     assert dst.read_bytes() == src.read_bytes()
     assert not log.exists()
 
-    _killed_mirror(src, dst)
+    killed_cli_mirror(src, dst, SIZE, FORMATS)
     out = _run("--restart", str(src), str(dst))
     assert "resumed:" not in out and "Formatting 'dst.raw'" not in out
     assert f"Formatting '{dst}'" in out
@@ -92,7 +65,7 @@ def test_ctrl_c_then_the_same_command_resumes_onto_a_qcow2_target(tmp_path: Path
     raw.write_bytes(random.Random(11).randbytes(SIZE))
     subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(src)], check=True)
     qcow2 = ["--format", "qcow2", "--source-format", "qcow2"]
-    _killed_mirror(src, dst, qcow2, "8M", signal.SIGINT)
+    killed_cli_mirror(src, dst, SIZE, qcow2, "8M", signal.SIGINT)
     p = subprocess.run([*BLOCKMIRROR, *qcow2, str(src), str(dst)], capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr

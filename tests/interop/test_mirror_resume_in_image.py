@@ -16,23 +16,14 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import struct
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_mirror_resume_kill import (
-    Monitor,
-    Writer,
-    _export,
-    _node,
-    _sh,
-    _start,
-    _wait_socket,
-)
 
-from blockmirror.block.dirty_bitmap import DirtyBitmap
 from blockmirror.block.drivers.qcow2.resume_area import (
     AUTOCLEAR_RESUME,
     EXT_RESUME,
@@ -40,14 +31,30 @@ from blockmirror.block.drivers.qcow2.resume_area import (
 )
 from blockmirror.jobs.mirror.image_store import read_image_log
 from conftest import require_tool
+from resume_kill_helpers import (
+    BLOCKMIRROR,
+    GRAN,
+    SIZE,
+    MiB,
+    Monitor,
+    Writer,
+    assert_model,
+    export,
+    killed_cli_mirror,
+    mirror_args,
+    node,
+    phase_args,
+    prepare_images,
+    quit_daemon,
+    recopy_bound,
+    resume_to_pivot,
+    serve_target,
+    sh,
+    start_daemon,
+    write_until_kill,
+)
 
 pytestmark = pytest.mark.interop
-
-MiB = 1 << 20
-SIZE = 16 * MiB
-GRAN = 64 * 1024
-EXTENT = 1 * MiB
-EXTENTS = 4
 
 CASES = [(phase, seed, "file") for seed in (1, 2)
          for phase in ("copy", "ready", "write-blocking")]
@@ -55,9 +62,7 @@ CASES += [("copy", 3, "nbd"), ("ready", 3, "nbd")]
 
 
 def _args(**extra: Any) -> dict[str, Any]:
-    return {"job-id": "m", "device": "src", "target": "tgt", "sync": "full",
-            "granularity": GRAN, "x-resume-store": "image", "x-resume-extents": EXTENTS,
-            "x-resume-extent-size": EXTENT, **extra}
+    return mirror_args(**{"x-resume-store": "image", **extra})
 
 
 class ImageWriter(Writer):
@@ -89,14 +94,7 @@ def _bound(image: str) -> tuple[int, int]:
     assert found is not None, "no resume state in the source"
     rec, current = found
     assert current, "the resume state's autoclear bit is clear"
-    bm = DirtyBitmap(SIZE, GRAN)
-    g = rec.geometry.granularity
-    for i in range(SIZE // g):
-        if rec.bitmap[i // 8] & (1 << (i % 8)):
-            bm.set_dirty(i * g, g)
-    for e in rec.hot:
-        bm.set_dirty(e * rec.geometry.extent_size, rec.geometry.extent_size)
-    return bm.dirty_count(), len(rec.hot) * rec.geometry.extent_size
+    return recopy_bound(rec)
 
 
 def _header(path: str) -> tuple[int, list[int]]:
@@ -123,7 +121,7 @@ def _check(path: str, *, leaks_ok: bool = False) -> dict[str, Any]:
 
 
 def _bitmaps(path: str, *extra: str) -> list[dict[str, Any]]:
-    info = json.loads(_sh("qemu-img", "info", *extra, "--output=json", path))
+    info = json.loads(sh("qemu-img", "info", *extra, "--output=json", path))
     data = info["format-specific"]["data"]
     return list(data.get("bitmaps", []))
 
@@ -139,81 +137,40 @@ def _wait_area(m: Monitor, path: str) -> None:
 
 def _case(tmp: Path, phase: str, seed: int, tkind: str) -> dict[str, int]:
     rng = random.Random(f"in-image{phase}{seed}")
-    initial = bytearray(SIZE)
-    for _ in range(24):
-        o = rng.randrange(0, SIZE - MiB) // GRAN * GRAN
-        n = rng.randrange(1, 16) * GRAN
-        initial[o:o + n] = rng.randbytes(n)
-    model_path = tmp / "model.raw"
-    model_path.write_bytes(initial)
-    src_path, tgt_path = str(tmp / "src.qcow2"), str(tmp / "tgt.qcow2")
-    _sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(model_path), src_path)
-    _sh("qemu-img", "create", "-q", "-f", "qcow2", tgt_path, str(SIZE))
-    src = _node("src", "qcow2", {"driver": "file", "filename": src_path})
-    tgt = _node("tgt", "qcow2", {"driver": "file", "filename": tgt_path})
+    initial, model_path, src_path, tgt_path = prepare_images(tmp, "qcow2", rng)
+    src = node("src", "qcow2", {"driver": "file", "filename": src_path})
+    tgt = node("tgt", "qcow2", {"driver": "file", "filename": tgt_path})
     nbd_srv: subprocess.Popen[bytes] | None = None
     if tkind == "nbd":
-        tsock = str(tmp / "target-nbd.sock")
-        nbd_srv = subprocess.Popen(["qemu-nbd", "-t", "-f", "qcow2", "-k", tsock, "-x", "tgt",
-                                    "--cache=writeback", tgt_path])
-        _wait_socket(tsock, nbd_srv)
-        tgt = _node("tgt", "raw", {"driver": "nbd", "export": "tgt",
-                                   "server": {"type": "unix", "path": tsock}})
+        nbd_srv, tgt = serve_target(tmp, "qcow2", tgt_path)
     try:
-        return _run_case(tmp, phase, rng, initial, src_path, tgt_path, src, tgt, nbd_srv)
+        return _run_case(tmp, phase, rng, initial, model_path, src_path, tgt_path, src, tgt,
+                         nbd_srv)
     finally:
         if nbd_srv is not None:
             nbd_srv.terminate()
             nbd_srv.wait(10)
 
 
-def _run_case(tmp: Path, phase: str, rng: random.Random, initial: bytearray, src_path: str,
-              tgt_path: str, src: dict[str, Any], tgt: dict[str, Any],
+def _run_case(tmp: Path, phase: str, rng: random.Random, initial: bytearray, model_path: Path,
+              src_path: str, tgt_path: str, src: dict[str, Any], tgt: dict[str, Any],
               nbd_srv: subprocess.Popen[bytes] | None) -> dict[str, int]:
-    model_path = tmp / "model.raw"
     model = bytearray(initial)
     # --- run 1: mirror, write, SIGKILL -----------------------------------------------------
-    d, m = _start(tmp, 1, src, tgt)
+    d, m = start_daemon(tmp, 1, src, tgt)
     try:
-        extra: dict[str, Any] = {}
-        if phase == "copy":
-            extra = {"speed": 8 * MiB, "buf-size": MiB}
-        if phase == "write-blocking":
-            extra["copy-mode"] = "write-blocking"
-        m.cmd("blockdev-mirror", _args(**extra))
+        m.cmd("blockdev-mirror", _args(**phase_args(phase)))
         _wait_area(m, src_path)
         # mid-mirror, QEMU shows the area's bitmap, in use (-U: the daemon holds the lock)
         assert _bitmaps(src_path, "-U") == [
             {"name": RESUME_BITMAP, "granularity": GRAN, "flags": ["in-use"]}]
         autoclear, exts = _header(src_path)
         assert autoclear & AUTOCLEAR_RESUME and EXT_RESUME in exts, (autoclear, exts)
-        w = ImageWriter(_export(m, tmp, 1), model, rng, src_path)
-        ready_mark: int | None = None
-        try:
-            if phase == "copy":
-                frac = rng.uniform(0.3, 0.85)
-                while m.job()["offset"] < frac * SIZE:
-                    w.random_write()
-                assert not m.job()["ready"]
-            else:
-                kill_in_copy = phase == "write-blocking" and rng.random() < 0.5
-                before_last = w.chunk_bytes
-                while not kill_in_copy and not m.job()["ready"]:
-                    before_last = w.chunk_bytes
-                    w.random_write()
-                if not kill_in_copy:
-                    ready_mark = before_last
-                for _ in range(rng.randrange(2, 40)):
-                    w.random_write()
-            done = m.job()
-            remaining_at_kill = done["len"] - done["offset"]
-            if rng.random() < 0.5:
-                w.send_unacked()
-            d.kill()
-        finally:
-            w.close()
+        w = ImageWriter(export(m, tmp, 1), model, rng, src_path)
+        done, ready_mark = write_until_kill(d, m, w, phase, rng, look_each_write=False)
     finally:
         d.kill()
+    remaining_at_kill = done["len"] - done["offset"]
     pending = w.pending
     unacked = 65536 + GRAN if pending else 0
     since_ckpt = w.since_prev + w.since_ckpt + unacked
@@ -227,49 +184,27 @@ def _run_case(tmp: Path, phase: str, rng: random.Random, initial: bytearray, src
         {"name": RESUME_BITMAP, "granularity": GRAN, "flags": ["in-use"]}]
     bound, hot = _bound(src_path)
     if nbd_srv is None:
-        p = subprocess.run(["qemu-img", "check", "-q", "-r", "leaks", tgt_path],
-                           capture_output=True, text=True)
-        assert p.returncode == 0, p.stdout + p.stderr
+        sh("qemu-img", "check", "-q", "-r", "leaks", tgt_path)
     # --- run 2: resume ---------------------------------------------------------------------
-    d, m = _start(tmp, 2, src, tgt)
+    d, m = start_daemon(tmp, 2, src, tgt)
     try:
-        m.cmd("blockdev-mirror", _args())
-        info = m.job()
-        recopy = SIZE - info["x-resumed"]
-        assert recopy == bound, (recopy, bound)
-        w = ImageWriter(_export(m, tmp, 2), model, rng, src_path)
-        try:
-            if pending is not None:
-                w.write(*pending, rng.randrange(1, 256))
-            for _ in range(rng.randrange(0, 10)):
-                w.random_write()
-            m.wait_event("BLOCK_JOB_READY")
-            info = m.job()
-            moved = info["x-copied"] + info["x-zero-skipped"]
-            assert moved <= recopy + w.chunk_bytes, (moved, recopy, w.chunk_bytes)
-            m.cmd("block-job-complete", {"device": "m"})
-            ev = m.wait_event("BLOCK_JOB_COMPLETED")
-            assert "error" not in ev["data"], ev
-            w.random_write()
-        finally:
-            w.close()
+        recopy = resume_to_pivot(m, _args(), bound, pending, rng,
+                                 lambda: ImageWriter(export(m, tmp, 2), model, rng, src_path))
         # the area is gone from the source, which is still open
         assert _bitmaps(src_path, "-U") == []
-        m.cmd("quit")
-        d.proc.wait(30)
+        quit_daemon(d, m)
     finally:
         d.kill()
     autoclear, exts = _header(src_path)
     assert not autoclear & AUTOCLEAR_RESUME and EXT_RESUME not in exts, (autoclear, exts)
     assert read_image_log(src_path) is None
     if killed_leaks:
-        _sh("qemu-img", "check", "-q", "-r", "leaks", src_path)
+        sh("qemu-img", "check", "-q", "-r", "leaks", src_path)
     _check(src_path)
     if nbd_srv is not None:
         nbd_srv.terminate()
         nbd_srv.wait(10)
-    model_path.write_bytes(model)
-    _sh("qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2", str(model_path), tgt_path)
+    assert_model(model_path, model, "qcow2", tgt_path)
     _check(tgt_path)
     return {"recopy": recopy, "bound": bound, "hot": hot, "since": since_ckpt,
             "remaining_at_kill": remaining_at_kill, "leaks": killed_leaks}
@@ -293,10 +228,10 @@ def _setup(tmp: Path) -> tuple[str, str, dict[str, Any], dict[str, Any]]:
     src_path, tgt_path = str(tmp / "src.qcow2"), str(tmp / "tgt.qcow2")
     raw = tmp / "data.raw"
     raw.write_bytes(random.Random(5).randbytes(SIZE))
-    _sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), src_path)
-    _sh("qemu-img", "create", "-q", "-f", "qcow2", tgt_path, str(SIZE))
-    return (src_path, tgt_path, _node("src", "qcow2", {"driver": "file", "filename": src_path}),
-            _node("tgt", "qcow2", {"driver": "file", "filename": tgt_path}))
+    sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), src_path)
+    sh("qemu-img", "create", "-q", "-f", "qcow2", tgt_path, str(SIZE))
+    return (src_path, tgt_path, node("src", "qcow2", {"driver": "file", "filename": src_path}),
+            node("tgt", "qcow2", {"driver": "file", "filename": tgt_path}))
 
 
 def _to_ready(m: Monitor) -> None:
@@ -312,25 +247,23 @@ def test_resume_refused_after_a_foreign_read_write_open(tmp_path: Path) -> None:
              "another program, or written while no mirror tracked it, since the resume state "
              "was written. Use a full restart instead")
     for run, end in ((1, "kill"), (3, "cancel")):
-        d, m = _start(tmp_path, run, src, tgt)
+        d, m = start_daemon(tmp_path, run, src, tgt)
         try:
             _to_ready(m)
             if end == "cancel":
-                m.cmd("block-job-cancel", {"device": "m"})
-                m.wait_event("BLOCK_JOB_COMPLETED")
-                m.cmd("quit")
-                d.proc.wait(30)
+                m.cancel()
+                quit_daemon(d, m)
         finally:
             d.kill()
         assert _header(src_path)[0] & AUTOCLEAR_RESUME
         # QEMU opens it read-write and only reads: that clears our bit, keeps the rest
-        _sh("qemu-io", "-c", "read 0 512", src_path)
+        sh("qemu-io", "-c", "read 0 512", src_path)
         autoclear, exts = _header(src_path)
         assert not autoclear & AUTOCLEAR_RESUME and EXT_RESUME in exts, (autoclear, exts)
         assert _bitmaps(src_path) == [
             {"name": RESUME_BITMAP, "granularity": GRAN, "flags": ["in-use"]}]
         _check(src_path)
-        d, m = _start(tmp_path, run + 1, src, tgt)
+        d, m = start_daemon(tmp_path, run + 1, src, tgt)
         try:
             rsp = m.try_cmd("blockdev-mirror", _args())
             assert rsp["error"]["class"] == "GenericError", rsp
@@ -340,11 +273,8 @@ def test_resume_refused_after_a_foreign_read_write_open(tmp_path: Path) -> None:
             m.cmd("blockdev-mirror", _args(**{"x-resume-restart": True}))
             assert m.job()["x-resumed"] == 0
             m.wait_event("BLOCK_JOB_READY")
-            m.cmd("block-job-complete", {"device": "m"})
-            ev = m.wait_event("BLOCK_JOB_COMPLETED")
-            assert "error" not in ev["data"], ev
-            m.cmd("quit")
-            d.proc.wait(30)
+            m.pivot()
+            quit_daemon(d, m)
         finally:
             d.kill()
         assert _bitmaps(src_path) == []
@@ -363,18 +293,16 @@ def test_clean_stop_resumes_and_untracked_write_refuses(tmp_path: Path) -> None:
     # modification time (a limit of the sidecar's clean-stop check, not of this store)
     raw = tmp_path / "tgt.raw"
     raw.write_bytes(bytes(SIZE))
-    tgt = _node("tgt", "raw", {"driver": "file", "filename": str(raw)})
-    d, m = _start(tmp_path, 1, src, tgt)
+    tgt = node("tgt", "raw", {"driver": "file", "filename": str(raw)})
+    d, m = start_daemon(tmp_path, 1, src, tgt)
     try:
         _to_ready(m)
-        m.cmd("block-job-cancel", {"device": "m"})
-        m.wait_event("BLOCK_JOB_COMPLETED")
-        m.cmd("quit")
-        d.proc.wait(30)
+        m.cancel()
+        quit_daemon(d, m)
     finally:
         d.kill()
     _check(src_path)
-    d, m = _start(tmp_path, 2, src, tgt)
+    d, m = start_daemon(tmp_path, 2, src, tgt)
     try:
         m.cmd("blockdev-mirror", _args())
         assert m.job()["x-resumed"] == SIZE
@@ -383,19 +311,17 @@ def test_clean_stop_resumes_and_untracked_write_refuses(tmp_path: Path) -> None:
         assert rsp["error"]["desc"] == (f"Bitmap '{RESUME_BITMAP}' is currently in use by "
                                         "another operation and cannot be used"), rsp
         m.wait_event("BLOCK_JOB_READY")
-        m.cmd("block-job-cancel", {"device": "m"})
-        m.wait_event("BLOCK_JOB_COMPLETED")
+        m.cancel()
         assert _header(src_path)[0] & AUTOCLEAR_RESUME
-        uri = _export(m, tmp_path, 2)
-        _sh("qemu-io", "-f", "raw", "-c", "write -P 7 4096 512", uri)
+        uri = export(m, tmp_path, 2)
+        sh("qemu-io", "-f", "raw", "-c", "write -P 7 4096 512", uri)
         assert not _header(src_path)[0] & AUTOCLEAR_RESUME
         rsp = m.try_cmd("blockdev-mirror", _args())
         assert rsp["error"]["desc"] == (
             f"Cannot resume the mirror: the resume state in the qcow2 source '{src_path}' is "
             "stale: it was written while no mirror tracked it. Use a full restart instead"), rsp
         m.cmd("block-export-del", {"id": "e0"})
-        m.cmd("quit")
-        d.proc.wait(30)
+        quit_daemon(d, m)
     finally:
         d.kill()
     _check(src_path)
@@ -406,12 +332,12 @@ def test_image_store_argument_errors(tmp_path: Path) -> None:
     src_path, _, src, tgt = _setup(tmp_path)
     raw = tmp_path / "r.raw"
     raw.write_bytes(bytes(SIZE))
-    d, m = _start(tmp_path, 1, src, tgt)
+    d, m = start_daemon(tmp_path, 1, src, tgt)
     try:
-        m.cmd("blockdev-add", _node("r", "raw", {"driver": "file", "filename": str(raw)}))
+        m.cmd("blockdev-add", node("r", "raw", {"driver": "file", "filename": str(raw)}))
         v2 = str(tmp_path / "v2.qcow2")
-        _sh("qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=0.10", v2, str(SIZE))
-        m.cmd("blockdev-add", _node("v2", "qcow2", {"driver": "file", "filename": v2}))
+        sh("qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=0.10", v2, str(SIZE))
+        m.cmd("blockdev-add", node("v2", "qcow2", {"driver": "file", "filename": v2}))
         cases = [
             (_args(**{"x-resume-log": str(tmp_path / "x")}),
              "Parameter 'x-resume-log' cannot be used with 'x-resume-store': 'image'"),
@@ -436,36 +362,18 @@ def test_cli_resume_store_image(tmp_path: Path) -> None:
     """``blockmirror mirror --resume-store image``: SIGKILLed mid-copy, the same command
     resumes from the state in the qcow2 source and says so; afterwards the area is gone."""
     require_tool("qemu-img")
-    import re
-    import sys
-
     size = 32 * MiB
     raw = tmp_path / "data.raw"
     raw.write_bytes(random.Random(7).randbytes(size))
     src, dst = str(tmp_path / "src.qcow2"), str(tmp_path / "dst.raw")
-    _sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), src)
-    cmd = [sys.executable, "-m", "blockmirror.cli.main", "mirror", "--source-format",
-           "qcow2", "--format", "raw", "--resume-store", "image"]
-    proc = subprocess.Popen([*cmd, "--speed", "16M", "--buf-size", "1M", "--json", src, dst],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            msg = json.loads(line)
-            if msg.get("type") == "progress" and msg["done"] >= size // 4:
-                break
-        else:
-            raise AssertionError(f"the mirror ended early: {proc.wait()}")
-        proc.kill()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
-    assert proc.returncode == -9
+    sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), src)
+    options = ["--source-format", "qcow2", "--format", "raw", "--resume-store", "image"]
+    killed_cli_mirror(src, dst, size, options)
     assert _header(src)[0] & AUTOCLEAR_RESUME
     assert not Path(f"{dst}.blockmirror-resume").exists()  # no sidecar
     _check(src, leaks_ok=True)
-    p = subprocess.run([*cmd, src, dst], capture_output=True, text=True, timeout=120)
+    p = subprocess.run([*BLOCKMIRROR, *options, src, dst], capture_output=True, text=True,
+                       timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
     m = re.search(r"^resumed: (\d+\.\d) MiB to recopy of 32\.0 MiB$", p.stdout, re.M)
     assert m is not None, p.stdout
@@ -502,7 +410,7 @@ def test_resume_refused_when_the_state_is_incomplete(tmp_path: Path) -> None:
     require_tool("qemu-img")
     src_path, tgt_path, src, tgt = _setup(tmp_path)
     assert Path(tgt_path).exists()
-    d, m = _start(tmp_path, 1, src, tgt)
+    d, m = start_daemon(tmp_path, 1, src, tgt)
     try:
         _to_ready(m)
     finally:
@@ -510,7 +418,7 @@ def test_resume_refused_when_the_state_is_incomplete(tmp_path: Path) -> None:
     _drop_extension(src_path)
     autoclear, exts = _header(src_path)
     assert autoclear & AUTOCLEAR_RESUME and EXT_RESUME not in exts
-    d, m = _start(tmp_path, 2, src, tgt)
+    d, m = start_daemon(tmp_path, 2, src, tgt)
     try:
         assert not _header(src_path)[0] & AUTOCLEAR_RESUME
         rsp = m.try_cmd("blockdev-mirror", _args())
@@ -521,11 +429,8 @@ def test_resume_refused_when_the_state_is_incomplete(tmp_path: Path) -> None:
             "instead"), rsp
         m.cmd("blockdev-mirror", _args(**{"x-resume-restart": True}))
         m.wait_event("BLOCK_JOB_READY")
-        m.cmd("block-job-complete", {"device": "m"})
-        ev = m.wait_event("BLOCK_JOB_COMPLETED")
-        assert "error" not in ev["data"], ev
-        m.cmd("quit")
-        d.proc.wait(30)
+        m.pivot()
+        quit_daemon(d, m)
     finally:
         d.kill()
     assert _bitmaps(src_path) == []
