@@ -200,6 +200,14 @@ class BlockNode:
             node = inner
         return node
 
+    def skip_implicit_filters(self) -> BlockNode:
+        """This node, or below the implicit filters above it the first explicit node (cf.
+        bdrv_skip_implicit_filters): what the user named, not a job's unnamed filter."""
+        node = self
+        while node.implicit and (inner := node.filtered_child()) is not None:
+            node = inner
+        return node
+
     def backing_chain(self) -> list[BlockNode]:
         """This node, then its backing, and so on (filters skipped between layers)."""
         chain: list[BlockNode] = []

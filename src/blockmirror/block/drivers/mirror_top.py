@@ -10,18 +10,20 @@ are seen too. Implicit (unnamed) filters are hidden from queries by ``BlockNode.
 from __future__ import annotations
 
 import asyncio
-import errno
 
-from blockmirror.block.driver import BlockDriver, DriverInfo, Extent, WriteFlags
+from blockmirror.block.driver import DriverInfo, WriteFlags
 from blockmirror.block.drivers import register
+from blockmirror.block.drivers.passthrough import PassThroughFilter
 from blockmirror.block.node import BlockNode
-from blockmirror.errors import BlockIOError
 
 
 @register
-class MirrorTopDriver(BlockDriver):
+class MirrorTopDriver(PassThroughFilter):
+    """``redirect``: where the filter's parents went when it was removed; requests that were
+    held at the gate across the pivot continue there, as QEMU's would after the drain."""
+
     format_name = "mirror_top"
-    is_filter = True
+    role = "backing"
     #: FUA passes through to the source, which honours it (cf. bdrv_mirror_top_open's
     #: supported_write_flags); otherwise a writethrough guest's every write would flush twice
     supports_fua = True
@@ -32,9 +34,6 @@ class MirrorTopDriver(BlockDriver):
         self.quiesced = False
         self._resume = asyncio.Event()
         self._resume.set()
-        #: where the filter's parents went when it was removed: requests that were held at
-        #: the gate across the pivot continue there, as QEMU's would after the drain
-        self.redirect: BlockNode | None = None
 
     def quiesce(self, on: bool) -> None:
         self.quiesced = on
@@ -47,54 +46,20 @@ class MirrorTopDriver(BlockDriver):
         while self.quiesced:
             await self._resume.wait()
 
-    def _child(self) -> BlockNode:
-        child = self.node.backing or self.redirect
-        if child is None:
-            raise BlockIOError(errno.ENOMEDIUM, "No medium found")
-        return child
-
-    def length(self) -> int:
-        child = self.node.backing or self.redirect
-        return child.length() if child is not None else 0
-
     def info(self) -> DriverInfo:
         return self._child().info()
 
-    def has_zero_init(self) -> bool:
-        return self._child().driver.has_zero_init()
-
-    async def preadv(self, offset: int, length: int) -> bytes:
-        return await self._child().read(offset, length)
-
     async def pwritev(self, offset: int, data: bytes | memoryview, flags: WriteFlags) -> None:
         await self._gate()
-        await self._child().write(offset, data, fua=WriteFlags.FUA in flags)
+        await super().pwritev(offset, data, flags)
 
     async def pwrite_zeroes(self, offset: int, length: int, flags: WriteFlags) -> None:
         await self._gate()
-        await self._child().write_zeroes(
-            offset, length, may_unmap=WriteFlags.MAY_UNMAP in flags, fua=WriteFlags.FUA in flags,
-            no_fallback=WriteFlags.NO_FALLBACK in flags,
-        )
+        await super().pwrite_zeroes(offset, length, flags)
 
     async def pdiscard(self, offset: int, length: int) -> None:
         await self._gate()
-        await self._child().discard(offset, length)
-
-    async def flush(self) -> None:
-        await self._child().flush()
-
-    async def block_status(self, offset: int, length: int) -> Extent:
-        return await self._child().block_status(offset, length)
+        await super().pdiscard(offset, length)
 
 
-def make_filter_node(name: str, source: BlockNode, implicit: bool) -> BlockNode:
-    """A detached mirror_top node shaped after ``source`` (link it with the graph)."""
-    node = BlockNode(name=name, implicit=implicit, read_only=source.read_only,
-                     discard_unmap=True, filename=source.filename,
-                     options={"driver": "mirror_top", "node-name": name})
-    node.driver = MirrorTopDriver(node)
-    return node
-
-
-__all__ = ["MirrorTopDriver", "make_filter_node"]
+__all__ = ["MirrorTopDriver"]

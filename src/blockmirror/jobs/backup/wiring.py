@@ -8,7 +8,8 @@ with the copy-before-write interceptor; ``detach`` undoes exactly that.
 from __future__ import annotations
 
 from blockmirror.block import options
-from blockmirror.block.drivers.copy_before_write import CopyBeforeWriteDriver, make_cbw_node
+from blockmirror.block.drivers.copy_before_write import CopyBeforeWriteDriver
+from blockmirror.block.drivers.passthrough import link_above, new_filter_node, unlink
 from blockmirror.block.graph import BlockGraph
 from blockmirror.block.node import BlockBackend, BlockNode, Child, Perm, WriteInterceptor
 from blockmirror.errors import BlockMirrorError
@@ -38,19 +39,9 @@ class BackupWiring:
             BlockMirrorError: a permission conflict (the filter is gone again).
         """
         graph, source = self.graph, self.source
-        name = self.filter_node_name
-        filt = make_cbw_node(name or graph.new_auto_name(), source, name is None)
-        graph.add_node(filt)
+        filt = new_filter_node(graph, CopyBeforeWriteDriver, self.filter_node_name, source)
         perm = Perm.CONSISTENT_READ if source.read_only else Perm.CONSISTENT_READ | Perm.WRITE
-        try:
-            self._link = graph.attach(filt, source, "file", perm, Perm.all())
-            graph.replace_node(source, filt, exclude=self._link)
-        except BlockMirrorError:
-            if self._link is not None:
-                graph.detach(self._link)
-                self._link = None
-            graph.forget_node(filt)
-            raise
+        self._link = link_above(graph, filt, source, perm)
         self.filter = filt
         return filt
 
@@ -77,17 +68,10 @@ class BackupWiring:
         self._interceptor = interceptor
 
     def remove_filter(self) -> None:
-        filt, link = self.filter, self._link
-        if filt is None or link is None:
-            return
-        below = link.node
-        if isinstance(filt.driver, CopyBeforeWriteDriver):
-            filt.driver.redirect = below
-        self.graph.replace_node(filt, below, exclude=link)
-        self.graph.detach(link)
-        self.graph.forget_node(filt)
-        self.filter = None
-        self._link = None
+        if self.filter is not None and self._link is not None:
+            unlink(self.graph, self.filter, self._link)
+            self.filter = None
+            self._link = None
 
     def detach(self) -> None:
         """Undo ``take_target`` and ``insert_filter`` (cf. bdrv_cbw_drop)."""

@@ -1,75 +1,31 @@
 """The filter nodes commit and stream insert above a node: ``commit_top`` (cf. block/commit.c's
 bdrv_commit_top) and ``copy-on-read`` (cf. block/copy-on-read.c, as block-stream uses it).
 
-Both pass every request to their one child: ``commit_top`` to its ``backing`` (the top of the
-committed range), ``copy-on-read`` to its ``file`` (the node being streamed into). They exist
-so that the node's users can be moved as one (inserting and removing them are
-``replace_node`` calls) and so the graph names the job (``filter-node-name``). The stream's
-copying itself is done by the job (``stream.py``), not by guest reads through the filter.
+Both pass every request to their one child (``block/drivers/passthrough.py``): ``commit_top``
+to its ``backing`` (the top of the committed range), ``copy-on-read`` to its ``file`` (the node
+being streamed into). They exist so that the node's users can be moved as one (inserting and
+removing them are ``replace_node`` calls) and so the graph names the job
+(``filter-node-name``). The stream's copying itself is done by the job (``stream.py``), not by
+guest reads through the filter.
 These drivers are not registered: blockdev-add cannot open them, as in QEMU's 7.2 for
 ``commit_top``.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 from typing import Any, ClassVar
 
-from blockmirror.block.driver import BlockDriver, DriverInfo, Extent, WriteFlags
+from blockmirror.block.drivers.passthrough import PassThroughFilter, link_above, unlink
 from blockmirror.block.graph import BlockGraph, id_wellformed
 from blockmirror.block.node import BlockNode, Child, Perm
 from blockmirror.block.query import qemu_json
-from blockmirror.errors import BlockIOError, BlockMirrorError
+from blockmirror.errors import BlockMirrorError
 
 
-class _PassThrough(BlockDriver):
-    is_filter = True
-    role: ClassVar[str] = "backing"
+class _PassThrough(PassThroughFilter):
+    #: the link to the child derives its permissions from the filter's users (``attach``)
     passthrough: ClassVar[bool] = False
-
-    def __init__(self, node: BlockNode) -> None:
-        super().__init__(node)
-        #: where requests go once the filter left the graph (a request that raced its removal)
-        self.redirect: BlockNode | None = None
-
-    def _child(self) -> BlockNode:
-        child = self.node.child(self.role) or self.redirect
-        if child is None:
-            raise BlockIOError(errno.ENOMEDIUM, "No medium found")
-        return child
-
-    def length(self) -> int:
-        child = self.node.child(self.role) or self.redirect
-        return child.length() if child is not None else 0
-
-    def info(self) -> DriverInfo:
-        # a filter has no header of its own: only the cluster size comes from below
-        # (cf. bdrv_co_get_info's filter fallback); no backing file name, no format data
-        return DriverInfo(cluster_size=self._child().info().cluster_size)
-
-    def has_zero_init(self) -> bool:
-        return self._child().driver.has_zero_init()
-
-    async def preadv(self, offset: int, length: int) -> bytes:
-        return await self._child().read(offset, length)
-
-    async def pwritev(self, offset: int, data: bytes | memoryview, flags: WriteFlags) -> None:
-        await self._child().write(offset, data, fua=WriteFlags.FUA in flags)
-
-    async def pwrite_zeroes(self, offset: int, length: int, flags: WriteFlags) -> None:
-        await self._child().write_zeroes(
-            offset, length, may_unmap=WriteFlags.MAY_UNMAP in flags,
-            fua=WriteFlags.FUA in flags, no_fallback=WriteFlags.NO_FALLBACK in flags)
-
-    async def pdiscard(self, offset: int, length: int) -> None:
-        await self._child().discard(offset, length)
-
-    async def flush(self) -> None:
-        await self._child().flush()
-
-    async def block_status(self, offset: int, length: int) -> Extent:
-        return await self._child().block_status(offset, length)
 
 
 class CommitTopDriver(_PassThrough):
@@ -121,20 +77,9 @@ def insert_filter(graph: BlockGraph, driver: type[_PassThrough], below: BlockNod
                      discard_unmap=True, filename=filename,
                      options={"driver": driver.format_name, "node-name": node_name, **options})
     node.driver = driver(node)
-    graph.add_node(node)
-    link: Child | None = None
-    try:
-        # copy-on-read passes its users' needs on (a filter's default); commit_top takes
-        # nothing (cf. bdrv_commit_top_child_perm)
-        link = graph.attach(node, below, driver.role, Perm.NONE, Perm.all(),
-                            passthrough=driver.passthrough)
-        graph.replace_node(below, node, exclude=link)
-    except BaseException:
-        if link is not None:
-            graph.detach(link)
-        graph.forget_node(node)
-        raise
-    return node, link
+    # copy-on-read passes its users' needs on (a filter's default); commit_top takes
+    # nothing (cf. bdrv_commit_top_child_perm)
+    return node, link_above(graph, node, below, Perm.NONE, passthrough=driver.passthrough)
 
 
 def _spec(node: BlockNode) -> Any:
@@ -153,12 +98,7 @@ def remove_filter(graph: BlockGraph, node: BlockNode) -> None:
     if link is None:
         graph.forget_node(node)
         return
-    below = link.node
-    assert isinstance(node.driver, _PassThrough)
-    node.driver.redirect = below
-    graph.replace_node(node, below, exclude=link)
-    graph.detach(link)
-    graph.forget_node(node)
+    unlink(graph, node, link)
 
 
 __all__ = ["CommitTopDriver", "CopyOnReadDriver", "check_node_name", "insert_filter",

@@ -15,7 +15,8 @@ import logging
 from collections.abc import Callable
 
 from blockmirror.block import options
-from blockmirror.block.drivers.mirror_top import MirrorTopDriver, make_filter_node
+from blockmirror.block.drivers.mirror_top import MirrorTopDriver
+from blockmirror.block.drivers.passthrough import link_above, new_filter_node, unlink
 from blockmirror.block.graph import BlockGraph
 from blockmirror.block.node import (
     BlockBackend,
@@ -70,19 +71,8 @@ class MirrorWiring:
             BlockMirrorError: permission conflicts, duplicate filter name.
         """
         graph = self.graph
-        name = self.params.filter_node_name
-        filt = make_filter_node(name or graph.new_auto_name(), self.source, name is None)
-        graph.add_node(filt)
-        try:
-            self._filter_link = graph.attach(
-                filt, self.source, "backing", Perm.CONSISTENT_READ | Perm.WRITE, Perm.all()
-            )
-            graph.replace_node(self.source, filt, exclude=self._filter_link)
-        except BlockMirrorError:
-            if self._filter_link is not None:
-                graph.detach(self._filter_link)
-            graph.forget_node(filt)
-            raise
+        filt = new_filter_node(graph, MirrorTopDriver, self.params.filter_node_name, self.source)
+        self._filter_link = link_above(graph, filt, self.source, Perm.CONSISTENT_READ | Perm.WRITE)
         self.filter = filt
         perm, shared = Perm.WRITE, Perm.WRITE_UNCHANGED
         if self.params.target_is_backing:
@@ -131,12 +121,7 @@ class MirrorWiring:
         filt, link = self.filter, self._filter_link
         if filt is None or link is None:
             return
-        below = link.node
-        if isinstance(filt.driver, MirrorTopDriver):
-            filt.driver.redirect = below
-        self.graph.replace_node(filt, below, exclude=link)
-        self.graph.detach(link)
-        self.graph.forget_node(filt)
+        unlink(self.graph, filt, link)
         self.filter = None
         if isinstance(filt.driver, MirrorTopDriver):
             filt.driver.quiesce(False)  # held requests go on, to ``redirect``

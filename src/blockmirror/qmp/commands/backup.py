@@ -12,6 +12,7 @@ transaction share a ``BackupTxn``.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -201,26 +202,26 @@ async def _prepare_blockdev_backup(ctx: CommandContext, data: dict[str, Any],
     graph = ctx.daemon.graph
     bs = graph.lookup(data["device"], data["device"])
     target = graph.lookup(data["target"], data["target"])
-    _drained_begin(bs)
-    try:
-        job = _do_backup_common(ctx, data, bs, target, _group(props))
-    except BaseException:
-        _forget_empty_group(props)
-        await _drained_end(bs)
-        raise
-    _drain_adopt(bs, job)
-    return _action(bs, job, props)
+
+    async def create() -> BackupJob:
+        return _do_backup_common(ctx, data, bs, target, _group(props))
+
+    return await _prepare_drained(bs, props, create)
 
 
 async def _prepare_drive_backup(ctx: CommandContext, data: dict[str, Any],
                                 props: TransactionProperties) -> Action:
     """cf. drive_backup_prepare: create (unless mode=existing) and open the target."""
-    daemon = ctx.daemon
-    graph = daemon.graph
-    bs = graph.lookup(data["device"], data["device"])
+    bs = ctx.daemon.graph.lookup(data["device"], data["device"])
+    return await _prepare_drained(bs, props, lambda: _drive_backup(ctx, data, bs, props))
+
+
+async def _prepare_drained(bs: BlockNode, props: TransactionProperties,
+                           create: Callable[[], Awaitable[BackupJob]]) -> Action:
+    """The job ``create`` makes while ``bs`` is drained; a failure ends the drain."""
     _drained_begin(bs)
     try:
-        job = await _drive_backup(ctx, data, bs, props)
+        job = await create()
     except BaseException:
         _forget_empty_group(props)
         await _drained_end(bs)
@@ -251,11 +252,7 @@ async def _drive_backup(ctx: CommandContext, data: dict[str, Any], bs: BlockNode
     if mode != "existing":
         assert fmt is not None
         if source is not None:
-            explicit = source
-            while explicit.implicit and explicit.filtered_child() is not None:
-                inner = explicit.filtered_child()
-                assert inner is not None
-                explicit = inner
+            explicit = source.skip_implicit_filters()
             await img_create(filename, fmt, size, backing_file=explicit.filename,
                              backing_fmt=explicit.format_name, unsafe=True,
                              printer=daemon.print_stdout)

@@ -159,10 +159,7 @@ def _driver_specific(node: BlockNode) -> dict[str, Any] | None:
 def _bds_stats(node: BlockNode, blk_level: bool, counters: bool) -> dict[str, Any]:
     """cf. bdrv_query_bds_stats."""
     if blk_level:
-        while node.implicit and node.filtered_child() is not None:
-            inner = node.filtered_child()
-            assert inner is not None
-            node = inner
+        node = node.skip_implicit_filters()
     out: dict[str, Any] = {"node-name": node.name,
                            "stats": node.stats.to_qapi(counters=counters)}
     spec = _driver_specific(node)

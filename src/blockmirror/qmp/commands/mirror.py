@@ -160,11 +160,7 @@ async def _mirror_common(
         gran = sync_bitmap.granularity
     replaces = args.opt_str("replaces")
     if replaces is None:
-        inner = bs
-        while inner.implicit and inner.filtered_child() is not None:
-            child = inner.filtered_child()
-            assert child is not None
-            inner = child
+        inner = bs.skip_implicit_filters()
         if inner is not bs:
             replaces = inner.name
     if replaces is not None:
@@ -285,11 +281,7 @@ async def drive_mirror(ctx: CommandContext, args: Args) -> None:
         await img_create(filename, fmt, size, printer=daemon.print_stdout)
     elif mode == "absolute-paths":
         assert fmt is not None and target_backing is not None
-        explicit = target_backing
-        while explicit.implicit and explicit.filtered_child() is not None:
-            child = explicit.filtered_child()
-            assert child is not None
-            explicit = child
+        explicit = target_backing.skip_implicit_filters()
         # NO_BACKING: the backing is not opened to check it (it is in use: the source)
         await img_create(filename, fmt, size, backing_file=explicit.filename,
                          backing_fmt=explicit.format_name, unsafe=True,
