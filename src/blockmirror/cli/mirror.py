@@ -546,29 +546,65 @@ async def start_export(daemon: Daemon, addr: dict[str, Any], name: str) -> str:
     return export_uri(addr, name)
 
 
+class _Session:
+    """What both ways of running take up and down around the watcher: the daemon, the
+    signals (SIGINT and SIGTERM cancel, SIGUSR1 completes now), the optional QMP monitor."""
+
+    def __init__(self, display: ProgressDisplay) -> None:
+        self.display = display
+        self.daemon = CliDaemon(display.message)
+        self.interrupted = asyncio.Event()
+        self.watcher: JobWatcher | GroupWatcher | None = None
+        self._loop = asyncio.get_running_loop()
+        self._qmp_path: str | None = None
+
+    def _on_interrupt(self) -> None:
+        self.interrupted.set()
+        if self.watcher is not None:
+            self.watcher.request_cancel()
+
+    def _on_usr1(self) -> None:
+        if self.watcher is not None:
+            self.watcher.request_complete()
+
+    async def __aenter__(self) -> _Session:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._loop.add_signal_handler(sig, self._on_interrupt)
+        self._loop.add_signal_handler(signal.SIGUSR1, self._on_usr1)
+        return self
+
+    async def listen_qmp(self, path: str | None) -> None:
+        if path:
+            await self.daemon.qmp_server().listen_unix(path)
+            self._qmp_path = path
+            self.display.message(f"QMP monitor on {path}")
+
+    async def watch(self, watcher: JobWatcher | GroupWatcher) -> Outcome:
+        """Run ``watcher`` to its outcome (cancelling at once after an early interrupt)."""
+        self.watcher = watcher
+        if self.interrupted.is_set():
+            watcher.request_cancel()
+        return await watcher.run()
+
+    async def __aexit__(self, *exc: object) -> None:
+        daemon = self.daemon
+        self.display.stop()
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+            self._loop.remove_signal_handler(sig)
+        if daemon.qmp is not None:
+            await daemon.qmp.close()
+        await daemon.shutdown()
+        if self._qmp_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._qmp_path)
+
+
 async def _main(opts: argparse.Namespace, display: ProgressDisplay, prog: str) -> int:
     if opts.disk:
         return await _main_group(opts, display, prog)
     started = time.monotonic()
-    daemon = CliDaemon(display.message)
-    loop = asyncio.get_running_loop()
-    interrupted = asyncio.Event()
-    watcher: JobWatcher | None = None
-
-    def on_interrupt() -> None:
-        interrupted.set()
-        if watcher is not None:
-            watcher.request_cancel()
-
-    def on_usr1() -> None:
-        if watcher is not None:
-            watcher.request_complete()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_interrupt)
-    loop.add_signal_handler(signal.SIGUSR1, on_usr1)
-    qmp_path: str | None = None
-    try:
+    async with _Session(display) as session:
+        daemon = session.daemon
         try:
             device = await open_source(daemon, opts.source, opts.source_format, display.message)
             extra, resuming = resume_arguments(opts)
@@ -576,11 +612,8 @@ async def _main(opts: argparse.Namespace, display: ProgressDisplay, prog: str) -
             if opts.export and not resuming:
                 uri = await start_export(daemon, parse_export(opts.export), opts.export_name)
                 display.message(f"exporting the disk at {uri}")
-            if opts.qmp:
-                await daemon.qmp_server().listen_unix(opts.qmp)
-                qmp_path = opts.qmp
-                display.message(f"QMP monitor on {opts.qmp}")
-            if interrupted.is_set():
+            await session.listen_qmp(opts.qmp)
+            if session.interrupted.is_set():
                 return EXIT_CANCELLED
             node = device.node
             assert node is not None
@@ -605,11 +638,9 @@ async def _main(opts: argparse.Namespace, display: ProgressDisplay, prog: str) -
             return EXIT_USAGE
         job = daemon.jobs.find(args.get("job-id", DEVICE))
         assert job is not None
-        watcher = JobWatcher(daemon, job, display, device=device, wait=opts.wait,
-                             interval=opts.interval, started=started, disk_size=disk_size)
-        if interrupted.is_set():
-            watcher.request_cancel()
-        outcome = await watcher.run()
+        outcome = await session.watch(JobWatcher(
+            daemon, job, display, device=device, wait=opts.wait, interval=opts.interval,
+            started=started, disk_size=disk_size))
         for ev in daemon.events.history:
             if ev["event"] == "X_BLOCK_JOB_VERIFIED":
                 v = ev["data"]
@@ -619,16 +650,6 @@ async def _main(opts: argparse.Namespace, display: ProgressDisplay, prog: str) -
                     f"target digest xxh3-128 {v['digest'] or '(incomplete)'}")
         display.finish(outcome.snapshot, outcome.text)
         return outcome.exit_code
-    finally:
-        display.stop()
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
-            loop.remove_signal_handler(sig)
-        if daemon.qmp is not None:
-            await daemon.qmp.close()
-        await daemon.shutdown()
-        if qmp_path is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(qmp_path)
 
 
 #: the group ``--disk`` mirrors form (QMP x-block-job-group)
@@ -759,31 +780,11 @@ class GroupWatcher:
 async def _main_group(opts: argparse.Namespace, display: ProgressDisplay, prog: str) -> int:
     """``--disk SRC=DST ...``: one mirror per disk, grouped, completed at one instant."""
     started = time.monotonic()
-    daemon = CliDaemon(display.message)
-    loop = asyncio.get_running_loop()
-    watcher: GroupWatcher | None = None
-    interrupted = asyncio.Event()
-
-    def on_interrupt() -> None:
-        interrupted.set()
-        if watcher is not None:
-            watcher.request_cancel()
-
-    def on_usr1() -> None:
-        if watcher is not None:
-            watcher.request_complete()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_interrupt)
-    loop.add_signal_handler(signal.SIGUSR1, on_usr1)
-    qmp_path: str | None = None
-    try:
+    async with _Session(display) as session:
+        daemon = session.daemon
         watchers: list[JobWatcher] = []
         try:
-            if opts.qmp:
-                await daemon.qmp_server().listen_unix(opts.qmp)
-                qmp_path = opts.qmp
-                display.message(f"QMP monitor on {opts.qmp}")
+            await session.listen_qmp(opts.qmp)
             for i, (src, dst) in enumerate(opts.disk):
                 device = f"drive{i}"
                 blk = await open_source(daemon, src, opts.source_format, display.message,
@@ -806,23 +807,11 @@ async def _main_group(opts: argparse.Namespace, display: ProgressDisplay, prog: 
             for w in watchers:
                 w._unsubscribe()
             return EXIT_USAGE
-        watcher = GroupWatcher(daemon, watchers, display, wait=opts.wait,
-                               interval=opts.interval, started=started)
-        if interrupted.is_set():
-            watcher.request_cancel()
-        outcome = await watcher.run()
+        outcome = await session.watch(GroupWatcher(
+            daemon, watchers, display, wait=opts.wait, interval=opts.interval,
+            started=started))
         display.finish(outcome.snapshot, outcome.text)
         return outcome.exit_code
-    finally:
-        display.stop()
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
-            loop.remove_signal_handler(sig)
-        if daemon.qmp is not None:
-            await daemon.qmp.close()
-        await daemon.shutdown()
-        if qmp_path is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(qmp_path)
 
 
 def replace_target(opts: argparse.Namespace, source: str, target: str) -> argparse.Namespace:
