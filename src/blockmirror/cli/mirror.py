@@ -18,7 +18,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -279,6 +279,24 @@ class Outcome:
     exit_code: int
 
 
+async def _follow(finished: Awaitable[None], act: Callable[[], Awaitable[None]],
+                  show: Callable[[], None], wake: asyncio.Event, interval: float) -> None:
+    """A watcher's loop until ``finished``: act on the requests, show the progress, then
+    sleep until the next tick, or until ``wake`` (a request, an event) or the end."""
+    done = asyncio.ensure_future(finished)
+    try:
+        while not done.done():
+            await act()
+            show()
+            wake.clear()
+            waker = asyncio.ensure_future(wake.wait())
+            await asyncio.wait({done, waker}, timeout=interval,
+                               return_when=asyncio.FIRST_COMPLETED)
+            waker.cancel()
+    finally:
+        done.cancel()
+
+
 class JobWatcher:
     """Follows one job: samples progress, obeys signals, completes at READY, reports the end.
 
@@ -356,19 +374,11 @@ class JobWatcher:
                            disk_size=self.disk_size, meter=self.meter, phase=phase)
 
     async def run(self) -> Outcome:
-        job = self.job
-        finished = asyncio.ensure_future(job.wait_finished())
         try:
-            while not finished.done():
-                await self._act()
-                self.display.update(self.snapshot())
-                self._wake.clear()
-                waker = asyncio.ensure_future(self._wake.wait())
-                await asyncio.wait({finished, waker}, timeout=self.interval,
-                                   return_when=asyncio.FIRST_COMPLETED)
-                waker.cancel()
+            await _follow(self.job.wait_finished(), self._act,
+                          lambda: self.display.update(self.snapshot()), self._wake,
+                          self.interval)
         finally:
-            finished.cancel()
             self._unsubscribe()
         return self._outcome()
 
@@ -711,18 +721,11 @@ class GroupWatcher:
             for w in self.watchers:
                 await w.job.wait_finished()
 
-        finished = asyncio.ensure_future(all_finished())
         try:
-            while not finished.done():
-                await self._act()
-                self.display.update(self.snapshot())
-                self._wake.clear()
-                waker = asyncio.ensure_future(self._wake.wait())
-                await asyncio.wait({finished, waker}, timeout=self.interval,
-                                   return_when=asyncio.FIRST_COMPLETED)
-                waker.cancel()
+            await _follow(all_finished(), self._act,
+                          lambda: self.display.update(self.snapshot()), self._wake,
+                          self.interval)
         finally:
-            finished.cancel()
             self._unsubscribe()
             for w in self.watchers:
                 w._unsubscribe()
