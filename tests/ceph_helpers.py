@@ -8,15 +8,13 @@ tools or bindings skip the tests, except under CI=true, where they fail.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import importlib.util
 import os
-import random
 import shutil
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,61 +147,6 @@ def sh(*cmd: str) -> str:
     return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120).stdout
 
 
-class Writer:
-    """A guest: interactive qemu-io on one NBD connection, keeping a model of the disk."""
-
-    def __init__(self, proc: asyncio.subprocess.Process, initial: bytes, seed: int,
-                 span: int | None = None) -> None:
-        self.proc = proc
-        self.model = bytearray(initial)
-        #: writes land below this offset (the rest of the disk keeps its initial content)
-        self.span = span or len(initial)
-        self.rng = random.Random(seed)
-        self.writes = 0
-
-    @classmethod
-    @contextlib.asynccontextmanager
-    async def start(cls, uri: str, initial: bytes, seed: int,
-                    span: int | None = None) -> AsyncIterator[Writer]:
-        proc = await asyncio.create_subprocess_exec(
-            "qemu-io", "-f", "raw", uri, stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-        w = cls(proc, initial, seed, span)
-        try:
-            yield w
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-            await proc.wait()
-
-    async def command(self, line: str, expect: str) -> str:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(line.encode() + b"\n")
-        await self.proc.stdin.drain()
-        seen = b""
-        while expect.encode() not in seen:
-            chunk = await asyncio.wait_for(self.proc.stdout.read(4096), 60)
-            if not chunk:
-                raise AssertionError(f"qemu-io exited during {line!r}: {seen.decode()}")
-            seen += chunk
-            if b"error" in seen.lower() or b"failed" in seen.lower():
-                raise AssertionError(f"qemu-io: {line!r}: {seen.decode()}")
-        return seen.decode()
-
-    async def write_some(self, n: int) -> None:
-        for _ in range(n):
-            length = self.rng.choice([512, 4096, 65536, 3 * 4096 + 512])
-            offset = self.rng.randrange(0, self.span - length)
-            if self.rng.random() < 0.15:
-                await self.command(f"write -z {offset} {length}", "wrote")
-                self.model[offset : offset + length] = bytes(length)
-            else:
-                value = self.rng.randrange(1, 256)
-                await self.command(f"write -P {value} {offset} {length}", "wrote")
-                self.model[offset : offset + length] = bytes([value]) * length
-            self.writes += 1
-
-
 def pattern(size: int, holes: list[tuple[int, int]]) -> bytes:
     """Non-repeating data of ``size`` bytes with zeroed ``(offset, length)`` holes."""
     block = bytes((i * 131 + 7) & 0xFF for i in range(4093))
@@ -217,5 +160,5 @@ def env_with_conf(cluster: Cluster) -> dict[str, str]:
     return {**os.environ, "CEPH_CONF": cluster.conf}
 
 
-__all__ = ["POOLS", "Cluster", "Writer", "cluster_session", "env_with_conf", "pattern",
+__all__ = ["POOLS", "Cluster", "cluster_session", "env_with_conf", "pattern",
            "private_cluster", "require_ceph", "sh", "start", "stop"]

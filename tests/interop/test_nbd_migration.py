@@ -20,67 +20,19 @@ import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from conftest import IN_CI, require_tool
+from guest_writes import QemuIoWriter, export_source, mirror_to_pivot
 from nbd_helpers import peer, run
 
 pytestmark = pytest.mark.interop
 
 MiB = 1 << 20
 SIZE = 8 * MiB
-
-
-class Writer:
-    """qemu-io in interactive mode: one NBD connection, commands fed on stdin."""
-
-    def __init__(self, proc: asyncio.subprocess.Process, size: int, seed: int) -> None:
-        self.proc = proc
-        self.model = bytearray(size)
-        self.rng = random.Random(seed)
-        self.writes = 0
-
-    @classmethod
-    @contextlib.asynccontextmanager
-    async def start(cls, uri: str, initial: bytes, seed: int) -> AsyncIterator[Writer]:
-        proc = await asyncio.create_subprocess_exec(
-            "qemu-io", "-f", "raw", uri, stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-        w = cls(proc, len(initial), seed)
-        w.model[:] = initial
-        try:
-            yield w
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-            await proc.wait()
-
-    async def command(self, line: str, expect: str) -> str:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(line.encode() + b"\n")
-        await self.proc.stdin.drain()
-        seen = b""
-        while expect.encode() not in seen:
-            chunk = await asyncio.wait_for(self.proc.stdout.read(4096), 30)
-            if not chunk:
-                raise AssertionError(f"qemu-io exited during {line!r}: {seen.decode()}")
-            seen += chunk
-            if b"error" in seen.lower() or b"failed" in seen.lower():
-                raise AssertionError(f"qemu-io: {line!r}: {seen.decode()}")
-        return seen.decode()
-
-    async def write_some(self, n: int) -> None:
-        for _ in range(n):
-            length = self.rng.choice([512, 4096, 65536, 3 * 4096 + 512])
-            offset = self.rng.randrange(0, len(self.model) - length)
-            value = self.rng.randrange(1, 256)
-            await self.command(f"write -P {value} {offset} {length}", "wrote")
-            self.model[offset : offset + length] = bytes([value]) * length
-            self.writes += 1
 
 
 def initial_image(path: Path) -> bytes:
@@ -102,36 +54,13 @@ async def migrate(tmp_path: Path, target_uri: str, target_img: Path,
         await qmp.execute("blockdev-add", {
             "driver": "raw", "node-name": "src",
             "file": {"driver": "file", "filename": str(src_img)}})
-        sock = str(tmp_path / "export.sock")
-        await qmp.execute("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}})
-        await qmp.execute("block-export-add", {"type": "nbd", "id": "e0", "node-name": "src",
-                                               "name": "disk", "writable": True})
-        async with Writer.start(f"nbd+unix:///disk?socket={sock}", initial, 2026) as w:
+        uri = await export_source(qmp, tmp_path)
+        async with QemuIoWriter.start(uri, initial, 2026, zeroes=False) as w:
             await w.write_some(10)
             await qmp.execute("drive-mirror", {
                 "job-id": "m0", "device": "src", "target": target_uri, "format": "raw",
                 "mode": "existing", "sync": "full", "speed": 2 * MiB, "buf-size": MiB})
-            ready = asyncio.create_task(td.next_event(qmp, "BLOCK_JOB_READY", 60))
-            copying = 0
-            for _ in range(8):  # writes while the throttled mirror copies
-                await w.write_some(3)
-                jobs = await qmp.execute("query-block-jobs")
-                copying += jobs[0]["offset"] < jobs[0]["len"]
-                await asyncio.sleep(0.05)
-            assert copying, "no write happened during the copy phase"
-            # unthrottled, the mirror converges between the writer's bursts
-            await qmp.execute("block-job-set-speed", {"device": "m0", "speed": 0})
-            while not ready.done():
-                await w.write_some(2)
-                await asyncio.sleep(0.1)
-            await ready
-            await w.write_some(10)  # while READY: mirrored by the dirty bitmap
-            done = asyncio.create_task(td.next_event(qmp, "BLOCK_JOB_COMPLETED", 60))
-            await qmp.execute("job-complete", {"id": "m0"})
-            ev = await done
-            assert "error" not in ev["data"], ev
-            exports = await qmp.execute("query-block-exports")
-            assert len(exports) == 1 and exports[0]["node-name"] != "src", exports
+            await mirror_to_pivot(td, qmp, w, rounds=8, pause=0.1, limit_s=60)
             before_pivot = w.writes
             await w.write_some(20)  # the same connection, now served by the target
             await w.command("flush", "qemu-io>")

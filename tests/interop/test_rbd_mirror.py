@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 
-from ceph_helpers import Cluster, Writer, pattern, sh
+from ceph_helpers import Cluster, pattern, sh
 from conftest import require_tool
+from guest_writes import QemuIoWriter, export_source, mirror_to_pivot
 
 pytestmark = pytest.mark.interop
 
@@ -65,40 +66,15 @@ def test_live_mirror_with_writer(ceph_cluster: Cluster, tmp_path: Path, src_kind
         async with qmp_daemon(tmp_path) as td:
             qmp = await td.client()
             await qmp.execute("blockdev-add", src_opts)
-            sock = str(tmp_path / "export.sock")
-            await qmp.execute("nbd-server-start",
-                              {"addr": {"type": "unix", "data": {"path": sock}}})
-            await qmp.execute("block-export-add", {"type": "nbd", "id": "e0",
-                                                   "node-name": "src", "name": "disk",
-                                                   "writable": True})
-            async with Writer.start(f"nbd+unix:///disk?socket={sock}", initial, 16,
-                                    span=SPAN) as w:
+            uri = await export_source(qmp, tmp_path)
+            async with QemuIoWriter.start(uri, initial, 16, span=SPAN) as w:
                 await w.write_some(10)
                 await qmp.execute("drive-mirror", {
                     "job-id": "m0", "device": "src", "target": target, "format": fmt,
                     "sync": "full", "speed": 4 * MiB, "buf-size": MiB})
                 assert td.daemon.stdout_lines[-1].startswith(
                     f"Formatting '{target}', fmt={fmt} ")
-                ready = asyncio.create_task(td.next_event(qmp, "BLOCK_JOB_READY", 120))
-                copying = 0
-                for _ in range(6):  # writes while the throttled mirror copies
-                    await w.write_some(3)
-                    jobs = await qmp.execute("query-block-jobs")
-                    copying += jobs[0]["offset"] < jobs[0]["len"]
-                    await asyncio.sleep(0.05)
-                assert copying, "no write happened during the copy phase"
-                await qmp.execute("block-job-set-speed", {"device": "m0", "speed": 0})
-                while not ready.done():
-                    await w.write_some(2)
-                    await asyncio.sleep(0.05)
-                await ready
-                await w.write_some(10)  # while READY: mirrored through the dirty bitmap
-                done = asyncio.create_task(td.next_event(qmp, "BLOCK_JOB_COMPLETED", 120))
-                await qmp.execute("job-complete", {"id": "m0"})
-                ev = await done
-                assert "error" not in ev["data"], ev
-                exports = await qmp.execute("query-block-exports")
-                assert exports[0]["node-name"] != "src"
+                await mirror_to_pivot(td, qmp, w, rounds=6, pause=0.05, limit_s=120)
                 await w.write_some(15)  # the same connection, now served by the target
                 await w.command("flush", "qemu-io>")
                 await w.command("quit", "")
