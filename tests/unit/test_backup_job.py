@@ -35,6 +35,27 @@ async def _done(td: TestDaemon, qmp: Any, job: str) -> None:
         await td.next_event(qmp, "JOB_STATUS_CHANGE")
 
 
+async def _all_done(td: TestDaemon, qmp: Any) -> None:
+    while td.daemon.jobs.jobs:
+        await td.next_event(qmp, "JOB_STATUS_CHANGE")
+
+
+async def _src_t1_t2(qmp: Any, tmp: Path) -> None:
+    for name in ("src", "t1", "t2"):
+        await _qcow2(qmp, tmp, name)
+
+
+def _backup(job: str, target: str, sync: str, **extra: Any) -> dict[str, Any]:
+    """A transaction's blockdev-backup action of ``src``."""
+    return {"type": "blockdev-backup", "data": {"job-id": job, "device": "src",
+                                                "target": target, "sync": sync, **extra}}
+
+
+async def _grouped(qmp: Any, *actions: dict[str, Any]) -> None:
+    await qmp.execute("transaction", {"actions": list(actions),
+                                      "properties": {"completion-mode": "grouped"}})
+
+
 def test_always_mode_after_a_failure_keeps_what_was_not_copied(tmp_path: Path) -> None:
     async def main() -> None:
         async with qmp_daemon(tmp_path) as td:
@@ -96,18 +117,11 @@ def test_a_failing_member_of_a_group_cancels_the_others(tmp_path: Path) -> None:
     async def main() -> None:
         async with qmp_daemon(tmp_path) as td:
             qmp = await td.client()
-            for name in ("src", "t1", "t2"):
-                await _qcow2(qmp, tmp_path, name)
+            await _src_t1_t2(qmp, tmp_path)
             await td.daemon.graph.find_node("src").write(0, b"\1" * M)
             await qmp.execute("x-fault-add", {"node-name": "t2-f", "operation": "write"})
-            await qmp.execute("transaction", {"actions": [
-                {"type": "blockdev-backup", "data": {"job-id": "a", "device": "src",
-                                                     "target": "t1", "sync": "none"}},
-                {"type": "blockdev-backup", "data": {"job-id": "b", "device": "src",
-                                                     "target": "t2", "sync": "full"}},
-            ], "properties": {"completion-mode": "grouped"}})
-            while td.daemon.jobs.jobs:
-                await td.next_event(qmp, "JOB_STATUS_CHANGE")
+            await _grouped(qmp, _backup("a", "t1", "none"), _backup("b", "t2", "full"))
+            await _all_done(td, qmp)
             final = _history(td, "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")
             assert [(n, d["device"]) for n, d in final] == [
                 ("BLOCK_JOB_COMPLETED", "b"), ("BLOCK_JOB_CANCELLED", "a")]
@@ -120,15 +134,9 @@ def test_grouped_jobs_reach_pending_together(tmp_path: Path) -> None:
     async def main() -> None:
         async with qmp_daemon(tmp_path) as td:
             qmp = await td.client()
-            for name in ("src", "t1", "t2"):
-                await _qcow2(qmp, tmp_path, name)
-            await qmp.execute("transaction", {"actions": [
-                {"type": "blockdev-backup", "data": {"job-id": "a", "device": "src",
-                                                     "target": "t1", "sync": "full",
-                                                     "auto-finalize": False}},
-                {"type": "blockdev-backup", "data": {"job-id": "b", "device": "src",
-                                                     "target": "t2", "sync": "full"}},
-            ], "properties": {"completion-mode": "grouped"}})
+            await _src_t1_t2(qmp, tmp_path)
+            await _grouped(qmp, _backup("a", "t1", "full", **{"auto-finalize": False}),
+                           _backup("b", "t2", "full"))
             await td.next_event(qmp, "BLOCK_JOB_PENDING")
             status = {j["id"]: j["status"] for j in await qmp.execute("query-jobs")}
             assert status == {"a": "pending", "b": "pending"}
@@ -170,17 +178,11 @@ def test_a_grouped_transaction_aborted_before_its_jobs_start(tmp_path: Path) -> 
     async def main() -> None:
         async with qmp_daemon(tmp_path) as td:
             qmp = await td.client()
-            for name in ("src", "t1", "t2"):
-                await _qcow2(qmp, tmp_path, name)
+            await _src_t1_t2(qmp, tmp_path)
             from qemu.qmp import ExecuteError
             with pytest.raises(ExecuteError, match="Transaction aborted using Abort action"):
-                await qmp.execute("transaction", {"actions": [
-                    {"type": "blockdev-backup", "data": {"job-id": "a", "device": "src",
-                                                         "target": "t1", "sync": "full"}},
-                    {"type": "blockdev-backup", "data": {"job-id": "b", "device": "src",
-                                                         "target": "t2", "sync": "full"}},
-                    {"type": "abort", "data": {}}],
-                    "properties": {"completion-mode": "grouped"}})
+                await _grouped(qmp, _backup("a", "t1", "full"), _backup("b", "t2", "full"),
+                               {"type": "abort", "data": {}})
             assert td.daemon.jobs.jobs == {}
             assert not td.daemon.graph.find_node("src").interceptors
             assert [n for n in td.daemon.graph.nodes if n.startswith("#")] == []
@@ -191,10 +193,7 @@ def test_a_grouped_transaction_aborted_before_its_jobs_start(tmp_path: Path) -> 
                     "created", "aborting", "concluded", "null"]
             assert not _history(td, "BLOCK_JOB_CANCELLED", "BLOCK_JOB_COMPLETED")
             # a later group works (nothing of the failed one is left behind)
-            await qmp.execute("transaction", {"actions": [
-                {"type": "blockdev-backup", "data": {"job-id": "c", "device": "src",
-                                                     "target": "t1", "sync": "full"}}],
-                "properties": {"completion-mode": "grouped"}})
+            await _grouped(qmp, _backup("c", "t1", "full"))
             await _done(td, qmp, "c")
 
     asyncio.run(main())
@@ -204,19 +203,12 @@ def test_cancelling_a_waiting_member_cancels_its_group(tmp_path: Path) -> None:
     async def main() -> None:
         async with qmp_daemon(tmp_path) as td:
             qmp = await td.client()
-            for name in ("src", "t1", "t2"):
-                await _qcow2(qmp, tmp_path, name)
-            await qmp.execute("transaction", {"actions": [
-                {"type": "blockdev-backup", "data": {"job-id": "a", "device": "src",
-                                                     "target": "t1", "sync": "none"}},
-                {"type": "blockdev-backup", "data": {"job-id": "b", "device": "src",
-                                                     "target": "t2", "sync": "full"}},
-            ], "properties": {"completion-mode": "grouped"}})
+            await _src_t1_t2(qmp, tmp_path)
+            await _grouped(qmp, _backup("a", "t1", "none"), _backup("b", "t2", "full"))
             while td.daemon.jobs.get_job("b").status.value != "waiting":
                 await td.next_event(qmp, "JOB_STATUS_CHANGE")
             await qmp.execute("job-cancel", {"id": "b"})
-            while td.daemon.jobs.jobs:
-                await td.next_event(qmp, "JOB_STATUS_CHANGE")
+            await _all_done(td, qmp)
             final = _history(td, "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")
             assert sorted((n, d["device"]) for n, d in final) == [
                 ("BLOCK_JOB_CANCELLED", "a"), ("BLOCK_JOB_CANCELLED", "b")]
