@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_nbd_tls_authz import _EXT, _ossl, _signed
 
 from blockmirror.qmp.testing import DaemonProcess, SyncQMP, daemon_argv
 from conftest import require_tool
 from nbd_helpers import free_port
+from tls_certs import encrypted_client, make_ca, signed
 
 pytestmark = pytest.mark.interop
 
@@ -40,12 +40,8 @@ def tls_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A CA and the destination's server certificate (the source's is made per run)."""
     require_tool("openssl")
     d = tmp_path_factory.mktemp("migration-pki")
-    (d / "ext.cnf").write_text(_EXT)
-    _ossl(d, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca-key.pem", "-out",
-          "ca-cert.pem", "-days", "2", "-subj", "/CN=migration-test-ca",
-          "-addext", "basicConstraints=critical,CA:TRUE",
-          "-addext", "keyUsage=critical,keyCertSign,cRLSign")
-    _signed(d, d / "server", "/CN=localhost", "v3server")
+    make_ca(d, "/CN=migration-test-ca")
+    signed(d, d / "server", "/CN=localhost", "v3server")
     return d
 
 
@@ -83,23 +79,11 @@ def _wait_event(conn: SyncQMP, log: list[Any], name: str, **match: Any) -> None:
             return
 
 
-def _client_pki(pki: Path, d: Path) -> None:
-    d.mkdir()
-    _ossl(pki, "genrsa", "-aes256", "-passout", "pass:s3cret", "-out",
-          str(d / "client-key.pem"), "2048")
-    _ossl(pki, "req", "-new", "-key", str(d / "client-key.pem"), "-passin", "pass:s3cret",
-          "-out", str(d / "req.csr"), "-subj", "/O=Example/CN=source-host")
-    _ossl(pki, "x509", "-req", "-in", str(d / "req.csr"), "-CA", "ca-cert.pem", "-CAkey",
-          "ca-key.pem", "-CAcreateserial", "-out", str(d / "client-cert.pem"), "-days", "2",
-          "-extfile", "ext.cnf", "-extensions", "v3client")
-    (d / "ca-cert.pem").write_bytes((pki / "ca-cert.pem").read_bytes())
-
-
 def _migrate(kind: str, tmp: Path, pki: Path, allowed: str = "O=Example,CN=source-host"
              ) -> tuple[list[Any], list[Any]]:
     d = tmp / f"{kind}-{allowed.rsplit('=', 1)[-1]}"
     d.mkdir()
-    _client_pki(pki, d / "client")
+    encrypted_client(pki, d / "client", "/O=Example/CN=source-host", "s3cret")
     src_img, dst_img = d / "src.qcow2", d / "dst.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(src_img), "8M"], check=True)
     subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 3M", "-c",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -24,23 +23,11 @@ from blockmirror.objects.factory import create_object
 from blockmirror.qmp.commands import nbd as nq
 from conftest import require_tool
 from nbd_helpers import RamDriver, free_port, peer, ram_node, run, serve
+from tls_certs import make_ca, signed
 
 pytestmark = pytest.mark.interop
 
 MiB = 1 << 20
-
-_EXT = """\
-[v3server]
-basicConstraints=critical,CA:FALSE
-keyUsage=critical,digitalSignature,keyEncipherment
-extendedKeyUsage=serverAuth
-subjectAltName=DNS:localhost,IP:127.0.0.1
-[v3client]
-basicConstraints=critical,CA:FALSE
-keyUsage=critical,digitalSignature,keyEncipherment
-extendedKeyUsage=clientAuth
-"""
-
 
 def add_object(d: Daemon, qom_type: str, oid: str, **props: Any) -> None:
     """object-add without a monitor (the factory validates like QEMU)."""
@@ -50,21 +37,9 @@ def add_object(d: Daemon, qom_type: str, oid: str, **props: Any) -> None:
 def make_certs(d: Path) -> Path:
     """A CA, a server and a client certificate in QEMU's tls-creds-x509 layout."""
     d.mkdir(parents=True, exist_ok=True)
-    (d / "ext.cnf").write_text(_EXT)
-
-    def ossl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
-
-    ossl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca-key.pem", "-out",
-         "ca-cert.pem", "-days", "2", "-subj", "/CN=blockmirror-test-ca",
-         "-addext", "basicConstraints=critical,CA:TRUE",
-         "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    make_ca(d, "/CN=blockmirror-test-ca")
     for role in ("server", "client"):
-        ossl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{role}-key.pem", "-out",
-             f"{role}.csr", "-subj", "/CN=localhost")
-        ossl("x509", "-req", "-in", f"{role}.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem",
-             "-CAcreateserial", "-out", f"{role}-cert.pem", "-days", "2", "-extfile", "ext.cnf",
-             "-extensions", f"v3{role}")
+        signed(d, d, "/CN=localhost", f"v3{role}")
     return d
 
 

@@ -23,20 +23,9 @@ from blockmirror.qmp.commands import nbd as nq
 from blockmirror.qmp.testing import DaemonProcess, daemon_argv
 from conftest import require_tool
 from nbd_helpers import free_port, ram_node
+from tls_certs import encrypted_client, make_ca, signed
 
 pytestmark = pytest.mark.interop
-
-_EXT = """\
-[v3server]
-basicConstraints=critical,CA:FALSE
-keyUsage=critical,digitalSignature,keyEncipherment
-extendedKeyUsage=serverAuth
-subjectAltName=DNS:localhost,IP:127.0.0.1
-[v3client]
-basicConstraints=critical,CA:FALSE
-keyUsage=critical,digitalSignature,keyEncipherment
-extendedKeyUsage=clientAuth
-"""
 
 #: subject of each client; the DN QEMU checks is printed in certificate order
 CLIENTS = {
@@ -45,33 +34,14 @@ CLIENTS = {
 }
 
 
-def _ossl(d: Path, *args: str) -> None:
-    subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
-
-
-def _signed(d: Path, out: Path, subj: str, ext: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    role = "server" if ext == "v3server" else "client"
-    _ossl(d, "req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(out / f"{role}-key.pem"),
-          "-out", str(out / "req.csr"), "-subj", subj)
-    _ossl(d, "x509", "-req", "-in", str(out / "req.csr"), "-CA", "ca-cert.pem", "-CAkey",
-          "ca-key.pem", "-CAcreateserial", "-out", str(out / f"{role}-cert.pem"), "-days", "2",
-          "-extfile", "ext.cnf", "-extensions", ext)
-    (out / "ca-cert.pem").write_bytes((d / "ca-cert.pem").read_bytes())
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     require_tool("openssl")
     d = tmp_path_factory.mktemp("pki")
-    (d / "ext.cnf").write_text(_EXT)
-    _ossl(d, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca-key.pem", "-out",
-          "ca-cert.pem", "-days", "2", "-subj", "/CN=authz-test-ca",
-          "-addext", "basicConstraints=critical,CA:TRUE",
-          "-addext", "keyUsage=critical,keyCertSign,cRLSign")
-    _signed(d, d / "server", "/CN=localhost", "v3server")
+    make_ca(d, "/CN=authz-test-ca")
+    signed(d, d / "server", "/CN=localhost", "v3server")
     for name, (subj, _) in CLIENTS.items():
-        _signed(d, d / name, subj, "v3client")
+        signed(d, d / name, subj, "v3client")
     return d
 
 
@@ -188,15 +158,7 @@ def test_encrypted_client_key_through_a_secret(tmp_path: Path, pki: Path) -> Non
     from blockmirror.block.options import open_blockdev
 
     client = tmp_path / "enc"
-    client.mkdir()
-    _ossl(pki, "genrsa", "-aes256", "-passout", "pass:hunter2", "-out",
-          str(client / "client-key.pem"), "2048")
-    _ossl(pki, "req", "-new", "-key", str(client / "client-key.pem"), "-passin",
-          "pass:hunter2", "-out", str(client / "req.csr"), "-subj", "/O=Example/CN=enc")
-    _ossl(pki, "x509", "-req", "-in", str(client / "req.csr"), "-CA", "ca-cert.pem",
-          "-CAkey", "ca-key.pem", "-CAcreateserial", "-out", str(client / "client-cert.pem"),
-          "-days", "2", "-extfile", "ext.cnf", "-extensions", "v3client")
-    (client / "ca-cert.pem").write_bytes((pki / "ca-cert.pem").read_bytes())
+    encrypted_client(pki, client, "/O=Example/CN=enc", "hunter2")
     assert b"ENCRYPTED" in (client / "client-key.pem").read_bytes()
     key, iv = b"K" * 32, b"I" * 16
     ct = subprocess.run(["openssl", "enc", "-aes-256-cbc", "-K", key.hex(), "-iv", iv.hex()],
