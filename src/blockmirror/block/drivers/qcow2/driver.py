@@ -68,8 +68,8 @@ from blockmirror.block.drivers.qcow2.layout import (
     L1E_OFFSET_MASK,
     MAX_L1_BYTES,
     NORMAL,
+    UNALLOCATED,
     ZERO_ALLOC,
-    ZERO_PLAIN,
     Geometry,
     ceil_div,
 )
@@ -531,27 +531,15 @@ class Qcow2Driver(BlockDriver):
                 offset, min(length, self.geometry.l2_size * self.geometry.cluster_size), True
             )
         kind, _pos, n, value = segments[0]
-        file_node = self.image_file.node
-        if kind == NORMAL:
-            return Extent(
-                n,
-                BlockStatus.DATA | BlockStatus.ALLOCATED | BlockStatus.OFFSET_VALID,
-                map_offset=value,
-                map_node=file_node,
-            )
-        if kind == COMPRESSED:
-            return Extent(n, BlockStatus.DATA | BlockStatus.ALLOCATED)
-        if kind == ZERO_ALLOC:
-            # a preallocated zero cluster keeps its host offset (qemu-img map shows it)
-            return Extent(
-                n,
-                BlockStatus.ZERO | BlockStatus.ALLOCATED | BlockStatus.OFFSET_VALID,
-                map_offset=value,
-                map_node=file_node,
-            )
-        if kind == ZERO_PLAIN:
-            return Extent(n, BlockStatus.ZERO | BlockStatus.ALLOCATED)
-        return Extent(n, BlockStatus.NONE)
+        if kind == UNALLOCATED:
+            return Extent(n, BlockStatus.NONE)
+        status = BlockStatus.DATA if kind in (NORMAL, COMPRESSED) else BlockStatus.ZERO
+        if kind in (NORMAL, ZERO_ALLOC):
+            # a data cluster, or a preallocated zero cluster: it keeps its host offset (as
+            # qemu-img map shows it)
+            return Extent(n, status | BlockStatus.ALLOCATED | BlockStatus.OFFSET_VALID,
+                          map_offset=value, map_node=self.image_file.node)
+        return Extent(n, status | BlockStatus.ALLOCATED)
 
     async def _detect_metadata_preallocation(self) -> bool:
         real = await allocated_size(self.image_file.node)
