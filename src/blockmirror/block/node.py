@@ -200,6 +200,17 @@ class BlockNode:
             node = inner
         return node
 
+    def truncate_target(self) -> BlockNode:
+        """The node a resize of this one lands on: filters without a resize of their own
+        pass it to their child (cf. bdrv_co_truncate)."""
+        node = self
+        while not type(node.driver).supports_truncate and node.driver.is_filter:
+            inner = node.filtered_child()
+            if inner is None:
+                break
+            node = inner
+        return node
+
     def skip_implicit_filters(self) -> BlockNode:
         """This node, or below the implicit filters above it the first explicit node (cf.
         bdrv_skip_implicit_filters): what the user named, not a job's unnamed filter."""

@@ -21,12 +21,7 @@ CHUNK = 512 * 1024
 
 async def grow(node: BlockNode, length: int) -> None:
     """Truncate ``node`` (or the first node below its filters that can) up to ``length``."""
-    target = node
-    while not type(target.driver).supports_truncate and target.driver.is_filter:
-        inner = target.filtered_child()
-        if inner is None:
-            break
-        target = inner
+    target = node.truncate_target()
     await target.driver.truncate(length)
     layer: BlockNode | None = node
     while layer is not None:

@@ -51,13 +51,7 @@ async def block_resize(ctx: CommandContext, args: Args) -> None:
 
 
 async def _truncate(node: BlockNode, size: int) -> None:
-    target = node
-    # filters without a resize of their own pass it to their child (cf. bdrv_co_truncate)
-    while not type(target.driver).supports_truncate and target.driver.is_filter:
-        inner = target.filtered_child()
-        if inner is None:
-            break
-        target = inner
+    target = node.truncate_target()
     if target.read_only:
         raise BlockMirrorError("Image is read-only")
     if target.format_name == "qcow2" and size % 512:
