@@ -37,6 +37,20 @@ def _l2_offset(img: Path) -> int:
     return int(struct.unpack(">Q", data[l1 : l1 + 8])[0]) & 0x00FFFFFFFFFFFE00
 
 
+def hostile_image(tmp_path: Path, name: str, where: object, fmt: str, value: int) -> Path:
+    """The base image with one of ``CASES`` written into it."""
+    img = _base(tmp_path)
+    off = _l1_offset(img) if where == "l1" else int(where)  # type: ignore[call-overload]
+    if name == "backing_name_long":
+        with img.open("r+b") as f:
+            f.seek(8)
+            f.write(struct.pack(">Q", 0x200))
+    with img.open("r+b") as f:
+        f.seek(off)
+        f.write(struct.pack(fmt, value))
+    return img
+
+
 # (name, offset (or callable of the image), struct format, value, expected text)
 CASES = [
     ("magic", 0, ">I", 0x12345678, "Image is not in qcow2 format"),
@@ -85,15 +99,7 @@ def test_hostile_header_refused(
     capfd: pytest.CaptureFixture[str],
 ) -> None:
     require_tool("qemu-img", "qemu-io")
-    img = _base(tmp_path)
-    off = _l1_offset(img) if where == "l1" else int(where)  # type: ignore[call-overload]
-    if name == "backing_name_long":
-        with img.open("r+b") as f:
-            f.seek(8)
-            f.write(struct.pack(">Q", 0x200))
-    with img.open("r+b") as f:
-        f.seek(off)
-        f.write(struct.pack(fmt, value))
+    img = hostile_image(tmp_path, name, where, fmt, value)
     before = sha(img)
     with pytest.raises(BlockMirrorError) as ei:
         asyncio.run(open_qcow2(img, read_only=read_only))

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_qcow2_hostile import CASES, _base, _l1_offset, _l2_offset
+from test_qcow2_hostile import CASES, _base, _l1_offset, _l2_offset, hostile_image
 from test_qcow2_support import close, open_qcow2
 
 from blockmirror.errors import BlockMirrorError
@@ -107,15 +107,7 @@ def _verdict(name: str, img: Path, justified: str | None) -> tuple[str, str]:
 def test_hand_made_case_cross_checked(tmp_path: Path, name: str, where: object, fmt: str,
                                       value: int, text: str) -> None:
     require_tool("qemu-img", "qemu-io")
-    img = _base(tmp_path)
-    off = _l1_offset(img) if where == "l1" else int(where)  # type: ignore[call-overload]
-    if name == "backing_name_long":
-        with img.open("r+b") as f:
-            f.seek(8)
-            f.write(struct.pack(">Q", 0x200))
-    with img.open("r+b") as f:
-        f.seek(off)
-        f.write(struct.pack(fmt, value))
+    img = hostile_image(tmp_path, name, where, fmt, value)
     verdict, why = _verdict(name, img, JUSTIFIED.get(name))
     assert verdict in ("agree-refuse", "stricter"), why
     # the justification list is exact: no stale entry for a case QEMU now refuses
