@@ -9,16 +9,18 @@ an object cannot swallow the next case.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from blockmirror.qmp.testing import DaemonProcess, daemon_argv
-from conftest import ROOT, require_tool
+from conftest import IN_CI, ROOT, require_tool
 
 pytestmark = pytest.mark.interop
 
@@ -70,15 +72,32 @@ def _argv(kind: str, sock: Path, pretty: bool) -> list[str]:
     return argv
 
 
+@contextlib.contextmanager
+def _daemons(tmp_path: Path, pretty: bool = False
+             ) -> Iterator[tuple[DaemonProcess, DaemonProcess]]:
+    """qemu-storage-daemon and ours, each with a monitor on a socket of its own."""
+    qsock, osock = tmp_path / "qsd.sock", tmp_path / "bm.sock"
+    with DaemonProcess(_argv("qsd", qsock, pretty), str(qsock)) as qsd, \
+            DaemonProcess(_argv("ours", osock, pretty), str(osock)) as ours:
+        yield qsd, ours
+
+
+def _fuzz_settings() -> Any:
+    """The fuzz tests' hypothesis settings: BM_DIFF_FUZZ examples (400 under CI=true, else
+    120), no deadline, no example database."""
+    from hypothesis import HealthCheck, settings
+
+    examples = int(os.environ.get("BM_DIFF_FUZZ", 400 if IN_CI else 120))
+    return settings(max_examples=examples, deadline=None, database=None,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+
 @pytest.mark.parametrize("pretty", [False, True], ids=["compact", "pretty"])
 def test_differential_against_qsd(tmp_path: Path, pretty: bool) -> None:
     require_tool("qemu-storage-daemon")
     # pretty output: the id forms exercise the pretty printer enough
     cases = CORPUS if not pretty else [c for c in CORPUS if c["name"].startswith("id-")]
-    with DaemonProcess(_argv("qsd", tmp_path / "qsd.sock", pretty),
-                       str(tmp_path / "qsd.sock")) as qsd, \
-            DaemonProcess(_argv("ours", tmp_path / "bm.sock", pretty),
-                          str(tmp_path / "bm.sock")) as ours:
+    with _daemons(tmp_path, pretty) as (qsd, ours):
         mismatches = []
         for case in cases:
             want = replay(qsd, case)
@@ -104,20 +123,13 @@ FRAGMENTS = [
 
 
 def test_differential_fuzz(tmp_path: Path) -> None:
-    from hypothesis import HealthCheck, given, settings
+    from hypothesis import given
     from hypothesis import strategies as st
 
     require_tool("qemu-storage-daemon")
-    in_ci = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-    with DaemonProcess(daemon_argv("qsd", str(tmp_path / "fq.sock")),
-                       str(tmp_path / "fq.sock")) as qsd, \
-            DaemonProcess(daemon_argv("ours", str(tmp_path / "fb.sock")),
-                          str(tmp_path / "fb.sock")) as ours:
+    with _daemons(tmp_path) as (qsd, ours):
 
-        examples = int(os.environ.get("BM_DIFF_FUZZ", 400 if in_ci else 120))
-
-        @settings(max_examples=examples, deadline=None, database=None,
-                  suppress_health_check=[HealthCheck.too_slow])
+        @_fuzz_settings()
         @given(st.booleans(), st.lists(st.sampled_from(FRAGMENTS), max_size=25))
         def check(negotiate: bool, parts: list[bytes]) -> None:
             case = {"negotiate": negotiate, "send": [b"".join(parts).decode("latin-1")]}
@@ -147,19 +159,13 @@ KEYS = ["driver", "file", "filename", "backing", "cache", "direct", "no-flush", 
 
 def test_differential_fuzz_arguments(tmp_path: Path) -> None:
     """Random BlockdevOptions-like objects (without node-name, so nothing is ever opened)."""
-    from hypothesis import HealthCheck, given, settings
+    from hypothesis import given
     from hypothesis import strategies as st
 
     require_tool("qemu-storage-daemon")
-    in_ci = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-    with DaemonProcess(daemon_argv("qsd", str(tmp_path / "aq.sock")),
-                       str(tmp_path / "aq.sock")) as qsd, \
-            DaemonProcess(daemon_argv("ours", str(tmp_path / "ab.sock")),
-                          str(tmp_path / "ab.sock")) as ours:
-        examples = int(os.environ.get("BM_DIFF_FUZZ", 400 if in_ci else 120))
+    with _daemons(tmp_path) as (qsd, ours):
 
-        @settings(max_examples=examples, deadline=None, database=None,
-                  suppress_health_check=[HealthCheck.too_slow])
+        @_fuzz_settings()
         @given(st.sampled_from(["null-co", "qcow2", "raw", "file", "blkdebug", "nbd", "zzz"]),
                st.dictionaries(st.sampled_from(KEYS), _json_values(), max_size=5))
         def check(driver: str, extra: dict[str, Any]) -> None:
