@@ -72,4 +72,18 @@ def diff(want: list[Any], got: list[Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["command", "diff", "normalise", "transcript"]
+def drop_host_sizes(v: Any) -> Any:
+    """``v`` (a reply, or a part of one) without what the host files' sizes say: every
+    ``actual-size`` (how many host bytes an image takes), and the ``virtual-size`` of a
+    protocol node's image (its host file's length, which our qcow2 driver grows ahead of its
+    writes where QEMU grows it per cluster)."""
+    if isinstance(v, dict):
+        if v.get("drv") == "file" and isinstance(v.get("image"), dict):
+            v = {**v, "image": {k: x for k, x in v["image"].items() if k != "virtual-size"}}
+        return {k: drop_host_sizes(x) for k, x in v.items() if k != "actual-size"}
+    if isinstance(v, list):
+        return [drop_host_sizes(x) for x in v]
+    return v
+
+
+__all__ = ["command", "diff", "drop_host_sizes", "normalise", "transcript"]

@@ -25,6 +25,7 @@ from test_libvirt_replays import _run, _wait_event
 
 from blockmirror.qmp.testing import DaemonProcess, daemon_argv
 from conftest import require_tool
+from qsd_diff import drop_host_sizes
 
 pytestmark = pytest.mark.interop
 
@@ -110,17 +111,7 @@ def _active_commit(kind: str, tmp: Path) -> list[Any]:
 
 
 def _normalise(log: list[Any], d: Path) -> list[Any]:
-    def drop(v: Any) -> Any:
-        if isinstance(v, dict):
-            if v.get("drv") == "file" and isinstance(v.get("image"), dict):
-                # a host file's length: our qcow2 driver grows its file ahead of writes
-                v = {**v, "image": {k: x for k, x in v["image"].items()
-                                    if k != "virtual-size"}}
-            return {k: drop(x) for k, x in v.items() if k != "actual-size"}
-        if isinstance(v, list):
-            return [drop(x) for x in v]
-        return v
-    return list(drop(json.loads(json.dumps(log).replace(str(d), "T"))))
+    return list(drop_host_sizes(json.loads(json.dumps(log).replace(str(d), "T"))))
 
 
 def test_libvirt_active_commit_same_as_qsd(tmp_path: Path) -> None:
