@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from blockmirror.cli.mirror import execute, open_source
-from blockmirror.daemon import Daemon
+from blockmirror.cli.mirror import execute
 from blockmirror.jobs.mirror import activity_log
+from file_mirror import mirror_files
 
 SIZE = 8 << 20
 GRAN = 65536
@@ -46,17 +46,9 @@ def test_clean_outside_hot_extents_means_equal_after_every_write(
     async def main() -> None:
         rng = random.Random(seed)
         src, tgt, log = tmp_path / "s.raw", tmp_path / "t.raw", str(tmp_path / "s.resume")
-        src.write_bytes(rng.randbytes(SIZE))
-        with tgt.open("wb") as f:
-            f.truncate(SIZE)
-        d = Daemon()
-        dev = await open_source(d, str(src), "raw", print)
-        await execute(d, "blockdev-add", {"driver": "raw", "node-name": "tgt", "file": {
-            "driver": "file", "filename": str(tgt)}})
-        await execute(d, "blockdev-mirror", {
-            "job-id": "m", "device": "source", "target": "tgt", "sync": "full",
-            "granularity": GRAN, "copy-mode": mode, "speed": 8 << 20, "buf-size": 1 << 20,
-            "x-resume-log": log, "x-resume-extents": 3, "x-resume-extent-size": EXTENT})
+        d, dev = await mirror_files(src, tgt, rng.randbytes(SIZE), granularity=GRAN, **{
+            "copy-mode": mode, "speed": 8 << 20, "buf-size": 1 << 20, "x-resume-log": log,
+            "x-resume-extents": 3, "x-resume-extent-size": EXTENT})
         job = d.jobs.find("m")
         assert job is not None
         fs, ft = os.open(src, os.O_RDONLY), os.open(tgt, os.O_RDONLY)

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from blockmirror.cli.mirror import execute, open_source
-from blockmirror.daemon import Daemon
+from blockmirror.cli.mirror import execute
 from blockmirror.jobs.mirror import MirrorJob
 from blockmirror.jobs.mirror.verify import image_digest
+from file_mirror import mirror_files
 
 SIZE = 8 << 20
 GRAN = 65536
@@ -24,16 +24,8 @@ GRAN = 65536
 def test_direct_write_to_the_target_file_is_found_and_repaired(tmp_path: Path) -> None:
     async def main() -> None:
         src, tgt = tmp_path / "s.raw", tmp_path / "t.raw"
-        src.write_bytes(random.Random(3).randbytes(SIZE))
-        with tgt.open("wb") as f:
-            f.truncate(SIZE)
-        d = Daemon()
-        await open_source(d, str(src), "raw", print)
-        await execute(d, "blockdev-add", {"driver": "raw", "node-name": "tgt", "file": {
-            "driver": "file", "filename": str(tgt)}})
-        await execute(d, "blockdev-mirror", {"job-id": "m", "device": "source",
-                                             "target": "tgt", "sync": "full",
-                                             "granularity": GRAN, "x-verify": True})
+        d, _ = await mirror_files(src, tgt, random.Random(3).randbytes(SIZE),
+                                  granularity=GRAN, **{"x-verify": True})
         job = d.jobs.find("m")
         assert isinstance(job, MirrorJob) and job.verifier is not None
         hit = [3 * GRAN + 17, 100 * GRAN]
@@ -78,17 +70,8 @@ async def _heavy_files_run(tmp: Path, seed: int) -> tuple[dict[str, object], int
     verified, between its reads and its judgement. Returns the event and the deferrals."""
     rng = random.Random(seed)
     src, tgt = tmp / "s.raw", tmp / "t.raw"
-    src.write_bytes(rng.randbytes(HEAVY_SIZE))
-    with tgt.open("wb") as f:
-        f.truncate(HEAVY_SIZE)
-    d = Daemon()
-    blk = await open_source(d, str(src), "raw", print)
-    await execute(d, "blockdev-add", {"driver": "raw", "node-name": "tgt", "file": {
-        "driver": "file", "filename": str(tgt)}})
-    await execute(d, "blockdev-mirror", {
-        "job-id": "m", "device": "source", "target": "tgt", "sync": "full",
-        "granularity": GRAN, "x-verify": True,
-        "copy-mode": "write-blocking" if seed % 3 == 0 else "background"})
+    d, blk = await mirror_files(src, tgt, rng.randbytes(HEAVY_SIZE), granularity=GRAN, **{
+        "x-verify": True, "copy-mode": "write-blocking" if seed % 3 == 0 else "background"})
     job = d.jobs.find("m")
     assert isinstance(job, MirrorJob) and job.verifier is not None
     stop = asyncio.Event()
