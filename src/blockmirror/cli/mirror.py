@@ -79,13 +79,15 @@ write-blocking switch a mirror that will not converge within
 
 Resuming: with --sync full the copy state is kept crash-safe in a resume log
 (--resume-log, default TARGET.blockmirror-resume, or SOURCE.blockmirror-resume
-for an NBD or rbd: target; none by default for json: names). Running the same command
-again after a crash, a kill or a lost target resumes (the target is reused,
-only what may differ is recopied); --restart starts afresh. Resuming is
-refused if the source or target changed behind the mirror's back (see
-docs/resume.md). --resume-store image keeps the resume state inside a qcow2
-source instead of a sidecar file. --verify compares source and target before the switch-over
-and repairs any difference.
+when the target is not a local file (NBD, rbd:, json:); none when neither is).
+Running the same command again after a crash, a kill or a lost target resumes
+(the target is reused, only what may differ is recopied); --restart starts
+afresh. Resuming is refused if the
+source or target changed behind the mirror's back (see docs/resume.md).
+--resume-store image keeps the resume state inside the source, which must be a
+qcow2 v3 image in a local file, instead of a sidecar file (--resume-store file,
+the default); --resume-log is then ignored. --verify compares source and
+target before the switch-over and repairs any difference.
 
 Signals: SIGINT (Ctrl-C) or SIGTERM force-cancel the job; the source is left
 untouched and nothing is pivoted. SIGUSR1 requests completion.
@@ -183,8 +185,8 @@ def build_parser(prog: str = "blockmirror mirror") -> argparse.ArgumentParser:
                    help="start afresh even if a resume log says the copy can resume")
     r.add_argument("--no-resume", action="store_true", help="keep no resume log")
     r.add_argument("--resume-store", choices=("file", "image"), default="file",
-                   help="where the resume state lives: a sidecar file (default), or inside "
-                        "the qcow2 source (image)")
+                   help="where the resume state lives: a sidecar file (file, the default), "
+                        "or inside the qcow2 source (image)")
     r.add_argument("--verify", action="store_true",
                    help="compare source and target before the switch-over; repair mismatches")
     o = p.add_argument_group("operation")
