@@ -81,6 +81,15 @@ def _lookup_node(graph: BlockGraph, name: str) -> BlockNode:
     return graph.lookup(None, name)
 
 
+def _chain_node(graph: BlockGraph, chain: BlockNode, name: str) -> BlockNode:
+    """The node ``name`` (``top-node``, ``base-node``), which must be in ``chain``'s backing
+    chain."""
+    node = _lookup_node(graph, name)
+    if not chain_contains(chain, node):
+        raise BlockMirrorError(f"'{name}' is not in this backing file chain")
+    return node
+
+
 @command("block-commit")
 async def block_commit(ctx: CommandContext, args: Args) -> None:
     """cf. qmp_block_commit."""
@@ -100,9 +109,7 @@ async def block_commit(ctx: CommandContext, args: Args) -> None:
     if top_node is not None and top_name is not None:
         raise BlockMirrorError("'top-node' and 'top' are mutually exclusive")
     if top_node is not None:
-        found = _lookup_node(graph, top_node)
-        if not chain_contains(bs, found):
-            raise BlockMirrorError(f"'{top_node}' is not in this backing file chain")
+        found = _chain_node(graph, bs, top_node)
     elif top_name and bs.filename != top_name:
         found = find_backing_image(bs, top_name)
     if found is None:
@@ -113,9 +120,7 @@ async def block_commit(ctx: CommandContext, args: Args) -> None:
     if base_node is not None and base_name is not None:
         raise BlockMirrorError("'base-node' and 'base' are mutually exclusive")
     if base_node is not None:
-        base = _lookup_node(graph, base_node)
-        if not chain_contains(top, base):
-            raise BlockMirrorError(f"'{base_node}' is not in this backing file chain")
+        base = _chain_node(graph, top, base_node)
     elif base_name:
         base = find_backing_image(top, base_name)
         if base is None:
