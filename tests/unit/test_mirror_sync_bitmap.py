@@ -55,13 +55,17 @@ async def _wait_status(raw: Any, job: str, statuses: tuple[str, ...]) -> dict[st
     raise AssertionError(f"{job} never reached {statuses}")
 
 
+async def _null_source_and_target(raw: Any) -> None:
+    """Nodes ``s`` and ``t``: null-co of SIZE bytes."""
+    for n in ("s", "t"):
+        await _ok(raw, "blockdev-add", {"driver": "null-co", "node-name": n, "size": SIZE})
+
+
 def test_argument_checks_in_order(tmp_path: Path) -> None:
     async def main() -> None:
         async with qmp_daemon(tmp_path) as td:
             raw = await td.raw(negotiate=True)
-            for n in ("s", "t"):
-                await _ok(raw, "blockdev-add", {"driver": "null-co", "node-name": n,
-                                                "size": SIZE})
+            await _null_source_and_target(raw)
             await _ok(raw, "block-dirty-bitmap-add", {"node": "s", "name": "b0",
                                                       "granularity": 65536})
             base = {"job-id": "j", "device": "s", "target": "t"}
@@ -194,9 +198,7 @@ def test_readonly_bitmap_needs_mode_never(tmp_path: Path) -> None:
     async def main() -> None:
         async with qmp_daemon(tmp_path) as td:
             raw = await td.raw(negotiate=True)
-            for n in ("s", "t"):
-                await _ok(raw, "blockdev-add", {"driver": "null-co", "node-name": n,
-                                                "size": SIZE})
+            await _null_source_and_target(raw)
             await _ok(raw, "block-dirty-bitmap-add", {"node": "s", "name": "b0"})
             src = td.daemon.graph.find_node("s")
             assert src is not None
