@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_qmp_stress import RSS_BOUND, reset_peak, rss
 
 from blockmirror.nbd.constants import NBD_OPTS_MAGIC, NBD_REQUEST_MAGIC, Cmd, Opt
 from blockmirror.qmp.testing import DaemonProcess, daemon_argv
@@ -27,18 +28,6 @@ from blockmirror.qmp.testing import DaemonProcess, daemon_argv
 pytestmark = pytest.mark.interop
 
 MiB = 1 << 20
-RSS_BOUND = 16 * MiB
-
-
-def rss(pid: int, field: str = "VmRSS") -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no {field}")
-
-
-def reset_peak(pid: int) -> None:
-    Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
 def _daemon(tmp_path: Path, *extra: str) -> DaemonProcess:
