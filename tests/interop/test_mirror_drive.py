@@ -8,8 +8,10 @@ complete, job-cancel and soft cancel) runs on both daemons; the events, the repl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,26 @@ from mirror_scripts.differential import (
 )
 
 pytestmark = pytest.mark.interop
+
+
+@contextlib.contextmanager
+def _our_stdout() -> Iterator[list[str]]:
+    """What our daemons print on stdout meanwhile (the ``Formatting ...`` lines), line by
+    line; they still print it."""
+    from blockmirror.daemon import Daemon
+
+    lines: list[str] = []
+    orig = Daemon.print_stdout
+
+    def capture(self: Daemon, line: str) -> None:
+        lines.append(line)
+        orig(self, line)
+
+    Daemon.print_stdout = capture  # type: ignore[method-assign]
+    try:
+        yield lines
+    finally:
+        Daemon.print_stdout = orig  # type: ignore[method-assign]
 
 
 def _steps(work: str) -> list[Step]:
@@ -75,20 +97,8 @@ def test_drive_mirror_session_matches_qsd(tmp_path: Path) -> None:
     theirs, their_nodes = asyncio.run(one("qsd", qsd_client))
     their_out = (tmp_path / "qsd" / "qsd.out").read_text().replace(str(tmp_path / "qsd"), "$W")
 
-    from blockmirror.daemon import Daemon
-
-    lines: list[str] = []
-    orig = Daemon.print_stdout
-
-    def capture(self: Daemon, line: str) -> None:
-        lines.append(line)
-        orig(self, line)
-
-    Daemon.print_stdout = capture  # type: ignore[method-assign]
-    try:
+    with _our_stdout() as lines:
         ours, our_nodes = asyncio.run(one("ours", our_client))
-    finally:
-        Daemon.print_stdout = orig  # type: ignore[method-assign]
     our_out = "".join(f"{line}\n" for line in lines).replace(str(tmp_path / "ours"), "$W")
 
     assert ours.replies == theirs.replies
@@ -124,20 +134,8 @@ def test_drive_mirror_of_a_protocol_node_creates_a_plain_file(tmp_path: Path) ->
     their_out = (tmp_path / "qsd" / "qsd.out").read_text().replace(str(tmp_path / "qsd"), "$W")
     assert "fmt=file" in their_out
 
-    from blockmirror.daemon import Daemon
-
-    lines: list[str] = []
-    orig = Daemon.print_stdout
-
-    def capture(self: Daemon, line: str) -> None:
-        lines.append(line)
-        orig(self, line)
-
-    Daemon.print_stdout = capture  # type: ignore[method-assign]
-    try:
+    with _our_stdout() as lines:
         ours = asyncio.run(one("ours", our_client))
-    finally:
-        Daemon.print_stdout = orig  # type: ignore[method-assign]
     our_out = "".join(f"{line}\n" for line in lines).replace(str(tmp_path / "ours"), "$W")
     assert ours.replies == theirs.replies
     assert ours.events == theirs.events
