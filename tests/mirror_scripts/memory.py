@@ -13,7 +13,7 @@ from typing import Any
 
 from blockmirror.block.driver import BlockDriver, BlockStatus, DriverInfo, Extent, WriteFlags
 from blockmirror.block.graph import BlockGraph
-from blockmirror.block.node import BlockNode, Perm
+from blockmirror.block.node import BlockBackend, BlockNode, Perm
 from blockmirror.errors import BlockIOError
 
 UNALLOC, DATA, ZERO = 0, 1, 2
@@ -141,6 +141,14 @@ class MemoryDriver(BlockDriver):
                   ZERO: BlockStatus.ZERO | BlockStatus.ALLOCATED,
                   UNALLOC: BlockStatus.NONE}[st]
         return Extent(n, status)
+
+
+def make_device(graph: BlockGraph, node: BlockNode) -> BlockBackend:
+    """A guest's device (BlockBackend ``dev``) on ``node``: what its writes go through."""
+    dev = BlockBackend("dev", "block device 'dev'", Perm.CONSISTENT_READ | Perm.WRITE, Perm.all())
+    graph.attach(dev, node, "root", dev.perm, dev.shared)
+    graph.add_backend(dev)
+    return dev
 
 
 def make_node(

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from blockmirror.block.node import BlockBackend, Perm
 from blockmirror.daemon import Daemon
 from blockmirror.jobs.mirror import BackingMode, MirrorParams, start_mirror
-from mirror_scripts.memory import make_node
+from mirror_scripts.memory import make_device, make_node
 
 PHASES = ("before", "after", "completion")
 
@@ -88,9 +88,7 @@ async def _run(sc: dict[str, Any]) -> None:
     # the shadow gets every guest operation too, and is never mirrored: the expected content
     _, shadow = await _chain(g, "shadow-", sc, random.Random(sc["seed"]))
     # the guest writes through a device, whose node the pivot replaces
-    dev = BlockBackend("dev", "block device 'dev'", Perm.CONSISTENT_READ | Perm.WRITE, Perm.all())
-    g.attach(dev, src, "root", dev.perm, dev.shared)
-    g.add_backend(dev)
+    dev = make_device(g, src)
     sync = sc["sync"]
     tgt_backing = base if sync == "top" else None
     # sync=none: like a drive-mirror target, the header names a backing file that is not

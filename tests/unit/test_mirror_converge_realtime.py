@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from blockmirror.block.node import BlockBackend, Perm
 from blockmirror.qmp.testing import qmp_daemon
+from mirror_scripts.memory import make_device
 
 SIZE = 4 << 20
 CHUNK = 64 << 10
@@ -54,10 +54,7 @@ async def _run(tmp_path: Path, converge: str | None, watch_s: float = 4.0) -> di
                                                "file": {"driver": "file",
                                                         "filename": str(path)}})
         graph = td.daemon.graph
-        dev = BlockBackend("dev", "block device 'dev'", Perm.CONSISTENT_READ | Perm.WRITE,
-                           Perm.all())
-        graph.attach(dev, graph.find_node("src"), "root", dev.perm, dev.shared)
-        graph.add_backend(dev)
+        dev = make_device(graph, graph.find_node("src"))
         stop = asyncio.Event()
         written = [0]
 

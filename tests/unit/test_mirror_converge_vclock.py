@@ -13,13 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from blockmirror.block.node import BlockBackend, BlockNode, Perm
+from blockmirror.block.node import BlockNode
 from blockmirror.daemon import Daemon
 from blockmirror.jobs.mirror import MirrorJob, MirrorParams, start_mirror
 from blockmirror.jobs.mirror.converge import ConvergePolicy
 from blockmirror.jobs.mirror.forecast import Verdict
 from blockmirror.qapi.x_mirror import XConvergePolicy
-from mirror_scripts.memory import make_node
+from mirror_scripts.memory import make_device, make_node
 from mirror_scripts.vclock import VirtualClock
 
 KIB = 1024
@@ -54,9 +54,7 @@ async def _scenario(rate_at: Callable[[float], int], *, seconds: float, speed: i
     src = make_node(g, "src", size, cluster=GRAN)
     await src.write(0, b"\x01" * size)
     tgt = make_node(g, "tgt", size, cluster=GRAN)
-    dev = BlockBackend("dev", "block device 'dev'", Perm.CONSISTENT_READ | Perm.WRITE, Perm.all())
-    g.attach(dev, src, "root", dev.perm, dev.shared)
-    g.add_backend(dev)
+    dev = make_device(g, src)
     job = start_mirror(d.jobs, "j", src, tgt, MirrorParams(
         speed=speed, granularity=GRAN, buf_size=256 * KIB,
         converge=ConvergePolicy(policy, throttle_bps=throttle)))

@@ -17,7 +17,7 @@ from blockmirror.block.node import BlockBackend, BlockNode, Perm
 from blockmirror.daemon import Daemon
 from blockmirror.errors import BlockMirrorError
 from blockmirror.jobs.mirror import MirrorJob, MirrorParams, default_granularity, start_mirror
-from mirror_scripts.memory import drv, make_node
+from mirror_scripts.memory import drv, make_device, make_node
 
 MiB = 1 << 20
 
@@ -30,10 +30,7 @@ class Env:
         self.d.events.subscribe(lambda e: self.events.append((e["event"], e["data"])))
         self.src = make_node(self.g, "src", size)
         self.tgt = make_node(self.g, "tgt", size if tgt_size is None else tgt_size, **tgt)
-        self.dev = BlockBackend("dev", "block device 'dev'", Perm.CONSISTENT_READ | Perm.WRITE,
-                                Perm.all())
-        self.g.attach(self.dev, self.src, "root", self.dev.perm, self.dev.shared)
-        self.g.add_backend(self.dev)
+        self.dev = make_device(self.g, self.src)
 
     def start(self, **kw: Any) -> MirrorJob:
         return start_mirror(self.d.jobs, "j", self.src, self.tgt, MirrorParams(**kw))

@@ -13,11 +13,10 @@ import random
 
 import pytest
 
-from blockmirror.block.node import BlockBackend, Perm
 from blockmirror.cli.mirror import execute
 from blockmirror.daemon import Daemon
 from blockmirror.jobs.mirror import MirrorParams, start_mirror
-from mirror_scripts.memory import make_node
+from mirror_scripts.memory import make_device, make_node
 from mirror_scripts.vclock import VirtualClock
 
 SIZE = 2 << 20
@@ -37,10 +36,7 @@ def test_counters_are_monotonic_and_follow_qemus_members(mode: str) -> None:
         src = make_node(g, "src", SIZE)
         await src.write(0, random.Random(1).randbytes(SIZE // 2))
         tgt = make_node(g, "tgt", SIZE)
-        dev = BlockBackend("dev", "block device 'dev'", Perm.CONSISTENT_READ | Perm.WRITE,
-                           Perm.all())
-        g.attach(dev, src, "root", dev.perm, dev.shared)
-        g.add_backend(dev)
+        dev = make_device(g, src)
         job = start_mirror(d.jobs, "j", src, tgt, MirrorParams(
             speed=8 << 20, granularity=65536, buf_size=256 << 10, copy_mode=mode))
         stop = asyncio.Event()

@@ -22,10 +22,11 @@ import pytest
 
 from blockmirror.block import threadio
 from blockmirror.block.driver import BlockStatus
-from blockmirror.block.node import BlockBackend, BlockNode, Perm
+from blockmirror.block.node import BlockNode
 from blockmirror.block.options import open_blockdev
 from blockmirror.daemon import Daemon
 from blockmirror.jobs.mirror import MirrorJob, MirrorParams, start_mirror
+from mirror_scripts.memory import make_device
 
 MiB = 1 << 20
 
@@ -37,9 +38,7 @@ async def _raw(d: Daemon, name: str, path: Path, **opts: Any) -> BlockNode:
 
 
 def _backend(d: Daemon, node: BlockNode) -> None:
-    dev = BlockBackend("dev", "block device 'dev'", Perm.CONSISTENT_READ | Perm.WRITE, Perm.all())
-    d.graph.attach(dev, node, "root", dev.perm, dev.shared)
-    d.graph.add_backend(dev)
+    make_device(d.graph, node)
 
 
 async def _until(pred: Any, limit: float = 10.0) -> None:

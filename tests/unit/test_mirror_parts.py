@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from blockmirror.block.graph import BlockGraph
-from blockmirror.block.node import BlockBackend, BlockNode, Perm
+from blockmirror.block.node import BlockNode
 from blockmirror.errors import BlockIOError
 from blockmirror.jobs.mirror.active import ActiveWriter
 from blockmirror.jobs.mirror.copier import Copier, CopierConfig
@@ -26,7 +26,7 @@ from blockmirror.jobs.mirror.inflight import InFlight
 from blockmirror.jobs.mirror.params import MirrorParams
 from blockmirror.jobs.mirror.wiring import MirrorWiring
 from blockmirror.jobs.progress import Progress
-from mirror_scripts.memory import drv, make_node
+from mirror_scripts.memory import drv, make_device, make_node
 
 GRAN = 4096
 SIZE = 256 * GRAN
@@ -233,18 +233,11 @@ def test_drain_gate_holds_writes_until_it_opens() -> None:
     asyncio.run(main())
 
 
-def _device(g: BlockGraph, node: BlockNode) -> BlockBackend:
-    dev = BlockBackend("dev", "block device 'dev'", Perm.CONSISTENT_READ | Perm.WRITE, Perm.all())
-    g.attach(dev, node, "root", dev.perm, dev.shared)
-    g.add_backend(dev)
-    return dev
-
-
 def test_wiring_attach_and_exit_with_and_without_the_pivot() -> None:
     async def main() -> None:
         for pivot in (False, True):
             g, src, tgt = _pair()
-            dev = _device(g, src)
+            dev = make_device(g, src)
             wiring = MirrorWiring(g, "j", src, tgt, MirrorParams(), None)
             dirty = DirtyState(SIZE, GRAN)
             gate = DrainGate(wiring.quiesce_filter)

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from blockmirror.block.node import BlockBackend, Perm
 from blockmirror.cli.mirror import execute
 from blockmirror.daemon import Daemon
 from blockmirror.errors import BlockMirrorError
-from mirror_scripts.memory import make_node
+from mirror_scripts.memory import make_device, make_node
 
 
 async def _daemon() -> Daemon:
@@ -19,10 +18,7 @@ async def _daemon() -> Daemon:
     g = d.graph
     src = make_node(g, "src", 1 << 20)
     make_node(g, "tgt", 1 << 20)
-    dev = BlockBackend("dev", "block device 'dev'", Perm.CONSISTENT_READ | Perm.WRITE,
-                       Perm.all())
-    g.attach(dev, src, "root", dev.perm, dev.shared)
-    g.add_backend(dev)
+    make_device(g, src)
     return d
 
 

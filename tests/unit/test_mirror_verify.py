@@ -14,12 +14,12 @@ import random
 
 import pytest
 
-from blockmirror.block.node import BlockBackend, BlockNode, Perm
+from blockmirror.block.node import BlockBackend, BlockNode
 from blockmirror.daemon import Daemon
 from blockmirror.errors import BlockMirrorError
 from blockmirror.jobs.mirror import MirrorJob, MirrorParams, start_mirror
 from blockmirror.jobs.mirror.verify import image_digest
-from mirror_scripts.memory import DATA, MemoryDriver, make_node
+from mirror_scripts.memory import DATA, MemoryDriver, make_device, make_node
 from mirror_scripts.vclock import VirtualClock
 
 SIZE = 1 << 20
@@ -51,10 +51,7 @@ async def _setup(seed: int) -> tuple[VirtualClock, Daemon, BlockBackend, BlockNo
         o = rng.randrange(0, SIZE // GRAN) * GRAN
         await src.write(o, rng.randbytes(min(8 * GRAN, SIZE - o)))
     tgt = make_node(g, "tgt", SIZE)
-    dev = BlockBackend("dev", "block device 'dev'", Perm.CONSISTENT_READ | Perm.WRITE,
-                       Perm.all())
-    g.attach(dev, src, "root", dev.perm, dev.shared)
-    g.add_backend(dev)
+    dev = make_device(g, src)
     return clock, d, dev, src, tgt
 
 

@@ -11,10 +11,9 @@ from __future__ import annotations
 import asyncio
 import random
 
-from blockmirror.block.node import BlockBackend, Perm
 from blockmirror.daemon import Daemon
 from blockmirror.jobs.mirror import MirrorJob, MirrorParams, start_mirror
-from mirror_scripts.memory import make_node
+from mirror_scripts.memory import make_device, make_node
 from mirror_scripts.vclock import VirtualClock
 
 SIZE = 2 << 20
@@ -30,9 +29,7 @@ async def _scenario(
     src = make_node(g, "src", SIZE)
     await src.write(0, random.Random(1).randbytes(SIZE))
     tgt = make_node(g, "tgt", SIZE)
-    dev = BlockBackend("dev", "block device 'dev'", Perm.CONSISTENT_READ | Perm.WRITE, Perm.all())
-    g.attach(dev, src, "root", dev.perm, dev.shared)
-    g.add_backend(dev)
+    dev = make_device(g, src)
     job = start_mirror(d.jobs, "j", src, tgt, MirrorParams(
         speed=SPEED, granularity=65536, buf_size=256 << 10, copy_mode=copy_mode))
     samples: list[tuple[int, int]] = []
