@@ -72,6 +72,13 @@ def diff(want: list[Any], got: list[Any]) -> str:
     return "\n".join(lines)
 
 
+def assert_same_log(want: list[Any], got: list[Any]) -> None:
+    """``got`` (ours) equals ``want`` (qemu-storage-daemon's), entry by entry; the failure
+    lists the entries that differ."""
+    assert got == want, "\n".join(f"qsd:  {w}\nours: {g}"
+                                  for w, g in zip(want, got, strict=False) if w != g)
+
+
 def drop_host_sizes(v: Any) -> Any:
     """``v`` (a reply, or a part of one) without what the host files' sizes say: every
     ``actual-size`` (how many host bytes an image takes), and the ``virtual-size`` of a
@@ -86,4 +93,5 @@ def drop_host_sizes(v: Any) -> Any:
     return v
 
 
-__all__ = ["command", "diff", "drop_host_sizes", "normalise", "transcript"]
+__all__ = ["assert_same_log", "command", "diff", "drop_host_sizes", "normalise",
+           "transcript"]

@@ -28,6 +28,7 @@ from test_bitmap_persistence import _check, _cmd, _daemon, _dirty_bitmaps, _info
 
 from blockmirror.qmp.testing import SyncQMP
 from conftest import require_tool
+from qsd_diff import assert_same_log
 
 pytestmark = pytest.mark.interop
 
@@ -140,9 +141,7 @@ def test_incremental_mirror_base_survives_restart_and_sigkill(tmp_path: Path) ->
     require_tool("qemu-storage-daemon", "qemu-img", "qemu-io")
     want, _ = _lifecycle("qsd", tmp_path)
     got, ours = _lifecycle("ours", tmp_path)
-    assert got == want, "\n".join(f"qsd:  {w}\nours: {g}" for w, g in zip(want, got,
-                                                                          strict=False)
-                                  if w != g)
+    assert_same_log(want, got)
     # what that means, spelt out
     assert got[2] == ("clean quit", [{"flags": ["auto"], "name": "inc",
                                       "granularity": 65536}], 0)

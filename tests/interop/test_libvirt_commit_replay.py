@@ -25,7 +25,7 @@ from test_libvirt_replays import _run, _wait_event
 
 from blockmirror.qmp.testing import DaemonProcess, daemon_argv
 from conftest import require_tool
-from qsd_diff import drop_host_sizes
+from qsd_diff import assert_same_log, drop_host_sizes
 
 pytestmark = pytest.mark.interop
 
@@ -118,8 +118,6 @@ def test_libvirt_active_commit_same_as_qsd(tmp_path: Path) -> None:
     require_tool("qemu-storage-daemon", "qemu-img", "qemu-io")
     want = _active_commit("qsd", tmp_path)
     got = _active_commit("ours", tmp_path)
-    assert got == want, "\n".join(f"qsd:  {w}\nours: {g}" for w, g in zip(want, got,
-                                                                          strict=False)
-                                  if w != g)
+    assert_same_log(want, got)
     assert any(e.get("event") == "BLOCK_JOB_READY" and e["data"]["type"] == "commit"
                for e in want)

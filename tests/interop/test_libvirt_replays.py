@@ -27,6 +27,7 @@ import pytest
 from blockmirror.qmp.testing import DaemonProcess, SyncQMP, daemon_argv
 from conftest import require_tool
 from nbd_helpers import free_port
+from qsd_diff import assert_same_log
 from tls_certs import encrypted_client, make_ca, signed
 
 pytestmark = pytest.mark.interop
@@ -281,7 +282,5 @@ def test_libvirt_snapshot_and_shallow_copy_same_as_qsd(tmp_path: Path) -> None:
     require_tool("qemu-storage-daemon", "qemu-img", "qemu-io")
     want = _snapshot_then_shallow_copy("qsd", tmp_path)
     got = _snapshot_then_shallow_copy("ours", tmp_path)
-    assert got == want, "\n".join(f"qsd:  {w}\nours: {g}" for w, g in zip(want, got,
-                                                                          strict=False)
-                                  if w != g)
+    assert_same_log(want, got)
     assert any(e.get("event") == "BLOCK_JOB_READY" for e in want)

@@ -51,6 +51,7 @@ import pytest
 from blockmirror.qmp.testing import DaemonProcess, SyncQMP, daemon_argv
 from conftest import require_tool
 from nbd_helpers import free_port
+from qsd_diff import assert_same_log
 
 pytestmark = pytest.mark.interop
 
@@ -264,9 +265,7 @@ def test_proxmox_incremental_mirror_replay(tmp_path: Path) -> None:
     require_tool("qemu-storage-daemon", "qemu-img", "qemu-io")
     want, _ = _pve_incremental("qsd", tmp_path)
     got, ours = _pve_incremental("ours", tmp_path)
-    assert got == want, "\n".join(f"qsd:  {w}\nours: {g}" for w, g in zip(want, got,
-                                                                          strict=False)
-                                  if w != g)
+    assert_same_log(want, got)
     refused = [e for e in got if e.get("cmd") == "blockdev-mirror"]
     assert refused == [{"cmd": "blockdev-mirror", "reply": {"error": {
         "class": "GenericError", "desc": "Parameter 'bitmap' is unexpected"}}}]
@@ -344,9 +343,7 @@ def test_proxmox_move_disk_replay_same_as_qsd(tmp_path: Path) -> None:
     require_tool("qemu-storage-daemon", "qemu-img", "qemu-io")
     want = _pve_move_disk("qsd", tmp_path)
     got = _pve_move_disk("ours", tmp_path)
-    assert got == want, "\n".join(f"qsd:  {w}\nours: {g}" for w, g in zip(want, got,
-                                                                          strict=False)
-                                  if w != g)
+    assert_same_log(want, got)
     assert ("nodes", ["drive-scsi0", "e-scsi0-target", "f-scsi0-target"]) in got
     assert got[-2] == ("target", 0, False, 0)
     assert got[-1] == ("old image unchanged after the pivot", False)
@@ -605,9 +602,7 @@ def test_libvirt_shallow_copy_with_synchronous_writes_same_as_qsd(tmp_path: Path
     require_tool("qemu-storage-daemon", "qemu-img", "qemu-io")
     want = _shallow_copy("qsd", tmp_path)
     got = _shallow_copy("ours", tmp_path)
-    assert got == want, "\n".join(f"qsd:  {w}\nours: {g}" for w, g in zip(want, got,
-                                                                          strict=False)
-                                  if w != g)
+    assert_same_log(want, got)
     assert got[-3] == ("copy equals the guest's view", 0, "Images are identical.")
     assert got[-2] == ("check", 0, 0)
     assert got[-1] == ("chain", ["T/copy.qcow2", "T/base.qcow2"])
