@@ -35,7 +35,7 @@ from blockmirror.nbd.handshake import meta_payload
 from blockmirror.nbd.transmission import ReplyDecoder
 from fuzz.common import Finding, run
 from fuzz.provider import Input
-from nbd_helpers import RamDriver, ram_node
+from nbd_helpers import CollectingWriter, RamDriver, ram_node
 
 SIZE = 256 * 1024
 #: the export's contents before each input: no zero byte, so a zeroed byte shows
@@ -95,27 +95,6 @@ def _requests(inp: Input) -> tuple[bytes, dict[int, tuple[int, int, int]]]:
     return bytes(out), sent
 
 
-class _Writer:
-    def __init__(self) -> None:
-        self.out = bytearray()
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.out += data
-
-    async def drain(self) -> None:
-        await asyncio.sleep(0)
-
-    def close(self) -> None:
-        self.closed = True
-
-    async def wait_closed(self) -> None:
-        return None
-
-    def get_extra_info(self, name: str) -> None:
-        return None
-
-
 def _transmission(out: bytes, no_zeroes: bool) -> bytes:
     pos = 18
     while pos + 20 <= len(out) and struct.unpack_from(">Q", out, pos)[0] == NBD_REP_MAGIC:
@@ -161,7 +140,7 @@ async def _serve(stream: bytes, writable: bool) -> tuple[bytes, bytes, bytes, bo
     reader = asyncio.StreamReader()
     reader.feed_data(stream)
     reader.feed_eof()
-    writer = _Writer()
+    writer = CollectingWriter()
     client: Any = ns._Client(server, reader, writer)  # type: ignore[arg-type]
     await client.run()
     return before, bytes(drv.data), bytes(writer.out), client.crashed

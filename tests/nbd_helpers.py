@@ -106,6 +106,30 @@ async def serve(tmp: Path, daemon: Daemon | None = None, *, node_name: str = "n0
             await nbd_server_stop(d)
 
 
+class CollectingWriter:
+    """A StreamWriter stand-in that keeps what the server writes to it (``out``), for
+    driving the NBD server's client handler without a socket."""
+
+    def __init__(self) -> None:
+        self.out = bytearray()
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.out += data
+
+    async def drain(self) -> None:
+        await asyncio.sleep(0)
+
+    def close(self) -> None:
+        self.closed = True
+
+    async def wait_closed(self) -> None:
+        return None
+
+    def get_extra_info(self, name: str) -> None:
+        return None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -36,7 +36,7 @@ from blockmirror.nbd.handshake import ExportInfo, ServerHandshake, meta_payload
 from blockmirror.nbd.handshake_client import ClientHandshake
 from blockmirror.nbd.transmission import ReplyDecoder, RequestDecoder
 from blockmirror.nbd.wire import NBDProtocolError
-from nbd_helpers import RamDriver, ram_node
+from nbd_helpers import CollectingWriter, RamDriver, ram_node
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 EXAMPLES = 10_000 if IN_CI else 400
@@ -228,29 +228,6 @@ def _run(coro: Any) -> Any:
 _LOOP: asyncio.AbstractEventLoop | None = None
 
 
-class _Writer:
-    """A StreamWriter stand-in collecting what the server writes."""
-
-    def __init__(self) -> None:
-        self.out = bytearray()
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.out += data
-
-    async def drain(self) -> None:
-        await asyncio.sleep(0)
-
-    def close(self) -> None:
-        self.closed = True
-
-    async def wait_closed(self) -> None:
-        return None
-
-    def get_extra_info(self, name: str) -> None:
-        return None
-
-
 def _transmission_replies(out: bytes) -> bytes:
     """Strip the greeting and the option replies (and an EXPORT_NAME answer) from ``out``."""
     pos = 18
@@ -313,7 +290,7 @@ def test_export_server_survives_any_client_stream(
         reader = asyncio.StreamReader()
         reader.feed_data(client_bytes)
         reader.feed_eof()
-        writer = _Writer()
+        writer = CollectingWriter()
         client = ns._Client(server, reader, writer)  # type: ignore[arg-type]
         await asyncio.wait_for(client.run(), 10)  # no hang beyond the timeouts
         assert writer.closed

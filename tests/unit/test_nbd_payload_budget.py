@@ -13,29 +13,9 @@ from blockmirror.block.driver import WriteFlags
 from blockmirror.daemon import Daemon
 from blockmirror.export import nbd_server as ns
 from blockmirror.nbd.constants import NBD_OPTS_MAGIC, NBD_REQUEST_MAGIC, Cmd, Opt
-from nbd_helpers import RamDriver, ram_node
+from nbd_helpers import CollectingWriter, RamDriver, ram_node
 
 MiB = 1 << 20
-
-
-class _Writer:
-    def __init__(self) -> None:
-        self.out = bytearray()
-
-    def write(self, data: bytes) -> None:
-        self.out += data
-
-    async def drain(self) -> None:
-        await asyncio.sleep(0)
-
-    def close(self) -> None:
-        pass
-
-    async def wait_closed(self) -> None:
-        return None
-
-    def get_extra_info(self, name: str) -> None:
-        return None
 
 
 def test_write_payloads_in_flight_stay_within_the_budget() -> None:
@@ -70,7 +50,7 @@ def test_write_payloads_in_flight_stay_within_the_budget() -> None:
         reader = asyncio.StreamReader(limit=1 << 30)
         reader.feed_data(stream)
         reader.feed_eof()
-        client = ns._Client(server, reader, _Writer())  # type: ignore[arg-type]
+        client = ns._Client(server, reader, CollectingWriter())  # type: ignore[arg-type]
         task = asyncio.ensure_future(client.run())
         for _ in range(200):  # let the server take what it can
             await asyncio.sleep(0)
