@@ -19,19 +19,14 @@ from test_qcow2_support import close, open_qcow2
 from blockmirror.block import bitmaps
 from blockmirror.qmp.testing import DaemonProcess, SyncQMP, daemon_argv
 from conftest import require_tool
+from qsd_diff import command
 
 pytestmark = pytest.mark.interop
 
 
 def _cmd(conn: SyncQMP, execute: str, arguments: dict[str, Any] | None = None) -> Any:
-    msg: dict[str, Any] = {"execute": execute}
-    if arguments is not None:
-        msg["arguments"] = arguments
-    conn.send(json.dumps(msg).encode())
-    while True:
-        reply = json.loads(conn.read_message())
-        if "event" not in reply:
-            return reply
+    """Run one command; its reply (the events before it are dropped)."""
+    return command(conn, execute, arguments)[1]
 
 
 def _daemon(kind: str, tmp: Path, image: Path) -> DaemonProcess:

@@ -27,7 +27,7 @@ import pytest
 from blockmirror.qmp.testing import DaemonProcess, SyncQMP, daemon_argv
 from conftest import require_tool
 from nbd_helpers import free_port
-from qsd_diff import assert_same_log
+from qsd_diff import assert_same_log, command
 from tls_certs import encrypted_client, make_ca, signed
 
 pytestmark = pytest.mark.interop
@@ -48,20 +48,12 @@ def tls_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _run(conn: SyncQMP, name: str, args: dict[str, Any] | None = None,
          log: list[Any] | None = None) -> dict[str, Any]:
-    msg: dict[str, Any] = {"execute": name}
-    if args:
-        msg["arguments"] = args
-    conn.send(json.dumps(msg).encode())
-    while True:
-        reply = json.loads(conn.read_message())
-        if "event" in reply:
-            reply.pop("timestamp", None)
-            if log is not None:
-                log.append(reply)
-            continue
-        if log is not None:
-            log.append({"cmd": name, "reply": reply})
-        return reply
+    """Run one command; ``log`` gets the events before its reply, then the command and reply."""
+    events, reply = command(conn, name, args)
+    if log is not None:
+        log += events
+        log.append({"cmd": name, "reply": reply})
+    return reply
 
 
 def _wait_event(conn: SyncQMP, log: list[Any], name: str, **match: Any) -> None:
