@@ -16,8 +16,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from blockmirror.block import threadio
-from blockmirror.block.drivers import DRIVERS, load_all
+from blockmirror.block import drivers, threadio
 from blockmirror.block.drivers.raw import PROBED_RAW_WARNING, RawDriver
 from blockmirror.block.drivers.rbd import location_from_options
 from blockmirror.block.drivers.rbd import probe_format as probe_rbd_format
@@ -65,7 +64,7 @@ def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """
     tree = unflatten(options)
     driver = tree.get("driver")
-    if isinstance(driver, str) and driver not in load_all():
+    if isinstance(driver, str) and drivers.load(driver) is None:
         # QEMU has it, blockmirror does not: its options are not declared either
         raise BlockMirrorError(f"Parameter 'driver' does not accept value '{driver}'")
     _legacy_discard(tree)
@@ -243,16 +242,15 @@ async def _open_node(
 ) -> BlockNode:
     """Open one node from checked options (``check_options``)."""
     graph = ctx.graph
-    load_all()
     opts = dict(opts)
     if parent is not None:
         for key in _INHERITED:
             if key not in opts and key in parent:
                 opts[key] = parent[key]
     driver: str = opts["driver"]
-    if driver not in DRIVERS:  # a QEMU driver blockmirror does not implement
+    cls = drivers.load(driver)
+    if cls is None:  # a QEMU driver blockmirror does not implement
         raise BlockMirrorError(f"Parameter 'driver' does not accept value '{driver}'")
-    cls = DRIVERS[driver]
 
     name = opts.get("node-name")
     if name is None:

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib
 import sys
 
@@ -49,11 +50,23 @@ def main(argv: list[str] | None = None) -> int:
     if name == "daemon":
         # greet QMP clients while the daemon is still importing (see cli/early.py)
         early.start(args[1:])
+        # Importing makes no garbage worth collecting, yet it allocates enough to trigger some
+        # fifty collections; what it made (modules, classes, the schema tables) lives as long
+        # as the process, so it goes to the permanent generation, which collections skip.
+        gc.disable()
         try:
             module = importlib.import_module(SUBCOMMANDS[name][0])
+            gc.freeze()
+            gc.enable()
             rc: int = module.run(name, args[1:])
         finally:
+            gc.enable()
             early.close()
+        if rc == 0:
+            # A clean shutdown flushed and closed every image: the collections the
+            # interpreter runs on its way out would only look for cycles among objects that
+            # the end of the process frees anyway (12 ms of CPU, issue 10)
+            gc.freeze()
         return rc
     module = importlib.import_module(SUBCOMMANDS[name][0])
     rc = module.run(name, args[1:])
