@@ -16,10 +16,8 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from blockmirror.block import drivers, threadio
+from blockmirror.block import drivers
 from blockmirror.block.drivers.raw import PROBED_RAW_WARNING, RawDriver
-from blockmirror.block.drivers.rbd import location_from_options
-from blockmirror.block.drivers.rbd import probe_format as probe_rbd_format
 from blockmirror.block.graph import BlockGraph, node_name_valid
 from blockmirror.block.hostpath import host_path
 from blockmirror.block.node import BlockBackend, BlockNode, Perm
@@ -191,8 +189,12 @@ async def open_image(
             fmt = await probe_format_async(str(image.get("filename", "")))
             probed = True
         elif fmt is None and legacy.get("driver") == "rbd":
-            # cf. bdrv_probe_all over the protocol: the image's first bytes decide
-            fmt = await threadio.run(probe_rbd_format, location_from_options(legacy, graph))
+            # cf. bdrv_probe_all over the protocol: the image's first bytes decide (through
+            # the driver registry: most daemons never import the rbd driver)
+            rbd = drivers.load("rbd")
+            if rbd is None:
+                raise BlockMirrorError("Parameter 'driver' does not accept value 'rbd'")
+            fmt = await rbd.probe_image_format(legacy, graph)
             probed = True
         if fmt is not None and fmt != legacy.get("driver"):
             legacy = {"driver": fmt, "file": legacy}
