@@ -225,11 +225,15 @@ def load_commands() -> dict[str, CommandDef]:
 def find_command(name: str) -> CommandDef | None:
     """The declared command ``name`` with its handler, importing only its module when the
     table above names it (every module otherwise); None for an undeclared name."""
-    cmd = COMMANDS.get(name)
-    if cmd is not None or name not in DECLARED:
-        return cmd
+    if name not in DECLARED:
+        return None
     mod = _MODULE_OF.get(name)
-    if mod is not None:
+    if mod is None:
+        # every module, even when this command's own module came in with another one:
+        # ``transaction`` was registered before backup's actions were
+        return load_commands().get(name)
+    cmd = COMMANDS.get(name)
+    if cmd is None:
         importlib.import_module(f"blockmirror.qmp.commands.{mod}")
         cmd = COMMANDS.get(name)
     return cmd if cmd is not None else load_commands().get(name)
