@@ -13,7 +13,6 @@ the layout QEMU serialises (qcow2 bitmap data clusters) and hashes
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -196,6 +195,8 @@ class DirtyBitmap:
     def sha256(self) -> str:
         """The digest QEMU's x-debug-block-dirty-bitmap-sha256 reports (cf. hbitmap_sha256):
         the bits as an array of little-endian 64-bit words, at least one word."""
+        import hashlib  # here: loading OpenSSL costs every daemon start 1 ms (issue 10)
+
         data = self._bits.tobytes()
         words = max(1, -(-len(self._bits) // 64))
         return hashlib.sha256(data.ljust(words * 8, b"\0")).hexdigest()

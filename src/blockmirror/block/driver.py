@@ -14,13 +14,14 @@ from __future__ import annotations
 import enum
 import errno
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from blockmirror.errors import BlockIOError
 
 if TYPE_CHECKING:
+    from blockmirror.block.graph import BlockGraph
     from blockmirror.block.node import BlockNode, Perm
 
 
@@ -109,6 +110,13 @@ class BlockDriver(ABC):
 
     def __init__(self, node: BlockNode) -> None:
         self.node = node
+
+    @classmethod
+    async def probe_image_format(cls, options: Mapping[str, Any],
+                                 graph: BlockGraph | None) -> str:
+        """For protocols whose images are not host files (rbd): the format of the image that
+        ``options`` name, from its first bytes (cf. bdrv_probe_all over the protocol)."""
+        raise NotImplementedError(f"{cls.format_name} cannot probe an image format")
 
     # --- life cycle -------------------------------------------------------------------------
 

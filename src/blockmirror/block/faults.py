@@ -17,7 +17,6 @@ or a real disk would, so jobs and exports react exactly as they would to those.
 from __future__ import annotations
 
 import errno as _errno
-import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -26,6 +25,8 @@ from blockmirror.errors import BlockIOError
 from blockmirror.qapi.testkit import XFaultErrno, XFaultOperation
 
 if TYPE_CHECKING:
+    import random
+
     from blockmirror.block.node import BlockNode
     from blockmirror.clock import Clock
 
@@ -62,6 +63,8 @@ class FaultRule:
     _rng: random.Random = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        import random  # here: only fault rules need it, every daemon start would pay (issue 10)
+
         self._rng = random.Random(self.seed)
 
     def overlaps(self, offset: int, length: int) -> bool:

@@ -16,11 +16,8 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from blockmirror.block import threadio
-from blockmirror.block.drivers import DRIVERS, load_all
+from blockmirror.block import drivers
 from blockmirror.block.drivers.raw import PROBED_RAW_WARNING, RawDriver
-from blockmirror.block.drivers.rbd import location_from_options
-from blockmirror.block.drivers.rbd import probe_format as probe_rbd_format
 from blockmirror.block.graph import BlockGraph, node_name_valid
 from blockmirror.block.hostpath import host_path
 from blockmirror.block.node import BlockBackend, BlockNode, Perm
@@ -65,7 +62,7 @@ def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """
     tree = unflatten(options)
     driver = tree.get("driver")
-    if isinstance(driver, str) and driver not in load_all():
+    if isinstance(driver, str) and drivers.load(driver) is None:
         # QEMU has it, blockmirror does not: its options are not declared either
         raise BlockMirrorError(f"Parameter 'driver' does not accept value '{driver}'")
     _legacy_discard(tree)
@@ -192,8 +189,12 @@ async def open_image(
             fmt = await probe_format_async(str(image.get("filename", "")))
             probed = True
         elif fmt is None and legacy.get("driver") == "rbd":
-            # cf. bdrv_probe_all over the protocol: the image's first bytes decide
-            fmt = await threadio.run(probe_rbd_format, location_from_options(legacy, graph))
+            # cf. bdrv_probe_all over the protocol: the image's first bytes decide (through
+            # the driver registry: most daemons never import the rbd driver)
+            rbd = drivers.load("rbd")
+            if rbd is None:
+                raise BlockMirrorError("Parameter 'driver' does not accept value 'rbd'")
+            fmt = await rbd.probe_image_format(legacy, graph)
             probed = True
         if fmt is not None and fmt != legacy.get("driver"):
             legacy = {"driver": fmt, "file": legacy}
@@ -243,16 +244,15 @@ async def _open_node(
 ) -> BlockNode:
     """Open one node from checked options (``check_options``)."""
     graph = ctx.graph
-    load_all()
     opts = dict(opts)
     if parent is not None:
         for key in _INHERITED:
             if key not in opts and key in parent:
                 opts[key] = parent[key]
     driver: str = opts["driver"]
-    if driver not in DRIVERS:  # a QEMU driver blockmirror does not implement
+    cls = drivers.load(driver)
+    if cls is None:  # a QEMU driver blockmirror does not implement
         raise BlockMirrorError(f"Parameter 'driver' does not accept value '{driver}'")
-    cls = DRIVERS[driver]
 
     name = opts.get("node-name")
     if name is None:

@@ -8,15 +8,13 @@ report (cf. bdrv_refresh_filename). Pure helpers for ``block/options.py``; nothi
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 from collections.abc import Mapping
 from typing import Any
 
 from blockmirror.block import threadio
-from blockmirror.block.drivers.nbd import nbd_filename
-from blockmirror.block.drivers.rbd import parse_rbd_filename
+from blockmirror.block.drivers.rbd_filename import parse_rbd_filename
 from blockmirror.block.hostpath import host_path
 from blockmirror.block.node import BlockNode
 from blockmirror.block.query import qemu_json
@@ -89,6 +87,8 @@ def _lists(value: Any) -> Any:
 def parse_filename(filename: str) -> dict[str, Any] | None:
     """Options for QEMU's legacy filename syntaxes (json:, blkdebug:, nbd URIs), else None."""
     if filename.startswith("json:"):
+        import json  # here: most daemons never see a json: filename (start-up CPU, issue 10)
+
         try:
             parsed = json.loads(filename[5:])
         except ValueError as e:
@@ -153,6 +153,14 @@ def _nbd_options(uri: str) -> dict[str, Any]:
     if export:
         opts["export"] = export
     return opts
+
+
+def nbd_filename(server: dict[str, Any], export: str) -> str:
+    """The filename QEMU reports for an nbd node (cf. nbd_refresh_filename)."""
+    if server.get("type") == "unix":
+        return f"nbd+unix:///{export}?socket={server.get('path', '')}"
+    host, port = server.get("host", ""), server.get("port", "10809")
+    return f"nbd://{host}:{port}/{export}"
 
 
 def protocol_for(filename: str) -> str:
@@ -241,6 +249,8 @@ def refresh_filename(node: BlockNode) -> str:
 
 def _as_json(node: BlockNode) -> Any:
     if node.filename.startswith("json:"):
+        import json  # see parse_filename
+
         return json.loads(node.filename[5:])
     if node.format_name in ("file", "host_device"):
         return {"driver": node.format_name, "filename": node.filename}
@@ -256,6 +266,7 @@ __all__ = [
     "COMMON_KEYS",
     "child_keys",
     "deep_merge",
+    "nbd_filename",
     "parse_filename",
     "probe_format",
     "probe_format_async",

@@ -6,7 +6,6 @@ chain is ``block/chain.py``'s.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any
@@ -47,6 +46,8 @@ def qemu_key_order(obj: Any) -> Any:
 
 def qemu_json(obj: Any) -> str:
     """JSON text as QEMU's qobject_to_json prints it (compact, QDict member order)."""
+    import json  # here: few daemons ever need it, and every start would pay (issue 10)
+
     return json.dumps(qemu_key_order(obj))
 
 

@@ -35,7 +35,7 @@ from blockmirror.errors import BlockMirrorError
 from blockmirror.qapi import SchemaError, validate
 from blockmirror.qapi.qom import OBJECT_TYPES
 from blockmirror.qmp.commands import nbd as nbd_commands
-from blockmirror.qmp.commands.objects import add_object
+from blockmirror.qmp.registry import Args, CommandContext, find_command
 from blockmirror.qmp.stdio import attach_stdio
 from blockmirror.unixsock import listen_unix
 
@@ -394,7 +394,12 @@ async def _apply(st: _State, opt: str, value: str) -> None:
             for t in OBJECT_TYPES:
                 print(f"  {t}")
             raise SystemExit(0)
-        add_object(d.objects, d.clock, _validated("ObjectOptions", value, "qom-type"))
+        # what object-add does (cf. user_creatable_add_qapi), through the command registry:
+        # the object types' modules load only for a command line that has --object
+        object_add = find_command("object-add")
+        assert object_add is not None
+        await object_add.handler(CommandContext(d),
+                                 Args(_validated("ObjectOptions", value, "qom-type")))
     elif opt == "pidfile":
         st.pidfile = value
     # --trace and --daemonize need nothing here

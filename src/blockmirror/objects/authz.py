@@ -8,7 +8,6 @@ is on: the same effect as QEMU's inotify watch, without a watcher task.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -124,6 +123,8 @@ class AuthzListFile(Authz):
         if not content:
             self._stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
             return AuthzList(self.id)
+        import json  # here: only authz-list-file needs it, every daemon start would pay
+
         try:
             doc = json.loads(content)
         except ValueError as e:

@@ -8,7 +8,9 @@ validates arguments against the declaration before the handler runs (QEMU's text
 missing, unexpected and mistyped members), so handlers only read ``args``; an absent optional
 argument reads as its declared default. A handler returns the ``return`` value (None becomes
 ``{}``) or raises a ``BlockMirrorError``. Command modules live in ``qmp/commands/`` and are
-imported by ``load_commands()``, which checks that every declared command has a handler.
+imported by ``load_commands()``, which checks that every declared command has a handler, or
+one at a time by ``find_command()``: a client's first call of a command imports that command's
+module only (``quit`` must not import the mirror job; start-up CPU, issue 10).
 """
 
 from __future__ import annotations
@@ -161,6 +163,46 @@ _COMMAND_MODULES = ("control", "block", "query", "jobs", "mirror", "mirror_group
                     "bitmaps", "objects", "block_graph", "transaction", "testkit",
                     "backup", "snapshot_internal", "amend", "chardev", "x_blockdev", "commit")
 
+#: the commands each module defines, for ``find_command``. Left out on purpose: commands that
+#: see what other modules register (query-commands and query-qmp-schema list every command,
+#: ``transaction`` runs actions that backup and snapshot_internal add, human-monitor-command
+#: runs HMP commands of several modules); those, and any command missing here, load every
+#: module. tests/unit/test_startup_imports.py checks this table against the registrations.
+_DEFINED_IN: dict[str, tuple[str, ...]] = {
+    "control": ("qmp_capabilities", "query-version", "quit"),
+    "block": ("blockdev-add", "blockdev-del", "blockdev-create"),
+    "query": ("query-named-block-nodes", "query-block", "x-debug-query-block-graph"),
+    "jobs": ("job-cancel", "job-pause", "job-resume", "job-complete", "job-finalize",
+             "job-dismiss", "query-jobs", "block-job-set-speed", "block-job-cancel",
+             "block-job-pause", "block-job-resume", "block-job-complete", "block-job-finalize",
+             "block-job-dismiss", "block-job-change", "query-block-jobs"),
+    "mirror": ("blockdev-mirror", "drive-mirror"),
+    "mirror_group": ("x-block-job-group", "x-block-job-group-complete",
+                     "x-query-block-job-groups"),
+    "nbd": ("nbd-server-start", "nbd-server-stop", "nbd-server-add", "nbd-server-remove",
+            "block-export-add", "block-export-del", "query-block-exports"),
+    "bitmaps": ("block-dirty-bitmap-add", "block-dirty-bitmap-remove",
+                "block-dirty-bitmap-clear", "block-dirty-bitmap-enable",
+                "block-dirty-bitmap-disable", "block-dirty-bitmap-merge",
+                "x-debug-block-dirty-bitmap-sha256"),
+    "objects": ("object-add", "object-del", "qom-list", "qom-get", "qom-set",
+                "qom-list-properties", "qom-list-types"),
+    "block_graph": ("block_resize", "blockdev-snapshot-sync", "blockdev-snapshot",
+                    "change-backing-file", "block-set-write-threshold", "query-blockstats",
+                    "blockdev-reopen"),
+    "testkit": ("x-query-clock", "x-clock-advance", "x-clock-run-to-next-timer", "x-fault-add",
+                "x-fault-remove", "x-query-faults"),
+    "backup": ("blockdev-backup", "drive-backup"),
+    "snapshot_internal": ("blockdev-snapshot-internal-sync",
+                          "blockdev-snapshot-delete-internal-sync"),
+    "amend": ("x-blockdev-amend",),
+    "chardev": ("query-chardev", "query-chardev-backends", "ringbuf-write", "ringbuf-read",
+                "chardev-add", "chardev-change", "chardev-remove", "chardev-send-break"),
+    "x_blockdev": ("x-blockdev-change", "x-blockdev-set-iothread"),
+    "commit": ("block-commit", "block-stream"),
+}
+_MODULE_OF = {name: mod for mod, names in _DEFINED_IN.items() for name in names}
+
 
 def load_commands() -> dict[str, CommandDef]:
     """Import every command module; the result is in the schema's declaration order.
@@ -178,3 +220,20 @@ def load_commands() -> dict[str, CommandDef]:
         COMMANDS.clear()
         COMMANDS.update(ordered)
     return COMMANDS
+
+
+def find_command(name: str) -> CommandDef | None:
+    """The declared command ``name`` with its handler, importing only its module when the
+    table above names it (every module otherwise); None for an undeclared name."""
+    if name not in DECLARED:
+        return None
+    mod = _MODULE_OF.get(name)
+    if mod is None:
+        # every module, even when this command's own module came in with another one:
+        # ``transaction`` was registered before backup's actions were
+        return load_commands().get(name)
+    cmd = COMMANDS.get(name)
+    if cmd is None:
+        importlib.import_module(f"blockmirror.qmp.commands.{mod}")
+        cmd = COMMANDS.get(name)
+    return cmd if cmd is not None else load_commands().get(name)

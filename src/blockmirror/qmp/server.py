@@ -19,7 +19,14 @@ from typing import Any
 
 from blockmirror.errors import BlockMirrorError
 from blockmirror.qapi import checks as schema_checks
-from blockmirror.qmp.registry import Args, CommandContext, CommandDef, DaemonAPI, load_commands
+from blockmirror.qmp.registry import (
+    Args,
+    CommandContext,
+    CommandDef,
+    DaemonAPI,
+    find_command,
+    load_commands,
+)
 from blockmirror.qmp.session import Execute, QMPSession, Reply
 from blockmirror.unixsock import bind_unix
 
@@ -47,7 +54,8 @@ async def run_command(daemon: DaemonAPI, session: QMPSession, req: Execute) -> b
 
 
 class LazyCommands(Mapping[str, CommandDef]):
-    """The command registry, loaded (``load_commands()``) on first use."""
+    """The command registry: a lookup imports the module of that command only
+    (``find_command()``); listing them all loads every module (``load_commands()``)."""
 
     def __init__(self) -> None:
         self._loaded: dict[str, CommandDef] | None = None
@@ -58,7 +66,12 @@ class LazyCommands(Mapping[str, CommandDef]):
         return self._loaded
 
     def __getitem__(self, key: str) -> CommandDef:
-        return self._get()[key]
+        if self._loaded is not None:
+            return self._loaded[key]
+        cmd = find_command(key)
+        if cmd is None:
+            raise KeyError(key)
+        return cmd
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._get())

@@ -32,6 +32,7 @@ from typing import Any
 
 from blockmirror.block.driver import BlockDriver, BlockStatus, DriverInfo, Extent, WriteFlags
 from blockmirror.block.drivers import register
+from blockmirror.block.optsyntax import nbd_filename
 from blockmirror.clock import Clock, MonotonicClock
 from blockmirror.errors import BlockIOError, BlockMirrorError
 from blockmirror.nbd.constants import (
@@ -125,14 +126,6 @@ def parse_nbd_uri(uri: str) -> dict[str, Any]:
     if export:
         opts["export"] = export
     return opts
-
-
-def nbd_filename(server: dict[str, Any], export: str) -> str:
-    """The filename QEMU reports for an nbd node (cf. nbd_refresh_filename)."""
-    if server.get("type") == "unix":
-        return f"nbd+unix:///{export}?socket={server.get('path', '')}"
-    host, port = server.get("host", ""), server.get("port", "10809")
-    return f"nbd://{host}:{port}/{export}"
 
 
 def _server_options(opts: dict[str, Any]) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from blockmirror.block import threadio
 from blockmirror.block.driver import BlockDriver, BlockStatus, DriverInfo, Extent, WriteFlags
 from blockmirror.block.drivers import register
+from blockmirror.block.drivers.rbd_filename import KEYVALUE_PAIRS, parse_rbd_filename
 from blockmirror.errors import BlockIOError, BlockMirrorError
 from blockmirror.objects import NO_OBJECTS, ObjectLookup
 from blockmirror.objects.secret import lookup_secret
@@ -72,8 +73,6 @@ rados = _LazyModule("rados")
 rbd = _LazyModule("rbd")
 
 
-#: the internal option that carries ``rbd:`` filename key=value pairs (cf. "=keyvalue-pairs")
-KEYVALUE_PAIRS = "=keyvalue-pairs"
 #: how long close() waits for librbd before leaving the handle to a daemon thread
 _CLOSE_DEADLINE = 30.0
 #: librbd before 1.17 reports wrong offsets for unaligned diff_iterate starts
@@ -102,91 +101,6 @@ def _errno_of(e: BaseException) -> int:
 
 def _strerror(e: BaseException) -> str:
     return os.strerror(_errno_of(e))
-
-
-# --- rbd: filenames --------------------------------------------------------------------------
-
-
-def _find(text: str, delim: str) -> int:
-    """Index of the first unescaped ``delim`` (a backslash escapes the next character)."""
-    i = 0
-    while i < len(text):
-        c = text[i]
-        if c == delim:
-            return i
-        if c == "\\" and i + 1 < len(text):
-            i += 1
-        i += 1
-    return -1
-
-
-def _next_tok(text: str, delim: str) -> tuple[str, str | None]:
-    """(token before the first unescaped delim, rest after it, or None when there is none)."""
-    i = _find(text, delim)
-    if i < 0:
-        return text, None
-    return text[:i], text[i + 1:]
-
-
-def _unescape(text: str) -> str:
-    out: list[str] = []
-    i = 0
-    while i < len(text):
-        if text[i] == "\\" and i + 1 < len(text):
-            i += 1
-        out.append(text[i])
-        i += 1
-    return "".join(out)
-
-
-def parse_rbd_filename(filename: str) -> dict[str, Any]:
-    """Options for ``rbd:pool/[namespace/]image[@snap][:key=value...]``.
-
-    cf. qemu_rbd_parse_filename: ``conf`` and ``id`` become options, other pairs are Ceph
-    configuration set on the cluster handle, in order (kept under ``=keyvalue-pairs``).
-
-    Raises:
-        BlockMirrorError: QEMU's texts.
-    """
-    if not filename.startswith("rbd:"):
-        raise BlockMirrorError("File name must start with 'rbd:'")
-    pool, rest = _next_tok(filename[4:], "/")
-    if rest is None:
-        raise BlockMirrorError("Pool name is required")
-    opts: dict[str, Any] = {"pool": _unescape(pool)}
-    after: str | None
-    if _find(rest, "@") >= 0:
-        image, rest2 = _next_tok(rest, "@")
-        assert rest2 is not None
-        snap, after = _next_tok(rest2, ":")
-        opts["snapshot"] = _unescape(snap)
-    else:
-        image, after = _next_tok(rest, ":")
-    if _find(image, "/") >= 0:
-        ns, name = _next_tok(image, "/")
-        assert name is not None
-        image = name
-        opts["namespace"] = _unescape(ns)
-    else:
-        opts["namespace"] = ""
-    opts["image"] = _unescape(image)
-    pairs: list[str] = []
-    while after is not None:
-        name, value_rest = _next_tok(after, "=")
-        if value_rest is None:
-            raise BlockMirrorError(f"conf option {name} has no value")
-        name = _unescape(name)
-        value, after = _next_tok(value_rest, ":")
-        value = _unescape(value)
-        if name == "conf":
-            opts["conf"] = value
-        elif name == "id":
-            opts["user"] = value
-        else:
-            pairs += [name, value]
-    if pairs:
-        opts[KEYVALUE_PAIRS] = json.dumps(pairs)
-    return opts
 
 
 # --- secrets ---------------------------------------------------------------------------------
@@ -476,6 +390,11 @@ class RbdDriver(BlockDriver):
         self._object_size = 0
         self._features = 0
         self._fast_diff_workaround = False
+
+    @classmethod
+    async def probe_image_format(cls, options: Mapping[str, Any],
+                                 graph: BlockGraph | None) -> str:
+        return await threadio.run(probe_format, location_from_options(options, graph))
 
     # --- life cycle -----------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from typing import Any
 from blockmirror.qapi import COMMANDS as DECLARED
 from blockmirror.qapi import EVENTS
 from blockmirror.qapi.introspect import introspect
-from blockmirror.qmp.registry import COMMANDS, Args, CommandContext, command
+from blockmirror.qmp.registry import Args, CommandContext, command, load_commands
 from blockmirror.qmp.session import version_info
 
 
@@ -29,12 +29,13 @@ async def query_version(ctx: CommandContext, args: Args) -> dict[str, Any]:
 
 @command("query-commands")
 async def query_commands(ctx: CommandContext, args: Args) -> list[dict[str, Any]]:
-    return [{"name": name} for name in COMMANDS]
+    # every command module, not just those a client used so far (find_command loads lazily)
+    return [{"name": name} for name in load_commands()]
 
 
 @command("query-qmp-schema")
 async def query_qmp_schema(ctx: CommandContext, args: Args) -> list[dict[str, object]]:
-    return introspect((DECLARED[name] for name in COMMANDS), EVENTS.values())
+    return introspect((DECLARED[name] for name in load_commands()), EVENTS.values())
 
 
 @command("quit")
