@@ -43,17 +43,41 @@ def test_small_requests_run_inline_large_ones_go_to_the_pool() -> None:
     assert (gate.inline_calls, gate.pooled_calls) == (2, 1)
 
 
-def test_a_slow_inline_call_closes_the_gate_for_the_cooldown() -> None:
+def test_one_stalled_inline_call_closes_the_gate_for_the_cooldown() -> None:
     t = FakeTime()
-    gate = InlineGate(slow_ns=2 * MS, cooldown_ns=1000 * MS, now_ns=t)
-    assert _run_inline(gate, t, 1 * MS)  # fast enough: stays open
-    assert _run_inline(gate, t, 3 * MS)  # too slow: closes
+    gate = InlineGate(slow_ns=1 * MS, stall_ns=20 * MS, cooldown_ns=250 * MS, now_ns=t)
+    assert _run_inline(gate, t, 0)
+    assert _run_inline(gate, t, 21 * MS)  # a stall: closes at once
     assert gate.closings == 1
-    t.ns += 999 * MS
+    t.ns += 249 * MS
     assert not gate.admit(4 * KiB)
     t.ns += 1 * MS
     assert _run_inline(gate, t, 0)  # the cooldown is over: inline again
     assert _run_inline(gate, t, 0)
+    assert gate.closings == 1
+
+
+def test_an_occasional_slow_call_keeps_it_open_sustained_slowness_closes_it() -> None:
+    t = FakeTime()
+    gate = InlineGate(slow_ns=1 * MS, stall_ns=20 * MS, cooldown_ns=250 * MS, burst=1000,
+                      now_ns=t)
+    for _ in range(50):
+        for _ in range(7):
+            assert _run_inline(gate, t, MS // 5)
+        assert _run_inline(gate, t, 3 * MS)  # one in eight takes 3 ms
+    assert gate.closings == 0
+    took = 0
+    while gate.closings == 0:  # every call 2 ms: the average passes 1 ms within a few calls
+        assert _run_inline(gate, t, 2 * MS)
+        took += 1
+    assert took <= 8
+    t.ns += 250 * MS
+    # reopened at half the limit: a few more slow calls close it again
+    slow = 0
+    while gate.closings == 1:
+        assert _run_inline(gate, t, 2 * MS)
+        slow += 1
+    assert slow <= 6
 
 
 def test_a_burst_of_inline_calls_is_broken_by_one_pool_call() -> None:
