@@ -455,6 +455,17 @@ class _Client:
 
     async def _serve(self, req: Request, slots: asyncio.Semaphore, held: int = 0) -> None:
         try:
+            await self._serve_one(req)
+        finally:
+            slots.release()
+            if held:
+                self._payload_bytes -= held
+                if self._payload_waiting:
+                    async with self._payload:
+                        self._payload.notify_all()
+
+    async def _serve_one(self, req: Request) -> None:
+        try:
             try:
                 await self._dispatch(req)
             except BlockIOError as e:
@@ -465,13 +476,6 @@ class _Client:
             # the transport is gone: end the whole connection, not just this request
             self.log.info("connection lost while replying: %s", e)
             self.close()
-        finally:
-            slots.release()
-            if held:
-                self._payload_bytes -= held
-                if self._payload_waiting:
-                    async with self._payload:
-                        self._payload.notify_all()
 
     async def _dispatch(self, req: Request) -> None:
         exp = self.export
