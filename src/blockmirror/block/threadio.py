@@ -193,13 +193,21 @@ _LOCAL_FS_MAGIC = frozenset({
 })
 
 
+_self_handle: ctypes.CDLL | None = None
+
+
 def is_local_fs_sync(fd: int) -> bool:
     """True when ``fd`` lives on a local filesystem (not NFS, CIFS, FUSE, Ceph, ...).
 
     Python has no fstatfs; libc's fills a ``struct statfs`` whose first field is f_type
     (a long) on every Linux ABI we run on. Unknown or failing: not local (the safe answer).
     """
-    fn = getattr(_libc_handle(), "fstatfs", None)
+    global _self_handle
+    if _self_handle is None:
+        # the symbols already loaded (libc among them): no ctypes.util.find_library, which
+        # imports subprocess, tempfile and random, and this runs at every file open
+        _self_handle = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(_self_handle, "fstatfs", None)
     if fn is None:
         return False
     buf = ctypes.create_string_buffer(256)  # sizeof(struct statfs) is 120 on x86_64
