@@ -136,3 +136,48 @@ def test_local_filesystems_are_told_from_others(tmp_path: Path) -> None:
         assert not threadio.is_local_fs_sync(fd)  # procfs is not in the list
     finally:
         os.close(fd)
+
+
+def test_file_flush_runs_inline_only_after_small_writes(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file driver's flush asks for an inline fdatasync only when nothing but small
+    writes happened since the last one: a large write, a zeroing, a discard or a batch that
+    block/copy.py wrote past the driver sends it to the pool."""
+    from blockmirror.block.graph import BlockGraph
+    from blockmirror.block.options import close_all, open_blockdev
+
+    asked: list[bool] = []
+    real = threadio.fdatasync
+
+    async def spy(fd: int, *, inline: bool = False) -> None:
+        asked.append(inline)
+        await real(fd, inline=inline)
+
+    monkeypatch.setattr(threadio, "fdatasync", spy)
+    path = tmp_path / "f.raw"
+    path.write_bytes(bytes(4 << 20))
+
+    async def main() -> None:
+        graph = BlockGraph()
+        try:
+            node = await open_blockdev(graph, {"driver": "file", "node-name": "f",
+                                               "filename": str(path)})
+            # (the generic layer skips a flush when nothing was written since the last one)
+            await node.write(0, b"a" * 65536)
+            await node.flush()                          # the first sync after open: pool
+            await node.write(0, b"a" * 65536)
+            await node.flush()                          # small writes only: inline
+            await node.write(0, b"b" * (1 << 20))
+            await node.flush()                          # a 1 MiB write: pool
+            await node.write_zeroes(0, 65536)
+            await node.flush()                          # zeroing: pool
+            await node.write(65536, b"c" * 4096)
+            await node.flush()                          # inline again
+            await node.write(65536, b"c" * 4096)
+            node.driver.note_bulk_write()               # as block/copy.py's batches do
+            await node.flush()                          # pool
+        finally:
+            await close_all(graph)
+
+    asyncio.run(main())
+    assert asked == [False, True, False, False, True, False], asked

@@ -97,6 +97,9 @@ def _leave(nodes: Sequence[BlockNode], written: bool) -> None:
     for node in nodes:
         if written:
             node.write_gen += 1
+            drv = node.driver
+            if isinstance(drv, FileDriver):
+                drv.note_bulk_write()  # its next sync may be long: not on the loop thread
         node.in_flight -= 1
         if node.in_flight == 0 and node.drain_event is not None:
             ev, node.drain_event = node.drain_event, None

@@ -555,7 +555,18 @@ async def fsync(fd: int) -> None:
     await run(os.fsync, fd)
 
 
-async def fdatasync(fd: int) -> None:
+async def fdatasync(fd: int, *, inline: bool = False) -> None:
+    """``inline``: the caller knows only small writes wait for this sync (see the file
+    driver's ``flush``); then it may run on the loop thread when ``inline_gate`` admits it,
+    like the small writes themselves (a writethrough guest's write to a qcow2 image ends
+    with one: its hop to the pool cost more than the sync)."""
+    if inline and inline_gate.admit(0):
+        started = inline_gate.start()
+        try:
+            os.fdatasync(fd)
+        finally:
+            inline_gate.done(started)
+        return
     await run(os.fdatasync, fd)
 
 

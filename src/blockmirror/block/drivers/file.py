@@ -122,6 +122,10 @@ class FileDriver(BlockDriver):
         self._can_punch = True
         #: small buffered writes may run on the loop thread (a regular file on a local fs)
         self._inline_writes = False
+        #: something that may make the next fdatasync long happened since the last one (a
+        #: large or O_DIRECT write, zeroing, discard, truncation, a batch written past this
+        #: driver by block/copy.py): that sync goes to the pool, never inline
+        self._bulk_unsynced = True
 
     # --- life cycle ------------------------------------------------------------------------
 
@@ -249,6 +253,7 @@ class FileDriver(BlockDriver):
         return not self.is_block_device
 
     async def truncate(self, length: int, preallocation: str = "off") -> None:
+        self._bulk_unsynced = True
         if self.is_block_device:
             if length > self._size:
                 raise BlockIOError(errno.EINVAL, "Cannot grow device files")
@@ -281,7 +286,13 @@ class FileDriver(BlockDriver):
         except OSError as e:
             raise _os_error(e) from e
 
+    def note_bulk_write(self) -> None:
+        """Writes reached the file past this driver (block/copy.py's batches)."""
+        self._bulk_unsynced = True
+
     async def pwritev(self, offset: int, data: bytes | memoryview, flags: WriteFlags) -> None:
+        if len(data) > threadio.inline_gate.max_bytes or self.node.cache_direct:
+            self._bulk_unsynced = True
         try:
             await threadio.pwrite(self.fd, offset, data, direct=self.node.cache_direct,
                                   sync=WriteFlags.FUA in flags, inline=self._inline_writes)
@@ -294,6 +305,7 @@ class FileDriver(BlockDriver):
     async def pwrite_zeroes_batch(self, extents: list[tuple[int, int]],
                                   flags: WriteFlags) -> None:
         """Zero every ``(offset, length)`` in one worker call (``block/copy.py`` batches)."""
+        self._bulk_unsynced = True
         unmap = WriteFlags.MAY_UNMAP in flags
         try:
             await threadio.run(self._zero_all_sync, extents, unmap, WriteFlags.FUA in flags)
@@ -343,6 +355,7 @@ class FileDriver(BlockDriver):
         raise OSError(errno.ENOTSUP, os.strerror(errno.ENOTSUP))
 
     async def pdiscard(self, offset: int, length: int) -> None:
+        self._bulk_unsynced = True
         try:
             if self.is_block_device:
                 await threadio.blk_discard(self.fd, offset, length)
@@ -354,8 +367,12 @@ class FileDriver(BlockDriver):
             raise _os_error(e) from e
 
     async def flush(self) -> None:
+        # inline only after small writes alone; cleared before the sync, so that a large
+        # write landing while it runs sends the next one to the pool again
+        inline = self._inline_writes and not self._bulk_unsynced
+        self._bulk_unsynced = False
         try:
-            await threadio.fdatasync(self.fd)
+            await threadio.fdatasync(self.fd, inline=inline)
         except OSError as e:
             raise _os_error(e) from e
 
