@@ -213,15 +213,19 @@ class ClusterMap:
     async def link(self, links: list[Link]) -> None:
         """Point L2 entries at data now written, freeing what they held."""
         current = -1
-        l2_offset, table = 0, list[int]()
+        table = list[int]()
+        holds = L2E_OFFSET_MASK | OFLAG_COMPRESSED
         for l1_index, l2_index, new in links:
             if l1_index != current:
                 l2_offset, table = await self.l2_for_write(l1_index)
+                # dirty before the next table is fetched: a clean one may be evicted
+                self.l2_cache.mark_dirty(l2_offset, table)
                 current = l1_index
             old = table[l2_index]
             table[l2_index] = new
-            self.l2_cache.mark_dirty(l2_offset, table)
-            if (old & L2E_OFFSET_MASK) != (new & L2E_OFFSET_MASK) or old & OFLAG_COMPRESSED:
+            # an entry without a host cluster (unallocated, plain zero) frees nothing
+            if old & holds and (
+                    (old & L2E_OFFSET_MASK) != (new & L2E_OFFSET_MASK) or old & OFLAG_COMPRESSED):
                 self._allocator.free_entry_later(old)
 
     # --- zeroing and discarding ------------------------------------------------------------
@@ -244,34 +248,59 @@ class ClusterMap:
     async def zero_clusters_v3(self, first: int, end: int, unmap: bool) -> None:
         """Set zero flags on guest clusters [first, end), one L2 table at a time (a mirror
         zeroes whole gigabytes at once)."""
+        await self.zero_spans_v3([(first, end)], unmap)
+
+    async def zero_spans_v3(self, spans: list[tuple[int, int]], unmap: bool) -> None:
+        """``zero_clusters_v3`` of every ``(first, end)`` in turn, in one pass (a mirror's
+        batch of holes: thousands of short spans, mostly in the same few L2 tables)."""
         l2_bits = self._ctx.geometry.l2_bits
         mask = self._ctx.geometry.l2_size - 1
-        guest_cluster = first
-        while guest_cluster < end:
-            l1_index = guest_cluster >> l2_bits
-            stop = min(end, (l1_index + 1) << l2_bits)
-            lo, hi = guest_cluster & mask, ((stop - 1) & mask) + 1
-            guest_cluster = stop
-            table = await self.l2_for_read(l1_index)
-            if table is not None and all(
-                (e & (OFLAG_ZERO | OFLAG_COMPRESSED)) == OFLAG_ZERO
-                and (not unmap or not e & L2E_OFFSET_MASK)
-                for e in table[lo:hi]
-            ):
-                continue  # already zero clusters
-            l2_offset, writable = await self.l2_for_write(l1_index)
-            for l2_index in range(lo, hi):
-                entry = writable[l2_index]
-                kind = self.cluster_type(entry)
-                if kind == ZERO_PLAIN or (kind == ZERO_ALLOC and not unmap):
-                    continue
-                if kind in (NORMAL, ZERO_ALLOC) and entry & OFLAG_COPIED and not unmap:
-                    writable[l2_index] = (entry & L2E_OFFSET_MASK) | OFLAG_COPIED | OFLAG_ZERO
+        current = -1
+        table: list[int] | None = None
+        l2_offset = 0
+        writable: list[int] | None = None
+        for first, end in spans:
+            guest_cluster = first
+            while guest_cluster < end:
+                l1_index = guest_cluster >> l2_bits
+                stop = min(end, (l1_index + 1) << l2_bits)
+                lo, hi = guest_cluster & mask, ((stop - 1) & mask) + 1
+                guest_cluster = stop
+                if l1_index != current:
+                    current = l1_index
+                    writable = None
+                    table = await self.l2_for_read(l1_index)
+                source = writable if writable is not None else table
+                old = source[lo:hi] if source is not None else None
+                if old is not None and (old.count(OFLAG_ZERO) == hi - lo or all(
+                    (e & (OFLAG_ZERO | OFLAG_COMPRESSED)) == OFLAG_ZERO
+                    and (not unmap or not e & L2E_OFFSET_MASK)
+                    for e in old
+                )):
+                    continue  # already zero clusters
+                if writable is None:
+                    l2_offset, writable = await self.l2_for_write(l1_index)
+                    old = writable[lo:hi]
+                assert old is not None
+                if not any(old):
+                    # all unallocated: the common case of a fresh target
+                    writable[lo:hi] = [OFLAG_ZERO] * (hi - lo)
                 else:
-                    if kind != UNALLOCATED:
-                        self._allocator.free_entry_later(entry)
-                    writable[l2_index] = OFLAG_ZERO
-            self.l2_cache.mark_dirty(l2_offset, writable)
+                    self._zero_entries(writable, lo, hi, unmap)
+                self.l2_cache.mark_dirty(l2_offset, writable)
+
+    def _zero_entries(self, writable: list[int], lo: int, hi: int, unmap: bool) -> None:
+        for l2_index in range(lo, hi):
+            entry = writable[l2_index]
+            kind = self.cluster_type(entry)
+            if kind == ZERO_PLAIN or (kind == ZERO_ALLOC and not unmap):
+                continue
+            if kind in (NORMAL, ZERO_ALLOC) and entry & OFLAG_COPIED and not unmap:
+                writable[l2_index] = (entry & L2E_OFFSET_MASK) | OFLAG_COPIED | OFLAG_ZERO
+            else:
+                if kind != UNALLOCATED:
+                    self._allocator.free_entry_later(entry)
+                writable[l2_index] = OFLAG_ZERO
 
     async def discard(self, first: int, end: int, has_backing: bool) -> None:
         """Deallocate guest clusters [first, end): they read as zeroes afterwards, or from the

@@ -313,11 +313,11 @@ class Qcow2Driver(BlockDriver):
             spans.append((offset // cluster_size, ceil_div(end, cluster_size)))
         unmap = bool(flags & WriteFlags.MAY_UNMAP)
         async with self.lock:
-            if any(self.data_path.allocation_in(first, stop - 1) is not None
-                   for first, stop in spans):
+            if self.data_path.allocations and any(
+                    self.data_path.allocation_in(first, stop - 1) is not None
+                    for first, stop in spans):
                 return False
-            for first, stop in spans:
-                await self.cluster_map.zero_clusters_v3(first, stop, unmap)
+            await self.cluster_map.zero_spans_v3(spans, unmap)
             await self._write_back()
         return True
 
