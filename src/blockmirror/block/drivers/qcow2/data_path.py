@@ -165,19 +165,22 @@ class DataPath:
         geometry = self._ctx.geometry
         cluster_bits, cluster_size = geometry.cluster_bits, geometry.cluster_size
         out: list[list[tuple[int, int]]] = []
+        lowest, highest = -1, -1
         async with self._ctx.lock:
             for offset, length in extents:
-                segments = await self._map.map(offset, length)
-                if any(kind != NORMAL for kind, _p, _n, _v in segments):
+                runs = await self._map.host_runs(offset, length)
+                if runs is None:
                     return None
-                out.append([(value, n) for _k, _p, n, value in segments])
-            hosts = [h for runs in out for h in runs]
-            if not hosts:
+                out.append(runs)
+                for host, n in runs:
+                    if lowest < 0 or host < lowest:
+                        lowest = host
+                    if host + n > highest:
+                        highest = host + n
+            if lowest < 0:
                 return None
-            token = self._ctx.file.register(
-                min(v for v, _n in hosts) >> cluster_bits,
-                ceil_div(max(v + n for v, n in hosts), cluster_size),
-            )
+            token = self._ctx.file.register(lowest >> cluster_bits,
+                                            ceil_div(highest, cluster_size))
         return out, token
 
     def release_host(self, token: int) -> None:
