@@ -234,8 +234,9 @@ class Copier:
         # the first run not yet launched in full is remaining[ri]
         ri = 0
         control = self.control
-        # without a speed limit, charging each piece does nothing (one check per iteration)
-        limited = bool(control.slice_quota)
+        # the rate limit is charged once per stretch without an await (time stands still
+        # in between), not once per piece: thousands of pieces on a fragmented disk
+        charge = 0
         cow = self.dirty.cow is not None
         answer = mapped.answer_data if mapped is not None else None
         try:
@@ -248,6 +249,9 @@ class Copier:
                     is_zero = not is_data
                     ok = True
                 else:
+                    if charge:
+                        control.ratelimit_processed(charge)
+                        charge = 0
                     try:
                         n, status = await self.status.status_above(pos, left)
                         is_data = bool(status & BlockStatus.DATA)
@@ -266,29 +270,42 @@ class Copier:
                     break
                 if method == MirrorMethod.COPY:
                     if cow:
+                        if charge:
+                            control.ratelimit_processed(charge)
+                            charge = 0
                         await self._wait_for_room(n)
                         n = await self._cow_align(pos, n, end)
                         self._launch(_Batch(method, [(pos, n)], n))
                     else:
                         if copy.nbytes + n > max_io:
+                            if charge:
+                                control.ratelimit_processed(charge)
+                                charge = 0
                             await self._flush_batch(copy)
                         copy.add(pos, n)
+                    charge += n
                 else:
                     batch = zero if method == MirrorMethod.ZERO else discard
                     batch.add(pos, n)
+                    if not zero_free:
+                        charge += n
                     if len(batch.pieces) >= _MAX_ZERO_PIECES:
+                        control.ratelimit_processed(charge)
+                        charge = 0
                         await self._flush_batch(batch)
-                if limited:
-                    control.ratelimit_processed(
-                        0 if method != MirrorMethod.COPY and zero_free else n)
                 if n < left:
                     remaining[ri] = (pos + n, left - n)
                 else:
                     ri += 1
+            if charge:
+                control.ratelimit_processed(charge)
+                charge = 0
             for batch in (copy, zero, discard):
                 if batch.pieces and not control.failed:
                     await self._flush_batch(batch)
         finally:
+            if charge:  # the pieces gathered before a failure were charged before, too
+                control.ratelimit_processed(charge)
             del remaining[:ri]
             # not launched (the job is failing): put it back
             for batch in (copy, zero, discard):
