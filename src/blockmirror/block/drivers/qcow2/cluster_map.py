@@ -210,13 +210,15 @@ class ClusterMap:
             segments.append((seg_type, seg_pos, seg_len, seg_value))
         return segments
 
-    async def host_runs(self, offset: int, length: int) -> list[tuple[int, int]] | None:
-        """``map`` for a range that should be plain data clusters only: its ``(host offset,
-        length)`` runs (contiguous clusters merged), or None at the first cluster of another
-        type (the caller then reads the bytes instead). One pass, no segment tuples: a
-        mirror's file-to-file copy asks this for thousands of extents."""
-        runs: list[tuple[int, int]] = []
-        pos, end = offset, offset + length
+    async def host_runs(
+        self, extents: list[tuple[int, int]]
+    ) -> list[list[tuple[int, int]]] | None:
+        """``map`` for ranges that should be plain data clusters only: the ``(host offset,
+        length)`` runs of each (contiguous clusters merged), or None at the first cluster of
+        another type (the caller then reads the bytes instead). One pass, no segment tuples,
+        one table lookup per L2 table: a mirror's file-to-file copy asks this for thousands
+        of extents."""
+        out: list[list[tuple[int, int]]] = []
         geometry = self._ctx.geometry
         cluster_size, cluster_bits, l2_bits = (
             geometry.cluster_size, geometry.cluster_bits, geometry.l2_bits
@@ -229,34 +231,37 @@ class ClusterMap:
         allocator = self._allocator
         current_l1 = -1
         table: list[int] | None = None
-        while pos < end:
-            guest_cluster = pos >> cluster_bits
-            l1_index = guest_cluster >> l2_bits
-            if l1_index != current_l1:
-                table = await self.l2_for_read(l1_index)
-                if table is None:
+        for offset, length in extents:
+            runs: list[tuple[int, int]] = []
+            out.append(runs)
+            pos, end = offset, offset + length
+            while pos < end:
+                guest_cluster = pos >> cluster_bits
+                l1_index = guest_cluster >> l2_bits
+                if l1_index != current_l1:
+                    table = await self.l2_for_read(l1_index)
+                    if table is None:
+                        return None
+                    current_l1 = l1_index
+                assert table is not None
+                entry = table[guest_cluster & mask]
+                host = entry & L2E_OFFSET_MASK
+                if not host or entry & not_plain:
                     return None
-                current_l1 = l1_index
-            assert table is not None
-            entry = table[guest_cluster & mask]
-            host = entry & L2E_OFFSET_MASK
-            if not host or entry & not_plain:
-                return None
-            if host & in_mask or host >> cluster_bits >= allocator.end:
-                await self.check_data_cluster(
-                    host, l1[l1_index] & L1E_OFFSET_MASK, guest_cluster & mask, False)
-            in_cluster = pos & in_mask
-            n = min(cluster_size - in_cluster, end - pos)
-            host += in_cluster
-            if runs:
-                last_host, last_n = runs[-1]
-                if last_host + last_n == host:
-                    runs[-1] = (last_host, last_n + n)
-                    pos += n
-                    continue
-            runs.append((host, n))
-            pos += n
-        return runs
+                if host & in_mask or host >> cluster_bits >= allocator.end:
+                    await self.check_data_cluster(
+                        host, l1[l1_index] & L1E_OFFSET_MASK, guest_cluster & mask, False)
+                in_cluster = pos & in_mask
+                n = min(cluster_size - in_cluster, end - pos)
+                host += in_cluster
+                pos += n
+                if runs:
+                    last_host, last_n = runs[-1]
+                    if last_host + last_n == host:
+                        runs[-1] = (last_host, last_n + n)
+                        continue
+                runs.append((host, n))
+        return out
 
     async def link(self, links: list[Link]) -> None:
         """Point L2 entries at data now written, freeing what they held."""

@@ -164,14 +164,12 @@ class DataPath:
         involved (zeroes, the backing file, compressed data); read the bytes instead."""
         geometry = self._ctx.geometry
         cluster_bits, cluster_size = geometry.cluster_bits, geometry.cluster_size
-        out: list[list[tuple[int, int]]] = []
         lowest, highest = -1, -1
         async with self._ctx.lock:
-            for offset, length in extents:
-                runs = await self._map.host_runs(offset, length)
-                if runs is None:
-                    return None
-                out.append(runs)
+            out = await self._map.host_runs(extents)
+            if out is None:
+                return None
+            for runs in out:
                 for host, n in runs:
                     if lowest < 0 or host < lowest:
                         lowest = host
