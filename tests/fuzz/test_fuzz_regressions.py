@@ -154,6 +154,35 @@ def test_virtual_timer_past_int64_fires_at_int64() -> None:
     assert asyncio.run(main()) == (INT64_MAX, INT64_MAX, True)
 
 
+def test_null_co_latency_waits_on_the_virtual_clock() -> None:
+    """Found by fuzz/h_qmp.py: blockdev-add of qcow2 over a null-co with latency-ns=2^64-1
+    hung for real (the header read slept on asyncio's clock, not the daemon's), so the
+    harness saw a command waiting 20 s with no timer to move. The latency now waits on the
+    graph's clock: under a virtual clock it passes when the clock is moved.
+    Input: fuzz/crashes/qmp-ef00436c80c071bf."""
+    from blockmirror.clock import VirtualClock
+
+    async def main() -> tuple[bool, bool, int]:
+        clock = VirtualClock()
+        graph = BlockGraph(clock=clock)
+        try:
+            node = await open_blockdev(graph, {"driver": "null-co", "node-name": "n",
+                                               "latency-ns": 2**64 - 1, "read-zeroes": True})
+            read = asyncio.ensure_future(node.read(0, 512))
+            await clock.settle()
+            waiting = not read.done() and clock.next_deadline() is not None
+            await clock.run_to_next_timer()
+            await clock.settle()
+            return waiting, read.done(), len(read.result()) if read.done() else -1
+        finally:
+            await close_all(graph)
+
+    async def bounded() -> tuple[bool, bool, int]:
+        return await asyncio.wait_for(main(), 30)  # before the fix: a hang, now a failure
+
+    assert asyncio.run(bounded()) == (True, True, 512)
+
+
 def test_nbd_connection_closed_before_its_reader_ran_hangs_up() -> None:
     """Found by fuzz/h_nbd_client.py (with its check that closing a node hangs up every
     connection it made): a reconnect installed a connection and the node was closed before

@@ -39,13 +39,14 @@ BUDGET_S = 1.0
 
 def test_speed_limited_mirror_steps_through_every_state_on_virtual_time(
         record_property: Any) -> None:
-    # The bound is asserted on the CPU time of this process (every thread: the event loop,
-    # the QMP client, any pool thread), which measures what the virtual clock saves and is
-    # insensitive to other load: a real clock would make the run last 10.24 s whatever the
-    # CPU. Wall time is reported, not asserted: on a shared 2-core machine at load 10+ (and
-    # under `nice`) the scheduler alone can stretch 0.1 s of CPU past a second, so a wall bound
-    # would test the neighbours, not the daemon.
+    # Two bounds. The whole run (daemon start to dismissal, imports included) is bounded in
+    # CPU time of this process (every thread), which is insensitive to other load. The
+    # stepping itself, from blockdev-mirror to job-dismiss, is bounded in wall time, as the
+    # acceptance says: a real clock would make it last 10.24 s; here it is 64 timer firings
+    # and about 130 QMP round trips. Imports are left out of the wall bound: pytest rewrites
+    # every module's asserts on first import, which a loaded machine can stretch.
     wall0, cpu0 = time.monotonic(), time.process_time()
+    stepping: list[float] = []
 
     async def main() -> None:
         async with qmp_daemon(daemon=Daemon(clock="virtual")) as td:
@@ -54,6 +55,7 @@ def test_speed_limited_mirror_steps_through_every_state_on_virtual_time(
                 await qmp.execute("blockdev-add", {"driver": "null-co", "node-name": n,
                                                    "size": GIB})
             t0 = (await qmp.execute("x-query-clock"))["now-ns"]
+            stepping.append(time.monotonic())
             await qmp.execute("blockdev-mirror", {
                 "job-id": "j", "device": "src", "target": "tgt", "sync": "full",
                 "speed": SPEED, "auto-finalize": False, "auto-dismiss": False})
@@ -88,6 +90,7 @@ def test_speed_limited_mirror_steps_through_every_state_on_virtual_time(
             assert info["status"] == "concluded"
             await qmp.execute("job-dismiss", {"id": "j"})
             assert await qmp.execute("query-jobs") == []
+            stepping.append(time.monotonic())
             assert _events(td.daemon.events.history) == [
                 ("JOB_STATUS_CHANGE", "created"),
                 ("JOB_STATUS_CHANGE", "running"),
@@ -103,10 +106,16 @@ def test_speed_limited_mirror_steps_through_every_state_on_virtual_time(
 
     asyncio.run(main())
     cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+    step_wall = stepping[1] - stepping[0]
     record_property("cpu_s", round(cpu, 3))
     record_property("wall_s", round(wall, 3))
-    print(f"1 GiB mirror stepped on the virtual clock: {cpu:.3f} s CPU, {wall:.3f} s wall")
+    record_property("stepping_wall_s", round(step_wall, 3))
+    print(f"1 GiB mirror stepped on the virtual clock: {cpu:.3f} s CPU, {wall:.3f} s wall, "
+          f"{step_wall:.3f} s wall from blockdev-mirror to job-dismiss")
     assert cpu < BUDGET_S, f"{cpu:.3f} s of CPU ({wall:.3f} s wall)"
+    # the acceptance line itself: stepping the job through every state takes under a second
+    # of wall time (about 0.05 s of CPU; the rest of the run is start-up and imports)
+    assert step_wall < BUDGET_S, f"{step_wall:.3f} s of wall time stepping the mirror"
 
 
 def test_advance_fires_the_job_timers_of_a_window_in_one_command() -> None:

@@ -18,11 +18,14 @@ import functools
 import mmap
 import os
 import struct
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, TypeVar
+
+from blockmirror.block.inline_gate import InlineGate
 
 T = TypeVar("T")
 
@@ -102,7 +105,7 @@ class Lane:
         self._pool.shutdown(wait=False)
 
 
-def pwrite_dsync_sync(fd: int, data: bytes, offset: int) -> None:
+def pwrite_dsync_sync(fd: int, data: bytes | memoryview, offset: int) -> None:
     """Write ``data`` durably (O_DSYNC semantics for this write): one ``pwritev2(RWF_DSYNC)``.
 
     One system call instead of ``pwrite`` + ``fdatasync``, so the calling thread takes the
@@ -131,14 +134,18 @@ def pwrite_dsync_sync(fd: int, data: bytes, offset: int) -> None:
 _libc: ctypes.CDLL | None = None
 
 
-def _fallocate_fn() -> Any:
+def _libc_handle() -> ctypes.CDLL:
     global _libc
     if _libc is None:
         # ctypes.util pulls in subprocess, tempfile and shutil: only on first use (start-up)
         from ctypes import util as ctypes_util  # binds no local "ctypes"
 
         _libc = ctypes.CDLL(ctypes_util.find_library("c") or None, use_errno=True)
-    fn = getattr(_libc, "fallocate", None)
+    return _libc
+
+
+def _fallocate_fn() -> Any:
+    fn = getattr(_libc_handle(), "fallocate", None)
     if fn is None:
         return None
     fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -157,6 +164,37 @@ def fallocate_sync(fd: int, mode: int, offset: int, length: int) -> None:
     if fn(fd, mode, offset, length) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+#: statfs f_type of local filesystems (linux/magic.h): writes to their page cache do not wait
+#: on a network, so a small one may run on the loop thread (inline_gate.py)
+_LOCAL_FS_MAGIC = frozenset({
+    0xEF53,      # ext2/3/4
+    0x58465342,  # xfs
+    0x9123683E,  # btrfs
+    0x01021994,  # tmpfs
+    0x858458F6,  # ramfs
+    0xF2F52010,  # f2fs
+    0x2FC12FC1,  # zfs
+    0xCA451A4E,  # bcachefs
+    0x794C7630,  # overlayfs (containers' root)
+})
+
+
+def is_local_fs_sync(fd: int) -> bool:
+    """True when ``fd`` lives on a local filesystem (not NFS, CIFS, FUSE, Ceph, ...).
+
+    Python has no fstatfs; libc's fills a ``struct statfs`` whose first field is f_type
+    (a long) on every Linux ABI we run on. Unknown or failing: not local (the safe answer).
+    """
+    fn = getattr(_libc_handle(), "fstatfs", None)
+    if fn is None:
+        return False
+    buf = ctypes.create_string_buffer(256)  # sizeof(struct statfs) is 120 on x86_64
+    if fn(fd, buf) != 0:
+        return False
+    f_type = int.from_bytes(buf.raw[: ctypes.sizeof(ctypes.c_long)], sys.byteorder) & 0xFFFFFFFF
+    return f_type in _LOCAL_FS_MAGIC
 
 
 # --- aligned buffers for O_DIRECT -------------------------------------------------------------
@@ -446,9 +484,29 @@ async def pread(fd: int, offset: int, length: int, *, direct: bool = False) -> b
     return await run(_pread_all, fd, offset, length, direct)
 
 
+#: decides which small buffered writes run on the loop thread (see inline_gate.py)
+inline_gate = InlineGate()
+
+
 async def pwrite(fd: int, offset: int, data: bytes | memoryview, *, direct: bool = False,
-                 sync: bool = False) -> None:
-    """``sync``: fdatasync in the same worker call (a FUA write: one hop, not two)."""
+                 sync: bool = False, inline: bool = False) -> None:
+    """``sync``: the write is durable when this returns (a FUA write: one call, not two).
+
+    With ``inline`` (the caller's file is on a local filesystem, ``is_local_fs_sync``), a
+    small buffered write runs on the calling (loop) thread when ``inline_gate`` admits it:
+    the hop to a worker and back costs more than the write (inline_gate.py). O_DIRECT writes
+    always go to the pool: they wait for the device.
+    """
+    if inline and not direct and inline_gate.admit(len(data)):
+        started = inline_gate.start()
+        try:
+            if sync:
+                pwrite_dsync_sync(fd, data, offset)
+            else:
+                _pwrite_all(fd, offset, data, False)
+        finally:
+            inline_gate.done(started)
+        return
     await run(_pwrite_sync if sync else _pwrite_all, fd, offset, data, direct)
 
 

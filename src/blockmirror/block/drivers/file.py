@@ -120,6 +120,8 @@ class FileDriver(BlockDriver):
         self._locked_unshared = Perm.NONE
         self._can_zero_range = True
         self._can_punch = True
+        #: small buffered writes may run on the loop thread (a regular file on a local fs)
+        self._inline_writes = False
 
     # --- life cycle ------------------------------------------------------------------------
 
@@ -157,6 +159,8 @@ class FileDriver(BlockDriver):
         self._refresh_size(st)
         if self.node.cache_direct:
             self.request_alignment = await threadio.run(self._probe_alignment)
+        else:
+            self._inline_writes = await threadio.run(threadio.is_local_fs_sync, fd)
 
     async def reopen_read_write(self) -> None:
         """A descriptor opened read-only is replaced by a read-write one (blockdev-reopen,
@@ -280,7 +284,7 @@ class FileDriver(BlockDriver):
     async def pwritev(self, offset: int, data: bytes | memoryview, flags: WriteFlags) -> None:
         try:
             await threadio.pwrite(self.fd, offset, data, direct=self.node.cache_direct,
-                                  sync=WriteFlags.FUA in flags)
+                                  sync=WriteFlags.FUA in flags, inline=self._inline_writes)
         except OSError as e:
             raise _os_error(e) from e
 

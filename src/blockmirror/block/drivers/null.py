@@ -39,7 +39,14 @@ class NullCoDriver(BlockDriver):
 
     async def _delay(self) -> None:
         if self.latency_ns:
-            await asyncio.sleep(self.latency_ns / 1e9)
+            # on the graph's clock, so that under a virtual clock a latency (up to the
+            # 584 years a uint64 allows) passes when the clock is moved, not in real time
+            graph = self.node.graph
+            clock = getattr(graph, "clock", None) if graph is not None else None
+            if clock is not None:
+                await clock.sleep_ns(self.latency_ns)
+            else:
+                await asyncio.sleep(self.latency_ns / 1e9)
 
     def length(self) -> int:
         return self.size

@@ -1,0 +1,138 @@
+"""The inline gate (block/inline_gate.py) and the file driver's inline writes through it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from blockmirror.block import threadio
+from blockmirror.block.inline_gate import InlineGate
+
+KiB = 1024
+MS = 1_000_000
+
+
+class FakeTime:
+    def __init__(self) -> None:
+        self.ns = 10**9
+
+    def __call__(self) -> int:
+        return self.ns
+
+
+def _run_inline(gate: InlineGate, t: FakeTime, took_ns: int, nbytes: int = 4 * KiB) -> bool:
+    if not gate.admit(nbytes):
+        return False
+    started = gate.start()
+    t.ns += took_ns
+    gate.done(started)
+    return True
+
+
+def test_small_requests_run_inline_large_ones_go_to_the_pool() -> None:
+    t = FakeTime()
+    gate = InlineGate(max_bytes=128 * KiB, now_ns=t)
+    assert gate.admit(64 * KiB)
+    gate.done(gate.start())
+    assert gate.admit(128 * KiB)
+    gate.done(gate.start())
+    assert not gate.admit(128 * KiB + 1)
+    assert (gate.inline_calls, gate.pooled_calls) == (2, 1)
+
+
+def test_one_stalled_inline_call_closes_the_gate_for_the_cooldown() -> None:
+    t = FakeTime()
+    gate = InlineGate(slow_ns=1 * MS, stall_ns=20 * MS, cooldown_ns=250 * MS, now_ns=t)
+    assert _run_inline(gate, t, 0)
+    assert _run_inline(gate, t, 21 * MS)  # a stall: closes at once
+    assert gate.closings == 1
+    t.ns += 249 * MS
+    assert not gate.admit(4 * KiB)
+    t.ns += 1 * MS
+    assert _run_inline(gate, t, 0)  # the cooldown is over: inline again
+    assert _run_inline(gate, t, 0)
+    assert gate.closings == 1
+
+
+def test_an_occasional_slow_call_keeps_it_open_sustained_slowness_closes_it() -> None:
+    t = FakeTime()
+    gate = InlineGate(slow_ns=1 * MS, stall_ns=20 * MS, cooldown_ns=250 * MS, burst=1000,
+                      now_ns=t)
+    for _ in range(50):
+        for _ in range(7):
+            assert _run_inline(gate, t, MS // 5)
+        assert _run_inline(gate, t, 3 * MS)  # one in eight takes 3 ms
+    assert gate.closings == 0
+    took = 0
+    while gate.closings == 0:  # every call 2 ms: the average passes 1 ms within a few calls
+        assert _run_inline(gate, t, 2 * MS)
+        took += 1
+    assert took <= 8
+    t.ns += 250 * MS
+    # reopened at half the limit: a few more slow calls close it again
+    slow = 0
+    while gate.closings == 1:
+        assert _run_inline(gate, t, 2 * MS)
+        slow += 1
+    assert slow <= 6
+
+
+def test_a_burst_of_inline_calls_is_broken_by_one_pool_call() -> None:
+    t = FakeTime()
+    gate = InlineGate(burst=4, now_ns=t)
+    pattern = [_run_inline(gate, t, 0) for _ in range(10)]
+    assert pattern == [True] * 4 + [False] + [True] * 4 + [False]
+
+
+def test_disabled_gate_sends_everything_to_the_pool() -> None:
+    gate = InlineGate()
+    gate.enabled = False
+    assert not gate.admit(1)
+
+
+def test_file_writes_inline_and_pooled_store_the_same_bytes(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    """Both paths of threadio.pwrite, plain and durable, write exactly the bytes given."""
+    gate = InlineGate(burst=2)
+    monkeypatch.setattr(threadio, "inline_gate", gate)
+    path = tmp_path / "img"
+    path.write_bytes(bytes(1024 * KiB))
+    fd = os.open(path, os.O_RDWR)
+    expect = bytearray(1024 * KiB)
+
+    async def main() -> None:
+        for i in range(9):
+            off, data = i * 70 * KiB, bytes([i + 1]) * (64 * KiB + i)
+            await threadio.pwrite(fd, off, data, sync=bool(i % 2), inline=True)
+            expect[off:off + len(data)] = data
+        big = b"\xee" * (256 * KiB)  # over max_bytes: the pool
+        await threadio.pwrite(fd, 700 * KiB, big, inline=True)
+        # a file the driver did not find on a local filesystem: always the pool
+        await threadio.pwrite(fd, 0, data[:10])
+        expect[0:10] = data[:10]
+        expect[700 * KiB:956 * KiB] = big
+
+    try:
+        asyncio.run(main())
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == bytes(expect)
+    # burst 2: inline, inline, pool, ... for the nine small writes; the big one is pooled
+    assert (gate.inline_calls, gate.pooled_calls) == (6, 4)
+
+
+def test_local_filesystems_are_told_from_others(tmp_path: Path) -> None:
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        assert threadio.is_local_fs_sync(fd)  # the test's scratch directory: ext4 or tmpfs
+    finally:
+        os.close(fd)
+    fd = os.open("/proc/self/status", os.O_RDONLY)
+    try:
+        assert not threadio.is_local_fs_sync(fd)  # procfs is not in the list
+    finally:
+        os.close(fd)
