@@ -3,7 +3,8 @@ image, which plans and links a whole batch of clusters at once through ``write_v
 ``zero_extents`` over many spans in one L2 pass) leave the bytes of the model whatever the
 target held before: data clusters we own, zero clusters with and without a host cluster,
 unallocated ones, clusters shared with an internal snapshot, free space with holes in it.
-``qemu-img check`` stays clean and the snapshot keeps its content."""
+``qemu-img check`` stays clean and the snapshot keeps its content. The data/hole walk a
+mirror plans with (``data_runs``) says, run for run, what ``map`` says of the same ranges."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from test_qcow2_support import apply, assert_clean, close, open_qcow2, qemu_raw
 
 from blockmirror.block.copy import copy_extents, zero_extents
 from blockmirror.block.drivers.qcow2.create import create_qcow2
+from blockmirror.block.drivers.qcow2.layout import COMPRESSED, NORMAL
 from conftest import require_tool
 
 CLUSTERS = 40
@@ -41,6 +43,19 @@ batch_st = st.tuples(
     st.sampled_from(["copy", "copy", "zero", "zero_unmap"]),
     st.lists(st.tuples(st.integers(0, 3), st.integers(1, 4)), min_size=1, max_size=10),
 )
+
+
+async def _mapped_runs(node: Any, offset: int, length: int) -> list[tuple[bool, int]]:
+    """Data/hole runs of a range from the cluster map's segments (NORMAL, COMPRESSED:
+    data), neighbours of one kind merged."""
+    runs: list[tuple[bool, int]] = []
+    for kind, _pos, n, _value in await node.driver.cluster_map.map(offset, length):
+        is_data = kind in (NORMAL, COMPRESSED)
+        if runs and runs[-1][0] == is_data:
+            runs[-1] = (is_data, runs[-1][1] + n)
+        else:
+            runs.append((is_data, n))
+    return runs
 
 
 def _extents(pairs: list[tuple[int, int]], cs: int) -> list[tuple[int, int]]:
@@ -64,10 +79,11 @@ def _extents(pairs: list[tuple[int, int]], cs: int) -> list[tuple[int, int]]:
     snapshot=st.booleans(),
     pre=st.lists(pre_st, max_size=14),
     batches=st.lists(batch_st, min_size=1, max_size=5),
+    probes=st.lists(st.tuples(st.integers(0, 10**9), st.integers(1, 10**9)), max_size=6),
 )
 def test_batched_copies_and_zeroes_match_model(
     cs: int, snapshot: bool, pre: list[tuple[str, int, int, int]],
-    batches: list[tuple[str, list[tuple[int, int]]]],
+    batches: list[tuple[str, list[tuple[int, int]]]], probes: list[tuple[int, int]],
 ) -> None:
     require_tool("qemu-img")
     size = CLUSTERS * cs
@@ -130,6 +146,15 @@ def test_batched_copies_and_zeroes_match_model(
                         for o, n in extents:
                             model[o : o + n] = bytes(n)
                 assert await dst.read(0, size) == bytes(model)
+                ranges = [(0, size)]
+                for a, b in probes:
+                    start = a % size
+                    ranges.append((start, 1 + b % (size - start)))
+                # the cluster map's walk itself: the driver's ``data_runs`` declines on an
+                # image that looks preallocated (a small one full of data, here)
+                for o, n in ranges:
+                    walked = await dst.driver.cluster_map.data_runs(o, n)
+                    assert walked == await _mapped_runs(dst, o, n), (o, n)
             finally:
                 await close(dgraph)
                 await close(sgraph)
