@@ -207,9 +207,11 @@ class DataPath:
         new_runs: list[tuple[int, int]] = []
         done = asyncio.Event()
         async with self._ctx.lock:
-            if self.allocations and any(
-                    self.allocation_in(o >> cluster_bits, (o + n - 1) >> cluster_bits)
-                    is not None for o, n in extents):
+            allocations = self.allocations
+            if allocations and not all(
+                    allocations.keys().isdisjoint(
+                        range(o >> cluster_bits, ((o + n - 1) >> cluster_bits) + 1))
+                    for o, n in extents):
                 return False
             planned: list[tuple[int, int]] = []
             for offset, length in extents:
@@ -222,8 +224,7 @@ class DataPath:
                     plan.append((offset + source, host, n))
             if planned:
                 host_plan = await self._plan_whole(planned, links, new_runs)
-                for guest_cluster in self._linked_clusters(links):
-                    self.allocations[guest_cluster] = done
+                allocations.update(dict.fromkeys(self._linked_clusters(links), done))
                 tokens.append(self._ctx.file.register(
                     min(h for _g, h, _n in host_plan) >> cluster_bits,
                     ceil_div(max(h + n for _g, h, n in host_plan), cluster_size)))
