@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import errno
 from collections.abc import Awaitable, Callable
+from itertools import repeat
 
 from blockmirror.block.drivers.qcow2 import compress
 from blockmirror.block.drivers.qcow2.cluster_map import ClusterMap, Link, Segment
@@ -274,11 +275,21 @@ class DataPath:
             for l1_index in range(first >> l2_bits, (last >> l2_bits) + 1):
                 if l1_index not in tables:
                     tables[l1_index] = await cluster_map.l2_for_write(l1_index)
-        # per extent: how many clusters need a new host cluster
+        # per extent: how many clusters need a new host cluster; ``fresh``: all of them, and
+        # the extent's entries are all plain unallocated or zero (a mirror's empty target),
+        # which list primitives tell without a step per cluster
         counts: list[int] = []
+        fresh: list[bool] = []
         for offset, length in extents:
             first = offset >> cluster_bits
             last = (offset + length - 1) >> cluster_bits
+            if first >> l2_bits == last >> l2_bits:
+                seg = tables[first >> l2_bits][1][first & mask : (last & mask) + 1]
+                if seg.count(0) + seg.count(OFLAG_ZERO) == len(seg):
+                    counts.append(len(seg))
+                    fresh.append(True)
+                    continue
+            fresh.append(False)
             need = 0
             l1_index = first >> l2_bits
             l2_offset, table = tables[l1_index]
@@ -311,10 +322,24 @@ class DataPath:
                     new_runs.append((start, need))
                 starts.append(start)
         plan: list[tuple[int, int, int]] = []
-        for (offset, length), next_new in zip(extents, starts, strict=True):
+        for (offset, length), next_new, is_fresh in zip(extents, starts, fresh, strict=True):
             first = offset >> cluster_bits
             last = (offset + length - 1) >> cluster_bits
             l1_index = first >> l2_bits
+            if is_fresh:
+                # one run of new clusters; its entries link to consecutive host clusters
+                host = next_new << cluster_bits
+                lo = first & mask
+                links.extend(zip(repeat(l1_index), range(lo, lo + last - first + 1),
+                                 range(host | OFLAG_COPIED, (host + length) | OFLAG_COPIED,
+                                       cluster_size), strict=False))
+                if plan and plan[-1][0] + plan[-1][2] == offset and (
+                        plan[-1][1] + plan[-1][2] == host):
+                    g, h, m = plan[-1]
+                    plan[-1] = (g, h, m + length)
+                else:
+                    plan.append((offset, host, length))
+                continue
             table = tables[l1_index][1]
             for guest_cluster in range(first, last + 1):
                 if guest_cluster >> l2_bits != l1_index:
