@@ -16,11 +16,19 @@
    ratios (with log / without), which cancels most of the drift of a shared machine. It
    names the filesystem that holds the sidecar (``--dir`` chooses it: tmpfs has no
    durable writes at all, so measure on a disk).
+
+   ``--stores``: the in-image store's cost, side by side with the sidecar's. The sources
+   are sparse qcow2 images (the in-image store needs one; ``qemu-img create``, 64 KiB
+   clusters, so a first touch also allocates a cluster, in every configuration), and the
+   configurations are: no resume store, the sidecar (``x-resume-log``, next to the images),
+   and the in-image store (``x-resume-store: "image"``), both with the default log, run
+   interleaved in the same way. The report adds the in-image / sidecar ratios.
 2. Verify pass: seconds per GiB of the x-verify pass over an in-sync pair (READY to the
    pass's end), in-process, on files in the page cache: with no writer, and with a
    concurrent writer (random 64 KiB writes through the job's source at ``--verify-qd``).
 
     .venv/bin/python benchmarks/bench_resume.py [--size-gib 16] [--rounds 5] [--dir /var/tmp]
+    .venv/bin/python benchmarks/bench_resume.py --stores --skip-verify [...]
 """
 
 from __future__ import annotations
@@ -47,6 +55,8 @@ BLOCK = 64 * KiB
 EXTENT = 4 * MiB
 #: slices of each phase, run alternately by every configuration
 SLICES = 4
+#: the configuration of ``--stores`` that keeps the log inside the qcow2 source
+IN_IMAGE = "in-image store (1024 x 4 MiB)"
 
 
 def make_sparse(path: Path, size: int, data_mib: int = 0) -> None:
@@ -166,11 +176,23 @@ def wait_in_sync(q: SyncQMP, jobs: list[str]) -> None:
         time.sleep(0.01)  # polling a peer process, not synchronising our own code
 
 
+def make_source(path: Path, size: int, fmt: str) -> None:
+    """An empty sparse source: raw, or qcow2 (64 KiB clusters, as ``qemu-img`` makes it)."""
+    if fmt == "raw":
+        make_sparse(path, size)
+        return
+    p = subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(path), str(size)],
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(p.stderr)
+
+
 def paired_rounds(tmp: Path, size: int, first: int, writes: int,
-                  configs: list[tuple[str, dict[str, Any]]], rounds: int
-                  ) -> dict[str, list[dict[str, float]]]:
+                  configs: list[tuple[str, dict[str, Any]]], rounds: int,
+                  src_fmt: str = "raw") -> dict[str, list[dict[str, float]]]:
     """Every configuration mirrors its own disk in one daemon; each phase runs on every disk
-    back to back (the order alternates per round), the others idle and in sync meanwhile."""
+    back to back (the order alternates per round), the others idle and in sync meanwhile.
+    The sources are ``src_fmt`` images, the targets raw."""
     sock, nbd = str(tmp / "qmp.sock"), str(tmp / "nbd.sock")
     runs: dict[str, list[dict[str, float]]] = {name: [] for name, _ in configs}
     with DaemonProcess(daemon_argv("ours", sock), sock) as d:
@@ -181,13 +203,13 @@ def paired_rounds(tmp: Path, size: int, first: int, writes: int,
             rng = random.Random(r)
             uris: dict[str, str] = {}
             for i, (name, extra) in enumerate(configs):
-                src, tgt = tmp / f"src{i}.raw", tmp / f"tgt{i}.raw"
-                make_sparse(src, size)
+                src, tgt = tmp / f"src{i}.{src_fmt}", tmp / f"tgt{i}.raw"
+                make_source(src, size, src_fmt)
                 make_sparse(tgt, size)
-                for node, path in ((f"s{i}", src), (f"t{i}", tgt)):
+                for node, path, fmt in ((f"s{i}", src, src_fmt), (f"t{i}", tgt, "raw")):
                     # discard=unmap: the copy's zero writes punch holes, so the sparse
                     # 16 GiB target stays sparse (with "ignore" it allocates all of it)
-                    cmd(q, "blockdev-add", {"driver": "raw", "node-name": node,
+                    cmd(q, "blockdev-add", {"driver": fmt, "node-name": node,
                                             "discard": "unmap",
                                             "file": {"driver": "file", "filename": str(path)}})
                 args = {"job-id": f"m{i}", "device": f"s{i}", "target": f"t{i}",
@@ -366,6 +388,8 @@ def main() -> int:
                     help="also measure a log of this many extents (evictions); 0: no")
     ap.add_argument("--verify-mib", type=int, default=1024)
     ap.add_argument("--verify-qd", type=int, default=4)
+    ap.add_argument("--stores", action="store_true",
+                    help="qcow2 sources; compare no store, the sidecar and the in-image store")
     ap.add_argument("--skip-log", action="store_true")
     ap.add_argument("--skip-verify", action="store_true")
     opts = ap.parse_args()
@@ -374,12 +398,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-resume-", dir=opts.dir) as t:
         tmp = Path(t)
         logs = Path(opts.log_dir) if opts.log_dir else tmp
+        src_fmt = "qcow2" if opts.stores else "raw"
         if not opts.skip_log:
             configs: list[tuple[str, dict[str, Any]]] = [
                 ("no resume log", {}),
                 ("resume log (1024 x 4 MiB)", {"x-resume-log": str(logs / f"a{os.getpid()}.resume"),
                                                "x-resume-restart": True}),
             ]
+            if opts.stores:
+                configs.append((IN_IMAGE, {"x-resume-store": "image",
+                                           "x-resume-restart": True}))
             if opts.small_extents:
                 configs.append((f"resume log ({opts.small_extents} x 4 MiB, evictions)",
                                 {"x-resume-log": str(logs / f"b{os.getpid()}.resume"),
@@ -387,13 +415,15 @@ def main() -> int:
                                  "x-resume-extents": opts.small_extents}))
             dsync = durable_write_ms(logs)
             try:
-                runs = paired_rounds(tmp, size, first, opts.writes, configs, opts.rounds)
+                runs = paired_rounds(tmp, size, first, opts.writes, configs, opts.rounds,
+                                     src_fmt)
             finally:
                 for _name, extra in configs[1:]:  # a cancelled mirror leaves its sidecar
-                    Path(extra["x-resume-log"]).unlink(missing_ok=True)
+                    if "x-resume-log" in extra:
+                        Path(extra["x-resume-log"]).unlink(missing_ok=True)
             dsync2 = durable_write_ms(logs)
             base = runs["no resume log"]
-            print(f"64 KiB writes through NBD, {opts.size_gib} GiB sparse raw disk, mirror "
+            print(f"64 KiB writes through NBD, {opts.size_gib} GiB sparse {src_fmt} disk, mirror "
                   f"READY, images on {fs_type(tmp)}, sidecar on {fs_type(logs)}, "
                   f"{opts.rounds} interleaved "
                   "rounds; MiB/s (median) and, in brackets, the median of the per-round "
@@ -405,6 +435,14 @@ def main() -> int:
                     ratio = statistics.median(
                         r[key] / b[key] for r, b in zip(rs, base, strict=True))
                     line.append(f"{key} {med:6.1f} ({ratio:6.1%})")
+                print("  ".join(line))
+            if opts.stores:
+                side = runs["resume log (1024 x 4 MiB)"]
+                line = [f"  {'in-image / sidecar':34s}"]
+                for key in PHASES:
+                    ratio = statistics.median(
+                        r[key] / b[key] for r, b in zip(runs[IN_IMAGE], side, strict=True))
+                    line.append(f"{key}        ({ratio:6.1%})")
                 print("  ".join(line))
             nolog = {key: statistics.median(r[key] for r in base) for key in PHASES}
             print(f"  one log record's durable write on {fs_type(logs)}: median "

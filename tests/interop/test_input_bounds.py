@@ -102,6 +102,21 @@ def _wait_path(path: str) -> None:
         time.sleep(0.01)
 
 
+def _wait_listening(path: str) -> None:
+    """Until ``path`` accepts connections: the file appears at bind(), before the daemon
+    narrows its mode and listens, so its mode is only final once a connect succeeds."""
+    _wait_path(path)
+    deadline = time.monotonic() + 30
+    while True:
+        with socket.socket(socket.AF_UNIX) as s:
+            try:
+                s.connect(path)
+                return
+            except (ConnectionRefusedError, FileNotFoundError):
+                assert time.monotonic() < deadline, f"{path} never listened"
+        time.sleep(0.01)
+
+
 def _nbd_connect(path: str) -> socket.socket:
     _wait_path(path)
     s = socket.socket(socket.AF_UNIX)
@@ -188,7 +203,7 @@ def test_unix_sockets_are_owner_only_whatever_the_umask(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     with d:
-        _wait_path(sock)
+        _wait_listening(sock)
         mode = os.stat(sock).st_mode
         assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600, oct(mode)
         s, f = _qmp(str(tmp_path / "qmp.sock"))

@@ -1,11 +1,15 @@
 """The resume log kept inside the qcow2 source (``x-resume-store: "image"``, issue 12).
 
-* SIGKILL of a live mirror with a writer at seeded moments (copy, READY, write-blocking):
-  the restarted mirror resumes from the state in the source, plans exactly what that state
-  says (checkpoint dirty + hot extents), within the live state at the kill plus the
-  checkpoint's lag, and ends with a target equal to the writer's model. ``qemu-img check``
-  of the source after each kill finds no corruption and does not count the area as leaked;
-  after the pivot the area is gone and both images check clean.
+* SIGKILL of a live mirror with a writer at seeded moments: 24 kill points by default,
+  4 seeds x {copy, READY, write-blocking} x {file, NBD (qemu-nbd)} targets, all with a
+  qcow2 source (the store needs one). The restarted mirror resumes from the state in the
+  source, plans exactly what that state says (checkpoint dirty + hot extents), and that
+  plan is within what was dirty or in flight at the kill plus the hot extents, measured per
+  run as in the sidecar matrix (``test_mirror_resume_kill.py``); the run ends with a target
+  equal to the writer's model, byte for byte. ``qemu-img check`` of the source after each
+  kill finds no corruption and does not count the area as leaked; after the pivot the area
+  is gone and both images check clean. ``RESUME_KILL_CASES=N`` runs a seeded slice of N
+  kill points while developing (as in the sidecar matrix).
 * A read-write open by QEMU in between (``qemu-io``, even one that only reads) clears our
   autoclear bit: the resume is refused, and the error says why. So is a write through our own
   daemon while no mirror tracks the source.
@@ -15,6 +19,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import struct
@@ -29,11 +34,13 @@ from blockmirror.block.drivers.qcow2.resume_area import (
     EXT_RESUME,
     RESUME_BITMAP,
 )
+from blockmirror.jobs.mirror.activity_log import Recovered
 from blockmirror.jobs.mirror.image_store import read_image_log
-from conftest import require_tool
+from conftest import IN_CI, require_tool
 from resume_kill_helpers import (
     BLOCKMIRROR,
     GRAN,
+    PHASES,
     SIZE,
     MiB,
     Monitor,
@@ -56,45 +63,35 @@ from resume_kill_helpers import (
 
 pytestmark = pytest.mark.interop
 
-CASES = [(phase, seed, "file") for seed in (1, 2)
-         for phase in ("copy", "ready", "write-blocking")]
-CASES += [("copy", 3, "nbd"), ("ready", 3, "nbd")]
+TARGETS = ("file", "nbd")
+ALL_CASES = [(phase, seed, tkind) for seed in (1, 2, 3, 4) for tkind in TARGETS
+             for phase in PHASES]
+SLICE = int(os.environ.get("RESUME_KILL_CASES", "0"))
+CASES = random.Random(12).sample(ALL_CASES, SLICE) if SLICE else ALL_CASES
 
 
 def _args(**extra: Any) -> dict[str, Any]:
     return mirror_args(**{"x-resume-store": "image", **extra})
 
 
-class ImageWriter(Writer):
-    """``Writer``, reading the checkpoint sequence from the source image between writes."""
-
-    def __init__(self, uri: str, model: bytearray, rng: random.Random, image: str) -> None:
-        super().__init__(uri, model, rng)
-        self.image = image
-        #: checkpoint sequence last seen, and chunk bytes written since it and the one before
-        self.ckpt_seq = -1
-        self.since_ckpt = 0
-        self.since_prev = 0
-
-    def write(self, offset: int, length: int, value: int) -> None:
-        super().write(offset, length, value)  # (``log`` stays None: no sidecar to read)
-        span = (-(-(offset + length) // GRAN) - offset // GRAN) * GRAN
-        try:
-            found = read_image_log(self.image)
-            seq = found[0].ckpt_seq if found else -1
-        except (OSError, ValueError):
-            seq = -1
-        if seq != self.ckpt_seq:
-            self.ckpt_seq, self.since_prev, self.since_ckpt = seq, self.since_ckpt, 0
-        self.since_ckpt += span
+def test_the_in_image_kill_matrix_covers_the_acceptance() -> None:
+    """At least 20 kill points over copy, READY and write-blocking, with file and NBD
+    targets (issue 12; the source is qcow2, which the in-image store needs); a development
+    slice is reported, not hidden."""
+    if SLICE:
+        if IN_CI:
+            pytest.fail(f"RESUME_KILL_CASES={SLICE} under CI=true: CI runs the whole matrix")
+        pytest.skip(f"RESUME_KILL_CASES={SLICE}: a development slice, not the acceptance run")
+    assert len(set(CASES)) >= 20
+    assert {(p, t) for p, _, t in CASES} == {(p, t) for p in PHASES for t in TARGETS}
 
 
-def _bound(image: str) -> tuple[int, int]:
+def _state(image: str) -> Recovered:
     found = read_image_log(image)
     assert found is not None, "no resume state in the source"
     rec, current = found
     assert current, "the resume state's autoclear bit is clear"
-    return recopy_bound(rec)
+    return rec
 
 
 def _header(path: str) -> tuple[int, list[int]]:
@@ -136,7 +133,7 @@ def _wait_area(m: Monitor, path: str) -> None:
 
 
 def _case(tmp: Path, phase: str, seed: int, tkind: str) -> dict[str, int]:
-    rng = random.Random(f"in-image{phase}{seed}")
+    rng = random.Random(f"in-image{tkind}{phase}{seed}")
     initial, model_path, src_path, tgt_path = prepare_images(tmp, "qcow2", rng)
     src = node("src", "qcow2", {"driver": "file", "filename": src_path})
     tgt = node("tgt", "qcow2", {"driver": "file", "filename": tgt_path})
@@ -147,7 +144,7 @@ def _case(tmp: Path, phase: str, seed: int, tkind: str) -> dict[str, int]:
         return _run_case(tmp, phase, rng, initial, model_path, src_path, tgt_path, src, tgt,
                          nbd_srv)
     finally:
-        if nbd_srv is not None:
+        if nbd_srv is not None and nbd_srv.poll() is None:
             nbd_srv.terminate()
             nbd_srv.wait(10)
 
@@ -166,30 +163,35 @@ def _run_case(tmp: Path, phase: str, rng: random.Random, initial: bytearray, mod
             {"name": RESUME_BITMAP, "granularity": GRAN, "flags": ["in-use"]}]
         autoclear, exts = _header(src_path)
         assert autoclear & AUTOCLEAR_RESUME and EXT_RESUME in exts, (autoclear, exts)
-        w = ImageWriter(export(m, tmp, 1), model, rng, src_path)
-        done, ready_mark = write_until_kill(d, m, w, phase, rng, look_each_write=False)
+        w = Writer(export(m, tmp, 1), model, rng)
+        done, _ = write_until_kill(d, m, w, phase, rng, look_each_write=True)
     finally:
         d.kill()
+    # what the daemon had copied (QEMU's offset) and left to copy, just before the kill
+    done_at_kill = done["offset"]
     remaining_at_kill = done["len"] - done["offset"]
+    not_counted = w.not_counted()
     pending = w.pending
+    # the write sent but not acknowledged at the kill may have made its chunks dirty
     unacked = 65536 + GRAN if pending else 0
-    since_ckpt = w.since_prev + w.since_ckpt + unacked
-    if ready_mark is not None:
-        since_ckpt = w.chunk_bytes - ready_mark + unacked
     # after the kill: no corruption; leaks only from the guest's last allocations (a
     # read-write repair would clear our bit, so it waits until after the pivot)
     check = _check(src_path, leaks_ok=True)
     killed_leaks = check.get("leaks", 0)
     assert _bitmaps(src_path) == [
         {"name": RESUME_BITMAP, "granularity": GRAN, "flags": ["in-use"]}]
-    bound, hot = _bound(src_path)
+    rec = _state(src_path)
+    bound, hot = recopy_bound(rec)
+    # copied after the last durable checkpoint's snapshot (its meta.offset): not yet made
+    # durable on the target by a flush, so the checkpoint still lists it
+    lag = max(0, done_at_kill - rec.meta["offset"])
     if nbd_srv is None:
         sh("qemu-img", "check", "-q", "-r", "leaks", tgt_path)
     # --- run 2: resume ---------------------------------------------------------------------
     d, m = start_daemon(tmp, 2, src, tgt)
     try:
         recopy = resume_to_pivot(m, _args(), bound, pending, rng,
-                                 lambda: ImageWriter(export(m, tmp, 2), model, rng, src_path))
+                                 lambda: Writer(export(m, tmp, 2), model, rng))
         # the area is gone from the source, which is still open
         assert _bitmaps(src_path, "-U") == []
         quit_daemon(d, m)
@@ -206,8 +208,9 @@ def _run_case(tmp: Path, phase: str, rng: random.Random, initial: bytearray, mod
         nbd_srv.wait(10)
     assert_model(model_path, model, "qcow2", tgt_path)
     _check(tgt_path)
-    return {"recopy": recopy, "bound": bound, "hot": hot, "since": since_ckpt,
-            "remaining_at_kill": remaining_at_kill, "leaks": killed_leaks}
+    return {"recopy": recopy, "bound": bound, "hot": hot, "lag": lag, "unacked": unacked,
+            "not_counted": not_counted, "remaining_at_kill": remaining_at_kill,
+            "leaks": killed_leaks}
 
 
 @pytest.mark.parametrize(("phase", "seed", "tkind"), CASES,
@@ -217,11 +220,17 @@ def test_sigkill_then_resume_from_the_image(tmp_path: Path, phase: str, seed: in
     require_tool("qemu-io", "qemu-img", "qemu-nbd")
     stats = _case(tmp_path, phase, seed, tkind)
     assert stats["recopy"] < SIZE, stats
-    lag = 2 * MiB + GRAN + stats["since"]
-    assert stats["recopy"] <= stats["remaining_at_kill"] + stats["hot"] + lag, stats
-    print(f"in-image resume {phase}/{seed}/{tkind}: recopy {stats['recopy']} of {SIZE} (hot "
-          f"{stats['hot']}, remaining at kill {stats['remaining_at_kill']}, source leaks "
-          f"after the kill {stats['leaks']})")
+    # the sidecar matrix's bound: what was dirty at the kill (len - offset at the last
+    # look, the writes len did not count yet, the write in flight) plus what was copied
+    # but not yet durable (after the last checkpoint's snapshot) plus the hot extents
+    dirty = stats["remaining_at_kill"] + stats["not_counted"] + stats["unacked"]
+    strict = dirty + stats["lag"] + stats["hot"]
+    assert stats["recopy"] <= strict, stats
+    print(f"in-image resume {phase}/{seed}/{tkind}: recopy {stats['recopy']} of {SIZE} <= "
+          f"{strict} (dirty {dirty} = len - offset {stats['remaining_at_kill']} + not yet "
+          f"in len {stats['not_counted']} + unacked {stats['unacked']}; copied after the "
+          f"checkpoint {stats['lag']}; hot {stats['hot']}; source leaks after the kill "
+          f"{stats['leaks']})")
 
 
 def _setup(tmp: Path) -> tuple[str, str, dict[str, Any], dict[str, Any]]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from blockmirror.cli.mirror import execute
+from blockmirror.cli.mirror import EXIT_USAGE, build_parser, execute, run
 from blockmirror.daemon import Daemon
 from blockmirror.errors import BlockMirrorError
 from mirror_scripts.memory import make_device, make_node
@@ -67,3 +67,40 @@ def test_a_sidecar_that_is_not_one_is_refused(tmp_path: Path) -> None:
         await job.wait_finished()
 
     asyncio.run(main())
+
+
+def test_cli_resume_log_with_the_in_image_store_is_a_usage_error(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--resume-store image --resume-log PATH``: refused before anything is opened, in the
+    style of the CLI's other usage errors (usage line, then ``prog: error: ...``; exit
+    status 1, the CLI's usage status: 2 means the job failed). Before, the path was
+    silently dropped."""
+    src, dst, log = tmp_path / "src.qcow2", tmp_path / "dst.raw", tmp_path / "my.resume"
+    src.write_bytes(b"not looked at")
+    for order in (["--resume-store", "image", "--resume-log", str(log)],
+                  ["--resume-log", str(log), "--resume-store=image"]):
+        assert run("mirror", [*order, str(src), str(dst)]) == EXIT_USAGE, order
+        out, err = capsys.readouterr()
+        assert out == ""
+        lines = err.splitlines()
+        assert lines[0].startswith("usage: blockmirror mirror "), err
+        assert lines[-1] == (
+            "blockmirror mirror: error: argument --resume-log: not allowed with "
+            "--resume-store image (the resume state is kept inside the qcow2 source, not in "
+            "a sidecar file)"), err
+        assert all(" error: " not in line for line in lines[:-1]), err
+    # nothing was created or touched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src.qcow2"]
+    assert src.read_bytes() == b"not looked at"
+    # either option alone still parses (the combination is what is refused)
+    p = build_parser()
+    assert p.parse_args(["--resume-store", "image", "a", "b"]).resume_log is None
+    assert p.parse_args(["--resume-store", "file", "--resume-log", "x", "a", "b"]
+                        ).resume_log == "x"
+    # --help says so, and no longer calls the path "ignored"
+    with pytest.raises(SystemExit):
+        p.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "ignored" not in text
+    assert "not with --resume-log" in text
+    assert "cannot be combined with --resume-store image" in text

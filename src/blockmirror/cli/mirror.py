@@ -86,7 +86,8 @@ afresh. Resuming is refused if the
 source or target changed behind the mirror's back (see docs/resume.md).
 --resume-store image keeps the resume state inside the source, which must be a
 qcow2 v3 image in a local file, instead of a sidecar file (--resume-store file,
-the default); --resume-log is then ignored. --verify compares source and
+the default); --resume-log names a sidecar, so it cannot be combined with
+--resume-store image (a usage error). --verify compares source and
 target before the switch-over and repairs any difference.
 
 Signals: SIGINT (Ctrl-C) or SIGTERM force-cancel the job; the source is left
@@ -186,7 +187,7 @@ def build_parser(prog: str = "blockmirror mirror") -> argparse.ArgumentParser:
     r.add_argument("--no-resume", action="store_true", help="keep no resume log")
     r.add_argument("--resume-store", choices=("file", "image"), default="file",
                    help="where the resume state lives: a sidecar file (file, the default), "
-                        "or inside the qcow2 source (image)")
+                        "or inside the qcow2 source (image; not with --resume-log)")
     r.add_argument("--verify", action="store_true",
                    help="compare source and target before the switch-over; repair mismatches")
     o = p.add_argument_group("operation")
@@ -840,6 +841,15 @@ def _check_disks(opts: argparse.Namespace) -> str | None:
     return None
 
 
+def _check_resume(opts: argparse.Namespace) -> str | None:
+    """Resume options that contradict each other. --resume-log names a sidecar, which the
+    in-image store does not have: rather than drop the path the user gave, refuse."""
+    if opts.resume_store == "image" and opts.resume_log is not None:
+        return ("argument --resume-log: not allowed with --resume-store image (the resume "
+                "state is kept inside the qcow2 source, not in a sidecar file)")
+    return None
+
+
 def run(name: str, argv: list[str]) -> int:
     prog = f"blockmirror {name}"
     parser = build_parser(prog)
@@ -859,7 +869,7 @@ def run(name: str, argv: list[str]) -> int:
     if opts.interval <= 0:
         print(f"{prog}: --interval must be positive", file=sys.stderr)
         return EXIT_USAGE
-    problem = _check_disks(opts)
+    problem = _check_disks(opts) or _check_resume(opts)
     if problem:
         print(f"{parser.format_usage().rstrip()}\n{prog}: error: {problem}", file=sys.stderr)
         return EXIT_USAGE

@@ -311,8 +311,6 @@ class _Client:
         self._payload_bytes = 0
         #: the request loop waits on _payload for the budget (only then is it notified)
         self._payload_waiting = 0
-        #: requests being served (in tasks, or the one served in the request loop itself)
-        self._in_flight = 0
         self.structured = False
         self.contexts: dict[int, str] = {}
         peer = writer.get_extra_info("peername")
@@ -437,16 +435,6 @@ class _Client:
                 return
             if req.type == Cmd.DISC:
                 return
-            if req.type == Cmd.WRITE and self._in_flight == 0 and dec.buffered == 0:
-                # nothing else in flight and nothing more sent: serve it in this task (a
-                # writer at queue depth 1 saves a task and a loop turn per request); a
-                # request that arrives meanwhile waits only as long as this one takes
-                self._in_flight += 1
-                try:
-                    await self._serve_one(req)
-                finally:
-                    self._in_flight -= 1
-                continue
             await slots.acquire()
             held = len(req.data)
             if held:
@@ -460,7 +448,6 @@ class _Client:
                     finally:
                         self._payload_waiting -= 1
                 self._payload_bytes += held
-            self._in_flight += 1
             tg.create_task(self._serve(req, slots, held))
 
     def _payload_fits(self, n: int) -> bool:
@@ -470,7 +457,6 @@ class _Client:
         try:
             await self._serve_one(req)
         finally:
-            self._in_flight -= 1
             slots.release()
             if held:
                 self._payload_bytes -= held

@@ -29,6 +29,10 @@ from blockmirror.block.drivers.qcow2.layout import (
 from blockmirror.block.drivers.qcow2.refcount import decode_block, encode_block
 from blockmirror.errors import BlockIOError, InternalError
 
+#: the unit in which changed parts of a refcount block are written (a page; every sector
+#: size and O_DIRECT alignment we meet divides it)
+_PIECE = 4096
+
 
 class RefcountAllocator:
     def __init__(self, ctx: ImageContext) -> None:
@@ -36,6 +40,9 @@ class RefcountAllocator:
         self.table: list[int] = []
         self.table_dirty = False
         self.blocks = TableCache(max(16, (8 * 1024 * 1024) // ctx.geometry.cluster_size))
+        #: the entries [lo, hi) changed in a dirty block since it was last written; a dirty
+        #: block without a span is written whole (see write_dirty_blocks)
+        self._spans: dict[int, tuple[int, int]] = {}
         #: clusters freed since the last flush: decremented only after L2/L1 reach the disk
         self.pending_free: list[int] = []
         #: host clusters holding metadata; guest data must never be written there
@@ -59,6 +66,7 @@ class RefcountAllocator:
         self.table = table
         self.table_dirty = False
         self.blocks = TableCache(self.blocks.budget)
+        self._spans.clear()
         self.end = end
         self.free_byte_offset = 0
 
@@ -104,8 +112,18 @@ class RefcountAllocator:
         if value > geometry.refcount_max:
             raise BlockIOError(errno.ERANGE, "Reference count overflow")
         block[i] = value
+        self._note_change(index, i, i + 1)
         self.blocks.mark_dirty(index)
         return value
+
+    def _note_change(self, index: int, lo: int, hi: int) -> None:
+        """Record that entries [lo, hi) of block ``index`` change (before marking it dirty)."""
+        span = self._spans.get(index)
+        if span is not None:
+            self._spans[index] = (min(span[0], lo), max(span[1], hi))
+        elif index not in self.blocks.dirty:
+            self._spans[index] = (lo, hi)
+        # else: dirty as a whole already (a new block), and it stays whole
 
     async def _take(self, start: int, count: int) -> None:
         """Take a reference on ``count`` free clusters (their refcount blocks exist)."""
@@ -117,6 +135,7 @@ class RefcountAllocator:
             hi = min(end, base + size)
             block = await self.load_block(index)
             block[cluster - base : hi - base] = [v + 1 for v in block[cluster - base : hi - base]]
+            self._note_change(index, cluster - base, hi - base)
             self.blocks.mark_dirty(index, block)
             cluster = hi
 
@@ -204,6 +223,7 @@ class RefcountAllocator:
             # the new block takes the first cluster of the run: either inside its own range
             # (a self-describing refcount block) or in a range whose block exists already
             block = [0] * geometry.refcount_block_size
+            self._spans.pop(missing, None)  # new: written whole
             self.blocks.put(missing, block, dirty=True)
             self.table[missing] = start << geometry.cluster_bits
             self.table_dirty = True
@@ -285,6 +305,7 @@ class RefcountAllocator:
         table = old + [0] * (table_clusters * cluster_size // 8 - old_entries)
         for k, index in enumerate(missing):
             table[index] = (area + k) << geometry.cluster_bits
+            self._spans.pop(index, None)  # new: written whole
             self.blocks.put(index, [0] * geometry.refcount_block_size, dirty=True)
         self.table = table
         for cluster in range(area, area + block_count + table_clusters):
@@ -308,12 +329,30 @@ class RefcountAllocator:
         self.pending_free.extend(geometry.clusters(old_offset, old_clusters * cluster_size))
 
     async def write_dirty_blocks(self, *, durable: bool = False) -> None:
-        """Write the changed refcount blocks; ``durable``: and flush (with what came before)."""
-        pieces = [(self.table[index] & REFT_OFFSET_MASK,
-                   encode_block(self.blocks.peek(index), self._ctx.header.refcount_order))
-                  for index in sorted(self.blocks.dirty)]
+        """Write the changed refcount blocks; ``durable``: and flush (with what came before).
+
+        Of a block whose changes are known (a span), only the 4 KiB pieces holding them are
+        encoded and written: an allocating guest write changes one entry, and encoding a
+        whole 64 KiB block of 32,768 entries cost 230 µs of that write (measured, cProfile).
+        """
+        order = self._ctx.header.refcount_order
+        block_bytes = self._ctx.geometry.cluster_size
+        pieces = []
+        for index in sorted(self.blocks.dirty):
+            offset = self.table[index] & REFT_OFFSET_MASK
+            block = self.blocks.peek(index)
+            span = self._spans.get(index)
+            if span is None:
+                pieces.append((offset, encode_block(block, order)))
+                continue
+            # bytes [lo, hi) holding the changed entries, widened to whole 4 KiB pieces
+            lo = (span[0] << order) // 8 // _PIECE * _PIECE
+            hi = min(block_bytes, -(-((span[1] << order) // 8 + 1) // _PIECE) * _PIECE)
+            first, last = (lo * 8) >> order, (hi * 8) >> order
+            pieces.append((offset + lo, encode_block(block[first:last], order)))
         await self._ctx.file.write_pieces(pieces, durable=durable)
         self.blocks.clean_all()
+        self._spans.clear()
 
     async def write_table(self, *, durable: bool = False) -> None:
         table = self.table
