@@ -231,54 +231,82 @@ class Copier:
         zero = _Batch(MirrorMethod.ZERO, [])
         discard = _Batch(MirrorMethod.DISCARD, [])
         remaining = list(runs)
+        # the first run not yet launched in full is remaining[ri]
+        ri = 0
+        control = self.control
+        # the rate limit is charged once per stretch without an await (time stands still
+        # in between), not once per piece: thousands of pieces on a fragmented disk
+        charge = 0
+        cow = self.dirty.cow is not None
+        answer = mapped.answer_data if mapped is not None else None
         try:
-            while remaining:
-                pos, left = remaining[0]
+            while ri < len(remaining):
+                pos, left = remaining[ri]
                 end = pos + left
                 method = MirrorMethod.COPY
-                if mapped is not None:
-                    n, status = mapped.answer(pos, end - pos)
+                if answer is not None:
+                    n, is_data = answer(pos, left)
+                    is_zero = not is_data
                     ok = True
                 else:
+                    if charge:
+                        control.ratelimit_processed(charge)
+                        charge = 0
                     try:
-                        n, status = await self.status.status_above(pos, end - pos)
+                        n, status = await self.status.status_above(pos, left)
+                        is_data = bool(status & BlockStatus.DATA)
+                        is_zero = bool(status & BlockStatus.ZERO)
                         ok = True
                     except BlockIOError:
-                        n, status, ok = min(end - pos, max_io), BlockStatus.DATA, False
-                if ok and status & BlockStatus.DATA:
-                    n = min(n, max_io)
-                n = min(align_down(n, gran), end - pos)
+                        n, is_data, is_zero, ok = min(left, max_io), True, False, False
+                if ok and is_data and n > max_io:
+                    n = max_io
+                n = min(n - n % gran, left)
                 if n < gran:
-                    n = min(gran, end - pos)
-                elif ok and not status & BlockStatus.DATA and self._cluster_aligned(pos, n):
-                    method = (MirrorMethod.ZERO if status & BlockStatus.ZERO
-                              else MirrorMethod.DISCARD)
-                if self.control.failed:
+                    n = min(gran, left)
+                elif ok and not is_data and self._cluster_aligned(pos, n):
+                    method = MirrorMethod.ZERO if is_zero else MirrorMethod.DISCARD
+                if control.failed:
                     break
                 if method == MirrorMethod.COPY:
-                    if self.dirty.cow is not None:
+                    if cow:
+                        if charge:
+                            control.ratelimit_processed(charge)
+                            charge = 0
                         await self._wait_for_room(n)
                         n = await self._cow_align(pos, n, end)
                         self._launch(_Batch(method, [(pos, n)], n))
                     else:
                         if copy.nbytes + n > max_io:
+                            if charge:
+                                control.ratelimit_processed(charge)
+                                charge = 0
                             await self._flush_batch(copy)
                         copy.add(pos, n)
+                    charge += n
                 else:
                     batch = zero if method == MirrorMethod.ZERO else discard
                     batch.add(pos, n)
+                    if not zero_free:
+                        charge += n
                     if len(batch.pieces) >= _MAX_ZERO_PIECES:
+                        control.ratelimit_processed(charge)
+                        charge = 0
                         await self._flush_batch(batch)
-                self.control.ratelimit_processed(
-                    0 if method != MirrorMethod.COPY and zero_free else n)
-                if n < end - pos:
-                    remaining[0] = (pos + n, end - pos - n)
+                if n < left:
+                    remaining[ri] = (pos + n, left - n)
                 else:
-                    remaining.pop(0)
+                    ri += 1
+            if charge:
+                control.ratelimit_processed(charge)
+                charge = 0
             for batch in (copy, zero, discard):
-                if batch.pieces and not self.control.failed:
+                if batch.pieces and not control.failed:
                     await self._flush_batch(batch)
         finally:
+            if charge:  # the pieces gathered before a failure were charged before, too
+                control.ratelimit_processed(charge)
+            del remaining[:ri]
             # not launched (the job is failing): put it back
             for batch in (copy, zero, discard):
                 for o, n in batch.pieces:

@@ -79,5 +79,19 @@ class MappedStatus:
         _start, end, status = spans[self._i]
         return min(length, end - offset), status
 
+    def answer_data(self, offset: int, length: int) -> tuple[int, bool]:
+        """``answer`` as ``(length, holds data)``: the copier's loop asks this once per
+        piece, and flag arithmetic on an enum costs more than the rest of the step."""
+        spans = self._spans
+        i = self._i
+        count = len(spans)
+        while i < count and spans[i][1] <= offset:
+            i += 1
+        self._i = i
+        if i >= count or spans[i][0] > offset:
+            return length, True  # not covered (cannot happen for the ranges asked): data
+        _start, end, status = spans[i]
+        return min(length, end - offset), status is _DATA
+
 
 __all__ = ["ChainStatus", "MappedStatus"]

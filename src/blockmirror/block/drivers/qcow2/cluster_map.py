@@ -8,6 +8,8 @@ Every method that reads or changes entries runs under the driver's metadata lock
 from __future__ import annotations
 
 import struct
+from functools import reduce
+from operator import or_
 
 from blockmirror.block.drivers.qcow2.cache import TableCache
 from blockmirror.block.drivers.qcow2.image_context import ImageContext
@@ -210,18 +212,128 @@ class ClusterMap:
             segments.append((seg_type, seg_pos, seg_len, seg_value))
         return segments
 
+    async def data_runs(self, offset: int, length: int) -> list[tuple[bool, int]]:
+        """``map`` reduced to data (NORMAL, COMPRESSED) and hole runs, as block status sees
+        an image without backing, one L2 table slice at a time with list primitives instead
+        of a step per cluster (a mirror asks this for every gigabyte it copies). A slice
+        with a host offset that ``map`` would refuse goes through ``map``, which signals it."""
+        runs: list[tuple[bool, int]] = []
+        geometry = self._ctx.geometry
+        cluster_size, cluster_bits, l2_bits = (
+            geometry.cluster_size, geometry.cluster_bits, geometry.l2_bits
+        )
+        mask = geometry.l2_size - 1
+        zero_flag = OFLAG_ZERO if self._ctx.header.version == 3 else 0
+        limit = self._allocator.end << cluster_bits
+        in_mask = cluster_size - 1
+        pos, end = offset, offset + length
+        while pos < end:
+            guest_cluster = pos >> cluster_bits
+            l1_index = guest_cluster >> l2_bits
+            stop = min(end, ((l1_index + 1) << l2_bits) << cluster_bits)
+            table = await self.l2_for_read(l1_index)
+            lo = guest_cluster & mask
+            hi = lo + (((stop - 1) >> cluster_bits) - guest_cluster) + 1
+            seg = table[lo:hi] if table is not None else None
+            if not seg or not any(seg):
+                _add_run(runs, False, stop - pos)
+                pos = stop
+                continue
+            hosts = [e & L2E_OFFSET_MASK for e in seg
+                     if e & L2E_OFFSET_MASK and not e & OFLAG_COMPRESSED]
+            if hosts and (max(hosts) >= limit or reduce(or_, hosts) & in_mask):
+                for kind, _p, n, _v in await self.map(pos, stop - pos):
+                    _add_run(runs, kind in (NORMAL, COMPRESSED), n)
+                pos = stop
+                continue
+            kinds = [1 if e & OFLAG_COMPRESSED or (e & L2E_OFFSET_MASK and not e & zero_flag)
+                     else 0 for e in seg]
+            # runs of equal kinds, found with list.index; the first and last cluster may be
+            # partly outside [pos, stop)
+            i, count = 0, len(kinds)
+            base = guest_cluster << cluster_bits
+            while i < count:
+                kind = kinds[i]
+                try:
+                    j = kinds.index(1 - kind, i)
+                except ValueError:
+                    j = count
+                run_start = max(pos, base + (i << cluster_bits))
+                run_end = min(stop, base + (j << cluster_bits))
+                _add_run(runs, bool(kind), run_end - run_start)
+                i = j
+            pos = stop
+        return runs
+
+    async def host_runs(
+        self, extents: list[tuple[int, int]]
+    ) -> list[list[tuple[int, int]]] | None:
+        """``map`` for ranges that should be plain data clusters only: the ``(host offset,
+        length)`` runs of each (contiguous clusters merged), or None at the first cluster of
+        another type (the caller then reads the bytes instead). One pass, no segment tuples,
+        one table lookup per L2 table: a mirror's file-to-file copy asks this for thousands
+        of extents."""
+        out: list[list[tuple[int, int]]] = []
+        geometry = self._ctx.geometry
+        cluster_size, cluster_bits, l2_bits = (
+            geometry.cluster_size, geometry.cluster_bits, geometry.l2_bits
+        )
+        mask = geometry.l2_size - 1
+        in_mask = cluster_size - 1
+        zero_flag = OFLAG_ZERO if self._ctx.header.version == 3 else 0
+        not_plain = OFLAG_COMPRESSED | zero_flag
+        l1 = self.l1
+        allocator = self._allocator
+        current_l1 = -1
+        table: list[int] | None = None
+        for offset, length in extents:
+            runs: list[tuple[int, int]] = []
+            out.append(runs)
+            pos, end = offset, offset + length
+            while pos < end:
+                guest_cluster = pos >> cluster_bits
+                l1_index = guest_cluster >> l2_bits
+                if l1_index != current_l1:
+                    table = await self.l2_for_read(l1_index)
+                    if table is None:
+                        return None
+                    current_l1 = l1_index
+                assert table is not None
+                entry = table[guest_cluster & mask]
+                host = entry & L2E_OFFSET_MASK
+                if not host or entry & not_plain:
+                    return None
+                if host & in_mask or host >> cluster_bits >= allocator.end:
+                    await self.check_data_cluster(
+                        host, l1[l1_index] & L1E_OFFSET_MASK, guest_cluster & mask, False)
+                in_cluster = pos & in_mask
+                n = min(cluster_size - in_cluster, end - pos)
+                host += in_cluster
+                pos += n
+                if runs:
+                    last_host, last_n = runs[-1]
+                    if last_host + last_n == host:
+                        runs[-1] = (last_host, last_n + n)
+                        continue
+                runs.append((host, n))
+        return out
+
     async def link(self, links: list[Link]) -> None:
         """Point L2 entries at data now written, freeing what they held."""
         current = -1
-        l2_offset, table = 0, list[int]()
+        table = list[int]()
+        holds = L2E_OFFSET_MASK | OFLAG_COMPRESSED
         for l1_index, l2_index, new in links:
             if l1_index != current:
                 l2_offset, table = await self.l2_for_write(l1_index)
+                # dirty before the next table is fetched: a clean one may be evicted
+                self.l2_cache.mark_dirty(l2_offset, table)
                 current = l1_index
             old = table[l2_index]
             table[l2_index] = new
-            self.l2_cache.mark_dirty(l2_offset, table)
-            if (old & L2E_OFFSET_MASK) != (new & L2E_OFFSET_MASK) or old & OFLAG_COMPRESSED:
+            # an entry without a host cluster (unallocated, plain zero) frees nothing
+            if old & holds and (
+                    (old & L2E_OFFSET_MASK) != (new & L2E_OFFSET_MASK) or old & OFLAG_COMPRESSED):
                 self._allocator.free_entry_later(old)
 
     # --- zeroing and discarding ------------------------------------------------------------
@@ -244,34 +356,59 @@ class ClusterMap:
     async def zero_clusters_v3(self, first: int, end: int, unmap: bool) -> None:
         """Set zero flags on guest clusters [first, end), one L2 table at a time (a mirror
         zeroes whole gigabytes at once)."""
+        await self.zero_spans_v3([(first, end)], unmap)
+
+    async def zero_spans_v3(self, spans: list[tuple[int, int]], unmap: bool) -> None:
+        """``zero_clusters_v3`` of every ``(first, end)`` in turn, in one pass (a mirror's
+        batch of holes: thousands of short spans, mostly in the same few L2 tables)."""
         l2_bits = self._ctx.geometry.l2_bits
         mask = self._ctx.geometry.l2_size - 1
-        guest_cluster = first
-        while guest_cluster < end:
-            l1_index = guest_cluster >> l2_bits
-            stop = min(end, (l1_index + 1) << l2_bits)
-            lo, hi = guest_cluster & mask, ((stop - 1) & mask) + 1
-            guest_cluster = stop
-            table = await self.l2_for_read(l1_index)
-            if table is not None and all(
-                (e & (OFLAG_ZERO | OFLAG_COMPRESSED)) == OFLAG_ZERO
-                and (not unmap or not e & L2E_OFFSET_MASK)
-                for e in table[lo:hi]
-            ):
-                continue  # already zero clusters
-            l2_offset, writable = await self.l2_for_write(l1_index)
-            for l2_index in range(lo, hi):
-                entry = writable[l2_index]
-                kind = self.cluster_type(entry)
-                if kind == ZERO_PLAIN or (kind == ZERO_ALLOC and not unmap):
-                    continue
-                if kind in (NORMAL, ZERO_ALLOC) and entry & OFLAG_COPIED and not unmap:
-                    writable[l2_index] = (entry & L2E_OFFSET_MASK) | OFLAG_COPIED | OFLAG_ZERO
+        current = -1
+        table: list[int] | None = None
+        l2_offset = 0
+        writable: list[int] | None = None
+        for first, end in spans:
+            guest_cluster = first
+            while guest_cluster < end:
+                l1_index = guest_cluster >> l2_bits
+                stop = min(end, (l1_index + 1) << l2_bits)
+                lo, hi = guest_cluster & mask, ((stop - 1) & mask) + 1
+                guest_cluster = stop
+                if l1_index != current:
+                    current = l1_index
+                    writable = None
+                    table = await self.l2_for_read(l1_index)
+                source = writable if writable is not None else table
+                old = source[lo:hi] if source is not None else None
+                if old is not None and (old.count(OFLAG_ZERO) == hi - lo or all(
+                    (e & (OFLAG_ZERO | OFLAG_COMPRESSED)) == OFLAG_ZERO
+                    and (not unmap or not e & L2E_OFFSET_MASK)
+                    for e in old
+                )):
+                    continue  # already zero clusters
+                if writable is None:
+                    l2_offset, writable = await self.l2_for_write(l1_index)
+                    old = writable[lo:hi]
+                assert old is not None
+                if not any(old):
+                    # all unallocated: the common case of a fresh target
+                    writable[lo:hi] = [OFLAG_ZERO] * (hi - lo)
                 else:
-                    if kind != UNALLOCATED:
-                        self._allocator.free_entry_later(entry)
-                    writable[l2_index] = OFLAG_ZERO
-            self.l2_cache.mark_dirty(l2_offset, writable)
+                    self._zero_entries(writable, lo, hi, unmap)
+                self.l2_cache.mark_dirty(l2_offset, writable)
+
+    def _zero_entries(self, writable: list[int], lo: int, hi: int, unmap: bool) -> None:
+        for l2_index in range(lo, hi):
+            entry = writable[l2_index]
+            kind = self.cluster_type(entry)
+            if kind == ZERO_PLAIN or (kind == ZERO_ALLOC and not unmap):
+                continue
+            if kind in (NORMAL, ZERO_ALLOC) and entry & OFLAG_COPIED and not unmap:
+                writable[l2_index] = (entry & L2E_OFFSET_MASK) | OFLAG_COPIED | OFLAG_ZERO
+            else:
+                if kind != UNALLOCATED:
+                    self._allocator.free_entry_later(entry)
+                writable[l2_index] = OFLAG_ZERO
 
     async def discard(self, first: int, end: int, has_backing: bool) -> None:
         """Deallocate guest clusters [first, end): they read as zeroes afterwards, or from the
@@ -312,3 +449,10 @@ class ClusterMap:
                            struct.pack(f">{len(chunk)}Q", *chunk)))
         await self._ctx.file.write_pieces(pieces, durable=durable)
         self.l1_dirty.clear()
+
+
+def _add_run(runs: list[tuple[bool, int]], is_data: bool, n: int) -> None:
+    if runs and runs[-1][0] == is_data:
+        runs[-1] = (is_data, runs[-1][1] + n)
+    else:
+        runs.append((is_data, n))

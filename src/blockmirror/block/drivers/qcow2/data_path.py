@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import errno
 from collections.abc import Awaitable, Callable
+from itertools import repeat
 
 from blockmirror.block.drivers.qcow2 import compress
 from blockmirror.block.drivers.qcow2.cluster_map import ClusterMap, Link, Segment
@@ -164,20 +165,21 @@ class DataPath:
         involved (zeroes, the backing file, compressed data); read the bytes instead."""
         geometry = self._ctx.geometry
         cluster_bits, cluster_size = geometry.cluster_bits, geometry.cluster_size
-        out: list[list[tuple[int, int]]] = []
+        lowest, highest = -1, -1
         async with self._ctx.lock:
-            for offset, length in extents:
-                segments = await self._map.map(offset, length)
-                if any(kind != NORMAL for kind, _p, _n, _v in segments):
-                    return None
-                out.append([(value, n) for _k, _p, n, value in segments])
-            hosts = [h for runs in out for h in runs]
-            if not hosts:
+            out = await self._map.host_runs(extents)
+            if out is None:
                 return None
-            token = self._ctx.file.register(
-                min(v for v, _n in hosts) >> cluster_bits,
-                ceil_div(max(v + n for v, n in hosts), cluster_size),
-            )
+            for runs in out:
+                for host, n in runs:
+                    if lowest < 0 or host < lowest:
+                        lowest = host
+                    if host + n > highest:
+                        highest = host + n
+            if lowest < 0:
+                return None
+            token = self._ctx.file.register(lowest >> cluster_bits,
+                                            ceil_div(highest, cluster_size))
         return out, token
 
     def release_host(self, token: int) -> None:
@@ -190,14 +192,14 @@ class DataPath:
     ) -> bool:
         """Write whole-cluster extents whose bytes are not in memory (a file-to-file copy).
 
-        Clusters are planned and allocated as ``write_many`` does; ``fill`` gets every
-        ``(guest_offset, host_offset, length)`` to put data at, in one call, and the L2
-        entries are linked once it returned. False, with nothing done: an extent is not whole
-        clusters, or overlaps another writer's allocation in flight.
+        Clusters are planned and allocated as ``write_many`` does, all extents' at once
+        (``_plan_whole``); ``fill`` gets every ``(guest_offset, host_offset, length)`` to put
+        data at, in one call, in guest order, and the L2 entries are linked once it returned.
+        False, with nothing done: an extent is not whole clusters, or overlaps another
+        writer's allocation in flight.
         """
         geometry = self._ctx.geometry
-        cluster_size, cluster_bits, l2_bits = (
-            geometry.cluster_size, geometry.cluster_bits, geometry.l2_bits)
+        cluster_size, cluster_bits = geometry.cluster_size, geometry.cluster_bits
         if any(o % cluster_size or n % cluster_size or n <= 0 for o, n in extents):
             return False
         tokens: list[int] = []
@@ -206,27 +208,29 @@ class DataPath:
         new_runs: list[tuple[int, int]] = []
         done = asyncio.Event()
         async with self._ctx.lock:
-            if any(self.allocation_in(o >> cluster_bits, (o + n - 1) >> cluster_bits)
-                   is not None for o, n in extents):
+            allocations = self.allocations
+            if allocations and not all(
+                    allocations.keys().isdisjoint(
+                        range(o >> cluster_bits, ((o + n - 1) >> cluster_bits) + 1))
+                    for o, n in extents):
                 return False
+            planned: list[tuple[int, int]] = []
             for offset, length in extents:
                 pieces = self._in_place_pieces(offset, length)
                 if pieces is None:
-                    pieces, piece_links, new_first, new_count = await self._plan(
-                        offset, length, None)
-                    for l1_index, l2_index, _entry in piece_links:
-                        self.allocations[(l1_index << l2_bits) | l2_index] = done
-                    links += piece_links
-                    if new_count:
-                        new_runs.append((new_first, new_count))
+                    planned.append((offset, length))
+                    continue
                 tokens.append(self._register(pieces))
                 for host, n, source, _buf in pieces:
-                    if plan and plan[-1][1] + plan[-1][2] == host and (
-                            plan[-1][0] + plan[-1][2] == offset + source):
-                        g, h, m = plan[-1]
-                        plan[-1] = (g, h, m + n)
-                    else:
-                        plan.append((offset + source, host, n))
+                    plan.append((offset + source, host, n))
+            if planned:
+                host_plan = await self._plan_whole(planned, links, new_runs)
+                allocations.update(dict.fromkeys(self._linked_clusters(links), done))
+                tokens.append(self._ctx.file.register(
+                    min(h for _g, h, _n in host_plan) >> cluster_bits,
+                    ceil_div(max(h + n for _g, h, n in host_plan), cluster_size)))
+                # fill wants guest order; in-place extents came first
+                plan = sorted(plan + host_plan) if plan else host_plan
             self._ctx.file.grow_ahead(self._allocator.end * cluster_size)
         try:
             await self._ctx.file.ensure_size(max(h + n for _g, h, n in plan))
@@ -237,10 +241,129 @@ class DataPath:
             finally:
                 await self._settle(tokens, links, new_runs, ok)
         finally:
-            for l1_index, l2_index, _entry in links:
-                self.allocations.pop((l1_index << l2_bits) | l2_index, None)
+            for guest_cluster in self._linked_clusters(links):
+                self.allocations.pop(guest_cluster, None)
             done.set()
         return True
+
+    def _linked_clusters(self, links: list[Link]) -> list[int]:
+        l2_bits = self._ctx.geometry.l2_bits
+        return [(l1_index << l2_bits) | l2_index for l1_index, l2_index, _entry in links]
+
+    async def _plan_whole(
+        self, extents: list[tuple[int, int]], links: list[Link], new_runs: list[tuple[int, int]]
+    ) -> list[tuple[int, int, int]]:
+        """Under the lock: ``_plan`` for many whole-cluster extents at once, returning
+        ``(guest_offset, host_offset, length)`` runs (contiguous in both merged).
+
+        The L2 tables come first, then one allocation for every new cluster of the batch
+        where the free space from the allocator's hint on is one run (a fresh or growing
+        image: the clusters each extent's own allocation would have got, in the same order),
+        else one allocation per extent as ``_plan`` does. New clusters' links are appended
+        to ``links`` and their runs to ``new_runs``.
+        """
+        geometry = self._ctx.geometry
+        cluster_size, cluster_bits, l2_bits = (
+            geometry.cluster_size, geometry.cluster_bits, geometry.l2_bits)
+        mask = geometry.l2_size - 1
+        cluster_map = self._map
+        v3 = self._ctx.header.version == 3
+        tables: dict[int, tuple[int, list[int]]] = {}
+        for offset, length in extents:
+            first = offset >> cluster_bits
+            last = (offset + length - 1) >> cluster_bits
+            for l1_index in range(first >> l2_bits, (last >> l2_bits) + 1):
+                if l1_index not in tables:
+                    tables[l1_index] = await cluster_map.l2_for_write(l1_index)
+        # per extent: how many clusters need a new host cluster; ``fresh``: all of them, and
+        # the extent's entries are all plain unallocated or zero (a mirror's empty target),
+        # which list primitives tell without a step per cluster
+        counts: list[int] = []
+        fresh: list[bool] = []
+        for offset, length in extents:
+            first = offset >> cluster_bits
+            last = (offset + length - 1) >> cluster_bits
+            if first >> l2_bits == last >> l2_bits:
+                seg = tables[first >> l2_bits][1][first & mask : (last & mask) + 1]
+                if seg.count(0) + seg.count(OFLAG_ZERO) == len(seg):
+                    counts.append(len(seg))
+                    fresh.append(True)
+                    continue
+            fresh.append(False)
+            need = 0
+            l1_index = first >> l2_bits
+            l2_offset, table = tables[l1_index]
+            for guest_cluster in range(first, last + 1):
+                if guest_cluster >> l2_bits != l1_index:
+                    l1_index = guest_cluster >> l2_bits
+                    l2_offset, table = tables[l1_index]
+                entry = table[guest_cluster & mask]
+                # NORMAL or ZERO_ALLOC that we own keep their cluster (cf. _plan)
+                if entry & OFLAG_COPIED and entry & L2E_OFFSET_MASK and not (
+                        entry & OFLAG_COMPRESSED):
+                    await cluster_map.check_data_cluster(
+                        entry & L2E_OFFSET_MASK, l2_offset, guest_cluster & mask, True)
+                else:
+                    need += 1
+            counts.append(need)
+        total = sum(counts)
+        starts: list[int] = []
+        allocator = self._allocator
+        if total and allocator.free_hint >= allocator.end:
+            start = await allocator.allocate(total)
+            new_runs.append((start, total))
+            for need in counts:
+                starts.append(start)
+                start += need
+        else:
+            for need in counts:
+                start = (await allocator.allocate(need)) if need else 0
+                if need:
+                    new_runs.append((start, need))
+                starts.append(start)
+        plan: list[tuple[int, int, int]] = []
+        for (offset, length), next_new, is_fresh in zip(extents, starts, fresh, strict=True):
+            first = offset >> cluster_bits
+            last = (offset + length - 1) >> cluster_bits
+            l1_index = first >> l2_bits
+            if is_fresh:
+                # one run of new clusters; its entries link to consecutive host clusters
+                host = next_new << cluster_bits
+                lo = first & mask
+                links.extend(zip(repeat(l1_index), range(lo, lo + last - first + 1),
+                                 range(host | OFLAG_COPIED, (host + length) | OFLAG_COPIED,
+                                       cluster_size), strict=False))
+                if plan and plan[-1][0] + plan[-1][2] == offset and (
+                        plan[-1][1] + plan[-1][2] == host):
+                    g, h, m = plan[-1]
+                    plan[-1] = (g, h, m + length)
+                else:
+                    plan.append((offset, host, length))
+                continue
+            table = tables[l1_index][1]
+            for guest_cluster in range(first, last + 1):
+                if guest_cluster >> l2_bits != l1_index:
+                    l1_index = guest_cluster >> l2_bits
+                    table = tables[l1_index][1]
+                l2_index = guest_cluster & mask
+                entry = table[l2_index]
+                host = entry & L2E_OFFSET_MASK
+                if entry & OFLAG_COPIED and host and not entry & OFLAG_COMPRESSED:
+                    if v3 and entry & OFLAG_ZERO:
+                        # keep the preallocated cluster, drop its zero flag
+                        links.append((l1_index, l2_index, host | OFLAG_COPIED))
+                else:
+                    host = next_new << cluster_bits
+                    next_new += 1
+                    links.append((l1_index, l2_index, host | OFLAG_COPIED))
+                guest = guest_cluster << cluster_bits
+                if plan:
+                    g, h, m = plan[-1]
+                    if g + m == guest and h + m == host:
+                        plan[-1] = (g, h, m + cluster_size)
+                        continue
+                plan.append((guest, host, cluster_size))
+        return plan
 
     async def _settle(self, tokens: list[int], links: list[Link],
                       new_runs: list[tuple[int, int]], ok: bool) -> None:

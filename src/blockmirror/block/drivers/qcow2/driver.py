@@ -313,11 +313,11 @@ class Qcow2Driver(BlockDriver):
             spans.append((offset // cluster_size, ceil_div(end, cluster_size)))
         unmap = bool(flags & WriteFlags.MAY_UNMAP)
         async with self.lock:
-            if any(self.data_path.allocation_in(first, stop - 1) is not None
-                   for first, stop in spans):
+            if self.data_path.allocations and any(
+                    self.data_path.allocation_in(first, stop - 1) is not None
+                    for first, stop in spans):
                 return False
-            for first, stop in spans:
-                await self.cluster_map.zero_clusters_v3(first, stop, unmap)
+            await self.cluster_map.zero_spans_v3(spans, unmap)
             await self._write_back()
         return True
 
@@ -333,14 +333,7 @@ class Qcow2Driver(BlockDriver):
             if self.recurse_block_status:
                 return None  # data clusters may read as zeroes: block_status asks the file
             for offset, length in ranges:
-                runs: list[tuple[bool, int]] = []
-                for kind, _pos, n, _value in await self.cluster_map.map(offset, length):
-                    is_data = kind in (NORMAL, COMPRESSED)
-                    if runs and runs[-1][0] == is_data:
-                        runs[-1] = (is_data, runs[-1][1] + n)
-                    else:
-                        runs.append((is_data, n))
-                out.append(runs)
+                out.append(await self.cluster_map.data_runs(offset, length))
         return out
 
     async def _write_back(self) -> None:
