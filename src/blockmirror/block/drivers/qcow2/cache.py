@@ -18,6 +18,9 @@ class TableCache:
         self.budget = budget
         self._tables: OrderedDict[int, list[int]] = OrderedDict()
         self.dirty: set[int] = set()
+        #: the entries [lo, hi) changed in a dirty table since it was last written, where
+        #: every change so far named its entries; a dirty table without a span is whole
+        self.spans: dict[int, tuple[int, int]] = {}
 
     def __len__(self) -> int:
         return len(self._tables)
@@ -38,22 +41,36 @@ class TableCache:
         self._tables[key] = table
         self._tables.move_to_end(key)
         if dirty:
+            self.spans.pop(key, None)  # written whole
             self.dirty.add(key)
         self._evict()
 
-    def mark_dirty(self, key: int, table: list[int] | None = None) -> None:
+    def mark_dirty(self, key: int, table: list[int] | None = None,
+                   span: tuple[int, int] | None = None) -> None:
+        """``span``: only entries [lo, hi) changed; without one the whole table is dirty."""
         if key not in self._tables:
             if table is None:
                 raise InternalError(f"qcow2 metadata table {key:#x} was evicted while in use")
             self._tables[key] = table
+        if span is None:
+            self.spans.pop(key, None)
+        else:
+            known = self.spans.get(key)
+            if known is not None:
+                self.spans[key] = (min(known[0], span[0]), max(known[1], span[1]))
+            elif key not in self.dirty:
+                self.spans[key] = span
+            # else: already dirty as a whole, and it stays whole
         self.dirty.add(key)
 
     def drop(self, key: int) -> None:
         self._tables.pop(key, None)
         self.dirty.discard(key)
+        self.spans.pop(key, None)
 
     def clean_all(self) -> None:
         self.dirty.clear()
+        self.spans.clear()
         self._evict()
 
     def _evict(self) -> None:

@@ -1,7 +1,9 @@
-"""Refcount blocks written in part: only the 4 KiB pieces holding changed entries.
+"""Refcount blocks and L2 tables written in part: only the 4 KiB pieces holding changed
+entries.
 
 The allocator remembers which entries of a dirty refcount block changed and writes only the
-pages that hold them (refcount_allocator.write_dirty_blocks). These images make the blocks
+pages that hold them (refcount_allocator.write_dirty_blocks); the L2 cache does the same for
+the entries a write links (cluster_map.link, write_dirty_l2). These images make the blocks
 span several pages, so that allocations cross page boundaries between flushes, across a
 reopen (spans on blocks read back from disk), for three refcount widths; qemu-img check must
 find every refcount right after every flush, and the data must read back as written.
