@@ -323,6 +323,21 @@ def write_until_kill(d: DaemonProcess, m: Monitor, w: Writer, phase: str, rng: r
     return done, ready_mark
 
 
+def assert_recopy_within_bound(stats: dict[str, int], label: str, extra: str = "") -> None:
+    """The bound both kill matrices hold each run to: never the whole disk, and at most what
+    was dirty at the kill (len - offset at the last look, the writes len did not count yet,
+    the write in flight) plus what was copied but not yet durable (after the snapshot of
+    the last durable checkpoint, measured per run) plus the hot extents."""
+    assert stats["recopy"] < SIZE, stats
+    dirty = stats["remaining_at_kill"] + stats["not_counted"] + stats["unacked"]
+    strict = dirty + stats["lag"] + stats["hot"]
+    assert stats["recopy"] <= strict, stats
+    print(f"{label}: recopy {stats['recopy']} of {SIZE} <= {strict} (dirty {dirty} = "
+          f"len - offset {stats['remaining_at_kill']} + not yet in len "
+          f"{stats['not_counted']} + unacked {stats['unacked']}; copied after the "
+          f"checkpoint {stats['lag']}; hot {stats['hot']}{extra})")
+
+
 def recopy_bound(rec: Recovered) -> tuple[int, int]:
     """What a resume state says must be recopied: (checkpoint dirty chunks plus hot extents,
     hot extents), in bytes."""
