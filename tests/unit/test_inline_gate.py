@@ -181,3 +181,40 @@ def test_file_flush_runs_inline_only_after_small_writes(tmp_path: Path,
 
     asyncio.run(main())
     assert asked == [False, True, False, False, True, False], asked
+
+
+def test_small_copies_between_local_files_run_inline(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """block/copy.py copies a small plan between two local files on the loop thread (the
+    gate admits it) and a large one in the pool; both copy exactly."""
+    from blockmirror.block.copy import copy_extents
+    from blockmirror.block.graph import BlockGraph
+    from blockmirror.block.options import close_all, open_blockdev
+
+    gate = InlineGate(burst=1000)
+    monkeypatch.setattr(threadio, "inline_gate", gate)
+    src, dst = tmp_path / "s.raw", tmp_path / "d.raw"
+    data = bytes(range(256)) * (4 * 4096)  # 4 MiB
+    src.write_bytes(data)
+    dst.write_bytes(bytes(len(data)))
+
+    async def main() -> tuple[int, int]:
+        graph = BlockGraph()
+        try:
+            s = await open_blockdev(graph, {"driver": "file", "node-name": "s",
+                                            "filename": str(src)})
+            d = await open_blockdev(graph, {"driver": "file", "node-name": "d",
+                                            "filename": str(dst)})
+            await copy_extents(s, d, [(0, 65536), (131072, 4096)])  # 68 KiB: inline
+            inline = gate.inline_calls
+            await copy_extents(s, d, [(1 << 20, 1 << 20)])          # 1 MiB: the pool
+            return inline, gate.pooled_calls
+        finally:
+            await close_all(graph)
+
+    inline, pooled = asyncio.run(main())
+    assert (inline, pooled) == (1, 0)  # over max_bytes, the gate is not even asked
+    out = dst.read_bytes()
+    assert out[:65536] == data[:65536] and out[131072:135168] == data[131072:135168]
+    assert out[1 << 20:2 << 20] == data[1 << 20:2 << 20]
+    assert out[65536:131072] == bytes(65536) and out[2 << 20:] == bytes(len(data) - (2 << 20))

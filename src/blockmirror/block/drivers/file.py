@@ -286,6 +286,12 @@ class FileDriver(BlockDriver):
         except OSError as e:
             raise _os_error(e) from e
 
+    @property
+    def inline_ok(self) -> bool:
+        """Small buffered I/O on this file may run on the loop thread (a regular file on a
+        local filesystem, not O_DIRECT; see block/inline_gate.py)."""
+        return self._inline_writes
+
     def note_bulk_write(self) -> None:
         """Writes reached the file past this driver (block/copy.py's batches)."""
         self._bulk_unsynced = True
