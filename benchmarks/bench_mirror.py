@@ -26,7 +26,8 @@ alike, and the medians and the ratios ours/QSD are printed for every case.
 Environment: ``BENCH_MIRROR_SIZES=1G,4G``, ``BENCH_MIRROR_FMTS=raw,qcow2``,
 ``BENCH_MIRROR_LAYOUTS=4k,64k,1m,4m``, ``BENCH_MIRROR_LOADS=idle,paced,max``,
 ``BENCH_MIRROR_REPEAT=3``, ``BENCH_MIRROR_MODE=background|write-blocking``,
-``BENCH_MIRROR_DIRECT=1`` (cache.direct=on), ``BENCH_DIR`` (where images go).
+``BENCH_MIRROR_DIRECT=1`` (cache.direct=on), ``BENCH_MIRROR_VERBOSE=1`` (a row for every
+run pair as well as the medians), ``BENCH_DIR`` (where images go).
 """
 
 from __future__ import annotations
@@ -320,6 +321,7 @@ def main() -> int:
     layouts = os.environ.get("BENCH_MIRROR_LAYOUTS", "64k").split(",")
     loads = os.environ.get("BENCH_MIRROR_LOADS", "idle,max").split(",")
     repeat = max(1, int(os.environ.get("BENCH_MIRROR_REPEAT", "3")))
+    verbose = os.environ.get("BENCH_MIRROR_VERBOSE") == "1"
     work = tempfile.mkdtemp(prefix="bench-mirror-", dir=os.environ.get("BENCH_DIR"))
     print(f"copy mode {os.environ.get('BENCH_MIRROR_MODE', 'background')}, "
           f"medians of {repeat}; ratios are ours / QSD")
@@ -336,7 +338,7 @@ def main() -> int:
                             # one daemon at a time; wait4 needs each daemon reaped by us
                             qs.append(run_one("qsd", work, src, fmt, size, load))
                             os_.append(run_one("ours", work, src, fmt, size, load))
-                            if repeat == 1:
+                            if repeat == 1 or verbose:
                                 _row(size, fmt, layout, load, qs[-1], os_[-1], "")
                         if repeat > 1:
                             _row(size, fmt, layout, load, _median(qs), _median(os_), " median")
