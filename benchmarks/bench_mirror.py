@@ -26,7 +26,8 @@ alike, and the medians and the ratios ours/QSD are printed for every case.
 Environment: ``BENCH_MIRROR_SIZES=1G,4G``, ``BENCH_MIRROR_FMTS=raw,qcow2``,
 ``BENCH_MIRROR_LAYOUTS=4k,64k,1m,4m``, ``BENCH_MIRROR_LOADS=idle,paced,max``,
 ``BENCH_MIRROR_REPEAT=3``, ``BENCH_MIRROR_MODE=background|write-blocking``,
-``BENCH_MIRROR_DIRECT=1`` (cache.direct=on), ``BENCH_MIRROR_VERBOSE=1`` (a row for every
+``BENCH_MIRROR_DIRECT=1`` (cache.direct=on), ``BENCH_MIRROR_SETTLE=3`` (seconds of
+quiet before each run; see ``_settle``), ``BENCH_MIRROR_VERBOSE=1`` (a row for every
 run pair as well as the medians), ``BENCH_DIR`` (where images go).
 """
 
@@ -151,6 +152,23 @@ def _prewarm(path: str) -> None:
     os.sync()
 
 
+def _settle() -> None:
+    """Let the guest kernel hand the memory freed by the last run back to the host.
+
+    On a VM with free page reporting (virtio-balloon), freed memory goes back to the host
+    about 2 s after it is freed, and faulting it in again costs the next user of the
+    page cache ~20 µs per 4 KiB page (measured here: 103 s of system time to touch
+    20 GiB). Without a pause, a run that starts right after the previous run deleted its
+    512 MiB target reuses pages not yet reported, and one that starts a little later
+    pays the faults: 1-3 s of system time that landed on one daemon or the other by
+    timing alone. ``BENCH_MIRROR_SETTLE`` seconds (default 0) before each run give every
+    run the same start: its page cache comes from memory the host has taken back.
+    """
+    pause = float(os.environ.get("BENCH_MIRROR_SETTLE", "0"))
+    if pause > 0:
+        time.sleep(pause)
+
+
 def _acknowledged(log: str) -> int:
     """Writes qemu-io has seen acknowledged so far (one "wrote" line each)."""
     try:
@@ -165,6 +183,7 @@ def run_one(which: str, work: str, src: str, fmt: str, size: int, load: str) -> 
     tgt = os.path.join(work, f"tgt-{which}.{fmt}")
     subprocess.run(["qemu-img", "create", "-q", "-f", fmt, tgt, str(size)], check=True)
     _prewarm(src)
+    _settle()
     pidfile = os.path.join(work, f"{which}.pid")
     if os.path.exists(pidfile):
         os.unlink(pidfile)
