@@ -98,9 +98,6 @@ class BlockDriver(ABC):
     max_transfer: int = 32 * 1024 * 1024
     #: FUA writes are native (else the generic path flushes after the write)
     supports_fua: bool = False
-    #: a FUA write also makes every earlier write durable (file: pwrite + fdatasync), so a
-    #: format's "write this, then flush" can be one FUA write
-    fua_is_flush: bool = False
     #: write_zeroes with MAY_UNMAP really deallocates and reads back as zero
     can_write_zeroes_with_unmap: bool = False
     #: DATA extents with a map offset are refined by asking the protocol node below whether
