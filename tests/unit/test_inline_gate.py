@@ -80,11 +80,56 @@ def test_an_occasional_slow_call_keeps_it_open_sustained_slowness_closes_it() ->
     assert slow <= 6
 
 
-def test_a_burst_of_inline_calls_is_broken_by_one_pool_call() -> None:
+def test_a_burst_of_inline_calls_is_broken_by_one_yield() -> None:
     t = FakeTime()
     gate = InlineGate(burst=4, now_ns=t)
-    pattern = [_run_inline(gate, t, 0) for _ in range(10)]
-    assert pattern == [True] * 4 + [False] + [True] * 4 + [False]
+    pattern = []
+    for _ in range(10):
+        assert _run_inline(gate, t, 0)
+        pattern.append(gate.yield_first)
+    assert pattern == [False] * 4 + [True] + [False] * 3 + [True] + [False]
+    assert gate.yields == 2 and gate.pooled_calls == 0
+    # a call sent to the pool yields by itself: the streak starts again after it
+    assert not gate.admit(gate.max_bytes + 1)
+    pattern = []
+    for _ in range(5):
+        assert _run_inline(gate, t, 0)
+        pattern.append(gate.yield_first)
+    assert pattern == [False] * 4 + [True]
+
+
+def test_the_yield_lets_other_tasks_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A task issuing small writes back to back lets another ready task run every
+    ``burst`` writes (the yield before the admitted call), without any pool call."""
+    gate = InlineGate(burst=3)
+    monkeypatch.setattr(threadio, "inline_gate", gate)
+    path = tmp_path / "img"
+    path.write_bytes(bytes(64 * KiB))
+    fd = os.open(path, os.O_RDWR)
+    seen: list[int] = []
+
+    async def main() -> None:
+        written = 0
+
+        async def other() -> None:
+            while written < 12:
+                seen.append(written)
+                await asyncio.sleep(0)
+
+        task = asyncio.get_running_loop().create_task(other())
+        await asyncio.sleep(0)  # let it start: it records 0 and yields
+        for i in range(12):
+            await threadio.pwrite(fd, i * 4096, b"x" * 4096, inline=True)
+            written += 1
+        await task
+
+    try:
+        asyncio.run(main())
+    finally:
+        os.close(fd)
+    assert gate.pooled_calls == 0 and gate.inline_calls == 12 and gate.yields == 3
+    # the other task ran before the first write and at each yield (after writes 3, 6, 9)
+    assert seen[:4] == [0, 3, 6, 9]
 
 
 def test_disabled_gate_sends_everything_to_the_pool() -> None:
@@ -105,9 +150,10 @@ def test_file_writes_inline_and_pooled_store_the_same_bytes(tmp_path: Path,
     expect = bytearray(1024 * KiB)
 
     async def main() -> None:
+        # every combination of inline or pooled, plain or durable
         for i in range(9):
             off, data = i * 70 * KiB, bytes([i + 1]) * (64 * KiB + i)
-            await threadio.pwrite(fd, off, data, sync=bool(i % 2), inline=True)
+            await threadio.pwrite(fd, off, data, sync=bool(i % 2), inline=i % 4 < 2)
             expect[off:off + len(data)] = data
         big = b"\xee" * (256 * KiB)  # over max_bytes: the pool
         await threadio.pwrite(fd, 700 * KiB, big, inline=True)
@@ -121,8 +167,10 @@ def test_file_writes_inline_and_pooled_store_the_same_bytes(tmp_path: Path,
     finally:
         os.close(fd)
     assert path.read_bytes() == bytes(expect)
-    # burst 2: inline, inline, pool, ... for the nine small writes; the big one is pooled
-    assert (gate.inline_calls, gate.pooled_calls) == (6, 4)
+    # i % 4 < 2: writes 0, 1, 4, 5 and 8 inline, with a yield before 4 and 8 (the gate
+    # counts the calls it admits; 2, 3, 6 and 7 never ask it); the big write is refused
+    # and the last one does not ask
+    assert (gate.inline_calls, gate.pooled_calls, gate.yields) == (5, 1, 2)
 
 
 def test_local_filesystems_are_told_from_others(tmp_path: Path) -> None:

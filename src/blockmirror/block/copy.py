@@ -203,18 +203,11 @@ async def _copy_host_to_host_plan(
     _enter(src.nodes)
     _enter(dst.nodes)
     try:
-        if _small_local(src, dst, plan) and threadio.inline_gate.admit(
-                sum(n for _s, _d, n in plan)):
-            # a few chunks between local files: on the loop thread, as a small write is (the
-            # pool's hop cost more than the copy; a READY mirror under a busy guest copies
-            # one 64 KiB chunk per guest write, and could not catch up to finish)
-            started = threadio.inline_gate.start()
-            try:
-                threadio.copy_batch_sync(src.fd, dst.fd, plan)
-            finally:
-                threadio.inline_gate.done(started)
-        else:
-            await threadio.run(threadio.copy_batch_sync, src.fd, dst.fd, plan)
+        # a few chunks between local files may run on the loop thread, as a small write
+        # does (the pool's hop cost more than the copy; a READY mirror under a busy guest
+        # copies one 64 KiB chunk per guest write, and could not catch up to finish)
+        await threadio.run_short(sum(n for _s, _d, n in plan), _small_local(src, dst, plan),
+                                 threadio.copy_batch_sync, src.fd, dst.fd, plan)
     except OSError as e:
         raise _batch_error(e) from e
     finally:

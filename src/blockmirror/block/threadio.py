@@ -508,31 +508,42 @@ async def pread(fd: int, offset: int, length: int, *, direct: bool = False) -> b
 inline_gate = InlineGate()
 
 
+async def run_short(nbytes: int, inline: bool, fn: Callable[..., T], *args: object) -> T:
+    """Run a short blocking call on the loop thread when ``inline`` (the caller's files
+    allow it: buffered, on a local filesystem) and ``inline_gate`` admits a call of
+    ``nbytes``; else in the pool, as ``run`` does (see inline_gate.py)."""
+    gate = inline_gate
+    if inline and gate.admit(nbytes):
+        if gate.yield_first:
+            await asyncio.sleep(0)
+        started = gate.start()
+        try:
+            return fn(*args)
+        finally:
+            gate.done(started)
+    return await run(fn, *args)
+
+
 async def pwrite(fd: int, offset: int, data: bytes | memoryview, *, direct: bool = False,
                  sync: bool = False, inline: bool = False) -> None:
     """``sync``: the write is durable when this returns (a FUA write: one call, not two).
+    Only this write: ``RWF_DSYNC`` syncs its own range, not the file's other dirty pages.
 
     With ``inline`` (the caller's file is on a local filesystem, ``is_local_fs_sync``), a
     small buffered write runs on the calling (loop) thread when ``inline_gate`` admits it:
     the hop to a worker and back costs more than the write (inline_gate.py). O_DIRECT writes
     always go to the pool: they wait for the device.
     """
-    if inline and not direct and inline_gate.admit(len(data)):
-        started = inline_gate.start()
-        try:
-            if sync:
-                pwrite_dsync_sync(fd, data, offset)
-            else:
-                _pwrite_all(fd, offset, data, False)
-        finally:
-            inline_gate.done(started)
-        return
-    await run(_pwrite_sync if sync else _pwrite_all, fd, offset, data, direct)
+    await run_short(len(data), inline and not direct, _pwrite_durable if sync else _pwrite_all,
+                    fd, offset, data, direct)
 
 
-def _pwrite_sync(fd: int, offset: int, data: bytes | memoryview, direct: bool) -> None:
-    _pwrite_all(fd, offset, data, direct)
-    os.fdatasync(fd)
+def _pwrite_durable(fd: int, offset: int, data: bytes | memoryview, direct: bool) -> None:
+    if direct:
+        _pwrite_all(fd, offset, data, direct)
+        os.fdatasync(fd)
+    else:
+        pwrite_dsync_sync(fd, data, offset)
 
 
 async def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -560,14 +571,7 @@ async def fdatasync(fd: int, *, inline: bool = False) -> None:
     driver's ``flush``); then it may run on the loop thread when ``inline_gate`` admits it,
     like the small writes themselves (a writethrough guest's write to a qcow2 image ends
     with one: its hop to the pool cost more than the sync)."""
-    if inline and inline_gate.admit(0):
-        started = inline_gate.start()
-        try:
-            os.fdatasync(fd)
-        finally:
-            inline_gate.done(started)
-        return
-    await run(os.fdatasync, fd)
+    await run_short(0, inline, os.fdatasync, fd)
 
 
 async def ftruncate(fd: int, length: int) -> None:
