@@ -83,11 +83,12 @@ def host_file(node: BlockNode, *, for_write: bool) -> HostFile | None:
     return None
 
 
-def _small_local(src: HostFile, dst: HostFile, plan: list[tuple[int, int, int]]) -> bool:
-    """Both files are buffered regular files on local filesystems, and the plan is small."""
+def _small_local(src: HostFile, dst: HostFile, nbytes: int) -> bool:
+    """Both files are buffered regular files on local filesystems, and a plan of ``nbytes``
+    is small."""
     if src.direct or dst.direct:
         return False
-    if sum(n for _s, _d, n in plan) > threadio.inline_gate.max_bytes:
+    if nbytes > threadio.inline_gate.max_bytes:
         return False
     for hf in (src, dst):
         drv = hf.nodes[-1].driver
@@ -206,7 +207,8 @@ async def _copy_host_to_host_plan(
         # a few chunks between local files may run on the loop thread, as a small write
         # does (the pool's hop cost more than the copy; a READY mirror under a busy guest
         # copies one 64 KiB chunk per guest write, and could not catch up to finish)
-        await threadio.run_short(sum(n for _s, _d, n in plan), _small_local(src, dst, plan),
+        nbytes = sum(n for _s, _d, n in plan)
+        await threadio.run_short(nbytes, _small_local(src, dst, nbytes),
                                  threadio.copy_batch_sync, src.fd, dst.fd, plan)
     except OSError as e:
         raise _batch_error(e) from e

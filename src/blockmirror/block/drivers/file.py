@@ -104,8 +104,8 @@ class FileDriver(BlockDriver):
     format_name = "file"
     supports_truncate = True
     max_transfer = 16 * 1024 * 1024
-    #: a FUA write is one call (pwritev2 with RWF_DSYNC inline, pwrite + fdatasync in the
-    #: pool), not the generic write-then-flush in two hops: a writethrough client (qemu-io's
+    #: a FUA write is one call (pwritev2 with RWF_DSYNC; pwrite + fdatasync with O_DIRECT),
+    #: not the generic write-then-flush in two hops: a writethrough client (qemu-io's
     #: default) sends every write with FUA. It promises only that write's durability
     #: (RWF_DSYNC syncs the written range, not the file's other dirty pages), so formats
     #: that need "everything so far" flush instead
