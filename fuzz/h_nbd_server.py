@@ -3,7 +3,7 @@
 The fuzzer's bytes pick a handshake (fixed newstyle with or without structured replies and
 meta contexts, or raw bytes), then requests (mostly well-formed headers with fuzzed fields,
 WRITE payloads included) and trailing junk. The stream is fed to a real server connection
-(export/nbd_server.py's client task) over an in-memory reader/writer, on a 256 KiB RAM node.
+(export/nbd_server.py's client task) over a socket pair, on a 256 KiB RAM node.
 
 Invariants: the connection task never crashes (client.crashed), finishes within its time
 limits, the export keeps its size, and no byte changes unless an acknowledged
@@ -12,11 +12,9 @@ WRITE/WRITE_ZEROES/TRIM covered it.
 
 from __future__ import annotations
 
-import asyncio
 import struct
 import sys
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
@@ -35,7 +33,7 @@ from blockmirror.nbd.handshake import meta_payload
 from blockmirror.nbd.transmission import ReplyDecoder
 from fuzz.common import Finding, run
 from fuzz.provider import Input
-from nbd_helpers import CollectingWriter, RamDriver, ram_node
+from nbd_helpers import RamDriver, SocketClient, ram_node
 
 SIZE = 256 * 1024
 #: the export's contents before each input: no zero byte, so a zeroed byte shows
@@ -137,13 +135,11 @@ async def _serve(stream: bytes, writable: bool) -> tuple[bytes, bytes, bytes, bo
     before = PATTERN
     server = ns.NbdServer(d.graph, d.events, handshake_timeout=2.0)
     server.add_export("e0", node, name="disk", description="", writable=writable)
-    reader = asyncio.StreamReader()
-    reader.feed_data(stream)
-    reader.feed_eof()
-    writer = CollectingWriter()
-    client: Any = ns._Client(server, reader, writer)  # type: ignore[arg-type]
-    await client.run()
-    return before, bytes(drv.data), bytes(writer.out), client.crashed
+    conn = SocketClient(server)
+    await conn.start()
+    await conn.send(stream)
+    out = await conn.finish(20)
+    return before, bytes(drv.data), out, conn.client.crashed
 
 
 def one_input(data: bytes) -> None:

@@ -106,28 +106,53 @@ async def serve(tmp: Path, daemon: Daemon | None = None, *, node_name: str = "n0
             await nbd_server_stop(d)
 
 
-class CollectingWriter:
-    """A StreamWriter stand-in that keeps what the server writes to it (``out``), for
-    driving the NBD server's client handler without a socket."""
+class SocketClient:
+    """Drives the NBD server's client handler over a real socket pair, as a connection from
+    ``accept()`` would be: ``send`` what a client sends, ``out`` collects what the server
+    answered until it closed the connection."""
 
-    def __init__(self) -> None:
+    def __init__(self, server: Any) -> None:
+        from blockmirror.export import nbd_server as ns
+
+        self._server = server
+        self._ns = ns
         self.out = bytearray()
-        self.closed = False
+        self.client: Any = None
+        self.task: asyncio.Task[None] | None = None
+        self._peer_w: asyncio.StreamWriter | None = None
+        self._collector: asyncio.Task[None] | None = None
 
-    def write(self, data: bytes) -> None:
-        self.out += data
+    async def start(self) -> None:
+        ours, theirs = socket.socketpair()
+        reader, writer = await asyncio.open_connection(sock=ours)
+        self.client = self._ns._Client(self._server, reader, writer)
+        self.task = asyncio.ensure_future(self.client.run())
+        peer_r, self._peer_w = await asyncio.open_connection(sock=theirs)
+        self._collector = asyncio.ensure_future(self._collect(peer_r))
 
-    async def drain(self) -> None:
-        await asyncio.sleep(0)
+    async def _collect(self, peer_r: asyncio.StreamReader) -> None:
+        with contextlib.suppress(ConnectionError):
+            while chunk := await peer_r.read(1 << 20):
+                self.out += chunk
 
-    def close(self) -> None:
-        self.closed = True
+    async def send(self, data: bytes, *, eof: bool = True) -> None:
+        """Send ``data`` (then end the stream); a server that hangs up early ends it too."""
+        w = self._peer_w
+        assert w is not None
+        with contextlib.suppress(ConnectionError):
+            w.write(data)
+            await w.drain()
+            if eof:
+                w.write_eof()
 
-    async def wait_closed(self) -> None:
-        return None
-
-    def get_extra_info(self, name: str) -> None:
-        return None
+    async def finish(self, limit_s: float) -> bytes:
+        """Wait for the handler to end and for the server's side of the socket to close."""
+        assert self.task is not None and self._collector is not None
+        await asyncio.wait_for(self.task, limit_s)
+        await asyncio.wait_for(self._collector, limit_s)
+        if self._peer_w is not None:
+            self._peer_w.close()
+        return bytes(self.out)
 
 
 def free_port() -> int:

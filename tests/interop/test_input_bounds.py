@@ -118,7 +118,7 @@ def _wait_listening(path: str) -> None:
 
 
 def _nbd_connect(path: str) -> socket.socket:
-    _wait_path(path)
+    _wait_listening(path)
     s = socket.socket(socket.AF_UNIX)
     s.settimeout(60)
     s.connect(path)

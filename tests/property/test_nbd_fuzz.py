@@ -36,7 +36,7 @@ from blockmirror.nbd.handshake import ExportInfo, ServerHandshake, meta_payload
 from blockmirror.nbd.handshake_client import ClientHandshake
 from blockmirror.nbd.transmission import ReplyDecoder, RequestDecoder
 from blockmirror.nbd.wire import NBDProtocolError
-from nbd_helpers import CollectingWriter, RamDriver, ram_node
+from nbd_helpers import RamDriver, SocketClient, ram_node
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 EXAMPLES = 10_000 if IN_CI else 400
@@ -287,14 +287,11 @@ def test_export_server_survives_any_client_stream(
         before = bytes(drv.data)
         server = ns.NbdServer(d.graph, d.events, handshake_timeout=2.0)
         server.add_export("e0", node, name="disk", description="", writable=writable)
-        reader = asyncio.StreamReader()
-        reader.feed_data(client_bytes)
-        reader.feed_eof()
-        writer = CollectingWriter()
-        client = ns._Client(server, reader, writer)  # type: ignore[arg-type]
-        await asyncio.wait_for(client.run(), 10)  # no hang beyond the timeouts
-        assert writer.closed
-        return before, bytes(drv.data), bytes(writer.out), client.crashed
+        conn = SocketClient(server)
+        await conn.start()
+        await conn.send(client_bytes)
+        out = await conn.finish(10)  # no hang beyond the timeouts; the server hung up
+        return before, bytes(drv.data), out, conn.client.crashed
 
     before, after, out, crashed = _run(main())
     assert not crashed

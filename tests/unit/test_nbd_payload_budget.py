@@ -13,7 +13,7 @@ from blockmirror.block.driver import WriteFlags
 from blockmirror.daemon import Daemon
 from blockmirror.export import nbd_server as ns
 from blockmirror.nbd.constants import NBD_OPTS_MAGIC, NBD_REQUEST_MAGIC, Cmd, Opt
-from nbd_helpers import CollectingWriter, RamDriver, ram_node
+from nbd_helpers import RamDriver, SocketClient, ram_node
 
 MiB = 1 << 20
 
@@ -47,16 +47,21 @@ def test_write_payloads_in_flight_stay_within_the_budget() -> None:
         for k in range(4):
             stream += struct.pack(">IHHQQI", NBD_REQUEST_MAGIC, 0, Cmd.WRITE, k + 1,
                                   k * 16 * MiB, 16 * MiB) + bytes([k + 1]) * (16 * MiB)
-        reader = asyncio.StreamReader(limit=1 << 30)
-        reader.feed_data(stream)
-        reader.feed_eof()
-        client = ns._Client(server, reader, CollectingWriter())  # type: ignore[arg-type]
-        task = asyncio.ensure_future(client.run())
-        for _ in range(200):  # let the server take what it can
+        conn = SocketClient(server)
+        await conn.start()
+        sender = asyncio.ensure_future(conn.send(stream))
+        # the server takes what the budget allows, then holds the third write unstarted
+        # and stops reading (the fourth stays in the socket)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while conn.client._waiting is None:
+            assert loop.time() < deadline, "the server never stopped at the budget"
             await asyncio.sleep(0)
-        held_while_blocked = peak
+        held_while_blocked = holding
+        assert not conn.client.writer.transport.is_reading()
         gate.set()
-        await asyncio.wait_for(task, 30)
+        await sender
+        await conn.finish(30)
         assert await node.read(48 * MiB, 4) == b"\x04" * 4  # all four written in the end
         return held_while_blocked, peak
 

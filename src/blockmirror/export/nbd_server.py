@@ -16,12 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import functools
 import logging
 import os
 import ssl
 import stat
 import sys
+from collections.abc import Coroutine
 from typing import Any
 
 from blockmirror.block.bitmaps import NamedBitmap, release_export_bitmaps
@@ -31,6 +31,7 @@ from blockmirror.block.graph import BlockGraph
 from blockmirror.block.node import BlockBackend, BlockNode, Perm
 from blockmirror.errors import BlockIOError, BlockMirrorError
 from blockmirror.events import EventBus
+from blockmirror.export.nbd_intake import RequestIntake, take_buffered
 from blockmirror.export.nbd_meta import (
     MAX_CONTEXT_EXTENTS,
     allocation_depth_extents,
@@ -83,7 +84,6 @@ MAX_IN_FLIGHT_BYTES = 32 * 1024 * 1024
 HANDSHAKE_TIMEOUT = 10.0
 #: extents in one BLOCK_STATUS reply (bounds the work a single request can ask for)
 MAX_EXTENTS = 2048
-_READ_CHUNK = 256 * 1024
 
 
 # --- exports -----------------------------------------------------------------------------------
@@ -305,12 +305,16 @@ class _Client:
         #: set when serving the client hit an exception nobody expected (a bug of ours)
         self.crashed = False
         self._task = asyncio.current_task()
-        self._wlock = asyncio.Lock()
-        #: WRITE payload bytes held by requests in flight (see MAX_IN_FLIGHT_BYTES)
-        self._payload = asyncio.Condition()
+        #: set once the handshake is done: the transmission phase's receive side
+        self._intake: RequestIntake | None = None
+        #: requests being served (each a task), and the WRITE payload bytes they hold
+        #: (see MAX_IN_FLIGHT_BYTES)
+        self._inflight: set[asyncio.Task[None]] = set()
         self._payload_bytes = 0
-        #: the request loop waits on _payload for the budget (only then is it notified)
-        self._payload_waiting = 0
+        #: a WRITE read in full but not started: its payload does not fit the budget yet
+        self._waiting: Request | None = None
+        #: an unexpected exception serving a request (a bug of ours); it ends the connection
+        self._failure: Exception | None = None
         self.structured = False
         self.contexts: dict[int, str] = {}
         peer = writer.get_extra_info("peername")
@@ -350,8 +354,11 @@ class _Client:
             if self.export is not None:
                 self.export.clients.discard(self)
             self.writer.close()
+            # once the intake holds the transport, the writer's own protocol never hears of
+            # the connection's end
+            closed = self._intake.closed if self._intake is not None else self.writer.wait_closed()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.writer.wait_closed(), 1)
+                await asyncio.wait_for(closed, 1)
             self.done.set()
 
     async def _handshake(self) -> bytes | None:
@@ -407,64 +414,76 @@ class _Client:
             raise TlsAuthzDenied(f"TLS x509 authz check for {dn} is denied")
 
     async def _transmission(self, trailing: bytes) -> None:
+        """Serve requests until the client disconnects; up to MAX_IN_FLIGHT run at once."""
         dec = RequestDecoder()
         dec.receive_data(trailing)
-        slots = asyncio.Semaphore(MAX_IN_FLIGHT)
-        failure: BaseException | None = None
-        # the group lets the requests in flight finish (or fail) before the connection ends
-        async with asyncio.TaskGroup() as tg:
-            try:
-                await self._request_loop(dec, tg, slots)
-            except (NBDProtocolError, ConnectionError, ssl.SSLError) as e:
-                failure = e  # raised outside the group, so not wrapped in an ExceptionGroup
-        if failure is not None:
-            raise failure
+        leftover = take_buffered(self.reader)
+        intake = RequestIntake(self.writer.transport, dec, self._admit)
+        self._intake = intake
+        intake.start(leftover, self.reader.at_eof())
+        try:
+            await intake.ended
+            # the requests in flight finish (or fail) before the connection ends
+            while self._inflight:
+                await asyncio.wait(list(self._inflight))
+        except asyncio.CancelledError:
+            for t in self._inflight:
+                t.cancel()
+            await asyncio.gather(*self._inflight, return_exceptions=True)
+            raise
+        if self._failure is not None:
+            raise self._failure
+        if intake.error is not None:
+            raise intake.error
 
-    async def _request_loop(self, dec: RequestDecoder, tg: asyncio.TaskGroup,
-                            slots: asyncio.Semaphore) -> None:
-        while True:
-            req = dec.next_request()
-            if req is None:
-                data = await self.reader.read(_READ_CHUNK)
-                if not data:
-                    return
-                dec.receive_data(data)
-                continue
-            if isinstance(req, BadRequest):
-                await self._send_error(req.cookie, req.errno, req.message)
-                return
-            if req.type == Cmd.DISC:
-                return
-            await slots.acquire()
-            held = len(req.data)
-            if held:
-                # stop reading until the payloads in flight fit the budget (bounded memory)
-                if not self._payload_fits(held):
-                    self._payload_waiting += 1
-                    try:
-                        async with self._payload:
-                            await self._payload.wait_for(
-                                functools.partial(self._payload_fits, held))
-                    finally:
-                        self._payload_waiting -= 1
-                self._payload_bytes += held
-            tg.create_task(self._serve(req, slots, held))
+    def _admit(self, req: Request | BadRequest) -> None:
+        """The intake's callback: start serving ``req``, or end the connection."""
+        intake = self._intake
+        assert intake is not None
+        if isinstance(req, BadRequest):
+            # its payload was not read: answer, then stop following the stream
+            intake.finish()
+            self._spawn(self._refuse(req))
+            return
+        if req.type == Cmd.DISC:
+            intake.finish()
+            return
+        held = len(req.data)
+        if held and not self._payload_fits(held):
+            # stop reading until the payloads in flight fit the budget (bounded memory)
+            self._waiting = req
+            intake.hold()
+            return
+        self._start(req, held)
+
+    def _start(self, req: Request, held: int) -> None:
+        self._payload_bytes += held
+        self._spawn(self._serve(req, held))
+        if len(self._inflight) >= MAX_IN_FLIGHT:
+            assert self._intake is not None
+            self._intake.hold()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._inflight.add(task)
+
+    def _forget_current(self) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._inflight.discard(task)
+
+    async def _refuse(self, req: BadRequest) -> None:
+        try:
+            await self._send_error(req.cookie, req.errno, req.message)
+        except (ConnectionError, ssl.SSLError) as e:
+            self.log.info("connection lost while replying: %s", e)
+        finally:
+            self._forget_current()
 
     def _payload_fits(self, n: int) -> bool:
         return self._payload_bytes == 0 or self._payload_bytes + n <= MAX_IN_FLIGHT_BYTES
 
-    async def _serve(self, req: Request, slots: asyncio.Semaphore, held: int = 0) -> None:
-        try:
-            await self._serve_one(req)
-        finally:
-            slots.release()
-            if held:
-                self._payload_bytes -= held
-                if self._payload_waiting:
-                    async with self._payload:
-                        self._payload.notify_all()
-
-    async def _serve_one(self, req: Request) -> None:
+    async def _serve(self, req: Request, held: int) -> None:
         try:
             try:
                 await self._dispatch(req)
@@ -476,6 +495,29 @@ class _Client:
             # the transport is gone: end the whole connection, not just this request
             self.log.info("connection lost while replying: %s", e)
             self.close()
+        except Exception as e:
+            # a bug of ours: end the connection and report it (run() logs it)
+            if self._failure is None:
+                self._failure = e
+            if self._intake is not None:
+                self._intake.finish()
+        finally:
+            self._forget_current()
+            self._payload_bytes -= held
+            self._after_request()
+
+    def _after_request(self) -> None:
+        intake = self._intake
+        if intake is None:
+            return
+        waiting = self._waiting
+        if waiting is not None:
+            if not self._payload_fits(len(waiting.data)):
+                return
+            self._waiting = None
+            self._start(waiting, len(waiting.data))
+        if len(self._inflight) < MAX_IN_FLIGHT and self._waiting is None:
+            intake.release()
 
     async def _dispatch(self, req: Request) -> None:
         exp = self.export
@@ -541,17 +583,17 @@ class _Client:
                 off += n
             pieces = [(o, n, await node.read(o, n) if d is not None else None)
                       for o, n, d in pieces]
-        async with self._wlock:
-            for i, (o, n, payload) in enumerate(pieces):
-                done = i == len(pieces) - 1
-                if payload is None:
-                    self.writer.write(encode_offset_hole(req.cookie, o, n, done=done))
-                else:
-                    self.writer.write(encode_chunk_header(req.cookie, ReplyType.OFFSET_DATA,
-                                                          8 + n, done=done))
-                    self.writer.write(o.to_bytes(8, "big"))
-                    self.writer.write(payload)
-            await self.writer.drain()
+        parts: list[bytes] = []
+        for i, (o, n, payload) in enumerate(pieces):
+            done = i == len(pieces) - 1
+            if payload is None:
+                parts.append(encode_offset_hole(req.cookie, o, n, done=done))
+            else:
+                parts.append(encode_chunk_header(req.cookie, ReplyType.OFFSET_DATA, 8 + n,
+                                                 done=done))
+                parts.append(o.to_bytes(8, "big"))
+                parts.append(payload)
+        await self._send(*parts)
 
     async def _block_status(self, node: BlockNode, req: Request) -> None:
         extents: list[tuple[int, int]] = []
@@ -597,9 +639,17 @@ class _Client:
             await self._send(encode_simple_reply(cookie, wire))
 
     async def _send(self, *parts: bytes) -> None:
-        async with self._wlock:
-            for p in parts:
-                self.writer.write(p)
+        """Send one reply. Its parts are written with no await between them, so replies of
+        requests running at once never interleave; then wait while the socket is backed up."""
+        transport = self.writer.transport
+        if transport.is_closing():
+            raise ConnectionResetError("Connection lost")
+        for p in parts:
+            transport.write(p)
+        intake = self._intake
+        if intake is not None:
+            await intake.drain()
+        else:
             await self.writer.drain()
 
 

@@ -70,17 +70,75 @@ def encode_request(
 
 
 class RequestDecoder:
-    """The server's request parser: bytes in, ``Request`` / ``BadRequest`` out."""
+    """The server's request parser: bytes in, ``Request`` / ``BadRequest`` out.
+
+    Bytes come in either as ``receive_data(bytes)`` or, with no intermediate copy, through the
+    pair ``get_buffer()`` / ``buffer_updated(n)`` that asyncio's BufferedProtocol calls: the
+    transport receives straight into the decoder. Headers and small requests land in a fixed
+    staging buffer, many per receive; a WRITE payload that does not fit there gets a buffer
+    of its own, so a 32 MiB payload is received into place instead of being re-copied per piece.
+    """
+
+    #: the staging buffer: room for many headers, or a header and a 64 KiB payload
+    STAGE_SIZE = 256 * 1024
+    #: compact the staging buffer when less than this is left at its end
+    _MIN_ROOM = 4096
 
     def __init__(self) -> None:
-        self._rx = ReceiveBuffer()
+        self._stage = bytearray(self.STAGE_SIZE)
+        self._start = 0  # first byte not yet parsed
+        self._end = 0  # end of the bytes received into the stage
+        # a WRITE whose payload is received into a buffer of its own: its header, the
+        # buffer and how much of it has arrived
+        self._header: tuple[int, int, int, int, int, int] | None = None
+        self._payload = bytearray()
+        self._got = 0
+        #: that WRITE once its payload is complete, until ``next_request`` returns it
+        self._ready: Request | None = None
 
-    def receive_data(self, data: bytes) -> None:
-        self._rx.feed(data)
+    def get_buffer(self) -> memoryview:
+        """Where the next received bytes go (never empty)."""
+        if self._header is not None:
+            return memoryview(self._payload)[self._got :]
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif len(self._stage) - self._end < self._MIN_ROOM:
+            # move the unparsed tail to the front; a stage full of requests nobody has taken
+            # yet (a caller feeding without parsing) moves to a larger one
+            n = self._end - self._start
+            stage = self._stage if n <= len(self._stage) // 2 else bytearray(2 * len(self._stage))
+            stage[:n] = self._stage[self._start : self._end]
+            self._stage, self._start, self._end = stage, 0, n
+        return memoryview(self._stage)[self._end :]
+
+    def buffer_updated(self, n: int) -> None:
+        """``n`` bytes were written at the start of the last ``get_buffer()``."""
+        if self._header is None:
+            self._end += n
+            return
+        self._got += n
+        if self._got == len(self._payload):
+            # complete: the next bytes are the next request's, back into the stage
+            _, flags, type_, cookie, offset, length = self._header
+            self._ready = Request(flags, type_, cookie, offset, length, bytes(self._payload))
+            self._header, self._payload, self._got = None, bytearray(), 0
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        with memoryview(data) as view:
+            while view:
+                buf = self.get_buffer()
+                k = min(len(buf), len(view))
+                buf[:k] = view[:k]
+                buf.release()
+                self.buffer_updated(k)
+                view = view[k:]
 
     @property
     def buffered(self) -> int:
-        return len(self._rx)
+        """Bytes received and not yet returned as requests."""
+        pending = self._got + _REQ.size if self._header else 0
+        ready = _REQ.size + self._ready.length if self._ready is not None else 0
+        return self._end - self._start + pending + ready
 
     def next_request(self) -> Request | BadRequest | None:
         """The next complete request, or None when more bytes are needed.
@@ -88,26 +146,40 @@ class RequestDecoder:
         Raises:
             NBDProtocolError: bad request magic; the connection must be closed.
         """
-        hdr = self._rx.peek(_REQ.size)
-        if hdr is None:
+        if self._ready is not None:
+            ready, self._ready = self._ready, None
+            return ready
+        if self._header is not None:
             return None
-        magic, flags, type_, cookie, offset, length = _REQ.unpack(hdr)
+        avail = self._end - self._start
+        if avail < _REQ.size:
+            return None
+        pos = self._start
+        hdr = _REQ.unpack_from(self._stage, pos)
+        magic, flags, type_, cookie, offset, length = hdr
         if magic != NBD_REQUEST_MAGIC:
             raise NBDProtocolError(f"invalid magic (got 0x{magic:x})")
-        if type_ == Cmd.WRITE:
-            if length > NBD_MAX_BUFFER_SIZE:
-                self._rx.skip(_REQ.size)
-                return BadRequest(cookie, errno.EINVAL,
-                                  f"len ({length}) is larger than max len "
-                                  f"({NBD_MAX_BUFFER_SIZE})")
-            if len(self._rx) < _REQ.size + length:
-                return None
-            self._rx.skip(_REQ.size)
-            data = self._rx.take(length)
-            assert data is not None
+        if type_ != Cmd.WRITE:
+            self._start = pos + _REQ.size
+            return Request(flags, type_, cookie, offset, length)
+        if length > NBD_MAX_BUFFER_SIZE:
+            self._start = pos + _REQ.size
+            return BadRequest(cookie, errno.EINVAL,
+                              f"len ({length}) is larger than max len ({NBD_MAX_BUFFER_SIZE})")
+        body = pos + _REQ.size
+        have = self._end - body
+        if have >= length:
+            with memoryview(self._stage) as view:
+                data = bytes(view[body : body + length])
+            self._start = body + length
             return Request(flags, type_, cookie, offset, length, data)
-        self._rx.skip(_REQ.size)
-        return Request(flags, type_, cookie, offset, length)
+        # the rest of the payload goes straight into a buffer of its own
+        self._header = hdr
+        self._payload = bytearray(length)
+        self._payload[:have] = self._stage[body : self._end]
+        self._got = have
+        self._start = self._end = 0
+        return None
 
 
 #: command names as QEMU's nbd_cmd_lookup spells them in error messages
@@ -118,37 +190,46 @@ _CMD_WORDS: dict[int, str] = {
 }
 
 
+#: per command, the flags a request may carry, as plain ints: this runs for every request,
+#: and enum flag arithmetic cost more than the rest of the check together
+_ALLOWED: dict[int, int] = {int(c): int(f) for c, f in ALLOWED_CMD_FLAGS.items()
+                            if c != Cmd.RESIZE}
+_DF = int(CmdFlag.DF)
+_FAST_ZERO = int(CmdFlag.FAST_ZERO)
+_READ, _WRITE, _WRITE_ZEROES, _TRIM = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.WRITE_ZEROES), \
+    int(Cmd.TRIM)
+_DISC, _FLUSH, _BLOCK_STATUS = int(Cmd.DISC), int(Cmd.FLUSH), int(Cmd.BLOCK_STATUS)
+_READ_ONLY = int(TransmissionFlag.READ_ONLY)
+_SEND_FAST_ZERO = int(TransmissionFlag.SEND_FAST_ZERO)
+
+
 def validate_request(
     req: Request, size: int, tflags: TransmissionFlag, *, structured: bool,
     contexts: dict[int, str],
 ) -> tuple[int, str] | None:
     """The checks of nbd_co_receive_request; returns (host errno, message) or None if valid."""
-    try:
-        cmd = Cmd(req.type)
-    except ValueError:
-        return errno.EINVAL, f"invalid request type ({req.type}) received"
-    if cmd == Cmd.RESIZE:
-        return errno.EINVAL, f"invalid request type ({req.type}) received"
-    if req.flags & ~int(ALLOWED_CMD_FLAGS[cmd]):
+    cmd = req.type
+    allowed = _ALLOWED.get(cmd)
+    if allowed is None:
+        return errno.EINVAL, f"invalid request type ({cmd}) received"
+    if req.flags & ~allowed:
         return errno.EINVAL, (f"unsupported flags for command {_CMD_WORDS[cmd]} "
                               f"(got 0x{req.flags:x})")
-    if req.flags & CmdFlag.DF and not structured:
+    if req.flags & _DF and not structured:
         return errno.EINVAL, "DF flag used without structured reply"
-    if cmd in (Cmd.DISC, Cmd.FLUSH):
+    if cmd in (_DISC, _FLUSH):
         return None
-    if cmd == Cmd.READ and req.length > NBD_MAX_BUFFER_SIZE:
+    if cmd == _READ and req.length > NBD_MAX_BUFFER_SIZE:
         return errno.EINVAL, f"len ({req.length}) is larger than max len ({NBD_MAX_BUFFER_SIZE})"
-    writes = (Cmd.WRITE, Cmd.WRITE_ZEROES, Cmd.TRIM)
-    if cmd in writes and tflags & TransmissionFlag.READ_ONLY:
+    if cmd in (_WRITE, _WRITE_ZEROES, _TRIM) and int(tflags) & _READ_ONLY:
         return errno.EROFS, "Export is read-only"
     if req.offset > size or req.length > size - req.offset:
         # EINVAL for every command, writes included, as QEMU 7.2 answers
         return errno.EINVAL, (f"operation past EOF; From: {req.offset}, Len: {req.length}, "
                               f"Size: {size}")
-    if cmd == Cmd.WRITE_ZEROES and req.flags & CmdFlag.FAST_ZERO \
-            and not tflags & TransmissionFlag.SEND_FAST_ZERO:
+    if cmd == _WRITE_ZEROES and req.flags & _FAST_ZERO and not int(tflags) & _SEND_FAST_ZERO:
         return errno.EINVAL, "FAST_ZERO flag not negotiated"
-    if cmd == Cmd.BLOCK_STATUS:
+    if cmd == _BLOCK_STATUS:
         if not structured or not contexts:
             return errno.EINVAL, "CMD_BLOCK_STATUS not negotiated"
         if req.length == 0:
