@@ -33,7 +33,7 @@ def request_lists(draw: st.DrawFn) -> list[Request]:
         cmd = draw(st.sampled_from([Cmd.WRITE, Cmd.WRITE, Cmd.READ, Cmd.FLUSH, Cmd.TRIM]))
         if cmd == Cmd.WRITE:
             # around the 256 KiB staging buffer: payloads that fit, and ones that need their own
-            n = draw(st.sampled_from([0, 1, 100, 900, 4 * KiB])) + draw(st.integers(0, 3))
+            n = draw(st.sampled_from([0, 1, 100, 900, 4 * KiB, 9 * KiB])) + draw(st.integers(0, 3))
             data = bytes([cookie % 251 + 1]) * n
         else:
             n, data = draw(st.integers(0, 1 << 20)), b""
