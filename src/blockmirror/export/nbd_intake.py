@@ -143,6 +143,11 @@ class RequestIntake(asyncio.BufferedProtocol):
             if not w.done():
                 w.set_result(None)
 
+    @property
+    def must_drain(self) -> bool:
+        """``drain()`` would wait or raise: the send buffer is full or the peer is gone."""
+        return self._write_paused or self._lost
+
     async def drain(self) -> None:
         """Wait while the transport's send buffer is above its high-water mark."""
         while self._write_paused and not self._lost:

@@ -647,10 +647,10 @@ class _Client:
         for p in parts:
             transport.write(p)
         intake = self._intake
-        if intake is not None:
-            await intake.drain()
-        else:
+        if intake is None:
             await self.writer.drain()
+        elif intake.must_drain:  # the usual case needs no coroutine
+            await intake.drain()
 
 
 def _is_socket(path: str) -> bool:
