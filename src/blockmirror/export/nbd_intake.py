@@ -69,7 +69,7 @@ class RequestIntake(asyncio.BufferedProtocol):
                 self._reading(False)
 
     def release(self) -> None:
-        if self._held:
+        if self._held and not self.ended.done():
             self._held = False
             if not self._eof and not self._lost:
                 self._reading(True)
@@ -77,7 +77,6 @@ class RequestIntake(asyncio.BufferedProtocol):
 
     def finish(self) -> None:
         """Take no more requests (DISC, a request that cannot be followed, a closing client)."""
-        self._held = True
         self._end()
 
     def _reading(self, on: bool) -> None:
@@ -104,7 +103,12 @@ class RequestIntake(asyncio.BufferedProtocol):
             self._on_request(req)
 
     def _end(self) -> None:
+        """No more requests: stop reading for good (a client that keeps sending after DISC
+        must not fill our buffers while the requests in flight finish)."""
         if not self.ended.done():
+            self._held = True
+            if not self._eof and not self._lost:
+                self._reading(False)
             self.ended.set_result(None)
 
     # --- BufferedProtocol -----------------------------------------------------------------------

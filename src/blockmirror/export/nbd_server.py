@@ -6,9 +6,11 @@ the ``NbdExport``s added by block-export-add / nbd-server-add / --export. Each e
 pivot (``BlockGraph.replace_node``) silently moves live clients to the new node; every write
 goes through the node's generic request path and so marks the mirror's dirty bitmaps.
 
-Each client connection is a task owned by the server: a bounded handshake (timeout), then a
-reader loop that decodes requests and runs up to ``MAX_IN_FLIGHT`` of them concurrently. A bad
-client is logged and disconnected; it never affects other clients or the exported node.
+Each client connection is a task owned by the server: a bounded handshake (timeout) on
+asyncio streams, then the transmission phase, where ``RequestIntake`` (nbd_intake.py) receives
+requests straight from the transport and the client runs up to ``MAX_IN_FLIGHT`` of them at
+once. A bad client is logged and disconnected; it never affects other clients or the
+exported node.
 """
 
 from __future__ import annotations

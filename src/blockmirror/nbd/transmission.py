@@ -75,7 +75,7 @@ class RequestDecoder:
 
     Bytes come in either as ``receive_data(bytes)`` or, with no intermediate copy, through the
     pair ``get_buffer()`` / ``buffer_updated(n)`` that asyncio's BufferedProtocol calls: the
-    transport receives straight into the decoder. Headers and small requests land in a fixed
+    transport receives straight into the decoder. Headers and small requests land in a
     staging buffer, many per receive; a WRITE payload that does not fit there gets a buffer
     of its own, so a 32 MiB payload is received into place instead of being re-copied per piece.
     """
