@@ -10,6 +10,7 @@ import asyncio
 import struct
 
 from blockmirror.block.driver import WriteFlags
+from blockmirror.block.node import BlockNode
 from blockmirror.daemon import Daemon
 from blockmirror.export import nbd_server as ns
 from blockmirror.nbd.constants import NBD_OPTS_MAGIC, NBD_REQUEST_MAGIC, Cmd, Opt
@@ -18,32 +19,41 @@ from nbd_helpers import RamDriver, SocketClient, ram_node
 MiB = 1 << 20
 
 
+def _export_held(size: int) -> tuple[ns.NbdServer, BlockNode, asyncio.Event, list[int]]:
+    """A server exporting a RAM node whose writes wait for the returned gate; the list holds
+    [writes waiting now, the most that ever waited]."""
+    d = Daemon()
+    node = ram_node(d.graph, "n0", size)
+    drv = node.driver
+    assert isinstance(drv, RamDriver)
+    gate = asyncio.Event()
+    counts = [0, 0]
+    inner = drv.pwritev
+
+    async def held(offset: int, data: bytes | memoryview, flags: WriteFlags) -> None:
+        counts[0] += 1
+        counts[1] = max(counts[1], counts[0])
+        await gate.wait()
+        counts[0] -= 1
+        await inner(offset, data, flags)
+
+    drv.pwritev = held  # type: ignore[method-assign]
+    server = ns.NbdServer(d.graph, d.events)
+    server.add_export("e0", node, name="disk", description="", writable=True)
+    return server, node, gate, counts
+
+
+def _go(name: bytes = b"disk") -> bytes:
+    """A client's handshake: fixed newstyle, then NBD_OPT_GO for ``name``."""
+    return struct.pack(">I", 3) + struct.pack(
+        ">QII", NBD_OPTS_MAGIC, Opt.GO, 4 + len(name) + 2) + struct.pack(
+        ">I", len(name)) + name + struct.pack(">H", 0)
+
+
 def test_write_payloads_in_flight_stay_within_the_budget() -> None:
     async def main() -> tuple[int, int]:
-        d = Daemon()
-        node = ram_node(d.graph, "n0", 64 * MiB)
-        drv = node.driver
-        assert isinstance(drv, RamDriver)
-        gate = asyncio.Event()
-        holding = 0
-        peak = 0
-        inner = drv.pwritev
-
-        async def held(offset: int, data: bytes | memoryview, flags: WriteFlags) -> None:
-            nonlocal holding, peak
-            holding += 1
-            peak = max(peak, holding)
-            await gate.wait()
-            holding -= 1
-            await inner(offset, data, flags)
-
-        drv.pwritev = held  # type: ignore[method-assign]
-        server = ns.NbdServer(d.graph, d.events)
-        server.add_export("e0", node, name="disk", description="", writable=True)
-        name = b"disk"
-        stream = struct.pack(">I", 3) + struct.pack(
-            ">QII", NBD_OPTS_MAGIC, Opt.GO, 4 + len(name) + 2) + struct.pack(
-            ">I", len(name)) + name + struct.pack(">H", 0)
+        server, node, gate, counts = _export_held(64 * MiB)
+        stream = _go()
         for k in range(4):
             stream += struct.pack(">IHHQQI", NBD_REQUEST_MAGIC, 0, Cmd.WRITE, k + 1,
                                   k * 16 * MiB, 16 * MiB) + bytes([k + 1]) * (16 * MiB)
@@ -57,13 +67,13 @@ def test_write_payloads_in_flight_stay_within_the_budget() -> None:
         while conn.client._waiting is None:
             assert loop.time() < deadline, "the server never stopped at the budget"
             await asyncio.sleep(0)
-        held_while_blocked = holding
+        held_while_blocked = counts[0]
         assert not conn.client.writer.transport.is_reading()
         gate.set()
         await sender
         await conn.finish(30)
         assert await node.read(48 * MiB, 4) == b"\x04" * 4  # all four written in the end
-        return held_while_blocked, peak
+        return held_while_blocked, counts[1]
 
     held, peak = asyncio.run(main())
     assert held == 2, held  # 2 x 16 MiB = the 32 MiB budget; the others wait unread
@@ -75,24 +85,8 @@ def test_after_disc_the_server_stops_reading_while_requests_finish() -> None:
     flight but reads nothing more (its buffers stay as they were)."""
 
     async def main() -> tuple[bool, int, int]:
-        d = Daemon()
-        node = ram_node(d.graph, "n0", 4 * MiB)
-        drv = node.driver
-        assert isinstance(drv, RamDriver)
-        gate = asyncio.Event()
-        inner = drv.pwritev
-
-        async def held(offset: int, data: bytes | memoryview, flags: WriteFlags) -> None:
-            await gate.wait()
-            await inner(offset, data, flags)
-
-        drv.pwritev = held  # type: ignore[method-assign]
-        server = ns.NbdServer(d.graph, d.events)
-        server.add_export("e0", node, name="disk", description="", writable=True)
-        name = b"disk"
-        stream = struct.pack(">I", 3) + struct.pack(
-            ">QII", NBD_OPTS_MAGIC, Opt.GO, 4 + len(name) + 2) + struct.pack(
-            ">I", len(name)) + name + struct.pack(">H", 0)
+        server, node, gate, _counts = _export_held(4 * MiB)
+        stream = _go()
         stream += struct.pack(">IHHQQI", NBD_REQUEST_MAGIC, 0, Cmd.WRITE, 1, 0, 4096)
         stream += b"\x07" * 4096
         stream += struct.pack(">IHHQQI", NBD_REQUEST_MAGIC, 0, Cmd.DISC, 2, 0, 0)
