@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 #: cf. MAX_IN_FLIGHT, MAX_IO_BYTES, DEFAULT_MIRROR_BUF_SIZE
 MAX_IN_FLIGHT = 16
 MAX_IO_BYTES = 1 << 20
+#: after READY, how long a trickle of guest writes is gathered before the next copy pass
+#: (see MirrorJob._gather_left); a tenth of a job slice
+GATHER_NS = 10_000_000
 DEFAULT_BUF_SIZE = 16 << 20
 #: the op blocker reason every node used by a mirror carries
 BLOCKER_REASON = "block device is in use by block job: mirror"
@@ -104,6 +107,6 @@ def align_down(n: int, a: int) -> int:
     return n // a * a
 
 
-__all__ = ["ALLOC_BITS", "BLOCKER_REASON", "DEFAULT_BUF_SIZE", "MAX_IN_FLIGHT", "MAX_IO_BYTES",
-           "ZERO_INIT_STEP", "BackingMode", "MirrorMethod", "MirrorParams", "align_down",
-           "align_up", "default_granularity"]
+__all__ = ["ALLOC_BITS", "BLOCKER_REASON", "DEFAULT_BUF_SIZE", "GATHER_NS", "MAX_IN_FLIGHT",
+           "MAX_IO_BYTES", "ZERO_INIT_STEP", "BackingMode", "MirrorMethod", "MirrorParams",
+           "align_down", "align_up", "default_granularity"]
