@@ -8,15 +8,20 @@ cache only through the driver's ordered flush, which calls ``clean_all`` once th
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import MutableSequence
+from typing import Generic, TypeVar
 
 from blockmirror.errors import InternalError
 
+#: a decoded table: a list of entries, or an array of them (refcount blocks, refcount.py)
+T = TypeVar("T", bound=MutableSequence[int])
 
-class TableCache:
+
+class TableCache(Generic[T]):
     def __init__(self, budget: int) -> None:
         #: how many clean tables to keep
         self.budget = budget
-        self._tables: OrderedDict[int, list[int]] = OrderedDict()
+        self._tables: OrderedDict[int, T] = OrderedDict()
         self.dirty: set[int] = set()
         #: the entries [lo, hi) changed in a dirty table since it was last written, where
         #: every change so far named its entries; a dirty table without a span is whole
@@ -25,19 +30,19 @@ class TableCache:
     def __len__(self) -> int:
         return len(self._tables)
 
-    def get(self, key: int) -> list[int] | None:
+    def get(self, key: int) -> T | None:
         table = self._tables.get(key)
         if table is not None:
             self._tables.move_to_end(key)
         return table
 
-    def peek(self, key: int) -> list[int]:
+    def peek(self, key: int) -> T:
         try:
             return self._tables[key]
         except KeyError:
             raise InternalError(f"qcow2 metadata table {key:#x} is not cached") from None
 
-    def put(self, key: int, table: list[int], dirty: bool = False) -> None:
+    def put(self, key: int, table: T, dirty: bool = False) -> None:
         self._tables[key] = table
         self._tables.move_to_end(key)
         if dirty:
@@ -45,7 +50,7 @@ class TableCache:
             self.dirty.add(key)
         self._evict()
 
-    def mark_dirty(self, key: int, table: list[int] | None = None,
+    def mark_dirty(self, key: int, table: T | None = None,
                    span: tuple[int, int] | None = None) -> None:
         """``span``: only entries [lo, hi) changed; without one the whole table is dirty."""
         if key not in self._tables:

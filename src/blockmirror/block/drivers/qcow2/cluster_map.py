@@ -45,7 +45,8 @@ class ClusterMap:
         self._allocator = allocator
         self.l1: list[int] = []
         self.l1_dirty: set[int] = set()
-        self.l2_cache = TableCache(max(16, (32 * 1024 * 1024) // ctx.geometry.cluster_size))
+        self.l2_cache: TableCache[list[int]] = TableCache(
+            max(16, (32 * 1024 * 1024) // ctx.geometry.cluster_size))
 
     async def load_l1(self) -> None:
         header = self._ctx.header

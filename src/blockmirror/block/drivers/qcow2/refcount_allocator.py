@@ -26,7 +26,12 @@ from blockmirror.block.drivers.qcow2.layout import (
     ceil_div,
     cluster_type,
 )
-from blockmirror.block.drivers.qcow2.refcount import decode_block, encode_block
+from blockmirror.block.drivers.qcow2.refcount import (
+    RefcountBlock,
+    decode_block,
+    encode_block,
+    new_block,
+)
 from blockmirror.errors import BlockIOError, InternalError
 
 #: the unit in which changed parts of a refcount block are written (a page; every sector
@@ -39,7 +44,8 @@ class RefcountAllocator:
         self._ctx = ctx
         self.table: list[int] = []
         self.table_dirty = False
-        self.blocks = TableCache(max(16, (8 * 1024 * 1024) // ctx.geometry.cluster_size))
+        self.blocks: TableCache[RefcountBlock] = TableCache(
+            max(16, (8 * 1024 * 1024) // ctx.geometry.cluster_size))
         #: the entries [lo, hi) changed in a dirty block since it was last written; a dirty
         #: block without a span is written whole (see write_dirty_blocks)
         self._spans: dict[int, tuple[int, int]] = {}
@@ -77,7 +83,7 @@ class RefcountAllocator:
     def has_block(self, index: int) -> bool:
         return index < len(self.table) and bool(self.table[index] & REFT_OFFSET_MASK)
 
-    async def load_block(self, index: int) -> list[int]:
+    async def load_block(self, index: int) -> RefcountBlock:
         block = self.blocks.get(index)
         if block is not None:
             return block
@@ -134,7 +140,8 @@ class RefcountAllocator:
             base = index << bits
             hi = min(end, base + size)
             block = await self.load_block(index)
-            block[cluster - base : hi - base] = [v + 1 for v in block[cluster - base : hi - base]]
+            for i in range(cluster - base, hi - base):
+                block[i] += 1
             self._note_change(index, cluster - base, hi - base)
             self.blocks.mark_dirty(index, block)
             cluster = hi
@@ -222,7 +229,7 @@ class RefcountAllocator:
                 continue
             # the new block takes the first cluster of the run: either inside its own range
             # (a self-describing refcount block) or in a range whose block exists already
-            block = [0] * geometry.refcount_block_size
+            block = new_block(geometry.refcount_block_size, self._ctx.header.refcount_order)
             self._spans.pop(missing, None)  # new: written whole
             self.blocks.put(missing, block, dirty=True)
             self.table[missing] = start << geometry.cluster_bits
@@ -306,7 +313,8 @@ class RefcountAllocator:
         for k, index in enumerate(missing):
             table[index] = (area + k) << geometry.cluster_bits
             self._spans.pop(index, None)  # new: written whole
-            self.blocks.put(index, [0] * geometry.refcount_block_size, dirty=True)
+            self.blocks.put(index, new_block(geometry.refcount_block_size,
+                                             self._ctx.header.refcount_order), dirty=True)
         self.table = table
         for cluster in range(area, area + block_count + table_clusters):
             await self.add(cluster, 1)
