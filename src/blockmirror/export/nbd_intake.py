@@ -44,7 +44,6 @@ class RequestIntake(asyncio.BufferedProtocol):
         self._lost = False
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
-        self._pumping = False
 
     # --- taking the transport over from a StreamReader --------------------------------------
 
@@ -90,17 +89,6 @@ class RequestIntake(asyncio.BufferedProtocol):
             self.transport.pause_reading()
 
     def _pump(self) -> None:
-        if self._pumping:
-            # a request served at once (eager.py) released the intake from inside this
-            # loop: the loop goes on by itself, and a nested one would grow the stack
-            return
-        self._pumping = True
-        try:
-            self._pump_requests()
-        finally:
-            self._pumping = False
-
-    def _pump_requests(self) -> None:
         while not self._held and not self.ended.done():
             try:
                 req = self.decoder.next_request()

@@ -31,7 +31,6 @@ from blockmirror.block.chain import block_status_above
 from blockmirror.block.driver import BlockStatus
 from blockmirror.block.graph import BlockGraph
 from blockmirror.block.node import BlockBackend, BlockNode, Perm
-from blockmirror.eager import start_eager
 from blockmirror.errors import BlockIOError, BlockMirrorError
 from blockmirror.events import EventBus
 from blockmirror.export.nbd_intake import RequestIntake, take_buffered
@@ -467,10 +466,8 @@ class _Client:
             self._intake.hold()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        # most requests finish without waiting: they need no task (see eager.py)
-        task = start_eager(coro)
-        if task is not None:
-            self._inflight.add(task)
+        task = asyncio.get_running_loop().create_task(coro)
+        self._inflight.add(task)
 
     def _forget_current(self) -> None:
         task = asyncio.current_task()
