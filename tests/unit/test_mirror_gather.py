@@ -71,7 +71,7 @@ async def _setup() -> tuple[VirtualClock, Daemon, MirrorJob, BlockNode, BlockNod
     held.hold()
     await guest.write(A, b"\x0a" * GRAN)
     await clock.advance(SLICE_NS)
-    await held.entered.wait()
+    assert held.entered.is_set(), "no copy pass started on the job's wake-up"
     # meanwhile the guest writes another chunk; then the op ends
     await guest.write(B, b"\x0b" * GRAN)
     held.release()

@@ -346,7 +346,8 @@ async def write(node: BlockNode, offset: int, data: bytes | memoryview, fua: boo
             and length <= drv.max_transfer):
         # the common case, with nothing hooked in and one driver request (a qcow2 image's
         # own metadata and data writes to its file, two or three per guest write): the
-        # steps of the general path below, without its closure, chunk list and frames
+        # steps of _intercepted + op below, without the closure, chunk list and frames
+        # (keep the two in step)
         flags = _FUA if fua and drv.supports_fua else _NO_FLAGS
         node.in_flight += 1
         start, ok = time.monotonic_ns(), False
