@@ -30,8 +30,9 @@ ENDS = ("complete", "soft-cancel", "force-cancel", "error")
 def live_counts() -> Counter[str]:
     """Live objects by class, for the daemon's own classes (after a full collection)."""
     gc.collect()
+    # a foreign extension type may have no string __module__ (uvloop's, once imported)
     return Counter(f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.get_objects()
-                   if type(o).__module__.startswith("blockmirror."))
+                   if isinstance(m := type(o).__module__, str) and m.startswith("blockmirror."))
 
 
 class Rounds:

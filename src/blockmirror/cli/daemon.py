@@ -27,7 +27,7 @@ from blockmirror.chardev.backends import (
     connection_name,
     report_stderr,
 )
-from blockmirror.cli import early
+from blockmirror.cli import early, event_loop
 from blockmirror.cli.chardev_opts import ALIASES, KNOWN_KEYS, backend_of
 from blockmirror.cli.keyval import parse_option, split_qemuopts
 from blockmirror.daemon import Daemon
@@ -535,8 +535,10 @@ def run(name: str, argv: list[str]) -> int:
             print("Copyright (c) 2003-2022 Fabrice Bellard and the QEMU Project developers")
             return 0
     ready_fd = _daemonize() if any(o == "daemonize" for o, _ in opts) else None
+    clocks = [value for opt, value in opts if opt == "clock"]
     try:
-        return asyncio.run(_main(prog, opts, ready_fd))
+        return event_loop.run(_main(prog, opts, ready_fd),
+                              virtual_clock=bool(clocks) and clocks[-1] == "virtual")
     except KeyboardInterrupt:
         return 0
 

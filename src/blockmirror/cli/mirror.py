@@ -25,6 +25,7 @@ from typing import Any
 from blockmirror.block.create import parse_size
 from blockmirror.block.node import BlockBackend, BlockNode, Perm
 from blockmirror.block.options import close_node, open_image
+from blockmirror.cli import event_loop
 from blockmirror.cli.progress import (
     DisplayMode,
     Phase,
@@ -878,7 +879,7 @@ def run(name: str, argv: list[str]) -> int:
              "mirror group: " + ", ".join(f"{s} -> {d}" for s, d in opts.disk))
     display = ProgressDisplay(mode, title=title)
     try:
-        return asyncio.run(_main(opts, display, prog))
+        return event_loop.run(_main(opts, display, prog))
     except KeyboardInterrupt:  # before the loop installed its handlers
         display.stop()
         return EXIT_CANCELLED

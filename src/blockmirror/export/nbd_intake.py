@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import cast
 
 from blockmirror.nbd.transmission import BadRequest, Request, RequestDecoder
 from blockmirror.nbd.wire import NBDProtocolError
@@ -50,14 +51,15 @@ class RequestIntake(asyncio.BufferedProtocol):
     def start(self, leftover: bytes, eof: bool) -> None:
         """Install on the transport; ``leftover`` are bytes the handshake's reader still held
         and ``eof`` whether it had seen the end of the stream."""
-        assert isinstance(self.transport, asyncio.Transport)
-        self.transport.set_protocol(self)
+        # a cast, not an isinstance check: uvloop's transports do not derive from asyncio's
+        transport = cast(asyncio.Transport, self.transport)
+        transport.set_protocol(self)
         if leftover:
             self.decoder.receive_data(leftover)
-        if eof or self.transport.is_closing():
+        if eof or transport.is_closing():
             self._eof = True
-        elif not self.transport.is_reading():
-            self.transport.resume_reading()
+        elif not transport.is_reading():
+            transport.resume_reading()
         self._pump()
 
     # --- requests ----------------------------------------------------------------------------
@@ -80,13 +82,13 @@ class RequestIntake(asyncio.BufferedProtocol):
         self._end()
 
     def _reading(self, on: bool) -> None:
-        assert isinstance(self.transport, asyncio.ReadTransport)
-        if self.transport.is_closing():
+        transport = cast(asyncio.ReadTransport, self.transport)
+        if transport.is_closing():
             return
         if on:
-            self.transport.resume_reading()
+            transport.resume_reading()
         else:
-            self.transport.pause_reading()
+            transport.pause_reading()
 
     def _pump(self) -> None:
         while not self._held and not self.ended.done():

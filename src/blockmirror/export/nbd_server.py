@@ -370,6 +370,8 @@ class _Client:
             event = hs.next_event()
             out = hs.data_to_send()
             if out:
+                if self.writer.is_closing():
+                    raise ConnectionResetError("Connection lost")
                 self.writer.write(out)
                 await self.writer.drain()
             if event is None:

@@ -313,6 +313,10 @@ class _Connection:
             self.pending[cookie] = p
             try:
                 async with self.wlock:
+                    if self.writer.is_closing():
+                        # the reader has not seen the loss yet; uvloop's transport refuses a
+                        # write after it (RuntimeError) where CPython's drops it silently
+                        raise ConnectionResetError("Connection lost")
                     self.writer.write(encode_request(cmd, cookie, offset, length, flags))
                     if data:
                         # no copy of the caller's buffer: the transport either sends it or
@@ -388,6 +392,8 @@ async def nbd_connect(
             event = hs.next_event()
             out = hs.data_to_send()
             if out:
+                if writer.is_closing():
+                    raise ConnectionResetError("Connection lost")
                 writer.write(out)
                 await writer.drain()
             if event is None:
