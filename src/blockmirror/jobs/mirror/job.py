@@ -222,7 +222,10 @@ class MirrorJob(BlockJob):
             self._enter()
 
     async def on_pause(self) -> None:
-        """cf. mirror_pause: a paused job has no I/O of its own in flight."""
+        """cf. mirror_pause: a paused job has no I/O of its own in flight. A paused job
+        holds no guest writes for its catch-up either (``_catch_up``)."""
+        if not self._holding_pause:
+            self.gate.open()
         await self.inflight.wait_idle()
 
     def set_copy_mode(self, mode: str) -> None:
@@ -459,6 +462,23 @@ class MirrorJob(BlockJob):
             return 0
         return max(0, self._last_pass_ns + GATHER_NS - self.clock.now_ns())
 
+    def _catch_up(self, cnt: int) -> None:
+        """Completing or soft-cancelling in READY with less than a batch left: close the gate
+        to new guest writes (the job is not paused, so it keeps copying), so that a moment
+        with nothing dirty comes. Without it that moment waits on the loop's scheduling: a
+        guest writing at queue depth 1 dirtied a chunk again as each copy ended, and on
+        uvloop a soft cancel under a max-rate writer took 0.6-0.9 s in two runs of three
+        (0.02-0.1 s on CPython's loop). The guest waits for at most one batch's copy and the
+        final flush, as it waits for the flush in QEMU's drained section; an error, a pause
+        or more than a batch dirty opens the gate again."""
+        finishing = (self.is_ready and (self.should_complete or self.cancel_requested)
+                     and (self.verifier is None or self.cancel_requested
+                          or self.verifier.done))
+        if finishing and self.io_status == "ok" and cnt <= self.copier.batch_bytes:
+            self.gate.close()
+        elif not self._holding_pause:
+            self.gate.open()
+
     async def _flush_target(self) -> bool:
         try:
             await self.target.flush()
@@ -483,6 +503,7 @@ class MirrorJob(BlockJob):
                     in_sync=dirty.dirty_bytes() == 0 and inflight.ops == 0)
             cnt = dirty.dirty_bytes()
             self.progress.set_remaining(inflight.bytes + cnt + inflight.active_bytes)
+            self._catch_up(cnt)
             delta = self.clock.now_ns() - last_pause
             if delta < SLICE_NS and self.io_status == "ok":
                 if (inflight.ops >= MAX_IN_FLIGHT or inflight.buf_used >= self.copier.budget()
