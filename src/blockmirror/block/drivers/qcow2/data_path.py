@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableSequence
 from itertools import repeat
 
 from blockmirror.block.drivers.qcow2 import compress
@@ -268,7 +268,7 @@ class DataPath:
         mask = geometry.l2_size - 1
         cluster_map = self._map
         v3 = self._ctx.header.version == 3
-        tables: dict[int, tuple[int, list[int]]] = {}
+        tables: dict[int, tuple[int, MutableSequence[int]]] = {}
         for offset, length in extents:
             first = offset >> cluster_bits
             last = (offset + length - 1) >> cluster_bits
@@ -519,7 +519,7 @@ class DataPath:
         data_cluster_ok = self._map.data_cluster_ok
         pieces: list[Piece] = []
         current = -1
-        table: list[int] | None = None
+        table: MutableSequence[int] | None = None
         for guest_cluster in range(first, last + 1):
             l1_index = guest_cluster >> l2_bits
             if l1_index != current:
@@ -597,7 +597,7 @@ class DataPath:
         cluster_map = self._map
         end = offset + length
         first, last = offset >> cluster_bits, (end - 1) >> cluster_bits
-        tables: dict[int, tuple[int, list[int]]] = {}
+        tables: dict[int, tuple[int, MutableSequence[int]]] = {}
         for l1_index in range(first >> l2_bits, (last >> l2_bits) + 1):
             tables[l1_index] = await cluster_map.l2_for_write(l1_index)
         need = 0

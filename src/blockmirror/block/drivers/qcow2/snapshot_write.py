@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import errno
 import struct
+from collections.abc import MutableSequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from blockmirror.block.drivers.qcow2 import compress
+from blockmirror.block.drivers.qcow2.cluster_map import decode_l2
 from blockmirror.block.drivers.qcow2.header import MAX_SNAPSHOTS
 from blockmirror.block.drivers.qcow2.layout import (
     COMPRESSED,
@@ -168,7 +170,8 @@ async def read_entries(drv: Qcow2Driver) -> list[SnapshotEntry]:
 # --- refcounts ---------------------------------------------------------------------------------
 
 
-async def _l2_table(drv: Qcow2Driver, offset: int, l1_index: int, active: bool) -> list[int]:
+async def _l2_table(drv: Qcow2Driver, offset: int, l1_index: int,
+                    active: bool) -> MutableSequence[int]:
     cm = drv.cluster_map
     if active:
         return await cm.load_l2(offset, l1_index)
@@ -176,10 +179,10 @@ async def _l2_table(drv: Qcow2Driver, offset: int, l1_index: int, active: bool) 
     if cached is not None:
         return cached
     raw = await drv.image_file.read(offset, drv.geometry.cluster_size)
-    return list(struct.unpack(f">{drv.geometry.l2_size}Q", raw))
+    return decode_l2(raw)
 
 
-def _references(drv: Qcow2Driver, table: list[int]) -> list[int]:
+def _references(drv: Qcow2Driver, table: MutableSequence[int]) -> list[int]:
     """The host clusters an L2 table's entries hold a reference on."""
     bits, version = drv.geometry.cluster_bits, drv.header.version
     out: list[int] = []
