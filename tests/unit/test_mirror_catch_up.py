@@ -14,37 +14,14 @@ from __future__ import annotations
 
 import asyncio
 
-from test_mirror_gather import Held
+from test_mirror_gather import GRAN, SEC, A, B, ready_with_a_held_copy
 
-from blockmirror.daemon import Daemon
-from blockmirror.jobs.mirror import MirrorParams, start_mirror
-from blockmirror.jobs.ratelimit import SLICE_NS
-from mirror_scripts.memory import make_device, make_node
-from mirror_scripts.vclock import VirtualClock
-
-KIB = 1024
-MIB = 1024 * KIB
-SEC = 1_000_000_000
-GRAN = 64 * KIB
-A, B, C = 0, 8 * GRAN, 16 * GRAN
+C = 16 * GRAN
 
 
 def test_guest_writes_wait_while_a_soft_cancel_catches_up() -> None:
     async def main() -> None:
-        clock = VirtualClock()
-        d = Daemon(clock)
-        src = make_node(d.graph, "src", 4 * MIB, cluster=GRAN)
-        tgt = make_node(d.graph, "tgt", 4 * MIB, cluster=GRAN)
-        dev = make_device(d.graph, src)
-        held = Held(tgt)
-        job = start_mirror(d.jobs, "j", src, tgt, MirrorParams(granularity=GRAN))
-        assert await clock.advance_until(lambda: job.is_ready, 10 * SEC)
-        guest = dev.node
-        assert guest is not None
-        held.hold()
-        await guest.write(A, b"\x0a" * GRAN)
-        await clock.advance(SLICE_NS)
-        assert held.entered.is_set(), "no copy pass started on the job's wake-up"
+        clock, job, guest, src, tgt, held = await ready_with_a_held_copy()
         # the soft cancel arrives while A's copy is in flight, and the guest writes B
         await job.cancel(force=False)
         await guest.write(B, b"\x0b" * GRAN)

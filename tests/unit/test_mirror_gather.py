@@ -11,7 +11,7 @@ wait for it at all.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, NamedTuple
 
 from blockmirror.block.driver import WriteFlags
 from blockmirror.block.node import BlockNode
@@ -56,7 +56,18 @@ class Held:
         self.gate = None
 
 
-async def _setup() -> tuple[VirtualClock, Daemon, MirrorJob, BlockNode, BlockNode, Held]:
+class Rig(NamedTuple):
+    clock: VirtualClock
+    job: MirrorJob
+    guest: BlockNode
+    src: BlockNode
+    tgt: BlockNode
+    held: Held
+
+
+async def ready_with_a_held_copy() -> Rig:
+    """A READY job (on virtual time) whose copy of a guest write of 0x0a at ``A`` is held in
+    the target's write."""
     clock = VirtualClock()
     d = Daemon(clock)
     src = make_node(d.graph, "src", 4 * MIB, cluster=GRAN)
@@ -72,16 +83,21 @@ async def _setup() -> tuple[VirtualClock, Daemon, MirrorJob, BlockNode, BlockNod
     await guest.write(A, b"\x0a" * GRAN)
     await clock.advance(SLICE_NS)
     assert held.entered.is_set(), "no copy pass started on the job's wake-up"
+    return Rig(clock, job, guest, src, tgt, held)
+
+
+async def _setup() -> tuple[VirtualClock, MirrorJob, BlockNode, Held]:
+    clock, job, guest, _src, tgt, held = await ready_with_a_held_copy()
     # meanwhile the guest writes another chunk; then the op ends
     await guest.write(B, b"\x0b" * GRAN)
     held.release()
     await clock.settle()
-    return clock, d, job, guest, tgt, held
+    return clock, job, tgt, held
 
 
 def test_a_write_during_a_pass_waits_for_the_gathering_time() -> None:
     async def main() -> None:
-        clock, _d, job, _guest, tgt, _held = await _setup()
+        clock, job, tgt, _held = await _setup()
         assert await tgt.read(A, GRAN) == b"\x0a" * GRAN
         assert job.dirty.is_dirty(B) and job.inflight.ops == 0
         await clock.advance(GATHER_NS - 1)
@@ -97,7 +113,7 @@ def test_a_write_during_a_pass_waits_for_the_gathering_time() -> None:
 
 def test_complete_does_not_wait_for_the_gathering_time() -> None:
     async def main() -> None:
-        clock, _d, job, _guest, tgt, _held = await _setup()
+        clock, job, tgt, _held = await _setup()
         assert job.dirty.is_dirty(B)
         before = clock.now_ns()
         await job.complete()
