@@ -8,7 +8,6 @@ Every method that reads or changes entries runs under the driver's metadata lock
 from __future__ import annotations
 
 import struct
-import sys
 from array import array
 from collections.abc import MutableSequence
 from functools import reduce
@@ -29,6 +28,7 @@ from blockmirror.block.drivers.qcow2.layout import (
     ZERO_PLAIN,
     cluster_type,
 )
+from blockmirror.block.drivers.qcow2.refcount import decode_block, encode_block
 from blockmirror.block.drivers.qcow2.refcount_allocator import (
     RefcountAllocator,
 )
@@ -491,19 +491,15 @@ def _add_run(runs: list[tuple[bool, int]], is_data: bool, n: int) -> None:
         runs.append((is_data, n))
 
 
+# L2 entries are 64-bit big-endian integers, the layout of a refcount block of order 6: its
+# codec (native arrays, a byte swap) serves both
+
+
 def decode_l2(raw: bytes) -> MutableSequence[int]:
-    """An L2 table's big-endian entries as a native array."""
-    table = array("Q", raw)
-    if sys.byteorder == "little":
-        table.byteswap()
-    return table
+    """An L2 table's entries as a native array."""
+    return decode_block(raw, 6)
 
 
 def encode_l2(table: MutableSequence[int], first: int, last: int) -> bytes:
     """Entries [first, last) of an L2 table, big-endian."""
-    if isinstance(table, array):
-        piece = table[first:last]
-        if sys.byteorder == "little":
-            piece.byteswap()
-        return piece.tobytes()
-    return struct.pack(f">{last - first}Q", *table[first:last])
+    return encode_block(table[first:last], 6)
