@@ -9,6 +9,7 @@ in QEMU (qom-list, qom-list-types) so they compare as sets.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable
 from typing import Any
@@ -20,21 +21,32 @@ UNORDERED = frozenset({"qom-list", "qom-list-types", "qom-list-properties"})
 
 Step = tuple[str, dict[str, Any]]
 
+_TAGS = itertools.count()
+
 
 def command(conn: SyncQMP, name: str, args: dict[str, Any] | None = None
             ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Run one command; returns (events seen before the reply, reply)."""
-    msg: dict[str, Any] = {"execute": name}
+    """Run one command; returns (events seen before the reply, reply).
+
+    The command carries an ``id`` (both daemons echo it; it is taken off the reply again) so
+    a reply that is not this command's is reported as such instead of being read as its
+    answer.
+    """
+    tag = f"diff-{next(_TAGS)}"
+    msg: dict[str, Any] = {"execute": name, "id": tag}
     if args:
         msg["arguments"] = args
     conn.send(json.dumps(msg).encode())
     events = []
     while True:
-        reply = json.loads(conn.read_message())
+        raw = conn.read_message()
+        reply = json.loads(raw)
         if "event" in reply:
             reply.pop("timestamp", None)
             events.append(reply)
             continue
+        if reply.pop("id", None) != tag:
+            raise AssertionError(f"{name}: a message that is not its reply: {raw!r}")
         return events, reply
 
 

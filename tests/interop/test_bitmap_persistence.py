@@ -61,8 +61,10 @@ def _check(image: Path) -> tuple[int, str]:
 
 
 def _dirty_bitmaps(conn: SyncQMP) -> Any:
-    nodes = _cmd(conn, "query-named-block-nodes", {"flat": True})["return"]
-    return next(n for n in nodes if n["node-name"] == "d0").get("dirty-bitmaps")
+    reply = _cmd(conn, "query-named-block-nodes", {"flat": True})
+    found = [n for n in reply.get("return", []) if n["node-name"] == "d0"]
+    assert found, f"no node d0 in {reply}"
+    return found[0].get("dirty-bitmaps")
 
 
 def _fresh(tmp: Path, name: str) -> Path:
