@@ -77,6 +77,7 @@ from blockmirror.block.drivers.qcow2.refcount_allocator import RefcountAllocator
 from blockmirror.block.drivers.qcow2.resume_area import ResumeArea
 from blockmirror.block.drivers.qcow2.snapshot_write import list_snapshots
 from blockmirror.block.drivers.qcow2.snapshots import SnapshotTable, read_snapshot_table
+from blockmirror.block.drivers.qcow2.tail_reserve import TailReserve
 from blockmirror.block.query import allocated_size
 from blockmirror.errors import BlockIOError, BlockMirrorError, ImageFormatError
 
@@ -112,6 +113,8 @@ class Qcow2Driver(BlockDriver):
         self.bitmap_store: BitmapStore
         #: a mirror's resume state kept in the image (resume_area.py)
         self.resume_area: ResumeArea
+        #: clusters taken ahead at guest flushes (tail_reserve.py)
+        self.reserve: TailReserve
         self._preallocation_checked = False
 
     # --- open -------------------------------------------------------------------------------
@@ -144,6 +147,9 @@ class Qcow2Driver(BlockDriver):
         self.compressed = CompressedWriter(ctx, allocator, self.cluster_map, self.data_path)
         self.bitmap_store = BitmapStore(ctx, allocator)
         self.resume_area = ResumeArea(ctx, allocator, self.bitmap_store)
+        self.reserve = TailReserve(
+            allocator, self.lock, self._flush_locked,
+            lambda: not (self.corruption.corrupt or self.node.read_only))
         await self.cluster_map.load_l1()
         await self.allocator.load_table()
         self.snapshots = await read_snapshot_table(header, image_file, geometry.cluster_size)
@@ -449,15 +455,18 @@ class Qcow2Driver(BlockDriver):
         if self.corruption.corrupt or self.node.read_only:
             return
         async with self.lock:
-            await self._flush_locked()
+            await self._flush_locked(guest=True)
 
-    async def _flush_locked(self) -> None:
+    async def _flush_locked(self, guest: bool = False) -> None:
         image_file, allocator, cluster_map = self.image_file, self.allocator, self.cluster_map
         if not (allocator.dirty or cluster_map.dirty):
             await image_file.flush()
             return
-        await image_file.ensure_size(allocator.end * self.geometry.cluster_size)
-        # 1. refcounts (and the data written so far) before anything that points at clusters
+        await image_file.ensure_size(allocator.used_end * self.geometry.cluster_size)
+        # 1. refcounts (and the data written so far) before anything that points at clusters;
+        # a guest's flush may take clusters ahead with them (tail_reserve.py)
+        if guest:
+            await self.reserve.at_flush()
         if allocator.blocks.dirty:
             await allocator.write_dirty_blocks(durable=True)
         if allocator.table_dirty:
@@ -480,12 +489,17 @@ class Qcow2Driver(BlockDriver):
         if self.corruption.corrupt or self.node.read_only:
             return
         async with self.lock:
+            await self.reserve.release()  # before the trim: its clusters may be the last
             await self.image_file.trim(self.allocator.end * self.geometry.cluster_size)
 
     async def close(self) -> None:
         await self.image_file.settle()
+        reserve = getattr(self, "reserve", None)  # None: closed after a failed open
+        if reserve is not None:
+            await reserve.stop()
         if not self.node.read_only and not self.corruption.corrupt:
             async with self.lock:
+                await self.reserve.release()
                 try:
                     await self.bitmap_store.store(self.node.bitmaps)
                 except BlockMirrorError as e:
