@@ -11,7 +11,8 @@ flushes sync once (measured, 64 KiB random FUA writes to an empty qcow2 image in
 The cost is a crash: clusters taken and unused are leaked (reported by ``qemu-img check``,
 harmless, as after a crash between the two syncs of an ordinary allocation). So a reserve
 is taken only on the second guest flush in a row that follows a few allocations (a run of
-them, not a one-off like a resize, nor the flush of a bulk copy), and given back once nothing has been allocated for ``IDLE_S``, and at close.
+them, not a one-off like a resize, nor the flush of a bulk copy), and given back once
+nothing has been allocated for ``IDLE_S``, and at close.
 """
 
 from __future__ import annotations
