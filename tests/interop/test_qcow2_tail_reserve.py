@@ -24,6 +24,7 @@ from test_qcow2_support import assert_clean, close, open_qcow2, qemu_raw
 from blockmirror.block.drivers.qcow2 import tail_reserve
 from blockmirror.block.drivers.qcow2.driver import Qcow2Driver
 from blockmirror.block.node import BlockNode
+from blockmirror.block.reopen import set_read_only
 from conftest import require_tool
 
 pytestmark = pytest.mark.interop
@@ -131,3 +132,19 @@ def test_an_open_reserve_is_only_leaks_and_idle_gives_it_back(
     assert rc == 3 and "ERROR" not in out and "leaked clusters were found" in out, out
     assert seen["after_idle"][0] == 0, seen["after_idle"][1]
     assert_clean(path)
+
+
+def test_a_reopen_to_read_only_gives_the_reserve_back(tmp_path: Path) -> None:
+    require_tool("qemu-img")
+    path = tmp_path / "img.qcow2"
+    _create(path)
+    seen: dict[str, int] = {}
+
+    async def probe(drv: Qcow2Driver) -> None:
+        seen["before"] = drv.allocator.reserve_end - drv.allocator.reserve_start
+        await set_read_only(drv.node.graph, drv.node, True)
+        seen["after"] = drv.allocator.reserve_end - drv.allocator.reserve_start
+
+    asyncio.run(_write_all(path, True, probe))
+    assert seen["before"] > 0 and seen["after"] == 0, seen
+    assert_clean(path)  # closed read-only: nothing could have been given back at close

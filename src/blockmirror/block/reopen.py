@@ -49,6 +49,11 @@ async def _switch(graph: BlockGraph, node: BlockNode, read_only: bool) -> None:
     if read_only:
         try:
             await node.drain()
+            # what the driver holds back for later writes goes back first (qcow2's clusters
+            # taken ahead): a read-only image cannot give it back at close
+            give_back = getattr(node.driver, "before_read_only", None)
+            if give_back is not None:
+                await give_back()
             await node.flush()
         except BlockMirrorError:
             pass  # QEMU reopens anyway; the flush error was already reported to writers

@@ -492,6 +492,12 @@ class Qcow2Driver(BlockDriver):
             await self.reserve.release()  # before the trim: its clusters may be the last
             await self.image_file.trim(self.allocator.end * self.geometry.cluster_size)
 
+    async def before_read_only(self) -> None:
+        """A reopen to read-only: the clusters taken ahead go back while it can write."""
+        if not self.corruption.corrupt:
+            async with self.lock:
+                await self.reserve.release()
+
     async def close(self) -> None:
         await self.image_file.settle()
         reserve = getattr(self, "reserve", None)  # None: closed after a failed open
