@@ -161,6 +161,11 @@ class RefcountAllocator:
 
     async def _take(self, start: int, count: int) -> None:
         """Take a reference on ``count`` free clusters (their refcount blocks exist)."""
+        await self._adjust(start, count, 1)
+
+    async def _adjust(self, start: int, count: int, delta: int) -> None:
+        """Add ``delta`` to the refcounts of ``count`` clusters from ``start`` (their blocks
+        exist; the caller knows no count leaves its range)."""
         bits, size = self._ctx.geometry.refcount_block_bits, self._ctx.geometry.refcount_block_size
         cluster, end = start, start + count
         while cluster < end:
@@ -169,7 +174,7 @@ class RefcountAllocator:
             hi = min(end, base + size)
             block = await self.load_block(index)
             for i in range(cluster - base, hi - base):
-                block[i] += 1
+                block[i] += delta
             self._note_change(index, cluster - base, hi - base)
             self.blocks.mark_dirty(index, block)
             cluster = hi
@@ -299,18 +304,7 @@ class RefcountAllocator:
         self.reserve_start = self.reserve_end = 0
         if start >= stop:
             return
-        bits, size = self._ctx.geometry.refcount_block_bits, self._ctx.geometry.refcount_block_size
-        cluster = start
-        while cluster < stop:
-            index = cluster >> bits
-            base = index << bits
-            hi = min(stop, base + size)
-            block = await self.load_block(index)
-            for i in range(cluster - base, hi - base):
-                block[i] -= 1
-            self._note_change(index, cluster - base, hi - base)
-            self.blocks.mark_dirty(index, block)
-            cluster = hi
+        await self._adjust(start, stop - start, -1)
         self.free_hint = min(self.free_hint, start)
         if self.end == stop:
             self.end = start
