@@ -20,8 +20,8 @@ the job, cancel, quit: wait4's rusage) and ``jcpu`` only the job's window, from
 ``blockdev-mirror`` to READY (``/proc/PID/stat``; start-up is one Python interpreter
 against one C binary, paid once per daemon, not per mirror).
 
-Runs are interleaved (QSD, ours, QSD, ours, ...) so drifting page cache and writeback hit both
-alike, and the medians and the ratios ours/QSD are printed for every case.
+Runs are interleaved (QSD, ours, then ours, QSD, and so on) so drifting page cache and
+writeback hit both alike, and the medians and the ratios ours/QSD are printed for every case.
 
 Environment: ``BENCH_MIRROR_SIZES=1G,4G``, ``BENCH_MIRROR_FMTS=raw,qcow2``,
 ``BENCH_MIRROR_LAYOUTS=4k,64k,1m,4m``, ``BENCH_MIRROR_LOADS=idle,paced,max``,
@@ -353,10 +353,15 @@ def main() -> int:
                     for load in loads:
                         qs: list[Result] = []
                         os_: list[Result] = []
-                        for _ in range(repeat):
-                            # one daemon at a time; wait4 needs each daemon reaped by us
-                            qs.append(run_one("qsd", work, src, fmt, size, load))
-                            os_.append(run_one("ours", work, src, fmt, size, load))
+                        for k in range(repeat):
+                            # one daemon at a time; wait4 needs each daemon reaped by us.
+                            # Who goes first alternates, so that drift within a case does
+                            # not always favour the same daemon. (The first run of a case,
+                            # QSD's, still stands out: its writer got 40-59 MB/s there and
+                            # 65-83 in later rounds; cause not found.)
+                            for who in ("qsd", "ours") if k % 2 == 0 else ("ours", "qsd"):
+                                got = run_one(who, work, src, fmt, size, load)
+                                (qs if who == "qsd" else os_).append(got)
                             if repeat == 1 or verbose:
                                 _row(size, fmt, layout, load, qs[-1], os_[-1], "")
                         if repeat > 1:
