@@ -505,7 +505,8 @@ class Qcow2Driver(BlockDriver):
             await reserve.stop()
         if not self.node.read_only and not self.corruption.corrupt:
             async with self.lock:
-                await self.reserve.release()
+                if reserve is not None:
+                    await reserve.release()
                 try:
                     await self.bitmap_store.store(self.node.bitmaps)
                 except BlockMirrorError as e:

@@ -98,9 +98,14 @@ class RefcountAllocator:
         self.reserve_start = self.reserve_end = 0
 
     @property
+    def has_reserve(self) -> bool:
+        """Clusters taken ahead are left to hand out."""
+        return self.reserve_start < self.reserve_end
+
+    @property
     def used_end(self) -> int:
         """``end`` without a reserve at the tail: where the file must reach."""
-        if self.reserve_start < self.reserve_end == self.end:
+        if self.has_reserve and self.reserve_end == self.end:
             return self.reserve_start
         return self.end
 
@@ -286,7 +291,7 @@ class RefcountAllocator:
         clusters before the end would be allocated first. Called by a flush about to write
         the refcount blocks: these changes go to disk with the same write and sync."""
         count, start = self.reserve_clusters, self.end
-        if not count or self.reserve_start < self.reserve_end or self.free_hint < start:
+        if not count or self.has_reserve or self.free_hint < start:
             return
         bits = self._ctx.geometry.refcount_block_bits
         index = start >> bits

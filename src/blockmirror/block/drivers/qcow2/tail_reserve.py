@@ -63,13 +63,13 @@ class TailReserve:
         self._streak += 1
         if self._streak >= STREAK and allocator.blocks.dirty:
             await allocator.reserve_tail()
-            if allocator.reserve_start < allocator.reserve_end:
+            if allocator.has_reserve:
                 self._arm()
 
     async def release(self) -> None:
         """Under the lock: give the reserve back and write that (a flush)."""
         allocator = self._allocator
-        if allocator.reserve_start < allocator.reserve_end:
+        if allocator.has_reserve:
             await allocator.release_reserve()
             await self._flush_locked()
         self._streak = 0
@@ -92,7 +92,7 @@ class TailReserve:
     def _idle(self) -> None:
         self._timer = None
         allocator = self._allocator
-        if allocator.reserve_start >= allocator.reserve_end or self._task is not None:
+        if not allocator.has_reserve or self._task is not None:
             return
         if allocator.allocations != self._mark:
             self._arm()  # still in use: look again later
@@ -104,7 +104,7 @@ class TailReserve:
             async with self._lock:
                 if self._allocator.allocations == self._mark and self._usable():
                     await self.release()
-                elif self._allocator.reserve_start < self._allocator.reserve_end:
+                elif self._allocator.has_reserve:
                     self._arm()
         except BlockMirrorError:
             pass  # the reserve stays (leaked at worst); close tries again
