@@ -71,8 +71,14 @@ def test_coercion_matches_qsd(tmp_path: Path, kind: str) -> None:
     results = []
     for who in ("qsd", "ours"):
         sock = str(tmp_path / f"{who}.sock")
-        with DaemonProcess(daemon_argv(who, sock, *extra), sock):
-            results.append(_query(sock, adds))
+        with DaemonProcess(daemon_argv(who, sock, *extra), sock) as proc:
+            try:
+                results.append(_query(sock, adds))
+            except ConnectionError as e:
+                # seen once in CI (a reset while reading a blockdev-add reply): say whose
+                alive = proc.proc.poll() is None
+                raise AssertionError(f"{who} (alive: {alive}): {e!r}; stderr: "
+                                     f"{proc.output(stderr=True)!r}") from e
     assert len(results[0][-1]) == len(CASES)
     assert results[1] == results[0]
 
