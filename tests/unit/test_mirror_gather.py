@@ -123,3 +123,54 @@ def test_complete_does_not_wait_for_the_gathering_time() -> None:
         assert await tgt.read(B, GRAN) == b"\x0b" * GRAN
 
     asyncio.run(main())
+
+
+def test_a_ready_pass_takes_scattered_chunks_from_the_whole_disk() -> None:
+    """A pass after READY takes the dirty chunks after its position and then, wrapping
+    around once, those before it, all in one op: chunks farther apart than eight buffers
+    used to wait for a pass each."""
+
+    async def main() -> None:
+        from blockmirror.jobs.mirror import copier
+
+        clock = VirtualClock()
+        d = Daemon(clock)
+        size, buf = 64 * MIB, MIB
+        src = make_node(d.graph, "src", size, cluster=GRAN)
+        tgt = make_node(d.graph, "tgt", size, cluster=GRAN)
+        dev = make_device(d.graph, src)
+        held = Held(tgt)
+        job = start_mirror(d.jobs, "j", src, tgt, MirrorParams(granularity=GRAN, buf_size=buf))
+        assert await clock.advance_until(lambda: job.is_ready, 10 * SEC)
+        guest = dev.node
+        assert guest is not None
+        # one pass copies a chunk in the middle of the disk and is held there
+        held.hold()
+        await guest.write(30 * MIB, b"\x01" * GRAN)
+        await clock.advance(SLICE_NS)
+        assert held.entered.is_set()
+        spots = [40 * MIB, 60 * MIB, 2 * MIB, 20 * MIB]  # after the position, then before it
+        for i, spot in enumerate(spots):
+            await guest.write(spot, bytes([0x10 + i]) * GRAN)
+        ops: list[list[tuple[int, int]]] = []
+        original = copier.copy_extents
+
+        async def counting(s: BlockNode, t: BlockNode, extents: Any) -> None:
+            ops.append(list(extents))
+            await original(s, t, extents)
+
+        copier.copy_extents = counting  # type: ignore[assignment]
+        try:
+            held.release()
+            await clock.advance(GATHER_NS)
+            await clock.settle()
+        finally:
+            copier.copy_extents = original  # type: ignore[assignment]
+        assert ops == [[(s, GRAN) for s in sorted(spots)]], ops
+        for i, spot in enumerate(spots):
+            assert await tgt.read(spot, GRAN) == bytes([0x10 + i]) * GRAN
+        assert job.dirty.dirty_bytes() == 0
+        await job.cancel(force=True)
+        await clock.advance_until(lambda: job.is_completed, SEC)
+
+    asyncio.run(main())

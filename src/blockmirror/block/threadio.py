@@ -20,7 +20,7 @@ import os
 import struct
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -409,16 +409,37 @@ _SYNC_FILE_RANGE_WRITE = 2
 _libc_sync_file_range: Any = None
 
 
-def _write_behind(fd: int, start: int, end: int) -> None:
-    """Start the write-back of what a batch just wrote, without waiting for it.
+#: a batch's write-back is started only when its bytes fill at least 1/WRITE_BEHIND_SPARSE
+#: of the stretch from its first to its last byte
+WRITE_BEHIND_SPARSE = 4
+
+
+def _write_behind(fd: int, extents: Iterable[tuple[int, int]]) -> None:
+    """Start the write-back of what a batch just wrote (``(offset, length)`` pairs in
+    ``fd``), without waiting for it.
 
     A mirror's target flush before READY (and before the pivot) otherwise waits for all of
     the copy's dirty pages at once: measured 0.2-0.4 s per GiB copied, most of the tail
     between "all copied" and READY. Started batch by batch, the write-back overlaps the copy.
+
+    Only for a dense batch (the bulk copy's): one call covers the stretch from the batch's
+    first byte to its last, and for a READY mirror's batch of chunks scattered over the
+    disk by a guest's random writes, that stretch is the whole file. The call then walked
+    every dirty page of the target and started its write-back, next to a guest waiting for
+    its own syncs: measured under a max-rate 64 KiB random writer on qcow2, 70-110 µs more
+    CPU per guest write and a 15-17% slower guest (paired runs in one daemon, medians of
+    24). Those pages are written when the kernel's write-back or the final flush comes to
+    them, as they are in QEMU, which never starts write-back early.
     Advisory: any failure is left to the flush that must follow.
     """
     global _libc_sync_file_range
-    if end <= start:
+    start, end, total = -1, 0, 0
+    for offset, length in extents:
+        if start < 0 or offset < start:
+            start = offset
+        end = max(end, offset + length)
+        total += length
+    if start < 0 or end <= start or total * WRITE_BEHIND_SPARSE < end - start:
         return
     if _libc_sync_file_range is None:
         try:
@@ -471,7 +492,7 @@ def copy_batch_sync(src_fd: int, dst_fd: int, plan: list[tuple[int, int, int]]) 
                 done += n
             total += length
     if plan:
-        _write_behind(dst_fd, min(d for _s, d, _n in plan), max(d + n for _s, d, n in plan))
+        _write_behind(dst_fd, ((d, n) for _s, d, n in plan))
     return total
 
 
@@ -494,7 +515,7 @@ def write_batch_sync(fd: int, pieces: list[tuple[int, bytes | memoryview]], dire
         except OSError as e:
             raise BatchError(e, False, index) from e
     if pieces and not direct:
-        _write_behind(fd, min(o for o, _d in pieces), max(o + len(d) for o, d in pieces))
+        _write_behind(fd, ((o, len(d)) for o, d in pieces))
 
 
 # --- the async API --------------------------------------------------------------------------

@@ -179,8 +179,15 @@ class Copier:
 
     # --- iterations -----------------------------------------------------------------------------
 
-    async def iteration(self) -> None:
-        """Take dirty runs from the iteration position and launch their ops."""
+    async def iteration(self, *, wide: bool = False) -> None:
+        """Take dirty runs from the iteration position and launch their ops.
+
+        ``wide``: take dirty runs from the whole disk (wrapping around once) rather than
+        only near the position. In READY, a guest's scattered writes leave one chunk here
+        and one there; a pass limited to a stretch of the disk copied a few chunks per op,
+        and a copy op of one 64 KiB chunk costs about five times its share of an op of
+        twenty (block status, allocation, the worker hop and the finish are per op).
+        """
         dirty, gran = self.dirty, self.config.granularity
         offset = dirty.next_dirty(self._iter_pos)
         if offset is None:
@@ -197,6 +204,7 @@ class Copier:
         runs: list[tuple[int, int]] = []
         total = 0
         pos: int | None = offset
+        wrapped = False
         while pos is not None:
             end = dirty.run_end(pos, budget - total)
             dirty.take(pos, end - pos)
@@ -208,9 +216,16 @@ class Copier:
             # more runs after this one go into the same iteration, unless one is being
             # copied right now (QEMU would wait for it; we take it next time)
             pos = dirty.next_dirty_after(end)
+            if pos is None and wide and not wrapped:
+                wrapped = True
+                pos = dirty.next_dirty_after(0)
+            if wrapped and pos is not None and pos >= offset:
+                break  # around once
             if pos is not None and (dirty.busy(pos, gran)
-                                    or pos - offset >= 8 * self.config.buf_size):
+                                    or (not wide and pos - offset >= 8 * self.config.buf_size)):
                 break
+        if wrapped:
+            runs.sort()  # block status and the batches go in disk order
         await self._launch_runs(runs)
 
     async def _launch_runs(self, runs: list[tuple[int, int]]) -> None:

@@ -515,7 +515,7 @@ class MirrorJob(BlockJob):
                     if gather:
                         await self.sleep_ns(gather)
                         continue
-                    await self.copier.iteration()
+                    await self.copier.iteration(wide=self.is_ready)
                     self._last_pass_ns = self.clock.now_ns()
             should_complete = False
             if inflight.ops == 0 and cnt == 0:
