@@ -24,8 +24,9 @@ if TYPE_CHECKING:
 MAX_IN_FLIGHT = 16
 MAX_IO_BYTES = 1 << 20
 #: after READY, how long a trickle of guest writes is gathered before the next copy pass
-#: (see MirrorJob._gather_left); a quarter of a job slice
-GATHER_NS = 25_000_000
+#: (see MirrorJob._gather_left); half a job slice: in paired runs under a max-rate random
+#: writer, 50 ms against 10 ms measured 3-5% more guest writes and 5-10% less CPU per write
+GATHER_NS = 50_000_000
 DEFAULT_BUF_SIZE = 16 << 20
 #: the op blocker reason every node used by a mirror carries
 BLOCKER_REASON = "block device is in use by block job: mirror"
