@@ -110,12 +110,19 @@ def test_reserve_halves_the_syncs_and_keeps_the_layout(
     assert plain_path.stat().st_size == ahead_path.stat().st_size
 
 
-def test_an_open_reserve_shows_only_as_leaks(tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def kept_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A new image whose reserves are never given back for being idle (IDLE_S an hour):
+    only what the test does can release them."""
     require_tool("qemu-img")
-    monkeypatch.setattr(tail_reserve, "IDLE_S", 3600.0)  # no idle release in this test
+    monkeypatch.setattr(tail_reserve, "IDLE_S", 3600.0)
     path = tmp_path / "img.qcow2"
     _create(path)
+    return path
+
+
+def test_an_open_reserve_shows_only_as_leaks(kept_image: Path) -> None:
+    path = kept_image
     seen: dict[str, Any] = {}
 
     async def probe(drv: Qcow2Driver) -> None:
@@ -159,12 +166,8 @@ def test_an_idle_reserve_is_given_back(tmp_path: Path, monkeypatch: pytest.Monke
     assert seen["idle"][0] == 0, seen["idle"][1]
 
 
-def test_a_reopen_to_read_only_gives_the_reserve_back(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    require_tool("qemu-img")
-    monkeypatch.setattr(tail_reserve, "IDLE_S", 3600.0)  # only the reopen gives it back
-    path = tmp_path / "img.qcow2"
-    _create(path)
+def test_a_reopen_to_read_only_gives_the_reserve_back(kept_image: Path) -> None:
+    path = kept_image  # only the reopen gives the reserve back
     seen: dict[str, int] = {}
 
     async def probe(drv: Qcow2Driver) -> None:

@@ -95,6 +95,7 @@ def test_version_and_help() -> None:
     assert b"version 7.2.22" in p.stdout
     p = subprocess.run([*OURS, "--help"], capture_output=True, timeout=20, check=True)
     assert b"--blockdev" in p.stdout and b"--nbd-server" in p.stdout
+    assert b"BLOCKMIRROR_EVENT_LOOP=asyncio" in p.stdout
 
 
 def test_sigterm_closes_images(tmp_path: Path) -> None:

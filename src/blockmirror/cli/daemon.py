@@ -111,6 +111,11 @@ QEMU storage daemon (blockmirror)
                          blockmirror extension: with 'virtual', rate limits, job
                          timers and fault delays follow a clock that moves only on
                          x-clock-advance / x-clock-run-to-next-timer (docs/qmp.md)
+
+Environment:
+  BLOCKMIRROR_EVENT_LOOP=asyncio
+                         run on CPython's own event loop instead of uvloop (for
+                         comparing the two; docs/architecture.md)
 """
 
 
