@@ -314,12 +314,19 @@ async def _intercepted(
             await op()
         ok = True
     finally:
-        node.stats.done(kind, offset, length, start, ok)
-        _untrack(node)
-        # failed writes count too: the range may be half-written (cf. write_req_finish)
-        node.write_gen += 1
+        _change_ended(node, kind, offset, length, start, ok)
     for tracker in list(node.dirty_trackers):
         tracker.mark(offset, length)
+
+
+def _change_ended(node: BlockNode, kind: str, offset: int, length: int, start: int,
+                  ok: bool) -> None:
+    """A write, zero or discard request ended (failed or not): statistics, in-flight count,
+    write generation."""
+    node.stats.done(kind, offset, length, start, ok)
+    _untrack(node)
+    # failed writes count too: the range may be half-written (cf. write_req_finish)
+    node.write_gen += 1
 
 
 async def _write_handled_early(node: BlockNode, offset: int, data: bytes | memoryview,
@@ -357,9 +364,7 @@ async def write(node: BlockNode, offset: int, data: bytes | memoryview, fua: boo
                 await drv.flush()
             ok = True
         finally:
-            node.stats.done("write", offset, length, start, ok)
-            _untrack(node)
-            node.write_gen += 1
+            _change_ended(node, "write", offset, length, start, ok)
         for tracker in list(node.dirty_trackers):
             tracker.mark(offset, length)
         return
