@@ -658,7 +658,11 @@ class NbdDriver(BlockDriver):
             try:
                 return await conn.request(cmd, offset, length, flags, data)
             except _Disconnected:
-                if self._state is _State.CONNECTING_WAIT:
+                # the news of the loss can reach a request after the reconnect is done
+                # (one waiting for a slot on the old connection hears of it only when it
+                # gets one): a newer live connection takes it as well
+                if self._state is _State.CONNECTING_WAIT or (
+                        self._state is _State.CONNECTED and self._conn is not conn):
                     continue
                 raise BlockIOError(errno.EIO) from None
 
