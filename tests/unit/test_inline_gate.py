@@ -132,6 +132,19 @@ def test_the_yield_lets_other_tasks_run(tmp_path: Path, monkeypatch: pytest.Monk
     assert seen[:4] == [0, 3, 6, 9]
 
 
+def test_would_admit_answers_as_admit_would_without_counting() -> None:
+    t = FakeTime()
+    gate = InlineGate(max_bytes=128 * KiB, cooldown_ns=250 * MS, now_ns=t)
+    assert gate.would_admit(128 * KiB) and not gate.would_admit(128 * KiB + 1)
+    assert _run_inline(gate, t, 21 * MS)  # a stall closes the gate
+    assert not gate.would_admit(4 * KiB)
+    t.ns += 250 * MS
+    assert gate.would_admit(4 * KiB)
+    assert (gate.inline_calls, gate.pooled_calls, gate.yields) == (1, 0, 0)
+    gate.enabled = False
+    assert not gate.would_admit(1)
+
+
 def test_disabled_gate_sends_everything_to_the_pool() -> None:
     gate = InlineGate()
     gate.enabled = False

@@ -13,6 +13,7 @@ import asyncio
 import gc
 import os
 import random
+import subprocess
 import threading
 import weakref
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 import pytest
 
 from blockmirror.block import threadio
+from blockmirror.block.copy import writes_inline
 from blockmirror.block.driver import BlockStatus
 from blockmirror.block.node import BlockNode
 from blockmirror.block.options import open_blockdev
@@ -259,3 +261,29 @@ def test_written_buffer_freed_without_the_cyclic_gc(tmp_path: Path) -> None:
         asyncio.run(main())
     finally:
         gc.enable()
+
+
+def test_writes_inline_follows_the_data_down_to_a_local_buffered_file(tmp_path: Path) -> None:
+    """``copy.writes_inline``: a small write through raw or qcow2 to a buffered local file
+    runs on the loop thread; a large one, an O_DIRECT file or a node with no file does not."""
+    qimg = tmp_path / "t.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(qimg), "1M"], check=True)
+
+    async def main() -> None:
+        d = Daemon()
+        img = tmp_path / "t.raw"
+        img.write_bytes(bytes(MiB))
+        raw = await _raw(d, "r", img)
+        assert writes_inline(raw, 64 * 1024)
+        assert not writes_inline(raw, threadio.inline_gate.max_bytes + 1)
+        direct = await open_blockdev(d.graph, {
+            "driver": "raw", "node-name": "rd",
+            "file": {"driver": "file", "filename": str(img), "cache": {"direct": True}}})
+        assert not writes_inline(direct, 4096)
+        q = await open_blockdev(d.graph, {"driver": "qcow2", "node-name": "q",
+                                          "file": {"driver": "file", "filename": str(qimg)}})
+        assert writes_inline(q, 64 * 1024)
+        null = await open_blockdev(d.graph, {"driver": "null-co", "node-name": "n"})
+        assert not writes_inline(null, 4096)
+
+    asyncio.run(main())

@@ -213,6 +213,40 @@ def test_active_writer_sends_the_guests_bytes_without_reading_the_source() -> No
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("inline", [True, False])
+def test_write_blocking_writes_the_target_first_when_its_write_runs_inline(inline: bool) -> None:
+    """A target write that will run on the loop thread goes first, in the guest's request;
+    any other is overlapped with the source's write in a task of its own (which starts
+    only once the source's write is under way)."""
+    async def main() -> None:
+        _g, src, tgt = _pair()
+        active, dirty, _gate, _changes = _active(src, tgt)
+        asked: list[tuple[BlockNode, int]] = []
+
+        def target_inline(node: BlockNode, nbytes: int) -> bool:
+            asked.append((node, nbytes))
+            return inline
+
+        active.target_inline = target_inline
+        order: list[str] = []
+        for name, node in (("source", src), ("target", tgt)):
+            real = node.driver.pwritev
+
+            async def spy(offset: int, data: Any, flags: Any, name: str = name,
+                          real: Any = real) -> None:
+                order.append(name)
+                await real(offset, data, flags)
+
+            node.driver.pwritev = spy  # type: ignore[method-assign]
+        await src.write(4 * GRAN, b"\x51" * (2 * GRAN))
+        assert asked == [(tgt, 2 * GRAN)]
+        assert order == (["target", "source"] if inline else ["source", "target"])
+        assert await tgt.read(4 * GRAN, 2 * GRAN) == b"\x51" * (2 * GRAN)
+        assert dirty.dirty_bytes() == 0
+
+    asyncio.run(main())
+
+
 def test_drain_gate_holds_writes_until_it_opens() -> None:
     async def main() -> None:
         _g, src, tgt = _pair()

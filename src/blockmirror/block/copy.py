@@ -97,6 +97,27 @@ def _small_local(src: HostFile, dst: HostFile, nbytes: int) -> bool:
     return True
 
 
+def writes_inline(node: BlockNode, nbytes: int) -> bool:
+    """Whether a write of ``nbytes`` to ``node`` is expected to run on the loop thread now:
+    its data reaches, through format nodes, a buffered regular file on a local filesystem,
+    and ``threadio.inline_gate`` would take a call of that size.
+
+    For a caller choosing between issuing two writes one after the other in its own task and
+    running them concurrently: an inline write costs less than the task that would overlap
+    it, a write to the pool, a network or O_DIRECT costs more. A guess, not a promise: the
+    gate may close before the write is made.
+    """
+    cur: BlockNode | None = node
+    for _ in range(4):
+        if cur is None or cur.cache_direct:
+            return False
+        drv = cur.driver
+        if isinstance(drv, FileDriver):
+            return drv.inline_ok and threadio.inline_gate.would_admit(nbytes)
+        cur = cur.child("data-file") or cur.file
+    return False
+
+
 def _aligned(hf: HostFile, extents: Sequence[tuple[int, int]]) -> bool:
     a = hf.align
     return a <= 1 or all((hf.base + o) % a == 0 and n % a == 0 for o, n in extents)
@@ -404,4 +425,4 @@ async def map_data(
 
 
 __all__ = ["CopyError", "HostFile", "copy_extents", "host_file", "map_data", "read_host",
-           "write_host", "zero_extents"]
+           "write_host", "writes_inline", "zero_extents"]

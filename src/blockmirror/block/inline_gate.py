@@ -91,6 +91,12 @@ class InlineGate:
         self.inline_calls += 1
         return True
 
+    def would_admit(self, nbytes: int) -> bool:
+        """Whether a call of ``nbytes`` would run inline now (``admit`` without its
+        bookkeeping: for a caller choosing how to arrange its calls, not making one)."""
+        return (self.enabled and nbytes <= self.max_bytes
+                and not (self._closed_until and self.now_ns() < self._closed_until))
+
     def start(self) -> int:
         return self.now_ns()
 

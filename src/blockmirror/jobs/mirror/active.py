@@ -13,6 +13,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+from blockmirror.block.copy import writes_inline
 from blockmirror.block.node import BlockNode
 from blockmirror.errors import BlockIOError
 from blockmirror.jobs.mirror.dirty import DirtyState
@@ -55,6 +56,7 @@ class ActiveWriter:
         policy: ActivePolicy,
         *,
         unmap: bool,
+        target_inline: Callable[[BlockNode, int], bool] = writes_inline,
     ) -> None:
         self.source = source
         self.target = target
@@ -64,6 +66,8 @@ class ActiveWriter:
         self.progress = progress
         self.policy = policy
         self.unmap = unmap
+        #: whether a write of so many bytes to the target will run on the loop thread
+        self.target_inline = target_inline
         #: the target names a backing it has not opened: partial clusters are left to the copy
         self.target_needs_cow = False
         #: cf. bdrv_round_to_subclusters on the target (set once the job knows its clusters)
@@ -134,7 +138,19 @@ class ActiveWriter:
         qemu-storage-daemon's throughput with them in series). Safe because the range is in
         flight (no copy and no other guest write touches it meanwhile) and a source write
         that fails is still marked dirty by the tracker (nothing is ``expect_synced``), so
-        a target that got bytes the source did not is copied over again from the source."""
+        a target that got bytes the source did not is copied over again from the source.
+
+        Unless the target's write will run on the loop thread (a small buffered write to a
+        local file): it then goes first, in this task, and the source's after it. A task to
+        overlap the two would cost more than the target's write itself, and this serial
+        order measured 5-6% more guest writes per second under a max-rate writer (paired
+        runs in one daemon, qcow2 and raw, medians of 24 pairs)."""
+        if self.target_inline(self.target, length):
+            synced = await self._sync_target_write(kind, offset, length, payload)
+            await proceed()
+            if synced:
+                self.dirty.expect_synced(offset, length)
+            return
         target_write = asyncio.ensure_future(
             self._sync_target_write(kind, offset, length, payload))
         try:
