@@ -5,7 +5,10 @@ error (and the corrupt flag) a read of it gets, not reported as data."""
 from __future__ import annotations
 
 import asyncio
+import json
+import random
 import struct
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -83,3 +86,103 @@ def test_hostile_data_entry_is_refused_like_a_read(tmp_path: Path, bad: str) -> 
 
     read_error, walk_error = asyncio.run(walk())
     assert walk_error == read_error
+
+
+def _qemu_img_hosts(path: Path) -> dict[int, int]:
+    """guest cluster -> host offset, from ``qemu-img map``."""
+    out = subprocess.run(["qemu-img", "map", "--output=json", "-f", "qcow2", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    hosts: dict[int, int] = {}
+    for e in json.loads(out):
+        if e["data"] and "offset" in e:
+            for k in range(e["length"] // CLUSTER):
+                hosts[e["start"] // CLUSTER + k] = e["offset"] + k * CLUSTER
+    return hosts
+
+
+def test_host_runs_match_qemu_img_map_on_scattered_and_consecutive_clusters(
+        tmp_path: Path) -> None:
+    """``ClusterMap.host_runs`` (the file-to-file copy's map) gives each extent's host runs,
+    merged where consecutive, as qemu-img map places them: clusters 0-15 written in order
+    (one host run), 16-47 written in a shuffled order (scattered), 48-63 left unallocated
+    (None: read those instead)."""
+    path = tmp_path / "img.qcow2"
+    order = list(range(16, 48))
+    random.Random(3).shuffle(order)
+
+    async def prepare() -> None:
+        await create_qcow2(str(path), SIZE, cluster_size=CLUSTER)
+        g = BlockGraph()
+        node = await _open(g, path)
+        await node.write(0, b"\x01" * (16 * CLUSTER))
+        for c in order:
+            await node.write(c * CLUSTER, bytes([c]) * CLUSTER)
+        await close_all(g)
+
+    asyncio.run(prepare())
+    hosts = _qemu_img_hosts(path)
+
+    def expected(offset: int, length: int) -> list[tuple[int, int]]:
+        runs: list[tuple[int, int]] = []
+        pos = offset
+        while pos < offset + length:
+            n = min(CLUSTER - pos % CLUSTER, offset + length - pos)
+            host = hosts[pos // CLUSTER] + pos % CLUSTER
+            if runs and runs[-1][0] + runs[-1][1] == host:
+                runs[-1] = (runs[-1][0], runs[-1][1] + n)
+            else:
+                runs.append((host, n))
+            pos += n
+        return runs
+
+    extents = [(0, 16 * CLUSTER), (CLUSTER + 100, 3 * CLUSTER), (5 * CLUSTER, 1),
+               (16 * CLUSTER, 32 * CLUSTER), (20 * CLUSTER + 7, 2 * CLUSTER),
+               (15 * CLUSTER, 2 * CLUSTER)]
+
+    async def check() -> None:
+        g = BlockGraph()
+        node = await _open(g, path)
+        cmap = node.driver.cluster_map  # type: ignore[attr-defined]
+        got = await cmap.host_runs(extents)
+        assert got == [expected(o, n) for o, n in extents]
+        assert got[0] == [(hosts[0], 16 * CLUSTER)]
+        assert len(got[3]) > 1  # the shuffled clusters are not one run
+        assert await cmap.host_runs([(40 * CLUSTER, 16 * CLUSTER)]) is None
+        await close_all(g)
+
+    asyncio.run(check())
+
+
+def test_host_runs_refuses_a_consecutive_run_that_ends_past_the_file(tmp_path: Path) -> None:
+    """A run of consecutive entries whose last cluster lies past the end of the file is
+    refused with the read's error, not mapped (the one-table shortcut checks the run's end)."""
+    path = tmp_path / "img.qcow2"
+
+    async def prepare() -> None:
+        await create_qcow2(str(path), SIZE, cluster_size=CLUSTER)
+        g = BlockGraph()
+        node = await _open(g, path)
+        await node.write(0, b"\x05" * (8 * CLUSTER))
+        await close_all(g)
+
+    asyncio.run(prepare())
+    file_clusters = path.stat().st_size // CLUSTER
+    with open(path, "r+b") as f:
+        # shift the whole run so that its last cluster is past the end of the file
+        for c in range(8):
+            at = _l2_entry_offset(path, c)
+            f.seek(at)
+            entry = struct.unpack(">Q", f.read(8))[0]
+            new_host = (file_clusters - 4 + c) * CLUSTER
+            f.seek(at)
+            f.write(struct.pack(">Q", (entry & ~0x00FFFFFFFFFFFE00) | new_host))
+
+    async def walk() -> None:
+        g = BlockGraph()
+        node = await _open(g, path)
+        with pytest.raises(BlockIOError):
+            await node.driver.cluster_map.host_runs(  # type: ignore[attr-defined]
+                [(0, 8 * CLUSTER)])
+        await close_all(g)
+
+    asyncio.run(walk())

@@ -300,6 +300,27 @@ class ClusterMap:
             runs: list[tuple[int, int]] = []
             out.append(runs)
             pos, end = offset, offset + length
+            first, last = offset >> cluster_bits, (end - 1) >> cluster_bits
+            if length > 0 and first >> l2_bits == last >> l2_bits:
+                # the common case, tested in C: one L2 table, and the extent's entries are
+                # consecutive host clusters with the same flags (a copied or converted image)
+                l1_index = first >> l2_bits
+                if l1_index != current_l1:
+                    table = await self.l2_for_read(l1_index)
+                    if table is None:
+                        return None
+                    current_l1 = l1_index
+                assert table is not None
+                lo = first & mask
+                entry = table[lo]
+                host = entry & L2E_OFFSET_MASK
+                count = last - first + 1
+                if (host and not entry & not_plain and not host & in_mask
+                        and (host >> cluster_bits) + count <= allocator.end
+                        and table[lo : lo + count] == array(
+                            "Q", range(entry, entry + (count << cluster_bits), cluster_size))):
+                    runs.append((host + (offset & in_mask), length))
+                    continue
             while pos < end:
                 guest_cluster = pos >> cluster_bits
                 l1_index = guest_cluster >> l2_bits
