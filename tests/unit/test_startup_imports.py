@@ -168,3 +168,23 @@ def test_lazy_lookups_in_a_fresh_interpreter() -> None:
                          timeout=60, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
+
+
+def test_a_mirror_without_resume_or_ceph_loads_neither() -> None:
+    """The first blockdev-mirror imports the mirror's command module and job package; the
+    crash-resume machinery (x-resume-log) and json (the rbd driver's key=value pairs, the
+    resume log's headers) come only with their first use."""
+    script = textwrap.dedent("""
+        import sys
+        import blockmirror.qmp.commands.mirror
+        import blockmirror.jobs.mirror.job
+        loaded = sorted(m for m in sys.modules if m in (
+            "blockmirror.jobs.mirror.resume", "blockmirror.jobs.mirror.activity_log",
+            "json", "random"))
+        assert not loaded, loaded
+        from blockmirror.jobs.mirror.resume import ResumeCoordinator
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -25,7 +25,6 @@ import asyncio
 import base64
 import errno
 import importlib
-import json
 import logging
 import os
 import threading
@@ -200,6 +199,10 @@ def location_from_options(opts: Mapping[str, Any], graph: BlockGraph | None,
         loc.mon_host = ";".join(hosts) if hosts else None
     raw_pairs = merged.get(KEYVALUE_PAIRS)
     if isinstance(raw_pairs, str):
+        # imported here: this module is loaded by every mirror (block/create.py), and only
+        # an rbd: filename with key=value pairs needs json (2 ms of CPU at import)
+        import json
+
         flat = json.loads(raw_pairs)
         loc.keypairs = list(zip(flat[0::2], flat[1::2], strict=True))
     return loc

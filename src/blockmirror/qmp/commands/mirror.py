@@ -16,11 +16,9 @@ from blockmirror.block.graph import id_wellformed
 from blockmirror.block.node import BlockBackend, BlockNode
 from blockmirror.block.options import close_node, open_image
 from blockmirror.errors import BlockMirrorError
-from blockmirror.jobs.mirror import BackingMode, MirrorParams, start_mirror
-from blockmirror.jobs.mirror.activity_log import DEFAULT_CAPACITY, DEFAULT_EXTENT_SIZE
+from blockmirror.jobs.mirror import BackingMode, MirrorParams, plan_resume, start_mirror
 from blockmirror.jobs.mirror.converge import DEFAULT_DEADLINE_S, ConvergePolicy
 from blockmirror.jobs.mirror.params import default_granularity
-from blockmirror.jobs.mirror.resume import ResumeOptions, plan_resume
 from blockmirror.qapi.block_core import ORG_BITMAP, ORG_BITMAP_MODE
 from blockmirror.qapi.x_mirror import XConvergePolicy
 from blockmirror.qmp.hmp import hmp_command
@@ -229,12 +227,11 @@ async def _mirror_extensions(args: Args, bs: BlockNode, target: BlockNode, sync:
     if sync != "full":
         what = "x-resume-store" if store == "image" else "x-resume-log"
         raise BlockMirrorError(f"Parameter '{what}' requires sync mode 'full'")
-    opts = ResumeOptions(
-        path, store=store or "file", restart=args.get_bool("x-resume-restart", False),
-        extents=args.get_int("x-resume-extents", DEFAULT_CAPACITY),
-        extent_size=args.get_int("x-resume-extent-size", DEFAULT_EXTENT_SIZE))
-    params.resume = await plan_resume(opts, bs, target,
-                                      params.granularity or default_granularity(target))
+    params.resume = await plan_resume(
+        path, bs, target, params.granularity or default_granularity(target),
+        store=store or "file", restart=args.get_bool("x-resume-restart", False),
+        extents=args.opt_int("x-resume-extents"),
+        extent_size=args.opt_int("x-resume-extent-size"))
 
 
 @command("blockdev-mirror")
