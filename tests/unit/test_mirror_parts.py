@@ -247,6 +247,30 @@ def test_write_blocking_writes_the_target_first_when_its_write_runs_inline(inlin
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("inline", [True, False])
+def test_a_failed_source_write_leaves_its_range_dirty(inline: bool) -> None:
+    """Write-blocking writes the target beside (or before) the source: when the source's
+    write fails, the target may hold bytes the source does not, so the range must be copied
+    again from the source (the tracker marks only writes that succeed)."""
+    async def main() -> None:
+        _g, src, tgt = _pair()
+        active, dirty, _gate, _changes = _active(src, tgt)
+        active.target_inline = lambda _node, _n: inline
+
+        async def failing(offset: int, data: Any, flags: Any) -> None:
+            raise BlockIOError(errno.EIO, "injected")
+
+        src.driver.pwritev = failing  # type: ignore[method-assign]
+        with pytest.raises(BlockIOError):
+            await src.write(4 * GRAN, b"\x77" * (2 * GRAN))
+        assert await tgt.read(4 * GRAN, 2 * GRAN) == b"\x77" * (2 * GRAN)
+        assert await src.read(4 * GRAN, 2 * GRAN) == bytes(2 * GRAN)
+        assert dirty.is_dirty(4 * GRAN) and dirty.is_dirty(5 * GRAN)
+        assert dirty.dirty_bytes() == 2 * GRAN
+
+    asyncio.run(main())
+
+
 def test_drain_gate_holds_writes_until_it_opens() -> None:
     async def main() -> None:
         _g, src, tgt = _pair()
