@@ -93,6 +93,50 @@ def test_dirty_tracking_detect_zeroes_and_drain() -> None:
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("kind", ["write", "zero", "discard"])
+@pytest.mark.parametrize("hooked", [False, True])
+def test_a_failed_change_still_marks_the_dirty_trackers(kind: str, hooked: bool) -> None:
+    """As QEMU's bdrv_co_write_req_finish: a write, zero or discard that fails may have
+    changed part of its range, so the trackers (a mirror's, a user's bitmap) see it; the
+    request still fails, and is marked before the node counts it as finished (a drain that
+    ends sees the mark). With and without an interceptor (the short path and the hooked
+    one)."""
+    node, drv = mem_node()
+    seen: list[tuple[int, int, int]] = []
+
+    class Tracker:
+        def mark(self, offset: int, length: int) -> None:
+            seen.append((offset, length, node.in_flight))
+
+    class Passing:
+        async def around_write(self, node: object, kind: str, offset: int, length: int,
+                               proceed: object) -> None:
+            await proceed()  # type: ignore[operator]
+
+    async def failing(*_args: object) -> None:
+        raise BlockIOError(errno.EIO, "injected")
+
+    for name in ("pwritev", "pwrite_zeroes", "pdiscard"):
+        setattr(drv, name, failing)
+    node.dirty_trackers.append(Tracker())
+    if hooked:
+        node.interceptors.append(Passing())  # type: ignore[arg-type]
+
+    async def main() -> None:
+        gen = node.write_gen
+        with pytest.raises(BlockIOError):
+            if kind == "write":
+                await node.write(4096, b"x" * 8192)
+            elif kind == "zero":
+                await node.write_zeroes(4096, 8192)
+            else:
+                await node.discard(4096, 8192)
+        assert seen == [(4096, 8192, 1)]
+        assert node.in_flight == 0 and node.write_gen == gen + 1
+
+    asyncio.run(main())
+
+
 def test_block_status_adds_allocated_and_eof() -> None:
     node, _ = mem_node(size=8192)
 

@@ -315,18 +315,21 @@ async def _intercepted(
         ok = True
     finally:
         _change_ended(node, kind, offset, length, start, ok)
-    for tracker in list(node.dirty_trackers):
-        tracker.mark(offset, length)
 
 
 def _change_ended(node: BlockNode, kind: str, offset: int, length: int, start: int,
                   ok: bool) -> None:
-    """A write, zero or discard request ended (failed or not): statistics, in-flight count,
-    write generation."""
+    """A write, zero or discard request ended (failed or not): statistics, write
+    generation, dirty trackers, in-flight count.
+
+    Failed requests count too, as in QEMU's bdrv_co_write_req_finish: the range may be
+    half-written (a request in several pieces, data written and metadata not), and a
+    mirror that did not copy it again would leave its target behind the source."""
     node.stats.done(kind, offset, length, start, ok)
-    _untrack(node)
-    # failed writes count too: the range may be half-written (cf. write_req_finish)
     node.write_gen += 1
+    for tracker in list(node.dirty_trackers):
+        tracker.mark(offset, length)
+    _untrack(node)
 
 
 async def _write_handled_early(node: BlockNode, offset: int, data: bytes | memoryview,
@@ -365,8 +368,6 @@ async def write(node: BlockNode, offset: int, data: bytes | memoryview, fua: boo
             ok = True
         finally:
             _change_ended(node, "write", offset, length, start, ok)
-        for tracker in list(node.dirty_trackers):
-            tracker.mark(offset, length)
         return
 
     async def op() -> None:

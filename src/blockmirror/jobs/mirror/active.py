@@ -136,9 +136,9 @@ class ActiveWriter:
         target at once, where QEMU writes the target only after the source. The write's
         latency is then one write, not two in a row (a write-blocking guest measured 0.6x
         qemu-storage-daemon's throughput with them in series). Safe because the range is in
-        flight (no copy and no other guest write touches it meanwhile), and a source write
-        that fails marks the range dirty here (the tracker marks only writes that succeed),
-        so a target that got bytes the source did not is copied over again from the source.
+        flight (no copy and no other guest write touches it meanwhile), and the end of a
+        source write that fails marks the range dirty (nothing is ``expect_synced``), so a
+        target that got bytes the source did not is copied over again from the source.
 
         Unless the target's write will run on the loop thread (a small buffered write to a
         local file): it then goes first, in this task, and the source's after it. A task to
@@ -147,11 +147,7 @@ class ActiveWriter:
         runs in one daemon, qcow2 and raw, medians of 16-24 pairs)."""
         if self.target_inline(self.target, length):
             synced = await self._sync_target_write(kind, offset, length, payload)
-            try:
-                await proceed()
-            except BaseException:
-                self.dirty.mark(offset, length)
-                raise
+            await proceed()
             if synced:
                 self.dirty.expect_synced(offset, length)
             return
@@ -160,12 +156,11 @@ class ActiveWriter:
         try:
             await proceed()
         except BaseException:
-            # never leave the target write running unobserved; its result no longer matters,
-            # but what it wrote does: the source may not have it
+            # never leave the target write running unobserved; its result no longer matters
+            # (the request's end marks the range dirty: block/io.py's _change_ended)
             await asyncio.wait([target_write])
             if not target_write.cancelled():
                 target_write.exception()
-            self.dirty.mark(offset, length)
             raise
         if await target_write:
             self.dirty.expect_synced(offset, length)
