@@ -301,15 +301,10 @@ class ClusterMap:
             out.append(runs)
             pos, end = offset, offset + length
             first, last = offset >> cluster_bits, (end - 1) >> cluster_bits
-            if length > 0 and first >> l2_bits == last >> l2_bits:
-                # the common case, tested in C: one L2 table, and the extent's entries are
+            if length > 0 and first >> l2_bits == last >> l2_bits == current_l1:
+                # the common case, tested in C: the extent lies in the L2 table at hand (the
+                # loop below fetched it for an earlier extent), and its entries are
                 # consecutive host clusters with the same flags (a copied or converted image)
-                l1_index = first >> l2_bits
-                if l1_index != current_l1:
-                    table = await self.l2_for_read(l1_index)
-                    if table is None:
-                        return None
-                    current_l1 = l1_index
                 assert table is not None
                 lo = first & mask
                 entry = table[lo]
