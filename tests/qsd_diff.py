@@ -24,13 +24,14 @@ Step = tuple[str, dict[str, Any]]
 _TAGS = itertools.count()
 
 
-def command(conn: SyncQMP, name: str, args: dict[str, Any] | None = None
-            ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def command(conn: SyncQMP, name: str, args: dict[str, Any] | None = None, *,
+            regreeting_ok: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Run one command; returns (events seen before the reply, reply).
 
     The command carries an ``id`` (both daemons echo it; it is taken off the reply again) so
     a reply that is not this command's is reported as such instead of being read as its
-    answer.
+    answer. ``regreeting_ok``: a second copy of the connection's greeting is skipped (see
+    ``transcript``); any other stray message still fails.
     """
     tag = f"diff-{next(_TAGS)}"
     msg: dict[str, Any] = {"execute": name, "id": tag}
@@ -44,6 +45,8 @@ def command(conn: SyncQMP, name: str, args: dict[str, Any] | None = None
         if "event" in reply:
             reply.pop("timestamp", None)
             events.append(reply)
+            continue
+        if regreeting_ok and raw == conn.greeting:
             continue
         if reply.pop("id", None) != tag:
             raise AssertionError(f"{name}: a message that is not its reply: {raw!r}")
@@ -61,13 +64,18 @@ def transcript(kind: str, sock: str, steps: list[Step], argv: list[str] | None =
                between: Callable[[int], None] | None = None) -> list[Any]:
     """The normalised outcome of every step on one daemon (``kind``: "qsd" or "ours")."""
     out: list[Any] = []
+    # qemu-storage-daemon 7.2 greeted a connection twice once in CI (the second greeting
+    # came where the qmp_capabilities reply was expected; not reproduced in 12 runs): likely
+    # a connection that races the monitor's set-up in its I/O thread, which then sees two
+    # "opened" events. The reference side tolerates that; ours must greet once.
+    regreeting_ok = kind == "qsd"
     with DaemonProcess(daemon_argv(kind, sock, *(argv or [])), sock) as proc, \
             proc.connect() as conn:
-        command(conn, "qmp_capabilities")
+        command(conn, "qmp_capabilities", regreeting_ok=regreeting_ok)
         for i, (name, args) in enumerate(steps):
             if between is not None:
                 between(i)
-            events, reply = command(conn, name, args)
+            events, reply = command(conn, name, args, regreeting_ok=regreeting_ok)
             out.append({"step": i, "cmd": name, "args": args, "events": events,
                         "reply": normalise(name, reply)})
     return out
