@@ -170,21 +170,33 @@ def test_lazy_lookups_in_a_fresh_interpreter() -> None:
 
 
 
-def test_a_mirror_without_resume_or_ceph_loads_neither() -> None:
+def test_a_mirror_without_resume_or_ceph_loads_neither(tmp_path: Path) -> None:
     """The first blockdev-mirror imports the mirror's command module and job package; the
     crash-resume machinery (x-resume-log) and json (the rbd driver's key=value pairs, the
-    resume log's headers) come only with their first use."""
+    resume log's headers) come only with their first use, image creation (every format's
+    creation code) only with drive-mirror's, and a zeroed range on a file (fallocate) needs
+    no ctypes.util (which runs ``ldconfig -p``)."""
     script = textwrap.dedent("""
-        import sys
+        import os, sys
         import blockmirror.qmp.commands.mirror
         import blockmirror.jobs.mirror.job
+        from blockmirror.block import threadio
+        path = sys.argv[1]
+        fd = os.open(path, os.O_RDWR | os.O_CREAT)
+        os.write(fd, b"x" * 65536)
+        threadio.fallocate_sync(fd, threadio.FALLOC_FL_ZERO_RANGE, 0, 4096)
+        assert os.pread(fd, 8, 0) == bytes(8)
+        os.close(fd)
+        os.unlink(path)
         loaded = sorted(m for m in sys.modules if m in (
             "blockmirror.jobs.mirror.resume", "blockmirror.jobs.mirror.activity_log",
-            "json", "random"))
+            "json", "random", "ctypes.util", "blockmirror.block.create",
+            "blockmirror.block.drivers.qcow2", "blockmirror.qmp.commands.drive_mirror"))
         assert not loaded, loaded
         from blockmirror.jobs.mirror.resume import ResumeCoordinator
         print("ok")
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=60, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "f")],
+                         capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

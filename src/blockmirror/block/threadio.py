@@ -147,12 +147,15 @@ _libc: ctypes.CDLL | None = None
 
 
 def _libc_handle() -> ctypes.CDLL:
+    """The symbols the process already loaded, libc's among them.
+
+    Not ``ctypes.util.find_library("c")``: that imports subprocess, tempfile and random and
+    runs ``ldconfig -p`` in a child, some 28 ms of CPU at the first zeroed range of a mirror
+    (issue 10), to name a library the interpreter is already linked with.
+    """
     global _libc
     if _libc is None:
-        # ctypes.util pulls in subprocess, tempfile and shutil: only on first use (start-up)
-        from ctypes import util as ctypes_util  # binds no local "ctypes"
-
-        _libc = ctypes.CDLL(ctypes_util.find_library("c") or None, use_errno=True)
+        _libc = ctypes.CDLL(None, use_errno=True)
     return _libc
 
 
@@ -193,21 +196,13 @@ _LOCAL_FS_MAGIC = frozenset({
 })
 
 
-_self_handle: ctypes.CDLL | None = None
-
-
 def is_local_fs_sync(fd: int) -> bool:
     """True when ``fd`` lives on a local filesystem (not NFS, CIFS, FUSE, Ceph, ...).
 
     Python has no fstatfs; libc's fills a ``struct statfs`` whose first field is f_type
     (a long) on every Linux ABI we run on. Unknown or failing: not local (the safe answer).
     """
-    global _self_handle
-    if _self_handle is None:
-        # the symbols already loaded (libc among them): no ctypes.util.find_library, which
-        # imports subprocess, tempfile and random, and this runs at every file open
-        _self_handle = ctypes.CDLL(None, use_errno=True)
-    fn = getattr(_self_handle, "fstatfs", None)
+    fn = getattr(_libc_handle(), "fstatfs", None)
     if fn is None:
         return False
     buf = ctypes.create_string_buffer(256)  # sizeof(struct statfs) is 120 on x86_64

@@ -159,7 +159,8 @@ def command(name: str) -> Callable[[H], H]:
     return deco
 
 
-_COMMAND_MODULES = ("control", "block", "query", "jobs", "mirror", "mirror_group", "nbd", "hmp",
+_COMMAND_MODULES = ("control", "block", "query", "jobs", "mirror", "drive_mirror",
+                    "mirror_group", "nbd", "hmp",
                     "bitmaps", "objects", "block_graph", "transaction", "testkit",
                     "backup", "snapshot_internal", "amend", "chardev", "x_blockdev", "commit")
 
@@ -176,7 +177,8 @@ _DEFINED_IN: dict[str, tuple[str, ...]] = {
              "job-dismiss", "query-jobs", "block-job-set-speed", "block-job-cancel",
              "block-job-pause", "block-job-resume", "block-job-complete", "block-job-finalize",
              "block-job-dismiss", "block-job-change", "query-block-jobs"),
-    "mirror": ("blockdev-mirror", "drive-mirror"),
+    "mirror": ("blockdev-mirror",),
+    "drive_mirror": ("drive-mirror",),
     "mirror_group": ("x-block-job-group", "x-block-job-group-complete",
                      "x-query-block-job-groups"),
     "nbd": ("nbd-server-start", "nbd-server-stop", "nbd-server-add", "nbd-server-remove",

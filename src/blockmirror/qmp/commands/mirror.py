@@ -1,9 +1,10 @@
-"""QMP drive-mirror and blockdev-mirror (cf. blockdev.c qmp_drive_mirror, qmp_blockdev_mirror,
-blockdev_mirror_common), plus HMP drive_mirror.
+"""QMP blockdev-mirror and what it shares with drive-mirror (cf. blockdev.c
+qmp_blockdev_mirror, blockdev_mirror_common).
 
 Every check runs in QEMU's order with QEMU's text; the job itself is built by
-``jobs.mirror.start_mirror``. drive-mirror creates the target image (printing the
-``Formatting ...`` line on the daemon's stdout) and opens it without its backing.
+``jobs.mirror.start_mirror``. drive-mirror, which creates its target, is in
+``drive_mirror.py``: a daemon that only runs blockdev-mirror never imports image creation
+(and with it every format's creation code).
 """
 
 from __future__ import annotations
@@ -11,17 +12,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from blockmirror.block.bitmaps import Check, NamedBitmap
-from blockmirror.block.create import img_create
 from blockmirror.block.graph import id_wellformed
 from blockmirror.block.node import BlockBackend, BlockNode
-from blockmirror.block.options import close_node, open_image
 from blockmirror.errors import BlockMirrorError
 from blockmirror.jobs.mirror import BackingMode, MirrorParams, plan_resume, start_mirror
 from blockmirror.jobs.mirror.converge import DEFAULT_DEADLINE_S, ConvergePolicy
 from blockmirror.jobs.mirror.params import default_granularity
 from blockmirror.qapi.block_core import ORG_BITMAP, ORG_BITMAP_MODE
 from blockmirror.qapi.x_mirror import XConvergePolicy
-from blockmirror.qmp.hmp import hmp_command
 from blockmirror.qmp.registry import Args, CommandContext, command
 
 if TYPE_CHECKING:
@@ -40,7 +38,7 @@ def get_root_node(graph: BlockGraph, device: str) -> BlockNode:
     return node
 
 
-def _check_blocked(node: BlockNode) -> None:
+def check_blocked(node: BlockNode) -> None:
     """cf. bdrv_op_is_blocked for MIRROR_SOURCE / MIRROR_TARGET."""
     for op in ("mirror-source", "mirror-target", "all"):
         reasons = node.blockers.get(op)
@@ -134,7 +132,7 @@ def _default_job_id(source: BlockNode) -> str:
     return ""
 
 
-async def _mirror_common(
+async def mirror_common(
     ctx: CommandContext,
     args: Args,
     bs: BlockNode,
@@ -151,8 +149,8 @@ async def _mirror_common(
         )
     if gran & (gran - 1):
         raise BlockMirrorError("Parameter 'granularity' expects a power of 2")
-    _check_blocked(bs)
-    _check_blocked(target)
+    check_blocked(bs)
+    check_blocked(target)
     sync, sync_bitmap, bitmap_mode = _sync_bitmap(args, bs, sync, gran)
     if sync_bitmap is not None:
         gran = sync_bitmap.granularity
@@ -246,77 +244,4 @@ async def blockdev_mirror(ctx: CommandContext, args: Args) -> None:
         filter_node_name=args.opt_str("filter-node-name"),
         target_is_zero=args.get_bool("target-is-zero"),
     )
-    await _mirror_common(ctx, args, bs, target, sync, params)
-
-
-@command("drive-mirror")
-async def drive_mirror(ctx: CommandContext, args: Args) -> None:
-    """cf. qmp_drive_mirror."""
-    daemon = ctx.daemon
-    graph = daemon.graph
-    bs = get_root_node(graph, args.get_str("device"))
-    _check_blocked(bs)
-    mode = args.get_str("mode")
-    fmt = args.opt_str("format")
-    if fmt is None and mode != "existing":
-        fmt = bs.format_name
-    sync = args.get_str("sync")
-    target_backing = bs.skip_filters().backing
-    if target_backing is None and sync == "top":
-        sync = "full"
-    if sync == "none":
-        target_backing = bs
-    size = bs.length()
-    if args.opt_str("replaces") is not None and args.opt_str("node-name") is None:
-        raise BlockMirrorError(
-            "a node-name must be provided when replacing a named node of the graph"
-        )
-    backing_mode = BackingMode.SOURCE if mode == "absolute-paths" else BackingMode.OPEN
-    filename = args.get_str("target")
-    if (sync == "full" or target_backing is None) and mode != "existing":
-        assert fmt is not None
-        await img_create(filename, fmt, size, printer=daemon.print_stdout)
-    elif mode == "absolute-paths":
-        assert fmt is not None and target_backing is not None
-        explicit = target_backing.skip_implicit_filters()
-        # NO_BACKING: the backing is not opened to check it (it is in use: the source)
-        await img_create(filename, fmt, size, backing_file=explicit.filename,
-                         backing_fmt=explicit.format_name, unsafe=True,
-                         printer=daemon.print_stdout)
-    target = await open_image(graph, filename, fmt, read_only=False, backing=False,
-                              node_name=args.opt_str("node-name"))
-    target_is_zero = mode != "existing" and target.driver.has_zero_init()
-    params = MirrorParams(
-        unmap=args.get_bool("unmap"),
-        backing_mode=backing_mode,
-        target_is_zero=target_is_zero,
-        owns_target=True,
-    )
-    try:
-        await _mirror_common(ctx, args, bs, target, sync, params)
-    except BlockMirrorError:
-        if not target.parents:
-            await close_node(graph, target)
-        raise
-
-
-@hmp_command("drive_mirror", "[-n] [-f] device target [format]",
-             "initiates live storage migration for a device")
-async def hmp_drive_mirror(ctx: CommandContext, argv: list[str]) -> str:
-    """cf. hmp_drive_mirror: -n reuses an existing image, -f copies the whole chain."""
-    reuse = "-n" in argv
-    full = "-f" in argv
-    rest = [a for a in argv if a not in ("-n", "-f")]
-    # the monitor's own argument parser answers these (cf. monitor_parse_arguments)
-    if not rest:
-        return "drive_mirror: block device name expected\n"
-    if len(rest) < 2:
-        return "drive_mirror: string expected\n"
-    values: dict[str, object] = {
-        "device": rest[0], "target": rest[1], "sync": "full" if full else "top",
-        "mode": "existing" if reuse else "absolute-paths", "unmap": True,
-    }
-    if len(rest) > 2:
-        values["format"] = rest[2]
-    await drive_mirror(ctx, Args.of("drive-mirror", values))
-    return ""
+    await mirror_common(ctx, args, bs, target, sync, params)
