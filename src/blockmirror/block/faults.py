@@ -40,6 +40,8 @@ ERRNO_NAMES = {v: k for k, v in ERRNOS.items()}
 
 @dataclass(eq=False)
 class FaultRule:
+    """One injected fault (x-fault-add): which requests of a node it hits, when, and how."""
+
     id: str
     node_name: str
     operation: str

@@ -25,6 +25,8 @@ _PREFIX = {"read": "rd", "write": "wr", "zero": "wr", "discard": "unmap", "flush
 
 @dataclass
 class _Counter:
+    """Totals of one kind of request (read, write, unmap or flush)."""
+
     bytes: int = 0
     ops: int = 0
     failed: int = 0
@@ -33,6 +35,8 @@ class _Counter:
 
 @dataclass
 class BlockStats:
+    """A node's I/O accounting, as query-blockstats reports it."""
+
     counters: dict[str, _Counter] = field(
         default_factory=lambda: {p: _Counter() for p in ("rd", "wr", "unmap", "flush")})
     wr_highest_offset: int = 0

@@ -171,6 +171,8 @@ def parse_argv(argv: list[str]) -> list[tuple[str, str | None]]:
 
 @dataclass
 class _Chardev:
+    """A --chardev of the command line, until a --monitor takes it."""
+
     id: str
     sock: socket.socket | None  # None: the stdio backend
     server: bool
@@ -182,6 +184,8 @@ class _Chardev:
 
 @dataclass
 class _State:
+    """What start-up gathers while it processes the command line, option by option."""
+
     prog: str
     daemon: Daemon
     chardevs: dict[str, _Chardev] = field(default_factory=dict)

@@ -290,6 +290,8 @@ def encode_none_chunk(cookie: int) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class SimpleReply:
+    """A simple reply: the request's cookie, the wire errno, and a READ's data."""
+
     cookie: int
     error: int  # wire errno
     data: bytes = b""
@@ -297,6 +299,8 @@ class SimpleReply:
 
 @dataclass(frozen=True, slots=True)
 class DataChunk:
+    """A structured OFFSET_DATA chunk: data read at ``offset``."""
+
     cookie: int
     done: bool
     offset: int
@@ -305,6 +309,8 @@ class DataChunk:
 
 @dataclass(frozen=True, slots=True)
 class HoleChunk:
+    """A structured OFFSET_HOLE chunk: ``length`` bytes of zeroes at ``offset``."""
+
     cookie: int
     done: bool
     offset: int
@@ -313,6 +319,8 @@ class HoleChunk:
 
 @dataclass(frozen=True, slots=True)
 class StatusChunk:
+    """A structured BLOCK_STATUS chunk: the (length, flags) extents of one context."""
+
     cookie: int
     done: bool
     context_id: int
@@ -321,6 +329,8 @@ class StatusChunk:
 
 @dataclass(frozen=True, slots=True)
 class ErrorChunk:
+    """A structured error chunk, with the offset it applies to when given."""
+
     cookie: int
     done: bool
     error: int  # wire errno
@@ -330,6 +340,8 @@ class ErrorChunk:
 
 @dataclass(frozen=True, slots=True)
 class NoneChunk:
+    """The structured NONE chunk: the end of a reply with nothing more to say."""
+
     cookie: int
     done: bool
 

@@ -44,6 +44,8 @@ class AuthzSimple(Authz):
 
 @dataclass(frozen=True)
 class Rule:
+    """One rule of an authz-list object: the identity it matches and the answer."""
+
     match: str
     policy: str  # allow | deny
     #: exact | glob; None: not given (exact), and qom-get shows it absent as QEMU does

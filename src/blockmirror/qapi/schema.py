@@ -35,6 +35,8 @@ BUILTINS = frozenset(
 
 @dataclass(frozen=True)
 class Member:
+    """One member of a struct, union base or event: its name, type and whether it may be absent."""
+
     name: str
     type: TypeRef
     optional: bool = False
@@ -42,12 +44,16 @@ class Member:
 
 @dataclass(frozen=True)
 class EnumType:
+    """A QAPI enum: its name and its values in declaration order."""
+
     name: str
     values: tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class StructType:
+    """A QAPI struct: its own members and, if any, the struct it extends."""
+
     name: str
     members: tuple[Member, ...]
     base: str | None = None
@@ -65,6 +71,8 @@ class UnionType:
 
 @dataclass(frozen=True)
 class AlternateType:
+    """A QAPI alternate: a value of any one of ``choices``, told apart by its JSON type."""
+
     name: str
     choices: tuple[Member, ...]
 
@@ -77,6 +85,8 @@ ArgsRef = tuple[Member, ...] | str
 
 @dataclass(frozen=True)
 class CommandDecl:
+    """A declared QMP command: its arguments, return type and documented defaults."""
+
     name: str
     args: ArgsRef
     returns: TypeRef | None = None
@@ -90,6 +100,8 @@ class CommandDecl:
 
 @dataclass(frozen=True)
 class EventDecl:
+    """A declared QMP event: the members of its ``data``."""
+
     name: str
     data: tuple[Member, ...]
     doc: str = ""

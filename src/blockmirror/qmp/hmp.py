@@ -29,6 +29,8 @@ F = TypeVar("F", bound=HmpHandler)
 
 @dataclass(frozen=True)
 class HmpCommand:
+    """One human-monitor command: its usage line, help text and handler."""
+
     name: str
     args_usage: str
     help: str

@@ -150,6 +150,8 @@ class JSONParseError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Token:
+    """One lexical token of QMP input: its kind and its bytes."""
+
     type: Tok
     text: bytes
 

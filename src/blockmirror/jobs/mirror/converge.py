@@ -34,6 +34,8 @@ DEFAULT_DEADLINE_S = 300
 
 @dataclass
 class ConvergePolicy:
+    """What x-converge asks: the mode, the deadline and, for throttle, the guest's rate."""
+
     mode: PolicyMode = PolicyMode.NONE
     #: seconds: an ETA beyond this is as bad as no convergence
     deadline_s: int = DEFAULT_DEADLINE_S

@@ -68,6 +68,8 @@ class JobControl(Protocol):
 
 @dataclass
 class CopierConfig:
+    """The copy's sizes and options, fixed when the job starts."""
+
     granularity: int
     buf_size: int
     #: zero ops may unmap on the target (the mirror's ``unmap`` argument)
@@ -78,6 +80,8 @@ class CopierConfig:
 
 @dataclass
 class _Batch:
+    """The pieces of one op being gathered: one method, adjacent pieces merged."""
+
     method: MirrorMethod
     pieces: list[tuple[int, int]]
     nbytes: int = 0

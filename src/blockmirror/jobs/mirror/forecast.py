@@ -32,6 +32,8 @@ SEC = 1_000_000_000
 
 @dataclass(frozen=True, slots=True)
 class Sample:
+    """One measurement of the job's progress, taken at ``t_ns`` on the job's clock."""
+
     t_ns: int
     copied: int
     dirtied: int
@@ -42,6 +44,8 @@ class Sample:
 
 @dataclass(frozen=True, slots=True)
 class Forecast:
+    """What the samples say about convergence: a verdict, the rates and the ETA."""
+
     verdict: Verdict
     reason: str
     remaining: int

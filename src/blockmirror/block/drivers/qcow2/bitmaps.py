@@ -58,6 +58,8 @@ _ENTRY = struct.Struct(">QIIBBHI")
 
 @dataclass
 class DirectoryEntry:
+    """One entry of the bitmap directory (the bitmaps extension)."""
+
     name: str
     table_offset: int
     table_size: int

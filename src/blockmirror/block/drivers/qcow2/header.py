@@ -66,6 +66,8 @@ _V3 = struct.Struct(">QQQII")  # features, refcount_order, header_length
 
 @dataclass
 class Header:
+    """The qcow2 header fields (version 2 and 3), decoded; extensions are kept apart."""
+
     version: int
     backing_file_offset: int
     backing_file_size: int

@@ -28,6 +28,8 @@ SignalCorruption = Callable[[str], Awaitable[ImageCorruptError]]
 
 @dataclass(frozen=True, slots=True)
 class ImageContext:
+    """What every part of an open qcow2 image shares: node, header, geometry, file, lock."""
+
     #: the qcow2 node itself (its backing child, read-only flag, named bitmaps)
     node: BlockNode
     #: the parsed header; changed in place, never replaced, while the image is open

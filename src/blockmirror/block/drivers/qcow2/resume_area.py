@@ -55,6 +55,8 @@ _EXT = struct.Struct(">IIQQQ")
 
 @dataclass(frozen=True)
 class AreaExtension:
+    """Our header extension that locates the resume area in the image file."""
+
     offset: int
     length: int
     nonce: int

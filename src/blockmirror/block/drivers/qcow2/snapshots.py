@@ -21,6 +21,8 @@ _ENTRY_HEADER = struct.Struct(">QIHHIIQII")
 
 @dataclass
 class SnapshotTable:
+    """Where the internal snapshots' L1 tables are, and how long the table is."""
+
     #: (offset, entries) of each snapshot's L1 table
     l1_tables: list[tuple[int, int]] = field(default_factory=list)
     #: bytes the table spans from the header's snapshots_offset
