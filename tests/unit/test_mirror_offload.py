@@ -287,3 +287,34 @@ def test_writes_inline_follows_the_data_down_to_a_local_buffered_file(tmp_path: 
         assert not writes_inline(null, 4096)
 
     asyncio.run(main())
+
+
+def test_one_batch_of_the_whole_buffer_between_buffered_files(tmp_path: Path) -> None:
+    """Between buffered host files (raw, or qcow2's data files) a copy op carries the whole
+    buffer, so one runs at a time; with O_DIRECT at either end a quarter of it (the device's
+    queue wants several); through Python (a target that is no host file) 1 MiB."""
+    src_p, tgt_p, _ = _files(tmp_path, 4 * MiB)
+    q1, q2 = tmp_path / "a.qcow2", tmp_path / "b.qcow2"
+    for q in (q1, q2):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(q), "4M"], check=True)
+
+    async def main() -> None:
+        d = Daemon()
+        src = await _raw(d, "src", src_p)
+        tgt = await _raw(d, "tgt", tgt_p)
+        direct = await open_blockdev(d.graph, {
+            "driver": "raw", "node-name": "tgt-direct",
+            "file": {"driver": "file", "filename": str(tgt_p), "cache": {"direct": True}}})
+        qa = await open_blockdev(d.graph, {"driver": "qcow2", "node-name": "qa",
+                                           "file": {"driver": "file", "filename": str(q1)}})
+        qb = await open_blockdev(d.graph, {"driver": "qcow2", "node-name": "qb",
+                                           "file": {"driver": "file", "filename": str(q2)}})
+        null = await open_blockdev(d.graph, {"driver": "null-co", "node-name": "n",
+                                             "size": 4 * MiB})
+        buf = 16 * MiB
+        for source, target, batch in ((src, tgt, buf), (qa, qb, buf), (src, direct, 4 * MiB),
+                                      (src, null, MiB)):
+            job = MirrorJob(d.jobs, "j", source, target, MirrorParams(buf_size=buf))
+            assert job.copier.batch_bytes == batch, (source.name, target.name)
+
+    asyncio.run(main())

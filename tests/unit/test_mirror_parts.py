@@ -18,6 +18,7 @@ import pytest
 from blockmirror.block.graph import BlockGraph
 from blockmirror.block.node import BlockNode
 from blockmirror.errors import BlockIOError
+from blockmirror.jobs.mirror import copier as copier_mod
 from blockmirror.jobs.mirror.active import ActiveWriter
 from blockmirror.jobs.mirror.copier import Copier, CopierConfig
 from blockmirror.jobs.mirror.dirty import DirtyState
@@ -112,18 +113,20 @@ def test_copier_redirties_a_failed_batch_and_reports_the_side() -> None:
     asyncio.run(main())
 
 
-@pytest.mark.parametrize(("buffered", "cap"), [(False, 4), (True, 2)])
-def test_copier_batches_in_flight_do_not_depend_on_the_guest(buffered: bool, cap: int) -> None:
-    """As many copy batches as the buffer holds, the guest writing or not: kernel-side
-    batches are a quarter of it, buffered ones half of a 2 MiB budget (one reads while the
-    other writes). Fewer while the guest wrote measured slower for both (copier.py)."""
+@pytest.mark.parametrize(("kind", "cap"), [
+    (copier_mod._KERNEL_BUFFERED, 1), (copier_mod._KERNEL_DIRECT, 4),
+    (copier_mod._THROUGH_PYTHON, 2)])
+def test_copier_batches_in_flight_do_not_depend_on_the_guest(kind: str, cap: int) -> None:
+    """As many copy batches as the buffer holds, the guest writing or not: between buffered
+    host files one batch of the whole buffer (several would queue on the target's inode
+    lock), with O_DIRECT a quarter of it each, through Python half of a 2 MiB budget (one
+    reads while the other writes). Fewer while the guest wrote measured slower (copier.py)."""
     async def main() -> None:
         _g, src, tgt = _pair()
         await src.write(0, random.Random(1).randbytes(SIZE))
         control, errors = Control(), []
         copier, dirty, _progress = _copier(src, tgt, control, errors)
-        copier._buffered = lambda: buffered  # type: ignore[method-assign]
-        # kernel-side: batches of 4 chunks (a quarter); buffered: 2 batches of 8 (a half)
+        copier._copy_kind = lambda: kind  # type: ignore[method-assign]
         copier.config.buf_size = 16 * GRAN
         dirty.bitmap.mark_all()
         peak = {True: 0, False: 0}
