@@ -291,8 +291,9 @@ def test_writes_inline_follows_the_data_down_to_a_local_buffered_file(tmp_path: 
 
 def test_one_batch_of_the_whole_buffer_between_buffered_files(tmp_path: Path) -> None:
     """Between buffered host files (raw, or qcow2's data files) a copy op carries the whole
-    buffer, so one runs at a time; with O_DIRECT at either end a quarter of it (the device's
-    queue wants several); through Python (a target that is no host file) 1 MiB."""
+    buffer, so one runs at a time, until something writes the source; then, and with
+    O_DIRECT at either end, a quarter of it; through Python (a target that is no host
+    file) 1 MiB."""
     src_p, tgt_p, _ = _files(tmp_path, 4 * MiB)
     q1, q2 = tmp_path / "a.qcow2", tmp_path / "b.qcow2"
     for q in (q1, q2):
@@ -316,5 +317,7 @@ def test_one_batch_of_the_whole_buffer_between_buffered_files(tmp_path: Path) ->
                                       (src, null, MiB)):
             job = MirrorJob(d.jobs, "j", source, target, MirrorParams(buf_size=buf))
             assert job.copier.batch_bytes == batch, (source.name, target.name)
+            job.dirty.mark(0, 4096)  # a write to the source: the pipeline of quarters
+            assert job.copier.batch_bytes == min(batch, 4 * MiB), (source.name, target.name)
 
     asyncio.run(main())

@@ -139,23 +139,27 @@ class Copier:
         """How much data one copy op carries.
 
         Where the data passes through Python objects (qcow2 through the request path, NBD):
-        1 MiB. Where it stays in the kernel between buffered host files (one worker-thread
-        buffer, reused): the whole buffer, so one op at a time. Several ops at once meant
-        several workers' buffered writes to one target file, which take turns at its inode
-        lock while the kernel spins waiting for it; one op of 16 MiB against four of 4 MiB,
-        1 GiB idle mirrors, medians of 6 interleaved: whole-life CPU 11-18% lower, job CPU
-        17-26% lower, READY 8% sooner to 4% later (raw and qcow2, 64 KiB to 4 MiB extents);
-        under a max-rate guest writer whole-life CPU 6-11% lower, READY 4-14% later.
-        With O_DIRECT at either end a quarter of the buffer, so that several ops keep the
-        device's queue busy (QEMU: at most max(buf/16, 1 MiB) per op).
+        1 MiB, two in flight. Where it stays in the kernel (one worker-thread buffer, reused):
+        a quarter of the buffer, so that several ops keep the disk and the cores busy (QEMU:
+        at most max(buf/16, 1 MiB) per op); but between buffered host files, as long as
+        nothing has written the source, the whole buffer, one op at a time.
+
+        Why the exception: several ops at once are several workers' buffered writes to one
+        target file, taking turns at its inode lock while the kernel spins for it. With an
+        idle source one op of 16 MiB against four of 4 MiB (1 GiB mirrors, medians of 6
+        interleaved, raw and qcow2, 64 KiB to 4 MiB extents): whole-life CPU 11-18% lower,
+        job CPU 15-26% lower, READY 8% sooner to 4% later. With a guest writing, the
+        pipeline matters more than the lock: READY came 4-14% later in those A/Bs and
+        1.1-1.5x qemu-storage-daemon's in the 4 KiB and qcow2 64 KiB cells of a benchmark
+        table (0.7-0.95x with four ops), so the first write to the source ends it.
         """
         cfg = self.config
         kind = self._copy_kind()
         if kind == _THROUGH_PYTHON:
             return max(cfg.granularity, min(self.budget() // _BUFFERED_IN_FLIGHT, MAX_IO_BYTES))
-        if kind == _KERNEL_DIRECT:
-            return max(cfg.granularity, min(cfg.buf_size // 4, 4 * MAX_IO_BYTES))
-        return max(cfg.granularity, cfg.buf_size)
+        if kind == _KERNEL_BUFFERED and self.dirty.writes_seen == 0:
+            return max(cfg.granularity, cfg.buf_size)
+        return max(cfg.granularity, min(cfg.buf_size // 4, 4 * MAX_IO_BYTES))
 
     def _buffered(self) -> bool:
         """The copy's data passes through Python buffers (not one host file to another,

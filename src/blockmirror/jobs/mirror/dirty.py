@@ -37,10 +37,13 @@ class DirtyState:
         self._on_dirty = on_dirty
         #: bytes of guest writes marked since the start (the forecast's dirty rate)
         self.marked_bytes = 0
+        #: writes to the source since the start, those the active mirror copied included
+        self.writes_seen = 0
 
     # --- the node's DirtyTracker --------------------------------------------------------------
 
     def mark(self, offset: int, length: int) -> None:
+        self.writes_seen += 1
         key = (offset, length)
         if self._synced[key] > 0:
             self._synced[key] -= 1
