@@ -199,8 +199,9 @@ def location_from_options(opts: Mapping[str, Any], graph: BlockGraph | None,
         loc.mon_host = ";".join(hosts) if hosts else None
     raw_pairs = merged.get(KEYVALUE_PAIRS)
     if isinstance(raw_pairs, str):
-        # imported here: this module is loaded by every mirror (block/create.py), and only
-        # an rbd: filename with key=value pairs needs json (2 ms of CPU at import)
+        # imported here: this module comes with image creation (block/create.py: drive-mirror,
+        # blockdev-create), and only an rbd: filename with key=value pairs needs json (2 ms
+        # of CPU at import)
         import json
 
         flat = json.loads(raw_pairs)
