@@ -118,6 +118,31 @@ def writes_inline(node: BlockNode, nbytes: int) -> bool:
     return False
 
 
+def data_file_pair(src: BlockNode, dst: BlockNode) -> tuple[HostFile, HostFile] | None:
+    """The host files of two formats that keep their data at host offsets of a plain file
+    (qcow2's data clusters): what ``copy_extents`` moves bytes between when the nodes
+    themselves are not linear. None when either has no such file or it is not plain."""
+    src_file, dst_file = src.driver.data_file_node(), dst.driver.data_file_node()
+    if src_file is None or dst_file is None:
+        return None
+    src_hf = host_file(src_file, for_write=False)
+    dst_hf = host_file(dst_file, for_write=True)
+    if src_hf is None or dst_hf is None:
+        return None
+    return src_hf, dst_hf
+
+
+def kernel_copy_files(src: BlockNode, dst: BlockNode) -> tuple[HostFile, HostFile] | None:
+    """The host files ``copy_extents`` would move bytes between without Python seeing them:
+    the nodes' own, or their formats' data files; None when the data passes through Python.
+    A property of the pair, not of one request (alignment and read-only checks come later)."""
+    src_hf = host_file(src, for_write=False)
+    dst_hf = host_file(dst, for_write=True)
+    if src_hf is not None and dst_hf is not None:
+        return src_hf, dst_hf
+    return data_file_pair(src, dst)
+
+
 def _aligned(hf: HostFile, extents: Sequence[tuple[int, int]]) -> bool:
     a = hf.align
     return a <= 1 or all((hf.base + o) % a == 0 and n % a == 0 for o, n in extents)
@@ -254,12 +279,11 @@ async def _copy_via_data_files(
     if (src.fault_rules or dst.fault_rules or dst.interceptors or dst.dirty_trackers
             or dst.detect_zeroes != "off" or dst.corrupt):
         return False
-    src_file, dst_file = src.driver.data_file_node(), dst.driver.data_file_node()
-    if src_file is None or dst_file is None:
+    pair = data_file_pair(src, dst)
+    if pair is None:
         return False
-    src_hf = host_file(src_file, for_write=False)
-    dst_hf = host_file(dst_file, for_write=True)
-    if src_hf is None or dst_hf is None or any(n.read_only or n.corrupt for n in dst_hf.nodes):
+    src_hf, dst_hf = pair
+    if any(n.read_only or n.corrupt for n in dst_hf.nodes):
         return False
     if src_hf.align > 1 or dst_hf.align > 1:
         return False  # O_DIRECT: the generic path knows how to align
@@ -424,5 +448,6 @@ async def map_data(
         _leave(hf.nodes, False)
 
 
-__all__ = ["CopyError", "HostFile", "copy_extents", "host_file", "map_data", "read_host",
-           "write_host", "writes_inline", "zero_extents"]
+__all__ = ["CopyError", "HostFile", "copy_extents", "data_file_pair", "host_file",
+           "kernel_copy_files", "map_data", "read_host", "write_host", "writes_inline",
+           "zero_extents"]

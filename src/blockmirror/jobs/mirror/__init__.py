@@ -35,11 +35,10 @@ async def plan_resume(path: str, source: BlockNode, target: BlockNode, granulari
     """
     from blockmirror.jobs.mirror import resume
 
-    opts = resume.ResumeOptions(path, store=store, restart=restart)
-    if extents is not None:
-        opts.extents = extents
-    if extent_size is not None:
-        opts.extent_size = extent_size
+    opts = resume.ResumeOptions(
+        path, store=store, restart=restart,
+        extents=resume.DEFAULT_EXTENTS if extents is None else extents,
+        extent_size=resume.DEFAULT_EXTENT_SIZE if extent_size is None else extent_size)
     return await resume.plan_resume(opts, source, target, granularity)
 
 

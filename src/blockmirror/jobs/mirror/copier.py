@@ -23,9 +23,8 @@ from typing import Protocol
 
 from blockmirror.block.copy import (
     CopyError,
-    HostFile,
     copy_extents,
-    host_file,
+    kernel_copy_files,
     map_data,
     zero_extents,
 )
@@ -169,29 +168,12 @@ class Copier:
     def _copy_kind(self) -> str:
         """How the copy moves data; asked once: the nodes of a running copy do not change."""
         if self._copy_kind_answer is None:
-            files = self._kernel_files()
+            files = kernel_copy_files(self.source, self.target)
             self._copy_kind_answer = (
                 _THROUGH_PYTHON if files is None
                 else _KERNEL_DIRECT if files[0].direct or files[1].direct
                 else _KERNEL_BUFFERED)
         return self._copy_kind_answer
-
-    def _kernel_files(self) -> tuple[HostFile, HostFile] | None:
-        """The host files a copy moves bytes between without Python seeing them: the nodes'
-        own, or their formats' data files; None when the data passes through Python."""
-        src = host_file(self.source, for_write=False)
-        dst = host_file(self.target, for_write=True)
-        if src is not None and dst is not None:
-            return src, dst
-        src_file = self.source.driver.data_file_node()
-        dst_file = self.target.driver.data_file_node()
-        if src_file is None or dst_file is None:
-            return None
-        src = host_file(src_file, for_write=False)
-        dst = host_file(dst_file, for_write=True)
-        if src is None or dst is None:
-            return None
-        return src, dst
 
     def budget(self) -> int:
         """Bytes that may be in flight. Buffered copies hold their data in fresh objects;

@@ -43,14 +43,19 @@ IN_SYNC_DELAY_NS = 250_000_000
 CHECKPOINT_SHARE = 16
 
 
+#: the log's size when x-resume-log-extents / -extent-size are not given
+DEFAULT_EXTENTS = activity_log.DEFAULT_CAPACITY
+DEFAULT_EXTENT_SIZE = activity_log.DEFAULT_EXTENT_SIZE
+
+
 @dataclass
 class ResumeOptions:
     """The QMP extension arguments (``x-resume-log`` and friends)."""
 
     path: str
     restart: bool = False
-    extents: int = activity_log.DEFAULT_CAPACITY
-    extent_size: int = activity_log.DEFAULT_EXTENT_SIZE
+    extents: int = DEFAULT_EXTENTS
+    extent_size: int = DEFAULT_EXTENT_SIZE
     #: where the log lives: "file" (the sidecar at ``path``) or "image" (in the qcow2 source)
     store: str = "file"
 
