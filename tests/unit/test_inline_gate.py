@@ -145,6 +145,51 @@ def test_would_admit_answers_as_admit_would_without_counting() -> None:
     assert not gate.would_admit(1)
 
 
+def _run_pooled(gate: InlineGate, t: FakeTime, took_ns: int, nbytes: int = 4 * KiB) -> None:
+    """A call ``admit`` refused, run "in the pool" as threadio.run_short does."""
+    assert not gate.admit(nbytes)
+    started = gate.start()
+    t.ns += took_ns
+    if gate.probing:
+        gate.pooled_done(started)
+
+
+def test_fast_pooled_calls_end_the_cooldown_early_slow_ones_do_not() -> None:
+    t = FakeTime()
+    gate = InlineGate(slow_ns=1 * MS, stall_ns=20 * MS, cooldown_ns=250 * MS, probe_calls=8,
+                      now_ns=t)
+    assert _run_inline(gate, t, 21 * MS)  # a stall closes the gate
+    # the cause lasts: pooled calls as slow as the inline ones keep it closed to the end
+    for _ in range(40):
+        _run_pooled(gate, t, 2 * MS)
+    assert gate.early_reopenings == 0 and not gate.would_admit(4 * KiB)
+    t.ns += 250 * MS
+    assert _run_inline(gate, t, 0)  # reopened by the cooldown alone
+    # closed again; now the pooled calls turn fast (the hop included): a few of them reopen
+    assert _run_inline(gate, t, 21 * MS)
+    fast = 0
+    while not gate.would_admit(4 * KiB):
+        _run_pooled(gate, t, 200_000)
+        fast += 1
+    assert gate.early_reopenings == 1
+    assert 8 <= fast <= 40, fast
+    assert t.ns < 10**9 + 540 * MS  # long before the cooldown's end
+    assert _run_inline(gate, t, 100_000)
+    assert gate.closings == 2
+
+
+def test_only_calls_refused_for_the_cooldown_are_timed() -> None:
+    t = FakeTime()
+    gate = InlineGate(max_bytes=128 * KiB, slow_ns=1 * MS, stall_ns=20 * MS, probe_calls=1,
+                      now_ns=t)
+    assert not gate.admit(256 * KiB) and not gate.probing  # too large, gate open
+    assert _run_inline(gate, t, 21 * MS)
+    assert not gate.admit(256 * KiB) and not gate.probing  # too large: says nothing
+    assert not gate.admit(4 * KiB) and gate.probing
+    gate.enabled = False
+    assert not gate.admit(4 * KiB) and not gate.probing
+
+
 def test_disabled_gate_sends_everything_to_the_pool() -> None:
     gate = InlineGate()
     gate.enabled = False
