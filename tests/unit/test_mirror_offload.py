@@ -73,9 +73,10 @@ def batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     seen: list[int] = []
     real = threadio.copy_batch_sync
 
-    def spy(src_fd: int, dst_fd: int, plan: list[tuple[int, int, int]]) -> int:
+    def spy(src_fd: int, dst_fd: int, plan: list[tuple[int, int, int]],
+            direct: bool = False) -> int:
         seen.append(len(plan))
-        return real(src_fd, dst_fd, plan)
+        return real(src_fd, dst_fd, plan, direct)
 
     monkeypatch.setattr(threadio, "copy_batch_sync", spy)
     return seen

@@ -255,7 +255,8 @@ async def _copy_host_to_host_plan(
         # copies one 64 KiB chunk per guest write, and could not catch up to finish)
         nbytes = sum(n for _s, _d, n in plan)
         await threadio.run_short(nbytes, _small_local(src, dst, nbytes),
-                                 threadio.copy_batch_sync, src.fd, dst.fd, plan)
+                                 threadio.copy_batch_sync, src.fd, dst.fd, plan,
+                                 src.direct or dst.direct)
     except OSError as e:
         raise _batch_error(e) from e
     finally:
